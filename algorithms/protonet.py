@@ -1,0 +1,96 @@
+"""Prototypical Networks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_meta.algorithms.base import MetaAlgorithm
+from lightning_meta.learners import FastWeights, Learner, classification_loss
+from lightning_meta.tasks import Episode, Split
+
+
+class ProtoNet(MetaAlgorithm):
+    """Prototypical Networks: Snell, Swersky & Zemel, "Prototypical Networks for Few-shot
+    Learning", NeurIPS 2017.
+
+    The model output is an embedding. Class prototypes are the means of the support embeddings
+    of each class, c_k = mean_{i: y_i = k} f(x_i); a query is classified by
+    softmax(−d(f(x), c_k) / temperature). The meta-loss is the query cross-entropy; there is no
+    inner loop, so "adaptation" is computing the prototypes.
+
+    Args:
+        distance: ``"squared_euclidean"`` (the paper) or ``"cosine"`` (logits are cosine
+            similarities divided by ``temperature``).
+        temperature: divides the logits; smaller sharpens the softmax.
+
+    Example::
+
+        from lightning_meta.algorithms import ProtoNet
+        protonet = ProtoNet(distance="squared_euclidean")
+        protonet.meta_loss(learner, task_batch).loss.backward()   # learner: ClassificationLearner
+        logits = protonet.logits(learner, episode.support, episode.query)
+    """
+
+    def __init__(
+        self, distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean", temperature: float = 1.0
+    ) -> None:
+        if distance not in ("squared_euclidean", "cosine"):
+            raise ValueError(f"distance must be 'squared_euclidean' or 'cosine', got {distance!r}.")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.distance = distance
+        self.temperature = temperature
+
+    def check_learner(self, learner: Learner) -> None:
+        if learner.task_type != "classification":
+            raise ValueError(
+                f"ProtoNet needs a classification task (integer class labels per episode), but the learner "
+                f"is a {type(learner).__name__} for {learner.task_type}. Use MAML, FOMAML or Reptile for "
+                "regression, or a ClassificationLearner whose model outputs embeddings."
+            )
+
+    def prototypes(self, learner: Learner, support: Split, ways: int | None = None) -> Tensor:
+        """Class prototypes (ways, embedding_dim) from the support embeddings."""
+        labels = support[learner.target_key]
+        ways = ways if ways is not None else int(labels.max()) + 1
+        counts = torch.bincount(labels, minlength=ways)
+        if labels.min() < 0 or counts.numel() != ways or (counts == 0).any():
+            raise ValueError(
+                f"ProtoNet needs support labels 0..{ways - 1} with every class present; got counts "
+                f"{counts.tolist()}. Remap labels per episode and give each class at least one shot."
+            )
+        embeddings = learner.predict(support)
+        sums = torch.zeros(ways, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
+        sums = sums.index_add(0, labels, embeddings)
+        return sums / counts.unsqueeze(-1).to(embeddings.dtype)
+
+    def logits(self, learner: Learner, support: Split, query: Split, ways: int | None = None) -> Tensor:
+        """Query logits (n_query, ways) against the support prototypes."""
+        prototypes = self.prototypes(learner, support, ways)
+        embeddings = learner.predict(query)
+        if self.distance == "cosine":
+            return F.cosine_similarity(embeddings.unsqueeze(1), prototypes.unsqueeze(0), dim=-1) / self.temperature
+        return -(embeddings.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1) / self.temperature
+
+    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.logits(learner, episode.support, episode.query, episode.ways)
+        loss, metrics = classification_loss(logits, episode.query[learner.target_key])
+        return loss, {f"query_{name}": value for name, value in metrics.items()}
+
+    def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
+        """ProtoNet does not change weights: the current fast weights, detached."""
+        return {name: weight.detach() for name, weight in learner.fast_parameters().items()}
+
+    def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
+        self.check_learner(learner)
+        with torch.no_grad():
+            _, metrics = self.task_loss(learner, episode)
+        return {f"{name.removeprefix('query_')}_post": value for name, value in metrics.items()}
+
+    def predict(self, learner: Learner, episode: Episode, steps: int | None = None) -> Tensor:
+        with torch.no_grad():
+            return self.logits(learner, episode.support, episode.query, episode.ways)

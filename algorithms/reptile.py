@@ -1,0 +1,65 @@
+"""Reptile."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_meta.algorithms.base import (
+    MetaAlgorithm,
+    adapt_by_sgd,
+    check_inner_loop_options,
+    detached_start,
+    inner_loop,
+)
+from lightning_meta.learners import FastWeights, Learner
+from lightning_meta.tasks import Episode, Split
+
+
+class Reptile(MetaAlgorithm):
+    """Reptile: Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", 2018.
+
+    Inner loop, per task: ``inner_steps`` SGD steps on the support loss, θ → θ'.
+    Outer update: θ ← θ + ε (θ' − θ), averaged over the meta-batch.
+
+    The surrogate is ½‖θ − stop_grad(θ')‖², whose gradient is exactly θ − θ'. A plain SGD
+    meta-optimizer with learning rate ε (``torch.optim.SGD(lr=ε)``, no momentum) therefore performs
+    Nichol et al.'s update exactly; Adam on the same gradient is the common variant. The query
+    split is not used for the update; its post-adaptation loss is reported as ``query_loss``.
+
+    Args:
+        inner_lr: inner SGD step size.
+        inner_steps: inner SGD steps per task during meta-training (Reptile needs > 1 to
+            differ from joint training).
+        eval_inner_steps: steps used to adapt at validation/test time (default: ``inner_steps``).
+
+    Example::
+
+        from lightning_meta.algorithms import Reptile
+        reptile = Reptile(inner_lr=0.02, inner_steps=5)
+        reptile.meta_loss(learner, task_batch).loss.backward()   # grad = θ − θ'
+        torch.optim.SGD(learner.parameters(), lr=0.1).step()      # θ ← θ + 0.1 (θ' − θ)
+    """
+
+    def __init__(self, inner_lr: float = 0.01, inner_steps: int = 5, eval_inner_steps: int | None = None) -> None:
+        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps)
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+
+    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.enable_grad():
+            adapted = inner_loop(
+                learner, detached_start(learner), episode.support,
+                inner_lr=self.inner_lr, steps=self.inner_steps, create_graph=False,
+            )
+        adapted = {name: weight.detach() for name, weight in adapted.items()}
+        meta_weights = learner.fast_parameters()
+        surrogate = sum(0.5 * (meta_weights[name] - adapted[name]).pow(2).sum() for name in meta_weights)
+        with torch.no_grad():
+            _, metrics = learner.loss(episode.query, adapted)
+        return surrogate, {f"query_{name}": value for name, value in metrics.items()}
+
+    def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
+        steps = steps or self.eval_inner_steps or self.inner_steps
+        return adapt_by_sgd(learner, support, inner_lr=self.inner_lr, steps=steps)

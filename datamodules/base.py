@@ -1,0 +1,157 @@
+"""The episodic datamodule base: a seeded, resumable training stream and fixed evaluation tasks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_meta.tasks import Episode, TaskBatch
+
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+def task_generator(seed: int, split: str, *stream: int) -> torch.Generator:
+    """A generator whose state depends only on ``(seed, split, *stream)`` (well mixed)."""
+    state = np.random.SeedSequence([seed, _SPLIT_CODES[split], *stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class EpisodicDataModule(LightningDataModule, ABC):
+    """Serves :class:`TaskBatch` es of ``meta_batch_size`` episodes.
+
+    Training batch number ``i`` (counted from the start of training) is a pure function of
+    ``(seed, rank, i)``: the stream is identical across runs and worker counts, each DDP rank
+    draws different tasks, and a run resumed from a checkpoint (even mid-epoch) continues with
+    exactly the batches the uninterrupted run would have seen. Validation and test tasks are
+    drawn once from ``seed`` and are identical every epoch and every run.
+
+    Subclasses implement :meth:`sample_episode`.
+
+    Args:
+        meta_batch_size: episodes per training step.
+        batches_per_epoch: training batches per epoch (the stream itself is unbounded).
+        num_val_tasks: fixed validation episodes.
+        num_test_tasks: fixed test episodes.
+        eval_meta_batch_size: episodes per evaluation batch (default: ``meta_batch_size``).
+        seed: seeds every task this datamodule draws.
+        num_workers: ``DataLoader`` worker processes.
+    """
+
+    def __init__(
+        self,
+        meta_batch_size: int = 4,
+        batches_per_epoch: int = 100,
+        num_val_tasks: int = 100,
+        num_test_tasks: int = 600,
+        eval_meta_batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in [
+            ("meta_batch_size", meta_batch_size),
+            ("batches_per_epoch", batches_per_epoch),
+            ("num_val_tasks", num_val_tasks),
+            ("num_test_tasks", num_test_tasks),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        self.meta_batch_size = meta_batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.num_val_tasks = num_val_tasks
+        self.num_test_tasks = num_test_tasks
+        self.eval_meta_batch_size = eval_meta_batch_size or meta_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self._train_batches_consumed = 0
+        self._eval_batches: dict[str, list[TaskBatch]] = {}
+
+    @abstractmethod
+    def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
+        """Draw one episode of ``split`` (``train``/``val``/``test``) using only ``generator``."""
+
+    def train_batch(self, index: int, rank: int = 0) -> TaskBatch:
+        """Training batch number ``index`` of the stream of ``rank``."""
+        generator = task_generator(self.seed, "train", rank, index)
+        return TaskBatch.stack([self.sample_episode(generator, "train") for _ in range(self.meta_batch_size)])
+
+    def eval_batches(self, split: str) -> list[TaskBatch]:
+        """The fixed validation or test tasks, in batches of ``eval_meta_batch_size``."""
+        if split not in self._eval_batches:
+            count = self.num_val_tasks if split == "val" else self.num_test_tasks
+            generator = task_generator(self.seed, split)
+            episodes = [self.sample_episode(generator, split) for _ in range(count)]
+            size = self.eval_meta_batch_size
+            self._eval_batches[split] = [TaskBatch.stack(episodes[i : i + size]) for i in range(0, count, size)]
+        return self._eval_batches[split]
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = _StreamSampler(self.batches_per_epoch, resume_from=self._train_batches_consumed)
+        return DataLoader(
+            _TrainStream(self, rank), batch_size=None, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        return DataLoader(self.eval_batches(split), batch_size=None, shuffle=False, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Counted here rather than in the sampler: the loop prefetches, but each batch is
+        # transferred exactly once, when it is used.
+        if self.trainer is not None and self.trainer.training:
+            self._train_batches_consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_batches_consumed": self._train_batches_consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_batches_consumed = int(state_dict["train_batches_consumed"])
+
+
+class _TrainStream(Dataset):
+    def __init__(self, datamodule: EpisodicDataModule, rank: int) -> None:
+        self.datamodule = datamodule
+        self.rank = rank
+
+    def __getitem__(self, index: int) -> TaskBatch:
+        return self.datamodule.train_batch(index, self.rank)
+
+
+class _StreamSampler(DistributedSampler):
+    """Yields absolute batch numbers ``epoch * batches_per_epoch + i``, skipping consumed ones.
+
+    It subclasses ``DistributedSampler`` only so that Lightning does not wrap it under DDP: ranks
+    already draw different tasks through the seed, and a wrapper would drop ``set_epoch``.
+    """
+
+    def __init__(self, batches_per_epoch: int, resume_from: int = 0) -> None:
+        self.batches_per_epoch = batches_per_epoch
+        self.resume_from = resume_from
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.epoch * self.batches_per_epoch
+        return iter(range(max(start, self.resume_from), start + self.batches_per_epoch))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch

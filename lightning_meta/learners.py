@@ -1,0 +1,141 @@
+"""Learners: a model, how a split becomes a loss, and which parameters are fast weights.
+
+A learner runs its model *functionally* (``torch.func.functional_call``) over a dict of fast
+weights, so adapted weights are plain tensors and the module itself is never copied or mutated.
+Parameters that are not fast weights form the backbone: the inner loop leaves them alone, while
+the outer loop still differentiates through them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_meta.tasks import Split
+
+FastWeights = dict[str, Tensor]
+
+
+class Learner(nn.Module, ABC):
+    """Base learner.
+
+    Args:
+        model: the network; called as ``model(split[input_key])``.
+        fast_weights: which parameters the inner loop adapts: ``"all"``, ``"head"`` (the module
+            named by ``head``; ANIL), or a list of ``fnmatch`` globs over parameter names
+            (``["net.4.*"]``).
+        head: name of the head submodule for ``fast_weights="head"``; by default the last
+            submodule that owns parameters.
+        input_key: the split field fed to the model.
+        target_key: the split field holding targets.
+    """
+
+    #: ``"regression"`` or ``"classification"``; algorithms check it (ProtoNet needs classes).
+    task_type: ClassVar[str]
+    #: per-episode figures :meth:`loss` reports, besides ``loss``.
+    metric_names: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fast_weights: str | list[str] = "all",
+        head: str | None = None,
+        input_key: str = "x",
+        target_key: str = "y",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.fast_weights = fast_weights
+        self.head = head
+        self.input_key = input_key
+        self.target_key = target_key
+        self.fast_weight_names = resolve_fast_weights(model, fast_weights, head)
+
+    def fast_parameters(self) -> FastWeights:
+        """The current fast weights (the meta-parameters the inner loop starts from)."""
+        named = dict(self.model.named_parameters())
+        return {name: named[name] for name in self.fast_weight_names}
+
+    def forward(self, inputs: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Run the model with ``params`` replacing the matching parameters (others unchanged)."""
+        if not params:
+            return self.model(inputs)
+        return functional_call(self.model, dict(params), (inputs,), strict=False, tie_weights=True)
+
+    def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Model outputs for a split."""
+        return self(split[self.input_key], params)
+
+    @abstractmethod
+    def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean loss over the split, and detached per-episode figures (``metric_names``)."""
+
+
+class RegressionLearner(Learner):
+    """Mean squared error between ``model(x)`` and ``y``."""
+
+    task_type = "regression"
+
+    def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        prediction = self.predict(split, params)
+        loss = F.mse_loss(prediction, split[self.target_key].to(prediction.dtype))
+        return loss, {"loss": loss.detach()}
+
+
+class ClassificationLearner(Learner):
+    """Cross-entropy between ``model(x)`` logits and integer labels ``y``; also reports accuracy.
+
+    For ProtoNet the model output is read as an embedding rather than logits.
+    """
+
+    task_type = "classification"
+    metric_names = ("loss", "acc")
+
+    def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.predict(split, params)
+        return classification_loss(logits, split[self.target_key])
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy and accuracy of ``logits`` (examples, classes) against integer ``labels``."""
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
+    return loss, {"loss": loss.detach(), "acc": accuracy.detach()}
+
+
+def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str | None = None) -> list[str]:
+    """Names of the trainable parameters of ``model`` selected by ``spec`` (see :class:`Learner`)."""
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if not trainable:
+        raise ValueError("The model has no trainable parameters: nothing to meta-learn.")
+    if spec == "all":
+        return trainable
+    if spec == "head":
+        head_name = head if head is not None else _last_module_with_parameters(model)
+        modules = dict(model.named_modules())
+        if head_name not in modules:
+            raise ValueError(f"head={head_name!r} is not a submodule of the model; submodules: {sorted(modules)}")
+        prefix = f"{head_name}." if head_name else ""
+        selected = [name for name in trainable if name.startswith(prefix)]
+    elif isinstance(spec, str):
+        raise ValueError(
+            f"fast_weights={spec!r} is not understood: use 'all', 'head', or a list of name globs "
+            f"such as ['{trainable[-1]}']."
+        )
+    else:
+        selected = [name for name in trainable if any(fnmatch.fnmatchcase(name, glob) for glob in spec)]
+    if not selected:
+        raise ValueError(f"fast_weights={spec!r} matches no trainable parameter; parameters are: {trainable}")
+    return selected
+
+
+def _last_module_with_parameters(model: nn.Module) -> str:
+    owners = [name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+    return owners[-1]
+

@@ -1,0 +1,131 @@
+"""Task batches: a meta-batch of episodes, each with a support and a query split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Split = Mapping[str, Tensor]
+
+
+@dataclass
+class Episode:
+    """One task: ``support`` is what adaptation sees, ``query`` what the adapted model is judged on.
+
+    Each split maps a field name (``x``/``y``, or ``input_ids``/``attention_mask``/``labels``) to a
+    tensor whose first dimension indexes the examples of the split.
+    """
+
+    support: dict[str, Tensor]
+    query: dict[str, Tensor]
+    ways: int | None = None
+    shots: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskBatch:
+    """A meta-batch of episodes stacked along a leading dimension.
+
+    ``support[name]`` has shape ``(meta_batch_size, n_support, ...)`` and ``query[name]`` shape
+    ``(meta_batch_size, n_query, ...)``. ``ways``/``shots`` describe every episode of the batch
+    (``ways`` is ``None`` for regression); ``metadata`` holds per-episode values (a task id, the
+    sinusoid's amplitude, ...), each a tensor or list with ``meta_batch_size`` entries.
+
+    Lightning moves it to the device like any dataclass of tensors.
+    """
+
+    support: dict[str, Tensor]
+    query: dict[str, Tensor]
+    ways: int | None = None
+    shots: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for split_name in ("support", "query"):
+            split = getattr(self, split_name)
+            if not split:
+                raise ValueError(f"TaskBatch.{split_name} has no fields: give it at least one tensor.")
+            for name, tensor in split.items():
+                if tensor.dim() < 2:
+                    raise ValueError(
+                        f"TaskBatch.{split_name}[{name!r}] has shape {tuple(tensor.shape)}; expected "
+                        "(meta_batch_size, examples, ...). Stack episodes along a new first dimension."
+                    )
+            sizes = {name: tuple(tensor.shape[:2]) for name, tensor in split.items()}
+            if len(set(sizes.values())) != 1:
+                raise ValueError(f"TaskBatch.{split_name} fields disagree on (meta_batch, examples): {sizes}")
+            if next(iter(sizes.values()))[1] == 0:
+                raise ValueError(
+                    f"TaskBatch.{split_name} is empty (0 examples per episode). Every episode needs at least "
+                    f"one {split_name} example: raise shots/queries or check the dataset."
+                )
+        if self.support_size[0] != self.query_size[0]:
+            raise ValueError(
+                f"TaskBatch has {self.support_size[0]} support episodes but {self.query_size[0]} query episodes."
+            )
+
+    @property
+    def support_size(self) -> tuple[int, int]:
+        return tuple(next(iter(self.support.values())).shape[:2])  # type: ignore[return-value]
+
+    @property
+    def query_size(self) -> tuple[int, int]:
+        return tuple(next(iter(self.query.values())).shape[:2])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.support_size[0]
+
+    def episode(self, index: int) -> Episode:
+        """The ``index``-th episode of the meta-batch (views, no copies)."""
+        return Episode(
+            support={name: tensor[index] for name, tensor in self.support.items()},
+            query={name: tensor[index] for name, tensor in self.query.items()},
+            ways=self.ways,
+            shots=self.shots,
+            metadata={name: values[index] for name, values in self.metadata.items()},
+        )
+
+    def episodes(self) -> Iterator[Episode]:
+        for index in range(len(self)):
+            yield self.episode(index)
+
+    def detached_clone(self) -> TaskBatch:
+        """A copy made of ordinary tensors.
+
+        Lightning builds evaluation batches under ``torch.inference_mode()``; such tensors cannot
+        be saved for backward, which the inner loop needs. Call this inside
+        ``torch.inference_mode(False)``.
+        """
+        return TaskBatch(
+            support={name: tensor.clone() for name, tensor in self.support.items()},
+            query={name: tensor.clone() for name, tensor in self.query.items()},
+            ways=self.ways,
+            shots=self.shots,
+            metadata={
+                name: values.clone() if isinstance(values, Tensor) else values
+                for name, values in self.metadata.items()
+            },
+        )
+
+    @staticmethod
+    def stack(episodes: list[Episode]) -> TaskBatch:
+        """Stack episodes with identical shapes into a meta-batch."""
+        if not episodes:
+            raise ValueError("TaskBatch.stack needs at least one episode.")
+        first = episodes[0]
+        metadata: dict[str, Any] = {}
+        for name in first.metadata:
+            values = [episode.metadata[name] for episode in episodes]
+            metadata[name] = torch.stack(values) if isinstance(values[0], Tensor) else values
+        return TaskBatch(
+            support={name: torch.stack([e.support[name] for e in episodes]) for name in first.support},
+            query={name: torch.stack([e.query[name] for e in episodes]) for name in first.query},
+            ways=first.ways,
+            shots=first.shots,
+            metadata=metadata,
+        )
