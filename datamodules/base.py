@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -69,7 +70,7 @@ class EpisodicDataModule(LightningDataModule, ABC):
         self.eval_meta_batch_size = eval_meta_batch_size or meta_batch_size
         self.seed = seed
         self.num_workers = num_workers
-        self._train_batches_consumed = 0
+        self._resume_from = 0
         self._eval_batches: dict[str, list[TaskBatch]] = {}
 
     @abstractmethod
@@ -92,8 +93,12 @@ class EpisodicDataModule(LightningDataModule, ABC):
         return self._eval_batches[split]
 
     def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = _StreamSampler(self.batches_per_epoch, resume_from=self._train_batches_consumed)
+        # The stream is resumable through this datamodule's state_dict, which Lightning's check
+        # for resumable *dataloaders* does not see.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        rank, epoch = (self.trainer.global_rank, self.trainer.current_epoch) if self.trainer is not None else (0, 0)
+        # Lightning creates the first iterator before it calls set_epoch, so the epoch is given here.
+        sampler = _StreamSampler(self.batches_per_epoch, epoch=epoch, resume_from=self._resume_from)
         return DataLoader(
             _TrainStream(self, rank), batch_size=None, sampler=sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -111,18 +116,15 @@ class EpisodicDataModule(LightningDataModule, ABC):
     def _eval_dataloader(self, split: str) -> DataLoader:
         return DataLoader(self.eval_batches(split), batch_size=None, shuffle=False, num_workers=0)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Counted here rather than in the sampler: the loop prefetches, but each batch is
-        # transferred exactly once, when it is used.
-        if self.trainer is not None and self.trainer.training:
-            self._train_batches_consumed += 1
-        return batch
-
     def state_dict(self) -> dict[str, Any]:
-        return {"train_batches_consumed": self._train_batches_consumed}
+        """The stream position: the number of the next training batch to consume."""
+        if self.trainer is None:
+            return {"next_train_batch": self._resume_from}
+        consumed_this_epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"next_train_batch": self.trainer.current_epoch * self.batches_per_epoch + consumed_this_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._train_batches_consumed = int(state_dict["train_batches_consumed"])
+        self._resume_from = int(state_dict["next_train_batch"])
 
 
 class _TrainStream(Dataset):
@@ -141,17 +143,17 @@ class _StreamSampler(DistributedSampler):
     already draw different tasks through the seed, and a wrapper would drop ``set_epoch``.
     """
 
-    def __init__(self, batches_per_epoch: int, resume_from: int = 0) -> None:
+    def __init__(self, batches_per_epoch: int, epoch: int = 0, resume_from: int = 0) -> None:
         self.batches_per_epoch = batches_per_epoch
+        self.epoch = epoch
         self.resume_from = resume_from
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         start = self.epoch * self.batches_per_epoch
-        return iter(range(max(start, self.resume_from), start + self.batches_per_epoch))
+        yield from range(max(start, self.resume_from), start + self.batches_per_epoch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch

@@ -7,7 +7,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from lightning import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
 from lightning_meta import algorithms
@@ -20,6 +20,19 @@ _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 def packaged_config(name: str) -> Path:
     """Path of a config shipped with the package (the files of ``configs/``)."""
     return Path(str(files("lightning_meta.configs").joinpath(name)))
+
+
+class MetaArgumentParser(LightningArgumentParser):
+    """Adds the known algorithm names to errors about ``--model.algorithm``."""
+
+    def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 (NoReturn in the base)
+        if "MetaAlgorithm" in message:
+            names = sorted({cls.__name__ for cls in algorithms.available().values()})
+            message += (
+                f"\nKnown algorithms: {', '.join(names)}. Give one of these class names, or a dotted path to "
+                "your own MetaAlgorithm subclass (--model.algorithm=my_pkg.algos.MyAlgo)."
+            )
+        super().error(message, ex)
 
 
 class MetaCLI(LightningCLI):
@@ -37,11 +50,13 @@ class MetaCLI(LightningCLI):
 
 
 def with_default_config(args: list[str]) -> list[str]:
-    """Insert the embedded default config when a run subcommand gets no config, model or data."""
+    """Put the embedded default config first when a run subcommand is given no ``--config``.
+
+    Other arguments still override it: ``lightning-meta fit --model.algorithm=FOMAML``.
+    """
     if not args or args[0] not in _RUN_SUBCOMMANDS:
         return args
-    chooses = ("-c", "--config", "--model", "--data", "--print_config")
-    if any(arg.split("=")[0].startswith(chooses) for arg in args[1:]):
+    if any(arg.split("=")[0] in ("-c", "--config") for arg in args[1:]):
         return args
     return [args[0], "--config", str(packaged_config(DEFAULT_CONFIG)), *args[1:]]
 
@@ -58,6 +73,7 @@ def main(args: list[str] | None = None) -> None:
         LightningDataModule,
         subclass_mode_data=True,
         args=args,
+        parser_class=MetaArgumentParser,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

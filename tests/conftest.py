@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models and hand-made task batches (float64 for gradient checks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_meta import MLP, ClassificationLearner, RegressionLearner, TaskBatch
+
+
+def regression_batch(meta_batch_size: int = 3, shots: int = 5, queries: int = 6, features: int = 1,
+                     seed: int = 0, dtype: torch.dtype = torch.float64) -> TaskBatch:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(meta_batch_size, shots + queries, features, generator=generator, dtype=dtype)
+    weights = torch.randn(meta_batch_size, features, 1, generator=generator, dtype=dtype)
+    y = torch.sin(x @ weights) + 0.1 * torch.randn(meta_batch_size, shots + queries, 1, generator=generator, dtype=dtype)
+    return TaskBatch(
+        support={"x": x[:, :shots], "y": y[:, :shots]},
+        query={"x": x[:, shots:], "y": y[:, shots:]},
+        shots=shots,
+    )
+
+
+def classification_batch(meta_batch_size: int = 2, ways: int = 3, shots: int = 2, queries: int = 3,
+                         features: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64) -> TaskBatch:
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(meta_batch_size, ways, 1, features, generator=generator, dtype=dtype)
+    points = centres + torch.randn(meta_batch_size, ways, shots + queries, features, generator=generator, dtype=dtype)
+    labels = torch.arange(ways).view(1, ways, 1).expand(meta_batch_size, ways, shots + queries)
+    support_x = points[:, :, :shots].reshape(meta_batch_size, ways * shots, features)
+    query_x = points[:, :, shots:].reshape(meta_batch_size, ways * queries, features)
+    return TaskBatch(
+        support={"x": support_x, "y": labels[:, :, :shots].reshape(meta_batch_size, -1)},
+        query={"x": query_x, "y": labels[:, :, shots:].reshape(meta_batch_size, -1)},
+        ways=ways,
+        shots=shots,
+    )
+
+
+@pytest.fixture
+def mlp_learner() -> RegressionLearner:
+    torch.manual_seed(0)
+    return RegressionLearner(MLP(1, [8, 8], 1)).double()
+
+
+@pytest.fixture
+def classifier() -> ClassificationLearner:
+    torch.manual_seed(0)
+    return ClassificationLearner(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))).double()

@@ -1,0 +1,49 @@
+"""Task batches: shape checks, empty splits, episodes, and non-finite inner losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import regression_batch
+
+from lightning_meta.algorithms import MAML
+from lightning_meta.tasks import TaskBatch
+
+
+def test_empty_support_is_refused():
+    with pytest.raises(ValueError, match="TaskBatch.support is empty .*raise shots/queries"):
+        TaskBatch(support={"x": torch.zeros(2, 0, 1), "y": torch.zeros(2, 0, 1)},
+                  query={"x": torch.zeros(2, 3, 1), "y": torch.zeros(2, 3, 1)})
+
+
+def test_mismatched_fields_are_refused():
+    with pytest.raises(ValueError, match="disagree"):
+        TaskBatch(support={"x": torch.zeros(2, 4, 1), "y": torch.zeros(2, 3, 1)},
+                  query={"x": torch.zeros(2, 3, 1), "y": torch.zeros(2, 3, 1)})
+    with pytest.raises(ValueError, match=r"expected \(meta_batch_size, examples, \.\.\.\)"):
+        TaskBatch(support={"x": torch.zeros(4)}, query={"x": torch.zeros(2, 3)})
+
+
+def test_stack_and_episode_round_trip():
+    batch = regression_batch(meta_batch_size=3)
+    again = TaskBatch.stack(list(batch.episodes()))
+    for split in ("support", "query"):
+        for name, tensor in getattr(batch, split).items():
+            assert torch.equal(getattr(again, split)[name], tensor)
+    assert len(again) == 3 and again.shots == batch.shots
+
+
+def test_inference_tensors_become_ordinary():
+    with torch.inference_mode():
+        batch = regression_batch()
+    assert batch.support["x"].is_inference()
+    with torch.inference_mode(False):
+        clone = batch.detached_clone()
+    assert not clone.support["x"].is_inference()
+
+
+def test_nan_support_loss_names_the_fix(mlp_learner):
+    batch = regression_batch()
+    batch.support["y"][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"support loss is nan at inner step 1/1.*lower inner_lr"):
+        MAML(inner_lr=0.01).meta_loss(mlp_learner, batch)
