@@ -52,7 +52,7 @@ def inner_loop(
         grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
         weights = {
             name: weight if grad is None else weight - inner_lr * grad
-            for (name, weight), grad in zip(weights.items(), grads)
+            for (name, weight), grad in zip(weights.items(), grads, strict=True)
         }
     return weights
 
@@ -96,7 +96,7 @@ class MetaAlgorithm(ABC):
         on for itself. The result is detached from the meta-parameters.
         """
 
-    def check_learner(self, learner: Learner) -> None:
+    def check_learner(self, learner: Learner) -> None:  # noqa: B027 (optional hook)
         """Raise a clear error when this algorithm cannot run with ``learner``."""
 
     def meta_loss(self, learner: Learner, batch: TaskBatch) -> MetaLoss:
@@ -141,5 +141,7 @@ def adapt_by_sgd(learner: Learner, support: Split, *, inner_lr: float, steps: in
     """First-order inner loop from the current meta-parameters, with gradients on, detached result."""
     with torch.inference_mode(False), torch.enable_grad():
         support = {name: tensor.clone() if tensor.is_inference() else tensor for name, tensor in support.items()}
-        adapted = inner_loop(learner, detached_start(learner), support, inner_lr=inner_lr, steps=steps, create_graph=False)
+        adapted = inner_loop(
+            learner, detached_start(learner), support, inner_lr=inner_lr, steps=steps, create_graph=False
+        )
     return {name: weight.detach() for name, weight in adapted.items()}

@@ -60,17 +60,23 @@ class MAML(MetaAlgorithm):
         meta_weights = learner.fast_parameters()
         if self.first_order:
             adapted = inner_loop(
-                learner, detached_start(learner), episode.support,
-                inner_lr=self.inner_lr, steps=self.inner_steps, create_graph=False,
+                learner,
+                detached_start(learner),
+                episode.support,
+                inner_lr=self.inner_lr,
+                steps=self.inner_steps,
+                create_graph=False,
             )
             # θ + stop_grad(θ' − θ): the value of θ', the gradient of the identity.
-            adapted = {
-                name: weight + (adapted[name] - weight).detach() for name, weight in meta_weights.items()
-            }
+            adapted = {name: weight + (adapted[name] - weight).detach() for name, weight in meta_weights.items()}
         else:
             adapted = inner_loop(
-                learner, meta_weights, episode.support,
-                inner_lr=self.inner_lr, steps=self.inner_steps, create_graph=torch.is_grad_enabled(),
+                learner,
+                meta_weights,
+                episode.support,
+                inner_lr=self.inner_lr,
+                steps=self.inner_steps,
+                create_graph=torch.is_grad_enabled(),
             )
         loss, metrics = learner.loss(episode.query, adapted)
         return loss, {f"query_{name}": value for name, value in metrics.items()}

@@ -50,8 +50,12 @@ class Reptile(MetaAlgorithm):
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.enable_grad():
             adapted = inner_loop(
-                learner, detached_start(learner), episode.support,
-                inner_lr=self.inner_lr, steps=self.inner_steps, create_graph=False,
+                learner,
+                detached_start(learner),
+                episode.support,
+                inner_lr=self.inner_lr,
+                steps=self.inner_steps,
+                create_graph=False,
             )
         adapted = {name: weight.detach() for name, weight in adapted.items()}
         meta_weights = learner.fast_parameters()

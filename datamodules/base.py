@@ -100,7 +100,10 @@ class EpisodicDataModule(LightningDataModule, ABC):
         # Lightning creates the first iterator before it calls set_epoch, so the epoch is given here.
         sampler = _StreamSampler(self.batches_per_epoch, epoch=epoch, resume_from=self._resume_from)
         return DataLoader(
-            _TrainStream(self, rank), batch_size=None, sampler=sampler, num_workers=self.num_workers,
+            _TrainStream(self, rank),
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 

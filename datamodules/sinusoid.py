@@ -45,8 +45,11 @@ class SinusoidDataModule(EpisodicDataModule):
         )
         if shots < 1 or queries < 1:
             raise ValueError(f"shots and queries must be >= 1, got shots={shots}, queries={queries}.")
-        for name, (low, high) in [("amplitude_range", amplitude_range), ("phase_range", phase_range),
-                                  ("x_range", x_range)]:
+        for name, (low, high) in [
+            ("amplitude_range", amplitude_range),
+            ("phase_range", phase_range),
+            ("x_range", x_range),
+        ]:
             if not low < high:
                 raise ValueError(f"{name} must be (low, high) with low < high, got {(low, high)}.")
         self.shots = shots

@@ -40,7 +40,9 @@ class MetaCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (LightningArgumentParser)
         parser.add_argument(
-            "--test_after_fit", type=bool, default=True,
+            "--test_after_fit",
+            type=bool,
+            default=True,
             help="After fit, run the test set with the final weights and print mean ± 95%% CI.",
         )
 

@@ -138,4 +138,3 @@ def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str 
 def _last_module_with_parameters(model: nn.Module) -> str:
     owners = [name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
     return owners[-1]
-

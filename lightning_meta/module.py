@@ -106,8 +106,9 @@ class MetaLearningModule(LightningModule):
                 "inner_lr, or enable gradient clipping (--trainer.gradient_clip_val). Checkpoints already "
                 "saved are untouched."
             )
-        self.log_dict({f"train/{name}": value for name, value in out.metrics.items()}, batch_size=len(batch),
-                      prog_bar=True)
+        self.log_dict(
+            {f"train/{name}": value for name, value in out.metrics.items()}, batch_size=len(batch), prog_bar=True
+        )
         return out.loss
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
@@ -120,8 +121,9 @@ class MetaLearningModule(LightningModule):
         """Query outputs after adapting to each episode's support (logits for ProtoNet)."""
         with torch.inference_mode(False):
             batch = batch.detached_clone()
-            return [self.algorithm.predict(self.learner, episode, self.eval_inner_steps)
-                    for episode in batch.episodes()]
+            return [
+                self.algorithm.predict(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()
+            ]
 
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary

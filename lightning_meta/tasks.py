@@ -107,8 +107,7 @@ class TaskBatch:
             ways=self.ways,
             shots=self.shots,
             metadata={
-                name: values.clone() if isinstance(values, Tensor) else values
-                for name, values in self.metadata.items()
+                name: values.clone() if isinstance(values, Tensor) else values for name, values in self.metadata.items()
             },
         )
 

@@ -8,13 +8,25 @@ from torch import nn
 
 from lightning_meta import MLP, ClassificationLearner, RegressionLearner, TaskBatch
 
+# Tiny models: one thread is faster, and two threads contending with another process on this
+# 2-core machine slow the suite down by an order of magnitude.
+torch.set_num_threads(1)
 
-def regression_batch(meta_batch_size: int = 3, shots: int = 5, queries: int = 6, features: int = 1,
-                     seed: int = 0, dtype: torch.dtype = torch.float64) -> TaskBatch:
+
+def regression_batch(
+    meta_batch_size: int = 3,
+    shots: int = 5,
+    queries: int = 6,
+    features: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> TaskBatch:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(meta_batch_size, shots + queries, features, generator=generator, dtype=dtype)
     weights = torch.randn(meta_batch_size, features, 1, generator=generator, dtype=dtype)
-    y = torch.sin(x @ weights) + 0.1 * torch.randn(meta_batch_size, shots + queries, 1, generator=generator, dtype=dtype)
+    y = torch.sin(x @ weights) + 0.1 * torch.randn(
+        meta_batch_size, shots + queries, 1, generator=generator, dtype=dtype
+    )
     return TaskBatch(
         support={"x": x[:, :shots], "y": y[:, :shots]},
         query={"x": x[:, shots:], "y": y[:, shots:]},
@@ -22,8 +34,15 @@ def regression_batch(meta_batch_size: int = 3, shots: int = 5, queries: int = 6,
     )
 
 
-def classification_batch(meta_batch_size: int = 2, ways: int = 3, shots: int = 2, queries: int = 3,
-                         features: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64) -> TaskBatch:
+def classification_batch(
+    meta_batch_size: int = 2,
+    ways: int = 3,
+    shots: int = 2,
+    queries: int = 3,
+    features: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> TaskBatch:
     generator = torch.Generator().manual_seed(seed)
     centres = 3 * torch.randn(meta_batch_size, ways, 1, features, generator=generator, dtype=dtype)
     points = centres + torch.randn(meta_batch_size, ways, shots + queries, features, generator=generator, dtype=dtype)

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import regression_batch
 
 from lightning_meta.algorithms import MAML
 from lightning_meta.tasks import TaskBatch
 
+from conftest import regression_batch
+
 
 def test_empty_support_is_refused():
     with pytest.raises(ValueError, match="TaskBatch.support is empty .*raise shots/queries"):
-        TaskBatch(support={"x": torch.zeros(2, 0, 1), "y": torch.zeros(2, 0, 1)},
-                  query={"x": torch.zeros(2, 3, 1), "y": torch.zeros(2, 3, 1)})
+        TaskBatch(
+            support={"x": torch.zeros(2, 0, 1), "y": torch.zeros(2, 0, 1)},
+            query={"x": torch.zeros(2, 3, 1), "y": torch.zeros(2, 3, 1)},
+        )
 
 
 def test_mismatched_fields_are_refused():
     with pytest.raises(ValueError, match="disagree"):
-        TaskBatch(support={"x": torch.zeros(2, 4, 1), "y": torch.zeros(2, 3, 1)},
-                  query={"x": torch.zeros(2, 3, 1), "y": torch.zeros(2, 3, 1)})
+        TaskBatch(
+            support={"x": torch.zeros(2, 4, 1), "y": torch.zeros(2, 3, 1)},
+            query={"x": torch.zeros(2, 3, 1), "y": torch.zeros(2, 3, 1)},
+        )
     with pytest.raises(ValueError, match=r"expected \(meta_batch_size, examples, \.\.\.\)"):
         TaskBatch(support={"x": torch.zeros(4)}, query={"x": torch.zeros(2, 3)})
 

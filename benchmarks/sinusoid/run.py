@@ -26,11 +26,11 @@ from pathlib import Path
 import lightning
 import matplotlib
 import torch
-from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
-from lightning_meta.datamodules.sinusoid import SinusoidDataModule
 from torch import Tensor
 
 from lightning_meta import MLP, MetaLearningModule, RegressionLearner
+from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
+from lightning_meta.datamodules.sinusoid import SinusoidDataModule
 from lightning_meta.learners import FastWeights, Learner
 from lightning_meta.metrics import mean_and_ci95
 from lightning_meta.tasks import Episode, TaskBatch
@@ -46,7 +46,7 @@ EVAL_STEP_SIZE = 0.01
 EVAL_STEPS = (1, 10)
 NUM_TEST_TASKS = 600
 TEST_DATA_SEED = 0  # the test tasks stay the same whatever --seed is
-DEFAULT_STEPS = 4000
+DEFAULT_STEPS = 5000
 
 
 class Pretrained(MAML):
@@ -175,8 +175,9 @@ def plot(results: list[Result], episodes: list[Episode], path: Path) -> None:
     """MAML and the pretrained baseline on a few test tasks, as in the paper's figure 2."""
     shown = [results[0], results[-1]]  # MAML, Pretrained
     x = torch.linspace(-5.0, 5.0, 200).unsqueeze(-1)
-    fig, axes = plt.subplots(len(episodes), len(shown), figsize=(6 * len(shown), 4 * len(episodes)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(episodes), len(shown), figsize=(6 * len(shown), 4 * len(episodes)), squeeze=False, sharex=True
+    )
     colors = {0: "tab:gray", 1: "tab:green", 10: "tab:red"}
     for row, episode in enumerate(episodes):
         amplitude, phase = float(episode.metadata["amplitude"]), float(episode.metadata["phase"])
@@ -187,10 +188,18 @@ def plot(results: list[Result], episodes: list[Episode], path: Path) -> None:
             for k, y in predictions(result.learner, result.algorithm, episode, x).items():
                 label = "pre-update" if k == 0 else f"after {k} step{'s' * (k > 1)}"
                 ax.plot(x, y, color=colors.get(k), linestyle="--" if k == 0 else "-", label=label)
-            ax.scatter(episode.support["x"].squeeze(-1), episode.support["y"].squeeze(-1), marker="^",
-                       s=60, color="tab:purple", zorder=3, label=f"{SHOTS} support points")
-            ax.set_title(f"{result.method.name.split(' (')[0]} — test task {row + 1} "
-                         f"(A={amplitude:.2f}, φ={phase:.2f})")
+            ax.scatter(
+                episode.support["x"].squeeze(-1),
+                episode.support["y"].squeeze(-1),
+                marker="^",
+                s=60,
+                color="tab:purple",
+                zorder=3,
+                label=f"{SHOTS} support points",
+            )
+            ax.set_title(
+                f"{result.method.name.split(' (')[0]} — test task {row + 1} (A={amplitude:.2f}, φ={phase:.2f})"
+            )
             ax.grid(alpha=0.3)
             if row == len(episodes) - 1:
                 ax.set_xlabel("x")
@@ -209,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="meta-training steps, every method")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and training task stream")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="directory for adaptation.png")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="directory for adaptation.png"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest here)")
     args = parser.parse_args(argv)
 
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning 2.6 vs torch 2.13 deprecation notice
     args.out.mkdir(parents=True, exist_ok=True)
 
     test_batches = SinusoidDataModule(
@@ -229,14 +240,18 @@ def main(argv: list[str] | None = None) -> None:
         learner, algorithm, seconds, final_loss = train(method, args.steps, args.seed)
         eval_start = time.perf_counter()
         query_mse = evaluate(learner, algorithm, test_batches)
-        print(f"{method.name}: {args.steps} steps in {seconds:.0f} s ({args.steps / seconds:.1f} steps/s), "
-              f"last train query_loss {final_loss:.3f}, evaluation {time.perf_counter() - eval_start:.0f} s",
-              flush=True)
+        print(
+            f"{method.name}: {args.steps} steps in {seconds:.0f} s ({args.steps / seconds:.1f} steps/s), "
+            f"last train query_loss {final_loss:.3f}, evaluation {time.perf_counter() - eval_start:.0f} s",
+            flush=True,
+        )
         results.append(Result(method, learner, algorithm, query_mse, seconds, final_loss))
 
     count = len(results[0].query_mse[0])
-    print(f"\nQuery MSE on {count} fixed test tasks (K={SHOTS}, {QUERIES} query points each), mean ± 95% CI; "
-          f"{args.steps} meta-training steps, seed {args.seed}, SGD step size {EVAL_STEP_SIZE}:\n")
+    print(
+        f"\nQuery MSE on {count} fixed test tasks (K={SHOTS}, {QUERIES} query points each), mean ± 95% CI; "
+        f"{args.steps} meta-training steps, seed {args.seed}, SGD step size {EVAL_STEP_SIZE}:\n"
+    )
     print(markdown_table(results))
     path = args.out / "adaptation.png"
     plot(results, [test_batches[0].episode(i) for i in range(2)], path)

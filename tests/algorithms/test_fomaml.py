@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import regression_batch
 from torch.func import functional_call
 
 from lightning_meta.algorithms import FOMAML
+
+from conftest import regression_batch
 
 
 def test_gradient_is_query_gradient_at_adapted_weights(mlp_learner):
@@ -23,10 +24,12 @@ def test_gradient_is_query_gradient_at_adapted_weights(mlp_learner):
             weights = {n: w.requires_grad_() for n, w in weights.items()}
             loss = torch.mean((functional_call(model, weights, (episode.support["x"],)) - episode.support["y"]) ** 2)
             grads = torch.autograd.grad(loss, list(weights.values()))
-            weights = {n: (w - alpha * g).detach() for (n, w), g in zip(weights.items(), grads)}
+            weights = {n: (w - alpha * g).detach() for (n, w), g in zip(weights.items(), grads, strict=True)}
         weights = {n: w.requires_grad_() for n, w in weights.items()}
         query_loss = torch.mean((functional_call(model, weights, (episode.query["x"],)) - episode.query["y"]) ** 2)
-        for (name, _), grad in zip(weights.items(), torch.autograd.grad(query_loss, list(weights.values()))):
+        for (name, _), grad in zip(
+            weights.items(), torch.autograd.grad(query_loss, list(weights.values())), strict=True
+        ):
             expected[name] += grad / len(batch)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], msg=name)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import regression_batch
 from torch import nn
 
 from lightning_meta import MLP, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML
 from lightning_meta.tasks import TaskBatch
+
+from conftest import regression_batch
 
 
 def meta_gradient(algorithm, learner, batch: TaskBatch) -> dict[str, torch.Tensor]:

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import classification_batch, regression_batch
 
 from lightning_meta.algorithms import ProtoNet
+
+from conftest import classification_batch, regression_batch
 
 
 @pytest.mark.parametrize("distance", ["squared_euclidean", "cosine"])

@@ -24,8 +24,11 @@ def test_dotted_path():
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(UnknownAlgorithmError, match=r"Unknown algorithm 'mamll'\. Known algorithms: fomaml, maml, "
-                                                    r"protonet, reptile"):
+    with pytest.raises(
+        UnknownAlgorithmError,
+        match=r"Unknown algorithm 'mamll'\. Known algorithms: fomaml, maml, "
+        r"protonet, reptile",
+    ):
         algorithms.get("mamll")
 
 
@@ -38,12 +41,14 @@ def test_dotted_path_to_something_else():
 
 def test_entry_point_plugin(tmp_path, monkeypatch):
     """A third-party package registering `lightning_meta.algorithms` is found by its entry-point name."""
-    (tmp_path / "my_plugin.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_plugin.py").write_text(
+        textwrap.dedent("""
         from lightning_meta.algorithms import MAML
 
         class ImplicitMAML(MAML):
             pass
-    """))
+    """)
+    )
     dist_info = tmp_path / "my_plugin-1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")

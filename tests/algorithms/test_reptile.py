@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import regression_batch
 
 from lightning_meta.algorithms import Reptile
+
+from conftest import regression_batch
 
 
 def adapted_by_hand(learner, support, alpha, steps):
@@ -14,7 +15,7 @@ def adapted_by_hand(learner, support, alpha, steps):
         weights = {n: w.requires_grad_() for n, w in weights.items()}
         loss, _ = learner.loss(support, weights)
         grads = torch.autograd.grad(loss, list(weights.values()))
-        weights = {n: (w - alpha * g).detach() for (n, w), g in zip(weights.items(), grads)}
+        weights = {n: (w - alpha * g).detach() for (n, w), g in zip(weights.items(), grads, strict=True)}
     return weights
 
 

@@ -32,20 +32,29 @@ def test_evaluation_tasks_are_fixed_across_instances_and_differ_between_splits()
     second = SinusoidDataModule(num_val_tasks=30, num_test_tasks=40, eval_meta_batch_size=8)
     val = first.eval_batches("val")
     assert sum(len(b) for b in val) == 30 and sum(len(b) for b in first.eval_batches("test")) == 40
-    for a, b in zip(val, second.eval_batches("val")):
+    for a, b in zip(val, second.eval_batches("val"), strict=True):
         assert torch.equal(a.support["x"], b.support["x"]) and torch.equal(a.query["y"], b.query["y"])
     assert not torch.equal(val[0].support["x"], first.eval_batches("test")[0].support["x"])
     loader_batches = list(first.val_dataloader())
-    assert all(torch.equal(a.query["x"], b.query["x"]) for a, b in zip(loader_batches, list(first.val_dataloader())))
+    assert all(
+        torch.equal(a.query["x"], b.query["x"])
+        for a, b in zip(loader_batches, list(first.val_dataloader()), strict=True)
+    )
 
 
 def test_training_stream_is_seeded_and_rank_dependent():
     datamodule = SinusoidDataModule(meta_batch_size=3)
-    assert torch.equal(datamodule.train_batch(5).support["x"], SinusoidDataModule(meta_batch_size=3).train_batch(5).support["x"])
+    assert torch.equal(
+        datamodule.train_batch(5).support["x"], SinusoidDataModule(meta_batch_size=3).train_batch(5).support["x"]
+    )
     assert not torch.equal(datamodule.train_batch(5).support["x"], datamodule.train_batch(6).support["x"])
-    assert not torch.equal(datamodule.train_batch(5, rank=0).support["x"], datamodule.train_batch(5, rank=1).support["x"])
-    assert not torch.equal(datamodule.train_batch(5).support["x"],
-                           SinusoidDataModule(meta_batch_size=3, seed=1).train_batch(5).support["x"])
+    assert not torch.equal(
+        datamodule.train_batch(5, rank=0).support["x"], datamodule.train_batch(5, rank=1).support["x"]
+    )
+    assert not torch.equal(
+        datamodule.train_batch(5).support["x"],
+        SinusoidDataModule(meta_batch_size=3, seed=1).train_batch(5).support["x"],
+    )
 
 
 def test_worker_count_does_not_change_the_stream():
@@ -80,10 +89,18 @@ def _run(tmp_path, max_steps: int, ckpt_path=None, every_n: int | None = None) -
     recorder = _RecordLosses()
     callbacks = [recorder]
     if every_n:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every_n, save_top_k=-1,
-                                         filename="{step}"))
-    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=bool(every_n), callbacks=callbacks, limit_val_batches=0)
+        callbacks.append(
+            ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every_n, save_top_k=-1, filename="{step}")
+        )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(every_n),
+        callbacks=callbacks,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule, ckpt_path=ckpt_path)
     return recorder.losses
 

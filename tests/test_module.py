@@ -1,0 +1,212 @@
+"""The host module: evaluation under Lightning's defaults, checkpoints, and embedding."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_meta import MLP, ClassificationLearner, Episode, MetaLearningModule, RegressionLearner
+from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
+from lightning_meta.datamodules import EpisodicDataModule, SinusoidDataModule
+from lightning_meta.metrics import mean_and_ci95
+
+from conftest import classification_batch
+
+
+def trainer(**overrides) -> L.Trainer:
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**(options | overrides))
+
+
+def sinusoid(**overrides) -> SinusoidDataModule:
+    return SinusoidDataModule(
+        **(
+            {
+                "meta_batch_size": 4,
+                "batches_per_epoch": 5,
+                "num_val_tasks": 6,
+                "num_test_tasks": 10,
+                "eval_meta_batch_size": 4,
+            }
+            | overrides
+        )
+    )
+
+
+class GaussianClusters(EpisodicDataModule):
+    """N-way K-shot episodes of Gaussian clusters: a classification datamodule written by a user."""
+
+    def __init__(self, ways: int = 3, shots: int = 2, queries: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ways, self.shots, self.queries = ways, shots, queries
+
+    def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
+        episode = classification_batch(
+            1,
+            self.ways,
+            self.shots,
+            self.queries,
+            seed=int(torch.randint(0, 2**31, (), generator=generator)),
+            dtype=torch.float32,
+        ).episode(0)
+        return episode
+
+
+def test_validate_and_test_adapt_under_default_inference_mode():
+    torch.manual_seed(0)
+    module = MetaLearningModule(RegressionLearner(MLP(1, [16], 1)), MAML(inner_lr=0.01, eval_inner_steps=3))
+    datamodule = sinusoid()
+    assert trainer().validate(module, datamodule, verbose=False)  # Trainer(inference_mode=True) by default
+    (results,) = trainer().test(module, datamodule, verbose=False)
+
+    episodes = [episode for batch in datamodule.eval_batches("test") for episode in batch.episodes()]
+    post = []
+    for episode in episodes:
+        adapted = module.algorithm.adapt(module.learner, episode.support, steps=3)
+        post.append(module.learner.loss(episode.query, adapted)[0].detach())
+    mean, ci95 = mean_and_ci95(torch.stack(post))
+    assert results["test/query_loss_post"] == pytest.approx(mean.item(), rel=1e-5)
+    assert results["test/query_loss_post_ci95"] == pytest.approx(ci95.item(), rel=1e-5)
+    assert results["test/query_loss_post"] < results["test/query_loss_pre"]
+    assert set(results) == {
+        "test/query_loss_pre",
+        "test/query_loss_pre_ci95",
+        "test/query_loss_post",
+        "test/query_loss_post_ci95",
+    }
+
+
+def test_ci95_is_196_sigma_over_sqrt_n():
+    values = torch.tensor([0.2, 0.4, 0.9, 0.5])
+    mean, ci95 = mean_and_ci95(values)
+    sigma = (sum((v - 0.5) ** 2 for v in values.tolist()) / 3) ** 0.5
+    assert mean.item() == pytest.approx(0.5)
+    assert ci95.item() == pytest.approx(1.96 * sigma / 2)
+
+
+def test_eval_inner_steps_override_on_module():
+    torch.manual_seed(0)
+    module = MetaLearningModule(RegressionLearner(MLP(1, [16], 1)), MAML(inner_lr=0.01), eval_inner_steps=10)
+    one = MetaLearningModule(RegressionLearner(MLP(1, [16], 1)), MAML(inner_lr=0.01))
+    one.load_state_dict(module.state_dict())
+    (ten_steps,) = trainer().test(module, sinusoid(), verbose=False)
+    (one_step,) = trainer().test(one, sinusoid(), verbose=False)
+    assert ten_steps["test/query_loss_post"] < one_step["test/query_loss_post"]
+
+
+@pytest.mark.parametrize("algorithm", [ProtoNet(), MAML(inner_lr=0.5, inner_steps=2), FOMAML(inner_lr=0.5)])
+def test_classification_logs_accuracy(algorithm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    module = MetaLearningModule(ClassificationLearner(model), algorithm)
+    datamodule = GaussianClusters(meta_batch_size=2, batches_per_epoch=5, num_val_tasks=4, num_test_tasks=8)
+    trainer(max_steps=5, limit_val_batches=0).fit(module, datamodule)
+    (results,) = trainer().test(module, datamodule, verbose=False)
+    assert 0.0 <= results["test/query_acc_post"] <= 1.0 and "test/query_acc_post_ci95" in results
+    assert ("test/query_acc_pre" in results) == (not isinstance(algorithm, ProtoNet))
+
+
+def test_predict_returns_adapted_query_outputs():
+    torch.manual_seed(0)
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), FOMAML(inner_lr=0.01, eval_inner_steps=2))
+    datamodule = sinusoid(num_test_tasks=4)
+    predictions = trainer().predict(module, datamodule)
+    episode = datamodule.eval_batches("test")[0].episode(1)
+    expected = module.learner.predict(episode.query, module.algorithm.adapt(module.learner, episode.support, 2))
+    torch.testing.assert_close(predictions[0][1], expected)
+
+
+def test_hyperparameters_round_trip_from_python(tmp_path):
+    module = MetaLearningModule(
+        RegressionLearner(MLP(1, [8, 4], 1), fast_weights="head"),
+        Reptile(inner_lr=0.03, inner_steps=3, eval_inner_steps=7),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2),
+    )
+    fit = trainer(max_steps=2, limit_val_batches=0)
+    fit.fit(module, sinusoid())
+    fit.save_checkpoint(tmp_path / "module.ckpt")
+
+    loaded = MetaLearningModule.load_from_checkpoint(tmp_path / "module.ckpt")  # torch.load's weights_only default
+    assert isinstance(loaded.algorithm, Reptile)
+    assert (loaded.algorithm.inner_lr, loaded.algorithm.inner_steps, loaded.algorithm.eval_inner_steps) == (0.03, 3, 7)
+    assert loaded.learner.fast_weight_names == ["net.4.weight", "net.4.bias"]
+    assert loaded.learner.model.hidden_sizes == [8, 4]
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    optimizer = loaded.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.5
+
+
+class _Opaque(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(1, width)  # keeps no `width` attribute: cannot be described as a config
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.layer(x)))
+
+
+def test_model_without_recoverable_arguments_warns_and_loads_with_learner(tmp_path):
+    with pytest.warns(UserWarning, match="pass learner=.*load_from_checkpoint"):
+        module = MetaLearningModule(RegressionLearner(_Opaque(4)))
+    fit = trainer(max_steps=1, limit_val_batches=0)
+    fit.fit(module, sinusoid())
+    fit.save_checkpoint(tmp_path / "opaque.ckpt")
+    loaded = MetaLearningModule.load_from_checkpoint(tmp_path / "opaque.ckpt", learner=RegressionLearner(_Opaque(4)))
+    assert torch.equal(loaded.learner.model.out.weight, module.learner.model.out.weight)
+
+
+def test_non_finite_meta_loss_stops_with_advice(tmp_path):
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1), fast_weights="head"), Reptile(inner_lr=1e30))
+    with pytest.raises(FloatingPointError, match="lower inner_lr"):
+        trainer(max_steps=2, limit_val_batches=0).fit(module, sinusoid())
+
+
+def test_protonet_refuses_a_regression_learner_at_construction():
+    with pytest.raises(ValueError, match="ProtoNet needs a classification task"):
+        MetaLearningModule(RegressionLearner(MLP()), ProtoNet())
+
+
+class UserModule(L.LightningModule):
+    """A user's own LightningModule that calls an algorithm from its training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.learner = RegressionLearner(MLP(1, [16], 1))
+        self.maml = FOMAML(inner_lr=0.01, inner_steps=2)
+
+    def training_step(self, batch, batch_idx):
+        out = self.maml.meta_loss(self.learner, batch)
+        self.log("meta_loss", out.loss)
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_algorithm_inside_a_users_own_module():
+    torch.manual_seed(0)
+    module = UserModule()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer(max_steps=3, limit_val_batches=0).fit(module, sinusoid())
+    assert all(not torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+def test_users_own_trainer_fits_the_module_and_it_learns():
+    torch.manual_seed(0)
+    module = MetaLearningModule(
+        RegressionLearner(MLP(1, [40, 40], 1)),
+        MAML(inner_lr=0.01, eval_inner_steps=5),
+        optimizer=functools.partial(torch.optim.Adam, lr=3e-3),
+    )
+    datamodule = sinusoid(meta_batch_size=10, num_test_tasks=40, eval_meta_batch_size=20)
+    (before,) = trainer().test(module, datamodule, verbose=False)
+    trainer(max_steps=150, limit_val_batches=0).fit(module, datamodule)
+    (after,) = trainer().test(module, datamodule, verbose=False)
+    assert after["test/query_loss_post"] < 0.7 * before["test/query_loss_post"]
