@@ -57,7 +57,7 @@ def test_algorithm_swaps_by_class_name(tmp_path, name, cls):
     assert algorithm["class_path"] == f"{cls.__module__.rsplit('.', 1)[0]}.{name}"
     assert algorithm["init_args"]["inner_lr"] == 0.02
     assert "test/query_loss_post = " in result.stdout + result.stderr  # fit ends by testing
-    (checkpoint,) = tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt")
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
     loaded = MetaLearningModule.load_from_checkpoint(checkpoint)  # CLI hparams, weights_only default
     assert type(loaded.algorithm) is cls and loaded.algorithm.inner_lr == 0.02
 
@@ -89,7 +89,7 @@ def test_user_subclass_by_dotted_path(tmp_path):
 
 def test_validate_and_test_from_checkpoint_report_ci(tmp_path):
     run("fit", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", *QUICK, cwd=tmp_path)
-    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    checkpoint = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     for subcommand in ("validate", "test"):
         result = run(
             subcommand,
