@@ -56,6 +56,10 @@ class MAML(MetaAlgorithm):
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
 
+    def check_learner(self, learner: Learner) -> None:
+        if not self.first_order:
+            learner.prepare_second_order()
+
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         meta_weights = learner.fast_parameters()
         if self.first_order:
@@ -82,5 +86,5 @@ class MAML(MetaAlgorithm):
         return loss, {f"query_{name}": value for name, value in metrics.items()}
 
     def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
-        steps = steps or self.eval_inner_steps or self.inner_steps
+        steps = steps if steps is not None else (self.eval_inner_steps or self.inner_steps)
         return adapt_by_sgd(learner, support, inner_lr=self.inner_lr, steps=steps)

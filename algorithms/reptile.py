@@ -65,5 +65,5 @@ class Reptile(MetaAlgorithm):
         return surrogate, {f"query_{name}": value for name, value in metrics.items()}
 
     def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
-        steps = steps or self.eval_inner_steps or self.inner_steps
+        steps = steps if steps is not None else (self.eval_inner_steps or self.inner_steps)
         return adapt_by_sgd(learner, support, inner_lr=self.inner_lr, steps=steps)

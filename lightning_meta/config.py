@@ -8,6 +8,7 @@ constructor argument as an attribute of the same name, as every class of this pa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -42,6 +43,8 @@ def to_config(value: Any) -> Any:
         return [to_config(item) for item in value]
     if isinstance(value, dict):
         return {str(key): to_config(item) for key, item in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_config(dataclasses.asdict(value))
     if isinstance(value, functools.partial) and isinstance(value.func, type) and not value.args:
         return {"class_path": _path(value.func), "init_args": to_config(dict(value.keywords))}
     if isinstance(value, type):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,8 +28,10 @@ class Learner(nn.Module, ABC):
     Args:
         model: the network; called as ``model(split[input_key])``.
         fast_weights: which parameters the inner loop adapts: ``"all"``, ``"head"`` (the module
-            named by ``head``; ANIL), or a list of ``fnmatch`` globs over parameter names
-            (``["net.4.*"]``).
+            named by ``head``; ANIL), ``"last_blocks:N"`` (the last N entries of the model's
+            largest ``nn.ModuleList``: transformer blocks), ``"biases_norms"`` (biases and
+            normalization weights), ``"lora"`` (LoRA adapter weights), or a list of ``fnmatch``
+            globs over parameter names (``["net.4.*"]``).
         head: name of the head submodule for ``fast_weights="head"``; by default the last
             submodule that owns parameters.
         input_key: the split field fed to the model.
@@ -62,15 +64,25 @@ class Learner(nn.Module, ABC):
         named = dict(self.model.named_parameters())
         return {name: named[name] for name in self.fast_weight_names}
 
-    def forward(self, inputs: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Run the model with ``params`` replacing the matching parameters (others unchanged)."""
+    def forward(self, *args: Any, params: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
+        """Run the model with ``params`` replacing the matching parameters (others unchanged).
+
+        Tied weights (GPT-2's input and output embeddings) stay tied: replacing one replaces both.
+        """
         if not params:
-            return self.model(inputs)
-        return functional_call(self.model, dict(params), (inputs,), strict=False, tie_weights=True)
+            return self.model(*args, **kwargs)
+        return functional_call(self.model, dict(params), args, kwargs, strict=False, tie_weights=True)
 
     def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Model outputs for a split."""
-        return self(split[self.input_key], params)
+        return self(split[self.input_key], params=params)
+
+    def prepare_second_order(self) -> None:
+        """Called by algorithms that differentiate through the inner loop (second-order MAML).
+
+        Learners whose model has kernels without a double backward (fused attention) switch
+        them off here, or raise a clear error.
+        """
 
     @abstractmethod
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -121,18 +133,54 @@ def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str 
         modules = dict(model.named_modules())
         if head_name not in modules:
             raise ValueError(f"head={head_name!r} is not a submodule of the model; submodules: {sorted(modules)}")
-        prefix = f"{head_name}." if head_name else ""
-        selected = [name for name in trainable if name.startswith(prefix)]
+        selected = _names_of(model, modules[head_name].parameters())
+    elif spec == "biases_norms":
+        norms = [module for module in model.modules() if _is_norm(module)]
+        norm_names = set(_names_of(model, (p for module in norms for p in module.parameters(recurse=False))))
+        selected = [name for name in trainable if name.endswith("bias") or name in norm_names]
+    elif spec == "lora":
+        selected = [name for name in trainable if "lora_" in name]
+        if not selected:
+            raise ValueError("fast_weights='lora' but the model has no trainable LoRA adapters: set lora=... too.")
+    elif isinstance(spec, str) and spec.startswith("last_blocks:"):
+        selected = _last_blocks(model, spec)
     elif isinstance(spec, str):
         raise ValueError(
-            f"fast_weights={spec!r} is not understood: use 'all', 'head', or a list of name globs "
-            f"such as ['{trainable[-1]}']."
+            f"fast_weights={spec!r} is not understood: use 'all', 'head', 'last_blocks:N', 'biases_norms', "
+            f"'lora', or a list of name globs such as ['{trainable[-1]}']."
         )
     else:
         selected = [name for name in trainable if any(fnmatch.fnmatchcase(name, glob) for glob in spec)]
+    selected = [name for name in selected if name in set(trainable)]
     if not selected:
         raise ValueError(f"fast_weights={spec!r} matches no trainable parameter; parameters are: {trainable}")
     return selected
+
+
+def _names_of(model: nn.Module, parameters: Iterable[nn.Parameter]) -> list[str]:
+    # By identity: a tied weight (GPT-2's lm_head) is listed under its first name only.
+    wanted = {id(p) for p in parameters}
+    return [name for name, p in model.named_parameters() if id(p) in wanted]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._BatchNorm) or (
+        "norm" in type(module).__name__.lower()
+    )
+
+
+def _last_blocks(model: nn.Module, spec: str) -> list[str]:
+    try:
+        count = int(spec.split(":", 1)[1])
+    except ValueError:
+        count = 0
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    if count < 1 or not lists:
+        raise ValueError(
+            f"fast_weights={spec!r}: give last_blocks:N with N >= 1, for a model whose blocks form an nn.ModuleList."
+        )
+    _, blocks = max(lists, key=lambda item: len(item[1]))
+    return _names_of(model, (p for block in list(blocks)[-count:] for p in block.parameters()))
 
 
 def _last_module_with_parameters(model: nn.Module) -> str:

@@ -40,5 +40,5 @@ def test_functional_call_uses_given_weights_and_leaves_module_alone():
     learner = RegressionLearner(MLP(1, [4], 1), "head")
     x = torch.randn(5, 1)
     zero_head = {name: torch.zeros_like(w) for name, w in learner.fast_parameters().items()}
-    assert torch.equal(learner(x, zero_head), torch.zeros(5, 1))
+    assert torch.equal(learner(x, params=zero_head), torch.zeros(5, 1))
     assert not torch.equal(learner(x), torch.zeros(5, 1))
