@@ -9,3 +9,6 @@ from lightning_meta.datamodules.episodic_classification import EpisodicClassific
 from lightning_meta.datamodules.text_classification import TextClassificationDataModule  # noqa: E402
 
 __all__ += ["EpisodicClassificationDataModule", "TextClassificationDataModule"]
+from lightning_meta.datamodules.learn2learn_tasks import Learn2LearnDataModule  # noqa: E402
+
+__all__ += ["Learn2LearnDataModule"]

@@ -1,0 +1,310 @@
+"""N-way K-shot episodes from any labelled text dataset (a ``datasets.Dataset``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_meta.datamodules.base import EpisodicDataModule
+from lightning_meta.tasks import Episode, TaskBatch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+SPLITS = ("train", "val", "test")
+
+
+class EpisodicClassificationDataModule(EpisodicDataModule):
+    """Few-shot classification episodes over a dataset with a text and a label column.
+
+    The classes are divided into disjoint train / val / test sets (at random from ``seed`` in
+    the proportions ``class_split``, or as listed in ``train_classes`` / ``val_classes`` /
+    ``test_classes``). An episode draws ``ways`` classes of one split, then ``shots`` support and
+    ``queries`` query examples of each (disjoint), and relabels the classes 0..ways-1 in a random
+    order. Splits hold ``input_ids`` and ``attention_mask`` (tokenized with ``tokenizer``, padded
+    and truncated to ``max_length``, then cut to the longest text of the batch) and ``labels``;
+    ``metadata["classes"]`` gives each episode's original class ids (names: :attr:`class_names`).
+
+    Training batches, validation and test episodes are seeded as in :class:`EpisodicDataModule`:
+    the same for every run and worker count, different on each DDP rank, resumable.
+
+    Args:
+        dataset: a ``datasets.Dataset`` (subclasses load one from elsewhere: :meth:`load_dataset`).
+        text_column: the column holding the text (strings).
+        label_column: the column holding the class (``ClassLabel``, strings or integers).
+        tokenizer: ``embedded-wordpiece-4096`` (trained locally on the standard library and cached),
+            a local folder with a Hugging Face tokenizer (normally the encoder's), or
+            ``pkg://PACKAGE/dir`` for a folder inside an installed package.
+        max_length: tokens per text, after truncation; shorter texts are padded.
+        ways: N, classes per episode.
+        shots: K, support examples per class.
+        queries: query examples per class.
+        meta_batch_size: episodes per training step.
+        batches_per_epoch: training batches per epoch.
+        num_eval_episodes: fixed validation and test episodes (600 is the few-shot convention).
+        num_val_tasks, num_test_tasks: override ``num_eval_episodes`` for one split.
+        eval_meta_batch_size: episodes per evaluation batch (default: ``meta_batch_size``).
+        train_classes, val_classes, test_classes: explicit class lists (label names or values);
+            classes listed nowhere are shared at random among the splits not given.
+        class_split: train/val/test proportions for the classes split at random.
+        drop_small_classes: leave out classes with fewer than ``shots + queries`` examples instead
+            of raising an error.
+        seed: seeds the class split and every episode.
+        num_workers: ``DataLoader`` workers for the training stream.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        tokenizer: str = "embedded-wordpiece-4096",
+        max_length: int = 64,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        meta_batch_size: int = 4,
+        batches_per_epoch: int = 100,
+        num_eval_episodes: int = 600,
+        num_val_tasks: int | None = None,
+        num_test_tasks: int | None = None,
+        eval_meta_batch_size: int | None = None,
+        train_classes: list[str | int] | None = None,
+        val_classes: list[str | int] | None = None,
+        test_classes: list[str | int] | None = None,
+        class_split: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        drop_small_classes: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            meta_batch_size,
+            batches_per_epoch,
+            num_val_tasks if num_val_tasks is not None else num_eval_episodes,
+            num_test_tasks if num_test_tasks is not None else num_eval_episodes,
+            eval_meta_batch_size,
+            seed,
+            num_workers,
+        )
+        if ways < 2:
+            raise ValueError(f"ways must be >= 2 (a 1-way episode has nothing to classify), got {ways}.")
+        if shots < 1 or queries < 1:
+            raise ValueError(f"shots and queries must be >= 1, got shots={shots}, queries={queries}.")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}.")
+        if len(class_split) != 3 or min(class_split) < 0 or sum(class_split) <= 0:
+            raise ValueError(
+                f"class_split must be three non-negative train/val/test proportions, got {tuple(class_split)}."
+            )
+        self.dataset = dataset
+        self.text_column = text_column
+        self.label_column = label_column
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.ways = ways
+        self.shots = shots
+        self.queries = queries
+        self.num_eval_episodes = num_eval_episodes
+        self.train_classes = train_classes
+        self.val_classes = val_classes
+        self.test_classes = test_classes
+        self.class_split = tuple(class_split)
+        self.drop_small_classes = drop_small_classes
+        #: every class of the dataset, by id (the ids of ``metadata["classes"]``).
+        self.class_names: list[str] = []
+        #: the class ids of each split.
+        self.split_classes: dict[str, list[int]] = {}
+        self._rows: dict[int, Tensor] = {}
+        self._tokens: dict[str, Tensor] = {}
+
+    def load_dataset(self) -> Dataset:
+        """The dataset to draw episodes from; subclasses load it from files or build it."""
+        if self.dataset is None:
+            raise ValueError("No dataset given: pass dataset=<a datasets.Dataset with text and label columns>.")
+        return self.dataset
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer named by ``tokenizer``."""
+        from lightning_meta.encoders import resolve_local_path
+        from lightning_meta.tokenization import load_tokenizer
+
+        name = self.tokenizer
+        return load_tokenizer(str(resolve_local_path(name)) if name.startswith("pkg://") else name)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Load, check, split and tokenize the dataset (once; before any episode is drawn)."""
+        if self._tokens:
+            return
+        tokenizer = self.load_tokenizer()
+        if tokenizer.pad_token is None:
+            raise ValueError(f"Tokenizer {self.tokenizer!r} has no padding token: set one (tokenizer.pad_token).")
+        texts, labels, self.class_names = self._read_columns(self.load_dataset())
+        class_ids = {name: index for index, name in enumerate(self.class_names)}
+        label_ids = torch.tensor([class_ids[str(label)] for label in labels])
+        self.split_classes = self._split_classes()
+        self._check_class_sizes(label_ids)
+        used = torch.cat([torch.nonzero(label_ids == c).flatten() for s in SPLITS for c in self.split_classes[s]])
+        used = used.sort().values
+        encoded = tokenizer(
+            [texts[i] for i in used.tolist()],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        # Row r of the tokenized tensors is dataset row used[r].
+        self._tokens = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        used_labels = label_ids[used]
+        self._rows = {c: torch.nonzero(used_labels == c).flatten() for s in SPLITS for c in self.split_classes[s]}
+
+    def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
+        self.prepare()
+        classes = self.split_classes[split]
+        chosen = [classes[i] for i in torch.randperm(len(classes), generator=generator)[: self.ways].tolist()]
+        support_rows, query_rows = [], []
+        for class_id in chosen:
+            rows = self._rows[class_id]
+            picked = rows[torch.randperm(len(rows), generator=generator)[: self.shots + self.queries]]
+            support_rows.append(picked[: self.shots])
+            query_rows.append(picked[self.shots :])
+        labels = torch.arange(self.ways)
+        return Episode(
+            support=self._split(torch.cat(support_rows), labels.repeat_interleave(self.shots)),
+            query=self._split(torch.cat(query_rows), labels.repeat_interleave(self.queries)),
+            ways=self.ways,
+            shots=self.shots,
+            metadata={"classes": torch.tensor(chosen)},
+        )
+
+    def train_batch(self, index: int, rank: int = 0) -> TaskBatch:
+        return _trim_padding(super().train_batch(index, rank))
+
+    def eval_batches(self, split: str) -> list[TaskBatch]:
+        if split not in self._eval_batches:
+            self._eval_batches[split] = [_trim_padding(batch) for batch in super().eval_batches(split)]
+        return self._eval_batches[split]
+
+    def _split(self, rows: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return {name: tensor[rows] for name, tensor in self._tokens.items()} | {"labels": labels}
+
+    def class_lists(self) -> dict[str, list[str | int] | None]:
+        """The explicit class list of each split (``None``: split at random)."""
+        return {"train": self.train_classes, "val": self.val_classes, "test": self.test_classes}
+
+    def _read_columns(self, dataset: Any) -> tuple[list[str], list[Any], list[str]]:
+        """Texts, labels as class names, and every class name in a fixed order."""
+        from datasets import Dataset, DatasetDict
+
+        if isinstance(dataset, DatasetDict):
+            raise ValueError(
+                f"Got a DatasetDict with splits {list(dataset)}; give one Dataset (dataset['train']): classes are "
+                "split into train/val/test by this datamodule."
+            )
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
+        if dataset.num_rows == 0:
+            raise ValueError("The dataset is empty (0 rows): check the files or the filter that produced it.")
+        for role, column in (("text_column", self.text_column), ("label_column", self.label_column)):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"The dataset has no column {column!r} ({role}); its columns are {dataset.column_names}. "
+                    f"Set {role}=<one of them>."
+                )
+        text_type = getattr(dataset.features[self.text_column], "dtype", None)
+        if text_type not in ("string", "large_string"):
+            raise TypeError(
+                f"Column {self.text_column!r} holds {dataset.features[self.text_column]}, not text. Set "
+                "text_column to the column of strings, or convert it first "
+                f"(dataset.cast_column({self.text_column!r}, datasets.Value('string')))."
+            )
+        texts = dataset[self.text_column]
+        labels = dataset[self.label_column]
+        for name, values in ((self.text_column, texts), (self.label_column, labels)):
+            if None in values:
+                raise ValueError(
+                    f"Row {values.index(None)} has no value in column {name!r}: drop such rows first "
+                    f"(dataset.filter(lambda row: row[{name!r}] is not None))."
+                )
+        feature = dataset.features[self.label_column]
+        if hasattr(feature, "int2str"):  # ClassLabel: its declared names, present in the rows or not
+            return list(texts), feature.int2str(labels), list(feature.names)
+        return list(texts), list(labels), _class_names(labels)
+
+    def _split_classes(self) -> dict[str, list[int]]:
+        """Class ids per split: explicit lists first, the rest divided at random by ``class_split``."""
+        ids = {name: index for index, name in enumerate(self.class_names)}
+        explicit = self.class_lists()
+        result: dict[str, list[int]] = {}
+        for split, names in explicit.items():
+            if names is None:
+                continue
+            unknown = [name for name in names if str(name) not in ids]
+            if unknown:
+                raise ValueError(
+                    f"{split}_classes names classes the dataset does not have: {unknown}. Known classes: "
+                    f"{self.class_names[:50]}{' ...' if len(self.class_names) > 50 else ''}."
+                )
+            result[split] = sorted({ids[str(name)] for name in names})
+        taken = [c for classes in result.values() for c in classes]
+        if len(taken) != len(set(taken)):
+            shared = sorted({self.class_names[c] for c in taken if taken.count(c) > 1})
+            raise ValueError(f"Classes {shared} are listed in more than one split; splits must be class-disjoint.")
+        open_splits = [s for s in SPLITS if s not in result]
+        rest = [c for c in range(len(self.class_names)) if c not in set(taken)]
+        if open_splits:
+            order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            shuffled = [rest[i] for i in order]
+            weights = torch.tensor([self.class_split[SPLITS.index(s)] for s in open_splits], dtype=torch.float64)
+            if weights.sum() == 0:
+                weights = torch.ones_like(weights)
+            bounds = [0, *torch.round(torch.cumsum(weights / weights.sum(), 0) * len(rest)).long().tolist()]
+            for split, start, end in zip(open_splits, bounds, bounds[1:], strict=False):
+                result[split] = sorted(shuffled[start:end])
+        return {split: result[split] for split in SPLITS}
+
+    def _check_class_sizes(self, label_ids: Tensor) -> None:
+        needed = self.shots + self.queries
+        counts = torch.bincount(label_ids, minlength=len(self.class_names))
+        small = {s: [c for c in self.split_classes[s] if counts[c] < needed] for s in SPLITS}
+        if any(small.values()):
+            listing = ", ".join(f"{self.class_names[c]!r} ({int(counts[c])})" for s in SPLITS for c in small[s])
+            if not self.drop_small_classes:
+                raise ValueError(
+                    f"Each class needs shots + queries = {needed} examples; these have fewer: {listing}. Lower "
+                    "shots or queries, or pass drop_small_classes=True (--data.drop_small_classes=true) to leave "
+                    "them out."
+                )
+            rank_zero_info(f"Leaving out classes with fewer than {needed} examples: {listing}.")
+            self.split_classes = {s: [c for c in self.split_classes[s] if c not in small[s]] for s in SPLITS}
+        for split in SPLITS:
+            available = len(self.split_classes[split])
+            if available < self.ways:
+                raise ValueError(
+                    f"The {split} split has {available} classes with >= {needed} examples, but ways={self.ways}. "
+                    f"Lower ways, give the {split} split more classes ({split}_classes=[...] or class_split), or "
+                    "use a dataset with more classes."
+                )
+
+
+def _trim_padding(batch: TaskBatch) -> TaskBatch:
+    """Drop the token positions that are padding in every sequence of a split (most texts are short)."""
+    splits = []
+    for split in (batch.support, batch.query):
+        keep = split["attention_mask"].flatten(0, 1).any(0)
+        splits.append({name: tensor[..., keep] if name != "labels" else tensor for name, tensor in split.items()})
+    return TaskBatch(*splits, ways=batch.ways, shots=batch.shots, metadata=batch.metadata)
+
+
+def _class_names(labels: list[Any]) -> list[str]:
+    """Distinct labels as strings, in a fixed order (numeric for integer labels)."""
+    distinct = set(labels)
+    if all(isinstance(label, int) for label in distinct):
+        return [str(label) for label in sorted(distinct)]
+    return sorted(str(label) for label in distinct)

