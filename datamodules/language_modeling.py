@@ -86,6 +86,10 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
     def prepare_data(self) -> None:
         load_tokenizer(self.tokenizer)  # trains and caches an embedded tokenizer once, before the ranks start
 
+    def setup(self, stage: str) -> None:
+        """Tokenize the corpus and split the domains (errors about the data surface here)."""
+        self.split_domains  # noqa: B018 (computes and caches the blocks and the splits)
+
     @functools.cached_property
     def domain_blocks(self) -> dict[str, torch.Tensor]:
         """Token blocks ``(blocks, block_size)`` of every domain."""

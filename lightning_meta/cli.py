@@ -13,7 +13,7 @@ import lightning_meta.datamodules  # noqa: F401  (imported so short class names 
 from lightning_meta import algorithms
 from lightning_meta.module import MetaLearningModule
 
-DEFAULT_CONFIG = "sinusoid.yaml"
+DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 

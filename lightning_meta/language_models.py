@@ -9,6 +9,7 @@ only the adapters and the outer loop meta-learns their initialization (and, with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module  # what functional_call uses
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lightning_meta.learners import Learner
@@ -110,8 +113,7 @@ class CausalLMLearner(Learner):
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         model = _build_model(pretrained, model_config, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype])
         if gradient_checkpointing:
-            # Reentrant checkpointing does not compose with torch.autograd.grad (FINDINGS.md).
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_functional_checkpointing(model)
         if lora is not None:
             model = _add_lora(model, lora, meta_learn_base)
         elif meta_learn_base:
@@ -177,6 +179,34 @@ class CausalLMLearner(Learner):
                 "have no double backward). Use FOMAML or first_order=True to keep fused attention."
             )
             self.transformer.set_attn_implementation("eager")
+
+
+def enable_functional_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of the transformer blocks that respects fast weights.
+
+    Hugging Face's own checkpointing recomputes a block during backward, after
+    ``functional_call`` has put the module's own parameters back: the recomputation then uses θ
+    instead of the adapted θ' and the gradients are silently wrong (seen on transformers 5.24).
+    Here each checkpointed block records the weights it ran with and recomputes with those.
+    Reentrant checkpointing does not compose with ``torch.autograd.grad`` at all.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = _checkpoint_with_current_weights
+            module._fast_weight_names = [name for name, _ in module.named_parameters()]
+
+
+def _checkpoint_with_current_weights(function: functools.partial, *args: Any) -> Any:
+    layer = function.args[0]  # transformers passes partial(forward, layer, **kwargs)
+    # Inside functional_call the attributes hold the substituted (fast) weights, not Parameters.
+    current = {name: functools.reduce(getattr, name.split("."), layer) for name in layer._fast_weight_names}
+
+    def run(*inputs: Any) -> Any:
+        with _reparametrize_module(layer, current):
+            return function(*inputs)
+
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 def _build_model(

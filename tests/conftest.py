@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +14,8 @@ from lightning_meta import MLP, ClassificationLearner, RegressionLearner, TaskBa
 # Tiny models: one thread is faster, and two threads contending with another process on this
 # 2-core machine slow the suite down by an order of magnitude.
 torch.set_num_threads(1)
+# Tokenizers the tests train go to a fresh cache (inherited by CLI subprocesses): hermetic runs.
+os.environ.setdefault("LIGHTNING_META_CACHE", tempfile.mkdtemp(prefix="lightning-meta-cache-"))
 
 
 def regression_batch(

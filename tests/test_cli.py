@@ -17,6 +17,7 @@ from lightning_meta.algorithms import FOMAML, MAML, Reptile
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SINUSOID = ["--config", str(ROOT / "configs/sinusoid.yaml")]
 QUICK = [
     "--trainer.max_steps=4",
     "--trainer.val_check_interval=2",
@@ -88,11 +89,12 @@ def test_user_subclass_by_dotted_path(tmp_path):
 
 
 def test_validate_and_test_from_checkpoint_report_ci(tmp_path):
-    run("fit", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", *QUICK, cwd=tmp_path)
+    run("fit", *SINUSOID, "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", *QUICK, cwd=tmp_path)
     checkpoint = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     for subcommand in ("validate", "test"):
         result = run(
             subcommand,
+            *SINUSOID,
             "--ckpt_path",
             str(checkpoint),
             f"--trainer.default_root_dir={tmp_path}",
@@ -115,17 +117,19 @@ def test_python_dash_m(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout)["model"]["algorithm"]["class_path"].endswith("MAML")
+    config = yaml.safe_load(result.stdout)  # the embedded default: the LM quick start
+    assert config["model"]["algorithm"]["class_path"].endswith(".FOMAML")
+    assert config["data"]["class_path"].endswith(".LanguageModelingTasksDataModule")
 
 
 def test_unknown_algorithm_lists_known_names(tmp_path):
-    result = run("fit", "--model.algorithm=MAMLL", cwd=tmp_path, check=False)
+    result = run("fit", *SINUSOID, "--model.algorithm=MAMLL", cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "Known algorithms: FOMAML, MAML, ProtoNet, Reptile" in result.stderr
 
 
 def test_bad_inner_steps_names_the_fix(tmp_path):
-    result = run("fit", "--model.algorithm.inner_steps=0", *QUICK, cwd=tmp_path, check=False)
+    result = run("fit", *SINUSOID, "--model.algorithm.inner_steps=0", *QUICK, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "inner_steps must be an integer >= 1, got 0" in result.stderr
 

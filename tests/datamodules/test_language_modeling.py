@@ -1,0 +1,102 @@
+"""LM domain tasks: disjoint support/query blocks, held-out domains, user corpora, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_meta.datamodules import LanguageModelingTasksDataModule
+from lightning_meta.tokenization import load_tokenizer
+
+TOKENIZER = "embedded-bpe-512"
+
+
+@pytest.fixture(scope="module")
+def embedded() -> LanguageModelingTasksDataModule:
+    return LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=32, shots=3, queries=2,
+                                           meta_batch_size=8, num_val_tasks=6, num_test_tasks=10,
+                                           max_tokens_per_domain=4000)  # fmt: skip
+
+
+def test_support_and_query_are_disjoint_blocks_of_one_domain(embedded):
+    for index in range(5):
+        batch = embedded.train_batch(index)
+        assert batch.support["input_ids"].shape == (8, 3, 32) and batch.query["input_ids"].shape == (8, 2, 32)
+        for episode in batch.episodes():
+            blocks = embedded.domain_blocks[episode.metadata["domain"]]
+            ids = episode.metadata["block_ids"].tolist()
+            assert len(set(ids)) == 5
+            assert torch.equal(episode.support["input_ids"], blocks[ids[:3]])
+            assert torch.equal(episode.query["input_ids"], blocks[ids[3:]])
+            support_rows = {tuple(row) for row in episode.support["input_ids"].tolist()}
+            assert not support_rows & {tuple(row) for row in episode.query["input_ids"].tolist()}
+
+
+def test_held_out_domains_never_appear_in_training(embedded):
+    splits = embedded.split_domains
+    assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
+    assert not set(splits["val"]) & set(splits["test"])
+    trained_on = {d for i in range(40) for d in embedded.train_batch(i).metadata["domain"]}
+    assert trained_on <= set(splits["train"]) and len(trained_on) > 5
+    for split in ("val", "test"):
+        seen = {d for batch in embedded.eval_batches(split) for d in batch.metadata["domain"]}
+        assert seen <= set(splits[split])
+
+
+def test_evaluation_tasks_are_fixed(embedded):
+    again = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=32, shots=3, queries=2,
+                                            meta_batch_size=8, num_val_tasks=6, num_test_tasks=10,
+                                            max_tokens_per_domain=4000)  # fmt: skip
+    for a, b in zip(embedded.eval_batches("test"), again.eval_batches("test"), strict=True):
+        assert torch.equal(a.query["input_ids"], b.query["input_ids"])
+
+
+def test_blocks_are_the_tokenized_text(embedded):
+    tokenizer = load_tokenizer(TOKENIZER)
+    block = embedded.domain_blocks["json"][0]
+    assert tokenizer.decode(block).startswith('r"""JSON (JavaScript Object Notation)')
+
+
+def test_folder_corpus_one_domain_per_file_or_subfolder(tmp_path):
+    for name in ("alpha", "beta", "gamma", "delta"):
+        (tmp_path / f"{name}.txt").write_text(f"The {name} domain speaks of {name} things. " * 200)
+    (tmp_path / "epsilon").mkdir()
+    (tmp_path / "epsilon" / "a.md").write_text("epsilon words here. " * 200)
+    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(tmp_path), block_size=16,
+                                                 test_domains=["beta"], val_domains=["epsilon"])  # fmt: skip
+    assert datamodule.split_domains == {"train": ["alpha", "delta", "gamma"], "val": ["epsilon"], "test": ["beta"]}
+    assert datamodule.eval_batches("test")[0].metadata["domain"][0] == "beta"
+
+
+def test_jsonl_corpus_with_a_domain_column_and_seeded_split(tmp_path):
+    rows = [{"text": f"Document {i} about topic {t}. " * 30, "topic": t} for t in "abcdefghij" for i in range(3)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(path), domain_column="topic",
+                                                 block_size=16)  # fmt: skip
+    splits = datamodule.split_domains
+    assert len(splits["val"]) == 1 and len(splits["test"]) == 1 and len(splits["train"]) == 8
+    assert splits == LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(path), domain_column="topic",
+                                                     block_size=16).split_domains  # fmt: skip
+
+
+def test_clear_errors(tmp_path):
+    (tmp_path / "big.txt").write_text("plenty of words in this domain. " * 300)
+    (tmp_path / "small.txt").write_text("tiny")
+    (tmp_path / "other.txt").write_text("another domain with words. " * 300)
+    small = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(tmp_path), block_size=16)
+    with pytest.raises(ValueError, match=r"fewer than shots \+ queries = 8 blocks of 16 tokens: \{'small': 0\}"):
+        small.setup("fit")
+    (tmp_path / "small.txt").unlink()
+    unknown = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(tmp_path), block_size=16,
+                                              val_domains=["bigg"], test_domains=["other"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"Unknown domains \['bigg'\].*domains: \['big', 'other'\]"):
+        unknown.setup("fit")
+    (tmp_path / "table.csv").write_text("body,topic\nhello,a\n")
+    with pytest.raises(ValueError, match="needs text_column='text' and domain_column='topic'"):
+        LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(tmp_path / "table.csv"),
+                                        domain_column="topic").setup("fit")  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="neither an embedded tokenizer"):
+        LanguageModelingTasksDataModule(tokenizer="gpt2").setup("fit")

@@ -1,0 +1,204 @@
+"""The causal-LM learner: second-order gradients, LoRA, tied embeddings, checkpointing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_meta import CausalLMLearner, LoraSettings, TaskBatch
+from lightning_meta.algorithms import FOMAML, MAML, inner_loop
+
+TOKENIZER = "embedded-bpe-512"
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+
+
+def tiny_learner(**options) -> CausalLMLearner:
+    torch.manual_seed(0)
+    return CausalLMLearner(model_config=TINY_GPT2, tokenizer=TOKENIZER, dtype="float64", **options)
+
+
+def lm_batch(meta_batch_size: int = 2, shots: int = 2, queries: int = 2, length: int = 12, vocab: int = 512):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (meta_batch_size, shots + queries, length), generator=generator)
+    split = lambda part: {"input_ids": part, "attention_mask": torch.ones_like(part), "labels": part.clone()}  # noqa: E731
+    return TaskBatch(support=split(ids[:, :shots]), query=split(ids[:, shots:]), shots=shots)
+
+
+def sampled_finite_differences(algorithm, learner, batch, names_and_indices, eps=1e-6):
+    parameters = dict(learner.named_parameters())
+    result = []
+    for name, index in names_and_indices:
+        flat = parameters[name].data.view(-1)
+        original = flat[index].item()
+        flat[index] = original + eps
+        plus = algorithm.meta_loss(learner, batch).loss.item()
+        flat[index] = original - eps
+        minus = algorithm.meta_loss(learner, batch).loss.item()
+        flat[index] = original
+        result.append((plus - minus) / (2 * eps))
+    return torch.tensor(result, dtype=torch.float64)
+
+
+def coordinates(learner, names, per_name=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    parameters = dict(learner.named_parameters())
+    return [
+        (n, int(torch.randint(parameters[n].numel(), (), generator=generator))) for n in names for _ in range(per_name)
+    ]
+
+
+def test_second_order_gradient_matches_finite_differences_and_switches_to_eager():
+    learner = tiny_learner()
+    assert learner.transformer.config._attn_implementation == "sdpa"
+    maml = MAML(inner_lr=0.5, inner_steps=2)
+    batch = lm_batch()
+    maml.meta_loss(learner, batch).loss.backward()  # would fail in SDPA's double backward
+    assert learner.transformer.config._attn_implementation == "eager"
+    names = ["model.transformer.wte.weight", "model.transformer.h.0.attn.c_attn.weight",
+             "model.transformer.h.0.ln_1.weight", "model.transformer.ln_f.bias"]  # fmt: skip
+    picked = coordinates(learner, names)
+    parameters = dict(learner.named_parameters())
+    analytic = torch.tensor([parameters[n].grad.view(-1)[i].item() for n, i in picked], dtype=torch.float64)
+    numeric = sampled_finite_differences(maml, learner, batch, picked)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-4, atol=1e-8)
+    first_order = tiny_learner()
+    FOMAML(inner_lr=0.5, inner_steps=2).meta_loss(first_order, batch).loss.backward()
+    assert first_order.transformer.config._attn_implementation == "sdpa"  # first order keeps fused attention
+
+
+def test_lora_inner_loop_adapts_only_adapters():
+    learner = tiny_learner(lora=LoraSettings(r=2, alpha=4))
+    assert learner.fast_weight_names and all("lora_" in n for n in learner.fast_weight_names)
+    base_before = {n: p.detach().clone() for n, p in learner.named_parameters() if "lora_" not in n}
+    episode = lm_batch().episode(0)
+    adapted = inner_loop(learner, learner.fast_parameters(), episode.support, inner_lr=0.5, steps=3, create_graph=True)
+    assert set(adapted) == set(learner.fast_weight_names)
+    assert any(not torch.equal(adapted[n], p) for n, p in learner.fast_parameters().items())
+    for name, parameter in learner.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(parameter, base_before[name]), name  # bitwise
+            assert not parameter.requires_grad
+
+
+def test_lora_second_order_matches_finite_differences():
+    learner = tiny_learner(lora=LoraSettings(r=2, alpha=4))
+    # LoRA's B starts at zero; perturb it so that the adapters' gradients are not trivially structured.
+    with torch.no_grad():
+        for name, parameter in learner.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    maml = MAML(inner_lr=0.5, inner_steps=1)
+    batch = lm_batch(meta_batch_size=1)
+    maml.meta_loss(learner, batch).loss.backward()
+    picked = coordinates(learner, [f"model.{name}" for name in learner.fast_weight_names[:4]], per_name=2)
+    parameters = dict(learner.named_parameters())
+    analytic = torch.tensor([parameters[n].grad.view(-1)[i].item() for n, i in picked], dtype=torch.float64)
+    numeric = sampled_finite_differences(maml, learner, batch, picked)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-4, atol=1e-8)
+
+
+def test_meta_learn_base_trains_base_weights_in_the_outer_loop_only():
+    learner = tiny_learner(lora=LoraSettings(r=2, alpha=4), meta_learn_base=True)
+    assert all("lora_" in n for n in learner.fast_weight_names)
+    FOMAML(inner_lr=0.5).meta_loss(learner, lm_batch()).loss.backward()
+    base = dict(learner.model.named_parameters())["base_model.model.transformer.h.0.mlp.c_fc.weight"]
+    assert base.requires_grad and base.grad is not None and base.grad.abs().sum() > 0
+
+
+def test_tied_embeddings_stay_tied_through_adaptation_and_outer_steps():
+    learner = tiny_learner()
+    transformer = learner.transformer
+    assert transformer.lm_head.weight is transformer.transformer.wte.weight
+    assert "transformer.wte.weight" in learner.fast_weight_names and "lm_head.weight" not in learner.fast_weight_names
+    episode = lm_batch().episode(0)
+    adapted = FOMAML(inner_lr=0.5, inner_steps=2).adapt(learner, episode.support)
+    reference = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for name, value in adapted.items():
+            reference.get_parameter(name).copy_(value)
+    assert reference.lm_head.weight is reference.transformer.wte.weight
+    expected = reference(input_ids=episode.query["input_ids"]).logits
+    torch.testing.assert_close(learner.predict(episode.query, adapted), expected)
+
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    MAML(inner_lr=0.5).meta_loss(learner, lm_batch()).loss.backward()
+    optimizer.step()
+    assert transformer.lm_head.weight is transformer.transformer.wte.weight
+
+
+@pytest.mark.parametrize("algorithm", [FOMAML(inner_lr=0.5, inner_steps=2), MAML(inner_lr=0.5, inner_steps=2)])
+def test_gradient_checkpointing_gives_the_same_meta_gradient(algorithm):
+    batch = lm_batch()
+    gradients = []
+    for checkpointing in (False, True):
+        learner = tiny_learner(gradient_checkpointing=checkpointing, attn_implementation="eager")
+        learner.train()
+        algorithm.meta_loss(learner, batch).loss.backward()
+        gradients.append({n: p.grad for n, p in learner.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_loss_ignores_padding():
+    learner = tiny_learner()
+    episode = lm_batch().episode(0)
+    padded = {k: torch.cat([v, v[:, :4]], dim=1) for k, v in episode.support.items()}
+    padded["attention_mask"][:, -4:] = 0
+    padded["labels"][:, -4:] = -100
+    loss, _ = learner.loss(episode.support)
+    padded_loss, _ = learner.loss(padded)
+    torch.testing.assert_close(loss, padded_loss)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="exactly one of pretrained"):
+        CausalLMLearner()
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+        CausalLMLearner(pretrained="gpt2")
+    with pytest.raises(ValueError, match="needs a 'model_type'"):
+        CausalLMLearner(model_config={"n_layer": 1}, tokenizer=TOKENIZER)
+    with pytest.raises(ValueError, match="fast_weights='lora' but the model has no trainable LoRA adapters"):
+        tiny_learner(fast_weights="lora")
+    learner = tiny_learner()
+    too_big = {"input_ids": torch.full((1, 4), 10_000), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 512"):
+        learner.loss(too_big)
+
+
+def test_fast_weight_subsets_on_a_transformer():
+    torch.manual_seed(0)
+    config = dict(TINY_GPT2, n_layer=3)
+    last = CausalLMLearner(model_config=config, tokenizer=TOKENIZER, fast_weights="last_blocks:1")
+    assert last.fast_weight_names and all(n.startswith("transformer.h.2.") for n in last.fast_weight_names)
+    norms = CausalLMLearner(model_config=config, tokenizer=TOKENIZER, fast_weights="biases_norms")
+    assert (
+        "transformer.ln_f.weight" in norms.fast_weight_names
+        and "transformer.h.0.attn.c_attn.bias" in norms.fast_weight_names
+    )
+    assert not any(n.endswith("c_attn.weight") for n in norms.fast_weight_names)
+
+
+def test_module_with_lora_learner_round_trips_through_a_checkpoint(tmp_path):
+    import lightning as L
+
+    from lightning_meta import MetaLearningModule
+    from lightning_meta.datamodules import LanguageModelingTasksDataModule
+
+    learner = CausalLMLearner(model_config=TINY_GPT2, tokenizer=TOKENIZER, lora=LoraSettings(r=2, alpha=4),
+                              meta_learn_base=True)  # fmt: skip
+    module = MetaLearningModule(learner, FOMAML(inner_lr=0.5, eval_inner_steps=2))
+    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=16, shots=2, queries=2,
+                                                 meta_batch_size=2, num_val_tasks=2, num_test_tasks=2,
+                                                 max_tokens_per_domain=2000)  # fmt: skip
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule)
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    loaded = MetaLearningModule.load_from_checkpoint(tmp_path / "lm.ckpt")
+    assert loaded.learner.lora == LoraSettings(r=2, alpha=4) and loaded.learner.meta_learn_base
+    assert loaded.learner.fast_weight_names == module.learner.fast_weight_names
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
