@@ -37,9 +37,10 @@ def stdlib_docstrings() -> Dataset:
     """Docstrings of the modules in :data:`STDLIB_DOCSTRING_CLASSES`, labelled by module.
 
     Columns ``text`` and ``label`` (a ``ClassLabel`` over the module names, in sorted order).
-    Every listed module name is replaced by ``[MASK]`` in every text, case-insensitively (names of
-    five letters or more also inside identifiers such as ``TarFile``), so neither the name nor the
-    place of the mask gives the label away. The docstrings are read with ``ast`` (see
+    Every listed module name is replaced by ``[MASK]`` in every text, case-insensitively, with the
+    identifier around it (``TarFile``, ``SSLSocket``, ``ssl_version``; names under five letters only
+    as a word or a prefix such as ``SSLError``), so neither the name nor the place of the mask gives
+    the label away. The docstrings are read with ``ast`` (see
     :func:`lightning_meta.corpus.module_docstrings`) and cached, as the whole parse takes seconds.
     """
     from datasets import ClassLabel, Dataset, Features, Value
@@ -48,7 +49,8 @@ def stdlib_docstrings() -> Dataset:
     by_module = _cached_docstrings(modules)
     long_names = "|".join(re.escape(m) for m in sorted(modules, key=len, reverse=True) if len(m) >= 5)
     short_names = "|".join(re.escape(m) for m in modules if len(m) < 5)
-    mask = re.compile(rf"{long_names}|\b(?:{short_names})\b", re.IGNORECASE)
+    # Whole identifiers: `TarFile`, `SSLSocket` and `ssl_version` go, `enumerate` and `posix` stay.
+    mask = re.compile(rf"\w*(?i:{long_names})\w*|\b(?i:{short_names})(?:[A-Z0-9_]\w*)?\b")
     texts, labels = [], []
     for label, module in enumerate(modules):
         for docstring in by_module.get(module, []):

@@ -37,7 +37,9 @@ def word_dataset(classes: int = 15, per_class: int = 6) -> Dataset:
 
 def datamodule(dataset: Dataset | None = None, **overrides) -> EpisodicClassificationDataModule:
     options = dict(ways=3, shots=2, queries=3, max_length=16, meta_batch_size=2, num_eval_episodes=6, seed=0)
-    return EpisodicClassificationDataModule(dataset=word_dataset() if dataset is None else dataset, **(options | overrides))
+    return EpisodicClassificationDataModule(
+        dataset=word_dataset() if dataset is None else dataset, **(options | overrides)
+    )
 
 
 def digest(batches: list[TaskBatch]) -> str:

@@ -1,0 +1,131 @@
+"""The embedded docstring dataset, local files, and the text configs through the `lightning-meta` CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from lightning_meta.datamodules import TextClassificationDataModule
+from lightning_meta.datamodules.text_classification import (
+    STDLIB_DOCSTRING_CLASSES,
+    load_local_dataset,
+    stdlib_docstrings,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.num_val_tasks=2",
+    "--data.init_args.num_test_tasks=6",
+    "--data.init_args.queries=2",
+]
+TINY_ENCODER = "--model.learner.init_args.encoder_config={hidden_size: 32, num_hidden_layers: 1, intermediate_size: 64}"
+
+
+def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(["lightning-meta", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        pytest.fail(f"lightning-meta {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def test_embedded_dataset_has_fixed_classes_and_masks_module_names():
+    dataset = stdlib_docstrings()
+    modules = sorted(name for names in STDLIB_DOCSTRING_CLASSES.values() for name in names)
+    assert dataset.features["label"].names == modules and len(modules) == 39
+    assert set(dataset["label"]) == set(range(39)) and dataset.num_rows > 39 * 25
+    for text, label in zip(dataset["text"], dataset["label"], strict=True):
+        assert not re.search(rf"\b{modules[label]}\b", text, re.IGNORECASE), text
+    assert any("[MASK]" in text for text in dataset["text"])
+    splits = [set(names) for names in STDLIB_DOCSTRING_CLASSES.values()]
+    assert sum(len(s) for s in splits) == len(set.union(*splits))  # class-disjoint
+
+
+def test_embedded_default_uses_the_fixed_split():
+    dm = TextClassificationDataModule(ways=5, shots=5, queries=15, num_eval_episodes=4)
+    dm.prepare()
+    for split, names in STDLIB_DOCSTRING_CLASSES.items():
+        assert [dm.class_names[c] for c in dm.split_classes[split]] == list(names)
+    episode = dm.eval_batches("test")[0].episode(0)
+    assert episode.support["input_ids"].shape[0] == 25 and episode.query["labels"].shape == (75,)
+
+
+@pytest.fixture
+def intents(tmp_path) -> Dataset:
+    verbs = ("open", "close", "move", "paint", "sell", "buy", "wash", "fold", "lift")
+    rows = [
+        (f"please {verb} the {thing} number {i}", verb) for verb in verbs for thing in ("door", "box") for i in range(3)
+    ]
+    return Dataset.from_dict({"utterance": [r[0] for r in rows], "intent": [r[1] for r in rows]})
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "csv", "parquet", "save_to_disk", "save_to_disk_dict"])
+def test_local_files_load(tmp_path, intents, kind):
+    path = tmp_path / f"intents.{kind}"
+    if kind in ("json", "jsonl"):
+        intents.to_json(path)
+    elif kind == "csv":
+        intents.to_csv(path)
+    elif kind == "parquet":
+        intents.to_parquet(path)
+    elif kind == "save_to_disk":
+        intents.save_to_disk(path)
+    else:
+        DatasetDict(train=intents.select(range(30)), test=intents.select(range(30, 54))).save_to_disk(path)
+    loaded = load_local_dataset(str(path))
+    assert sorted(loaded["utterance"]) == sorted(intents["utterance"])
+    dm = TextClassificationDataModule(
+        str(path), text_column="utterance", label_column="intent", ways=2, shots=2, queries=2, num_eval_episodes=2
+    )
+    dm.prepare()
+    assert dm.class_names == sorted(set(intents["intent"]))
+
+
+def test_bad_paths_name_the_fix(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"Cannot read .*notes\.txt.*\.json, \.jsonl, \.csv, \.parquet"):
+        load_local_dataset(str(tmp_path / "notes.txt"))
+    with pytest.raises(FileNotFoundError, match=r"No file matches .*missing\.jsonl.*Nothing is downloaded"):
+        load_local_dataset(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"is a folder but not one written by Dataset\.save_to_disk"):
+        load_local_dataset(str(tmp_path))
+    with pytest.raises(TypeError, match=r"for a datasets\.Dataset object use EpisodicClassificationDataModule"):
+        TextClassificationDataModule(Dataset.from_dict({"text": ["a"], "label": [0]}))
+
+
+def test_own_data_file_through_the_cli_then_test_prints_accuracy_with_ci(tmp_path, intents):
+    intents.to_json(tmp_path / "intents.jsonl")
+    data = ["--data.dataset=intents.jsonl", "--data.text_column=utterance", "--data.label_column=intent"]
+    config = ["--config", str(ROOT / "configs/text_protonet.yaml"), TINY_ENCODER, "--data.ways=2", "--data.shots=1"]
+    run("fit", *config, *data, "--test_after_fit=false", *QUICK, cwd=tmp_path)
+    checkpoint = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    result = run(
+        "test",
+        *config,
+        *data,
+        "--ckpt_path",
+        str(checkpoint),
+        "--data.num_test_tasks=6",
+        "--data.queries=2",
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert re.search(r"test/query_acc_post = \d\.\d{4} ± \d\.\d{4} \(6 episodes\)", output), output[-2000:]
+
+
+@pytest.mark.parametrize("algorithm", ["Reptile", "ProtoNet"])
+def test_text_maml_config_swaps_algorithm(tmp_path, algorithm):
+    config = ["--config", str(ROOT / "configs/text_maml.yaml"), TINY_ENCODER]
+    result = run("fit", *config, f"--model.algorithm={algorithm}", *QUICK, cwd=tmp_path)
+    assert "test/query_acc_post = " in result.stdout + result.stderr
+    saved = (tmp_path / "lightning_logs/version_0/config.yaml").read_text()
+    assert f"algorithm:\n    class_path: lightning_meta.algorithms.{algorithm}" in saved
+
