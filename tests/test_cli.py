@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,11 +29,15 @@ QUICK = [
 ]
 
 
-def run(*args: str, cwd: Path, extra_path: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    *args: str, cwd: Path, extra_path: Path | None = None, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if extra_path is not None:
         env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    result = subprocess.run(["lightning-meta", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["lightning-meta", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         pytest.fail(f"lightning-meta {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
@@ -134,9 +140,32 @@ def test_bad_inner_steps_names_the_fix(tmp_path):
     assert "inner_steps must be an integer >= 1, got 0" in result.stderr
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def _config_case(config: Path):
+    """Configs naming an installed data package (``pkg:NAME``) run only where it is installed, marked slow."""
+    packages = re.findall(r"pkg:(\w+)", config.read_text())
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    marks = [pytest.mark.slow] if packages else []
+    if missing:
+        marks.append(pytest.mark.skip(reason=f"needs the data package(s) {missing}"))
+    return pytest.param(config, id=config.name, marks=marks)
+
+
+# A 135M-parameter model on 2 CPU cores: shorter sequences, fewer steps.
+EXTRA = {
+    "lm_fomaml_lora_smollm2.yaml": [
+        "--data.init_args.block_size=32",
+        "--trainer.max_steps=2",
+        "--data.init_args.num_test_tasks=2",
+        "--data.init_args.num_val_tasks=2",
+    ]
+}
+
+
+@pytest.mark.parametrize("config", [_config_case(config) for config in CONFIGS])
 def test_every_config_runs(tmp_path, config):
-    run("fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *QUICK, cwd=tmp_path)
+    extra = EXTRA.get(config.name, [])
+    run("fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *QUICK, *extra, cwd=tmp_path,
+        timeout=900)  # fmt: skip
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
 
 

