@@ -97,7 +97,7 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"Tokenizer {self.tokenizer!r} has no end-of-text token to separate documents.")
         blocks = {}
-        for domain, documents in self._load_corpus().items():
+        for domain, documents in read_corpus(self.corpus, self.text_column, self.domain_column).items():
             ids: list[int] = []
             for document in documents:
                 if self.max_tokens_per_domain:  # tokens average ~3.5 characters here: skip tokenizing the rest
@@ -156,48 +156,56 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
             metadata={"domain": domain, "block_ids": chosen},
         )
 
-    def _load_corpus(self) -> dict[str, list[str]]:
-        if self.corpus is None:
-            return {domain: [text] for domain, text in embedded_domains().items()}
-        path = Path(self.corpus).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"corpus={self.corpus!r} does not exist.")
-        if path.is_file() and path.suffix in _TABLE_FORMATS:
-            import datasets
 
-            table = datasets.load_dataset(_TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
-            return self._domains_from_table(table)
-        if path.is_dir() and (path / "dataset_info.json").exists():
-            import datasets
+def read_corpus(
+    corpus: str | None, text_column: str = "text", domain_column: str | None = None
+) -> dict[str, list[str]]:
+    """Documents by domain: the embedded corpus (``None``), a folder of text files (a domain per
+    file or sub-folder), or a ``json``/``jsonl``/``csv``/``parquet`` file or ``save_to_disk`` folder
+    whose ``domain_column`` names the domain (all rows in one domain ``"all"`` when it is ``None``)."""
+    if corpus is None:
+        return {domain: [text] for domain, text in embedded_domains().items()}
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus={corpus!r} does not exist.")
+    if path.is_file() and path.suffix in _TABLE_FORMATS:
+        import datasets
 
-            return self._domains_from_table(datasets.load_from_disk(str(path)))
-        if path.is_dir():
-            return self._domains_from_folder(path)
+        table = datasets.load_dataset(_TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
+        return _domains_from_table(table, text_column, domain_column)
+    if path.is_dir() and (path / "dataset_info.json").exists():
+        import datasets
+
+        return _domains_from_table(datasets.load_from_disk(str(path)), text_column, domain_column)
+    if path.is_dir():
+        return _domains_from_folder(path)
+    raise ValueError(
+        f"corpus={corpus!r}: give a folder of text files, a json/jsonl/csv/parquet file, or a save_to_disk folder."
+    )
+
+
+def _domains_from_table(table, text_column: str, domain_column: str | None) -> dict[str, list[str]]:  # noqa: ANN001
+    missing = [c for c in (text_column, domain_column) if c is not None and c not in table.column_names]
+    if missing:
         raise ValueError(
-            f"corpus={self.corpus!r}: give a folder of text files, a json/jsonl/csv/parquet file, or a "
-            "save_to_disk folder."
+            f"corpus table needs text_column={text_column!r} and domain_column={domain_column!r}; "
+            f"its columns are {table.column_names}."
         )
+    if domain_column is None:
+        return {"all": list(table[text_column])}
+    domains: dict[str, list[str]] = {}
+    for text, domain in zip(table[text_column], table[domain_column], strict=True):
+        domains.setdefault(str(domain), []).append(text)
+    return domains
 
-    def _domains_from_table(self, table) -> dict[str, list[str]]:  # noqa: ANN001 (datasets.Dataset)
-        missing = [c for c in (self.text_column, self.domain_column) if c is None or c not in table.column_names]
-        if missing:
-            raise ValueError(
-                f"corpus table needs text_column={self.text_column!r} and domain_column={self.domain_column!r}; "
-                f"its columns are {table.column_names}."
-            )
-        domains: dict[str, list[str]] = {}
-        for text, domain in zip(table[self.text_column], table[self.domain_column], strict=True):
-            domains.setdefault(str(domain), []).append(text)
-        return domains
 
-    @staticmethod
-    def _domains_from_folder(folder: Path) -> dict[str, list[str]]:
-        domains: dict[str, list[str]] = {}
-        for entry in sorted(folder.iterdir()):
-            files = sorted(f for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else [entry]
-            texts = [f.read_text(encoding="utf-8", errors="replace") for f in files if f.suffix in _TEXT_SUFFIXES]
-            if texts:
-                domains[entry.stem if entry.is_file() else entry.name] = texts
-        if not domains:
-            raise ValueError(f"No text files (.txt, .md, .rst, .py) in corpus folder {folder}.")
-        return domains
+def _domains_from_folder(folder: Path) -> dict[str, list[str]]:
+    domains: dict[str, list[str]] = {}
+    for entry in sorted(folder.iterdir()):
+        files = sorted(f for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else [entry]
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files if f.suffix in _TEXT_SUFFIXES]
+        if texts:
+            domains[entry.stem if entry.is_file() else entry.name] = texts
+    if not domains:
+        raise ValueError(f"No text files (.txt, .md, .rst, .py) in corpus folder {folder}.")
+    return domains
