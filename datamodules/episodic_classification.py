@@ -38,7 +38,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         label_column: the column holding the class (``ClassLabel``, strings or integers).
         tokenizer: ``embedded-wordpiece-4096`` (trained locally on the standard library and cached),
             a local folder with a Hugging Face tokenizer (normally the encoder's), or
-            ``pkg://PACKAGE/dir`` for a folder inside an installed package.
+            ``pkg:PACKAGE/dir`` for a folder inside an installed package.
         max_length: tokens per text, after truncation; shorter texts are padded.
         ways: N, classes per episode.
         shots: K, support examples per class.
@@ -129,11 +129,11 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer named by ``tokenizer``."""
-        from lightning_meta.encoders import resolve_local_path
+        from lightning_meta.encoders import resolve_folder
         from lightning_meta.tokenization import load_tokenizer
 
         name = self.tokenizer
-        return load_tokenizer(str(resolve_local_path(name)) if name.startswith("pkg://") else name)
+        return load_tokenizer(str(resolve_folder(name)) if name.startswith("pkg:") else name)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -166,8 +166,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
 
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
         self.prepare()
-        classes = self.split_classes[split]
-        chosen = [classes[i] for i in torch.randperm(len(classes), generator=generator)[: self.ways].tolist()]
+        chosen = self.choose_classes(generator, split)
         support_rows, query_rows = [], []
         for class_id in chosen:
             rows = self._rows[class_id]
@@ -182,6 +181,11 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
             shots=self.shots,
             metadata={"classes": torch.tensor(chosen)},
         )
+
+    def choose_classes(self, generator: torch.Generator, split: str) -> list[int]:
+        """The ``ways`` class ids of one episode, in label order: uniform over the split's classes."""
+        classes = self.split_classes[split]
+        return [classes[i] for i in torch.randperm(len(classes), generator=generator)[: self.ways].tolist()]
 
     def train_batch(self, index: int, rank: int = 0) -> TaskBatch:
         return _trim_padding(super().train_batch(index, rank))

