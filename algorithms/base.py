@@ -62,10 +62,14 @@ def detached_start(learner: Learner) -> FastWeights:
     return {name: weight.detach().requires_grad_() for name, weight in learner.fast_parameters().items()}
 
 
-def check_inner_loop_options(inner_lr: float, inner_steps: int, eval_inner_steps: int | None) -> None:
+def check_inner_loop_options(
+    inner_lr: float, inner_steps: int, eval_inner_steps: int | None, eval_inner_lr: float | None = None
+) -> None:
     """Raise a clear error for inner-loop options no algorithm can run with."""
     if not inner_lr > 0:
         raise ValueError(f"inner_lr must be > 0, got {inner_lr}; the MAML paper uses 0.01 for sinusoids.")
+    if eval_inner_lr is not None and not eval_inner_lr > 0:
+        raise ValueError(f"eval_inner_lr must be > 0 or None (= inner_lr), got {eval_inner_lr}.")
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}.")
     if eval_inner_steps is not None and (

@@ -14,7 +14,7 @@ class FOMAML(MAML):
     forward/backward per inner step.
 
     Args:
-        inner_lr, inner_steps, eval_inner_steps: as for :class:`MAML`.
+        inner_lr, inner_steps, eval_inner_steps, eval_inner_lr: as for :class:`MAML`.
 
     Example::
 
@@ -23,5 +23,11 @@ class FOMAML(MAML):
         fomaml.meta_loss(learner, task_batch).loss.backward()
     """
 
-    def __init__(self, inner_lr: float = 0.01, inner_steps: int = 1, eval_inner_steps: int | None = None) -> None:
-        super().__init__(inner_lr, inner_steps, eval_inner_steps, first_order=True)
+    def __init__(
+        self,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        eval_inner_lr: float | None = None,
+    ) -> None:
+        super().__init__(inner_lr, inner_steps, eval_inner_steps, first_order=True, eval_inner_lr=eval_inner_lr)

@@ -33,6 +33,7 @@ class MAML(MetaAlgorithm):
         eval_inner_steps: steps used to adapt at validation/test time (default: ``inner_steps``);
             the paper trains with 5 and tests with 10.
         first_order: drop the second-order terms.
+        eval_inner_lr: step size used to adapt at validation/test time (default: ``inner_lr``).
 
     Example::
 
@@ -49,12 +50,14 @@ class MAML(MetaAlgorithm):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        eval_inner_lr: float | None = None,
     ) -> None:
-        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps)
+        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
+        self.eval_inner_lr = eval_inner_lr
 
     def check_learner(self, learner: Learner) -> None:
         if not self.first_order:
@@ -87,4 +90,4 @@ class MAML(MetaAlgorithm):
 
     def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
         steps = steps if steps is not None else (self.eval_inner_steps or self.inner_steps)
-        return adapt_by_sgd(learner, support, inner_lr=self.inner_lr, steps=steps)
+        return adapt_by_sgd(learner, support, inner_lr=self.eval_inner_lr or self.inner_lr, steps=steps)

@@ -32,6 +32,7 @@ class Reptile(MetaAlgorithm):
         inner_steps: inner SGD steps per task during meta-training (Reptile needs > 1 to
             differ from joint training).
         eval_inner_steps: steps used to adapt at validation/test time (default: ``inner_steps``).
+        eval_inner_lr: step size used to adapt at validation/test time (default: ``inner_lr``).
 
     Example::
 
@@ -41,11 +42,18 @@ class Reptile(MetaAlgorithm):
         torch.optim.SGD(learner.parameters(), lr=0.1).step()      # θ ← θ + 0.1 (θ' − θ)
     """
 
-    def __init__(self, inner_lr: float = 0.01, inner_steps: int = 5, eval_inner_steps: int | None = None) -> None:
-        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps)
+    def __init__(
+        self,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        eval_inner_lr: float | None = None,
+    ) -> None:
+        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
+        self.eval_inner_lr = eval_inner_lr
 
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.enable_grad():
@@ -66,4 +74,4 @@ class Reptile(MetaAlgorithm):
 
     def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
         steps = steps if steps is not None else (self.eval_inner_steps or self.inner_steps)
-        return adapt_by_sgd(learner, support, inner_lr=self.inner_lr, steps=steps)
+        return adapt_by_sgd(learner, support, inner_lr=self.eval_inner_lr or self.inner_lr, steps=steps)

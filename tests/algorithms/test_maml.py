@@ -105,3 +105,13 @@ def test_evaluation_adapts_longer_than_training(mlp_learner):
     expected, _ = mlp_learner.loss(episode.query, by_hand)
     torch.testing.assert_close(figures["loss_post"], expected.detach())
     assert figures["loss_post"] < figures["loss_pre"]
+
+
+def test_evaluation_step_size_can_differ_from_training():
+    torch.manual_seed(0)
+    learner = RegressionLearner(MLP(1, [8], 1)).double()
+    episode = regression_batch().episode(0)
+    default = MAML(inner_lr=0.01).adapt(learner, episode.support, steps=1)
+    larger = MAML(inner_lr=0.01, eval_inner_lr=0.03).adapt(learner, episode.support, steps=1)
+    for name, start in learner.fast_parameters().items():
+        torch.testing.assert_close(larger[name] - start, 3 * (default[name] - start))
