@@ -118,9 +118,9 @@ class EncoderLearner(ClassificationLearner):
             (``{"hidden_size": 256}`` widens the tiny BERT); with ``encoder_path``, overrides of
             the folder's config. Its ``vocab_size`` must cover the datamodule's tokenizer.
         pooling: ``"mean"`` over non-padding tokens, or ``"cls"``: the first token's hidden state.
-        ways: size of a linear N-way head on the embedding, for MAML/FOMAML/Reptile. ``None``: no
-            head, the output is the embedding (for ProtoNet). Episodes must then have at most
-            ``ways`` classes.
+        ways: size of a linear N-way head on the embedding (initialised near zero), for
+            MAML/FOMAML/Reptile. ``None``: no head, the output is the embedding (for ProtoNet).
+            Episodes must then have at most ``ways`` classes.
         fast_weights: what the inner loop adapts: ``"all"``, ``"head"`` (ANIL), ``"last-N"`` (the
             last N transformer layers plus the head), or a list of name globs over
             ``encoder.*``/``head.*`` parameter names.
@@ -161,6 +161,13 @@ class EncoderLearner(ClassificationLearner):
             encoder.pooler = None
         hidden_size = encoder.get_input_embeddings().embedding_dim
         head = nn.Linear(hidden_size, ways) if ways is not None else None
+        if head is not None:
+            # Near zero: every class starts equal, which suits labels permuted per episode (Ye & Chao,
+            # "How to Train Your MAML to Excel in Few-Shot Classification", ICLR 2022); the first inner
+            # step then gives a centroid-like classifier. Not exactly zero, so that ProtoNet over the
+            # head's outputs still gets a gradient.
+            nn.init.normal_(head.weight, std=1e-3)
+            nn.init.zeros_(head.bias)
         model = PooledEncoder(encoder, pooling, head)
         super().__init__(model, _fast_weight_globs(model, fast_weights), input_key="input_ids", target_key="labels")
         self.encoder_path = encoder_path
