@@ -24,7 +24,7 @@ from torch.func import functional_call
 from lightning_meta.learners import ClassificationLearner, classification_loss
 from lightning_meta.tasks import Split
 
-#: The default encoder: a 2-layer, width-128 BERT (~0.9 M parameters) for the embedded 4,096-token
+#: The default encoder: a 2-layer, width-128 BERT (~0.8 M parameters) for the embedded 4,096-token
 #: WordPiece tokenizer (``embedded-wordpiece-4096``).
 TINY_BERT: dict[str, Any] = {
     "model_type": "bert",

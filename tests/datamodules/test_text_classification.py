@@ -128,4 +128,3 @@ def test_text_maml_config_swaps_algorithm(tmp_path, algorithm):
     assert "test/query_acc_post = " in result.stdout + result.stderr
     saved = (tmp_path / "lightning_logs/version_0/config.yaml").read_text()
     assert f"algorithm:\n    class_path: lightning_meta.algorithms.{algorithm}" in saved
-
