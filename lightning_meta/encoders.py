@@ -35,7 +35,8 @@ TINY_BERT: dict[str, Any] = {
     "intermediate_size": 256,
     "max_position_embeddings": 256,
 }
-_LAST_LAYERS = re.compile(r"^last-(\d+)$")
+# "last_blocks:N" as for every learner; "last-N" kept as an alias.
+_LAST_LAYERS = re.compile(r"^(?:last_blocks:|last-)(\d+)$")
 
 
 def resolve_folder(spec: str) -> Path:
@@ -121,8 +122,8 @@ class EncoderLearner(ClassificationLearner):
         ways: size of a linear N-way head on the embedding (initialised near zero), for
             MAML/FOMAML/Reptile. ``None``: no head, the output is the embedding (for ProtoNet).
             Episodes must then have at most ``ways`` classes.
-        fast_weights: what the inner loop adapts: ``"all"``, ``"head"`` (ANIL), ``"last-N"`` (the
-            last N transformer layers plus the head), or a list of name globs over
+        fast_weights: what the inner loop adapts: ``"all"``, ``"head"`` (ANIL), ``"last_blocks:N"``
+            (alias ``"last-N"``: the last N transformer layers plus the head), or a list of name globs over
             ``encoder.*``/``head.*`` parameter names.
         attn_implementation: passed to transformers. ``"eager"`` by default because second-order
             MAML needs a double backward, which the fused SDPA kernels lack; ``"sdpa"`` is faster
