@@ -7,6 +7,7 @@ accumulation, clipping, AMP scaling and DDP gradient sync then work unchanged.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,16 +40,13 @@ def inner_loop(
 
     A pure function from fast weights to adapted fast weights. With ``create_graph=True`` the
     result stays differentiable with respect to ``fast_weights`` (second-order MAML); otherwise
-    the gradients are treated as constants (first-order).
+    the gradients are treated as constants (first-order). No step checks its loss: that would
+    cost a host sync per step. The data are checked once per batch (:meth:`Learner.check_data`)
+    and the host module checks the meta-loss once per batch.
     """
     weights = dict(fast_weights)
-    for step in range(steps):
+    for _ in range(steps):
         loss, _ = learner.loss(support, weights)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"The support loss is {loss.item()} at inner step {step + 1}/{steps}. The inner loop "
-                f"diverged: lower inner_lr (now {inner_lr}) or inner_steps, or check the data for NaNs."
-            )
         grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
         weights = {
             name: weight if grad is None else weight - inner_lr * grad
@@ -66,10 +64,12 @@ def check_inner_loop_options(
     inner_lr: float, inner_steps: int, eval_inner_steps: int | None, eval_inner_lr: float | None = None
 ) -> None:
     """Raise a clear error for inner-loop options no algorithm can run with."""
-    if not inner_lr > 0:
-        raise ValueError(f"inner_lr must be > 0, got {inner_lr}; the MAML paper uses 0.01 for sinusoids.")
-    if eval_inner_lr is not None and not eval_inner_lr > 0:
-        raise ValueError(f"eval_inner_lr must be > 0 or None (= inner_lr), got {eval_inner_lr}.")
+    if not (inner_lr > 0 and math.isfinite(inner_lr)):
+        raise ValueError(
+            f"inner_lr must be a finite number > 0, got {inner_lr}; the MAML paper uses 0.01 for sinusoids."
+        )
+    if eval_inner_lr is not None and not (eval_inner_lr > 0 and math.isfinite(eval_inner_lr)):
+        raise ValueError(f"eval_inner_lr must be a finite number > 0 or None (= inner_lr), got {eval_inner_lr}.")
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
         raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}.")
     if eval_inner_steps is not None and (
@@ -104,8 +104,12 @@ class MetaAlgorithm(ABC):
         """Raise a clear error when this algorithm cannot run with ``learner``."""
 
     def meta_loss(self, learner: Learner, batch: TaskBatch) -> MetaLoss:
-        """Average surrogate over the episodes of ``batch``; its gradient is the meta-gradient."""
+        """Average surrogate over the episodes of ``batch``; its gradient is the meta-gradient.
+
+        Checks the batch's data first (:meth:`Learner.check_data`: one host sync for the batch).
+        """
         self.check_learner(learner)
+        learner.check_data(batch)
         losses: list[Tensor] = []
         sums: dict[str, Tensor] = {}
         for episode in batch.episodes():

@@ -13,6 +13,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -120,13 +121,23 @@ class EpisodicDataModule(LightningDataModule, ABC):
         return DataLoader(self.eval_batches(split), batch_size=None, shuffle=False, num_workers=0)
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream position: the number of the next training batch to consume."""
-        if self.trainer is None:
-            return {"next_train_batch": self._resume_from}
-        consumed_this_epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return {"next_train_batch": self.trainer.current_epoch * self.batches_per_epoch + consumed_this_epoch}
+        """The stream position (the number of the next training batch to consume) and, for datamodules
+        that tokenize (a ``tokenizer`` attribute naming one), the tokenizer's fingerprint."""
+        state: dict[str, Any] = {"next_train_batch": self._resume_from}
+        if self.trainer is not None:
+            consumed_this_epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            state["next_train_batch"] = self.trainer.current_epoch * self.batches_per_epoch + consumed_this_epoch
+        tokenizer = getattr(self, "tokenizer", None)
+        if isinstance(tokenizer, str):
+            state |= {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if isinstance(tokenizer, str) and "tokenizer_fingerprint" in state_dict:
+            saved_name, saved_fingerprint = state_dict["tokenizer"], state_dict["tokenizer_fingerprint"]
+            check_tokenizer(saved_name, saved_fingerprint, tokenizer, "The checkpoint's data")
         self._resume_from = int(state_dict["next_train_batch"])
 
 

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_meta.datamodules.base import EpisodicDataModule
+from lightning_meta.tables import describe_missing, is_missing
 from lightning_meta.tasks import Episode, TaskBatch
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         dataset: a ``datasets.Dataset`` (subclasses load one from elsewhere: :meth:`load_dataset`).
         text_column: the column holding the text (strings).
         label_column: the column holding the class (``ClassLabel``, strings or integers).
-        tokenizer: ``embedded-wordpiece-4096`` (trained locally on the standard library and cached),
+        tokenizer: ``embedded-wordpiece-4096`` (ships with the package; other sizes are trained and cached),
             a local folder with a Hugging Face tokenizer (normally the encoder's), or
             ``pkg:PACKAGE/dir`` for a folder inside an installed package.
         max_length: tokens per text, after truncation; shorter texts are padded.
@@ -53,6 +54,8 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         class_split: train/val/test proportions for the classes split at random.
         drop_small_classes: leave out classes with fewer than ``shots + queries`` examples instead
             of raising an error.
+        drop_missing: drop rows with no text or no label (None, NaN, an empty string, or -1 for a
+            ``ClassLabel``) and log how many, instead of raising an error that lists them.
         seed: seeds the class split and every episode.
         num_workers: ``DataLoader`` workers for the training stream.
     """
@@ -78,6 +81,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         test_classes: list[str | int] | None = None,
         class_split: tuple[float, float, float] = (0.6, 0.2, 0.2),
         drop_small_classes: bool = False,
+        drop_missing: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -114,6 +118,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         self.test_classes = test_classes
         self.class_split = tuple(class_split)
         self.drop_small_classes = drop_small_classes
+        self.drop_missing = drop_missing
         #: every class of the dataset, by id (the ids of ``metadata["classes"]``).
         self.class_names: list[str] = []
         #: the class ids of each split.
@@ -129,11 +134,9 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer named by ``tokenizer``."""
-        from lightning_meta.encoders import resolve_folder
         from lightning_meta.tokenization import load_tokenizer
 
-        name = self.tokenizer
-        return load_tokenizer(str(resolve_folder(name)) if name.startswith("pkg:") else name)
+        return load_tokenizer(self.tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -221,6 +224,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
                     f"The dataset has no column {column!r} ({role}); its columns are {dataset.column_names}. "
                     f"Set {role}=<one of them>."
                 )
+        texts, labels = self._drop_missing(dataset)
         text_type = getattr(dataset.features[self.text_column], "dtype", None)
         if text_type not in ("string", "large_string"):
             raise TypeError(
@@ -228,18 +232,38 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
                 "text_column to the column of strings, or convert it first "
                 f"(dataset.cast_column({self.text_column!r}, datasets.Value('string')))."
             )
-        texts = dataset[self.text_column]
-        labels = dataset[self.label_column]
-        for name, values in ((self.text_column, texts), (self.label_column, labels)):
-            if None in values:
-                raise ValueError(
-                    f"Row {values.index(None)} has no value in column {name!r}: drop such rows first "
-                    f"(dataset.filter(lambda row: row[{name!r}] is not None))."
-                )
         feature = dataset.features[self.label_column]
         if hasattr(feature, "int2str"):  # ClassLabel: its declared names, present in the rows or not
-            return list(texts), feature.int2str(labels), list(feature.names)
-        return list(texts), list(labels), _class_names(labels)
+            return texts, feature.int2str(labels), list(feature.names)
+        # An integer column with an empty cell is read as floats (CSV): class 3.0 is class 3 again.
+        if all(isinstance(label, float) and label.is_integer() for label in labels):
+            labels = [int(label) for label in labels]
+        return texts, labels, _class_names(labels)
+
+    def _drop_missing(self, dataset: Dataset) -> tuple[list[Any], list[Any]]:
+        """The texts and labels of the rows that have both; rows missing either are an error, or are
+        dropped with ``drop_missing`` (else NaN labels would become classes named ``nan``)."""
+        texts, labels = list(dataset[self.text_column]), list(dataset[self.label_column])
+        no_label = -1 if hasattr(dataset.features[self.label_column], "int2str") else None  # ClassLabel's "no label"
+        missing = {
+            self.text_column: [row for row, text in enumerate(texts) if is_missing(text)],
+            self.label_column: [row for row, label in enumerate(labels) if is_missing(label) or label == no_label],
+        }
+        dropped = set().union(*missing.values())
+        if not dropped:
+            return texts, labels
+        source = f" of {self.dataset!r}" if isinstance(self.dataset, str) else ""
+        found = describe_missing(missing, dataset.num_rows)
+        if not self.drop_missing:
+            raise ValueError(
+                f"Missing values in the rows{source} (counted from 0): {found}. Pass drop_missing=True "
+                "(--data.drop_missing=true) to drop those rows, or filter them out of the data first."
+            )
+        if len(dropped) == dataset.num_rows:
+            raise ValueError(f"Every row{source} misses its text or its label: {found}.")
+        rank_zero_info(f"Dropping {len(dropped)} of {dataset.num_rows} rows{source} (drop_missing=True): {found}.")
+        kept = [row for row in range(dataset.num_rows) if row not in dropped]
+        return [texts[row] for row in kept], [labels[row] for row in kept]
 
     def _split_classes(self) -> dict[str, list[int]]:
         """Class ids per split: explicit lists first, the rest divided at random by ``class_split``."""

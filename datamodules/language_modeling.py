@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_meta.corpus import embedded_domains
 from lightning_meta.datamodules.base import EpisodicDataModule
+from lightning_meta.tables import describe_missing, is_missing, is_saved_dataset, read_table, reencode_command
 from lightning_meta.tasks import Episode
 from lightning_meta.tokenization import load_tokenizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 #: Held-out embedded domains: library code of unseen packages, and the language reference (prose).
 EMBEDDED_VAL_DOMAINS = ("json", "wsgiref", "xmlrpc")
 EMBEDDED_TEST_DOMAINS = ("email", "html", "tomllib", "reference")
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ""}
-_TABLE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+#: Files of a corpus folder more than this share of which is not UTF-8 are binary (or in another encoding).
+_MAX_NOT_UTF8 = 0.1
 
 
 class LanguageModelingTasksDataModule(EpisodicDataModule):
@@ -29,21 +35,24 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
     Training, validation and test domains are disjoint.
 
     Args:
-        tokenizer: ``embedded-bpe-4096`` (trained locally and cached) or a local tokenizer folder.
+        tokenizer: ``embedded-bpe-4096`` (ships with the package), ``embedded-bpe-N`` (trained and cached),
+            a local tokenizer folder or ``pkg:NAME/dir``.
         corpus: ``None`` for the embedded corpus (Python's standard-library code by package, its
-            language reference, its docstrings); a folder (one domain per file, or per
-            sub-folder); a ``json``/``jsonl``/``csv``/``parquet`` file or a ``save_to_disk``
-            folder with a ``domain_column``.
+            language reference, its docstrings); a folder of text files (one domain per file, or per
+            sub-folder; hidden and binary files are left out); or a table with a ``domain_column``:
+            a ``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a ``save_to_disk``
+            folder (:func:`~lightning_meta.tables.read_table`).
         text_column: column holding the text, for tables.
         domain_column: column whose values are the domains, for tables.
-        val_domains, test_domains: held-out domains; by default a fixed list for the embedded
-            corpus and a seeded draw of 10% each (at least one) otherwise.
+        val_domains: held-out validation domains; by default a fixed list for the embedded corpus
+            and a seeded draw of 10% (at least one) otherwise.
+        test_domains: held-out test domains, chosen like ``val_domains``.
         block_size: tokens per block (per sequence).
         shots: support blocks per episode.
         queries: query blocks per episode.
         max_tokens_per_domain: tokenize at most this many tokens of each domain.
-        meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size,
-        seed, num_workers: see :class:`EpisodicDataModule`.
+        others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
     """
 
     def __init__(
@@ -161,51 +170,100 @@ def read_corpus(
     corpus: str | None, text_column: str = "text", domain_column: str | None = None
 ) -> dict[str, list[str]]:
     """Documents by domain: the embedded corpus (``None``), a folder of text files (a domain per
-    file or sub-folder), or a ``json``/``jsonl``/``csv``/``parquet`` file or ``save_to_disk`` folder
-    whose ``domain_column`` names the domain (all rows in one domain ``"all"`` when it is ``None``)."""
+    file or sub-folder), or a table (:func:`~lightning_meta.tables.read_table`: a file, a glob or a
+    ``save_to_disk`` folder) whose ``domain_column`` names the domain (all rows in one domain ``"all"``
+    when it is ``None``)."""
     if corpus is None:
         return {domain: [text] for domain, text in embedded_domains().items()}
     path = Path(corpus).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"corpus={corpus!r} does not exist.")
-    if path.is_file() and path.suffix in _TABLE_FORMATS:
-        import datasets
-
-        table = datasets.load_dataset(_TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
-        return _domains_from_table(table, text_column, domain_column)
-    if path.is_dir() and (path / "dataset_info.json").exists():
-        import datasets
-
-        return _domains_from_table(datasets.load_from_disk(str(path)), text_column, domain_column)
-    if path.is_dir():
+    if path.is_dir() and not is_saved_dataset(path):
         return _domains_from_folder(path)
-    raise ValueError(
-        f"corpus={corpus!r}: give a folder of text files, a json/jsonl/csv/parquet file, or a save_to_disk folder."
-    )
+    if path.is_file() and path.suffix.lower() in _TEXT_SUFFIXES:
+        raise ValueError(
+            f"corpus={corpus!r} is a single file, not a table: give the folder holding the text files (a domain per "
+            "file or per sub-folder), or a table (.json, .jsonl, .csv, .parquet) with a domain_column."
+        )
+    return _domains_from_table(read_table(corpus), corpus, text_column, domain_column)
 
 
-def _domains_from_table(table, text_column: str, domain_column: str | None) -> dict[str, list[str]]:  # noqa: ANN001
-    missing = [c for c in (text_column, domain_column) if c is not None and c not in table.column_names]
-    if missing:
+def _domains_from_table(
+    table: Dataset, corpus: str, text_column: str, domain_column: str | None
+) -> dict[str, list[str]]:
+    absent = [c for c in (text_column, domain_column) if c is not None and c not in table.column_names]
+    if absent:
         raise ValueError(
             f"corpus table needs text_column={text_column!r} and domain_column={domain_column!r}; "
             f"its columns are {table.column_names}."
         )
-    if domain_column is None:
-        return {"all": list(table[text_column])}
-    domains: dict[str, list[str]] = {}
-    for text, domain in zip(table[text_column], table[domain_column], strict=True):
-        domains.setdefault(str(domain), []).append(text)
-    return domains
+    texts = table[text_column]
+    domains = table[domain_column] if domain_column is not None else None
+    # An empty text is an empty document (a table of lines has many); None or NaN is no text.
+    missing = {text_column: [row for row, text in enumerate(texts) if not isinstance(text, str) and is_missing(text)]}
+    if domains is not None:
+        missing[domain_column] = [row for row, domain in enumerate(domains) if is_missing(domain)]
+    if any(missing.values()):
+        raise ValueError(
+            f"Missing values in corpus {corpus!r} (rows counted from 0): {describe_missing(missing, len(texts))}. "
+            "Every row needs a text and a domain: filter those rows out of the table first."
+        )
+    if domains is None:
+        return {"all": texts}
+    by_domain: dict[str, list[str]] = {}
+    for text, domain in zip(texts, domains, strict=True):
+        by_domain.setdefault(str(domain), []).append(text)
+    return by_domain
 
 
 def _domains_from_folder(folder: Path) -> dict[str, list[str]]:
+    """A domain per file, or per sub-folder (its files, at any depth). Hidden files and folders (``.git``,
+    ``.DS_Store``) are left out, and so are files that are not text, with a warning."""
     domains: dict[str, list[str]] = {}
+    sources: dict[str, Path] = {}
     for entry in sorted(folder.iterdir()):
-        files = sorted(f for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else [entry]
-        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files if f.suffix in _TEXT_SUFFIXES]
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            files = [f for f in sorted(entry.rglob("*")) if f.is_file() and not _hidden(f.relative_to(folder))]
+        else:
+            files = [entry]
+        texts = [text for f in files if f.suffix.lower() in _TEXT_SUFFIXES and (text := _read_text(f)) is not None]
         if texts:
-            domains[entry.stem if entry.is_file() else entry.name] = texts
+            name = entry.stem if entry.is_file() else entry.name
+            if name in sources:
+                raise ValueError(
+                    f"{sources[name]} and {entry} would both be the domain {name!r}. Rename one, or put them in one "
+                    "sub-folder named after the domain."
+                )
+            domains[name], sources[name] = texts, entry
     if not domains:
-        raise ValueError(f"No text files (.txt, .md, .rst, .py) in corpus folder {folder}.")
+        raise ValueError(
+            f"No text files (.txt, .md, .rst, .py, .text, or no suffix) in corpus folder {folder}, leaving out "
+            "hidden files and files that are not text."
+        )
     return domains
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _read_text(file: Path) -> str | None:
+    """The text of ``file``; ``None``, with a warning naming it, when it is binary rather than text."""
+    data = file.read_bytes()
+    if b"\x00" in data:
+        rank_zero_warn(f"Leaving {file} out of the corpus: it holds NUL bytes, so it is binary, not text.")
+        return None
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd")
+    if replaced > _MAX_NOT_UTF8 * len(text):
+        rank_zero_warn(
+            f"Leaving {file} out of the corpus: {replaced / len(text):.0%} of it is not UTF-8, so it is binary, or "
+            f"text in another encoding (re-encode that to UTF-8, e.g. {reencode_command(file)})."
+        )
+        return None
+    if replaced:
+        rank_zero_warn(
+            f"{file}: {replaced} byte sequences are not UTF-8 and read as U+FFFD. Re-encode the file to UTF-8, e.g. "
+            f"{reencode_command(file)}"
+        )
+    return text

@@ -49,8 +49,8 @@ class Learn2LearnDataModule(EpisodicDataModule):
         shots: support examples per class.
         queries: query examples per class; ``None``: all examples after the support (must then be
             the same number for every class).
-        meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size,
-        seed, num_workers: see :class:`EpisodicDataModule`.
+        others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
 
     Example::
 

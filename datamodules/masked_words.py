@@ -50,9 +50,10 @@ class MaskedWordTasksDataModule(EpisodicClassificationDataModule):
         max_words: keep at most this many candidate words (the most frequent eligible ones).
         max_sentences_per_word: sentences kept per word (a seeded choice), bounding the data size.
         word_sampling_power: the exponent of the training word-sampling distribution.
-        tokenizer, max_length, ways, shots, queries, meta_batch_size, batches_per_epoch,
-        num_eval_episodes, num_val_tasks, num_test_tasks, eval_meta_batch_size, class_split,
-        seed, num_workers: as in :class:`EpisodicClassificationDataModule`.
+        others: ``tokenizer``, ``max_length``, ``ways``, ``shots``, ``queries``, ``meta_batch_size``,
+            ``batches_per_epoch``, ``num_eval_episodes``, ``num_val_tasks``, ``num_test_tasks``,
+            ``eval_meta_batch_size``, ``class_split``, ``seed``, ``num_workers``: as in
+            :class:`EpisodicClassificationDataModule`.
     """
 
     def __init__(

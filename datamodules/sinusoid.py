@@ -21,8 +21,8 @@ class SinusoidDataModule(EpisodicDataModule):
         shots: K, support points per task (the paper: 5, 10 or 20).
         queries: query points per task.
         amplitude_range, phase_range, x_range: the task distribution.
-        meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size,
-        seed, num_workers: see :class:`EpisodicDataModule`.
+        others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
     """
 
     def __init__(

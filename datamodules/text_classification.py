@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_meta.datamodules.episodic_classification import EpisodicClassificationDataModule
+from lightning_meta.tables import read_table
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -29,7 +30,6 @@ STDLIB_DOCSTRING_CLASSES: dict[str, tuple[str, ...]] = {
     "test": ("dis", "ftplib", "imaplib", "mailbox", "os", "shutil", "symtable", "threading"),
 }  # fmt: skip
 MASK = "[MASK]"
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _CACHE_VERSION = 1
 
 
@@ -60,46 +60,19 @@ def stdlib_docstrings() -> Dataset:
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
-def load_local_dataset(path: str) -> Dataset:
-    """A ``datasets.Dataset`` from a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file (or glob),
-    or from a ``save_to_disk`` folder (a saved ``DatasetDict``'s splits are concatenated).
-    """
-    import datasets
-
-    location = Path(path).expanduser()
-    if location.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(location))
-        except FileNotFoundError as error:
-            raise FileNotFoundError(
-                f"{path!r} is a folder but not one written by Dataset.save_to_disk ({error}). Give that folder, or "
-                f"a data file: {', '.join(_FILE_BUILDERS)}."
-            ) from error
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = datasets.concatenate_datasets(list(loaded.values()))
-        return loaded
-    builder = _FILE_BUILDERS.get(location.suffix.lower())
-    if builder is None:
-        raise ValueError(
-            f"Cannot read {path!r}: give {STDLIB_DOCSTRINGS!r} (the embedded dataset), a save_to_disk folder, or a "
-            f"file ending in {', '.join(_FILE_BUILDERS)}."
-        )
-    if not any(location.parent.glob(location.name)):
-        raise FileNotFoundError(f"No file matches {path!r}. Nothing is downloaded: give a local file.")
-    return datasets.load_dataset(builder, data_files=str(location), split="train")
-
-
 class TextClassificationDataModule(EpisodicClassificationDataModule):
     """N-way K-shot text classification episodes from the embedded dataset or local files.
 
     ``dataset="stdlib-docstrings"`` (the default) is :func:`stdlib_docstrings`: 39 standard-library
     modules as classes, with the fixed class-disjoint split :data:`STDLIB_DOCSTRING_CLASSES` (unless
-    class lists are given). Anything else is a local file or ``save_to_disk`` folder
-    (:func:`load_local_dataset`), split by ``seed``/``class_split`` or the class lists.
+    class lists are given). Anything else is a local file, glob or ``save_to_disk`` folder
+    (:func:`~lightning_meta.tables.read_table`), split by ``seed``/``class_split`` or the class lists.
 
     Args:
-        dataset: ``"stdlib-docstrings"``, a ``.json``/``.jsonl``/``.csv``/``.parquet`` file (or glob), or a
-            ``save_to_disk`` folder.
+        dataset: ``"stdlib-docstrings"``, a ``.json``/``.jsonl``/``.csv``/``.parquet`` file (suffix in
+            any case) or a glob of them, or a ``save_to_disk`` folder.
+        drop_missing: drop rows with no text or no label (None, NaN, empty) and log how many,
+            instead of raising an error that lists them.
         Others: see :class:`EpisodicClassificationDataModule`.
 
     Example::
@@ -129,6 +102,7 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
         test_classes: list[str | int] | None = None,
         class_split: tuple[float, float, float] = (0.6, 0.2, 0.2),
         drop_small_classes: bool = False,
+        drop_missing: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -157,6 +131,7 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
             test_classes=test_classes,
             class_split=class_split,
             drop_small_classes=drop_small_classes,
+            drop_missing=drop_missing,
             seed=seed,
             num_workers=num_workers,
         )
@@ -165,7 +140,7 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
     def load_dataset(self) -> Dataset:
         if self.dataset == STDLIB_DOCSTRINGS:
             return stdlib_docstrings()
-        return load_local_dataset(self.dataset)
+        return read_table(self.dataset)
 
     def class_lists(self) -> dict[str, list[str | int] | None]:
         lists = super().class_lists()

@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
+from jsonargparse import Namespace
 from lightning import LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+import lightning_meta
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
 from lightning_meta import algorithms
+from lightning_meta.checkpoints import check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.module import MetaLearningModule
 
 DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: Set to 1 to see the full traceback of the errors this command otherwise prints as one message.
+TRACEBACK_VARIABLE = "LIGHTNING_META_TRACEBACK"
+DESCRIPTION = """\
+lightning-meta: meta-learning (MAML, first-order MAML, Reptile, Prototypical Networks) for language models
+with PyTorch Lightning. `lightning-meta fit` without --config runs the embedded quick start (first-order MAML
+on a tiny GPT-2 over text domains of Python's standard library, ~3 min on a CPU); `--config configs/X.yaml`
+runs a use case; `lightning-meta fit --print_config` prints the full config to copy and edit. With
+--ckpt_path, options typed on the command line or in --config win over the checkpoint's, which win over
+the defaults. Caches: $LIGHTNING_META_CACHE (default ~/.cache/lightning_meta) and the `datasets` cache
+($HF_DATASETS_CACHE); see the README's "Files and caches"."""
+_PACKAGE_ROOTS = tuple(
+    str(Path(path).resolve())
+    for path in (
+        Path(lightning_meta.__file__).parent,
+        Path(algorithms.__file__).parent,
+        Path(lightning_meta.datamodules.__file__).parent,
+    )
+)
 
 
 def packaged_config(name: str) -> Path:
@@ -23,10 +47,10 @@ def packaged_config(name: str) -> Path:
 
 
 class MetaArgumentParser(LightningArgumentParser):
-    """Adds the known algorithm names to errors about ``--model.algorithm``."""
+    """Adds the known algorithm names to errors about an unknown ``--model.algorithm``."""
 
     def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 (NoReturn in the base)
-        if "MetaAlgorithm" in message:
+        if _is_unknown_algorithm(message):
             names = sorted({cls.__name__ for cls in algorithms.available().values()})
             message += (
                 f"\nKnown algorithms: {', '.join(names)}. Give one of these class names, or a dotted path to "
@@ -35,8 +59,40 @@ class MetaArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
+def _is_unknown_algorithm(message: str) -> bool:
+    # jsonargparse's wording when a class name or import path does not resolve (4.53).
+    about_algorithm = 'key "model.algorithm"' in message or "MetaAlgorithm" in message
+    unresolved = ("Expected a dot import path string" in message or "not accessible or invalid" in message) or (
+        "does not correspond to a subclass" in message
+    )
+    return about_algorithm and unresolved and "Problem with given class_path" not in message
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the config that ran; refuses to overwrite another run's ``config.yaml``."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        try:
+            super().setup(trainer, pl_module, stage)
+        except RuntimeError as error:
+            if "to NOT exist" not in str(error):  # Lightning's wording for an existing config (2.6)
+                raise
+            folder = trainer.log_dir
+            raise FileExistsError(
+                f"{folder} already holds the config.yaml of another run, and this run would overwrite it and its "
+                "checkpoints. Give each run its own folder (--trainer.default_root_dir=runs/NEW), or keep the "
+                "logger on: each run then gets its own lightning_logs/version_N."
+            ) from None
+
+
 class MetaCLI(LightningCLI):
-    """LightningCLI with ``--test_after_fit`` (on by default): ``fit`` ends by testing the result."""
+    """LightningCLI with ``--test_after_fit`` (on by default), and ``--ckpt_path`` that respects the user.
+
+    LightningCLI 2.6 merges a checkpoint's hyper-parameters *over* the parsed command line. Here
+    the order is: options typed on the command line or in ``--config`` files win over the
+    checkpoint's (model and datamodule), which win over the defaults; the saved ``config.yaml``
+    is what ran. A checkpoint of another learner or model than the config's is refused.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (LightningArgumentParser)
         parser.add_argument(
@@ -46,19 +102,99 @@ class MetaCLI(LightningCLI):
             help="After fit, run the test set with the final weights and print mean ± 95%% CI.",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, dict | Namespace):
+            super().parse_arguments(parser, args)
+            return
+        args = list(sys.argv[1:] if args is None else args)
+        ckpt_path = _argument_value(args, "--ckpt_path")
+        if ckpt_path is None:
+            self.config = parser.parse_args(args)
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None  # from a --config file
+            if not ckpt_path:
+                return
+        subcommand = next((arg for arg in args if arg in _RUN_SUBCOMMANDS), None)
+        if subcommand is None:
+            self.config = parser.parse_args(args)
+            return
+        base = self._checkpoint_config(parser, subcommand, ckpt_path)
+        self.config = parser.parse_args(args, namespace=base)
+        if base is not None:
+            _check_same_learner(base[subcommand], self.config[subcommand], ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """Done in :meth:`parse_arguments`, with the user's options on top."""
+
+    def _checkpoint_config(self, parser: LightningArgumentParser, subcommand: str, ckpt_path: str) -> Namespace | None:
+        """The checkpoint's model and datamodule options over the defaults (``None``: nothing saved)."""
+        if ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's names, resolved by the trainer
+            return None
+        if Path(ckpt_path).expanduser().is_dir():
+            check_local_checkpoint_path(ckpt_path)
+            return None
+        checkpoint = load_checkpoint_file(ckpt_path)
+        saved = {}
+        for key, hparams in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+            values = dict(checkpoint.get(hparams) or {})
+            values.pop("_instantiator", None)
+            if "_class_path" in values:
+                values = {"class_path": values.pop("_class_path"), "init_args": values}
+            if values:
+                saved[key] = values
+        if not saved:
+            return None
+        try:
+            return parser.parse_object({"subcommand": subcommand, subcommand: saved}, _skip_validation=True)
+        except SystemExit:
+            sys.stderr.write(
+                f"The hyper-parameters saved in {ckpt_path} do not fit this version's options (above). Give the "
+                "config the checkpoint was trained with: --config config.yaml from its run folder.\n"
+            )
+            raise
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and self.trainer.state.finished:
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+def _argument_value(args: list[str], name: str) -> str | None:
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _check_same_learner(saved: Namespace, chosen: Namespace, ckpt_path: str) -> None:
+    """Refuse a config whose learner (or model inside it) is another class than the checkpoint's."""
+    for key in ("learner", "learner.init_args.model"):
+        before, after = saved.get(f"model.{key}"), chosen.get(f"model.{key}")
+        if isinstance(before, Namespace) and isinstance(after, Namespace) and before.class_path != after.class_path:
+            raise ValueError(
+                f"The checkpoint {ckpt_path} holds a {key.split('.')[-1]} of class {before.class_path}, but the "
+                f"config asks for {after.class_path}. Give the config it was trained with (config.yaml in its run "
+                "folder), or leave the learner out of the command line and config so the checkpoint's is used."
+            )
+    before = saved.get("model.learner.init_args.model_config") or {}
+    after = chosen.get("model.learner.init_args.model_config") or {}
+    if before.get("model_type") and after.get("model_type") and before["model_type"] != after["model_type"]:
+        raise ValueError(
+            f"The checkpoint {ckpt_path} holds a {before['model_type']!r} model, but the config asks for "
+            f"{after['model_type']!r}. Give the config it was trained with (config.yaml in its run folder)."
+        )
+
+
 def with_default_config(args: list[str]) -> list[str]:
     """Put the embedded default config first when a run subcommand is given no ``--config``.
 
-    Other arguments still override it: ``lightning-meta fit --model.algorithm=FOMAML``.
+    Other arguments still override it: ``lightning-meta fit --model.algorithm=FOMAML``. With
+    ``--ckpt_path`` the checkpoint's own options take the default's place.
     """
     if not args or args[0] not in _RUN_SUBCOMMANDS:
         return args
-    if any(arg.split("=")[0] in ("-c", "--config") for arg in args[1:]):
+    if {arg.split("=")[0] for arg in args[1:]} & {"-c", "--config", "--ckpt_path"}:
         return args
     return [args[0], "--config", str(packaged_config(DEFAULT_CONFIG)), *args[1:]]
 
@@ -70,12 +206,45 @@ def main(args: list[str] | None = None) -> None:
         sys.argv[1:] = with_default_config(sys.argv[1:])
     else:
         args = with_default_config(list(args))
-    MetaCLI(
-        MetaLearningModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=args,
-        parser_class=MetaArgumentParser,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        MetaCLI(
+            MetaLearningModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            args=args,
+            parser_class=MetaArgumentParser,
+            parser_kwargs={"description": DESCRIPTION},
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"overwrite": False},
+            auto_configure_optimizers=False,
+        )
+    except Exception as error:  # noqa: BLE001 (re-raised unless it is one of this package's own messages)
+        message = own_error_message(error)
+        if message is None or os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        sys.stderr.write(
+            f"lightning-meta: error: {message}\n(Set {TRACEBACK_VARIABLE}=1 to see the traceback.)\n"
+        )
+        sys.exit(2)
+
+
+def own_error_message(error: BaseException) -> str | None:
+    """``"Type: message"`` of the first error in ``error``'s chain that this package raised, else ``None``.
+
+    Errors this package raises on purpose (bad options, bad data, diverged training) explain
+    themselves; a traceback through jsonargparse and Lightning only hides the message. Errors
+    raised anywhere else keep their traceback.
+    """
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        if (
+            isinstance(current, ValueError | TypeError | OSError | FloatingPointError)
+            and frames
+            and str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE_ROOTS)
+        ):
+            return f"{type(current).__name__}: {current}"
+        current = current.__cause__ or current.__context__
+    return None

@@ -12,16 +12,15 @@ folder with ``AutoModel.from_pretrained``. Like every learner it runs through
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_meta.learners import ClassificationLearner, classification_loss
+from lightning_meta.learners import ClassificationLearner, DataCheck, classification_loss
+from lightning_meta.local_files import resolve_local_path
 from lightning_meta.tasks import Split
 
 #: The default encoder: a 2-layer, width-128 BERT (~0.8 M parameters) for the embedded 4,096-token
@@ -35,26 +34,6 @@ TINY_BERT: dict[str, Any] = {
     "intermediate_size": 256,
     "max_position_embeddings": 256,
 }
-# "last_blocks:N" as for every learner; "last-N" kept as an alias.
-_LAST_LAYERS = re.compile(r"^(?:last_blocks:|last-)(\d+)$")
-
-
-def resolve_folder(spec: str) -> Path:
-    """A local folder, or ``pkg:NAME/sub/dir``: a folder inside an installed data package.
-
-    ``pkg:NAME`` is located by :func:`lightning_meta.local_files.resolve_local_path` (without
-    importing the package); nothing is downloaded, a missing folder is an error naming the fix.
-    """
-    from lightning_meta.local_files import resolve_local_path
-
-    package, _, inside = spec.partition("/") if spec.startswith("pkg:") else (spec, "", "")
-    folder = resolve_local_path(package) / inside
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{spec!r} is not a folder. Models and tokenizers are never downloaded: save one with "
-            "save_pretrained(folder) and give that folder."
-        )
-    return folder
 
 
 def build_encoder(
@@ -73,7 +52,7 @@ def build_encoder(
     if encoder_path is not None:
         options.pop("model_type", None)
         return AutoModel.from_pretrained(
-            resolve_folder(encoder_path), attn_implementation=attn_implementation, **options
+            resolve_local_path(encoder_path), attn_implementation=attn_implementation, **options
         )
     options = {**TINY_BERT, **options}
     model_type = options.pop("model_type")
@@ -117,14 +96,16 @@ class EncoderLearner(ClassificationLearner):
             initialised encoder built from ``encoder_config``.
         encoder_config: ``model_type`` and config options over the defaults of :data:`TINY_BERT`
             (``{"hidden_size": 256}`` widens the tiny BERT); with ``encoder_path``, overrides of
-            the folder's config. Its ``vocab_size`` must cover the datamodule's tokenizer.
+            the folder's config, passed to ``from_pretrained`` (so ``trust_remote_code: true`` here
+            runs the folder's own Python code: only for folders you trust, and only when you set
+            it). Its ``vocab_size`` must cover the datamodule's tokenizer.
         pooling: ``"mean"`` over non-padding tokens, or ``"cls"``: the first token's hidden state.
         ways: size of a linear N-way head on the embedding (initialised near zero), for
             MAML/FOMAML/Reptile. ``None``: no head, the output is the embedding (for ProtoNet).
             Episodes must then have at most ``ways`` classes.
-        fast_weights: what the inner loop adapts: ``"all"``, ``"head"`` (ANIL), ``"last_blocks:N"``
-            (alias ``"last-N"``: the last N transformer layers plus the head), or a list of name globs over
-            ``encoder.*``/``head.*`` parameter names.
+        fast_weights: what the inner loop adapts, as for every learner: ``"all"``, ``"head"`` (ANIL),
+            ``"last_blocks:N"`` (the last N transformer layers), or a list of these and name globs
+            over ``encoder.*``/``head.*`` parameter names (``["last_blocks:1", "head"]``).
         attn_implementation: passed to transformers. ``"eager"`` by default because second-order
             MAML needs a double backward, which the fused SDPA kernels lack; ``"sdpa"`` is faster
             for ProtoNet and first-order methods.
@@ -154,7 +135,7 @@ class EncoderLearner(ClassificationLearner):
         if fast_weights == "head" and ways is None:
             raise ValueError(
                 "fast_weights='head' adapts the linear head, but this learner has none (ways=None). Give it "
-                "ways=<the datamodule's ways>, or choose 'all', 'last-N' or name globs."
+                "ways=<the datamodule's ways>, or choose 'all', 'last_blocks:N' or name globs."
             )
         encoder = build_encoder(encoder_path, encoder_config, attn_implementation)
         if isinstance(getattr(encoder, "pooler", None), nn.Module):
@@ -170,7 +151,7 @@ class EncoderLearner(ClassificationLearner):
             nn.init.normal_(head.weight, std=1e-3)
             nn.init.zeros_(head.bias)
         model = PooledEncoder(encoder, pooling, head)
-        super().__init__(model, _fast_weight_globs(model, fast_weights), input_key="input_ids", target_key="labels")
+        super().__init__(model, fast_weights, input_key="input_ids", target_key="labels")
         self.encoder_path = encoder_path
         self.encoder_config = encoder_config
         self.pooling = pooling
@@ -181,15 +162,7 @@ class EncoderLearner(ClassificationLearner):
 
     def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Pooled embeddings (no head) or head logits for a split, with ``params`` as fast weights."""
-        input_ids = split[self.input_key]
-        largest = int(input_ids.max())
-        if largest >= self.vocab_size:
-            raise ValueError(
-                f"Token id {largest} is outside the encoder's vocabulary of {self.vocab_size}: the datamodule's "
-                "tokenizer does not belong to this encoder. Use the tokenizer saved with the encoder "
-                "(the same folder), or raise encoder_config's vocab_size to the tokenizer's size."
-            )
-        inputs = (input_ids, split.get("attention_mask"))
+        inputs = (split[self.input_key], split.get("attention_mask"))
         if not params:
             return self.model(*inputs)
         return functional_call(self.model, dict(params), inputs, strict=False, tie_weights=True)
@@ -201,36 +174,29 @@ class EncoderLearner(ClassificationLearner):
                 "which only ProtoNet uses. For MAML, FOMAML or Reptile give the learner a head with "
                 "ways=<the datamodule's ways> (--model.learner.init_args.ways=5)."
             )
-        labels = split[self.target_key]
-        if int(labels.max()) >= self.ways:
-            raise ValueError(
-                f"An episode has {int(labels.max()) + 1} ways but the learner's head has ways={self.ways} outputs. "
-                "A linear head fixes the number of ways for meta-training and testing alike: evaluate with "
-                f"ways <= {self.ways}, give the learner ways=<the largest ways>, or use ProtoNet, which handles "
-                "any number of ways."
+        return classification_loss(self.predict(split, params), split[self.target_key])
+
+    def data_checks(self, split_name: str, split: Split) -> list[DataCheck]:
+        """Finite values, token ids inside the encoder's vocabulary, labels inside the head."""
+        input_ids = split[self.input_key].flatten(1)
+        checks = super().data_checks(split_name, split) + [
+            DataCheck(
+                ((input_ids >= 0) & (input_ids < self.vocab_size)).all(1),
+                f"{split_name} has token ids outside the encoder's vocabulary of {self.vocab_size} (the "
+                "datamodule's tokenizer does not belong to this encoder)",
+                "use the tokenizer saved with the encoder (the same folder), or raise encoder_config's vocab_size "
+                "to the tokenizer's size",
             )
-        return classification_loss(self.predict(split, params), labels)
-
-
-def _fast_weight_globs(model: PooledEncoder, spec: str | list[str]) -> str | list[str]:
-    """Turn ``"last-N"`` into parameter-name globs; other choices go to the base learner unchanged."""
-    match = _LAST_LAYERS.match(spec) if isinstance(spec, str) else None
-    if match is None:
-        return spec
-    count = int(match.group(1))
-    name, layers = _transformer_layers(model)
-    if not 1 <= count <= len(layers):
-        raise ValueError(
-            f"fast_weights={spec!r}: the encoder has {len(layers)} transformer layers ({name}); "
-            f"use last-1 .. last-{len(layers)}, or 'all'."
-        )
-    globs = [f"{name}.{index}.*" for index in range(len(layers) - count, len(layers))]
-    return globs + (["head.*"] if model.head is not None else [])
-
-
-def _transformer_layers(model: PooledEncoder) -> tuple[str, nn.ModuleList]:
-    """The encoder's stack of layers: its longest ``nn.ModuleList`` (``encoder.encoder.layer`` in BERT)."""
-    stacks = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    if not stacks:
-        raise ValueError("fast_weights='last-N' needs an encoder with a list of layers (nn.ModuleList); use globs.")
-    return max(stacks, key=lambda item: len(item[1]))
+        ]
+        if self.ways is not None and self.target_key in split:
+            labels = split[self.target_key].flatten(1)
+            checks.append(
+                DataCheck(
+                    ((labels >= 0) & (labels < self.ways)).all(1),
+                    f"{split_name} has more ways (labels) than the learner's head, which has ways={self.ways} "
+                    "outputs; a linear head fixes the number of ways for meta-training and testing alike",
+                    f"evaluate with ways <= {self.ways}, give the learner ways=<the largest ways>, or use ProtoNet, "
+                    "which handles any number of ways",
+                )
+            )
+        return checks

@@ -22,7 +22,7 @@ from torch.nn.utils.stateless import _reparametrize_module  # what functional_ca
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from lightning_meta.learners import Learner
+from lightning_meta.learners import DataCheck, Learner
 from lightning_meta.local_files import dequantized_gguf, resolve_local_path
 from lightning_meta.tasks import Split
 from lightning_meta.tokenization import load_tokenizer
@@ -55,8 +55,8 @@ class CausalLMLearner(Learner):
     """Next-token cross-entropy of a causal LM on ``input_ids`` (padding and ``-100`` labels ignored).
 
     Args:
-        pretrained: a local ``save_pretrained`` folder, or ``pkg:NAME`` for an installed data
-            package holding one; ``None`` builds the model from ``model_config``.
+        pretrained: a local ``save_pretrained`` folder, or ``pkg:NAME[/sub/dir]`` for an installed
+            data package holding one; ``None`` builds the model from ``model_config``.
         model_config: a Hugging Face config as a dict with ``model_type``
             (``{"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}``); the vocabulary
             size and special-token ids come from ``tokenizer`` unless given.
@@ -129,14 +129,32 @@ class CausalLMLearner(Learner):
 
     def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Logits ``(sequences, tokens, vocabulary)``."""
-        input_ids = split["input_ids"]
+        return self(input_ids=split["input_ids"], attention_mask=split.get("attention_mask"), params=params).logits
+
+    def data_checks(self, split_name: str, split: Split) -> list[DataCheck]:
+        """Token ids and labels inside the model's vocabulary (labels may also be -100: ignored)."""
         vocab_size = self.transformer.config.vocab_size
-        if int(input_ids.max()) >= vocab_size:
-            raise ValueError(
-                f"Token id {int(input_ids.max())} is outside the model's vocabulary of {vocab_size}: the data's "
-                f"tokenizer differs from the model's. Use the same tokenizer for both (learner: {self.tokenizer!r})."
+        input_ids = split["input_ids"].flatten(1)
+        fix = f"use the same tokenizer for the data and the model (learner: {self.tokenizer!r})"
+        checks = super().data_checks(split_name, split) + [
+            DataCheck(
+                ((input_ids >= 0) & (input_ids < vocab_size)).all(1),
+                f"{split_name} has token ids outside the model's vocabulary of {vocab_size}: the data's tokenizer "
+                "differs from the model's",
+                fix,
             )
-        return self(input_ids=input_ids, attention_mask=split.get("attention_mask"), params=params).logits
+        ]
+        if "labels" in split:
+            labels = split["labels"].flatten(1)
+            checks.append(
+                DataCheck(
+                    (((labels >= 0) & (labels < vocab_size)) | (labels == IGNORE_INDEX)).all(1),
+                    f"{split_name} has labels that are neither token ids of the vocabulary of {vocab_size} nor "
+                    f"{IGNORE_INDEX} (ignored)",
+                    fix,
+                )
+            )
+        return checks
 
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.predict(split, params)

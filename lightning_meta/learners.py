@@ -9,17 +9,37 @@ the outer loop still differentiates through them.
 from __future__ import annotations
 
 import fnmatch
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_meta.tasks import Split
+from lightning_meta.tasks import Split, TaskBatch
 
 FastWeights = dict[str, Tensor]
+
+
+@dataclass
+class DataCheck:
+    """One property every episode of a batch must have.
+
+    ``passed`` is a boolean tensor with one entry per episode (it stays on the device);
+    ``problem`` and ``fix`` make the error message when an entry is false.
+    """
+
+    passed: Tensor
+    problem: str
+    fix: str
+
+
+class DataError(ValueError):
+    """A task batch the learner cannot run on (non-finite values, unknown token ids, labels out of range)."""
 
 
 class Learner(nn.Module, ABC):
@@ -29,9 +49,10 @@ class Learner(nn.Module, ABC):
         model: the network; called as ``model(split[input_key])``.
         fast_weights: which parameters the inner loop adapts: ``"all"``, ``"head"`` (the module
             named by ``head``; ANIL), ``"last_blocks:N"`` (the last N entries of the model's
-            largest ``nn.ModuleList``: transformer blocks), ``"biases_norms"`` (biases and
-            normalization weights), ``"lora"`` (LoRA adapter weights), or a list of ``fnmatch``
-            globs over parameter names (``["net.4.*"]``).
+            largest ``nn.ModuleList``: transformer blocks, without the head), ``"biases_norms"``
+            (biases and normalization weights), ``"lora"`` (LoRA adapter weights), or a list whose
+            entries are these names or ``fnmatch`` globs over parameter names, taken together
+            (``["last_blocks:1", "head"]``, ``["net.4.*"]``). Every learner reads it the same way.
         head: name of the head submodule for ``fast_weights="head"``; by default the last
             submodule that owns parameters.
         input_key: the split field fed to the model.
@@ -77,6 +98,39 @@ class Learner(nn.Module, ABC):
         """Model outputs for a split."""
         return self(split[self.input_key], params=params)
 
+    def data_checks(self, split_name: str, split: Split) -> list[DataCheck]:
+        """The checks one split of a :class:`TaskBatch` must pass (tensors shaped ``(episodes, ...)``).
+
+        By default every floating-point field is finite. Learners add their own (token ids inside
+        the vocabulary, labels inside the head).
+        """
+        return [
+            DataCheck(
+                torch.isfinite(tensor).flatten(1).all(1),
+                f"{split_name}[{name!r}] holds NaN or infinite values",
+                "clean or filter the data (NaN often comes from missing values in a table)",
+            )
+            for name, tensor in split.items()
+            if tensor.is_floating_point()
+        ]
+
+    def check_data(self, batch: TaskBatch) -> None:
+        """Raise :class:`DataError` naming the split, field and episode when ``batch`` fails a check.
+
+        Called once per batch, before any inner step: the checks run on the device and cost one
+        host sync together, however many there are.
+        """
+        checks = [check for name in ("support", "query") for check in self.data_checks(name, getattr(batch, name))]
+        if not checks or bool(torch.stack([check.passed for check in checks]).all()):
+            return
+        for check in checks:
+            failing = torch.nonzero(~check.passed).flatten().tolist()
+            if failing:
+                raise DataError(
+                    f"Episode {failing[0]} of the batch ({len(failing)} of {len(check.passed)} episodes): "
+                    f"{check.problem}. Fix: {check.fix}."
+                )
+
     def prepare_second_order(self) -> None:
         """Called by algorithms that differentiate through the inner loop (second-order MAML).
 
@@ -121,11 +175,28 @@ def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[st
     return loss, {"loss": loss.detach(), "acc": accuracy.detach()}
 
 
+_SELECTORS = ("all", "head", "biases_norms", "lora")
+
+
 def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str | None = None) -> list[str]:
-    """Names of the trainable parameters of ``model`` selected by ``spec`` (see :class:`Learner`)."""
+    """Names of the trainable parameters of ``model`` selected by ``spec`` (see :class:`Learner`).
+
+    The one implementation of the ``fast_weights`` option: every learner calls it.
+    """
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     if not trainable:
         raise ValueError("The model has no trainable parameters: nothing to meta-learn.")
+    if not isinstance(spec, str):
+        chosen: set[str] = set()
+        for entry in spec:
+            if entry in _SELECTORS or entry.startswith("last_blocks:"):
+                chosen.update(resolve_fast_weights(model, entry, head))
+            else:
+                chosen.update(name for name in trainable if fnmatch.fnmatchcase(name, entry))
+        selected = [name for name in trainable if name in chosen]
+        if not selected:
+            raise ValueError(f"fast_weights={list(spec)!r} matches no trainable parameter; parameters are: {trainable}")
+        return selected
     if spec == "all":
         return trainable
     if spec == "head":
@@ -142,15 +213,20 @@ def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str 
         selected = [name for name in trainable if "lora_" in name]
         if not selected:
             raise ValueError("fast_weights='lora' but the model has no trainable LoRA adapters: set lora=... too.")
-    elif isinstance(spec, str) and spec.startswith("last_blocks:"):
+    elif spec.startswith("last_blocks:"):
         selected = _last_blocks(model, spec)
-    elif isinstance(spec, str):
+    else:
+        renamed = re.fullmatch(r"last-(\d+)", spec)
+        hint = (
+            f" 'last-N' is now spelled 'last_blocks:N' on every learner, and means the blocks only: use "
+            f"['last_blocks:{renamed.group(1)}', 'head'] to adapt the head too."
+            if renamed
+            else ""
+        )
         raise ValueError(
             f"fast_weights={spec!r} is not understood: use 'all', 'head', 'last_blocks:N', 'biases_norms', "
-            f"'lora', or a list of name globs such as ['{trainable[-1]}']."
+            f"'lora', or a list of these and name globs such as ['{trainable[-1]}'].{hint}"
         )
-    else:
-        selected = [name for name in trainable if any(fnmatch.fnmatchcase(name, glob) for glob in spec)]
     selected = [name for name in selected if name in set(trainable)]
     if not selected:
         raise ValueError(f"fast_weights={spec!r} matches no trainable parameter; parameters are: {trainable}")
@@ -180,6 +256,11 @@ def _last_blocks(model: nn.Module, spec: str) -> list[str]:
             f"fast_weights={spec!r}: give last_blocks:N with N >= 1, for a model whose blocks form an nn.ModuleList."
         )
     _, blocks = max(lists, key=lambda item: len(item[1]))
+    if count > len(blocks):
+        raise ValueError(
+            f"fast_weights={spec!r}: the model has {len(blocks)} blocks; use last_blocks:1 .. "
+            f"last_blocks:{len(blocks)}."
+        )
     return _names_of(model, (p for block in list(blocks)[-count:] for p in block.parameters()))
 
 

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_meta.algorithms import MAML, MetaAlgorithm
+from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.learners import Learner
 from lightning_meta.metrics import EpisodeStatistics
 from lightning_meta.tasks import TaskBatch
+from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 _EVAL_STAGES = ("val", "test")
 
@@ -35,6 +38,11 @@ class MetaLearningModule(LightningModule):
     and ``{stage}/query_loss_post`` (plus ``_acc_`` for classification), each with a ``_ci95``
     half-width over episodes. Adaptation works in ``validate``/``test``/``predict`` under
     Lightning's default ``inference_mode``.
+
+    Data are checked once per batch (finite values, token ids, labels; one host sync) and the
+    meta-loss once per step; a non-finite meta-loss stops training with an error that says
+    whether the meta-parameters or the inner loop diverged. On SIGTERM or Ctrl-C during ``fit``
+    a resumable checkpoint is saved (:class:`~lightning_meta.checkpoints.PreemptionCheckpoint`).
     """
 
     def __init__(
@@ -99,17 +107,36 @@ class MetaLearningModule(LightningModule):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         out = self.algorithm.meta_loss(self.learner, batch)
-        if not torch.isfinite(out.loss):
+        if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
             raise FloatingPointError(
-                f"The meta-loss is {out.loss.item()} at step {self.global_step} (metrics: "
-                f"{ {k: v.item() for k, v in out.metrics.items()} }). Lower the meta learning rate or "
-                "inner_lr, or enable gradient clipping (--trainer.gradient_clip_val). Checkpoints already "
-                "saved are untouched."
+                f"The meta-loss is {out.loss.item()} at step {self.global_step}: {self._diagnose_divergence(batch)} "
+                "Checkpoints already saved are untouched."
             )
         self.log_dict(
             {f"train/{name}": value for name, value in out.metrics.items()}, batch_size=len(batch), prog_bar=True
         )
         return out.loss
+
+    def _diagnose_divergence(self, batch: TaskBatch) -> str:
+        """Which side diverged: the meta-parameters (outputs before adaptation) or the inner loop."""
+        parameters_finite = all(bool(torch.isfinite(p).all()) for p in self.learner.parameters())
+        with torch.no_grad():
+            outputs_finite = parameters_finite and all(
+                bool(torch.isfinite(self.learner.predict(episode.support)).all()) for episode in batch.episodes()
+            )
+        if not outputs_finite:
+            return (
+                "the meta-parameters diverged (the model's outputs are not finite even before adaptation). Lower "
+                "the meta learning rate (--model.optimizer.init_args.lr), enable gradient clipping "
+                "(--trainer.gradient_clip_val=1.0), or resume from an earlier checkpoint."
+            )
+        inner_lr = getattr(self.algorithm, "inner_lr", None)
+        if inner_lr is None:
+            return f"the model is finite before adaptation, so {type(self.algorithm).__name__}'s loss diverged."
+        return (
+            f"the model is finite before adaptation, so the inner loop diverged: lower inner_lr (now {inner_lr}) "
+            "or inner_steps (--model.algorithm.init_args.inner_lr=...)."
+        )
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -119,6 +146,7 @@ class MetaLearningModule(LightningModule):
 
     def predict_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Tensor]:
         """Query outputs after adapting to each episode's support (logits for ProtoNet)."""
+        self.learner.check_data(batch)
         with torch.inference_mode(False):
             batch = batch.detached_clone()
             return [
@@ -128,12 +156,73 @@ class MetaLearningModule(LightningModule):
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary
         # (non-inference) tensors, so leave inference mode and copy the batch.
+        self.learner.check_data(batch)
         with torch.inference_mode(False):
             batch = batch.detached_clone()
-            for episode in batch.episodes():
-                figures = self.algorithm.evaluate(self.learner, episode, self.eval_inner_steps)
-                for key, value in figures.items():
-                    self.episode_stats[f"{stage}_{key}"].update(value)
+            episodes = [
+                self.algorithm.evaluate(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()
+            ]
+        figures = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
+        if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
+            raise FloatingPointError(self._describe_bad_evaluation(figures, stage))
+        for key, values in figures.items():
+            for value in values:
+                self.episode_stats[f"{stage}_{key}"].update(value)
+
+    def _describe_bad_evaluation(self, figures: dict[str, Tensor], stage: str) -> str:
+        before = torch.isfinite(figures["loss_pre"])
+        if not bool(before.all()):
+            episode = int(torch.nonzero(~before)[0])
+            return (
+                f"{stage}: the query loss before adaptation is not finite on episode {episode} of the batch: the "
+                "meta-parameters diverged. Resume from an earlier checkpoint with a lower meta learning rate."
+            )
+        after = torch.isfinite(figures["loss_post"])
+        episode = int(torch.nonzero(~after)[0]) if not bool(after.all()) else 0
+        return (
+            f"{stage}: adaptation diverged on episode {episode} of the batch (the query loss is finite before "
+            "adaptation, not after). Lower the evaluation step size (--model.algorithm.init_args.eval_inner_lr) "
+            "or the evaluation steps (--model.eval_inner_steps)."
+        )
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A resumable checkpoint on SIGTERM or Ctrl-C during fit, unless checkpointing is off."""
+        if self._trainer is not None and not self.trainer.checkpoint_callbacks:
+            return []
+        return [PreemptionCheckpoint()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        tokenizer = getattr(self.learner, "tokenizer", None)
+        if isinstance(tokenizer, str):
+            checkpoint["lightning_meta"] = {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lightning_meta", {})
+        tokenizer = getattr(self.learner, "tokenizer", None)
+        if isinstance(tokenizer, str) and "tokenizer_fingerprint" in saved:
+            check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], tokenizer, "The checkpoint's learner")
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> MetaLearningModule:
+        """Lightning's ``load_from_checkpoint``, for local files only and with ``weights_only=True``.
+
+        A URL, a truncated file or a file that is not a checkpoint is refused with a message that
+        names the file; components are rebuilt from the saved hyper-parameters.
+        """
+        if isinstance(checkpoint_path, str | Path):
+            check_local_checkpoint_path(checkpoint_path)
+            load_checkpoint_file(checkpoint_path)  # memory-mapped: checks the file without reading the weights
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
+            **kwargs,
+        )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
         self._log_episode_stats("val")

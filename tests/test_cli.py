@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import lightning_meta
 from lightning_meta import MetaLearningModule
 from lightning_meta.algorithms import FOMAML, MAML, Reptile
 
@@ -171,3 +172,137 @@ def test_every_config_runs(tmp_path, config):
 
 def test_torch_is_the_pinned_cpu_build():
     assert torch.__version__.startswith("2.13.0")
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory) -> Path:
+    """One short sinusoid fit (MAML, inner_lr=0.02); its folder holds last.ckpt."""
+    root = tmp_path_factory.mktemp("sinusoid-run")
+    run("fit", *SINUSOID, "--model.algorithm.inner_lr=0.02", "--test_after_fit=false",
+        f"--trainer.default_root_dir={root}", *QUICK, cwd=root)  # fmt: skip
+    return root
+
+
+def test_options_typed_with_ckpt_path_win_over_the_checkpoint(sinusoid_run, tmp_path):
+    checkpoint = str(sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt")
+    evaluate = ["--ckpt_path", checkpoint, "--data.init_args.num_test_tasks=3", "--trainer.enable_progress_bar=false"]
+    cases = [
+        (["--model.algorithm.eval_inner_steps=1"], "MAML", {"eval_inner_steps": 1, "inner_lr": 0.02}, None),
+        (["--model.eval_inner_steps=2"], "MAML", {"eval_inner_steps": 10, "inner_lr": 0.02}, 2),
+        (["--model.algorithm=Reptile"], "Reptile", {"inner_lr": 0.02}, None),
+    ]
+    for index, (options, algorithm, init_args, eval_inner_steps) in enumerate(cases):
+        root = tmp_path / str(index)
+        # No --config: the checkpoint supplies the learner and the datamodule, over the defaults.
+        run("test", *evaluate, *options, f"--trainer.default_root_dir={root}", cwd=tmp_path)
+        config = saved_config(root)  # what ran
+        assert config["model"]["algorithm"]["class_path"].endswith(f".{algorithm}")
+        assert init_args.items() <= config["model"]["algorithm"]["init_args"].items()
+        assert config["model"]["eval_inner_steps"] == eval_inner_steps
+        assert config["data"]["init_args"]["num_test_tasks"] == 3 and config["data"]["init_args"]["shots"] == 10
+    # Resuming fit with a new inner_lr trains with it, and the next checkpoint says so.
+    root = tmp_path / "resumed"
+    run("fit", *SINUSOID, "--ckpt_path", checkpoint, "--model.algorithm.inner_lr=0.05", "--test_after_fit=false",
+        f"--trainer.default_root_dir={root}", *QUICK[1:], "--trainer.max_steps=6", cwd=tmp_path)  # fmt: skip
+    assert saved_config(root)["model"]["algorithm"]["init_args"]["inner_lr"] == 0.05
+    (resumed,) = root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert MetaLearningModule.load_from_checkpoint(resumed).algorithm.inner_lr == 0.05
+
+
+def test_checkpoint_of_another_learner_is_refused_by_name(sinusoid_run, tmp_path):
+    checkpoint = str(sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt")
+    result = run("test", "--config", str(ROOT / "configs/quickstart.yaml"), "--ckpt_path", checkpoint,
+                 cwd=tmp_path, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        "holds a learner of class lightning_meta.RegressionLearner, but the config asks for "
+        "lightning_meta.CausalLMLearner" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_checkpoint_paths_get_one_line_errors(sinusoid_run, tmp_path):
+    good = (sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "random.ckpt").write_bytes(os.urandom(4096))
+    cases = {
+        "https://example.com/x.ckpt": "is not a local path. Checkpoints are never downloaded",
+        "truncated.ckpt": "'truncated.ckpt' is not a readable checkpoint",
+        "random.ckpt": "'random.ckpt' cannot be loaded safely",
+    }
+    for path, message in cases.items():
+        result = run("test", *SINUSOID, "--ckpt_path", path, cwd=tmp_path, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "will likely succeed" not in result.stderr
+
+
+def test_constructor_errors_are_one_message_and_name_no_algorithm_list(tmp_path):
+    result = run("fit", *SINUSOID, "--model.algorithm.inner_lr=-1", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "lightning-meta: error: ValueError: inner_lr must be a finite number > 0, got -1.0" in result.stderr
+    assert "Traceback" not in result.stderr and "Known algorithms" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 6
+    typo = run("fit", *SINUSOID, "--model.algorithm.inner_stepz=3", cwd=tmp_path, check=False)
+    assert "inner_stepz" in typo.stderr and "Known algorithms" not in typo.stderr
+
+
+def test_two_runs_in_one_folder_do_not_overwrite_each_other(tmp_path):
+    options = ["fit", *SINUSOID, "--trainer.logger=false", "--test_after_fit=false", *QUICK]
+    run(*options, "--model.algorithm.inner_lr=0.02", cwd=tmp_path)
+    second = run(*options, "--model.algorithm.inner_lr=0.03", cwd=tmp_path, check=False)
+    assert second.returncode == 2
+    assert "already holds the config.yaml of another run" in second.stderr
+    assert "--trainer.default_root_dir" in second.stderr
+    kept = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert kept["model"]["algorithm"]["init_args"]["inner_lr"] == 0.02
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    (tmp_path / "killer.py").write_text(
+        textwrap.dedent("""
+        import os, signal
+        from lightning import Callback
+
+        class SigtermAt(Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+    """)
+    )
+    result = run("fit", *SINUSOID, *QUICK, "--trainer.max_steps=6", "--trainer.callbacks+=killer.SigtermAt",
+                 cwd=tmp_path, extra_path=tmp_path, check=False)  # fmt: skip
+    assert result.returncode == 143  # a scheduler must not read preemption as success
+    (saved,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last-preempted.ckpt")
+    assert f"SIGTERM at step 3: saved a resumable checkpoint to {saved}" in result.stdout + result.stderr
+    assert "test/query_loss_post" not in result.stdout + result.stderr  # no test after an interrupted fit
+
+
+def test_help_says_what_the_program_is(tmp_path):
+    result = run("--help", cwd=tmp_path)
+    assert "meta-learning (MAML" in result.stdout and "without --config runs the embedded quick start" in result.stdout
+
+
+def _configurable_classes() -> list[type]:
+    import lightning_meta.datamodules as datamodules
+    from lightning_meta import algorithms, learners
+
+    classes = [MetaLearningModule, learners.RegressionLearner, learners.ClassificationLearner]
+    classes += [lightning_meta.CausalLMLearner, lightning_meta.EncoderLearner]
+    classes += sorted(set(algorithms.available().values()), key=lambda cls: cls.__name__)
+    classes += [getattr(datamodules, name) for name in datamodules.__all__]
+    return classes
+
+
+@pytest.mark.parametrize("cls", _configurable_classes(), ids=lambda cls: cls.__name__)
+def test_every_option_has_help_text(cls):
+    """`--model.help` / `--data.help` show the Args docstring; an entry jsonargparse cannot parse blanks it all."""
+    import inspect
+
+    import docstring_parser
+
+    # jsonargparse also takes an argument's help from the base classes' docstrings.
+    documented = [param for base in cls.__mro__ for param in docstring_parser.parse(base.__doc__ or "").params]
+    text = " ".join(f"{param.arg_name} {param.description}" for param in documented)
+    names = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")]
+    undocumented = [name for name in names if name not in text]
+    assert not undocumented, f"{cls.__name__}: no help text for {undocumented}"

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from lightning_meta import EncoderLearner, MetaLearningModule
+from lightning_meta import EncoderLearner, MetaLearningModule, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
 from lightning_meta.datamodules import TextClassificationDataModule
+from lightning_meta.learners import DataError
 from lightning_meta.metrics import mean_and_ci95
 
 TINY = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -58,16 +59,19 @@ def test_mean_pooling_ignores_padding_and_cls_takes_the_first_token():
 def test_fast_weight_choices():
     names = EncoderLearner(encoder_config=TINY, ways=3, fast_weights="head").fast_weight_names
     assert names == ["head.weight", "head.bias"]
-    last = EncoderLearner(encoder_config=TINY, ways=3, fast_weights="last-1").fast_weight_names
-    assert {n.split(".layer.")[1].split(".")[0] for n in last if ".layer." in n} == {"1"}
-    assert last[-2:] == ["head.weight", "head.bias"] and len(last) == 16 + 2
+    last = EncoderLearner(encoder_config=TINY, ways=3, fast_weights="last_blocks:1").fast_weight_names
+    assert {n.split(".layer.")[1].split(".")[0] for n in last} == {"1"} and len(last) == 16  # blocks only
+    with_head = EncoderLearner(encoder_config=TINY, ways=3, fast_weights=["last_blocks:1", "head"]).fast_weight_names
+    assert with_head == last + ["head.weight", "head.bias"]
     everything = EncoderLearner(encoder_config=TINY, ways=3).fast_weight_names
     assert len(everything) == len(list(EncoderLearner(encoder_config=TINY, ways=3).parameters()))
     assert not any("pooler" in n for n in everything)  # BERT's unused pooler is dropped
     globs = EncoderLearner(encoder_config=TINY, fast_weights=["*LayerNorm*"]).fast_weight_names
     assert globs and all("LayerNorm" in n for n in globs)
-    with pytest.raises(ValueError, match=r"the encoder has 2 transformer layers .* use last-1 \.\. last-2"):
-        EncoderLearner(encoder_config=TINY, fast_weights="last-3")
+    with pytest.raises(ValueError, match=r"the model has 2 blocks; use last_blocks:1 \.\. last_blocks:2"):
+        EncoderLearner(encoder_config=TINY, fast_weights="last_blocks:3")
+    with pytest.raises(ValueError, match=r"'last-N' is now spelled 'last_blocks:N'.*\['last_blocks:1', 'head'\]"):
+        EncoderLearner(encoder_config=TINY, ways=3, fast_weights="last-1")
     with pytest.raises(ValueError, match=r"fast_weights='head' adapts the linear head, but this learner has none"):
         EncoderLearner(encoder_config=TINY, fast_weights="head")
 
@@ -122,10 +126,12 @@ def test_misuse_errors_name_the_fix():
     data = split(ways=3)
     with pytest.raises(ValueError, match=r"no classification head \(ways=None\).*ways=<the datamodule's ways>"):
         EncoderLearner(encoder_config=TINY).loss(data)
-    with pytest.raises(ValueError, match=r"episode has 3 ways but the learner's head has ways=2 .* or use ProtoNet"):
-        EncoderLearner(encoder_config=TINY, ways=2).loss(data)
-    with pytest.raises(ValueError, match=r"Token id \d+ is outside the encoder's vocabulary of 32"):
-        EncoderLearner(encoder_config=TINY | {"vocab_size": 32}).predict(data)
+    batch = TaskBatch(support={k: v[None] for k, v in data.items()}, query={k: v[None] for k, v in data.items()})
+    with pytest.raises(DataError, match=r"support has more ways \(labels\) than the learner's head, which has ways=2"):
+        EncoderLearner(encoder_config=TINY, ways=2).check_data(batch)
+    with pytest.raises(DataError, match=r"Episode 0 .* token ids outside the encoder's vocabulary of 32"):
+        EncoderLearner(encoder_config=TINY | {"vocab_size": 32}).check_data(batch)
+    EncoderLearner(encoder_config=TINY, ways=3).check_data(batch)  # in range: no error
     with pytest.raises(ValueError, match="pooling must be 'mean' or 'cls'"):
         EncoderLearner(encoder_config=TINY, pooling="max")
     with pytest.raises(ValueError, match="ways .* must be an integer >= 2"):
@@ -140,7 +146,7 @@ def test_local_folder_and_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     saved = BertModel(BertConfig(**TINY), add_pooling_layer=False)
     saved.save_pretrained(tmp_path / "encoder")
-    learner = EncoderLearner(encoder_path=str(tmp_path / "encoder"), ways=3, fast_weights="last-1")
+    learner = EncoderLearner(encoder_path=str(tmp_path / "encoder"), ways=3, fast_weights="last_blocks:1")
     for name, tensor in saved.state_dict().items():
         assert torch.equal(learner.model.encoder.state_dict()[name], tensor), name
 
@@ -149,7 +155,7 @@ def test_local_folder_and_checkpoint_round_trip(tmp_path):
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "module.ckpt")
     loaded = MetaLearningModule.load_from_checkpoint(tmp_path / "module.ckpt")  # weights_only default
-    assert isinstance(loaded.learner, EncoderLearner) and loaded.learner.fast_weights == "last-1"
+    assert isinstance(loaded.learner, EncoderLearner) and loaded.learner.fast_weights == "last_blocks:1"
     assert loaded.learner.fast_weight_names == learner.fast_weight_names
     data = split(seed=3)
     torch.testing.assert_close(loaded.learner.eval().predict(data), learner.eval().predict(data))

@@ -9,6 +9,7 @@ import torch
 
 from lightning_meta import CausalLMLearner, LoraSettings, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, inner_loop
+from lightning_meta.learners import DataError
 
 TOKENIZER = "embedded-bpe-512"
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
@@ -163,9 +164,14 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="fast_weights='lora' but the model has no trainable LoRA adapters"):
         tiny_learner(fast_weights="lora")
     learner = tiny_learner()
-    too_big = {"input_ids": torch.full((1, 4), 10_000), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    with pytest.raises(ValueError, match="outside the model's vocabulary of 512"):
-        learner.loss(too_big)
+    fine = {"input_ids": torch.ones(2, 1, 4, dtype=torch.long), "attention_mask": torch.ones(2, 1, 4, dtype=torch.long)}
+    too_big = dict(fine, input_ids=torch.tensor([1, 10_000]).view(2, 1, 1).expand(2, 1, 4))
+    learner.check_data(TaskBatch(support=fine, query=fine))
+    with pytest.raises(DataError, match=r"Episode 1 of the batch \(1 of 2 episodes\): query has token ids outside"):
+        learner.check_data(TaskBatch(support=fine, query=too_big))
+    bad_labels = dict(fine, labels=torch.full((2, 1, 4), -7))
+    with pytest.raises(DataError, match=r"support has labels that are neither token ids .* nor -100"):
+        learner.check_data(TaskBatch(support=bad_labels, query=fine))
 
 
 def test_fast_weight_subsets_on_a_transformer():

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
-from lightning_meta import MLP, RegressionLearner
+import lightning_meta
+import lightning_meta.datamodules
+from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, EncoderLearner, RegressionLearner, TaskBatch
+from lightning_meta.algorithms import inner_loop
+from lightning_meta.learners import Learner, resolve_fast_weights
 
 
 def test_fast_weight_choices():
@@ -42,3 +52,109 @@ def test_functional_call_uses_given_weights_and_leaves_module_alone():
     zero_head = {name: torch.zeros_like(w) for name, w in learner.fast_parameters().items()}
     assert torch.equal(learner(x, params=zero_head), torch.zeros(5, 1))
     assert not torch.equal(learner(x), torch.zeros(5, 1))
+
+
+class _Blocks(nn.Module):
+    """Embedding, a list of blocks, a head: the shape ``last_blocks:N`` is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def _plain() -> Learner:
+    return ClassificationLearner(_Blocks())
+
+
+def _causal_lm() -> Learner:
+    config = {"model_type": "gpt2", "n_layer": 3, "n_embd": 16, "n_head": 2, "n_positions": 32}
+    return CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512")
+
+
+def _encoder() -> Learner:
+    config = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "intermediate_size": 32}  # fmt: skip
+    return EncoderLearner(encoder_config=config, ways=3)
+
+
+LEARNERS = {"plain": _plain, "causal_lm": _causal_lm, "encoder": _encoder}
+LAST_BLOCK = {"plain": "blocks.2.", "causal_lm": "transformer.h.2.", "encoder": "encoder.encoder.layer.2."}
+
+
+@pytest.mark.parametrize("kind", LEARNERS)
+def test_fast_weight_options_mean_the_same_on_every_learner(kind):
+    """One rule (resolve_fast_weights), whatever the learner: last_blocks:N is the blocks, never the head."""
+    learner = LEARNERS[kind]()
+    model = learner.model
+    assert learner.fast_weight_names == [name for name, p in model.named_parameters() if p.requires_grad]
+    blocks = resolve_fast_weights(model, "last_blocks:1")
+    assert blocks == [name for name, _ in model.named_parameters() if name.startswith(LAST_BLOCK[kind])]
+    head = resolve_fast_weights(model, "head")
+    assert not set(head) & set(blocks)
+    together = resolve_fast_weights(model, ["last_blocks:1", "head"])
+    assert set(together) == set(blocks) | set(head)
+    assert resolve_fast_weights(model, ["last_blocks:1", "*nothing*"]) == blocks
+    with pytest.raises(ValueError, match=r"'last-N' is now spelled 'last_blocks:N'"):
+        resolve_fast_weights(model, "last-1")
+    with pytest.raises(ValueError, match=r"the model has 3 blocks; use last_blocks:1 \.\. last_blocks:3"):
+        resolve_fast_weights(model, "last_blocks:4")
+
+
+@contextlib.contextmanager
+def _host_syncs_from_the_package() -> Iterator[list[str]]:
+    """Records every tensor-to-Python conversion (a device-to-host sync on a GPU) made by package code."""
+    packages = tuple(
+        str(Path(module.__file__).resolve().parent) for module in (lightning_meta, lightning_meta.algorithms)
+    ) + (str(Path(lightning_meta.datamodules.__file__).resolve().parent),)
+    seen: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__")}
+
+    def wrap(name: str, original):  # noqa: ANN001, ANN202
+        def recorded(self, *args, **kwargs):  # noqa: ANN001, ANN202
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(packages):
+                seen.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return recorded
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, wrap(name, original))
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def _episode_for(kind: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    if kind == "plain":
+        return {"x": torch.randn(6, 4, generator=generator), "y": torch.arange(6) % 3}
+    ids = torch.randint(1, 60, (6, 8), generator=generator)
+    labels = torch.arange(6) % 3 if kind == "encoder" else ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("kind", LEARNERS)
+def test_inner_loop_and_losses_make_no_host_sync(kind):
+    """Data are checked once per batch; the per-step path never waits for the device."""
+    torch.manual_seed(0)
+    learner = LEARNERS[kind]()
+    support = _episode_for(kind)
+    with _host_syncs_from_the_package() as syncs:
+        adapted = inner_loop(learner, learner.fast_parameters(), support, inner_lr=0.1, steps=3, create_graph=True)
+        learner.loss(support, adapted)
+    assert syncs == []
+    with _host_syncs_from_the_package() as syncs:  # the once-per-batch check: exactly one sync
+        learner.check_data(TaskBatch(support={k: v[None] for k, v in support.items()},
+                                     query={k: v[None] for k, v in support.items()}))  # fmt: skip
+    assert len(syncs) == 1, syncs

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_meta import MLP, ClassificationLearner, Episode, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
 from lightning_meta.datamodules import EpisodicDataModule, SinusoidDataModule
+from lightning_meta.learners import DataError
 from lightning_meta.metrics import mean_and_ci95
 
 from conftest import classification_batch
@@ -164,8 +165,36 @@ def test_model_without_recoverable_arguments_warns_and_loads_with_learner(tmp_pa
 
 def test_non_finite_meta_loss_stops_with_advice(tmp_path):
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1), fast_weights="head"), Reptile(inner_lr=1e30))
-    with pytest.raises(FloatingPointError, match="lower inner_lr"):
+    with pytest.raises(FloatingPointError, match=r"before adaptation, so the inner loop diverged: lower inner_lr"):
         trainer(max_steps=2, limit_val_batches=0).fit(module, sinusoid())
+
+
+def test_diverged_outer_step_blames_the_meta_parameters_not_inner_lr():
+    torch.manual_seed(0)
+    module = MetaLearningModule(
+        RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01), optimizer=functools.partial(torch.optim.SGD, lr=1e38)
+    )
+    with pytest.raises(FloatingPointError, match=r"meta-parameters diverged .* meta learning rate") as error:
+        trainer(max_steps=5, limit_val_batches=0).fit(module, sinusoid())
+    assert "inner_lr" not in str(error.value)
+
+
+def test_diverged_evaluation_adaptation_is_an_error_not_a_nan_average():
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01, eval_inner_lr=1e30))
+    with pytest.raises(FloatingPointError, match=r"val: adaptation diverged on episode \d+ .*eval_inner_lr"):
+        trainer(max_steps=1).validate(module, sinusoid())
+
+
+def test_non_finite_evaluation_data_names_split_and_episode():
+    class NaNQueries(SinusoidDataModule):
+        def sample_episode(self, generator, split):
+            episode = super().sample_episode(generator, split)
+            episode.query["y"][0] = float("nan")
+            return episode
+
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+    with pytest.raises(DataError, match=r"Episode 0 of the batch \(4 of 4 episodes\): query\['y'\] holds NaN"):
+        trainer().test(module, NaNQueries(meta_batch_size=4, num_test_tasks=4))
 
 
 def test_protonet_refuses_a_regression_learner_at_construction():

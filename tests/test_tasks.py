@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_meta.algorithms import MAML
+from lightning_meta.algorithms import MAML, Reptile
+from lightning_meta.learners import DataError
 from lightning_meta.tasks import TaskBatch
 
 from conftest import regression_batch
@@ -47,8 +48,11 @@ def test_inference_tensors_become_ordinary():
     assert not clone.support["x"].is_inference()
 
 
-def test_nan_support_loss_names_the_fix(mlp_learner):
+@pytest.mark.parametrize("algorithm", [MAML(inner_lr=0.01), Reptile(inner_lr=0.01)])
+@pytest.mark.parametrize("split", ["support", "query"])
+def test_non_finite_data_names_split_and_episode(mlp_learner, algorithm, split):
     batch = regression_batch()
-    batch.support["y"][0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"support loss is nan at inner step 1/1.*lower inner_lr"):
-        MAML(inner_lr=0.01).meta_loss(mlp_learner, batch)
+    getattr(batch, split)["y"][2, 0] = float("nan")
+    # Reptile's surrogate never reads the query: the check must not depend on the loss.
+    with pytest.raises(DataError, match=rf"Episode 2 of the batch \(1 of 3 episodes\): {split}\['y'\] holds NaN"):
+        algorithm.meta_loss(mlp_learner, batch)

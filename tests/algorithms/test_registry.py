@@ -64,10 +64,11 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     ("build", "message"),
     [
         (lambda: MAML(inner_steps=0), "inner_steps must be an integer >= 1, got 0"),
-        (lambda: FOMAML(inner_lr=0.0), "inner_lr must be > 0, got 0.0"),
-        (lambda: Reptile(inner_lr=-1.0), "inner_lr must be > 0, got -1.0"),
+        (lambda: FOMAML(inner_lr=0.0), "inner_lr must be a finite number > 0, got 0.0"),
+        (lambda: Reptile(inner_lr=-1.0), "inner_lr must be a finite number > 0, got -1.0"),
+        (lambda: MAML(inner_lr=float("inf")), "inner_lr must be a finite number > 0, got inf"),
         (lambda: MAML(eval_inner_steps=0), "eval_inner_steps must be an integer >= 1"),
-        (lambda: Reptile(eval_inner_lr=0.0), "eval_inner_lr must be > 0 or None"),
+        (lambda: Reptile(eval_inner_lr=0.0), "eval_inner_lr must be a finite number > 0 or None"),
         (lambda: algorithms.get("reptile", inner_steps=2.5), "inner_steps must be an integer >= 1, got 2.5"),
     ],
 )

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_meta import EncoderLearner, MetaLearningModule
 from lightning_meta.algorithms import ProtoNet
-from lightning_meta.datamodules import EpisodicClassificationDataModule
+from lightning_meta.datamodules import EpisodicClassificationDataModule, episodic_classification
 from lightning_meta.tasks import TaskBatch
 
 WORDS = [
@@ -115,8 +115,8 @@ def test_evaluation_episodes_identical_across_instances_and_processes(tmp_path):
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_episodic_classification import datamodule, digest
-        from lightning_meta.datamodules.text_classification import load_local_dataset
-        dm = datamodule(load_local_dataset({str(tmp_path / "words.jsonl")!r}))
+        from lightning_meta.tables import read_table
+        dm = datamodule(read_table({str(tmp_path / "words.jsonl")!r}))
         print(digest(dm.eval_batches("val")), digest(dm.eval_batches("test")))
     """)
     env = dict(os.environ, PYTHONHASHSEED="123", OMP_NUM_THREADS="1")
@@ -222,9 +222,6 @@ def test_bad_inputs_name_the_problem_and_the_fix():
     numbers = Dataset.from_dict({"text": list(range(20)), "label": [i % 4 for i in range(20)]})
     with pytest.raises(TypeError, match=r"Column 'text' holds Value\('int64'\).*not text.*cast_column"):
         datamodule(numbers).prepare()
-    missing = Dataset.from_dict({"text": ["a", None, "b"], "label": [0, 1, 0]})
-    with pytest.raises(ValueError, match=r"Row 1 has no value in column 'text'"):
-        datamodule(missing).prepare()
     with pytest.raises(ValueError, match=r"DatasetDict with splits \['train'\]; give one Dataset"):
         datamodule(DatasetDict(train=word_dataset())).prepare()
     with pytest.raises(ValueError, match="No dataset given"):
@@ -233,3 +230,40 @@ def test_bad_inputs_name_the_problem_and_the_fix():
         datamodule(ways=1)
     with pytest.raises(ValueError, match="shots and queries must be >= 1"):
         datamodule(shots=0)
+
+
+def test_missing_labels_and_texts_are_an_error_or_dropped_by_option(monkeypatch):
+    """NaN labels used to become classes named 'nan' (and drop_small_classes a class of unrelated rows)."""
+    texts = [f"{WORDS[c]} example number {i}" for c in range(9) for i in range(5)]
+    labels = [float(c) for c in range(9) for _ in range(5)]
+    for row in (3, 11, 12, 30, 31, 32, 40):
+        labels[row] = float("nan")
+    texts[7], texts[8], texts[9] = None, "", "   "
+    dataset = Dataset.from_dict({"text": texts, "label": labels})
+    message = (
+        r"Missing values in the rows \(counted from 0\): column 'text' has no value \(None, NaN or empty\) in 3 "
+        r"of 45 rows: 7, 8, 9; column 'label' has no value \(None, NaN or empty\) in 7 of 45 rows: 3, 11, 12, 30, "
+        r"31 and 2 more\. Pass drop_missing=True \(--data.drop_missing=true\) to drop those rows, or filter them out"
+    )
+    with pytest.raises(ValueError, match=message):
+        datamodule(dataset, ways=2, shots=1, queries=1).prepare()
+    logged = []
+    monkeypatch.setattr(episodic_classification, "rank_zero_info", logged.append)
+    dropped = datamodule(dataset, ways=2, shots=1, queries=1, drop_missing=True)
+    dropped.prepare()
+    assert logged[0].startswith("Dropping 10 of 45 rows (drop_missing=True): column 'text' has no value")
+    assert dropped.class_names == [str(c) for c in range(9)]  # no 'nan' class; 3.0 is class '3' again
+    for name, values in (("text", [None] * 3), ("label", [None, "", " "])):
+        every = Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]} | {name: values})
+        with pytest.raises(ValueError, match=rf"Every row misses its text or its label: column '{name}'"):
+            datamodule(every, drop_missing=True).prepare()
+
+
+def test_class_label_minus_one_is_a_missing_label():
+    features = Features({"text": Value("string"), "label": ClassLabel(names=WORDS[:6])})
+    labels = [c for c in range(6) for _ in range(5)]
+    labels[4] = -1
+    dataset = Dataset.from_dict({"text": [f"{WORDS[c]} example {i}" for c in range(6) for i in range(5)],
+                                 "label": labels}, features=features)  # fmt: skip
+    with pytest.raises(ValueError, match=r"column 'label' has no value \(None, NaN or empty\) in 1 of 30 rows: 4\."):
+        datamodule(dataset, ways=2, shots=1, queries=1, class_split=(1, 1, 1)).prepare()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 import torch
 
 from lightning_meta.datamodules import LanguageModelingTasksDataModule
+from lightning_meta.datamodules.language_modeling import read_corpus
 from lightning_meta.tokenization import load_tokenizer
 
 TOKENIZER = "embedded-bpe-512"
@@ -100,3 +103,59 @@ def test_clear_errors(tmp_path):
                                         domain_column="topic").setup("fit")  # fmt: skip
     with pytest.raises(FileNotFoundError, match="neither an embedded tokenizer"):
         LanguageModelingTasksDataModule(tokenizer="gpt2").setup("fit")
+
+
+def test_folder_corpus_leaves_out_hidden_and_binary_files(tmp_path):
+    for name in ("alpha", "beta", "gamma"):
+        (tmp_path / f"{name}.txt").write_text(f"The {name} domain speaks of {name} things. " * 20)
+    (tmp_path / "delta").mkdir()
+    (tmp_path / "delta" / "notes.md").write_text("delta words here. " * 20)
+    (tmp_path / "delta" / ".cache").mkdir()
+    (tmp_path / "delta" / ".cache" / "stale.txt").write_text("hidden, never read")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(range(256)))
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "core").write_bytes(b"\x7fELF\x02\x01\x01\x00" * 64)
+    rng = random.Random(0)
+    (tmp_path / "noise").write_bytes(bytes(rng.randrange(1, 256) for _ in range(4000)))  # no NUL, not UTF-8
+    (tmp_path / "latin.txt").write_bytes("Le café du matin est très bon pour tout le monde. ".encode("latin-1") * 20)
+    with pytest.warns(UserWarning) as warned:
+        domains = read_corpus(str(tmp_path))
+    assert sorted(domains) == ["alpha", "beta", "delta", "gamma", "latin"]
+    assert domains["delta"] == ["delta words here. " * 20]
+    messages = [str(w.message) for w in warned]  # in file order
+    assert len(messages) == 3, messages
+    assert re.search(r"Leaving \S+/core out of the corpus: it holds NUL bytes, so it is binary", messages[0])
+    assert re.search(r"\S+/latin\.txt: 40 byte sequences are not UTF-8.*iconv -f latin1 -t utf-8", messages[1])
+    assert re.search(r"Leaving \S+/noise out of the corpus: \d+% of it is not UTF-8", messages[2])
+    only_binary = tmp_path / "only_binary"
+    only_binary.mkdir()
+    (only_binary / ".DS_Store").write_bytes(b"\x00\x01")
+    (only_binary / "blob").write_bytes(b"\x00\x01")
+    with pytest.warns(UserWarning, match="blob"), pytest.raises(ValueError, match=rf"No text files .* {only_binary},"):
+        read_corpus(str(only_binary))
+    with pytest.raises(ValueError, match=r"corpus='.*alpha\.txt' is a single file, not a table: give the folder"):
+        read_corpus(str(tmp_path / "alpha.txt"))
+
+
+def test_two_files_of_one_domain_name_are_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("plain notes. " * 20)
+    (tmp_path / "notes.md").write_text("# markdown notes. " * 20)
+    with pytest.raises(ValueError, match=r"notes\.md and \S+notes\.txt would both be the domain 'notes'"):
+        read_corpus(str(tmp_path))
+
+
+def test_table_corpus_rows_without_a_domain_or_text_are_an_error(tmp_path):
+    rows = [{"text": f"Document {i} about topic {t}. " * 5, "topic": t} for t in "abc" for i in range(3)]
+    rows[1]["topic"], rows[4]["topic"], rows[6]["text"] = None, "", None
+    rows[7]["text"] = ""  # an empty document, not a missing one
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(path), domain_column="topic")
+    message = (
+        r"Missing values in corpus '.*corpus\.jsonl' \(rows counted from 0\): column 'text' has no value \(None, NaN "
+        r"or empty\) in 1 of 9 rows: 6; column 'topic' has no value \(None, NaN or empty\) in 2 of 9 rows: 1, 4\. "
+        r"Every row needs a text and a domain: filter those rows out of the table first\."
+    )
+    with pytest.raises(ValueError, match=message):
+        datamodule.setup("fit")

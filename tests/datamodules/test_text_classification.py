@@ -11,11 +11,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from lightning_meta.datamodules import TextClassificationDataModule
-from lightning_meta.datamodules.text_classification import (
-    STDLIB_DOCSTRING_CLASSES,
-    load_local_dataset,
-    stdlib_docstrings,
-)
+from lightning_meta.datamodules.text_classification import STDLIB_DOCSTRING_CLASSES, stdlib_docstrings
+from lightning_meta.tables import read_table
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = [
@@ -80,7 +77,7 @@ def test_local_files_load(tmp_path, intents, kind):
         intents.save_to_disk(path)
     else:
         DatasetDict(train=intents.select(range(30)), test=intents.select(range(30, 54))).save_to_disk(path)
-    loaded = load_local_dataset(str(path))
+    loaded = read_table(str(path))
     assert sorted(loaded["utterance"]) == sorted(intents["utterance"])
     dm = TextClassificationDataModule(
         str(path), text_column="utterance", label_column="intent", ways=2, shots=2, queries=2, num_eval_episodes=2
@@ -89,16 +86,27 @@ def test_local_files_load(tmp_path, intents, kind):
     assert dm.class_names == sorted(set(intents["intent"]))
 
 
-def test_bad_paths_name_the_fix(tmp_path):
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match=r"Cannot read .*notes\.txt.*\.json, \.jsonl, \.csv, \.parquet"):
-        load_local_dataset(str(tmp_path / "notes.txt"))
-    with pytest.raises(FileNotFoundError, match=r"No file matches .*missing\.jsonl.*Nothing is downloaded"):
-        load_local_dataset(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(FileNotFoundError, match=r"is a folder but not one written by Dataset\.save_to_disk"):
-        load_local_dataset(str(tmp_path))
+def test_a_dataset_object_is_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"for a datasets\.Dataset object use EpisodicClassificationDataModule"):
         TextClassificationDataModule(Dataset.from_dict({"text": ["a"], "label": [0]}))
+
+
+def test_csv_with_empty_cells_names_the_rows_or_drops_them(tmp_path, intents):
+    number = {intent: index for index, intent in enumerate(sorted(set(intents["intent"])))}
+    rows = [f"{text},{number[intent]}" for text, intent in zip(intents["utterance"], intents["intent"], strict=True)]
+    rows[2], rows[7], rows[13] = "please open the box,", ",1", "please fold the door number 1,"  # empty cells
+    (tmp_path / "intents.csv").write_text("utterance,intent\n" + "\n".join(rows) + "\n")
+    options = dict(text_column="utterance", label_column="intent", ways=2, shots=1, queries=1, num_eval_episodes=2)
+    message = (
+        r"Missing values in the rows of '.*intents\.csv' \(counted from 0\): column 'utterance' has no value \(None, "
+        r"NaN or empty\) in 1 of 54 rows: 7; column 'intent' has no value \(None, NaN or empty\) in 2 of 54 rows: 2, "
+        r"13\. Pass drop_missing=True \(--data\.drop_missing=true\) to drop those rows"
+    )
+    with pytest.raises(ValueError, match=message):
+        TextClassificationDataModule(str(tmp_path / "intents.csv"), **options).prepare()
+    dropped = TextClassificationDataModule(str(tmp_path / "intents.csv"), drop_missing=True, **options)
+    dropped.prepare()
+    assert dropped.class_names == [str(i) for i in range(9)]  # not '0.0': a column with an empty cell reads as floats
 
 
 def test_own_data_file_through_the_cli_then_test_prints_accuracy_with_ci(tmp_path, intents):

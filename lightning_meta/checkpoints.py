@@ -1,0 +1,120 @@
+"""Reading checkpoints safely, and saving one when a scheduler preempts the run.
+
+Checkpoints are read from local files only and always with ``weights_only=True``: a pickle can
+run code, and Lightning unpickles a URL checkpoint with ``weights_only=False``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+#: Exit status after SIGTERM, as a shell reports a process the signal ended: schedulers read it as "not done".
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that is not a readable local checkpoint."""
+
+
+def check_local_checkpoint_path(path: str | Path) -> Path:
+    """``path`` as a local file or sharded-checkpoint folder; URLs and missing paths are refused.
+
+    ``"last"``/``"best"`` (Lightning's names for the trainer's own checkpoints) are not paths and
+    are left to Lightning.
+    """
+    text = str(path)
+    if "://" in text:
+        raise CheckpointError(
+            f"ckpt_path={text!r} is not a local path. Checkpoints are never downloaded (a checkpoint is a pickle and "
+            "can run code): copy the file to this machine and give its path."
+        )
+    local = Path(text).expanduser()
+    if not local.exists():
+        raise CheckpointError(f"ckpt_path={text!r} does not exist. Give the path of a .ckpt file (or 'last').")
+    return local
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (a local file), loaded with ``weights_only=True`` onto the CPU.
+
+    A truncated file, a file that is not a checkpoint, or one that needs arbitrary unpickling gets
+    an error that names the file and what to do, not torch's advice to turn off ``weights_only``.
+    """
+    local = check_local_checkpoint_path(path)
+    if local.is_dir():
+        raise CheckpointError(
+            f"{str(path)!r} is a folder (a sharded checkpoint?); hyper-parameters are read from single-file "
+            "checkpoints. Consolidate it first (python -m lightning.fabric.utilities.consolidate_checkpoint DIR)."
+        )
+    try:
+        # Memory-mapped where torch allows it (zip files): the hyper-parameters are read without every weight.
+        checkpoint = torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{str(path)!r} cannot be loaded safely: it holds objects other than tensors and plain data, or is not "
+            "a checkpoint at all. Checkpoints written by lightning-meta load with weights_only=True; this file was "
+            "written by other code or is damaged. Use another checkpoint; do not turn weights_only off for a file "
+            "you did not write yourself."
+        ) from None
+    except Exception as error:  # noqa: BLE001 (random bytes reach the unpickler: KeyError, IndexError, ...)
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint ({local.stat().st_size} bytes): it is truncated (a copy or a "
+            "save that did not finish) or not a checkpoint. Use another one, e.g. an earlier checkpoint in the same "
+            f"folder. ({type(error).__name__}: {str(error).split('. ')[0]}.)"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{str(path)!r} is a torch file but not a Lightning checkpoint (no 'state_dict'). Give a .ckpt written "
+            "by lightning-meta fit (lightning_logs/version_*/checkpoints/)."
+        )
+    return checkpoint
+
+
+class PreemptionCheckpoint(OnExceptionCheckpoint):
+    """On SIGTERM (how schedulers preempt jobs) or Ctrl-C during ``fit``: save a resumable checkpoint.
+
+    The checkpoint goes to ``last-preempted.ckpt`` beside the run's other checkpoints; resumed
+    from it (``--ckpt_path``), training continues with exactly the batches and weights the
+    uninterrupted run would have had (Lightning stops at a step boundary). After SIGTERM the process exits with status
+    143 instead of Lightning's 0, so a scheduler does not record the run as finished. Under SLURM
+    with Lightning's auto-requeue the job is also requeued (Lightning's own handler).
+
+    Args:
+        dirpath: where to write; by default the ``ModelCheckpoint`` folder, else the trainer's
+            ``default_root_dir``.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "last-preempted") -> None:
+        super().__init__(dirpath or ".", filename)
+        self.dirpath_given = dirpath
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.state.fn != "fit":
+            return
+        self.dirpath = self.dirpath_given or _checkpoint_folder(trainer)
+        trainer.save_checkpoint(self.ckpt_path)
+        reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "Interrupted"
+        rank_zero_info(
+            f"{reason} at step {trainer.global_step}: saved a resumable checkpoint to {self.ckpt_path}. Resume with "
+            f"the same command plus --ckpt_path {self.ckpt_path}"
+        )
+        if isinstance(exception, SIGTERMException):
+            exception.code = SIGTERM_EXIT_CODE  # Lightning exits with SystemExit(None), i.e. status 0
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Keep the file: unlike the base class, never delete a checkpoint a user may resume from."""
+
+
+def _checkpoint_folder(trainer: pl.Trainer) -> str:
+    folders = [callback.dirpath for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+    return str(folders[0]) if folders and folders[0] else str(trainer.default_root_dir)

@@ -1,0 +1,114 @@
+"""Checkpoints: safe, local reading; tokenizer fingerprints; a resumable checkpoint on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_meta import MLP, CausalLMLearner, MetaLearningModule, RegressionLearner
+from lightning_meta.algorithms import FOMAML, MAML
+from lightning_meta.checkpoints import SIGTERM_EXIT_CODE, CheckpointError, load_checkpoint_file
+from lightning_meta.datamodules import LanguageModelingTasksDataModule, SinusoidDataModule
+
+TOKENIZER = "embedded-bpe-512"
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32}
+
+
+def sinusoid() -> SinusoidDataModule:
+    return SinusoidDataModule(meta_batch_size=2, batches_per_epoch=20, num_val_tasks=2, num_test_tasks=2)
+
+
+def fitted_checkpoint(tmp_path, steps: int = 2) -> str:
+    torch.manual_seed(0)
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, sinusoid())
+    path = str(tmp_path / "good.ckpt")
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_unreadable_checkpoints_are_refused_by_name(tmp_path):
+    good = fitted_checkpoint(tmp_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(open(good, "rb").read()[:3000])
+    random_bytes = tmp_path / "random.ckpt"
+    random_bytes.write_bytes(os.urandom(5000))
+    cases = [
+        ("https://example.com/model.ckpt", r"is not a local path\. Checkpoints are never downloaded"),
+        (str(tmp_path / "missing.ckpt"), r"missing\.ckpt' does not exist"),
+        (str(truncated), r"truncated\.ckpt' is not a readable checkpoint \(3000 bytes\): it is truncated"),
+        (str(random_bytes), r"random\.ckpt' cannot be loaded safely"),
+    ]
+    for path, message in cases:
+        with pytest.raises(CheckpointError, match=message) as error:
+            MetaLearningModule.load_from_checkpoint(path)
+        # torch's own advice for such files is to turn weights_only off: never pass it on.
+        assert "weights_only` set to `False` will likely succeed" not in str(error.value)
+    assert load_checkpoint_file(good)["global_step"] == 2
+    torch.save({"not": "a checkpoint"}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        load_checkpoint_file(tmp_path / "plain.pt")
+
+
+def test_tokenizer_fingerprint_is_saved_and_a_mismatch_refused(tmp_path):
+    learner = CausalLMLearner(model_config=TINY_GPT2, tokenizer=TOKENIZER)
+    module = MetaLearningModule(learner, FOMAML(inner_lr=0.1))
+    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=16, shots=2, queries=2,
+                                                 meta_batch_size=2, num_val_tasks=2, num_test_tasks=2,
+                                                 max_tokens_per_domain=2000)  # fmt: skip
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule)
+    path = tmp_path / "lm.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    saved = checkpoint["lightning_meta"]["tokenizer_fingerprint"]
+    assert checkpoint["LanguageModelingTasksDataModule"]["tokenizer_fingerprint"] == saved
+    MetaLearningModule.load_from_checkpoint(path)  # the same tokenizer: loads
+
+    checkpoint["lightning_meta"]["tokenizer_fingerprint"] = "0" * 16  # trained on another vocabulary
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=rf"learner was trained with tokenizer '{TOKENIZER}' \(fingerprint 0{{16}}\)"):
+        MetaLearningModule.load_from_checkpoint(tmp_path / "other.ckpt")
+    state = datamodule.state_dict() | {"tokenizer_fingerprint": "0" * 16}
+    with pytest.raises(ValueError, match=r"The checkpoint's data was trained with .* other token ids"):
+        datamodule.load_state_dict(state)
+
+
+class _SigtermAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path):
+    def run(folder, max_steps, callbacks=(), ckpt_path=None) -> MetaLearningModule:
+        torch.manual_seed(0)
+        module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+        trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=folder, callbacks=list(callbacks))  # fmt: skip
+        trainer.fit(module, sinusoid(), ckpt_path=ckpt_path)
+        return module
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path / "killed", 6, [_SigtermAt(3)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == SIGTERM_EXIT_CODE == 143
+    (saved,) = (tmp_path / "killed").rglob("last-preempted.ckpt")
+    assert torch.load(saved, weights_only=True)["global_step"] == 3
+    resumed = run(tmp_path / "resumed", 6, ckpt_path=saved)
+    uninterrupted = run(tmp_path / "whole", 6)
+    for (name, a), b in zip(resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
