@@ -11,6 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -88,6 +89,10 @@ class MetaAlgorithm(ABC):
     checkpoints rebuild an algorithm from them.
     """
 
+    #: Whether the algorithm adapts fast weights (has an inner loop). Hosts keep fast weights
+    #: replicated under FSDP and in float32 under low precision only when it does.
+    adapts_weights: ClassVar[bool] = True
+
     @abstractmethod
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         """Surrogate loss of one episode and its detached figures (at least ``query_loss``)."""
@@ -103,22 +108,48 @@ class MetaAlgorithm(ABC):
     def check_learner(self, learner: Learner) -> None:  # noqa: B027 (optional hook)
         """Raise a clear error when this algorithm cannot run with ``learner``."""
 
-    def meta_loss(self, learner: Learner, batch: TaskBatch) -> MetaLoss:
+    def meta_loss(self, learner: Learner, batch: TaskBatch, *, task_by_task: bool = True) -> MetaLoss:
         """Average surrogate over the episodes of ``batch``; its gradient is the meta-gradient.
+
+        With ``task_by_task`` (the default) each task's meta-gradient is taken with
+        ``torch.autograd.grad`` and its graph freed before the next task starts, so memory stays
+        flat in the meta-batch size; the returned loss is ``Σ_p ⟨p, stop_grad(G_p)⟩`` shifted to
+        the mean surrogate's value, whose gradient is the accumulated ``G``. One ``backward`` on
+        it (by Lightning, with AMP, accumulation, clipping and DDP unchanged) gives the same
+        gradient as the all-at-once path (``task_by_task=False``, which keeps every task's graph
+        until that backward: needed where ``autograd.grad`` cannot reach the parameters, such
+        as FSDP-sharded ones). Without autograd (``torch.no_grad``) the all-at-once path runs.
+        Task by task, a trainable parameter the surrogate does not reach (Reptile's backbone when
+        only the head is a fast weight) gets a zero gradient instead of none, as DDP requires.
 
         Checks the batch's data first (:meth:`Learner.check_data`: one host sync for the batch).
         """
         self.check_learner(learner)
         learner.check_data(batch)
+        parameters = [parameter for parameter in learner.parameters() if parameter.requires_grad]
+        task_by_task = task_by_task and torch.is_grad_enabled() and bool(parameters)
+        count = len(batch)
         losses: list[Tensor] = []
         sums: dict[str, Tensor] = {}
+        gradients: list[Tensor | None] = [None] * len(parameters)
         for episode in batch.episodes():
             loss, metrics = self.task_loss(learner, episode)
+            if task_by_task:
+                task_gradients = torch.autograd.grad(loss / count, parameters, allow_unused=True)
+                gradients = [_add(total, new) for total, new in zip(gradients, task_gradients, strict=True)]
+                loss = loss.detach()
             losses.append(loss)
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0) + value
-        count = len(losses)
-        return MetaLoss(torch.stack(losses).mean(), {name: value / count for name, value in sums.items()})
+        mean = torch.stack(losses).mean()
+        if task_by_task:
+            # A parameter the surrogate does not reach (Reptile's backbone with head-only fast weights) gets
+            # a zero gradient rather than none, so that DDP sees every parameter used.
+            product = torch.stack(
+                [(p * g).sum() if g is not None else p.sum() * 0 for p, g in zip(parameters, gradients, strict=True)]
+            ).sum()
+            mean = product - product.detach() + mean  # value: the mean surrogate; gradient: Σ G
+        return MetaLoss(mean, {name: value / count for name, value in sums.items()})
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
         """Query figures before (``*_pre``) and after (``*_post``) adaptation to the support."""
@@ -143,6 +174,12 @@ class MetaAlgorithm(ABC):
 
         args = ", ".join(f"{name}={value!r}" for name, value in init_args(self).items())
         return f"{type(self).__name__}({args})"
+
+
+def _add(total: Tensor | None, new: Tensor | None) -> Tensor | None:
+    if new is None:
+        return total
+    return new if total is None else total.add_(new)
 
 
 def adapt_by_sgd(learner: Learner, support: Split, *, inner_lr: float, steps: int) -> FastWeights:

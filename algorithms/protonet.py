@@ -35,6 +35,8 @@ class ProtoNet(MetaAlgorithm):
         logits = protonet.logits(learner, episode.support, episode.query)
     """
 
+    adapts_weights = False
+
     def __init__(
         self, distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean", temperature: float = 1.0
     ) -> None:

@@ -118,7 +118,18 @@ class EpisodicDataModule(LightningDataModule, ABC):
         return self._eval_dataloader("test")
 
     def _eval_dataloader(self, split: str) -> DataLoader:
-        return DataLoader(self.eval_batches(split), batch_size=None, shuffle=False, num_workers=0)
+        batches = self.eval_batches(split)
+        rank, ranks = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if len(batches) < ranks:
+            raise ValueError(
+                f"{len(batches)} {split} batches for {ranks} processes: every process needs at least one. Raise "
+                f"num_{split}_tasks or lower eval_meta_batch_size (now {self.eval_meta_batch_size})."
+            )
+        # Each episode is evaluated by exactly one rank (no padding with repeats, which would skew the
+        # mean and CI); the episode statistics are then gathered over all ranks.
+        return DataLoader(
+            batches, batch_size=None, sampler=_RankShardSampler(len(batches), rank, ranks), num_workers=0
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position (the number of the next training batch to consume) and, for datamodules
@@ -171,3 +182,23 @@ class _StreamSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+class _RankShardSampler(DistributedSampler):
+    """Batches ``rank, rank + ranks, ...``: every batch on exactly one rank, none repeated.
+
+    A ``DistributedSampler`` subclass so that Lightning leaves it in place (its own pads the
+    last ranks with repeated batches).
+    """
+
+    def __init__(self, count: int, rank: int, ranks: int) -> None:
+        self.count, self.rank, self.ranks = count, rank, ranks
+
+    def set_epoch(self, epoch: int) -> None:
+        """Evaluation episodes are the same every epoch."""
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.count, self.ranks))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.count, self.ranks))

@@ -12,6 +12,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_meta import scaling
 from lightning_meta.algorithms import MAML, MetaAlgorithm
 from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.config import NotConfigurable, to_config
@@ -33,6 +34,9 @@ class MetaLearningModule(LightningModule):
             (LightningCLI: ``--optimizer`` style ``class_path``/``init_args``).
         lr_scheduler: optional scheduler, called with the optimizer; stepped every step.
         eval_inner_steps: adaptation steps at validation/test/predict; overrides the algorithm's.
+        task_by_task: take each task's meta-gradient and free its graph before the next task
+            (memory flat in the meta-batch size; the same gradient). ``False`` keeps every task's
+            graph until one backward. FSDP and ``16-mixed`` always use the latter.
 
     Logs ``train/query_loss`` every step and, for validation and test, ``{stage}/query_loss_pre``
     and ``{stage}/query_loss_post`` (plus ``_acc_`` for classification), each with a ``_ci95``
@@ -52,6 +56,7 @@ class MetaLearningModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_inner_steps: int | None = None,
+        task_by_task: bool = True,
     ) -> None:
         super().__init__()
         # Built here, not as a default instance: jsonargparse would carry a default instance's
@@ -64,6 +69,9 @@ class MetaLearningModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.eval_inner_steps = eval_inner_steps
+        self.task_by_task = task_by_task
+        #: fast weights kept replicated under FSDP, whose gradients this module averages over ranks.
+        self._replicated: list[nn.Parameter] = []
         algorithm.check_learner(learner)
         self._save_hyperparameters(algorithm)
         self.episode_stats = nn.ModuleDict(
@@ -86,6 +94,7 @@ class MetaLearningModule(LightningModule):
                 "optimizer": to_config(self.optimizer),
                 "lr_scheduler": to_config(self.lr_scheduler),
                 "eval_inner_steps": self.eval_inner_steps,
+                "task_by_task": self.task_by_task,
                 # Lets load_from_checkpoint rebuild the components from plain data, with
                 # torch.load's default weights_only=True.
                 "_instantiator": "lightning.pytorch.cli.instantiate_module",
@@ -99,6 +108,22 @@ class MetaLearningModule(LightningModule):
             return
         self.save_hyperparameters(hparams)
 
+    def setup(self, stage: str) -> None:
+        """Refuse, before any step, a strategy or precision that cannot run this algorithm exactly."""
+        scaling.check_precision(self.trainer.precision, self.algorithm)
+        scaling.check_strategy(self.trainer.strategy, self.learner, self.algorithm)
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``): shard the model except its fast weights."""
+        if self.device_mesh is None or self._replicated or _is_sharded(self.learner):
+            return
+        self._replicated = scaling.shard(self.learner, self.algorithm, self.device_mesh["data_parallel"])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if _is_sharded(self.learner):
+            scaling.reshard(self.learner.model)
+            scaling.average_gradients(self._replicated, self.device_mesh["data_parallel"].get_group())
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer([p for p in self.learner.parameters() if p.requires_grad])
         if self.lr_scheduler is None:
@@ -106,7 +131,9 @@ class MetaLearningModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        out = self.algorithm.meta_loss(self.learner, batch)
+        # autograd.grad cannot reach FSDP-sharded weights, and float16 needs Lightning's loss scaling.
+        task_by_task = self.task_by_task and self.device_mesh is None and not self.trainer.precision.startswith("16")
+        out = self.algorithm.meta_loss(self.learner, batch, task_by_task=task_by_task)
         if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
             raise FloatingPointError(
                 f"The meta-loss is {out.loss.item()} at step {self.global_step}: {self._diagnose_divergence(batch)} "
@@ -243,3 +270,9 @@ class MetaLearningModule(LightningModule):
             statistic.reset()
         if summary and stage == "test" and not self.trainer.sanity_checking:
             rank_zero_info("Post-adaptation results (mean ± 95% CI over episodes):\n  " + "\n  ".join(summary))
+
+
+def _is_sharded(learner: Learner) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(learner.model, FSDPModule)

@@ -1,0 +1,155 @@
+"""Meta-learning past one device: which strategy and precision can run which algorithm, and FSDP2 sharding.
+
+The rule for FSDP: ``torch.func.functional_call`` silently *ignores* replacement values for
+FSDP-sharded parameters (the forward uses the sharded module's own weights), and
+``torch.autograd.grad`` cannot reach them. So under FSDP2 (Lightning's
+``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``) the learner's model is
+sharded *except* its fast weights, which stay replicated on every rank: the inner loop adapts
+them functionally as on one device, the sharded backbone is only differentiated through, FSDP
+reduce-scatters the backbone's meta-gradient, and the replicated fast weights' meta-gradients
+are averaged over the ranks here. Algorithms without an inner loop (ProtoNet) shard everything.
+
+Everything a strategy or precision cannot run is refused in ``setup``, before any step, with
+the supported alternative named. See the README's support matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lightning_meta.algorithms import MetaAlgorithm
+from lightning_meta.learners import Learner
+
+#: Precisions the inner loop runs in: weights (and so fast weights and the inner SGD update) in
+#: float32/float64; ``bf16-mixed`` autocasts only the matmuls.
+INNER_LOOP_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
+
+
+class UnsupportedSetupError(ValueError):
+    """A strategy or precision that cannot run this algorithm and learner exactly."""
+
+
+def check_precision(precision: str, algorithm: MetaAlgorithm) -> None:
+    """Refuse precisions in which the inner loop would silently lose its gradients or updates."""
+    if not algorithm.adapts_weights or precision in INNER_LOOP_PRECISIONS:
+        return
+    if precision.startswith("16"):
+        raise UnsupportedSetupError(
+            f"precision={precision!r} cannot run {type(algorithm).__name__}: float16 inner-loop gradients are "
+            "not loss-scaled (Lightning's scaler only scales the outer loss) and underflow silently. Use "
+            "--trainer.precision=bf16-mixed (same speed on GPUs with bfloat16, no scaling needed) or 32-true. "
+            "ProtoNet, which has no inner loop, runs in 16-mixed."
+        )
+    raise UnsupportedSetupError(
+        f"precision={precision!r} cannot run {type(algorithm).__name__}: its weights, and so the fast weights "
+        "and the inner SGD update, would be in low precision (an update smaller than the weight's resolution "
+        "is lost). Use --trainer.precision=bf16-mixed, which keeps weights in float32 and computes in bfloat16."
+    )
+
+
+def check_strategy(strategy: object, learner: Learner, algorithm: MetaAlgorithm) -> None:
+    """Refuse strategies that would shard fast weights or that this library does not drive."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise UnsupportedSetupError(
+            "Lightning's FSDPStrategy (FSDP1) is not supported: it shards the fast weights, which functional "
+            "inner loops then silently ignore. Use FSDP2 through "
+            "--trainer.strategy=ModelParallelStrategy --trainer.strategy.data_parallel_size=N "
+            "--trainer.strategy.tensor_parallel_size=1 (CPU and GPU), which keeps the fast weights replicated, "
+            "or DDP (--trainer.strategy=ddp)."
+        )
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    tensor_parallel = strategy.device_mesh["tensor_parallel"].size()  # set up before LightningModule.setup
+    if tensor_parallel != 1:
+        raise UnsupportedSetupError(
+            f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel}: tensor parallelism is not supported "
+            "for meta-learning (and its 'auto' sizes give DP=1, TP=N on one node, where nothing is sharded). Set "
+            "--trainer.strategy.data_parallel_size=N (the number of devices) --trainer.strategy.tensor_parallel_size=1."
+        )
+    if algorithm.adapts_weights and _all_fast(learner):
+        raise UnsupportedSetupError(
+            f"FSDP with {type(algorithm).__name__} and fast_weights={learner.fast_weights!r}: every weight is a fast "
+            "weight, and FSDP shards only the weights the inner loop does not adapt (sharded fast weights would be "
+            "silently ignored). Adapt a subset that stays replicated (fast_weights: lora, head, last_blocks:N, "
+            "biases_norms), or use DDP (--trainer.strategy=ddp)."
+        )
+
+
+def shard(learner: Learner, algorithm: MetaAlgorithm, mesh: object) -> list[nn.Parameter]:
+    """FSDP2-shard the learner's model on ``mesh`` except its fast weights; return those (replicated).
+
+    Each block of the model's longest ``nn.ModuleList`` (its transformer layers) is its own FSDP
+    unit, then the root. Resharding after forward and backward is off: a meta-step runs forward
+    and backward through the backbone several times (inner loop, query, second order); call
+    :func:`reshard` once the step's backward is done, so the next step gathers updated weights.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    replicated = list(learner.fast_parameters().values()) if algorithm.adapts_weights else []
+    ignored = set(replicated)
+    for block in _blocks(learner.model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=False, ignored_params=ignored & set(block.parameters()))
+        block.set_reshard_after_backward(False)
+    fully_shard(learner.model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
+    learner.model.set_reshard_after_backward(False)
+    check_fast_weights_replicated(learner, algorithm)
+    return replicated
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered (unsharded) weights of every FSDP unit in ``model``.
+
+    With resharding off, FSDP would otherwise keep running the next step on the gathered copy of
+    the weights from before the optimizer updated the shards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def check_fast_weights_replicated(learner: Learner, algorithm: MetaAlgorithm) -> None:
+    """The guard: fail loudly if any fast weight is sharded (functional_call would ignore it)."""
+    from torch.distributed.tensor import DTensor
+
+    if not algorithm.adapts_weights:
+        return
+    sharded = [name for name, weight in learner.fast_parameters().items() if isinstance(weight, DTensor)]
+    if sharded:
+        raise UnsupportedSetupError(
+            f"Fast weights {sharded[:5]} are FSDP-sharded: the inner loop would silently leave them unadapted. "
+            "Shard with lightning_meta.scaling.shard (MetaLearningModule.configure_model does), which keeps them "
+            "replicated."
+        )
+
+
+def average_gradients(parameters: Iterable[nn.Parameter], group: object) -> None:
+    """Average the gradients of replicated parameters over the data-parallel ranks (FSDP leaves them alone)."""
+    import torch.distributed as dist
+
+    gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    if not gradients:
+        return
+    flat = torch.cat([gradient.reshape(-1) for gradient in gradients])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for gradient in gradients:
+        gradient.copy_(flat[offset : offset + gradient.numel()].view_as(gradient))
+        offset += gradient.numel()
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _all_fast(learner: Learner) -> bool:
+    trainable = {id(p) for p in learner.parameters() if p.requires_grad}
+    return trainable <= {id(p) for p in learner.fast_parameters().values()}
