@@ -2,7 +2,8 @@
 
 ``python tests/distributed_worker.py {ddp,fsdp} OUT`` trains every case of :data:`CASES` for
 :data:`STEPS` steps, then validates, and rank 0 writes the full (unsharded) weights and the
-validation figures to ``OUT/<case>.pt``. Lightning's launcher for these strategies re-runs this
+validation figures to ``OUT/<case>.pt``; ``fsdp-resume OUT`` checks a sharded checkpoint's
+resume (:func:`resume`). Lightning's launcher for these strategies re-runs this
 script for rank 1, hence the ``__main__`` guard. The cases and the data are defined here so that
 the test computes the single-process reference from exactly the same objects.
 """
@@ -118,5 +119,30 @@ def run(strategy_name: str, out: Path) -> None:
             torch.save({"weights": weights, "figures": figures}, out / f"{case}.pt")
 
 
+def resume(out: Path) -> None:
+    """FSDP2: 4 steps straight, and 2 steps + a sharded checkpoint + 2 resumed steps; rank 0 saves both."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    torch.set_num_threads(1)
+    results = {}
+    for name, steps, ckpt_path in (("straight", 4, None), ("first", 2, None), ("resumed", 4, out / "step2.ckpt")):
+        module, datamodule, _ = build("fomaml_head")
+        checkpoint = ModelCheckpoint(dirpath=out, filename="step2", every_n_train_steps=2, save_top_k=1)
+        trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=steps, num_sanity_val_steps=0, logger=False,
+                            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                            callbacks=[checkpoint] if name == "first" else [], enable_checkpointing=name == "first",
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+        results[name] = get_model_state_dict(module.learner, options=StateDictOptions(full_state_dict=True,
+                                                                                     cpu_offload=True))  # fmt: skip
+    if trainer.global_rank == 0:
+        torch.save(results, out / "resume.pt")
+
+
 if __name__ == "__main__":
-    run(sys.argv[1], Path(sys.argv[2]))
+    if sys.argv[1] == "fsdp-resume":
+        resume(Path(sys.argv[2]))
+    else:
+        run(sys.argv[1], Path(sys.argv[2]))

@@ -71,3 +71,23 @@ def test_weights_and_evaluation_equal_one_process(distributed_run, case):
         # The guard against sharded fast weights being silently ignored: adaptation changes the loss here
         # as in one process (an ignored adaptation would leave post equal to pre).
         assert abs(figures["val/query_loss_post"] - figures["val/query_loss_pre"]) > 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoint_resumes_exactly_and_consolidates(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(Path(worker.__file__)), "fsdp-resume", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert (tmp_path / "step2.ckpt").is_dir()  # sharded: one folder of distributed-checkpoint files
+    for name, tensor in runs["straight"].items():
+        torch.testing.assert_close(runs["resumed"][name], tensor, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(runs["first"][n], t) for n, t in runs["straight"].items())
+    # Lightning's own utility turns the sharded folder into one file.
+    consolidate = [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint"]
+    subprocess.run([*consolidate, str(tmp_path / "step2.ckpt")], check=True, capture_output=True, env=env, timeout=300)
+    consolidated = torch.load(tmp_path / "step2.ckpt.consolidated", weights_only=True)
+    weights = consolidated["state_dict"]
+    for name, tensor in runs["first"].items():
+        torch.testing.assert_close(weights[f"learner.{name}"], tensor, rtol=0, atol=0, msg=name)

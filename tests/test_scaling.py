@@ -1,0 +1,184 @@
+"""Memory-flat meta-batches, the precision policy, and the strategies refused at setup."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, LoraSettings, MetaLearningModule
+from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
+from lightning_meta.datamodules import SinusoidDataModule
+from lightning_meta.learners import RegressionLearner
+from lightning_meta.scaling import UnsupportedSetupError, check_precision, check_strategy
+
+from conftest import classification_batch, regression_batch
+
+
+class _Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def _gradients(learner: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    learner.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad for name, p in learner.named_parameters()}
+
+
+CASES = {
+    "maml": (lambda: MAML(inner_lr=0.3, inner_steps=2), "all"),
+    "maml_first_order": (lambda: MAML(inner_lr=0.3, inner_steps=2, first_order=True), "all"),
+    "fomaml_head": (lambda: FOMAML(inner_lr=0.3, inner_steps=2), "head"),
+    "reptile_head": (lambda: Reptile(inner_lr=0.3, inner_steps=3), "head"),
+    "protonet": (ProtoNet, "all"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_task_by_task_gives_the_all_at_once_gradient(case):
+    make_algorithm, fast_weights = CASES[case]
+    torch.manual_seed(0)
+    learner = ClassificationLearner(_Blocks(), fast_weights).double()
+    batch = classification_batch(meta_batch_size=4, ways=3, shots=2, queries=3, features=4)
+    algorithm = make_algorithm()
+    joint = algorithm.meta_loss(learner, batch, task_by_task=False)
+    expected = _gradients(learner, joint.loss)
+    flat = algorithm.meta_loss(learner, batch)
+    found = _gradients(learner, flat.loss)
+    torch.testing.assert_close(flat.loss, joint.loss.detach())  # the value too: the mean surrogate
+    for name, gradient in expected.items():
+        if gradient is None:  # not reached by the surrogate (Reptile's backbone): a zero gradient, for DDP
+            assert case == "reptile_head" and torch.equal(found[name], torch.zeros_like(found[name])), name
+        else:
+            torch.testing.assert_close(found[name], gradient, rtol=1e-12, atol=1e-14, msg=name)
+    assert flat.metrics.keys() == joint.metrics.keys()
+
+
+def test_task_by_task_on_a_causal_lm_with_lora_second_order():
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
+                              meta_learn_base=True, attn_implementation="eager", dtype="float64")  # fmt: skip
+    ids = torch.randint(0, 500, (3, 4, 12), generator=torch.Generator().manual_seed(0))
+    split = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    from lightning_meta import TaskBatch
+
+    batch = TaskBatch(support=split, query={k: v.flip(1) for k, v in split.items()})
+    algorithm = MAML(inner_lr=0.5)
+    expected = _gradients(learner, algorithm.meta_loss(learner, batch, task_by_task=False).loss)
+    found = _gradients(learner, algorithm.meta_loss(learner, batch).loss)
+    for name, gradient in expected.items():
+        if gradient is not None:
+            torch.testing.assert_close(found[name], gradient, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("make_algorithm", [lambda: MAML(inner_lr=0.01), FOMAML, Reptile])
+def test_bf16_mixed_keeps_fast_weights_and_updates_in_float32(make_algorithm):
+    torch.manual_seed(0)
+    learner = RegressionLearner(MLP(1, [16], 1))
+    algorithm = make_algorithm()
+    batch = regression_batch(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = algorithm.adapt(learner, batch.episode(0).support, steps=2)
+        loss = algorithm.meta_loss(learner, batch).loss
+    assert all(weight.dtype == torch.float32 for weight in adapted.values())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in learner.parameters())
+
+
+@pytest.mark.parametrize("make_algorithm", [lambda: MAML(inner_lr=0.01), FOMAML, Reptile, ProtoNet])
+def test_bf16_mixed_trains_every_algorithm(make_algorithm):
+    torch.manual_seed(0)
+    algorithm = make_algorithm()
+    if isinstance(algorithm, ProtoNet):
+        learner = ClassificationLearner(_Blocks())
+        datamodule = _clusters()
+    else:
+        learner = RegressionLearner(MLP(1, [16], 1))
+        datamodule = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=5, num_val_tasks=2, num_test_tasks=2)
+    module = MetaLearningModule(learner, algorithm, optimizer=functools.partial(torch.optim.SGD, lr=0.01))
+    before = {name: p.detach().clone() for name, p in learner.named_parameters()}
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, datamodule)
+    assert any(not torch.equal(before[name], p) for name, p in learner.named_parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in learner.parameters())
+
+
+def _clusters():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed_worker import Clusters
+
+    return Clusters(features=4)
+
+
+@pytest.mark.parametrize(
+    ("precision", "make_algorithm", "message"),
+    [
+        ("16-mixed", MAML, r"float16 inner-loop gradients are not loss-scaled .* --trainer.precision=bf16-mixed"),
+        ("16-true", FOMAML, r"float16 inner-loop gradients"),
+        ("bf16-true", Reptile, r"would be in low precision .* Use --trainer.precision=bf16-mixed"),
+    ],
+)
+def test_precisions_that_lose_inner_updates_are_refused(precision, make_algorithm, message):
+    with pytest.raises(UnsupportedSetupError, match=message):
+        check_precision(precision, make_algorithm())
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true", "bf16-mixed"])
+def test_precisions_the_inner_loop_runs_in(precision):
+    check_precision(precision, MAML())
+    for low in ("16-mixed", "bf16-true"):
+        check_precision(low, ProtoNet())  # no inner loop: ordinary low-precision training
+
+
+def test_bf16_true_is_refused_at_setup_before_any_step():
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+    trainer = L.Trainer(max_steps=1, precision="bf16-true", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(UnsupportedSetupError, match="bf16-true"):
+        trainer.fit(module, SinusoidDataModule(meta_batch_size=2, num_val_tasks=2, num_test_tasks=2))
+    assert trainer.global_step == 0
+
+
+class _Mesh:
+    def __init__(self, tensor_parallel: int) -> None:
+        self.sizes = {"tensor_parallel": tensor_parallel, "data_parallel": 1}
+
+    def __getitem__(self, name: str):  # noqa: ANN204
+        return type("Dim", (), {"size": lambda _, size=self.sizes[name]: size})()
+
+
+def test_strategies_that_would_shard_fast_weights_are_refused():
+    learner = ClassificationLearner(_Blocks(), "head")
+    with pytest.raises(UnsupportedSetupError, match=r"FSDPStrategy \(FSDP1\) is not supported.*ModelParallelStrategy"):
+        check_strategy(FSDPStrategy(), learner, MAML())
+    tensor_parallel = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    tensor_parallel._device_mesh = _Mesh(tensor_parallel=2)
+    with pytest.raises(UnsupportedSetupError, match=r"tensor_parallel_size=2: tensor parallelism is not supported"):
+        check_strategy(tensor_parallel, learner, MAML())
+    fsdp = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    fsdp._device_mesh = _Mesh(tensor_parallel=1)
+    check_strategy(fsdp, learner, MAML())  # head fast weights: replicated, the rest sharded
+    check_strategy(fsdp, ClassificationLearner(_Blocks()), ProtoNet())  # no inner loop: shard everything
+    with pytest.raises(UnsupportedSetupError, match=r"fast_weights='all': every weight is a fast weight.*lora, head"):
+        check_strategy(fsdp, ClassificationLearner(_Blocks()), FOMAML())
