@@ -21,5 +21,6 @@ __all__ = [
 ]
 
 from lightning_meta.encoders import EncoderLearner  # noqa: E402
+from lightning_meta.scaling import FSDP2Strategy  # noqa: E402
 
-__all__ += ["EncoderLearner"]
+__all__ += ["EncoderLearner", "FSDP2Strategy"]

@@ -16,8 +16,10 @@ the supported alternative named. See the README's support matrix.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_meta.algorithms import MetaAlgorithm
@@ -26,6 +28,32 @@ from lightning_meta.learners import Learner
 #: Precisions the inner loop runs in: weights (and so fast weights and the inner SGD update) in
 #: float32/float64; ``bf16-mixed`` autocasts only the matmuls.
 INNER_LOOP_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over every process: Lightning's ``ModelParallelStrategy`` with data-parallel size = the
+    number of processes and tensor-parallel size 1, so a config moves from 2 CPU processes to 8
+    GPUs by changing only ``accelerator`` and ``devices``.
+
+    Args:
+        save_distributed_checkpoint: save sharded checkpoint folders (one file per rank) rather
+            than one consolidated file.
+        process_group_backend: ``gloo`` (CPU) or ``nccl`` (GPU) by default.
+        timeout: for collective operations.
+    """
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+    ) -> None:
+        super().__init__("auto", 1, save_distributed_checkpoint, process_group_backend, timeout)
+
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy's "auto" data-parallel size is the node count (tensor parallel inside a node).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
 
 
 class UnsupportedSetupError(ValueError):
