@@ -57,6 +57,8 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
 @pytest.mark.parametrize("case", list(worker.CASES))
 def test_weights_and_evaluation_equal_one_process(distributed_run, case):
     strategy, out = distributed_run
+    if strategy == "fsdp" and case in worker.DDP_ONLY:
+        pytest.skip("refused under FSDP at setup (tests/test_scaling.py checks the refusal)")
     result = torch.load(out / f"{case}.pt", weights_only=True)
     weights, figures = reference(case)
     assert result["weights"].keys() == weights.keys()

@@ -151,6 +151,16 @@ def test_precisions_the_inner_loop_runs_in(precision):
         check_precision(low, ProtoNet())  # no inner loop: ordinary low-precision training
 
 
+def test_protonet_trains_in_bf16_true():
+    torch.manual_seed(0)
+    learner = ClassificationLearner(_Blocks())
+    module = MetaLearningModule(learner, ProtoNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    trainer = L.Trainer(max_steps=2, precision="bf16-true", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, _clusters())
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in learner.parameters())
+
+
 def test_bf16_true_is_refused_at_setup_before_any_step():
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
     trainer = L.Trainer(max_steps=1, precision="bf16-true", logger=False, enable_checkpointing=False,
