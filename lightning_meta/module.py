@@ -117,7 +117,13 @@ class MetaLearningModule(LightningModule):
         """Under FSDP2 (``ModelParallelStrategy``): shard the model except its fast weights."""
         if self.device_mesh is None or self._replicated or _is_sharded(self.learner):
             return
-        self._replicated = scaling.shard(self.learner, self.algorithm, self.device_mesh["data_parallel"])
+        mesh = self.device_mesh["data_parallel"]
+        self._replicated = scaling.shard(self.learner, self.algorithm, mesh, self.sharding_units())
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (each gathered only while it runs); override to change
+        the wrapping policy. By default the transformer blocks (the model's longest ``nn.ModuleList``)."""
+        return scaling.default_units(self.learner.model)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if _is_sharded(self.learner):

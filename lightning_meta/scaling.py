@@ -108,19 +108,22 @@ def check_strategy(strategy: object, learner: Learner, algorithm: MetaAlgorithm)
         )
 
 
-def shard(learner: Learner, algorithm: MetaAlgorithm, mesh: object) -> list[nn.Parameter]:
+def shard(
+    learner: Learner, algorithm: MetaAlgorithm, mesh: object, units: Iterable[nn.Module] | None = None
+) -> list[nn.Parameter]:
     """FSDP2-shard the learner's model on ``mesh`` except its fast weights; return those (replicated).
 
-    Each block of the model's longest ``nn.ModuleList`` (its transformer layers) is its own FSDP
-    unit, then the root. Resharding after forward and backward is off: a meta-step runs forward
-    and backward through the backbone several times (inner loop, query, second order); call
-    :func:`reshard` once the step's backward is done, so the next step gathers updated weights.
+    Each of ``units`` is its own FSDP unit (by default :func:`default_units`: the blocks of the
+    model's longest ``nn.ModuleList``, its transformer layers), then the root. Resharding after
+    forward and backward is off: a meta-step runs forward and backward through the backbone several
+    times (inner loop, query, second order); call :func:`reshard` once the step's backward is done,
+    so the next step gathers updated weights.
     """
     from torch.distributed.fsdp import fully_shard
 
     replicated = list(learner.fast_parameters().values()) if algorithm.adapts_weights else []
     ignored = set(replicated)
-    for block in _blocks(learner.model):
+    for block in default_units(learner.model) if units is None else units:
         fully_shard(block, mesh=mesh, reshard_after_forward=False, ignored_params=ignored & set(block.parameters()))
         block.set_reshard_after_backward(False)
     fully_shard(learner.model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
@@ -173,7 +176,8 @@ def average_gradients(parameters: Iterable[nn.Parameter], group: object) -> None
         offset += gradient.numel()
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units by default: the entries of the model's longest ``nn.ModuleList`` (transformer blocks)."""
     lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
