@@ -120,7 +120,7 @@ class EpisodicDataModule(LightningDataModule, ABC):
     def _eval_dataloader(self, split: str) -> DataLoader:
         batches = self.eval_batches(split)
         rank, ranks = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        if len(batches) < ranks:
+        if 0 < len(batches) < ranks:  # none at all: Lightning skips the split
             raise ValueError(
                 f"{len(batches)} {split} batches for {ranks} processes: every process needs at least one. Raise "
                 f"num_{split}_tasks or lower eval_meta_batch_size (now {self.eval_meta_batch_size})."
