@@ -14,9 +14,12 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-from lightning_meta.algorithms.base import MetaAlgorithm, MetaLoss, inner_loop
+from lightning_meta.algorithms.anil import ANIL
+from lightning_meta.algorithms.base import SGD, InnerUpdate, MetaAlgorithm, MetaLoss, inner_loop, inner_steps
 from lightning_meta.algorithms.fomaml import FOMAML
 from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml_plus_plus import MAMLPlusPlus
+from lightning_meta.algorithms.meta_sgd import MetaSGD
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.reptile import Reptile
 
@@ -27,6 +30,9 @@ BUILTIN: dict[str, type[MetaAlgorithm]] = {
     "fomaml": FOMAML,
     "reptile": Reptile,
     "protonet": ProtoNet,
+    "anil": ANIL,
+    "metasgd": MetaSGD,
+    "mamlplusplus": MAMLPlusPlus,
 }
 
 
@@ -74,10 +80,15 @@ def get(name: str, **init_args: Any) -> MetaAlgorithm:
 
 
 __all__ = [
+    "ANIL",
     "BUILTIN",
     "ENTRY_POINT_GROUP",
     "FOMAML",
     "MAML",
+    "MAMLPlusPlus",
+    "MetaSGD",
+    "SGD",
+    "InnerUpdate",
     "MetaAlgorithm",
     "MetaLoss",
     "ProtoNet",
@@ -86,5 +97,6 @@ __all__ = [
     "available",
     "get",
     "inner_loop",
+    "inner_steps",
     "resolve",
 ]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_meta.learners import FastWeights, Learner
 from lightning_meta.tasks import Episode, Split, TaskBatch
@@ -28,37 +28,102 @@ class MetaLoss:
     metrics: dict[str, Tensor]
 
 
+InnerUpdate = Callable[[int, FastWeights, Mapping[str, "Tensor | None"]], FastWeights]
+"""An inner update rule: ``(step, weights, gradients) -> new weights``, ``step`` counting from 0.
+
+Gradients are ``None`` for weights the support loss does not reach. The rule may use tensors
+that require grad (learned learning rates): the meta-gradient then reaches them.
+"""
+
+
+@dataclass(frozen=True)
+class SGD:
+    """θ ← θ − α g: the inner update of MAML, FOMAML and Reptile (the default rule)."""
+
+    lr: float
+
+    def __call__(self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None]) -> FastWeights:
+        return {name: w if gradients[name] is None else w - self.lr * gradients[name] for name, w in weights.items()}
+
+
+def inner_step(
+    learner: Learner,
+    weights: Mapping[str, Tensor],
+    support: Split,
+    *,
+    update: InnerUpdate,
+    step: int,
+    create_graph: bool,
+) -> FastWeights:
+    """One inner step: the support loss's gradient at ``weights``, then ``update``.
+
+    With ``create_graph=False`` the gradient is a constant (first order) but the update itself
+    stays differentiable: in θ − α·g the path to θ is the identity (FOMAML's gradient) and to a
+    learned α it is −g (first-order Meta-SGD).
+    """
+    loss, _ = learner.loss(support, weights)
+    gradients = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
+    return update(step, dict(weights), dict(zip(weights, gradients, strict=True)))
+
+
+def inner_steps(
+    learner: Learner,
+    fast_weights: Mapping[str, Tensor],
+    support: Split,
+    *,
+    steps: int,
+    create_graph: bool,
+    update: InnerUpdate | None = None,
+    inner_lr: float | None = None,
+) -> Iterator[FastWeights]:
+    """The adaptation trajectory: the fast weights after each of ``steps`` inner steps.
+
+    The one shared inner loop, as a generator (``update``: the rule, plain SGD with ``inner_lr``
+    by default). A pure function of its inputs. No step checks its loss: that would cost a host
+    sync per step. The data are checked once per batch (:meth:`Learner.check_data`) and the host
+    module checks the meta-loss once per batch.
+    """
+    update = _rule(update, inner_lr)
+    weights = dict(fast_weights)
+    for step in range(steps):
+        weights = inner_step(learner, weights, support, update=update, step=step, create_graph=create_graph)
+        yield weights
+
+
 def inner_loop(
     learner: Learner,
     fast_weights: Mapping[str, Tensor],
     support: Split,
     *,
-    inner_lr: float,
     steps: int,
     create_graph: bool,
+    update: InnerUpdate | None = None,
+    inner_lr: float | None = None,
 ) -> FastWeights:
-    """``steps`` steps of SGD on the support loss: θ ← θ − α ∇θ L_support(θ).
+    """``steps`` inner steps on the support loss (SGD: θ ← θ − α ∇θ L_support(θ) by default).
 
-    A pure function from fast weights to adapted fast weights. With ``create_graph=True`` the
-    result stays differentiable with respect to ``fast_weights`` (second-order MAML); otherwise
-    the gradients are treated as constants (first-order). No step checks its loss: that would
-    cost a host sync per step. The data are checked once per batch (:meth:`Learner.check_data`)
-    and the host module checks the meta-loss once per batch.
+    A pure function from fast weights to adapted fast weights: the last point of
+    :func:`inner_steps`. With ``create_graph=True`` the result stays differentiable with respect
+    to ``fast_weights`` through the gradients too (second-order MAML); otherwise the gradients
+    are constants (first order).
     """
     weights = dict(fast_weights)
-    for _ in range(steps):
-        loss, _ = learner.loss(support, weights)
-        grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
-        weights = {
-            name: weight if grad is None else weight - inner_lr * grad
-            for (name, weight), grad in zip(weights.items(), grads, strict=True)
-        }
+    for weights in inner_steps(learner, fast_weights, support, steps=steps, create_graph=create_graph,  # noqa: B007
+                               update=update, inner_lr=inner_lr):  # fmt: skip
+        pass
     return weights
 
 
-def detached_start(learner: Learner) -> FastWeights:
-    """Fast weights cut from the meta-parameters' graph, ready for a first-order inner loop."""
-    return {name: weight.detach().requires_grad_() for name, weight in learner.fast_parameters().items()}
+def _rule(update: InnerUpdate | None, inner_lr: float | None) -> InnerUpdate:
+    if (update is None) == (inner_lr is None):
+        raise ValueError("Give the inner loop exactly one of update (a rule) or inner_lr (plain SGD).")
+    return update if update is not None else SGD(inner_lr)
+
+
+def detached_start(weights: Learner | Mapping[str, Tensor]) -> FastWeights:
+    """Fast weights cut from the meta-parameters' graph (a learner's, or the given ones)."""
+    weights = weights.fast_parameters() if isinstance(weights, Learner) else weights
+    return {name: weight.detach().requires_grad_() for name, weight in weights.items()}
 
 
 def check_inner_loop_options(
@@ -79,12 +144,17 @@ def check_inner_loop_options(
         raise ValueError(f"eval_inner_steps must be an integer >= 1 or None (= inner_steps), got {eval_inner_steps!r}.")
 
 
-class MetaAlgorithm(ABC):
+class MetaAlgorithm(nn.Module, ABC):
     """Base of every meta-learning algorithm.
 
-    Subclasses implement :meth:`task_loss` (the surrogate for one episode) and :meth:`adapt`.
-    The meta-batch is processed task by task and the surrogates averaged.
+    Subclasses implement :meth:`task_loss` (the surrogate for one episode). Algorithms with an
+    inner loop name its rule in :meth:`inner_update` (plain SGD with ``inner_lr`` by default) and
+    get :meth:`adapt_steps`/:meth:`adapt` from here; the meta-batch is processed task by task
+    and the surrogates averaged.
 
+    An algorithm is an ``nn.Module``: parameters it owns (learned inner learning rates) are
+    created in :meth:`bind`, optimized by the host module beside the learner's, saved in
+    checkpoints and restored with them, and moved, synchronized and sharded like the learner's.
     Constructor arguments must be stored as attributes of the same name: configs and
     checkpoints rebuild an algorithm from them.
     """
@@ -93,17 +163,64 @@ class MetaAlgorithm(ABC):
     #: replicated under FSDP and in float32 under low precision only when it does.
     adapts_weights: ClassVar[bool] = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: The meta-training step, set by the host before each meta-loss; schedules read it.
+        self.outer_step = 0
+
     @abstractmethod
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         """Surrogate loss of one episode and its detached figures (at least ``query_loss``)."""
 
-    @abstractmethod
-    def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
-        """Fast weights adapted to ``support`` (evaluation adaptation by default).
+    def bind(self, learner: Learner) -> None:  # noqa: B027 (optional hook)
+        """Create the meta-parameters that depend on the learner (one learning rate per fast weight).
 
-        Works under ``torch.no_grad()`` and ``torch.inference_mode()``: it turns gradients back
-        on for itself. The result is detached from the meta-parameters.
+        Called once by the host module before the optimizer is built; call it yourself when you
+        drive the algorithm from your own loop. Must be idempotent.
         """
+
+    def fast_weights(self, learner: Learner) -> FastWeights:
+        """The weights the inner loop adapts: the learner's fast weights unless the algorithm chooses (ANIL)."""
+        return learner.fast_parameters()
+
+    def inner_update(self, training: bool = True) -> InnerUpdate:
+        """The inner update rule: SGD with ``inner_lr`` (at evaluation ``eval_inner_lr`` if set)."""
+        eval_lr = getattr(self, "eval_inner_lr", None)
+        return SGD(self.inner_lr if training or eval_lr is None else eval_lr)
+
+    def evaluation_steps(self) -> int:
+        """Adaptation steps at evaluation: ``eval_inner_steps``, else ``inner_steps``."""
+        return getattr(self, "eval_inner_steps", None) or self.inner_steps
+
+    def adapt_steps(self, learner: Learner, support: Split, steps: int | None = None) -> Iterator[FastWeights]:
+        """The public adaptation trajectory at evaluation: detached fast weights after each step.
+
+        First order, from the current meta-parameters, with the evaluation rule
+        (``inner_update(training=False)``); works under ``torch.no_grad()`` and
+        ``torch.inference_mode()``. Adaptation curves and benchmarks read it, so every step count
+        comes from one trajectory.
+        """
+        steps = self.evaluation_steps() if steps is None else steps
+        update = self.inner_update(training=False)
+        with torch.inference_mode(False):
+            support = {name: tensor.clone() if tensor.is_inference() else tensor for name, tensor in support.items()}
+            weights = detached_start(self.fast_weights(learner))
+        for step in range(steps):
+            # Grad mode is set around each step, not around the yield: the caller's own mode holds between steps.
+            with torch.inference_mode(False), torch.enable_grad():
+                adapted = inner_step(learner, weights, support, update=update, step=step, create_graph=False)
+                weights = detached_start(adapted)
+            yield {name: weight.detach() for name, weight in weights.items()}
+
+    def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
+        """Fast weights adapted to ``support``: the last point of :meth:`adapt_steps` (detached).
+
+        ``steps=0`` gives the current fast weights.
+        """
+        adapted = {name: weight.detach() for name, weight in self.fast_weights(learner).items()}
+        for adapted in self.adapt_steps(learner, support, steps):  # noqa: B007
+            pass
+        return adapted
 
     def check_learner(self, learner: Learner) -> None:  # noqa: B027 (optional hook)
         """Raise a clear error when this algorithm cannot run with ``learner``."""
@@ -126,7 +243,7 @@ class MetaAlgorithm(ABC):
         """
         self.check_learner(learner)
         learner.check_data(batch)
-        parameters = [parameter for parameter in learner.parameters() if parameter.requires_grad]
+        parameters = [p for module in (learner, self) for p in module.parameters() if p.requires_grad]
         task_by_task = task_by_task and torch.is_grad_enabled() and bool(parameters)
         count = len(batch)
         losses: list[Tensor] = []
@@ -180,13 +297,3 @@ def _add(total: Tensor | None, new: Tensor | None) -> Tensor | None:
     if new is None:
         return total
     return new if total is None else total.add_(new)
-
-
-def adapt_by_sgd(learner: Learner, support: Split, *, inner_lr: float, steps: int) -> FastWeights:
-    """First-order inner loop from the current meta-parameters, with gradients on, detached result."""
-    with torch.inference_mode(False), torch.enable_grad():
-        support = {name: tensor.clone() if tensor.is_inference() else tensor for name, tensor in support.items()}
-        adapted = inner_loop(
-            learner, detached_start(learner), support, inner_lr=inner_lr, steps=steps, create_graph=False
-        )
-    return {name: weight.detach() for name, weight in adapted.items()}

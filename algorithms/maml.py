@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_meta.algorithms.base import (
-    MetaAlgorithm,
-    adapt_by_sgd,
-    check_inner_loop_options,
-    detached_start,
-    inner_loop,
-)
-from lightning_meta.learners import FastWeights, Learner
-from lightning_meta.tasks import Episode, Split
+from lightning_meta.algorithms.base import MetaAlgorithm, check_inner_loop_options, inner_loop
+from lightning_meta.learners import Learner
+from lightning_meta.tasks import Episode
 
 
 class MAML(MetaAlgorithm):
@@ -53,41 +47,31 @@ class MAML(MetaAlgorithm):
         eval_inner_lr: float | None = None,
     ) -> None:
         check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
+        super().__init__()
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
         self.eval_inner_lr = eval_inner_lr
 
+    def second_order(self) -> bool:
+        """Whether this step differentiates through the inner loop (subclasses may schedule it)."""
+        return not self.first_order
+
     def check_learner(self, learner: Learner) -> None:
         if not self.first_order:
             learner.prepare_second_order()
 
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        meta_weights = learner.fast_parameters()
-        if self.first_order:
-            adapted = inner_loop(
-                learner,
-                detached_start(learner),
-                episode.support,
-                inner_lr=self.inner_lr,
-                steps=self.inner_steps,
-                create_graph=False,
-            )
-            # θ + stop_grad(θ' − θ): the value of θ', the gradient of the identity.
-            adapted = {name: weight + (adapted[name] - weight).detach() for name, weight in meta_weights.items()}
-        else:
-            adapted = inner_loop(
-                learner,
-                meta_weights,
-                episode.support,
-                inner_lr=self.inner_lr,
-                steps=self.inner_steps,
-                create_graph=torch.is_grad_enabled(),
-            )
+        # First order: the inner gradients are constants, so θ' = θ − α Σ g has the identity as its
+        # derivative in θ (FOMAML: ∇L_query(θ')), while a learned α still gets −Σ g.
+        adapted = inner_loop(
+            learner,
+            self.fast_weights(learner),
+            episode.support,
+            update=self.inner_update(),
+            steps=self.inner_steps,
+            create_graph=self.second_order() and torch.is_grad_enabled(),
+        )
         loss, metrics = learner.loss(episode.query, adapted)
         return loss, {f"query_{name}": value for name, value in metrics.items()}
-
-    def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
-        steps = steps if steps is not None else (self.eval_inner_steps or self.inner_steps)
-        return adapt_by_sgd(learner, support, inner_lr=self.eval_inner_lr or self.inner_lr, steps=steps)

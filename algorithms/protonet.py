@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -40,6 +41,7 @@ class ProtoNet(MetaAlgorithm):
     def __init__(
         self, distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean", temperature: float = 1.0
     ) -> None:
+        super().__init__()
         if distance not in ("squared_euclidean", "cosine"):
             raise ValueError(f"distance must be 'squared_euclidean' or 'cosine', got {distance!r}.")
         if not temperature > 0:
@@ -83,9 +85,9 @@ class ProtoNet(MetaAlgorithm):
         loss, metrics = classification_loss(logits, episode.query[learner.target_key])
         return loss, {f"query_{name}": value for name, value in metrics.items()}
 
-    def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
-        """ProtoNet does not change weights: the current fast weights, detached."""
-        return {name: weight.detach() for name, weight in learner.fast_parameters().items()}
+    def adapt_steps(self, learner: Learner, support: Split, steps: int | None = None) -> Iterator[FastWeights]:
+        """ProtoNet does not change weights: an empty trajectory (``adapt`` gives the current weights)."""
+        return iter(())
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
         self.check_learner(learner)

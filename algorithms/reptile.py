@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_meta.algorithms.base import (
-    MetaAlgorithm,
-    adapt_by_sgd,
-    check_inner_loop_options,
-    detached_start,
-    inner_loop,
-)
-from lightning_meta.learners import FastWeights, Learner
-from lightning_meta.tasks import Episode, Split
+from lightning_meta.algorithms.base import MetaAlgorithm, check_inner_loop_options, detached_start, inner_loop
+from lightning_meta.learners import Learner
+from lightning_meta.tasks import Episode
 
 
 class Reptile(MetaAlgorithm):
@@ -50,28 +44,25 @@ class Reptile(MetaAlgorithm):
         eval_inner_lr: float | None = None,
     ) -> None:
         check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
+        super().__init__()
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.eval_inner_lr = eval_inner_lr
 
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        meta_weights = self.fast_weights(learner)
         with torch.enable_grad():
             adapted = inner_loop(
                 learner,
-                detached_start(learner),
+                detached_start(meta_weights),
                 episode.support,
-                inner_lr=self.inner_lr,
+                update=self.inner_update(),
                 steps=self.inner_steps,
                 create_graph=False,
             )
         adapted = {name: weight.detach() for name, weight in adapted.items()}
-        meta_weights = learner.fast_parameters()
         surrogate = sum(0.5 * (meta_weights[name] - adapted[name]).pow(2).sum() for name in meta_weights)
         with torch.no_grad():
             _, metrics = learner.loss(episode.query, adapted)
         return surrogate, {f"query_{name}": value for name, value in metrics.items()}
-
-    def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
-        steps = steps if steps is not None else (self.eval_inner_steps or self.inner_steps)
-        return adapt_by_sgd(learner, support, inner_lr=self.eval_inner_lr or self.inner_lr, steps=steps)

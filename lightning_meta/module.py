@@ -34,6 +34,8 @@ class MetaLearningModule(LightningModule):
             (LightningCLI: ``--optimizer`` style ``class_path``/``init_args``).
         lr_scheduler: optional scheduler, called with the optimizer; stepped every step.
         eval_inner_steps: adaptation steps at validation/test/predict; overrides the algorithm's.
+        algorithm_lr: learning rate of the algorithm's own meta-parameters (learned inner learning
+            rates), in their own optimizer parameter group; ``None``: the optimizer's.
         task_by_task: take each task's meta-gradient and free its graph before the next task
             (memory flat in the meta-batch size; the same gradient). ``False`` keeps every task's
             graph until one backward. FSDP and ``16-mixed`` always use the latter.
@@ -57,6 +59,7 @@ class MetaLearningModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_inner_steps: int | None = None,
         task_by_task: bool = True,
+        algorithm_lr: float | None = None,
     ) -> None:
         super().__init__()
         # Built here, not as a default instance: jsonargparse would carry a default instance's
@@ -70,6 +73,8 @@ class MetaLearningModule(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.eval_inner_steps = eval_inner_steps
         self.task_by_task = task_by_task
+        self.algorithm_lr = algorithm_lr
+        algorithm.bind(learner)  # its meta-parameters exist before the optimizer and any checkpoint load
         #: fast weights kept replicated under FSDP, whose gradients this module averages over ranks.
         self._replicated: list[nn.Parameter] = []
         algorithm.check_learner(learner)
@@ -95,6 +100,7 @@ class MetaLearningModule(LightningModule):
                 "lr_scheduler": to_config(self.lr_scheduler),
                 "eval_inner_steps": self.eval_inner_steps,
                 "task_by_task": self.task_by_task,
+                "algorithm_lr": self.algorithm_lr,
                 # Lets load_from_checkpoint rebuild the components from plain data, with
                 # torch.load's default weights_only=True.
                 "_instantiator": "lightning.pytorch.cli.instantiate_module",
@@ -119,6 +125,7 @@ class MetaLearningModule(LightningModule):
             return
         mesh = self.device_mesh["data_parallel"]
         self._replicated = scaling.shard(self.learner, self.algorithm, mesh, self.sharding_units())
+        self._replicated += list(self.algorithm.parameters())  # not part of the sharded model
 
     def sharding_units(self) -> list[nn.Module]:
         """The modules FSDP2 shards one by one (each gathered only while it runs); override to change
@@ -131,7 +138,12 @@ class MetaLearningModule(LightningModule):
             scaling.average_gradients(self._replicated, self.device_mesh["data_parallel"].get_group())
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.learner.parameters() if p.requires_grad])
+        learner = [p for p in self.learner.parameters() if p.requires_grad]
+        owned = [p for p in self.algorithm.parameters() if p.requires_grad]
+        if self.algorithm_lr is not None and owned:
+            optimizer = self.optimizer([{"params": learner}, {"params": owned, "lr": self.algorithm_lr}])
+        else:
+            optimizer = self.optimizer(learner + owned)
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
@@ -139,6 +151,7 @@ class MetaLearningModule(LightningModule):
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         # autograd.grad cannot reach FSDP-sharded weights, and float16 needs Lightning's loss scaling.
         task_by_task = self.task_by_task and self.device_mesh is None and not self.trainer.precision.startswith("16")
+        self.algorithm.outer_step = self.global_step  # schedules (MAML++'s annealing) read it
         out = self.algorithm.meta_loss(self.learner, batch, task_by_task=task_by_task)
         if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
             raise FloatingPointError(

@@ -99,7 +99,7 @@ def check_strategy(strategy: object, learner: Learner, algorithm: MetaAlgorithm)
             "for meta-learning (and its 'auto' sizes give DP=1, TP=N on one node, where nothing is sharded). Set "
             "--trainer.strategy.data_parallel_size=N (the number of devices) --trainer.strategy.tensor_parallel_size=1."
         )
-    if algorithm.adapts_weights and _all_fast(learner):
+    if algorithm.adapts_weights and _all_fast(learner, algorithm):
         raise UnsupportedSetupError(
             f"FSDP with {type(algorithm).__name__} and fast_weights={learner.fast_weights!r}: every weight is a fast "
             "weight, and FSDP shards only the weights the inner loop does not adapt (sharded fast weights would be "
@@ -121,7 +121,7 @@ def shard(
     """
     from torch.distributed.fsdp import fully_shard
 
-    replicated = list(learner.fast_parameters().values()) if algorithm.adapts_weights else []
+    replicated = list(algorithm.fast_weights(learner).values()) if algorithm.adapts_weights else []
     ignored = set(replicated)
     for block in default_units(learner.model) if units is None else units:
         fully_shard(block, mesh=mesh, reshard_after_forward=False, ignored_params=ignored & set(block.parameters()))
@@ -151,7 +151,7 @@ def check_fast_weights_replicated(learner: Learner, algorithm: MetaAlgorithm) ->
 
     if not algorithm.adapts_weights:
         return
-    sharded = [name for name, weight in learner.fast_parameters().items() if isinstance(weight, DTensor)]
+    sharded = [name for name, weight in algorithm.fast_weights(learner).items() if isinstance(weight, DTensor)]
     if sharded:
         raise UnsupportedSetupError(
             f"Fast weights {sharded[:5]} are FSDP-sharded: the inner loop would silently leave them unadapted. "
@@ -182,6 +182,6 @@ def default_units(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def _all_fast(learner: Learner) -> bool:
+def _all_fast(learner: Learner, algorithm: MetaAlgorithm) -> bool:
     trainable = {id(p) for p in learner.parameters() if p.requires_grad}
-    return trainable <= {id(p) for p in learner.fast_parameters().values()}
+    return trainable <= {id(p) for p in algorithm.fast_weights(learner).values()}

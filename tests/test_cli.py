@@ -132,7 +132,7 @@ def test_python_dash_m(tmp_path):
 def test_unknown_algorithm_lists_known_names(tmp_path):
     result = run("fit", *SINUSOID, "--model.algorithm=MAMLL", cwd=tmp_path, check=False)
     assert result.returncode != 0
-    assert "Known algorithms: FOMAML, MAML, ProtoNet, Reptile" in result.stderr
+    assert "Known algorithms: ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile" in result.stderr
 
 
 def test_bad_inner_steps_names_the_fix(tmp_path):
@@ -158,14 +158,29 @@ EXTRA = {
         "--trainer.max_steps=2",
         "--data.init_args.num_test_tasks=2",
         "--data.init_args.num_val_tasks=2",
-    ]
+    ],
+    "pretrain_smollm2.yaml": ["--data.init_args.block_size=32", "--trainer.max_steps=2"],
 }
+# `lightning-meta pretrain` configs (pretrain_*.yaml), shortened like QUICK.
+PRETRAIN_QUICK = [
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.max_tokens_per_domain=2000",
+]
 
 
 @pytest.mark.parametrize("config", [_config_case(config) for config in CONFIGS])
 def test_every_config_runs(tmp_path, config):
     extra = EXTRA.get(config.name, [])
-    run("fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *QUICK, *extra, cwd=tmp_path,
+    subcommand, quick = ("pretrain", PRETRAIN_QUICK) if config.name.startswith("pretrain_") else ("fit", QUICK)
+    if config.name == "pretrain_from_meta.yaml":  # it starts from the quick start's export, in exports/quickstart
+        from test_export import meta_checkpoint
+
+        from lightning_meta.export import export
+
+        export(str(meta_checkpoint(tmp_path / "meta")[0]), str(tmp_path / "exports" / "quickstart"))
+    run(subcommand, "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *quick, *extra, cwd=tmp_path,
         timeout=900)  # fmt: skip
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
 
@@ -290,6 +305,10 @@ def _configurable_classes() -> list[type]:
     classes += [lightning_meta.CausalLMLearner, lightning_meta.EncoderLearner]
     classes += sorted(set(algorithms.available().values()), key=lambda cls: cls.__name__)
     classes += [getattr(datamodules, name) for name in datamodules.__all__]
+    from lightning_meta.export import ExportCallback
+    from lightning_meta.pretraining import CausalLMPretraining
+
+    classes += [CausalLMPretraining, ExportCallback]
     return classes
 
 

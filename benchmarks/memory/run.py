@@ -94,7 +94,8 @@ def main() -> None:
             output = subprocess.run(command, capture_output=True, text=True, check=True, env=_MALLOC_ENV).stdout
             peaks[size, mode] = json.loads(output.strip().splitlines()[-1])
     first = args.meta_batch_sizes[0]
-    print(f"Second-order MAML, GPT-2 {model_size}, peak memory of one meta-step ({'CUDA allocated' if args.gpu else 'RSS'}):")
+    measured = "CUDA allocated" if args.gpu else "RSS"
+    print(f"Second-order MAML, GPT-2 {model_size}, peak memory of one meta-step ({measured}):")
     print(f"{'meta-batch':>10} | {'task by task (MiB)':>18} | {'ratio':>5} | {'all at once (MiB)':>17} | {'ratio':>5}")
     for size in args.meta_batch_sizes:
         flat, joint = peaks[size, "task_by_task"], peaks[size, "all_at_once"]

@@ -26,7 +26,7 @@ def test_dotted_path():
 def test_unknown_name_lists_known_names():
     with pytest.raises(
         UnknownAlgorithmError,
-        match=r"Unknown algorithm 'mamll'\. Known algorithms: fomaml, maml, "
+        match=r"Unknown algorithm 'mamll'\. Known algorithms: anil, fomaml, maml, mamlplusplus, metasgd, "
         r"protonet, reptile",
     ):
         algorithms.get("mamll")
