@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_meta import CausalLMLearner, ClassificationLearner, Episode, LoraSettings, MetaLearningModule
-from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, ProtoNet, Reptile
+from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, MetaSGD, ProtoNet, Reptile
 from lightning_meta.datamodules import EpisodicDataModule, LanguageModelingTasksDataModule
 
 STEPS = 3
@@ -90,6 +90,8 @@ CASES = {
     "fomaml_all": (lambda: ClassificationLearner(Blocks()), lambda: FOMAML(inner_lr=0.5, inner_steps=2), Clusters),
     "reptile_all": (lambda: ClassificationLearner(Blocks()), lambda: Reptile(inner_lr=0.5, inner_steps=2), Clusters),
     "protonet": (lambda: ClassificationLearner(Blocks()), ProtoNet, Clusters),
+    "metasgd_head": (lambda: ClassificationLearner(Blocks(), "head"), lambda: MetaSGD(inner_lr=0.3, inner_steps=2),
+                     Clusters),
     "maml_lora": (lm_learner, lambda: MAML(inner_lr=0.5, inner_steps=1), lm_data),
 }  # fmt: skip
 #: Cases FSDP refuses at setup: every weight is a fast weight (see lightning_meta.scaling).
@@ -102,7 +104,7 @@ def build(case: str) -> tuple[MetaLearningModule, EpisodicDataModule, MetaAlgori
     torch.manual_seed(0)
     learner = make_learner()
     module = MetaLearningModule(learner, make_algorithm(), optimizer=functools.partial(torch.optim.SGD, lr=LR))
-    return module, make_data(), make_algorithm()
+    return module, make_data(), module.algorithm
 
 
 def run(strategy_name: str, out: Path) -> None:
@@ -124,8 +126,9 @@ def run(strategy_name: str, out: Path) -> None:
         trainer.validate(module, datamodule, verbose=False)
         figures = {name: value.item() for name, value in trainer.callback_metrics.items()}
         weights = get_model_state_dict(module.learner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        owned = {name: value.detach().clone() for name, value in module.algorithm.state_dict().items()}
         if trainer.global_rank == 0:
-            torch.save({"weights": weights, "figures": figures}, out / f"{case}.pt")
+            torch.save({"weights": weights, "figures": figures, "algorithm": owned}, out / f"{case}.pt")
 
 
 def resume(out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -175,11 +176,12 @@ def test_every_config_runs(tmp_path, config):
     extra = EXTRA.get(config.name, [])
     subcommand, quick = ("pretrain", PRETRAIN_QUICK) if config.name.startswith("pretrain_") else ("fit", QUICK)
     if config.name == "pretrain_from_meta.yaml":  # it starts from the quick start's export, in exports/quickstart
-        from test_export import meta_checkpoint
+        from test_export import TINY, meta_checkpoint
 
         from lightning_meta.export import export
 
-        export(str(meta_checkpoint(tmp_path / "meta")[0]), str(tmp_path / "exports" / "quickstart"))
+        checkpoint, _ = meta_checkpoint(tmp_path / "meta", model_config=dict(TINY, n_positions=128))
+        export(str(checkpoint), str(tmp_path / "exports" / "quickstart"))
     run(subcommand, "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *quick, *extra, cwd=tmp_path,
         timeout=900)  # fmt: skip
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
@@ -325,3 +327,39 @@ def test_every_option_has_help_text(cls):
     names = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")]
     undocumented = [name for name in names if name not in text]
     assert not undocumented, f"{cls.__name__}: no help text for {undocumented}"
+
+
+def test_plugin_algorithm_with_its_own_meta_parameters_trains_by_dotted_path(tmp_path, monkeypatch):
+    (tmp_path / "step_algos.py").write_text(
+        textwrap.dedent("""
+        import math
+
+        import torch
+        from torch import nn
+
+        from lightning_meta.algorithms import MAML
+
+
+        class LearnedStepMAML(MAML):
+            \"\"\"MAML with one learned inner step size, kept positive in log space.\"\"\"
+
+            def __init__(self, inner_lr: float = 0.01, inner_steps: int = 1) -> None:
+                super().__init__(inner_lr, inner_steps)
+                self.log_lr = nn.Parameter(torch.tensor(math.log(inner_lr)))
+
+            def inner_update(self, training: bool = True):
+                rate = self.log_lr.exp()
+                return lambda step, weights, grads: {
+                    name: w if grads[name] is None else w - rate * grads[name] for name, w in weights.items()
+                }
+    """)
+    )
+    run("fit", *SINUSOID, "--model.algorithm=step_algos.LearnedStepMAML", "--model.algorithm.inner_lr=0.02",
+        "--model.algorithm_lr=0.05", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", *QUICK,
+        cwd=tmp_path, extra_path=tmp_path)  # fmt: skip
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]["algorithm.log_lr"]
+    assert saved != pytest.approx(math.log(0.02))  # optimized by the host, in its own parameter group
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = MetaLearningModule.load_from_checkpoint(checkpoint)
+    assert type(loaded.algorithm).__name__ == "LearnedStepMAML" and torch.equal(loaded.algorithm.log_lr, saved)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lightning_meta import TaskBatch
+from lightning_meta.algorithms import MetaAlgorithm
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
@@ -37,11 +38,12 @@ def distributed_run(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, out
 
 
-def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float], MetaAlgorithm]:
     """The same steps in one process on both ranks' tasks, then single-process validation."""
-    module, datamodule, algorithm = worker.build(case)
+    module, datamodule, _ = worker.build(case)
+    algorithm = module.algorithm
     datamodule.setup("fit")
-    optimizer = torch.optim.SGD(module.learner.parameters(), lr=worker.LR)
+    optimizer = torch.optim.SGD([*module.learner.parameters(), *algorithm.parameters()], lr=worker.LR)
     for step in range(worker.STEPS):
         episodes = [episode for rank in (0, 1) for episode in datamodule.train_batch(step, rank).episodes()]
         optimizer.zero_grad()
@@ -50,7 +52,8 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)  # fmt: skip
     trainer.validate(module, datamodule, verbose=False)
-    return module.learner.state_dict(), {name: value.item() for name, value in trainer.callback_metrics.items()}
+    figures = {name: value.item() for name, value in trainer.callback_metrics.items()}
+    return module.learner.state_dict(), figures, module.algorithm
 
 
 @pytest.mark.slow
@@ -60,7 +63,10 @@ def test_weights_and_evaluation_equal_one_process(distributed_run, case):
     if strategy == "fsdp" and case in worker.DDP_ONLY:
         pytest.skip("refused under FSDP at setup (tests/test_scaling.py checks the refusal)")
     result = torch.load(out / f"{case}.pt", weights_only=True)
-    weights, figures = reference(case)
+    weights, figures, algorithm = reference(case)
+    if len(list(algorithm.parameters())):  # learned inner learning rates: the same on every rank, and equal
+        for name, value in algorithm.state_dict().items():
+            torch.testing.assert_close(result["algorithm"][name], value, **TOLERANCE, msg=f"{strategy} {case} {name}")
     assert result["weights"].keys() == weights.keys()
     initial = worker.build(case)[0].learner.state_dict()
     assert any(not torch.equal(initial[name], tensor) for name, tensor in weights.items())  # it trained

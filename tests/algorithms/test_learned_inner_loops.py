@@ -219,3 +219,20 @@ def test_learned_rates_round_trip_through_checkpoints_and_resume_exactly(tmp_pat
     resumed, _ = fit(6, ckpt_path=checkpoint)
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_meta_sgd_learns_rates_for_lora_adapters():
+    from lightning_meta import CausalLMLearner, LoraSettings, TaskBatch
+
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
+                              attn_implementation="eager", dtype="float64")  # fmt: skip
+    algorithm = MetaSGD(inner_lr=0.5, per_tensor=True).double()
+    algorithm.bind(learner)
+    assert sorted(algorithm.learning_rates()) == sorted(learner.fast_parameters())  # one rate per adapter tensor
+    ids = torch.randint(0, 500, (2, 3, 12), generator=torch.Generator().manual_seed(0))
+    split = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    algorithm.meta_loss(learner, TaskBatch(support=split, query={k: v.flip(1) for k, v in split.items()})).loss.backward()
+    assert all(rate.grad is not None and rate.grad.abs() > 0 for rate in algorithm.log_lrs.values())

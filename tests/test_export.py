@@ -1,0 +1,175 @@
+"""Export: a meta-training checkpoint as a Hugging Face folder that gives the learner's logits."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
+from lightning_meta.algorithms import FOMAML
+from lightning_meta.checkpoints import CheckpointError
+from lightning_meta.datamodules import LanguageModelingTasksDataModule
+from lightning_meta.export import PROVENANCE_FILE, ExportCallback, export
+from lightning_meta.tokenization import fingerprint_of, load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
+from test_packed_text import write_corpus  # noqa: E402
+
+TINY = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+
+
+def quiet_trainer(root: Path, **options) -> L.Trainer:
+    settings = dict(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
+                    devices=1, default_root_dir=root)  # fmt: skip
+    return L.Trainer(**(settings | options))
+
+
+def meta_checkpoint(folder: Path, callbacks=(), model_config=None, **learner_options) -> tuple[Path, CausalLMLearner]:
+    """Two FOMAML steps of a tiny GPT-2 on a folder corpus; the checkpoint and the trained learner."""
+    L.seed_everything(0, verbose=False)
+    learner = CausalLMLearner(model_config=model_config or dict(TINY), **learner_options)
+    module = MetaLearningModule(learner, FOMAML(inner_lr=0.1), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
+    data = LanguageModelingTasksDataModule(
+        corpus=str(write_corpus(folder / "corpus")), val_domains=["json"], test_domains=["html"], block_size=16,
+        shots=1, queries=1, meta_batch_size=1, num_val_tasks=1, num_test_tasks=1,
+    )  # fmt: skip
+    trainer = quiet_trainer(folder, callbacks=list(callbacks))
+    trainer.fit(module, data)
+    trainer.save_checkpoint(folder / "meta.ckpt")
+    return folder / "meta.ckpt", learner.eval()
+
+
+def tokens(count: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, 4096, (count, length), generator=torch.Generator().manual_seed(1))
+
+
+def logits_of(learner: CausalLMLearner, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return learner.predict({"input_ids": input_ids})
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plain")
+    checkpoint, learner = meta_checkpoint(folder)
+    return checkpoint, logits_of(learner, tokens())
+
+
+def test_round_trip_gives_identical_logits_and_provenance(plain, tmp_path):
+    checkpoint, expected = plain
+    output = export(str(checkpoint), str(tmp_path / "export"))
+    model = AutoModelForCausalLM.from_pretrained(output)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens()).logits, expected)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", PROVENANCE_FILE} <= {
+        path.name for path in output.iterdir()
+    }
+    assert not any(name.startswith(("learner.", "model.")) for name in model.state_dict())
+    assert load_tokenizer(str(output)).get_vocab() == load_tokenizer("embedded-bpe-4096").get_vocab()
+    provenance = json.loads((output / PROVENANCE_FILE).read_text())
+    assert provenance["algorithm"]["class_path"].endswith("FOMAML")
+    assert provenance["fast_weights"] == "all" and provenance["steps_trained"] == 2
+    assert provenance["source_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert provenance["tokenizer_fingerprint"] == fingerprint_of("embedded-bpe-4096")
+    # Tied input/output embeddings stay tied in the loaded model.
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_untied_embeddings_round_trip(tmp_path):
+    checkpoint, learner = meta_checkpoint(tmp_path, model_config=dict(TINY, tie_word_embeddings=False))
+    model = AutoModelForCausalLM.from_pretrained(export(str(checkpoint), str(tmp_path / "export")))
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens()).logits, logits_of(learner, tokens()))
+
+
+def test_lora_is_merged_and_the_adapters_written_apart(tmp_path):
+    checkpoint, learner = meta_checkpoint(tmp_path, lora=LoraSettings(r=2, alpha=4), meta_learn_base=True)
+    expected = logits_of(learner, tokens())
+    output = export(str(checkpoint), str(tmp_path / "export"), adapter_dir=str(tmp_path / "adapter"))
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert not any("lora_" in name for name in model.state_dict())
+    with torch.no_grad():  # merging W + BA changes the order of float32 sums: equal to rounding
+        torch.testing.assert_close(model(input_ids=tokens()).logits, expected, rtol=1e-5, atol=1e-5)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    provenance = json.loads((output / PROVENANCE_FILE).read_text())
+    assert provenance["lora"]["merged"] and provenance["fast_weights"] == "lora"
+
+
+def test_export_callback_writes_the_same_folder_at_the_end_of_fit(tmp_path):
+    checkpoint, learner = meta_checkpoint(tmp_path, callbacks=[ExportCallback(str(tmp_path / "in-run"))])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "in-run")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens()).logits, logits_of(learner, tokens()))
+    assert json.loads((tmp_path / "in-run" / PROVENANCE_FILE).read_text())["steps_trained"] == 2
+
+
+def test_existing_folder_is_refused_and_kept_unless_overwrite(plain, tmp_path):
+    checkpoint, _ = plain
+    output = tmp_path / "export"
+    output.mkdir()
+    (output / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(str(checkpoint), str(output))
+    assert (output / "mine.txt").read_text() == "keep me"
+    export(str(checkpoint), str(output), overwrite=True)
+    assert not (output / "mine.txt").exists() and (output / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left behind
+
+
+def test_bad_checkpoints_are_named(plain, tmp_path):
+    checkpoint, _ = plain
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        export(str(truncated), str(tmp_path / "a"))
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "hyper_parameters": {"hidden": 3}}, other)
+    with pytest.raises(CheckpointError, match="not from lightning-meta"):
+        export(str(other), str(tmp_path / "b"))
+    with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
+        export(str(tmp_path), str(tmp_path / "c"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_missing_tokenizer_is_named_and_can_be_given(tmp_path):
+    tokenizer_folder = tmp_path / "my-tokenizer"
+    load_tokenizer("embedded-bpe-4096").save_pretrained(tokenizer_folder)
+    checkpoint, learner = meta_checkpoint(tmp_path, tokenizer=str(tokenizer_folder))
+    moved = tmp_path / "moved-tokenizer"
+    shutil.move(tokenizer_folder, moved)
+    with pytest.raises(FileNotFoundError, match="--tokenizer FOLDER"):
+        export(str(checkpoint), str(tmp_path / "export"))
+    with pytest.raises(ValueError, match="fingerprint"):
+        export(str(checkpoint), str(tmp_path / "export"), tokenizer="embedded-wordpiece-4096")
+    output = export(str(checkpoint), str(tmp_path / "export"), tokenizer=str(moved))
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(output)(input_ids=tokens()).logits
+    assert torch.equal(logits, logits_of(learner, tokens()))
+
+
+def test_export_command(plain, tmp_path):
+    checkpoint, expected = plain
+    command = ["lightning-meta", "export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    assert subprocess.run(command, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=tokens()).logits, expected)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "lightning-meta: error: FileExistsError:" in again.stderr
+    assert "Traceback" not in again.stderr
+    help_text = subprocess.run(["lightning-meta", "--help"], env=env, capture_output=True, text=True).stdout
+    assert "lightning-meta export" in help_text and "lightning-meta pretrain" in help_text
