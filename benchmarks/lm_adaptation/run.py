@@ -39,7 +39,6 @@ from torch import Tensor
 
 from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
 from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
-from lightning_meta.algorithms.base import detached_start, inner_loop
 from lightning_meta.datamodules.language_modeling import LanguageModelingTasksDataModule
 from lightning_meta.learners import Learner
 from lightning_meta.metrics import mean_and_ci95
@@ -236,27 +235,17 @@ def adaptation_curves(
 ) -> dict[int, Tensor]:
     """Per-episode query loss before adaptation (key 0) and after each of ``steps`` SGD steps.
 
-    One trajectory per episode: the library's first-order inner loop (what every algorithm's
-    ``adapt`` runs) advanced one step at a time, so the losses after 1, 5 and 10 steps cost 10
-    steps, not 16. An episode whose inner loop diverges scores ``inf`` from then on.
+    One trajectory per episode: the library's public adaptation trajectory (``adapt_steps``, what
+    every algorithm's ``adapt`` and evaluation run) with SGD steps of ``step_size``, so the losses
+    after 1, 5 and 10 steps cost 10 steps, not 16. A diverged episode scores ``inf`` from then on.
     """
+    sgd = MAML(inner_lr=step_size)
     losses: dict[int, list[Tensor]] = {0: [], **{k: [] for k in steps}}
     for batch in batches:
         for episode in batch.episodes():
             with torch.no_grad():
                 losses[0].append(learner.loss(episode.query)[0])
-            weights = detached_start(learner)
-            for step in range(1, max(steps) + 1):
-                try:
-                    weights = inner_loop(
-                        learner, weights, episode.support, inner_lr=step_size, steps=1, create_graph=False
-                    )
-                except FloatingPointError:
-                    for k in steps:
-                        if k >= step:
-                            losses[k].append(torch.tensor(math.inf))
-                    break
-                weights = {name: weight.detach().requires_grad_() for name, weight in weights.items()}
+            for step, weights in enumerate(sgd.adapt_steps(learner, episode.support, steps=max(steps)), start=1):
                 if step in steps:
                     with torch.no_grad():
                         loss = learner.loss(episode.query, weights)[0]

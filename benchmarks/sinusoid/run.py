@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_meta import MLP, MetaLearningModule, RegressionLearner
-from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
+from lightning_meta.algorithms import FOMAML, MAML, MAMLPlusPlus, MetaAlgorithm, MetaSGD, Reptile
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule
 from lightning_meta.learners import FastWeights, Learner
 from lightning_meta.metrics import mean_and_ci95
@@ -88,6 +88,12 @@ METHODS = [
     Method("FOMAML (1 inner step)", lambda: FOMAML(inner_lr=0.01, inner_steps=1)),
     Method("Reptile (5 inner steps)", lambda: Reptile(inner_lr=0.01, inner_steps=5)),
     Method("Pretrained (joint regression)", lambda: Pretrained(inner_lr=0.01)),
+    # Learned inner loops: their rates start at 0.01 and are meta-learned; evaluation adapts with the learned rates.
+    Method("Meta-SGD (1 inner step)", lambda: MetaSGD(inner_lr=0.01, inner_steps=1)),
+    Method(
+        "MAML++ (5 inner steps: LSLR, MSL, DA)",
+        lambda: MAMLPlusPlus(inner_lr=0.01, inner_steps=5, msl_anneal_steps=1000, first_order_steps=1000),
+    ),
 ]
 
 
@@ -222,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=Path(__file__).resolve().parent, help="directory for adaptation.png"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest here)")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="run only the methods whose name starts with one of these"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -236,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     ).eval_batches("test")
     started = time.perf_counter()
     results = []
-    for method in METHODS:
+    chosen = [m for m in METHODS if args.methods is None or any(m.name.startswith(p) for p in args.methods)]
+    for method in chosen:
         learner, algorithm, seconds, final_loss = train(method, args.steps, args.seed)
         eval_start = time.perf_counter()
         query_mse = evaluate(learner, algorithm, test_batches)
