@@ -72,3 +72,19 @@ def mlp_learner() -> RegressionLearner:
 def classifier() -> ClassificationLearner:
     torch.manual_seed(0)
     return ClassificationLearner(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))).double()
+
+
+class Blocks(nn.Module):
+    """An input layer, a list of blocks (what ``last_blocks:N`` and FSDP see), and a head."""
+
+    def __init__(self, features: int = 4, width: int = 6, blocks: int = 3, ways: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.head = nn.Linear(width, ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import lightning_meta
 import lightning_meta.datamodules
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, EncoderLearner, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import inner_loop
 from lightning_meta.learners import Learner, resolve_fast_weights
+
+from conftest import Blocks
 
 
 def test_fast_weight_choices():
@@ -54,24 +55,8 @@ def test_functional_call_uses_given_weights_and_leaves_module_alone():
     assert not torch.equal(learner(x), torch.zeros(5, 1))
 
 
-class _Blocks(nn.Module):
-    """Embedding, a list of blocks, a head: the shape ``last_blocks:N`` is for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, 6)
-        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for block in self.blocks:
-            x = torch.tanh(block(x))
-        return self.head(x)
-
-
 def _plain() -> Learner:
-    return ClassificationLearner(_Blocks())
+    return ClassificationLearner(Blocks())
 
 
 def _causal_lm() -> Learner:

@@ -16,21 +16,7 @@ from lightning_meta.datamodules import SinusoidDataModule
 from lightning_meta.learners import RegressionLearner
 from lightning_meta.scaling import UnsupportedSetupError, check_precision, check_strategy
 
-from conftest import classification_batch, regression_batch
-
-
-class _Blocks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, 6)
-        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for block in self.blocks:
-            x = torch.tanh(block(x))
-        return self.head(x)
+from conftest import Blocks, classification_batch, regression_batch
 
 
 def _gradients(learner: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
@@ -52,7 +38,7 @@ CASES = {
 def test_task_by_task_gives_the_all_at_once_gradient(case):
     make_algorithm, fast_weights = CASES[case]
     torch.manual_seed(0)
-    learner = ClassificationLearner(_Blocks(), fast_weights).double()
+    learner = ClassificationLearner(Blocks(blocks=2), fast_weights).double()
     batch = classification_batch(meta_batch_size=4, ways=3, shots=2, queries=3, features=4)
     algorithm = make_algorithm()
     joint = algorithm.meta_loss(learner, batch, task_by_task=False)
@@ -106,7 +92,7 @@ def test_bf16_mixed_trains_every_algorithm(make_algorithm):
     torch.manual_seed(0)
     algorithm = make_algorithm()
     if isinstance(algorithm, ProtoNet):
-        learner = ClassificationLearner(_Blocks())
+        learner = ClassificationLearner(Blocks(blocks=2))
         datamodule = _clusters()
     else:
         learner = RegressionLearner(MLP(1, [16], 1))
@@ -153,7 +139,7 @@ def test_precisions_the_inner_loop_runs_in(precision):
 
 def test_protonet_trains_in_bf16_true():
     torch.manual_seed(0)
-    learner = ClassificationLearner(_Blocks())
+    learner = ClassificationLearner(Blocks(blocks=2))
     module = MetaLearningModule(learner, ProtoNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     trainer = L.Trainer(max_steps=2, precision="bf16-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
@@ -179,7 +165,7 @@ class _Mesh:
 
 
 def test_strategies_that_would_shard_fast_weights_are_refused():
-    learner = ClassificationLearner(_Blocks(), "head")
+    learner = ClassificationLearner(Blocks(blocks=2), "head")
     with pytest.raises(UnsupportedSetupError, match=r"FSDPStrategy \(FSDP1\) is not supported.*ModelParallelStrategy"):
         check_strategy(FSDPStrategy(), learner, MAML())
     tensor_parallel = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
@@ -189,6 +175,6 @@ def test_strategies_that_would_shard_fast_weights_are_refused():
     fsdp = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     fsdp._device_mesh = _Mesh(tensor_parallel=1)
     check_strategy(fsdp, learner, MAML())  # head fast weights: replicated, the rest sharded
-    check_strategy(fsdp, ClassificationLearner(_Blocks()), ProtoNet())  # no inner loop: shard everything
+    check_strategy(fsdp, ClassificationLearner(Blocks(blocks=2)), ProtoNet())  # no inner loop: shard everything
     with pytest.raises(UnsupportedSetupError, match=r"fast_weights='all': every weight is a fast weight.*lora, head"):
-        check_strategy(fsdp, ClassificationLearner(_Blocks()), FOMAML())
+        check_strategy(fsdp, ClassificationLearner(Blocks(blocks=2)), FOMAML())
