@@ -18,7 +18,7 @@ from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpo
 from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.learners import Learner
 from lightning_meta.metrics import EpisodeStatistics
-from lightning_meta.tasks import TaskBatch
+from lightning_meta.tasks import Episode, TaskBatch
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 _EVAL_STAGES = ("val", "test")
@@ -39,11 +39,15 @@ class MetaLearningModule(LightningModule):
         task_by_task: take each task's meta-gradient and free its graph before the next task
             (memory flat in the meta-batch size; the same gradient). ``False`` keeps every task's
             graph until one backward. FSDP and ``16-mixed`` always use the latter.
+        eval_curve: adaptation curve: step counts (0 = before adaptation), e.g. ``[0, 1, 5, 10]``,
+            at which validation/test also log the query figures, all read off one adaptation
+            trajectory per episode (``algorithm.adapt_steps``); ``None``: only before and after.
 
     Logs ``train/query_loss`` every step and, for validation and test, ``{stage}/query_loss_pre``
     and ``{stage}/query_loss_post`` (plus ``_acc_`` for classification), each with a ``_ci95``
-    half-width over episodes. Adaptation works in ``validate``/``test``/``predict`` under
-    Lightning's default ``inference_mode``.
+    half-width over episodes; with ``eval_curve``, also ``{stage}/query_loss@k`` (and
+    ``query_acc@k``) for each listed ``k``, with ``_ci95``. Adaptation works in
+    ``validate``/``test``/``predict`` under Lightning's default ``inference_mode``.
 
     Data are checked once per batch (finite values, token ids, labels; one host sync) and the
     meta-loss once per step; a non-finite meta-loss stops training with an error that says
@@ -60,6 +64,7 @@ class MetaLearningModule(LightningModule):
         eval_inner_steps: int | None = None,
         task_by_task: bool = True,
         algorithm_lr: float | None = None,
+        eval_curve: list[int] | None = None,
     ) -> None:
         super().__init__()
         # Built here, not as a default instance: jsonargparse would carry a default instance's
@@ -67,6 +72,7 @@ class MetaLearningModule(LightningModule):
         algorithm = MAML() if algorithm is None else algorithm
         if eval_inner_steps is not None and eval_inner_steps < 1:
             raise ValueError(f"eval_inner_steps must be >= 1 or None, got {eval_inner_steps}.")
+        _check_eval_curve(eval_curve, algorithm)
         self.learner = learner
         self.algorithm = algorithm
         self.optimizer = optimizer
@@ -74,6 +80,9 @@ class MetaLearningModule(LightningModule):
         self.eval_inner_steps = eval_inner_steps
         self.task_by_task = task_by_task
         self.algorithm_lr = algorithm_lr
+        self.eval_curve = eval_curve
+        #: the curve's step counts, ascending and distinct
+        self._curve_steps = sorted(set(eval_curve or []))
         algorithm.bind(learner)  # its meta-parameters exist before the optimizer and any checkpoint load
         #: fast weights kept replicated under FSDP, whose gradients this module averages over ranks.
         self._replicated: list[nn.Parameter] = []
@@ -85,6 +94,12 @@ class MetaLearningModule(LightningModule):
                 for stage in _EVAL_STAGES
                 for name in learner.metric_names
                 for when in ("pre", "post")
+            }
+            | {
+                f"{stage}_{name}@{step}": EpisodeStatistics()
+                for stage in _EVAL_STAGES
+                for name in learner.metric_names
+                for step in self._curve_steps
             }
         )
 
@@ -101,6 +116,7 @@ class MetaLearningModule(LightningModule):
                 "eval_inner_steps": self.eval_inner_steps,
                 "task_by_task": self.task_by_task,
                 "algorithm_lr": self.algorithm_lr,
+                "eval_curve": self.eval_curve,
                 # Lets load_from_checkpoint rebuild the components from plain data, with
                 # torch.load's default weights_only=True.
                 "_instantiator": "lightning.pytorch.cli.instantiate_module",
@@ -203,11 +219,10 @@ class MetaLearningModule(LightningModule):
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary
         # (non-inference) tensors, so leave inference mode and copy the batch.
         self.learner.check_data(batch)
+        evaluate = self.algorithm.evaluate if self.eval_curve is None else self._evaluate_along_curve
         with torch.inference_mode(False):
             batch = batch.detached_clone()
-            episodes = [
-                self.algorithm.evaluate(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()
-            ]
+            episodes = [evaluate(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()]
         figures = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
         if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
             raise FloatingPointError(self._describe_bad_evaluation(figures, stage))
@@ -215,19 +230,46 @@ class MetaLearningModule(LightningModule):
             for value in values:
                 self.episode_stats[f"{stage}_{key}"].update(value)
 
+    def _evaluate_along_curve(self, learner: Learner, episode: Episode, steps: int | None) -> dict[str, Tensor]:
+        """:meth:`MetaAlgorithm.evaluate`'s figures plus ``{name}@{k}`` for each ``eval_curve`` step count.
+
+        Everything comes from one trajectory: the ``*_post`` figures are those at the evaluation
+        steps, so they equal ``evaluate``'s.
+        """
+        self.algorithm.check_learner(learner)
+        post_steps = self.algorithm.evaluation_steps() if steps is None else steps
+        wanted = {post_steps, *self._curve_steps}
+        with torch.no_grad():
+            _, before = learner.loss(episode.query)
+        figures_at = {0: before}
+        for step, adapted in enumerate(self.algorithm.adapt_steps(learner, episode.support, max(wanted)), start=1):
+            if step in wanted:
+                with torch.no_grad():
+                    _, figures_at[step] = learner.loss(episode.query, adapted)
+        figures = {f"{name}_pre": value for name, value in before.items()}
+        figures |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
+        return figures | {
+            f"{name}@{step}": value for step in self._curve_steps for name, value in figures_at[step].items()
+        }
+
     def _describe_bad_evaluation(self, figures: dict[str, Tensor], stage: str) -> str:
-        before = torch.isfinite(figures["loss_pre"])
+        before = torch.isfinite(figures["loss_pre"]) if "loss_pre" in figures else torch.ones((), dtype=torch.bool)
         if not bool(before.all()):
             episode = int(torch.nonzero(~before)[0])
             return (
                 f"{stage}: the query loss before adaptation is not finite on episode {episode} of the batch: the "
                 "meta-parameters diverged. Resume from an earlier checkpoint with a lower meta learning rate."
             )
-        after = torch.isfinite(figures["loss_post"])
-        episode = int(torch.nonzero(~after)[0]) if not bool(after.all()) else 0
+        # The earliest adapted figure that is not finite names the episode (curve points come in step order).
+        adapted = [f"loss@{step}" for step in self._curve_steps if step > 0] + ["loss_post"]
+        finite = {key: torch.isfinite(figures[key]) for key in adapted if key in figures}
+        diverged = next((key for key, values in finite.items() if not bool(values.all())), None)
+        episode = int(torch.nonzero(~finite[diverged])[0]) if diverged else 0
+        step = int(diverged.removeprefix("loss@")) if diverged and "@" in diverged else None
+        when = "after" if step is None else f"after {step} step{'s' * (step != 1)}"
         return (
             f"{stage}: adaptation diverged on episode {episode} of the batch (the query loss is finite before "
-            "adaptation, not after). Lower the evaluation step size (--model.algorithm.init_args.eval_inner_lr) "
+            f"adaptation, not {when}). Lower the evaluation step size (--model.algorithm.init_args.eval_inner_lr) "
             "or the evaluation steps (--model.eval_inner_steps)."
         )
 
@@ -289,6 +331,21 @@ class MetaLearningModule(LightningModule):
             statistic.reset()
         if summary and stage == "test" and not self.trainer.sanity_checking:
             rank_zero_info("Post-adaptation results (mean ± 95% CI over episodes):\n  " + "\n  ".join(summary))
+
+
+def _check_eval_curve(eval_curve: list[int] | None, algorithm: MetaAlgorithm) -> None:
+    if eval_curve is None:
+        return
+    if not eval_curve or any(isinstance(step, bool) or not isinstance(step, int) or step < 0 for step in eval_curve):
+        raise ValueError(
+            f"eval_curve must be a non-empty list of step counts >= 0 (0 = before adaptation), got {eval_curve!r}; "
+            "e.g. --model.eval_curve=[0,1,5,10], or leave it unset."
+        )
+    if not algorithm.adapts_weights:
+        raise ValueError(
+            f"eval_curve={eval_curve!r} needs an algorithm that adapts weights; {type(algorithm).__name__} has no "
+            "adaptation steps. Leave eval_curve unset."
+        )
 
 
 def _is_sharded(learner: Learner) -> bool:

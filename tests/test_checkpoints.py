@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 
 import lightning as L
@@ -38,7 +39,7 @@ def test_unreadable_checkpoints_are_refused_by_name(tmp_path):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(open(good, "rb").read()[:3000])
     random_bytes = tmp_path / "random.ckpt"
-    random_bytes.write_bytes(os.urandom(5000))
+    random_bytes.write_bytes(random.Random(0).randbytes(5000))  # fixed: no accidental zip signature
     cases = [
         ("https://example.com/model.ckpt", r"is not a local path\. Checkpoints are never downloaded"),
         (str(tmp_path / "missing.ckpt"), r"missing\.ckpt' does not exist"),

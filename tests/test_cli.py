@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -71,6 +72,23 @@ def test_algorithm_swaps_by_class_name(tmp_path, name, cls):
     assert type(loaded.algorithm) is cls and loaded.algorithm.inner_lr == 0.02
 
 
+def test_multitask_by_name_and_the_adaptation_curve_in_the_test_summary(tmp_path):
+    result = run(
+        "fit",
+        *SINUSOID,
+        "--model.algorithm=MultiTask",
+        "--model.eval_curve=[0, 1, 3]",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUICK,
+        cwd=tmp_path,
+    )
+    model = saved_config(tmp_path)["model"]
+    assert model["algorithm"]["class_path"] == "lightning_meta.algorithms.MultiTask"
+    assert model["algorithm"]["init_args"]["eval_inner_steps"] == 10 and model["eval_curve"] == [0, 1, 3]
+    summary = (result.stdout + result.stderr).split("Post-adaptation results")[-1]
+    assert all(f"test/query_loss@{k} = " in summary for k in (0, 1, 3)) and "test/query_loss_post = " in summary
+
+
 def test_user_subclass_by_dotted_path(tmp_path):
     (tmp_path / "my_algos.py").write_text(
         textwrap.dedent("""
@@ -133,7 +151,7 @@ def test_python_dash_m(tmp_path):
 def test_unknown_algorithm_lists_known_names(tmp_path):
     result = run("fit", *SINUSOID, "--model.algorithm=MAMLL", cwd=tmp_path, check=False)
     assert result.returncode != 0
-    assert "Known algorithms: ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile" in result.stderr
+    assert "Known algorithms: ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, MultiTask, ProtoNet, Reptile" in result.stderr
 
 
 def test_bad_inner_steps_names_the_fix(tmp_path):
@@ -241,7 +259,7 @@ def test_checkpoint_of_another_learner_is_refused_by_name(sinusoid_run, tmp_path
 def test_bad_checkpoint_paths_get_one_line_errors(sinusoid_run, tmp_path):
     good = (sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
-    (tmp_path / "random.ckpt").write_bytes(os.urandom(4096))
+    (tmp_path / "random.ckpt").write_bytes(random.Random(0).randbytes(4096))
     cases = {
         "https://example.com/x.ckpt": "is not a local path. Checkpoints are never downloaded",
         "truncated.ckpt": "'truncated.ckpt' is not a readable checkpoint",

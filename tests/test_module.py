@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_meta import MLP, ClassificationLearner, Episode, MetaLearningModule, RegressionLearner
-from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
+from lightning_meta.algorithms import FOMAML, MAML, MetaSGD, ProtoNet, Reptile
 from lightning_meta.datamodules import EpisodicDataModule, SinusoidDataModule
 from lightning_meta.learners import DataError
 from lightning_meta.metrics import mean_and_ci95
@@ -185,6 +185,14 @@ def test_diverged_evaluation_adaptation_is_an_error_not_a_nan_average():
         trainer(max_steps=1).validate(module, sinusoid())
 
 
+def test_diverged_adaptation_curve_names_the_first_step_that_diverged():
+    module = MetaLearningModule(
+        RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01, eval_inner_lr=1e30), eval_curve=[0, 1, 4]
+    )
+    with pytest.raises(FloatingPointError, match=r"adaptation diverged on episode \d+ .*not after 1 step\)"):
+        trainer(max_steps=1).validate(module, sinusoid())
+
+
 def test_non_finite_evaluation_data_names_split_and_episode():
     class NaNQueries(SinusoidDataModule):
         def sample_episode(self, generator, split):
@@ -251,3 +259,52 @@ def test_bf16_mixed_precision_meta_training_runs_and_learns():
     (after,) = trainer(precision="bf16-mixed").test(module, datamodule, verbose=False)
     assert after["test/query_loss_post"] < 0.8 * before["test/query_loss_post"]
     assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def test_adaptation_curve_points_are_adapt_then_query_loss_and_post_is_on_it():
+    torch.manual_seed(0)
+    module = MetaLearningModule(
+        RegressionLearner(MLP(1, [16], 1)), MetaSGD(inner_lr=0.05), eval_inner_steps=2, eval_curve=[3, 0, 1, 2]
+    )
+    datamodule = sinusoid(num_test_tasks=6)
+    (results,) = trainer().test(module, datamodule, verbose=False)
+
+    episodes = [episode for batch in datamodule.eval_batches("test") for episode in batch.episodes()]
+    for k in (0, 1, 2, 3):
+        losses = []
+        for episode in episodes:
+            adapted = module.algorithm.adapt(module.learner, episode.support, steps=k)
+            losses.append(module.learner.loss(episode.query, adapted)[0].detach())
+        mean, ci95 = mean_and_ci95(torch.stack(losses))
+        assert results[f"test/query_loss@{k}"] == pytest.approx(mean.item(), rel=1e-6), k
+        assert results[f"test/query_loss@{k}_ci95"] == pytest.approx(ci95.item(), rel=1e-6), k
+    assert results["test/query_loss@0"] == results["test/query_loss_pre"]
+    assert results["test/query_loss@2"] == results["test/query_loss_post"]  # post: the evaluation steps, on the curve
+
+
+def test_adaptation_curve_logs_accuracy_for_classification():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    module = MetaLearningModule(ClassificationLearner(model), MAML(inner_lr=0.5), eval_curve=[0, 2])
+    (results,) = trainer().test(module, GaussianClusters(num_test_tasks=4, eval_meta_batch_size=4), verbose=False)
+    assert {"test/query_acc@0", "test/query_acc@2_ci95", "test/query_loss@2"} <= set(results)
+    assert results["test/query_acc@0"] == results["test/query_acc_pre"]
+
+
+def test_adaptation_curve_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match=r"eval_curve must be a non-empty list of step counts >= 0.*got \[0, -1\]"):
+        MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(), eval_curve=[0, -1])
+    with pytest.raises(ValueError, match="ProtoNet has no adaptation steps"):
+        MetaLearningModule(ClassificationLearner(nn.Linear(4, 3)), ProtoNet(), eval_curve=[0, 1])
+
+
+def test_adaptation_curve_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning_meta.plots import AdaptationCurvePlot
+
+    torch.manual_seed(0)
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01), eval_curve=[0, 1, 3])
+    plot = AdaptationCurvePlot()
+    trainer(callbacks=[plot], default_root_dir=tmp_path).test(module, sinusoid(num_test_tasks=4), verbose=False)
+    assert plot.path == tmp_path / "test_adaptation_curve.png"
+    assert plot.path.read_bytes().startswith(b"\x89PNG")

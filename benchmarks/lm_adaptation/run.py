@@ -7,7 +7,8 @@ each given the same number of block forward/backward passes (see ``passes_per_st
 - FOMAML, all weights fast;
 - Reptile, all weights fast;
 - second-order MAML on LoRA adapters (the outer loop also meta-learns the base weights);
-- a baseline: ordinary multi-domain LM training on the support and query blocks, no inner loop.
+- a baseline: ordinary multi-domain LM training on the support and query blocks, no inner loop
+  (``MultiTask``).
 
 Then, on the fixed held-out *test* domains (``LanguageModelingTasksDataModule.eval_batches("test")``),
 adapts each model to 4 support blocks of 64 tokens with plain SGD and reports the query loss
@@ -38,11 +39,11 @@ import torch
 from torch import Tensor
 
 from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
-from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
+from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, MultiTask, Reptile
 from lightning_meta.datamodules.language_modeling import LanguageModelingTasksDataModule
 from lightning_meta.learners import Learner
 from lightning_meta.metrics import mean_and_ci95
-from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.tasks import TaskBatch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -71,30 +72,6 @@ ALL_WEIGHTS_GRID = (0.03, 0.1, 0.3)
 LORA_GRID = (0.1, 0.3, 1.0)
 META_LR = 5e-3
 DEFAULT_BUDGET = 14_400  # block forward/backward passes per method (FOMAML: 300 outer steps, as the quick start)
-
-
-class MultiDomainLM(MAML):
-    """The baseline: ordinary next-token training on every training task, no inner loop.
-
-    The training loss is the LM loss on the support *and* query blocks of each task at the current
-    weights (one forward/backward on ``shots + queries`` blocks). Adaptation at test time is
-    MAML's: plain SGD with step size ``inner_lr`` on all weights.
-
-    Args:
-        inner_lr: SGD step size used by :meth:`adapt` (evaluation only).
-        eval_inner_steps: default number of adaptation steps.
-    """
-
-    def __init__(self, inner_lr: float = 0.1, eval_inner_steps: int | None = None) -> None:
-        super().__init__(inner_lr=inner_lr, inner_steps=1, eval_inner_steps=eval_inner_steps, first_order=True)
-
-    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        """LM loss on all the task's blocks; reports the query blocks' loss as ``query_loss``."""
-        blocks = {name: torch.cat([episode.support[name], episode.query[name]]) for name in episode.support}
-        loss, _ = learner.loss(blocks)
-        with torch.no_grad():
-            _, query = learner.loss(episode.query)
-        return loss, {"query_loss": query["loss"]}
 
 
 @dataclass
@@ -162,7 +139,7 @@ METHODS = {
     "baseline": Method(
         "Baseline: multi-domain LM training",
         all_weights_learner,
-        MultiDomainLM,
+        lambda: MultiTask(inner_lr=0.1),
         adamw(),
         SHOTS + QUERIES,
         ALL_WEIGHTS_GRID,
@@ -438,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(results))
     print(f"\nValidation query loss ({NUM_VAL_TASKS} episodes) for each evaluation step size:\n")
     print(validation_table(results))
-    baseline = next((r for r in results if isinstance(r.method.make_algorithm(), MultiDomainLM)), None)
+    baseline = next((r for r in results if isinstance(r.method.make_algorithm(), MultiTask)), None)
     if baseline is not None and len(results) > 1:
         print("\nPaired difference to the baseline on the same test episodes (negative: lower loss):\n")
         print(paired_table(results, baseline))

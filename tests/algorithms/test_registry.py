@@ -26,7 +26,7 @@ def test_dotted_path():
 def test_unknown_name_lists_known_names():
     with pytest.raises(
         UnknownAlgorithmError,
-        match=r"Unknown algorithm 'mamll'\. Known algorithms: anil, fomaml, maml, mamlplusplus, metasgd, "
+        match=r"Unknown algorithm 'mamll'\. Known algorithms: anil, fomaml, maml, mamlplusplus, metasgd, multitask, "
         r"protonet, reptile",
     ):
         algorithms.get("mamll")
