@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
-from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, MultiTask, Reptile
+from lightning_meta.algorithms import FOMAML, MAML, MAMLPlusPlus, MetaAlgorithm, MetaSGD, MultiTask, Reptile
 from lightning_meta.datamodules.language_modeling import LanguageModelingTasksDataModule
 from lightning_meta.learners import Learner
 from lightning_meta.metrics import mean_and_ci95
@@ -110,6 +110,13 @@ def adamw(lr: float = META_LR) -> Callable[..., torch.optim.Optimizer]:
 FOMAML_INNER = (0.1, 2)  # (inner_lr, inner_steps)
 REPTILE_INNER = (0.1, 4)
 MAML_LORA_INNER = (0.3, 1)
+#: The "step size" of methods that adapt with their own learned rates (Meta-SGD, MAML++).
+LEARNED = 0.0
+
+
+def _step(step_size: float) -> str:
+    return "learned" if step_size == LEARNED else f"{step_size:g}"
+
 
 METHODS = {
     "fomaml": Method(
@@ -135,6 +142,22 @@ METHODS = {
         adamw(),
         SHOTS * MAML_LORA_INNER[1] + QUERIES,
         LORA_GRID,
+    ),
+    "metasgd_lora": Method(
+        f"Meta-SGD (LoRA fast, {MAML_LORA_INNER[1]} inner step, learned rates)",
+        lora_learner,
+        lambda: MetaSGD(inner_lr=MAML_LORA_INNER[0], inner_steps=MAML_LORA_INNER[1]),
+        adamw(),
+        SHOTS * MAML_LORA_INNER[1] + QUERIES,
+        (LEARNED,),
+    ),
+    "mamlpp_lora": Method(
+        "MAML++ (LoRA fast, 2 inner steps: LSLR, MSL, DA)",
+        lora_learner,
+        lambda: MAMLPlusPlus(inner_lr=MAML_LORA_INNER[0], inner_steps=2, msl_anneal_steps=100, first_order_steps=50),
+        adamw(),
+        (SHOTS + QUERIES) * 2,  # every inner step's support pass and, for the multi-step loss, its query pass
+        (LEARNED,),
     ),
     "baseline": Method(
         "Baseline: multi-domain LM training",
@@ -182,8 +205,8 @@ def make_datamodule(seed: int, batches_per_epoch: int = 100) -> LanguageModeling
 
 def train(
     method: Method, steps: int, seed: int, datamodule: LanguageModelingTasksDataModule
-) -> tuple[CausalLMLearner, float, float]:
-    """Meta-train one method with ``lightning.Trainer``; returns the learner, seconds, last train loss."""
+) -> tuple[CausalLMLearner, MetaAlgorithm, float, float]:
+    """Meta-train one method with ``lightning.Trainer``; returns the learner, the algorithm, seconds, last loss."""
     lightning.seed_everything(seed, verbose=False)  # the same initial base weights for every method
     learner = method.make_learner()
     module = MetaLearningModule(learner, method.make_algorithm(), optimizer=method.optimizer)
@@ -204,11 +227,15 @@ def train(
     seconds = time.perf_counter() - start
     if trainer.global_step != steps:
         raise RuntimeError(f"{method.name}: trained {trainer.global_step} steps, expected {steps}.")
-    return learner.eval(), seconds, float(trainer.callback_metrics["train/query_loss"])
+    return learner.eval(), module.algorithm, seconds, float(trainer.callback_metrics["train/query_loss"])
 
 
 def adaptation_curves(
-    learner: Learner, batches: Sequence[TaskBatch], step_size: float, steps: Sequence[int] = EVAL_STEPS
+    learner: Learner,
+    batches: Sequence[TaskBatch],
+    step_size: float,
+    steps: Sequence[int] = EVAL_STEPS,
+    algorithm: MetaAlgorithm | None = None,
 ) -> dict[int, Tensor]:
     """Per-episode query loss before adaptation (key 0) and after each of ``steps`` SGD steps.
 
@@ -216,7 +243,8 @@ def adaptation_curves(
     every algorithm's ``adapt`` and evaluation run) with SGD steps of ``step_size``, so the losses
     after 1, 5 and 10 steps cost 10 steps, not 16. A diverged episode scores ``inf`` from then on.
     """
-    sgd = MAML(inner_lr=step_size)
+    # LEARNED: the trained algorithm's own rule (Meta-SGD's and MAML++'s learned rates).
+    sgd = algorithm if step_size == LEARNED else MAML(inner_lr=step_size)
     losses: dict[int, list[Tensor]] = {0: [], **{k: [] for k in steps}}
     for batch in batches:
         for episode in batch.episodes():
@@ -231,10 +259,10 @@ def adaptation_curves(
 
 
 def pick_step_size(
-    learner: Learner, val_batches: Sequence[TaskBatch], grid: Sequence[float]
+    learner: Learner, val_batches: Sequence[TaskBatch], grid: Sequence[float], algorithm: MetaAlgorithm
 ) -> tuple[float, dict[float, float], dict[float, dict[int, Tensor]]]:
     """The grid step size with the lowest validation query loss, averaged over ``EVAL_STEPS``."""
-    curves = {lr: adaptation_curves(learner, val_batches, lr) for lr in grid}
+    curves = {lr: adaptation_curves(learner, val_batches, lr, algorithm=algorithm) for lr in grid}
     scores = {lr: float(torch.stack([curve[k].mean() for k in EVAL_STEPS]).mean()) for lr, curve in curves.items()}
     return min(scores, key=lambda lr: scores[lr]), scores, curves
 
@@ -260,7 +288,7 @@ def markdown_table(results: list[Result]) -> str:
         cells = [
             result.method.name,
             str(result.steps),
-            f"{result.step_size:g}",
+            _step(result.step_size),
             *(format_ci(result.test_loss[k]) for k in (0, *EVAL_STEPS)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -278,7 +306,9 @@ def validation_table(results: list[Result]) -> str:
             chosen = " (chosen)" if lr == result.step_size else ""
             cells = [f"{curve[k].mean().item():.3f}" for k in EVAL_STEPS]
             lines.append(
-                f"| {result.method.name} | {lr:g}{chosen} | " + " | ".join(cells) + f" | {result.val_scores[lr]:.3f} |"
+                f"| {result.method.name} | {_step(lr)}{chosen} | "
+                + " | ".join(cells)
+                + f" | {result.val_scores[lr]:.3f} |"
             )
     return "\n".join(lines)
 
@@ -337,7 +367,7 @@ def plot(results: list[Result], path: Path, title: str, reference: Result | None
                 marker="o",
                 capsize=4,
                 linewidth=2,
-                label=f"{result.method.name}, step size {result.step_size:g}",
+                label=f"{result.method.name}, step size {_step(result.step_size)}",
             )
         ax.set_xticks(ks)
         ax.set_xlabel("SGD adaptation steps on the 4 support blocks")
@@ -388,10 +418,10 @@ def main(argv: list[str] | None = None) -> None:
 
     results = []
     for method in methods:
-        learner, seconds, final_loss = train(method, steps[method.name], args.seed, train_data)
+        learner, algorithm, seconds, final_loss = train(method, steps[method.name], args.seed, train_data)
         eval_start = time.perf_counter()
-        step_size, scores, curves = pick_step_size(learner, val_batches, method.grid)
-        test_loss = adaptation_curves(learner, test_batches, step_size)
+        step_size, scores, curves = pick_step_size(learner, val_batches, method.grid, algorithm)
+        test_loss = adaptation_curves(learner, test_batches, step_size, algorithm=algorithm)
         result = Result(
             method, steps[method.name], seconds, final_loss, step_size, scores, test_loss, val_curves=curves
         )
@@ -399,8 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result)
         print(
             f"{method.name}: {result.steps} steps ({result.steps * META_BATCH_SIZE * method.passes_per_task} block "
-            f"passes) in {seconds:.0f} s, last train query_loss {final_loss:.3f}; step size {step_size:g} "
-            f"(validation {', '.join(f'{lr:g}: {s:.3f}' for lr, s in scores.items())}); "
+            f"passes) in {seconds:.0f} s, last train query_loss {final_loss:.3f}; step size {_step(step_size)} "
+            f"(validation {', '.join(f'{_step(lr)}: {s:.3f}' for lr, s in scores.items())}); "
             f"evaluation {result.eval_seconds:.0f} s",
             flush=True,
         )
