@@ -5,6 +5,7 @@ from lightning_meta.datamodules.episodic_classification import EpisodicClassific
 from lightning_meta.datamodules.language_modeling import LanguageModelingTasksDataModule
 from lightning_meta.datamodules.learn2learn_tasks import Learn2LearnDataModule
 from lightning_meta.datamodules.masked_words import MaskedWordTasksDataModule
+from lightning_meta.datamodules.packed_text import PackedTextDataModule
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule
 from lightning_meta.datamodules.text_classification import TextClassificationDataModule
 
@@ -14,6 +15,7 @@ __all__ = [
     "LanguageModelingTasksDataModule",
     "Learn2LearnDataModule",
     "MaskedWordTasksDataModule",
+    "PackedTextDataModule",
     "SinusoidDataModule",
     "TextClassificationDataModule",
 ]

@@ -12,7 +12,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.tasks import PADDING_KEY, Episode, TaskBatch
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -125,11 +125,13 @@ class EpisodicDataModule(LightningDataModule, ABC):
                 f"{len(batches)} {split} batches for {ranks} processes: every process needs at least one. Raise "
                 f"num_{split}_tasks or lower eval_meta_batch_size (now {self.eval_meta_batch_size})."
             )
-        # Each episode is evaluated by exactly one rank (no padding with repeats, which would skew the
-        # mean and CI); the episode statistics are then gathered over all ranks.
+        # Each episode is evaluated by exactly one rank (repeats would skew the mean and CI); the
+        # statistics are then gathered over all ranks. Ranks with one batch fewer run a padding batch
+        # whose figures are dropped: under FSDP every forward is a collective, and unequal counts hang.
         return DataLoader(
-            batches, batch_size=None, sampler=_RankShardSampler(len(batches), rank, ranks), num_workers=0
-        )
+            _PaddedBatches(batches), batch_size=None, sampler=_RankShardSampler(len(batches), rank, ranks),
+            num_workers=0,
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position (the number of the next training batch to consume) and, for datamodules
@@ -185,10 +187,10 @@ class _StreamSampler(DistributedSampler):
 
 
 class _RankShardSampler(DistributedSampler):
-    """Batches ``rank, rank + ranks, ...``: every batch on exactly one rank, none repeated.
+    """Batches ``rank, rank + ranks, ...``, then ``-1`` (padding) up to the longest rank's count.
 
     A ``DistributedSampler`` subclass so that Lightning leaves it in place (its own pads the
-    last ranks with repeated batches).
+    last ranks with repeated batches, which would be counted twice).
     """
 
     def __init__(self, count: int, rank: int, ranks: int) -> None:
@@ -198,7 +200,27 @@ class _RankShardSampler(DistributedSampler):
         """Evaluation episodes are the same every epoch."""
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.count, self.ranks))
+        own = list(range(self.rank, self.count, self.ranks))
+        return iter(own + [PADDING] * (len(self) - len(own)))
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.count, self.ranks))
+        return -(-self.count // self.ranks)
+
+
+#: The sampler index of a padding batch (marked with ``PADDING_KEY`` in its metadata).
+PADDING = -1
+
+
+class _PaddedBatches(Dataset):
+    def __init__(self, batches: list[TaskBatch]) -> None:
+        self.batches = batches
+
+    def __getitem__(self, index: int) -> TaskBatch:
+        if index != PADDING:
+            return self.batches[index]
+        batch = self.batches[0]
+        return TaskBatch(batch.support, batch.query, batch.ways, batch.shots,
+                         batch.metadata | {PADDING_KEY: [True] * len(batch)})  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -30,7 +30,12 @@ on a tiny GPT-2 over text domains of Python's standard library, ~3 min on a CPU)
 runs a use case; `lightning-meta fit --print_config` prints the full config to copy and edit. With
 --ckpt_path, options typed on the command line or in --config win over the checkpoint's, which win over
 the defaults. Caches: $LIGHTNING_META_CACHE (default ~/.cache/lightning_meta) and the `datasets` cache
-($HF_DATASETS_CACHE); see the README's "Files and caches"."""
+($HF_DATASETS_CACHE); see the README's "Files and caches".
+
+The hand-off, two more subcommands: `lightning-meta export --ckpt_path CKPT --output_dir DIR` writes a
+checkpoint as a Hugging Face folder (`lightning-meta export --help`); `lightning-meta pretrain --config
+configs/pretrain_from_meta.yaml` continues ordinary causal-LM training from it (`lightning-meta pretrain
+--help`; the same options and conventions as `fit`)."""
 _PACKAGE_ROOTS = tuple(
     str(Path(path).resolve())
     for path in (
@@ -186,6 +191,16 @@ def _check_same_learner(saved: Namespace, chosen: Namespace, ckpt_path: str) -> 
         )
 
 
+class PretrainCLI(MetaCLI):
+    """``lightning-meta pretrain``: ``fit`` of :class:`CausalLMPretraining`, with ``fit``'s conventions."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (LightningArgumentParser)
+        """No ``--test_after_fit``: pretraining validates on held-out text and has no test episodes."""
+
+    def after_fit(self) -> None:
+        """Nothing after fit (no test set)."""
+
+
 def with_default_config(args: list[str]) -> list[str]:
     """Put the embedded default config first when a run subcommand is given no ``--config``.
 
@@ -202,12 +217,16 @@ def with_default_config(args: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-meta`` and ``python -m lightning_meta``."""
     algorithms.available()  # import plugin algorithms so their class names resolve
+    given = list(sys.argv[1:] if args is None else args)
+    if given and given[0] in ("pretrain", "export"):
+        _run_handled(lambda: _handoff(given[0], given[1:]))
+        return
     if args is None:
         sys.argv[1:] = with_default_config(sys.argv[1:])
     else:
         args = with_default_config(list(args))
-    try:
-        MetaCLI(
+    _run_handled(
+        lambda: MetaCLI(
             MetaLearningModule,
             LightningDataModule,
             subclass_mode_data=True,
@@ -218,13 +237,42 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,
         )
+    )
+
+
+def _handoff(subcommand: str, args: list[str]) -> None:
+    """``export`` (a function's arguments as options) or ``pretrain`` (``fit`` of the pretraining module)."""
+    if subcommand == "export":
+        from jsonargparse import auto_cli
+
+        from lightning_meta.export import export
+
+        auto_cli(export, args=args, as_positional=False)
+        return
+    from lightning_meta.pretraining import CausalLMPretraining
+
+    PretrainCLI(
+        CausalLMPretraining,
+        LightningDataModule,
+        subclass_mode_data=True,
+        args=["fit", *args],
+        parser_class=LightningArgumentParser,
+        parser_kwargs={"description": CausalLMPretraining.__doc__.split("\n")[0]},
+        save_config_callback=RunConfigCallback,
+        save_config_kwargs={"overwrite": False},
+        auto_configure_optimizers=False,
+    )
+
+
+def _run_handled(run: Any) -> None:
+    """``run()``, printing this package's own errors as one line (exit status 2)."""
+    try:
+        run()
     except Exception as error:  # noqa: BLE001 (re-raised unless it is one of this package's own messages)
         message = own_error_message(error)
         if message is None or os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
-        sys.stderr.write(
-            f"lightning-meta: error: {message}\n(Set {TRACEBACK_VARIABLE}=1 to see the traceback.)\n"
-        )
+        sys.stderr.write(f"lightning-meta: error: {message}\n(Set {TRACEBACK_VARIABLE}=1 to see the traceback.)\n")
         sys.exit(2)
 
 

@@ -18,7 +18,7 @@ from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpo
 from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.learners import Learner
 from lightning_meta.metrics import EpisodeStatistics
-from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.tasks import PADDING_KEY, Episode, TaskBatch
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 _EVAL_STAGES = ("val", "test")
@@ -209,11 +209,12 @@ class MetaLearningModule(LightningModule):
     def predict_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Tensor]:
         """Query outputs after adapting to each episode's support (logits for ProtoNet)."""
         self.learner.check_data(batch)
+        padding = bool(batch.metadata.get(PADDING_KEY))
         with torch.inference_mode(False):
             batch = batch.detached_clone()
-            return [
-                self.algorithm.predict(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()
-            ]
+            steps = self.eval_inner_steps
+            outputs = [self.algorithm.predict(self.learner, episode, steps) for episode in batch.episodes()]
+        return [] if padding else outputs  # a padding batch runs only to join the other ranks' collectives
 
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary
@@ -223,6 +224,8 @@ class MetaLearningModule(LightningModule):
         with torch.inference_mode(False):
             batch = batch.detached_clone()
             episodes = [evaluate(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()]
+        if batch.metadata.get(PADDING_KEY):
+            return  # evaluated only to join the other ranks' collectives (FSDP); its figures are not counted
         figures = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
         if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
             raise FloatingPointError(self._describe_bad_evaluation(figures, stage))

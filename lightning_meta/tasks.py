@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 
 Split = Mapping[str, Tensor]
+#: Metadata key of an evaluation batch that a rank runs only to match the other ranks' batch count
+#: (FSDP forwards are collective); the host module does not count its figures.
+PADDING_KEY = "evaluation_padding"
 
 
 @dataclass

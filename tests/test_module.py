@@ -308,3 +308,18 @@ def test_adaptation_curve_plot_writes_a_png(tmp_path):
     trainer(callbacks=[plot], default_root_dir=tmp_path).test(module, sinusoid(num_test_tasks=4), verbose=False)
     assert plot.path == tmp_path / "test_adaptation_curve.png"
     assert plot.path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_ranks_get_equal_evaluation_batch_counts_and_padding_is_not_counted():
+    from lightning_meta.datamodules.base import _PaddedBatches, _RankShardSampler
+    from lightning_meta.tasks import PADDING_KEY
+
+    batches = sinusoid(num_val_tasks=6, eval_meta_batch_size=2).eval_batches("val")  # 3 batches, 2 ranks
+    assert [list(_RankShardSampler(3, rank, 2)) for rank in (0, 1)] == [[0, 2], [1, -1]]  # no batch twice
+    padding = _PaddedBatches(batches)[-1]
+    assert padding.metadata[PADDING_KEY] == [True, True] and torch.equal(padding.query["y"], batches[0].query["y"])
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+    module._evaluate(padding, "val")
+    assert all(statistic.update_count == 0 for statistic in module.episode_stats.values())
+    module._evaluate(batches[0], "val")
+    assert module.episode_stats["val_loss_post"].update_count == 2

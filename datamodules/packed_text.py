@@ -1,0 +1,417 @@
+"""Packed-token text for ordinary causal-LM pretraining: documents joined by EOS, cut into fixed blocks.
+
+In memory (the default), every document is tokenized once, each source's token stream is split
+into training and held-out validation tokens, and the training tokens are cut into blocks of
+``block_size``; each epoch visits the blocks in a seeded order, split between the DDP ranks
+without overlap. Streaming (``streaming=True``, tables only) reads a ``datasets`` iterable dataset
+document by document, split between ranks with ``split_dataset_by_node``, for corpora larger than
+memory. Either way the position in the stream is saved in checkpoints, so a resumed run sees
+exactly the blocks the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from lightning_meta.datamodules.language_modeling import EMBEDDED_TEST_DOMAINS, EMBEDDED_VAL_DOMAINS, read_corpus
+from lightning_meta.tables import is_saved_dataset, read_table
+from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
+
+#: Snapshots of the stream position kept per rank (Lightning prefetches a batch or two ahead).
+_KEPT_POSITIONS = 64
+
+
+class PackedTextDataModule(LightningDataModule):
+    """Causal-LM batches ``{"input_ids", "block_index"}`` of ``batch_size`` blocks of ``block_size`` tokens.
+
+    Args:
+        tokenizer: ``embedded-bpe-4096`` (ships with the package), ``embedded-bpe-N``, a local tokenizer
+            folder (an exported model folder holds one) or ``pkg:NAME/dir``.
+        corpus: ``None`` for the embedded corpus (Python's standard library by domain); a folder of text
+            files; or a table: a ``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a
+            ``save_to_disk`` folder (the readers of :func:`~lightning_meta.datamodules.language_modeling.read_corpus`).
+        text_column: column holding the text, for tables.
+        domain_column: column naming each row's domain, for tables (only needed with ``domains``).
+        domains: keep only these domains (of the embedded corpus, a folder or ``domain_column``). For the
+            embedded corpus the default leaves out the meta-learning tasks' held-out validation and test
+            domains, so pretraining never sees the text meta-learning is tested on.
+        streaming: read a table document by document as a ``datasets`` iterable dataset instead of
+            tokenizing it all in memory; training is then one endless stream (set ``max_steps``).
+        val_fraction: share of each domain's tokens (its end) held out for validation (in memory).
+        val_corpus: held-out validation text, read like ``corpus`` (replaces ``val_fraction``; needed for
+            validation when streaming).
+        block_size: tokens per block (sequence).
+        batch_size: blocks per batch, per process.
+        max_tokens_per_domain: tokenize at most this many tokens of each domain, in memory (``None``: all).
+        shuffle: visit the in-memory training blocks in a seeded random order each epoch.
+        seed: seeds the order of the blocks.
+        num_workers: ``DataLoader`` workers (in-memory only; streaming positions live in this process).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "embedded-bpe-4096",
+        corpus: str | None = None,
+        text_column: str = "text",
+        domain_column: str | None = None,
+        domains: list[str] | None = None,
+        streaming: bool = False,
+        val_fraction: float = 0.05,
+        val_corpus: str | None = None,
+        block_size: int = 128,
+        batch_size: int = 8,
+        max_tokens_per_domain: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if block_size < 2 or batch_size < 1:
+            raise ValueError(f"Need block_size >= 2 and batch_size >= 1; got {block_size} and {batch_size}.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if streaming and (corpus is None or Path(corpus).expanduser().is_dir() and not _is_table(corpus)):
+            raise ValueError(
+                f"streaming=True reads tables (a json/jsonl/csv/parquet file or glob, or a save_to_disk folder); "
+                f"corpus={corpus!r} is not one. Leave streaming off: the embedded corpus and text folders are "
+                "read in memory."
+            )
+        if streaming and num_workers:
+            raise ValueError(
+                "streaming=True needs num_workers=0: the stream position saved in checkpoints is tracked in this "
+                f"process (got num_workers={num_workers})."
+            )
+        self.tokenizer = tokenizer
+        self.corpus = corpus
+        self.text_column = text_column
+        self.domain_column = domain_column
+        self.domains = domains
+        self.streaming = streaming
+        self.val_fraction = val_fraction
+        self.val_corpus = val_corpus
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.max_tokens_per_domain = max_tokens_per_domain
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self._resume: dict[str, Any] = {}
+        self._stream: _PackedStream | None = None
+        self.save_hyperparameters()
+
+    def prepare_data(self) -> None:
+        load_tokenizer(self.tokenizer)  # trains and caches an embedded tokenizer once, before the ranks start
+
+    def setup(self, stage: str) -> None:
+        """Tokenize (in memory) or open the stream; errors about the data surface here."""
+        if not self.streaming:
+            self.blocks  # noqa: B018 (computes and caches the training and validation blocks)
+
+    @functools.cached_property
+    def eos_token_id(self) -> int:
+        token_id = load_tokenizer(self.tokenizer).eos_token_id
+        if token_id is None:
+            raise ValueError(f"Tokenizer {self.tokenizer!r} has no end-of-text token to separate documents.")
+        return token_id
+
+    def _documents(self, corpus: str | None) -> dict[str, list[str]]:
+        documents = read_corpus(corpus, self.text_column, self.domain_column)
+        wanted = self.domains
+        if wanted is None and corpus is None:
+            held_out = set(EMBEDDED_VAL_DOMAINS) | set(EMBEDDED_TEST_DOMAINS)
+            wanted = [domain for domain in documents if domain not in held_out]
+        if wanted is not None:
+            unknown = sorted(set(wanted) - set(documents))
+            if unknown:
+                raise ValueError(f"Unknown domains {unknown} in domains; the corpus has {sorted(documents)}.")
+            documents = {domain: documents[domain] for domain in wanted}
+        return documents
+
+    @functools.cached_property
+    def blocks(self) -> dict[str, torch.Tensor]:
+        """In-memory ``train`` and ``val`` blocks, ``(blocks, block_size)`` each."""
+        tokenizer = load_tokenizer(self.tokenizer)
+        train: list[torch.Tensor] = []
+        val: list[torch.Tensor] = []
+        for _, texts in sorted(self._documents(self.corpus).items()):
+            ids = _tokenize(tokenizer, texts, self.eos_token_id, self.max_tokens_per_domain)
+            held = int(len(ids) * self.val_fraction) if self.val_corpus is None else 0
+            train.append(ids[: len(ids) - held])
+            val.append(ids[len(ids) - held :])
+        result = {
+            "train": _cut(torch.cat(train), self.block_size),
+            "val": self.val_blocks if self.val_corpus is not None else _cut(torch.cat(val), self.block_size),
+        }
+        if len(result["train"]) < self.batch_size:
+            raise ValueError(
+                f"The corpus gives {len(result['train'])} training blocks of {self.block_size} tokens, fewer than "
+                f"batch_size={self.batch_size}. Add text, or lower block_size or batch_size."
+            )
+        rank_zero_info(
+            f"Packed text: {len(result['train'])} training and {len(result['val'])} validation blocks of "
+            f"{self.block_size} tokens."
+        )
+        return result
+
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        """Training batches per epoch and process (in memory): every rank gets as many."""
+        return -(-(len(self.blocks["train"]) // world_size) // self.batch_size)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        # The position is restored through this datamodule's state_dict, which Lightning's check for
+        # resumable *dataloaders* does not see.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        rank, world_size = self._rank_and_world()
+        if self.streaming:
+            self._stream = _PackedStream(self, rank, world_size, self._resume.get("stream"))
+            return DataLoader(self._stream, batch_size=None, num_workers=0)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        # Lightning creates the first iterator before it calls set_epoch, so the epoch is given here.
+        sampler = _BlockBatchSampler(
+            len(self.blocks["train"]), self.batch_size, rank, world_size, self.seed, self.shuffle, epoch,
+            resume=self._resume.get("next_batch", 0) if self._resume.get("epoch", 0) == epoch else 0,
+        )  # fmt: skip
+        return DataLoader(
+            _Blocks(self.blocks["train"]), batch_size=None, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        if self.streaming and self.val_corpus is None:
+            return DataLoader([])
+        blocks = self.val_blocks if self.streaming else self.blocks["val"]
+        rank, world_size = self._rank_and_world()
+        # Every rank runs as many batches (FSDP gathers weights collectively in each forward): the blocks are
+        # dealt out in turn and the last world_size - 1 at most are left out.
+        mine = list(range(rank, len(blocks) // world_size * world_size, world_size))
+        if not mine:
+            raise ValueError(
+                f"{len(blocks)} validation blocks for {world_size} processes: every process needs at least one. "
+                "Raise val_fraction, give a larger val_corpus, or lower block_size."
+            )
+        batches = [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
+        return DataLoader(_Blocks(blocks, batches), batch_size=None, sampler=_EvalSampler(len(batches)))
+
+    @functools.cached_property
+    def val_blocks(self) -> torch.Tensor:
+        """Blocks of ``val_corpus``."""
+        tokenizer = load_tokenizer(self.tokenizer)
+        documents = read_corpus(self.val_corpus, self.text_column, self.domain_column)
+        ids = [_tokenize(tokenizer, texts, self.eos_token_id, None) for _, texts in sorted(documents.items())]
+        return _cut(torch.cat(ids), self.block_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next training batch, and the tokenizer's fingerprint."""
+        state: dict[str, Any] = {"tokenizer": self.tokenizer, "tokenizer_fingerprint": fingerprint_of(self.tokenizer)}
+        if self.trainer is None:
+            return state | self._resume
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        if self.streaming:
+            if self._stream is not None:
+                # Lightning has fetched ahead: the position is that of the next batch the loop will *use*.
+                state["stream"] = self._stream.position_before(progress.total.ready)
+        else:
+            state |= {"epoch": self.trainer.current_epoch, "next_batch": progress.current.ready}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids."""
+        if "tokenizer_fingerprint" in state_dict:
+            check_tokenizer(
+                state_dict["tokenizer"], state_dict["tokenizer_fingerprint"], self.tokenizer, "The checkpoint's data"
+            )
+        self._resume = {key: state_dict[key] for key in ("epoch", "next_batch", "stream") if key in state_dict}
+
+
+def _is_table(corpus: str) -> bool:
+    return is_saved_dataset(Path(corpus).expanduser())
+
+
+def _tokenize(tokenizer: Any, texts: list[str], eos_token_id: int, budget: int | None) -> torch.Tensor:
+    ids: list[int] = []
+    for text in texts:
+        if budget is not None:  # tokens average ~3.5 characters: skip tokenizing what would be cut off
+            text = text[: 5 * (budget - len(ids))]
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_token_id]
+        if budget is not None and len(ids) >= budget:
+            ids = ids[:budget]
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _cut(ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    count = len(ids) // block_size
+    return ids[: count * block_size].view(count, block_size)
+
+
+class _Blocks(Dataset):
+    """``dataset[list of block numbers]`` is one batch (the sampler yields whole batches)."""
+
+    def __init__(self, blocks: torch.Tensor, batches: list[list[int]] | None = None) -> None:
+        self.blocks = blocks
+        self.batches = batches
+
+    def __getitem__(self, index: int | list[int]) -> dict[str, torch.Tensor]:
+        numbers = torch.tensor(self.batches[index] if self.batches is not None else index)
+        return {"input_ids": self.blocks[numbers], "block_index": numbers}
+
+    def __len__(self) -> int:
+        return len(self.batches) if self.batches is not None else len(self.blocks)
+
+
+class _BlockBatchSampler(DistributedSampler):
+    """Lists of block numbers: epoch ``e``'s seeded permutation, rank ``r`` taking every ``world``-th.
+
+    Every rank gets as many blocks (at most ``world - 1`` are left out of an epoch) and as many
+    batches. A ``DistributedSampler`` subclass only so that Lightning does not wrap it under DDP (it
+    already splits the blocks between the ranks, with no block on two ranks and none repeated).
+    """
+
+    def __init__(
+        self, blocks: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool, epoch: int, resume: int
+    ) -> None:
+        self.blocks, self.batch_size, self.rank, self.world = blocks, batch_size, rank, world
+        self.seed, self.shuffle, self.epoch, self.resume = seed, shuffle, epoch, resume
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.resume = 0
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = (
+            torch.randperm(self.blocks, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            if self.shuffle
+            else torch.arange(self.blocks)
+        )
+        mine = order[self.rank : (self.blocks // self.world) * self.world : self.world]
+        for batch in range(self.resume, len(self)):
+            yield mine[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
+        self.resume = 0
+
+    def __len__(self) -> int:
+        return -(-(self.blocks // self.world) // self.batch_size)  # the last batch may be smaller
+
+
+class _EvalSampler(DistributedSampler):
+    """``0 .. count - 1``: this rank's own batches, which Lightning must not re-split (a ``DistributedSampler``)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def set_epoch(self, epoch: int) -> None:
+        """Validation is the same every epoch."""
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.count))
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class _PackedStream(IterableDataset):
+    """Endless packed blocks from a ``datasets`` iterable dataset, split between ranks by node.
+
+    The position of a batch is ``(epoch, dataset state before a document, tokens of that document
+    already used)``; ``datasets`` restores the first part with ``load_state_dict``, and the
+    document is re-tokenized to skip the second, so a checkpoint stores a few numbers, not tokens.
+    """
+
+    def __init__(self, datamodule: PackedTextDataModule, rank: int, world: int, start: dict | None) -> None:
+        table = read_table(datamodule.corpus)
+        if datamodule.text_column not in table.column_names:
+            raise ValueError(f"text_column={datamodule.text_column!r} is not a column of {datamodule.corpus!r}; "
+                             f"its columns are {table.column_names}.")  # fmt: skip
+        self.table = table.select_columns([datamodule.text_column])
+        self.rank, self.world = rank, world
+        self.datamodule = datamodule
+        self.start = start or {"epoch": 0, "state": None, "offset": 0, "batch": 0}
+        self.positions: dict[int, dict[str, Any]] = {}
+        self.order: deque[int] = deque()
+
+    def position_before(self, batch: int) -> dict[str, Any]:
+        """The saved position of batch number ``batch`` (counted from the start of training)."""
+        if batch in self.positions:
+            return self.positions[batch]
+        if batch == self.start["batch"]:
+            return self.start
+        raise RuntimeError(f"Stream position of batch {batch} was not kept (kept: {sorted(self.positions)}).")
+
+    def _open(self, epoch: int) -> Any:
+        """A fresh pass over this rank's documents (a ``datasets`` stream restarts from its loaded state)."""
+        from datasets.distributed import split_dataset_by_node
+
+        # Shards a multiple of the ranks: each rank then reads whole shards, not every other row.
+        shards = self.world * max(1, min(16, len(self.table) // self.world))
+        stream = split_dataset_by_node(self.table.to_iterable_dataset(num_shards=shards), self.rank, self.world)
+        stream.set_epoch(epoch)
+        return stream
+
+    def _remember(self, batch: int, position: dict[str, Any]) -> None:
+        self.positions[batch] = position
+        self.order.append(batch)
+        while len(self.order) > _KEPT_POSITIONS:
+            self.positions.pop(self.order.popleft(), None)
+
+    def _documents(self) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """``(position of the document's first unused token, its unused tokens + EOS)``, endlessly."""
+        tokenizer = load_tokenizer(self.datamodule.tokenizer)
+        column, eos = self.datamodule.text_column, self.datamodule.eos_token_id
+        epoch, state, offset = self.start["epoch"], self.start["state"], self.start["offset"]
+        while True:
+            dataset = self._open(epoch)
+            if state is not None:
+                dataset.load_state_dict(state)
+            before = dataset.state_dict()
+            rows = 0
+            for row in dataset:
+                rows += 1
+                ids = tokenizer(row[column] or "", add_special_tokens=False)["input_ids"] + [eos]
+                yield {"epoch": epoch, "state": before, "offset": offset}, ids[offset:]
+                offset = 0
+                before = dataset.state_dict()
+            if not rows and state is None:
+                raise ValueError(f"The corpus {self.datamodule.corpus!r} has no rows for process {self.rank}.")
+            epoch, state, offset = epoch + 1, None, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        block_size, batch_size = self.datamodule.block_size, self.datamodule.batch_size
+        needed = block_size * batch_size
+        tokens: list[int] = []
+        # (position, tokens left) of each document in `tokens`, oldest first: the first one's position,
+        # advanced by the tokens already taken, is where the next batch starts.
+        pieces: deque[list] = deque()
+        batch = self.start["batch"]
+        documents = self._documents()
+        while True:
+            while len(tokens) < needed:
+                position, ids = next(documents)
+                tokens += ids
+                pieces.append([position, len(ids)])
+            first = pieces[0][0]
+            self._remember(batch, {**first, "batch": batch})
+            block, tokens = tokens[:needed], tokens[needed:]
+            used = needed
+            while used:
+                position, left = pieces[0]
+                take = min(left, used)
+                used -= take
+                if take == left:
+                    pieces.popleft()
+                else:
+                    pieces[0] = [{**position, "offset": position["offset"] + take}, left - take]
+            batch += 1
+            yield {"input_ids": torch.tensor(block).view(batch_size, block_size)}

@@ -1,0 +1,224 @@
+"""Ordinary causal-LM pretraining, started from a meta-learned model: the second stage of the pipeline.
+
+``lightning-meta pretrain`` trains :class:`CausalLMPretraining` on
+:class:`~lightning_meta.datamodules.PackedTextDataModule` blocks. The model comes from an exported
+folder (``lightning-meta export``, or any ``save_pretrained`` folder), directly from a
+meta-training checkpoint (the same weights the export would hold: LoRA merged), or from a config
+(random init, the control).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lightning_meta.checkpoints import check_local_checkpoint_path
+from lightning_meta.config import NotConfigurable, to_config
+from lightning_meta.export import model_from_checkpoint, read_checkpoint, read_provenance
+from lightning_meta.language_models import _DTYPES, _build_model
+from lightning_meta.local_files import dequantized_gguf, resolve_local_path
+from lightning_meta.tokenization import check_tokenizer, fingerprint_of
+
+
+class CausalLMPretraining(LightningModule):
+    """Next-token training of a Hugging Face causal LM on packed blocks (``{"input_ids": ...}``).
+
+    Logs ``train/loss``, ``train/perplexity`` and ``train/tokens_per_second`` every step, and
+    ``val/loss`` and ``val/perplexity`` (over every held-out token) at validation. Under
+    ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` each transformer block
+    and the root are FSDP2-sharded.
+
+    Args:
+        init_from: an exported folder (``lightning-meta export``; any ``save_pretrained`` folder works),
+            or a ``.ckpt`` of ``lightning-meta fit`` (its learner's model, LoRA merged) or of ``pretrain``.
+        model_config: instead of ``init_from``, a Hugging Face config dict with ``model_type`` (random
+            init; vocabulary and special tokens from ``tokenizer``).
+        tokenizer: the tokenizer the data uses. With ``init_from`` it must give the token ids the model was
+            trained with (checked against the export's fingerprint); by default the export folder's own.
+        gguf_file: a GGUF file inside the ``init_from`` folder; dequantized once and cached.
+        optimizer: the optimizer, called with the parameters.
+        lr_scheduler: optional scheduler, called with the optimizer; stepped every step.
+        attn_implementation: ``"eager"``, ``"sdpa"``, ...
+        gradient_checkpointing: non-reentrant activation checkpointing in the transformer.
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        gguf_file: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        dtype: Literal["float32", "bfloat16", "float64"] = "float32",
+    ) -> None:
+        super().__init__()
+        if (init_from is None) == (model_config is None):
+            raise ValueError(
+                "Give exactly one of init_from (an exported folder or a lightning-meta .ckpt) or model_config "
+                "(a dict with model_type, for random init)."
+            )
+        if _given_hyperparameters.get() is not None:  # LightningCLI hands over the config it parsed
+            self.save_hyperparameters()
+        else:  # plain data, so that checkpoints load with weights_only=True (and export can read them)
+            self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+            try:
+                self.hparams.update(optimizer=to_config(optimizer), lr_scheduler=to_config(lr_scheduler))
+            except NotConfigurable as error:
+                rank_zero_warn(f"The optimizer and scheduler are not saved in the hyper-parameters ({error}).")
+        self.init_from = init_from
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.initial_provenance: dict[str, Any] | None = None
+        if init_from is None:
+            self.tokenizer = tokenizer or "embedded-bpe-4096"
+            self.model = _build_model(None, model_config, self.tokenizer, None, attn_implementation, _DTYPES[dtype])
+        else:
+            loaded = self._load(init_from, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype])
+            self.model, self.tokenizer = loaded
+        # What the tokenizer resolved to (the export's own by default), so that Lightning's merge with the
+        # datamodule's hparams (which refuses two values for one key) sees the name the data gives too.
+        self.hparams["tokenizer"] = self.tokenizer
+        self._hparams_initial = copy.deepcopy(self._hparams)
+        self.model.train()  # from_pretrained gives a model in eval mode (dropout off)
+        if gradient_checkpointing:
+            # No functional inner loop here, so Hugging Face's own (non-reentrant) checkpointing is exact.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.val_loss = MeanMetric()
+        self._last_step_time: float | None = None
+
+    def _load(
+        self, init_from: str, tokenizer: str | None, gguf_file: str | None, attn_implementation: str | None,
+        dtype: torch.dtype,
+    ) -> tuple[Any, str]:  # fmt: skip
+        if init_from.startswith("pkg:") or Path(init_from).expanduser().is_dir():
+            folder = resolve_local_path(init_from)
+            if gguf_file is not None:
+                folder = dequantized_gguf(folder, gguf_file)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"init_from={init_from!r} holds no config.json: give a folder written by lightning-meta export "
+                    "(or save_pretrained), a .ckpt of lightning-meta fit or pretrain, or gguf_file for a GGUF model."
+                )
+            provenance = read_provenance(folder) or {}
+            trained_with = provenance.get("tokenizer", str(folder))
+            fingerprint = provenance.get("tokenizer_fingerprint")
+            model = _build_model(str(folder), None, "", None, attn_implementation, dtype)
+            default_tokenizer = init_from if gguf_file is None else str(folder)
+        else:
+            checkpoint, source = read_checkpoint(check_local_checkpoint_path(init_from))
+            model, provenance = model_from_checkpoint(checkpoint)
+            provenance.pop("tokenizer_object")
+            provenance |= source
+            trained_with, fingerprint = provenance["tokenizer"], provenance["tokenizer_fingerprint"]
+            model = model.to(dtype)
+            if attn_implementation:
+                model.set_attn_implementation(attn_implementation)
+            default_tokenizer = trained_with
+        self.initial_provenance = provenance
+        chosen = tokenizer or default_tokenizer
+        if fingerprint:
+            check_tokenizer(trained_with, fingerprint, chosen, f"The model in {init_from}")
+        rank_zero_info(f"Pretraining from {init_from} ({type(model).__name__}, tokenizer {chosen}).")
+        return model, chosen
+
+    def setup(self, stage: str) -> None:
+        """Refuse data the model cannot read (other token ids, longer blocks than its positions) before any step."""
+        block_size = getattr(self.trainer.datamodule, "block_size", None)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(block_size, int) and isinstance(positions, int) and block_size > positions:
+            raise ValueError(
+                f"block_size={block_size} is longer than the model's {positions} positions: lower "
+                f"--data.init_args.block_size to {positions} or less."
+            )
+        data_tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if isinstance(data_tokenizer, str) and data_tokenizer != self.tokenizer:
+            check_tokenizer(self.tokenizer, fingerprint_of(self.tokenizer), data_tokenizer, "The model")
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``): each transformer block, then the root, is a shard unit."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        from lightning_meta.scaling import default_units
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        tensor_parallel = self.device_mesh["tensor_parallel"].size()
+        if tensor_parallel != 1:
+            raise ValueError(
+                f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel}: pretraining uses FSDP2 data "
+                "parallelism only. Set --trainer.strategy.data_parallel_size=N "
+                "--trainer.strategy.tensor_parallel_size=1."
+            )
+        mesh = self.device_mesh["data_parallel"]
+        for block in default_units(self.model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def loss(self, input_ids: Tensor) -> Tensor:
+        """Mean next-token cross-entropy over the blocks (every position but the last predicts one)."""
+        logits = self.model(input_ids=input_ids).logits
+        if logits.dtype in (torch.bfloat16, torch.float16):  # reduce in float32 for a stable loss
+            logits = logits.float()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        input_ids = batch["input_ids"]
+        loss = self.loss(input_ids)
+        now = time.perf_counter()
+        metrics = {"train/loss": loss, "train/perplexity": torch.exp(loss.detach())}
+        if self._last_step_time is not None:
+            # Host clock only: every rank processes as many tokens per step.
+            tokens = input_ids.numel() * self.trainer.world_size
+            metrics["train/tokens_per_second"] = tokens / max(now - self._last_step_time, 1e-9)
+        self._last_step_time = now
+        self.log_dict(metrics, prog_bar=True, batch_size=len(input_ids))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        input_ids = batch["input_ids"]
+        self.val_loss.update(self.loss(input_ids), weight=input_ids[:, 1:].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()  # over every process's tokens
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self._last_step_time = None  # validation time is not training throughput
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_meta"] = {
+            "module": "pretraining",
+            "hf_config": self.model.config.to_dict(),
+            # A local folder by its absolute path: the export may run from another folder.
+            "tokenizer": str(Path(self.tokenizer).resolve()) if Path(self.tokenizer).is_dir() else self.tokenizer,
+            "tokenizer_fingerprint": fingerprint_of(self.tokenizer),
+            "init_from": None if self.init_from is None else str(Path(self.init_from).expanduser().resolve()),
+            "initial_provenance": self.initial_provenance,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lightning_meta") or {}
+        if "tokenizer_fingerprint" in saved:
+            check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], self.tokenizer, "The checkpoint")
