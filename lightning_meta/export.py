@@ -128,6 +128,11 @@ def model_from_checkpoint(
         adapter_dir: with LoRA, also ``save_pretrained`` the adapters alone there, before merging.
     """
     saved = dict(checkpoint.get("lightning_meta") or {})
+    if "tokenizer" not in saved:  # an encoder's tokenizer is the datamodule's, recorded in its state
+        for value in checkpoint.values():
+            if isinstance(value, Mapping) and "tokenizer_fingerprint" in value and "tokenizer" in value:
+                saved |= {"tokenizer": value["tokenizer"], "tokenizer_fingerprint": value["tokenizer_fingerprint"]}
+                break
     hparams = _plain(checkpoint.get("hyper_parameters") or {})
     state = checkpoint["state_dict"]
     if saved.get("module") == "pretraining":
@@ -163,10 +168,12 @@ def _meta_learned_model(
 
     learner_config = _plain(hparams["learner"])
     init_args = dict(learner_config.get("init_args") or {})
+    if learner_config["class_path"].endswith("EncoderLearner"):
+        return _encoder_model(learner_config, init_args, saved, state, tokenizer)
     if not learner_config["class_path"].endswith("CausalLMLearner"):
         raise CheckpointError(
-            f"The checkpoint's learner is {learner_config['class_path']}; export writes causal language models "
-            "(CausalLMLearner)."
+            f"The checkpoint's learner is {learner_config['class_path']}; export writes Hugging Face models: "
+            "causal language models (CausalLMLearner) and encoders (EncoderLearner)."
         )
     name = saved.get("tokenizer") or init_args.get("tokenizer", "embedded-bpe-4096")
     if tokenizer is not None:
@@ -206,6 +213,36 @@ def _meta_learned_model(
     }
 
 
+def _encoder_model(
+    learner_config: dict[str, Any], init_args: dict[str, Any], saved: dict[str, Any], state: Mapping[str, Tensor],
+    tokenizer: str | None,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """The encoder of an ``EncoderLearner`` (``AutoModel.from_pretrained`` loads it); an N-way head is task-specific
+    and not exported (its size is recorded)."""
+    from lightning_meta.encoders import EncoderLearner
+
+    learner = EncoderLearner(**init_args)
+    weights = {
+        key.removeprefix(_LEARNER_PREFIX): value for key, value in state.items() if key.startswith(_LEARNER_PREFIX)
+    }
+    result = learner.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"The checkpoint's weights do not fit its learner: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}. It was written by another version of the model; export it there."
+        )
+    name = tokenizer or saved.get("tokenizer")
+    return learner.model.encoder, {
+        "module": "MetaLearningModule",
+        "learner": learner_config,
+        "fast_weights": learner.fast_weights,
+        "head_not_exported": {"ways": learner.ways} if learner.ways is not None else None,
+        "pooling": learner.pooling,
+        "tokenizer": name,
+        "tokenizer_fingerprint": saved.get("tokenizer_fingerprint"),
+    }
+
+
 def _pretrained_model(saved: dict[str, Any], state: Mapping[str, Tensor]) -> tuple[Any, dict[str, Any]]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -233,7 +270,7 @@ def write_export(model: Any, provenance: dict[str, Any], output: Path, overwrite
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         text_tokenizer.save_pretrained(staging)
-        if not (staging / "generation_config.json").exists():
+        if model.can_generate() and not (staging / "generation_config.json").exists():
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(model.config).save_pretrained(staging)

@@ -173,3 +173,31 @@ def test_export_command(plain, tmp_path):
     assert "Traceback" not in again.stderr
     help_text = subprocess.run(["lightning-meta", "--help"], env=env, capture_output=True, text=True).stdout
     assert "lightning-meta export" in help_text and "lightning-meta pretrain" in help_text
+
+
+def test_encoder_learner_exports_its_encoder_for_automodel(tmp_path):
+    from transformers import AutoModel
+
+    from lightning_meta import EncoderLearner
+    from lightning_meta.datamodules import TextClassificationDataModule
+
+    L.seed_everything(0, verbose=False)
+    config = {"vocab_size": 4096, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64}  # fmt: skip
+    learner = EncoderLearner(encoder_config=config, ways=3, fast_weights="head")
+    module = MetaLearningModule(learner, FOMAML(inner_lr=0.5), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
+    data = TextClassificationDataModule(ways=3, shots=1, queries=2, meta_batch_size=1, max_length=16,
+                                        num_eval_episodes=2)  # fmt: skip
+    trainer = quiet_trainer(tmp_path)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "encoder.ckpt")
+    export(tmp_path / "encoder.ckpt", tmp_path / "out")  # the tokenizer: the datamodule's, from its state
+    exported = AutoModel.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 4096, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = learner.eval().model.encoder(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(exported(input_ids=ids).last_hidden_state, expected)
+    provenance = json.loads((tmp_path / "out" / PROVENANCE_FILE).read_text())
+    assert provenance["head_not_exported"] == {"ways": 3}
+    assert provenance["tokenizer"] == "embedded-wordpiece-4096"
+    assert provenance["tokenizer_fingerprint"] == fingerprint_of("embedded-wordpiece-4096")
