@@ -172,6 +172,16 @@ class MetaAlgorithm(nn.Module, ABC):
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         """Surrogate loss of one episode and its detached figures (at least ``query_loss``)."""
 
+    def set_inner_loop_options(
+        self, inner_lr: float, inner_steps: int, eval_inner_steps: int | None = None, eval_inner_lr: float | None = None
+    ) -> None:
+        """Check and keep the SGD inner-loop options, the shared part of MAML, Reptile and MultiTask."""
+        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.eval_inner_lr = eval_inner_lr
+
     def bind(self, learner: Learner) -> None:  # noqa: B027 (optional hook)
         """Create the meta-parameters that depend on the learner (one learning rate per fast weight).
 

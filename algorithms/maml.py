@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_meta.algorithms.base import MetaAlgorithm, check_inner_loop_options, inner_loop
+from lightning_meta.algorithms.base import MetaAlgorithm, inner_loop
 from lightning_meta.learners import Learner
 from lightning_meta.tasks import Episode
 
@@ -46,13 +46,9 @@ class MAML(MetaAlgorithm):
         first_order: bool = False,
         eval_inner_lr: float | None = None,
     ) -> None:
-        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
         super().__init__()
-        self.inner_lr = inner_lr
-        self.inner_steps = inner_steps
-        self.eval_inner_steps = eval_inner_steps
+        self.set_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
         self.first_order = first_order
-        self.eval_inner_lr = eval_inner_lr
 
     def second_order(self) -> bool:
         """Whether this step differentiates through the inner loop (subclasses may schedule it)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_meta.algorithms.base import MetaAlgorithm, check_inner_loop_options
+from lightning_meta.algorithms.base import MetaAlgorithm
 from lightning_meta.learners import Learner
 from lightning_meta.tasks import Episode, Split
 
@@ -50,12 +50,8 @@ class MultiTask(MetaAlgorithm):
         eval_inner_steps: int | None = None,
         eval_inner_lr: float | None = None,
     ) -> None:
-        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
         super().__init__()
-        self.inner_lr = inner_lr
-        self.inner_steps = inner_steps
-        self.eval_inner_steps = eval_inner_steps
-        self.eval_inner_lr = eval_inner_lr
+        self.set_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
 
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         loss = joint_loss(learner, episode.support, episode.query)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_meta.algorithms.base import MetaAlgorithm, check_inner_loop_options, detached_start, inner_loop
+from lightning_meta.algorithms.base import MetaAlgorithm, detached_start, inner_loop
 from lightning_meta.learners import Learner
 from lightning_meta.tasks import Episode
 
@@ -43,12 +43,8 @@ class Reptile(MetaAlgorithm):
         eval_inner_steps: int | None = None,
         eval_inner_lr: float | None = None,
     ) -> None:
-        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
         super().__init__()
-        self.inner_lr = inner_lr
-        self.inner_steps = inner_steps
-        self.eval_inner_steps = eval_inner_steps
-        self.eval_inner_lr = eval_inner_lr
+        self.set_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
 
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         meta_weights = self.fast_weights(learner)
