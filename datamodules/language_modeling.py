@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -105,18 +105,13 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         tokenizer = load_tokenizer(self.tokenizer)
         if tokenizer.eos_token_id is None:
             raise ValueError(f"Tokenizer {self.tokenizer!r} has no end-of-text token to separate documents.")
-        blocks = {}
-        for domain, documents in read_corpus(self.corpus, self.text_column, self.domain_column).items():
-            ids: list[int] = []
-            for document in documents:
-                if self.max_tokens_per_domain:  # tokens average ~3.5 characters here: skip tokenizing the rest
-                    document = document[: 5 * (self.max_tokens_per_domain - len(ids))]
-                ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                if self.max_tokens_per_domain and len(ids) >= self.max_tokens_per_domain:
-                    ids = ids[: self.max_tokens_per_domain]
-                    break
-            count = len(ids) // self.block_size
-            blocks[domain] = torch.tensor(ids[: count * self.block_size], dtype=torch.long).view(count, self.block_size)
+        blocks = {
+            domain: cut_into_blocks(
+                tokenize_documents(tokenizer, documents, tokenizer.eos_token_id, self.max_tokens_per_domain or None),
+                self.block_size,
+            )
+            for domain, documents in read_corpus(self.corpus, self.text_column, self.domain_column).items()
+        }
         needed = self.shots + self.queries
         small = {domain: len(b) for domain, b in blocks.items() if len(b) < needed}
         if small:
@@ -164,6 +159,25 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
             shots=self.shots,
             metadata={"domain": domain, "block_ids": chosen},
         )
+
+
+def tokenize_documents(tokenizer: Any, texts: list[str], eos_token_id: int, budget: int | None) -> torch.Tensor:
+    """The token ids of ``texts``, each followed by ``eos_token_id``, cut at ``budget`` tokens (``None``: all)."""
+    ids: list[int] = []
+    for text in texts:
+        if budget is not None:  # tokens average ~3.5 characters: skip tokenizing what would be cut off
+            text = text[: 5 * (budget - len(ids))]
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_token_id]
+        if budget is not None and len(ids) >= budget:
+            ids = ids[:budget]
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def cut_into_blocks(ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``ids`` as ``(blocks, block_size)``, dropping the incomplete last block."""
+    count = len(ids) // block_size
+    return ids[: count * block_size].view(count, block_size)
 
 
 def read_corpus(

@@ -23,7 +23,13 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from lightning_meta.datamodules.language_modeling import EMBEDDED_TEST_DOMAINS, EMBEDDED_VAL_DOMAINS, read_corpus
+from lightning_meta.datamodules.language_modeling import (
+    EMBEDDED_TEST_DOMAINS,
+    EMBEDDED_VAL_DOMAINS,
+    cut_into_blocks,
+    read_corpus,
+    tokenize_documents,
+)
 from lightning_meta.tables import is_saved_dataset, read_table
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
 
@@ -144,13 +150,13 @@ class PackedTextDataModule(LightningDataModule):
         train: list[torch.Tensor] = []
         val: list[torch.Tensor] = []
         for _, texts in sorted(self._documents(self.corpus).items()):
-            ids = _tokenize(tokenizer, texts, self.eos_token_id, self.max_tokens_per_domain)
+            ids = tokenize_documents(tokenizer, texts, self.eos_token_id, self.max_tokens_per_domain)
             held = int(len(ids) * self.val_fraction) if self.val_corpus is None else 0
             train.append(ids[: len(ids) - held])
             val.append(ids[len(ids) - held :])
         result = {
-            "train": _cut(torch.cat(train), self.block_size),
-            "val": self.val_blocks if self.val_corpus is not None else _cut(torch.cat(val), self.block_size),
+            "train": cut_into_blocks(torch.cat(train), self.block_size),
+            "val": self.val_blocks if self.val_corpus is not None else cut_into_blocks(torch.cat(val), self.block_size),
         }
         if len(result["train"]) < self.batch_size:
             raise ValueError(
@@ -210,8 +216,8 @@ class PackedTextDataModule(LightningDataModule):
         """Blocks of ``val_corpus``."""
         tokenizer = load_tokenizer(self.tokenizer)
         documents = read_corpus(self.val_corpus, self.text_column, self.domain_column)
-        ids = [_tokenize(tokenizer, texts, self.eos_token_id, None) for _, texts in sorted(documents.items())]
-        return _cut(torch.cat(ids), self.block_size)
+        ids = [tokenize_documents(tokenizer, texts, self.eos_token_id, None) for _, texts in sorted(documents.items())]
+        return cut_into_blocks(torch.cat(ids), self.block_size)
 
     def state_dict(self) -> dict[str, Any]:
         """The position of the next training batch, and the tokenizer's fingerprint."""
@@ -238,23 +244,6 @@ class PackedTextDataModule(LightningDataModule):
 
 def _is_table(corpus: str) -> bool:
     return is_saved_dataset(Path(corpus).expanduser())
-
-
-def _tokenize(tokenizer: Any, texts: list[str], eos_token_id: int, budget: int | None) -> torch.Tensor:
-    ids: list[int] = []
-    for text in texts:
-        if budget is not None:  # tokens average ~3.5 characters: skip tokenizing what would be cut off
-            text = text[: 5 * (budget - len(ids))]
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_token_id]
-        if budget is not None and len(ids) >= budget:
-            ids = ids[:budget]
-            break
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _cut(ids: torch.Tensor, block_size: int) -> torch.Tensor:
-    count = len(ids) // block_size
-    return ids[: count * block_size].view(count, block_size)
 
 
 class _Blocks(Dataset):

@@ -197,7 +197,11 @@ def _wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
         ("##" if ord(token[0]) in unmarked else "") + token.translate(unmarked): token_id
         for token, token_id in bpe.get_vocab().items()
     }
-    assert len(vocab) == bpe.get_vocab_size(), "two learnt tokens became one WordPiece token"
+    if len(vocab) != bpe.get_vocab_size():  # a recipe bug, not user input: two learnt tokens became one
+        raise RuntimeError(
+            f"WordPiece training merged tokens ({len(vocab)} of {bpe.get_vocab_size()} left); report this with "
+            "the tokenizers version."
+        )
 
     tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
     tokenizer.normalizer = normalizer
