@@ -132,3 +132,17 @@ def test_wordnet_families_build():
 )
 def test_module_docstring_holds_the_current_table():
     assert task_gym.families_markdown() in task_gym.__doc__
+
+
+def test_builds_are_cached_on_disk_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path))
+    task_gym._family_tasks.cache_clear()
+    built = gym_tasks(["word_map"], wordnet=None)
+    (cached_file,) = (tmp_path / "task_gym").glob("word_map-*.json")
+    task_gym._family_tasks.cache_clear()
+    assert gym_tasks(["word_map"], wordnet=None) == built  # read back from the file
+    cached_file.write_text("{not json")
+    task_gym._family_tasks.cache_clear()
+    assert gym_tasks(["word_map"], wordnet=None) == built
+    assert json.loads(cached_file.read_text())[0]["name"] == built[0].name  # rewritten whole
+    task_gym._family_tasks.cache_clear()
