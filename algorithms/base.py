@@ -7,17 +7,32 @@ accumulation, clipping, AMP scaling and DDP gradient sync then work unchanged.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_meta.learners import FastWeights, Learner
+from lightning_meta.learners import FastWeights, Learner, is_normalization
 from lightning_meta.tasks import Episode, Split, TaskBatch
+
+MetaBatch = Literal["auto", "vmap", "task_by_task", "all_at_once"]
+"""How :meth:`MetaAlgorithm.meta_loss` runs the tasks of a meta-batch (all give the same meta-gradient)."""
+
+#: ``meta_batch="auto"`` runs the tasks with ``vmap`` only for models with at most this many trainable
+#: parameters. There vmap batches many tiny kernels into a few (the sinusoid MLP's meta-step runs
+#: several times faster); on larger models each task's kernels already keep the processor busy, and
+#: vmap would only add memory (every task's graph at once, against one task's task by task).
+VMAP_MAX_PARAMETERS = 2**17
+
+# Set while meta_loss runs the tasks under torch.func.vmap, where torch.autograd.grad cannot run:
+# the inner steps then take their gradients with torch.func.grad.
+_TASKS_IN_PARALLEL = contextvars.ContextVar("tasks_in_parallel", default=False)
 
 
 @dataclass
@@ -43,7 +58,13 @@ class SGD:
     lr: float
 
     def __call__(self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None]) -> FastWeights:
-        return {name: w if gradients[name] is None else w - self.lr * gradients[name] for name, w in weights.items()}
+        if _TASKS_IN_PARALLEL.get():  # foreach kernels have no vmap batching rule
+            return {name: w if (g := gradients[name]) is None else w - self.lr * g for name, w in weights.items()}
+        # One fused, differentiable (second order too) kernel over all the tensors instead of two per tensor.
+        names = [name for name, gradient in gradients.items() if gradient is not None]
+        updated = torch._foreach_add([weights[name] for name in names], [gradients[name] for name in names],
+                                     alpha=-self.lr)  # fmt: skip
+        return weights | dict(zip(names, updated, strict=True))
 
 
 def inner_step(
@@ -59,8 +80,14 @@ def inner_step(
 
     With ``create_graph=False`` the gradient is a constant (first order) but the update itself
     stays differentiable: in θ − α·g the path to θ is the identity (FOMAML's gradient) and to a
-    learned α it is −g (first-order Meta-SGD).
+    learned α it is −g (first-order Meta-SGD). Under :meth:`MetaAlgorithm.meta_loss`'s vmap path
+    the same gradient is taken with ``torch.func.grad`` (zeros, not ``None``, for unreached weights).
     """
+    if _TASKS_IN_PARALLEL.get():
+        gradients = torch.func.grad(_support_loss)(dict(weights), learner, support)
+        if not create_graph:
+            gradients = {name: gradient.detach() for name, gradient in gradients.items()}
+        return update(step, dict(weights), gradients)
     loss, _ = learner.loss(support, weights)
     gradients = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
     return update(step, dict(weights), dict(zip(weights, gradients, strict=True)))
@@ -114,6 +141,11 @@ def inner_loop(
     return weights
 
 
+def _support_loss(weights: FastWeights, learner: Learner, support: Split) -> Tensor:
+    loss, _ = learner.loss(support, weights)
+    return loss
+
+
 def _rule(update: InnerUpdate | None, inner_lr: float | None) -> InnerUpdate:
     if (update is None) == (inner_lr is None):
         raise ValueError("Give the inner loop exactly one of update (a rule) or inner_lr (plain SGD).")
@@ -123,6 +155,8 @@ def _rule(update: InnerUpdate | None, inner_lr: float | None) -> InnerUpdate:
 def detached_start(weights: Learner | Mapping[str, Tensor]) -> FastWeights:
     """Fast weights cut from the meta-parameters' graph (a learner's, or the given ones)."""
     weights = weights.fast_parameters() if isinstance(weights, Learner) else weights
+    if _TASKS_IN_PARALLEL.get():  # torch.func.grad needs no requires_grad (and vmap refuses to set it)
+        return {name: weight.detach() for name, weight in weights.items()}
     return {name: weight.detach().requires_grad_() for name, weight in weights.items()}
 
 
@@ -167,6 +201,12 @@ class MetaAlgorithm(nn.Module, ABC):
         super().__init__()
         #: The meta-training step, set by the host before each meta-loss; schedules read it.
         self.outer_step = 0
+        #: Whether :meth:`task_loss` reports the query figures when they cost extra work (Reptile's
+        #: and MultiTask's query forward); the host turns it off on steps it does not log.
+        self.report_query = True
+        # meta_batch="auto": per (learner, fast weights, derivative order), "" once vmap was checked
+        # exact on a batch, else the reason it is not used.
+        self._vmap_verdicts: dict[tuple[int, tuple[str, ...], bool], str] = {}
 
     @abstractmethod
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
@@ -235,33 +275,78 @@ class MetaAlgorithm(nn.Module, ABC):
     def check_learner(self, learner: Learner) -> None:  # noqa: B027 (optional hook)
         """Raise a clear error when this algorithm cannot run with ``learner``."""
 
-    def meta_loss(self, learner: Learner, batch: TaskBatch, *, task_by_task: bool = True) -> MetaLoss:
+    def second_order(self) -> bool:
+        """Whether this meta-step differentiates through the inner loop's gradients."""
+        return False
+
+    def vmap_refusal(self, learner: Learner) -> str | None:
+        """Why the tasks cannot run in parallel under ``torch.func.vmap`` with ``learner``; ``None`` if they can.
+
+        vmap is exact only for learners without in-place buffer updates, random operations or
+        data-dependent control flow (:meth:`Learner.vmap_refusal`). Second-order meta-gradients
+        through normalization layers are refused: vmap gets them wrong (LayerNorm; torch 2.13 and
+        2.14, float64 too). Algorithms whose task loss cannot run under vmap override this.
+        """
+        reason = learner.vmap_refusal()
+        if reason is None and self.second_order() and any(map(is_normalization, learner.model.modules())):
+            reason = "second-order meta-gradients through normalization layers (LayerNorm) come out wrong under vmap"
+        return reason
+
+    def meta_loss(self, learner: Learner, batch: TaskBatch, *, meta_batch: MetaBatch = "auto") -> MetaLoss:
         """Average surrogate over the episodes of ``batch``; its gradient is the meta-gradient.
 
-        With ``task_by_task`` (the default) each task's meta-gradient is taken with
-        ``torch.autograd.grad`` and its graph freed before the next task starts, so memory stays
-        flat in the meta-batch size; the returned loss is ``Σ_p ⟨p, stop_grad(G_p)⟩`` shifted to
-        the mean surrogate's value, whose gradient is the accumulated ``G``. One ``backward`` on
-        it (by Lightning, with AMP, accumulation, clipping and DDP unchanged) gives the same
-        gradient as the all-at-once path (``task_by_task=False``, which keeps every task's graph
-        until that backward: needed where ``autograd.grad`` cannot reach the parameters, such
-        as FSDP-sharded ones). Without autograd (``torch.no_grad``) the all-at-once path runs.
-        Task by task, a trainable parameter the surrogate does not reach (Reptile's backbone when
-        only the head is a fast weight) gets a zero gradient instead of none, as DDP requires.
+        ``meta_batch`` says how the tasks run; every way gives the same meta-gradient:
+
+        - ``"vmap"``: all tasks at once, in parallel with ``torch.func.vmap`` (inner gradients by
+          ``torch.func.grad``). Fastest for small models; memory grows with the meta-batch. Only
+          where exact (:meth:`vmap_refusal`); forcing it elsewhere raises ``ValueError``.
+        - ``"task_by_task"``: each task's meta-gradient is taken with ``torch.autograd.grad`` and
+          its graph freed before the next task starts, so memory stays flat in the meta-batch size.
+        - ``"all_at_once"``: every task's graph is kept until the caller's ``backward``: needed
+          where ``autograd.grad`` cannot reach the parameters (FSDP-sharded ones, float16 loss
+          scaling). Also what runs without autograd (``torch.no_grad``).
+        - ``"auto"`` (default): ``"vmap"`` when :meth:`vmap_refusal` has no objection, the model
+          has at most :data:`VMAP_MAX_PARAMETERS` trainable parameters, and, on the first batch of
+          each (learner, fast weights, derivative order), vmap's meta-gradient equals the
+          task-by-task loop's; otherwise ``"task_by_task"``, with the reason logged once.
+
+        With ``"vmap"`` and ``"task_by_task"`` the returned loss is ``Σ_p ⟨p, stop_grad(G_p)⟩``
+        shifted to the mean surrogate's value, whose gradient is the meta-gradient ``G``: one
+        ``backward`` on it (by Lightning, with AMP, accumulation, clipping and DDP unchanged) gives
+        it, and a trainable parameter the surrogate does not reach (Reptile's backbone when only
+        the head is a fast weight) gets a zero gradient instead of none, as DDP requires.
 
         Checks the batch's data first (:meth:`Learner.check_data`: one host sync for the batch).
         """
+        if meta_batch not in get_args(MetaBatch):
+            raise ValueError(f"meta_batch must be one of {get_args(MetaBatch)}, got {meta_batch!r}.")
         self.check_learner(learner)
         learner.check_data(batch)
         parameters = [p for module in (learner, self) for p in module.parameters() if p.requires_grad]
-        task_by_task = task_by_task and torch.is_grad_enabled() and bool(parameters)
+        if meta_batch == "all_at_once" or not (torch.is_grad_enabled() and parameters):
+            return self._loop(learner, batch, None)
+        if meta_batch == "vmap":
+            reason = self.vmap_refusal(learner)
+            if reason is not None:
+                raise ValueError(
+                    f"meta_batch='vmap' cannot run {type(self).__name__} with this {type(learner).__name__}: "
+                    f"{reason}. Use meta_batch='task_by_task' (the same meta-gradient, memory flat in the "
+                    "meta-batch size) or 'auto'."
+                )
+            return self._vmapped(learner, batch, parameters)
+        if meta_batch == "auto":
+            return self._auto(learner, batch, parameters)
+        return self._loop(learner, batch, parameters)
+
+    def _loop(self, learner: Learner, batch: TaskBatch, parameters: list[Tensor] | None) -> MetaLoss:
+        """The tasks one after the other: task by task given ``parameters``, else all at once."""
         count = len(batch)
         losses: list[Tensor] = []
         sums: dict[str, Tensor] = {}
-        gradients: list[Tensor | None] = [None] * len(parameters)
+        gradients: list[Tensor | None] = [None] * len(parameters or ())
         for episode in batch.episodes():
             loss, metrics = self.task_loss(learner, episode)
-            if task_by_task:
+            if parameters is not None:
                 task_gradients = torch.autograd.grad(loss / count, parameters, allow_unused=True)
                 gradients = [_add(total, new) for total, new in zip(gradients, task_gradients, strict=True)]
                 loss = loss.detach()
@@ -269,23 +354,60 @@ class MetaAlgorithm(nn.Module, ABC):
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0) + value
         mean = torch.stack(losses).mean()
-        if task_by_task:
-            # A parameter the surrogate does not reach (Reptile's backbone with head-only fast weights) gets
-            # a zero gradient rather than none, so that DDP sees every parameter used.
-            product = torch.stack(
-                [(p * g).sum() if g is not None else p.sum() * 0 for p, g in zip(parameters, gradients, strict=True)]
-            ).sum()
-            mean = product - product.detach() + mean  # value: the mean surrogate; gradient: Σ G
-        return MetaLoss(mean, {name: value / count for name, value in sums.items()})
+        metrics = {name: value / count for name, value in sums.items()}
+        return MetaLoss(mean, metrics) if parameters is None else _surrogate(parameters, gradients, mean, metrics)
+
+    def _vmapped(self, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
+        """All tasks in parallel under ``torch.func.vmap``; the meta-gradient taken at once."""
+        # Per-episode tensors only: metadata lists (names) cannot be split by vmap.
+        metadata = {name: values for name, values in batch.metadata.items() if isinstance(values, Tensor)}
+
+        def one_task(support: Split, query: Split, task_metadata: dict[str, Tensor]) -> tuple[Tensor, dict]:
+            return self.task_loss(learner, Episode(dict(support), dict(query), batch.ways, batch.shots, task_metadata))
+
+        token = _TASKS_IN_PARALLEL.set(True)
+        try:
+            losses, metrics = torch.func.vmap(one_task)(batch.support, batch.query, metadata)
+        finally:
+            _TASKS_IN_PARALLEL.reset(token)
+        mean = losses.mean()
+        gradients = list(torch.autograd.grad(mean, parameters, allow_unused=True))
+        return _surrogate(parameters, gradients, mean.detach(), {name: value.mean() for name, value in metrics.items()})
+
+    def _auto(self, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
+        key = (id(learner), tuple(learner.fast_weight_names), self.second_order())
+        verdict = self._vmap_verdicts.get(key)
+        if verdict == "":
+            return self._vmapped(learner, batch, parameters)
+        if verdict is not None:
+            return self._loop(learner, batch, parameters)
+        reason = self.vmap_refusal(learner)
+        size = sum(p.numel() for p in parameters)
+        if reason is None and size > VMAP_MAX_PARAMETERS:
+            reason = f"{size:,} trainable parameters, more than VMAP_MAX_PARAMETERS={VMAP_MAX_PARAMETERS:,}"
+        if reason is None:
+            try:
+                vmapped = self._vmapped(learner, batch, parameters)
+            except (RuntimeError, NotImplementedError) as error:  # no batching rule, data-dependent control flow
+                reason = f"torch.func.vmap cannot run the task loss ({str(error).splitlines()[0]})"
+        looped = self._loop(learner, batch, parameters)
+        if reason is None:
+            reason = _disagreement(vmapped.loss, looped.loss, parameters)
+        self._vmap_verdicts[key] = reason or ""
+        if reason:
+            rank_zero_info(
+                f"meta_batch='auto': {type(self).__name__} runs the tasks of a meta-batch one by one "
+                f"(task_by_task), not in parallel with vmap: {reason}."
+            )
+            return looped
+        return vmapped
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
         """Query figures before (``*_pre``) and after (``*_post``) adaptation to the support."""
         self.check_learner(learner)
-        with torch.no_grad():
-            _, before = learner.loss(episode.query)
+        before = learner.evaluation_metrics(episode.query)
         adapted = self.adapt(learner, episode.support, steps)
-        with torch.no_grad():
-            _, after = learner.loss(episode.query, adapted)
+        after = learner.evaluation_metrics(episode.query, adapted)
         return {f"{name}_pre": value for name, value in before.items()} | {
             f"{name}_post": value for name, value in after.items()
         }
@@ -301,6 +423,32 @@ class MetaAlgorithm(nn.Module, ABC):
 
         args = ", ".join(f"{name}={value!r}" for name, value in init_args(self).items())
         return f"{type(self).__name__}({args})"
+
+
+def _surrogate(
+    parameters: list[Tensor], gradients: list[Tensor | None], mean: Tensor, metrics: dict[str, Tensor]
+) -> MetaLoss:
+    """A loss whose value is ``mean`` and whose gradient is ``gradients`` (zero where ``None``, for DDP)."""
+    product = torch.stack(
+        [
+            p.flatten().dot(g.flatten()) if g is not None else p.sum() * 0
+            for p, g in zip(parameters, gradients, strict=True)
+        ]
+    ).sum()
+    return MetaLoss(product - product.detach() + mean, metrics)
+
+
+def _disagreement(found: Tensor, expected: Tensor, parameters: list[Tensor]) -> str | None:
+    """Whether two surrogates' meta-gradients differ beyond rounding (one host sync), and by how much."""
+    found_gradients = torch.autograd.grad(found, parameters, retain_graph=True)
+    expected_gradients = torch.autograd.grad(expected, parameters, retain_graph=True)
+    difference = torch.cat([(f - e).flatten() for f, e in zip(found_gradients, expected_gradients, strict=True)])
+    scale = torch.cat([e.flatten() for e in expected_gradients]).norm()
+    relative = float(difference.norm() / scale.clamp_min(torch.finfo(scale.dtype).tiny))
+    # Batched kernels sum in another order than one task's: allow rounding, well below any real error.
+    if relative <= 0.1 * torch.finfo(scale.dtype).eps ** 0.5:
+        return None
+    return f"its meta-gradient differs from the task-by-task loop's on the first batch (relative: {relative:.1e})"
 
 
 def _add(total: Tensor | None, new: Tensor | None) -> Tensor | None:

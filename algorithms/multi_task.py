@@ -27,7 +27,7 @@ class MultiTask(MetaAlgorithm):
 
     At evaluation it adapts like the MAML family, with SGD steps on the support from the trained
     weights, so it is scored on the same footing. ``train/query_*`` reports the query figures at
-    the current weights.
+    the current weights (on the steps the host logs: ``report_query``).
 
     Args:
         inner_lr: SGD step size of the adaptation at validation/test time (training has no inner loop).
@@ -55,6 +55,8 @@ class MultiTask(MetaAlgorithm):
 
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         loss = joint_loss(learner, episode.support, episode.query)
+        if not self.report_query:
+            return loss, {}
         # A second, gradient-free forward on the query alone: the logged figures stay comparable with
         # the other algorithms' query_* (the joint loss mixes in the support).
         with torch.no_grad():

@@ -57,6 +57,9 @@ class ProtoNet(MetaAlgorithm):
                 "regression, or a ClassificationLearner whose model outputs embeddings."
             )
 
+    def vmap_refusal(self, learner: Learner) -> str | None:
+        return "ProtoNet checks each episode's support labels on the host (every class present), which vmap cannot"
+
     def prototypes(self, learner: Learner, support: Split, ways: int | None = None) -> Tensor:
         """Class prototypes (ways, embedding_dim) from the support embeddings."""
         labels = support[learner.target_key]

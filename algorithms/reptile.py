@@ -19,7 +19,9 @@ class Reptile(MetaAlgorithm):
     The surrogate is ½‖θ − stop_grad(θ')‖², whose gradient is exactly θ − θ'. A plain SGD
     meta-optimizer with learning rate ε (``torch.optim.SGD(lr=ε)``, no momentum) therefore performs
     Nichol et al.'s update exactly; Adam on the same gradient is the common variant. The query
-    split is not used for the update; its post-adaptation loss is reported as ``query_loss``.
+    split is not used for the update; its post-adaptation loss is reported as ``query_loss`` (only
+    while ``report_query`` is on: the host turns it off on the steps it does not log, saving a
+    forward per task).
 
     Args:
         inner_lr: inner SGD step size.
@@ -59,6 +61,8 @@ class Reptile(MetaAlgorithm):
             )
         adapted = {name: weight.detach() for name, weight in adapted.items()}
         surrogate = sum(0.5 * (meta_weights[name] - adapted[name]).pow(2).sum() for name in meta_weights)
+        if not self.report_query:  # the update does not use the query: skip its forward when nothing logs it
+            return surrogate, {}
         with torch.no_grad():
             _, metrics = learner.loss(episode.query, adapted)
         return surrogate, {f"query_{name}": value for name, value in metrics.items()}

@@ -9,9 +9,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_meta
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
@@ -23,14 +25,21 @@ DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: Set to 1 to see the full traceback of the errors this command otherwise prints as one message.
 TRACEBACK_VARIABLE = "LIGHTNING_META_TRACEBACK"
+#: torch threads of a run unless OMP_NUM_THREADS or MKL_NUM_THREADS is set. torch's own default, a
+#: thread per core that spins while it waits, ran the quick start over 6x slower beside another busy
+#: process on a 2-core machine, and one thread was as fast alone (benchmarks/speed/shared_cpu.md).
+DEFAULT_THREADS = 1
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 DESCRIPTION = """\
 lightning-meta: meta-learning (MAML, first-order MAML, Reptile, Prototypical Networks) for language models
 with PyTorch Lightning. `lightning-meta fit` without --config runs the embedded quick start (first-order MAML
 on a tiny GPT-2 over text domains of Python's standard library, ~3 min on a CPU); `--config configs/X.yaml`
 runs a use case; `lightning-meta fit --print_config` prints the full config to copy and edit. With
 --ckpt_path, options typed on the command line or in --config win over the checkpoint's, which win over
-the defaults. Caches: $LIGHTNING_META_CACHE (default ~/.cache/lightning_meta) and the `datasets` cache
-($HF_DATASETS_CACHE); see the README's "Files and caches".
+the defaults. Runs use one torch thread unless OMP_NUM_THREADS is set (`OMP_NUM_THREADS=4 lightning-meta
+fit` uses 4: worth it for larger models on an otherwise idle machine). Caches: $LIGHTNING_META_CACHE
+(default ~/.cache/lightning_meta) and the `datasets` cache ($HF_DATASETS_CACHE); see the README's "Files
+and caches".
 
 The hand-off, two more subcommands: `lightning-meta export --ckpt_path CKPT --output_dir DIR` writes a
 checkpoint as a Hugging Face folder (`lightning-meta export --help`); `lightning-meta pretrain --config
@@ -99,6 +108,9 @@ class MetaCLI(LightningCLI):
     is what ran. A checkpoint of another learner or model than the config's is refused.
     """
 
+    def before_instantiate_classes(self) -> None:
+        use_cli_threads()
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (LightningArgumentParser)
         parser.add_argument(
             "--test_after_fit",
@@ -161,6 +173,21 @@ class MetaCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and self.trainer.state.finished:
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def use_cli_threads() -> None:
+    """Set torch (and the processes this run starts) to ``DEFAULT_THREADS`` unless the environment chose.
+
+    Only the command does this: ``import lightning_meta`` leaves torch's threads alone.
+    """
+    chosen_by = next((name for name in THREAD_VARIABLES if os.environ.get(name)), None)
+    if chosen_by is None:
+        torch.set_num_threads(DEFAULT_THREADS)
+        os.environ["OMP_NUM_THREADS"] = str(DEFAULT_THREADS)  # DDP workers and launchers read it
+        source = "lightning-meta's default; OMP_NUM_THREADS=N lightning-meta ... uses N"
+    else:
+        source = f"from {chosen_by}"
+    rank_zero_info(f"torch threads: {torch.get_num_threads()} ({source})")
 
 
 def _argument_value(args: list[str], name: str) -> str | None:

@@ -38,6 +38,9 @@ class DataCheck:
     fix: str
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 class DataError(ValueError):
     """A task batch the learner cannot run on (non-finite values, unknown token ids, labels out of range)."""
 
@@ -61,7 +64,8 @@ class Learner(nn.Module, ABC):
 
     #: ``"regression"`` or ``"classification"``; algorithms check it (ProtoNet needs classes).
     task_type: ClassVar[str]
-    #: per-episode figures :meth:`loss` reports, besides ``loss``.
+    #: per-episode figures :meth:`loss` and :meth:`evaluation_metrics` may report (``loss`` first);
+    #: evaluation keeps statistics of each one a split reports.
     metric_names: ClassVar[tuple[str, ...]] = ("loss",)
 
     def __init__(
@@ -131,6 +135,22 @@ class Learner(nn.Module, ABC):
                     f"{check.problem}. Fix: {check.fix}."
                 )
 
+    def vmap_refusal(self) -> str | None:
+        """Why this learner's tasks cannot run in parallel under ``torch.func.vmap``; ``None`` if they can.
+
+        vmap is exact for functional models; it is refused for modules that update buffers in
+        place (batch-norm running statistics) or draw random numbers (dropout) in training mode.
+        Learners whose model has data-dependent control flow say so here.
+        """
+        for name, module in self.model.named_modules():
+            if not module.training:
+                continue
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                return f"{name or 'the model'} ({type(module).__name__}) updates its running statistics in place"
+            if isinstance(module, _DROPOUTS) and module.p > 0:
+                return f"{name} ({type(module).__name__}, p={module.p}) draws random numbers per task"
+        return None
+
     def prepare_second_order(self) -> None:
         """Called by algorithms that differentiate through the inner loop (second-order MAML).
 
@@ -141,6 +161,15 @@ class Learner(nn.Module, ABC):
     @abstractmethod
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean loss over the split, and detached per-episode figures (``metric_names``)."""
+
+    def evaluation_metrics(self, split: Split, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Detached figures of a split at evaluation (no gradient): :meth:`loss`'s by default.
+
+        Learners add here the figures that cost more than the loss needs (exact match, scoring
+        a classification task's options); evaluation and adaptation curves read this.
+        """
+        with torch.no_grad():
+            return self.loss(split, params)[1]
 
 
 class RegressionLearner(Learner):
@@ -206,7 +235,7 @@ def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str 
             raise ValueError(f"head={head_name!r} is not a submodule of the model; submodules: {sorted(modules)}")
         selected = _names_of(model, modules[head_name].parameters())
     elif spec == "biases_norms":
-        norms = [module for module in model.modules() if _is_norm(module)]
+        norms = [module for module in model.modules() if is_normalization(module)]
         norm_names = set(_names_of(model, (p for module in norms for p in module.parameters(recurse=False))))
         selected = [name for name in trainable if name.endswith("bias") or name in norm_names]
     elif spec == "lora":
@@ -239,7 +268,8 @@ def _names_of(model: nn.Module, parameters: Iterable[nn.Parameter]) -> list[str]
     return [name for name, p in model.named_parameters() if id(p) in wanted]
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_normalization(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer (LayerNorm, GroupNorm, batch norm, RMSNorm, ...)."""
     return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._BatchNorm) or (
         "norm" in type(module).__name__.lower()
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, get_args
 
 import torch
 from lightning import Callback, LightningModule
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_meta import scaling
 from lightning_meta.algorithms import MAML, MetaAlgorithm
+from lightning_meta.algorithms.base import MetaBatch
 from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.learners import Learner
@@ -36,17 +37,19 @@ class MetaLearningModule(LightningModule):
         eval_inner_steps: adaptation steps at validation/test/predict; overrides the algorithm's.
         algorithm_lr: learning rate of the algorithm's own meta-parameters (learned inner learning
             rates), in their own optimizer parameter group; ``None``: the optimizer's.
-        task_by_task: take each task's meta-gradient and free its graph before the next task
-            (memory flat in the meta-batch size; the same gradient). ``False`` keeps every task's
-            graph until one backward. FSDP and ``16-mixed`` always use the latter.
+        meta_batch: how the tasks of a meta-batch run, all with the same meta-gradient:
+            ``"vmap"`` (in parallel, fastest for small models), ``"task_by_task"`` (memory flat in
+            the meta-batch size), ``"all_at_once"`` (every task's graph kept until one backward),
+            or ``"auto"``: vmap where it is exact and pays, else task by task, with the reason
+            logged (see :meth:`MetaAlgorithm.meta_loss`). FSDP and ``16-mixed`` always run all at once.
         eval_curve: adaptation curve: step counts (0 = before adaptation), e.g. ``[0, 1, 5, 10]``,
             at which validation/test also log the query figures, all read off one adaptation
             trajectory per episode (``algorithm.adapt_steps``); ``None``: only before and after.
 
-    Logs ``train/query_loss`` every step and, for validation and test, ``{stage}/query_loss_pre``
-    and ``{stage}/query_loss_post`` (plus ``_acc_`` for classification), each with a ``_ci95``
-    half-width over episodes; with ``eval_curve``, also ``{stage}/query_loss@k`` (and
-    ``query_acc@k``) for each listed ``k``, with ``_ci95``. Adaptation works in
+    Logs ``train/query_loss`` on the steps Lightning logs (``log_every_n_steps``) and, for validation
+    and test, ``{stage}/query_loss_pre`` and ``{stage}/query_loss_post`` (plus ``_acc_`` for
+    classification), each with a ``_ci95`` half-width over episodes; with ``eval_curve``, also
+    ``{stage}/query_loss@k`` (and ``query_acc@k``) for each listed ``k``, with ``_ci95``. Adaptation works in
     ``validate``/``test``/``predict`` under Lightning's default ``inference_mode``.
 
     Data are checked once per batch (finite values, token ids, labels; one host sync) and the
@@ -62,7 +65,7 @@ class MetaLearningModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_inner_steps: int | None = None,
-        task_by_task: bool = True,
+        meta_batch: MetaBatch = "auto",
         algorithm_lr: float | None = None,
         eval_curve: list[int] | None = None,
     ) -> None:
@@ -72,13 +75,15 @@ class MetaLearningModule(LightningModule):
         algorithm = MAML() if algorithm is None else algorithm
         if eval_inner_steps is not None and eval_inner_steps < 1:
             raise ValueError(f"eval_inner_steps must be >= 1 or None, got {eval_inner_steps}.")
+        if meta_batch not in get_args(MetaBatch):
+            raise ValueError(f"meta_batch must be one of {get_args(MetaBatch)}, got {meta_batch!r}.")
         _check_eval_curve(eval_curve, algorithm)
         self.learner = learner
         self.algorithm = algorithm
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.eval_inner_steps = eval_inner_steps
-        self.task_by_task = task_by_task
+        self.meta_batch = meta_batch
         self.algorithm_lr = algorithm_lr
         self.eval_curve = eval_curve
         #: the curve's step counts, ascending and distinct
@@ -114,7 +119,7 @@ class MetaLearningModule(LightningModule):
                 "optimizer": to_config(self.optimizer),
                 "lr_scheduler": to_config(self.lr_scheduler),
                 "eval_inner_steps": self.eval_inner_steps,
-                "task_by_task": self.task_by_task,
+                "meta_batch": self.meta_batch,
                 "algorithm_lr": self.algorithm_lr,
                 "eval_curve": self.eval_curve,
                 # Lets load_from_checkpoint rebuild the components from plain data, with
@@ -166,9 +171,13 @@ class MetaLearningModule(LightningModule):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         # autograd.grad cannot reach FSDP-sharded weights, and float16 needs Lightning's loss scaling.
-        task_by_task = self.task_by_task and self.device_mesh is None and not self.trainer.precision.startswith("16")
+        sharded_or_scaled = self.device_mesh is not None or self.trainer.precision.startswith("16")
         self.algorithm.outer_step = self.global_step  # schedules (MAML++'s annealing) read it
-        out = self.algorithm.meta_loss(self.learner, batch, task_by_task=task_by_task)
+        # Lightning writes a step's logs every log_every_n_steps steps: query figures that cost extra only then.
+        every = self.trainer.log_every_n_steps
+        self.algorithm.report_query = every > 0 and (self.global_step + 1) % every == 0
+        meta_batch = "all_at_once" if sharded_or_scaled else self.meta_batch
+        out = self.algorithm.meta_loss(self.learner, batch, meta_batch=meta_batch)
         if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
             raise FloatingPointError(
                 f"The meta-loss is {out.loss.item()} at step {self.global_step}: {self._diagnose_divergence(batch)} "
@@ -242,13 +251,11 @@ class MetaLearningModule(LightningModule):
         self.algorithm.check_learner(learner)
         post_steps = self.algorithm.evaluation_steps() if steps is None else steps
         wanted = {post_steps, *self._curve_steps}
-        with torch.no_grad():
-            _, before = learner.loss(episode.query)
+        before = learner.evaluation_metrics(episode.query)
         figures_at = {0: before}
         for step, adapted in enumerate(self.algorithm.adapt_steps(learner, episode.support, max(wanted)), start=1):
             if step in wanted:
-                with torch.no_grad():
-                    _, figures_at[step] = learner.loss(episode.query, adapted)
+                figures_at[step] = learner.evaluation_metrics(episode.query, adapted)
         figures = {f"{name}_pre": value for name, value in before.items()}
         figures |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
         return figures | {

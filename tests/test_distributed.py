@@ -47,7 +47,7 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float], Met
     for step in range(worker.STEPS):
         episodes = [episode for rank in (0, 1) for episode in datamodule.train_batch(step, rank).episodes()]
         optimizer.zero_grad()
-        algorithm.meta_loss(module.learner, TaskBatch.stack(episodes), task_by_task=False).loss.backward()
+        algorithm.meta_loss(module.learner, TaskBatch.stack(episodes), meta_batch="all_at_once").loss.backward()
         optimizer.step()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)  # fmt: skip

@@ -41,9 +41,9 @@ def test_task_by_task_gives_the_all_at_once_gradient(case):
     learner = ClassificationLearner(Blocks(blocks=2), fast_weights).double()
     batch = classification_batch(meta_batch_size=4, ways=3, shots=2, queries=3, features=4)
     algorithm = make_algorithm()
-    joint = algorithm.meta_loss(learner, batch, task_by_task=False)
+    joint = algorithm.meta_loss(learner, batch, meta_batch="all_at_once")
     expected = _gradients(learner, joint.loss)
-    flat = algorithm.meta_loss(learner, batch)
+    flat = algorithm.meta_loss(learner, batch, meta_batch="task_by_task")
     found = _gradients(learner, flat.loss)
     torch.testing.assert_close(flat.loss, joint.loss.detach())  # the value too: the mean surrogate
     for name, gradient in expected.items():
@@ -66,8 +66,8 @@ def test_task_by_task_on_a_causal_lm_with_lora_second_order():
 
     batch = TaskBatch(support=split, query={k: v.flip(1) for k, v in split.items()})
     algorithm = MAML(inner_lr=0.5)
-    expected = _gradients(learner, algorithm.meta_loss(learner, batch, task_by_task=False).loss)
-    found = _gradients(learner, algorithm.meta_loss(learner, batch).loss)
+    expected = _gradients(learner, algorithm.meta_loss(learner, batch, meta_batch="all_at_once").loss)
+    found = _gradients(learner, algorithm.meta_loss(learner, batch, meta_batch="task_by_task").loss)
     for name, gradient in expected.items():
         if gradient is not None:
             torch.testing.assert_close(found[name], gradient, rtol=1e-10, atol=1e-12, msg=name)

@@ -35,7 +35,7 @@ def _kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(meta_batch_size: int, task_by_task: bool, device: str, size: dict[str, int]) -> float:
+def measure(meta_batch_size: int, meta_batch: str, device: str, size: dict[str, int]) -> float:
     """Peak memory in MiB of one meta-step above what was resident before it."""
     import torch
 
@@ -56,7 +56,7 @@ def measure(meta_batch_size: int, task_by_task: bool, device: str, size: dict[st
         batch = TaskBatch(support={k: v.to(device) for k, v in batch.support.items()},
                           query={k: v.to(device) for k, v in batch.query.items()})  # fmt: skip
         learner.zero_grad(set_to_none=True)
-        algorithm.meta_loss(learner, batch, task_by_task=task_by_task).loss.backward()
+        algorithm.meta_loss(learner, batch, meta_batch=meta_batch).loss.backward()
 
     step(0)  # warm-up: gradients allocated, caches filled
     if device == "cuda":
@@ -84,7 +84,7 @@ def main() -> None:
     device = "cuda" if args.gpu else "cpu"
     model_size = {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head}
     if args.one:
-        print(json.dumps(measure(int(args.one[0]), args.one[1] == "task_by_task", device, model_size)))
+        print(json.dumps(measure(int(args.one[0]), args.one[1], device, model_size)))
         return
     peaks: dict[tuple[int, str], float] = {}
     for mode in ("task_by_task", "all_at_once"):

@@ -57,7 +57,7 @@ def test_meta_sgd_gradient_for_weights_and_learning_rates_matches_finite_differe
             return _first_order_meta_sgd_loss(learner, algorithm, batch)
     else:
         def reference():
-            return algorithm.meta_loss(learner, batch, task_by_task=False).loss
+            return algorithm.meta_loss(learner, batch, meta_batch="all_at_once").loss
     numeric = _finite_differences(reference, parameters) if not first_order else None
     if first_order:
         expected = torch.autograd.grad(reference(), parameters)

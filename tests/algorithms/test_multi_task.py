@@ -25,16 +25,16 @@ def _plain_gradient(learner, batch: TaskBatch, loss_of) -> list[torch.Tensor]:
     return torch.autograd.grad(torch.stack(losses).mean(), list(params.values()))
 
 
-@pytest.mark.parametrize("task_by_task", [True, False])
+@pytest.mark.parametrize("meta_batch", ["task_by_task", "all_at_once", "vmap"])
 @pytest.mark.parametrize("kind", ["regression", "classification"])
-def test_gradient_is_the_plain_loss_gradient_over_support_and_query(kind, task_by_task, mlp_learner, classifier):
+def test_gradient_is_the_plain_loss_gradient_over_support_and_query(kind, meta_batch, mlp_learner, classifier):
     learner, batch, loss_of = {
         "regression": (mlp_learner, regression_batch(), F.mse_loss),
         "classification": (classifier, classification_batch(), F.cross_entropy),
     }[kind]
     expected = _plain_gradient(learner, batch, loss_of)
 
-    out = MultiTask(inner_lr=0.1).meta_loss(learner, batch, task_by_task=task_by_task)
+    out = MultiTask(inner_lr=0.1).meta_loss(learner, batch, meta_batch=meta_batch)
     out.loss.backward()
 
     for parameter, gradient in zip(learner.model.parameters(), expected, strict=True):
