@@ -20,6 +20,7 @@ from lightning_meta.algorithms.fomaml import FOMAML
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.maml_plus_plus import MAMLPlusPlus
 from lightning_meta.algorithms.meta_sgd import MetaSGD
+from lightning_meta.algorithms.metaicl import MetaICL
 from lightning_meta.algorithms.multi_task import MultiTask
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.reptile import Reptile
@@ -35,6 +36,7 @@ BUILTIN: dict[str, type[MetaAlgorithm]] = {
     "metasgd": MetaSGD,
     "mamlplusplus": MAMLPlusPlus,
     "multitask": MultiTask,
+    "metaicl": MetaICL,
 }
 
 
@@ -89,6 +91,7 @@ __all__ = [
     "MAML",
     "MAMLPlusPlus",
     "MetaSGD",
+    "MetaICL",
     "MultiTask",
     "SGD",
     "InnerUpdate",

@@ -8,6 +8,7 @@ from lightning_meta.datamodules.masked_words import MaskedWordTasksDataModule
 from lightning_meta.datamodules.packed_text import PackedTextDataModule
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule
 from lightning_meta.datamodules.text_classification import TextClassificationDataModule
+from lightning_meta.datamodules.text_to_text import TextToTextTasksDataModule
 
 __all__ = [
     "EpisodicClassificationDataModule",
@@ -18,4 +19,5 @@ __all__ = [
     "PackedTextDataModule",
     "SinusoidDataModule",
     "TextClassificationDataModule",
+    "TextToTextTasksDataModule",
 ]

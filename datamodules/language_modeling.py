@@ -154,8 +154,8 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         chosen = torch.randperm(len(blocks), generator=generator)[: self.shots + self.queries]
         support, query = blocks[chosen[: self.shots]], blocks[chosen[self.shots :]]
         return Episode(
-            support={"input_ids": support, "attention_mask": torch.ones_like(support), "labels": support.clone()},
-            query={"input_ids": query, "attention_mask": torch.ones_like(query), "labels": query.clone()},
+            support={"input_ids": support, "attention_mask": torch.ones_like(support)},
+            query={"input_ids": query, "attention_mask": torch.ones_like(query)},
             shots=self.shots,
             metadata={"domain": domain, "block_ids": chosen},
         )

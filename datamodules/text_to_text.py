@@ -47,7 +47,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     A task is a set of (input, output) examples and a prompt template; an example becomes the
     sequence ``template(input) + " " + output + end token``, and the loss covers the output tokens
     and the end token only (``labels`` are ``-100`` on the prompt and the padding). An episode
-    draws one task and ``shots + queries`` distinct examples of it: the support (what adaptation,
+    draws a family, one of its tasks, and ``shots + queries`` distinct examples of it: the support (what adaptation,
     or MetaICL's demonstrations, see) and the query. Tasks whose table lists ``options`` (a
     classification task's possible outputs) also carry each option written after the query's
     prompt, so that evaluation scores them (``accuracy``); the other tasks are scored by exact
@@ -157,9 +157,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     def examples(self) -> dict[str, dict[str, Any]]:
         """Each task's ``family``, ``templates``, ``inputs``, ``outputs`` and ``options`` (text, before tokenizing)."""
         if self.dataset is None:
-            from lightning_meta.task_gym import gym_table
-
-            return self._tasks_from_table(gym_table(self.gym_families), "the task gym")
+            return _gym_examples(self.gym_families, self.max_examples_per_task)
         path = Path(self.dataset).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
             return self._tasks_from_folder(path)
@@ -167,25 +165,19 @@ class TextToTextTasksDataModule(EpisodicDataModule):
 
     @functools.cached_property
     def tasks(self) -> dict[str, TextTask]:
-        """Every task, tokenized."""
-        tokenizer = load_tokenizer(self.tokenizer)
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"Tokenizer {self.tokenizer!r} has no end-of-text token to end each output with.")
+        """Every task, tokenized (the gym's once per process and settings: several datamodules share them)."""
+        if self.dataset is None:
+            families = tuple(self.gym_families) if self.gym_families is not None else None
+            tasks = _tokenized_gym(self.tokenizer, families, self.max_length, self.truncate_inputs,
+                                   self.max_examples_per_task)  # fmt: skip
+        else:
+            tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs)
         needed = self.shots + self.queries
-        small = {name: len(task["inputs"]) for name, task in self.examples.items() if len(task["inputs"]) < needed}
+        small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
         if small:
             raise ValueError(
                 f"Tasks with fewer than shots + queries = {needed} distinct examples: {small}. Lower shots or queries, "
                 "add examples to those tasks, or leave them out of the data."
-            )
-        encoder = _Encoder(tokenizer, self.max_length, self.truncate_inputs)
-        tasks = {name: encoder.encode(name, task) for name, task in self.examples.items()}
-        options = max((len(task.choice_input_ids[0]) for task in tasks.values() if task.answer is not None), default=0)
-        if options:
-            tasks = {name: _with_options(task, options, self.max_length) for name, task in tasks.items()}
-        if encoder.truncated:
-            rank_zero_info(
-                f"Text-to-text tasks: shortened the input of {encoder.truncated} examples to fit max_length."
             )
         return tasks
 
@@ -254,8 +246,21 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         shuffled = _shuffled(known_families, self.seed)
         return shuffled[:count] if split == "val" else shuffled[count : 2 * count]
 
+    @functools.cached_property
+    def _families_of_split(self) -> dict[str, list[list[str]]]:
+        """Each split's tasks grouped by family (a task without a family is a family of its own)."""
+        grouped: dict[str, list[list[str]]] = {}
+        for split, names in self.split_tasks.items():
+            families: dict[str, list[str]] = {}
+            for name in names:
+                families.setdefault(self.tasks[name].family or f"task:{name}", []).append(name)
+            grouped[split] = [families[family] for family in sorted(families)]
+        return grouped
+
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
-        names = self.split_tasks[split]
+        # A family first, then one of its tasks: families with many tasks do not crowd out the others.
+        families = self._families_of_split[split]
+        names = families[int(torch.randint(len(families), (), generator=generator))]
         task = self.tasks[names[int(torch.randint(len(names), (), generator=generator))]]
         chosen = torch.randperm(len(task), generator=generator)[: self.shots + self.queries]
         support, query = (_rows(task, rows) for rows in (chosen[: self.shots], chosen[self.shots :]))
@@ -338,6 +343,45 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         return tasks
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenized_gym(
+    tokenizer: str, families: tuple[str, ...] | None, max_length: int, truncate_inputs: bool, limit: int | None
+) -> dict[str, TextTask]:
+    examples = _gym_examples(list(families) if families is not None else None, limit)
+    return _tokenize(examples, tokenizer, max_length, truncate_inputs)
+
+
+def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, dict[str, Any]]:
+    from lightning_meta.task_gym import gym_tasks
+
+    return {
+        task.name: {
+            "family": task.family,
+            "templates": [task.template] * len(task.examples[:limit]),
+            "inputs": [text for text, _ in task.examples[:limit]],
+            "outputs": [output for _, output in task.examples[:limit]],
+            "options": task.options,
+        }
+        for task in gym_tasks(families)
+    }
+
+
+def _tokenize(
+    examples: dict[str, dict[str, Any]], tokenizer_name: str, max_length: int, truncate_inputs: bool
+) -> dict[str, TextTask]:
+    tokenizer = load_tokenizer(tokenizer_name)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"Tokenizer {tokenizer_name!r} has no end-of-text token to end each output with.")
+    encoder = _Encoder(tokenizer, max_length, truncate_inputs)
+    tasks = {name: encoder.encode(name, task) for name, task in examples.items()}
+    options = max((len(task.choice_input_ids[0]) for task in tasks.values() if task.answer is not None), default=0)
+    if options:
+        tasks = {name: _with_options(task, options, max_length) for name, task in tasks.items()}
+    if encoder.truncated:
+        rank_zero_info(f"Text-to-text tasks: shortened the input of {encoder.truncated} examples to fit max_length.")
+    return tasks
+
+
 def check_template(template: str, where: str = "template") -> str:
     """``template`` itself, or an error when it lacks exactly one ``{input}``."""
     if template.count(INPUT_FIELD) != 1:
@@ -406,16 +450,13 @@ class _Encoder:
         return prefix + text[:budget] + suffix
 
     def _rows(self, prompts: list[list[int]], answers: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-        count = len(prompts)
-        input_ids = torch.full((count, self.max_length), self.pad, dtype=torch.long)
-        labels = torch.full((count, self.max_length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((count, self.max_length), dtype=torch.long)
-        for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-            length = len(prompt) + len(answer)
-            input_ids[row, :length] = torch.tensor(prompt + answer)
-            labels[row, len(prompt) : length] = torch.tensor(answer)
-            attention_mask[row, :length] = 1
-        return input_ids, attention_mask, labels
+        ids, labels, mask = [], [], []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            padding = self.max_length - len(prompt) - len(answer)
+            ids.append(prompt + answer + [self.pad] * padding)
+            labels.append([IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * padding)
+            mask.append([1] * (len(prompt) + len(answer)) + [0] * padding)
+        return tuple(torch.tensor(rows, dtype=torch.long).view(-1, self.max_length) for rows in (ids, mask, labels))
 
 
 def _with_options(task: TextTask, options: int, max_length: int) -> TextTask:

@@ -24,10 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_meta.learners import DataCheck, Learner
 from lightning_meta.local_files import dequantized_gguf, resolve_local_path
-from lightning_meta.tasks import Split
+from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Split
 from lightning_meta.tokenization import load_tokenizer
 
-IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # peft's target modules where its defaults don't fit: GPT-2 keeps its projections in Conv1D.
 _LORA_TARGETS = {"gpt2": (["c_attn", "c_proj"], True)}
@@ -72,6 +71,7 @@ class CausalLMLearner(Learner):
     """
 
     task_type = "language_modeling"
+    metric_names = ("loss", "exact_match", "accuracy")
 
     def __init__(
         self,
@@ -132,41 +132,96 @@ class CausalLMLearner(Learner):
         return self(input_ids=split["input_ids"], attention_mask=split.get("attention_mask"), params=params).logits
 
     def data_checks(self, split_name: str, split: Split) -> list[DataCheck]:
-        """Token ids and labels inside the model's vocabulary (labels may also be -100: ignored)."""
+        """Token ids and labels (of the options too) inside the model's vocabulary (labels may be -100: ignored)."""
         vocab_size = self.transformer.config.vocab_size
-        input_ids = split["input_ids"].flatten(1)
         fix = f"use the same tokenizer for the data and the model (learner: {self.tokenizer!r})"
-        checks = super().data_checks(split_name, split) + [
-            DataCheck(
-                ((input_ids >= 0) & (input_ids < vocab_size)).all(1),
-                f"{split_name} has token ids outside the model's vocabulary of {vocab_size}: the data's tokenizer "
-                "differs from the model's",
-                fix,
-            )
-        ]
-        if "labels" in split:
-            labels = split["labels"].flatten(1)
-            checks.append(
-                DataCheck(
-                    (((labels >= 0) & (labels < vocab_size)) | (labels == IGNORE_INDEX)).all(1),
-                    f"{split_name} has labels that are neither token ids of the vocabulary of {vocab_size} nor "
-                    f"{IGNORE_INDEX} (ignored)",
-                    fix,
+        checks = super().data_checks(split_name, split)
+        for name in ("input_ids", CHOICE_INPUT_IDS):
+            if name in split:
+                ids = split[name].flatten(1)
+                checks.append(
+                    DataCheck(
+                        ((ids >= 0) & (ids < vocab_size)).all(1),
+                        f"{split_name}[{name!r}] has token ids outside the model's vocabulary of {vocab_size}: the "
+                        "data's tokenizer differs from the model's",
+                        fix,
+                    )
                 )
-            )
+        for name in ("labels", CHOICE_LABELS):
+            if name in split:
+                labels = split[name].flatten(1)
+                checks.append(
+                    DataCheck(
+                        (((labels >= 0) & (labels < vocab_size)) | (labels == IGNORE_INDEX)).all(1),
+                        f"{split_name}[{name!r}] has labels that are neither token ids of the vocabulary of "
+                        f"{vocab_size} nor {IGNORE_INDEX} (ignored)",
+                        fix,
+                    )
+                )
         return checks
 
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.predict(split, params)
-        labels = split.get("labels")
-        if labels is None:
-            labels = split["input_ids"].masked_fill(split["attention_mask"] == 0, IGNORE_INDEX)
-        if logits.dtype in (torch.bfloat16, torch.float16):  # reduce in float32 for a stable loss
-            logits = logits.float()
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+            _float32(logits)[:, :-1].flatten(0, 1), _labels(split)[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
         return loss, {"loss": loss.detach()}
+
+    def evaluation_metrics(self, split: Split, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The loss; with ``labels`` (supervised outputs) also ``exact_match``, and ``accuracy``.
+
+        ``exact_match``: the share of sequences whose every labelled token is the model's most
+        likely next token, i.e. greedy decoding reproduces the output (and its end token).
+        ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the share of
+        examples whose most likely option (summed log-probability of its tokens) is the answer
+        (rank classification); for examples without options (``answer`` = -1) their exact match.
+        """
+        with torch.no_grad():
+            logits = _float32(self.predict(split, params))
+            labels = _labels(split)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            figures = {"loss": loss}
+            if "labels" not in split:
+                return figures
+            predicted = logits[:, :-1].argmax(-1)
+            targets = labels[:, 1:]
+            exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
+            figures["exact_match"] = exact.float().mean()
+            if CHOICE_INPUT_IDS in split:
+                correct = self._choice_correct(split, params)
+                answer = split[ANSWER]
+                figures["accuracy"] = torch.where(answer >= 0, correct, exact).float().mean()
+            return figures
+
+    def _choice_correct(self, split: Split, params: Mapping[str, Tensor] | None) -> Tensor:
+        """Per example: is the option with the highest summed log-probability the answer?
+
+        Only examples that list options are scored (one host sync, at evaluation only); at least
+        one row always runs, so that every rank of a sharded model runs the same forwards.
+        """
+        answer = split[ANSWER]
+        listed_rows = torch.nonzero(answer >= 0).flatten()
+        rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
+        ids, mask, labels = (split[name][rows] for name in CHOICE_FIELDS)
+        examples, options = ids.shape[:2]
+        logits = _float32(self.predict({"input_ids": ids.flatten(0, 1), "attention_mask": mask.flatten(0, 1)}, params))
+        targets = labels.flatten(0, 1)[:, 1:]
+        token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        scores = token_log_probs.masked_fill(targets == IGNORE_INDEX, 0).sum(1).view(examples, options)
+        scores = scores.masked_fill(~(labels != IGNORE_INDEX).any(-1), -torch.inf)
+        correct = torch.zeros_like(answer, dtype=torch.bool)
+        if len(listed_rows):
+            correct[rows] = scores.argmax(1) == answer[rows]
+        return correct
+
+    def vmap_refusal(self) -> str | None:
+        implementation = self.transformer.config._attn_implementation
+        if implementation != "eager":
+            return (
+                f"{implementation!r} attention inspects the mask's values (data-dependent control flow); "
+                "attn_implementation='eager' runs under vmap"
+            )
+        return super().vmap_refusal()
 
     def prepare_second_order(self) -> None:
         # Fused SDPA kernels have no double backward ("derivative for
@@ -178,6 +233,19 @@ class CausalLMLearner(Learner):
                 "have no double backward). Use FOMAML or first_order=True to keep fused attention."
             )
             self.transformer.set_attn_implementation("eager")
+
+
+def _float32(logits: Tensor) -> Tensor:
+    """Logits reduced in float32 under low precision, for a stable loss."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def _labels(split: Split) -> Tensor:
+    """The split's ``labels``, else its tokens with padding ignored (language modelling)."""
+    labels = split.get("labels")
+    if labels is None:
+        labels = split["input_ids"].masked_fill(split["attention_mask"] == 0, IGNORE_INDEX)
+    return labels
 
 
 def enable_functional_checkpointing(model: PreTrainedModel) -> None:

@@ -118,7 +118,9 @@ class CausalLMPretraining(LightningModule):
             trained_with = provenance.get("tokenizer", str(folder))
             fingerprint = provenance.get("tokenizer_fingerprint")
             model = _build_model(str(folder), None, "", None, attn_implementation, dtype)
-            default_tokenizer = init_from if gguf_file is None else str(folder)
+            # The name the data uses too (a GGUF package's own folder holds its tokenizer), not the cache
+            # folder it was dequantized to: Lightning refuses a module and a datamodule naming two tokenizers.
+            default_tokenizer = init_from
         else:
             checkpoint, source = read_checkpoint(check_local_checkpoint_path(init_from))
             model, provenance = model_from_checkpoint(checkpoint)

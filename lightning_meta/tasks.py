@@ -13,6 +13,15 @@ Split = Mapping[str, Tensor]
 #: Metadata key of an evaluation batch that a rank runs only to match the other ranks' batch count
 #: (FSDP forwards are collective); the host module does not count its figures.
 PADDING_KEY = "evaluation_padding"
+#: Labels a loss ignores (prompt tokens of a text-to-text example, padding).
+IGNORE_INDEX = -100
+#: Fields of a split that lists each example's options (text-to-text classification), each shaped
+#: ``(examples, options, tokens)``: every option written after the example's prompt, its ``labels``
+#: on the option's tokens only (all ``IGNORE_INDEX`` for padding options). ``ANSWER`` ``(examples,)``
+#: is the index of the right option, -1 where the example's task lists none.
+CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS = "choice_input_ids", "choice_attention_mask", "choice_labels"
+CHOICE_FIELDS = (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS)
+ANSWER = "answer"
 
 
 @dataclass

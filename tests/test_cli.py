@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import lightning_meta
-from lightning_meta import MetaLearningModule
+from lightning_meta import MetaLearningModule, cli
 from lightning_meta.algorithms import FOMAML, MAML, Reptile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,10 @@ def test_python_dash_m(tmp_path):
 def test_unknown_algorithm_lists_known_names(tmp_path):
     result = run("fit", *SINUSOID, "--model.algorithm=MAMLL", cwd=tmp_path, check=False)
     assert result.returncode != 0
-    assert "Known algorithms: ANIL, FOMAML, MAML, MAMLPlusPlus, MetaSGD, MultiTask, ProtoNet, Reptile" in result.stderr
+    assert (
+        "Known algorithms: ANIL, FOMAML, MAML, MAMLPlusPlus, MetaICL, MetaSGD, MultiTask, ProtoNet, Reptile"
+        in result.stderr
+    )
 
 
 def test_bad_inner_steps_names_the_fix(tmp_path):
@@ -179,6 +182,15 @@ EXTRA = {
         "--data.init_args.num_val_tasks=2",
     ],
     "pretrain_smollm2.yaml": ["--data.init_args.block_size=32", "--trainer.max_steps=2"],
+    **{
+        f"gym_{method}_{model}.yaml": [
+            # Three gym families (train, val, test by the default split) tokenize in a few seconds.
+            "--data.init_args.gym_families=[word_map,label_permutation,string_transform]",
+            *(["--data.init_args.max_length=48", "--trainer.max_steps=2"] if model == "smollm2" else []),
+        ]
+        for method, model in [(m, "tiny") for m in ("metaicl", "fomaml_lora", "multitask")]
+        + [(m, "smollm2") for m in ("metaicl", "fomaml_lora")]
+    },
 }
 # `lightning-meta pretrain` configs (pretrain_*.yaml), shortened like QUICK.
 PRETRAIN_QUICK = [
@@ -381,3 +393,52 @@ def test_plugin_algorithm_with_its_own_meta_parameters_trains_by_dotted_path(tmp
     monkeypatch.syspath_prepend(str(tmp_path))
     loaded = MetaLearningModule.load_from_checkpoint(checkpoint)
     assert type(loaded.algorithm).__name__ == "LearnedStepMAML" and torch.equal(loaded.algorithm.log_lr, saved)
+
+
+def _run_with_thread_variables(tmp_path: Path, **variables: str) -> str:
+    """Output of a short fit, run with ``variables`` as the only thread variables, that prints torch's threads."""
+    (tmp_path / "thread_count.py").write_text(
+        textwrap.dedent("""
+        import torch
+        from lightning import Callback
+
+        class Print(Callback):
+            def on_train_start(self, trainer, pl_module):
+                print(f"threads during fit: {torch.get_num_threads()}")
+    """)
+    )
+    env = {key: value for key, value in os.environ.items() if key not in cli.THREAD_VARIABLES}
+    env.update(variables, PYTHONPATH=f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    result = subprocess.run(
+        ["lightning-meta", "fit", *SINUSOID, *QUICK, "--trainer.max_steps=2", "--test_after_fit=false",
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=thread_count.Print"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "variables, threads, source",
+    [
+        ({}, cli.DEFAULT_THREADS, "(lightning-meta's default; OMP_NUM_THREADS=N lightning-meta ... uses N)"),
+        ({"OMP_NUM_THREADS": "2"}, 2, "(from OMP_NUM_THREADS)"),
+        ({"MKL_NUM_THREADS": "2"}, 2, "(from MKL_NUM_THREADS)"),
+    ],
+)
+def test_runs_use_one_thread_unless_the_environment_says_otherwise(tmp_path, variables, threads, source):
+    output = _run_with_thread_variables(tmp_path, **variables)
+    assert f"threads during fit: {threads}" in output
+    assert f"torch threads: {threads} {source}" in output  # the one line that says how to change it
+
+
+def test_importing_the_package_leaves_torch_threads_alone():
+    env = {key: value for key, value in os.environ.items() if key not in cli.THREAD_VARIABLES}
+    code = (
+        "import os, torch; before = torch.get_num_threads(); import lightning_meta, lightning_meta.cli; "
+        "print(before, torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    before, after, variable = result.stdout.split()
+    assert after == before  # torch's default, whatever this machine's is
+    assert variable == "None"

@@ -167,10 +167,11 @@ def test_clear_errors():
     fine = {"input_ids": torch.ones(2, 1, 4, dtype=torch.long), "attention_mask": torch.ones(2, 1, 4, dtype=torch.long)}
     too_big = dict(fine, input_ids=torch.tensor([1, 10_000]).view(2, 1, 1).expand(2, 1, 4))
     learner.check_data(TaskBatch(support=fine, query=fine))
-    with pytest.raises(DataError, match=r"Episode 1 of the batch \(1 of 2 episodes\): query has token ids outside"):
+    outside = r"Episode 1 of the batch \(1 of 2 episodes\): query\['input_ids'\] has token ids outside"
+    with pytest.raises(DataError, match=outside):
         learner.check_data(TaskBatch(support=fine, query=too_big))
     bad_labels = dict(fine, labels=torch.full((2, 1, 4), -7))
-    with pytest.raises(DataError, match=r"support has labels that are neither token ids .* nor -100"):
+    with pytest.raises(DataError, match=r"support\['labels'\] has labels that are neither token ids .* nor -100"):
         learner.check_data(TaskBatch(support=bad_labels, query=fine))
 
 

@@ -26,8 +26,8 @@ def test_dotted_path():
 def test_unknown_name_lists_known_names():
     with pytest.raises(
         UnknownAlgorithmError,
-        match=r"Unknown algorithm 'mamll'\. Known algorithms: anil, fomaml, maml, mamlplusplus, metasgd, multitask, "
-        r"protonet, reptile",
+        match=r"Unknown algorithm 'mamll'\. Known algorithms: anil, fomaml, maml, mamlplusplus, metaicl, metasgd, "
+        r"multitask, protonet, reptile",
     ):
         algorithms.get("mamll")
 

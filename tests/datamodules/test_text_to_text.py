@@ -174,3 +174,18 @@ def test_truncate_inputs_cuts_the_input_never_the_output(tmp_path):
     ]
     prompt = tokenizer.decode(task.input_ids[1][labels == IGNORE_INDEX][: int(task.attention_mask[1].sum()) - 2])
     assert prompt.startswith("Input: red blue") and prompt.endswith("\nOutput:")
+
+
+def test_the_gym_is_the_default_and_its_held_out_families_stay_out_of_training():
+    families = ["word_map", "label_permutation", "string_transform"]
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, gym_families=families, max_length=64, truncate_inputs=True)
+    module.setup("fit")
+    split_families = {
+        split: {module.tasks[name].family for name in names} for split, names in module.split_tasks.items()
+    }
+    assert split_families == {"train": {"word_map"}, "val": {"label_permutation"}, "test": {"string_transform"}}
+    batch = module.train_batch(0)
+    assert set(batch.metadata["family"]) == {"word_map"}
+    # label_permutation lists options: every episode carries them, padded for tasks without.
+    assert module.eval_batches("val")[0].query[ANSWER].min() >= 0
+    assert (module.eval_batches("test")[0].query[ANSWER] == -1).all()
