@@ -63,7 +63,9 @@ def read_table(path: str) -> Dataset:
         if file.stat().st_size == 0:
             raise ValueError(f"{file} is empty (0 bytes): write its rows, or remove it (or leave it out of the glob).")
     try:
-        table = datasets.load_dataset(builders[0], data_files=[str(file) for file in files], split="train")
+        table = datasets.load_dataset(
+            builders[0], data_files=[str(file) for file in files], split="train", **_reader_options(builders[0], files)
+        )
         if builders[0] == "json":
             # pyarrow's JSON reader does not check UTF-8: a Latin-1 file would load, then fail on the first
             # row read. Validating is one pass in C++, cheap next to reading the rows into Python.
@@ -75,6 +77,22 @@ def read_table(path: str) -> Dataset:
             if problem is not None:
                 raise ValueError(problem) from error
         raise ValueError(f"Cannot read {path!r} as {builders[0]}: {_root_cause(error)}") from error
+
+
+def _reader_options(builder: str, files: list[Path]) -> dict[str, object]:
+    """Read CSV cells as the exact text: pandas would otherwise infer types (``007`` -> 7, ``1e3`` -> 1000.0)
+    and turn the strings ``None``/``NA``/``null`` into missing values. Only an empty cell is missing."""
+    if builder != "csv":
+        return {}
+    from datasets import Features, Value
+
+    with files[0].open(encoding="utf-8", errors="replace", newline="") as handle:
+        header = next((row for row in csv.reader(handle) if row), [])
+    return {
+        "features": Features({column: Value("string") for column in header}),
+        "keep_default_na": False,
+        "na_values": [""],
+    }
 
 
 def is_saved_dataset(folder: Path) -> bool:

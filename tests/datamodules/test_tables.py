@@ -138,3 +138,12 @@ def test_bad_paths_name_the_fix(tmp_path):
     Dataset.from_list(ROWS).to_json(tmp_path / "rows.jsonl")
     with pytest.raises(ValueError, match=r"'.*rows\.\*' matches files of several formats \(csv, json\): give one"):
         read_table(str(tmp_path / "rows.*"))
+
+
+def test_csv_cells_keep_their_exact_text(tmp_path):
+    """No type inference: 007 stays 007, 1e3 stays 1e3, and None/NA/null are text; only an empty cell is missing."""
+    path = tmp_path / "t.csv"
+    path.write_text('input,output\n007,3\nNone,1e3\nNA,null\n"x, y",\n')
+    table = read_table(str(path))
+    assert table["input"] == ["007", "None", "NA", "x, y"]
+    assert table["output"] == ["3", "1e3", "null", None]
