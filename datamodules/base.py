@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,15 @@ def task_generator(seed: int, split: str, *stream: int) -> torch.Generator:
 class EpisodicDataModule(LightningDataModule, ABC):
     """Serves :class:`TaskBatch` es of ``meta_batch_size`` episodes.
 
-    Training batch number ``i`` (counted from the start of training) is a pure function of
-    ``(seed, rank, i)``: the stream is identical across runs and worker counts, each DDP rank
+    Training batch number ``i`` (the ``i``-th batch consumed since the start of training) is a pure
+    function of ``(seed, rank, i)``: the stream is identical across runs and worker counts, each DDP rank
     draws different tasks, and a run resumed from a checkpoint (even mid-epoch) continues with
     exactly the batches the uninterrupted run would have seen. Validation and test tasks are
     drawn once from ``seed`` and are identical every epoch and every run.
 
-    Subclasses implement :meth:`sample_episode`.
+    Subclasses implement :meth:`sample_episode`. Token sequences are padded per batch: each
+    split of a batch is cut to its longest real sequence, rounded up to a multiple of 8
+    (:meth:`TaskBatch.without_padding`), whatever length the episodes were drawn at.
 
     Args:
         meta_batch_size: episodes per training step.
@@ -81,7 +83,8 @@ class EpisodicDataModule(LightningDataModule, ABC):
     def train_batch(self, index: int, rank: int = 0) -> TaskBatch:
         """Training batch number ``index`` of the stream of ``rank``."""
         generator = task_generator(self.seed, "train", rank, index)
-        return TaskBatch.stack([self.sample_episode(generator, "train") for _ in range(self.meta_batch_size)])
+        episodes = [self.sample_episode(generator, "train") for _ in range(self.meta_batch_size)]
+        return TaskBatch.stack(episodes).without_padding()
 
     def eval_batches(self, split: str) -> list[TaskBatch]:
         """The fixed validation or test tasks, in batches of ``eval_meta_batch_size``."""
@@ -90,16 +93,17 @@ class EpisodicDataModule(LightningDataModule, ABC):
             generator = task_generator(self.seed, split)
             episodes = [self.sample_episode(generator, split) for _ in range(count)]
             size = self.eval_meta_batch_size
-            self._eval_batches[split] = [TaskBatch.stack(episodes[i : i + size]) for i in range(0, count, size)]
+            self._eval_batches[split] = [
+                TaskBatch.stack(episodes[i : i + size]).without_padding() for i in range(0, count, size)
+            ]
         return self._eval_batches[split]
 
     def train_dataloader(self) -> DataLoader:
         # The stream is resumable through this datamodule's state_dict, which Lightning's check
         # for resumable *dataloaders* does not see.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        rank, epoch = (self.trainer.global_rank, self.trainer.current_epoch) if self.trainer is not None else (0, 0)
-        # Lightning creates the first iterator before it calls set_epoch, so the epoch is given here.
-        sampler = _StreamSampler(self.batches_per_epoch, epoch=epoch, resume_from=self._resume_from)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = _StreamSampler(self.batches_per_epoch, self.next_train_batch)
         return DataLoader(
             _TrainStream(self, rank),
             batch_size=None,
@@ -133,13 +137,21 @@ class EpisodicDataModule(LightningDataModule, ABC):
             num_workers=0,
         )  # fmt: skip
 
+    def next_train_batch(self) -> int:
+        """The number of the next training batch to consume: the batches the fit loop has taken so far.
+
+        Counted from the loop's progress, not from epochs: a run that stopped at ``max_steps`` inside an
+        epoch ends that epoch for Lightning, and ``current_epoch * batches_per_epoch`` would then skip the
+        rest of it on resume (and ``limit_train_batches`` shortens epochs).
+        """
+        if self.trainer is None:
+            return self._resume_from
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
     def state_dict(self) -> dict[str, Any]:
         """The stream position (the number of the next training batch to consume) and, for datamodules
         that tokenize (a ``tokenizer`` attribute naming one), the tokenizer's fingerprint."""
-        state: dict[str, Any] = {"next_train_batch": self._resume_from}
-        if self.trainer is not None:
-            consumed_this_epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            state["next_train_batch"] = self.trainer.current_epoch * self.batches_per_epoch + consumed_this_epoch
+        state: dict[str, Any] = {"next_train_batch": self.next_train_batch()}
         tokenizer = getattr(self, "tokenizer", None)
         if isinstance(tokenizer, str):
             state |= {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
@@ -164,23 +176,23 @@ class _TrainStream(Dataset):
 
 
 class _StreamSampler(DistributedSampler):
-    """Yields absolute batch numbers ``epoch * batches_per_epoch + i``, skipping consumed ones.
+    """Yields ``batches_per_epoch`` consecutive batch numbers from the stream position at each epoch's start.
 
-    It subclasses ``DistributedSampler`` only so that Lightning does not wrap it under DDP: ranks
-    already draw different tasks through the seed, and a wrapper would drop ``set_epoch``.
+    Batch ``i`` is the ``i``-th batch the fit loop consumes, so a resumed run continues the stream
+    whatever Lightning counts as an epoch. It subclasses ``DistributedSampler`` only so that
+    Lightning does not wrap it under DDP: ranks already draw different tasks through the seed.
     """
 
-    def __init__(self, batches_per_epoch: int, epoch: int = 0, resume_from: int = 0) -> None:
+    def __init__(self, batches_per_epoch: int, position: Callable[[], int]) -> None:
         self.batches_per_epoch = batches_per_epoch
-        self.epoch = epoch
-        self.resume_from = resume_from
+        self.position = position
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """The position, read when an epoch's iterator starts, already says where the epoch begins."""
 
     def __iter__(self) -> Iterator[int]:
-        start = self.epoch * self.batches_per_epoch
-        yield from range(max(start, self.resume_from), start + self.batches_per_epoch)
+        start = self.position()
+        yield from range(start, start + self.batches_per_epoch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +184,8 @@ class PackedTextDataModule(LightningDataModule):
         if self.streaming:
             self._stream = _PackedStream(self, rank, world_size, self._resume.get("stream"))
             return DataLoader(self._stream, batch_size=None, num_workers=0)
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        # Lightning creates the first iterator before it calls set_epoch, so the epoch is given here.
         sampler = _BlockBatchSampler(
-            len(self.blocks["train"]), self.batch_size, rank, world_size, self.seed, self.shuffle, epoch,
-            resume=self._resume.get("next_batch", 0) if self._resume.get("epoch", 0) == epoch else 0,
+            len(self.blocks["train"]), self.batch_size, rank, world_size, self.seed, self.shuffle, self._next_batch
         )  # fmt: skip
         return DataLoader(
             _Blocks(self.blocks["train"]), batch_size=None, sampler=sampler, num_workers=self.num_workers,
@@ -219,27 +216,46 @@ class PackedTextDataModule(LightningDataModule):
         ids = [tokenize_documents(tokenizer, texts, self.eos_token_id, None) for _, texts in sorted(documents.items())]
         return cut_into_blocks(torch.cat(ids), self.block_size)
 
+    def _next_batch(self) -> int:
+        """The number of the next training batch, counted over all epochs: the batches the fit loop took so far.
+
+        From the loop's progress, not from ``current_epoch``: a run stopped by ``max_steps`` inside an epoch
+        ends that epoch for Lightning, and a resumed run must still continue inside it.
+        """
+        if self.trainer is None:
+            return self._resume.get("next_train_batch", 0)
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
     def state_dict(self) -> dict[str, Any]:
-        """The position of the next training batch, and the tokenizer's fingerprint."""
-        state: dict[str, Any] = {"tokenizer": self.tokenizer, "tokenizer_fingerprint": fingerprint_of(self.tokenizer)}
+        """The position of the next training batch, the block size, and the tokenizer's fingerprint."""
+        state: dict[str, Any] = {"tokenizer": self.tokenizer, "tokenizer_fingerprint": fingerprint_of(self.tokenizer),
+                                 "block_size": self.block_size}  # fmt: skip
         if self.trainer is None:
             return state | self._resume
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress
         if self.streaming:
             if self._stream is not None:
                 # Lightning has fetched ahead: the position is that of the next batch the loop will *use*.
-                state["stream"] = self._stream.position_before(progress.total.ready)
+                state["stream"] = self._stream.position_before(self._next_batch())
         else:
-            state |= {"epoch": self.trainer.current_epoch, "next_batch": progress.current.ready}
+            state["next_train_batch"] = self._next_batch()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids."""
+        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids or block size."""
         if "tokenizer_fingerprint" in state_dict:
             check_tokenizer(
                 state_dict["tokenizer"], state_dict["tokenizer_fingerprint"], self.tokenizer, "The checkpoint's data"
             )
-        self._resume = {key: state_dict[key] for key in ("epoch", "next_batch", "stream") if key in state_dict}
+        saved_block_size = state_dict.get("block_size", self.block_size)
+        if saved_block_size != self.block_size:
+            raise ValueError(
+                f"The checkpoint was trained on blocks of {saved_block_size} tokens, this run cuts blocks of "
+                f"{self.block_size}: its saved stream position would point into another block layout and the "
+                f"validation losses would not be comparable. Resume with --data.init_args.block_size="
+                f"{saved_block_size}, or start a new run from the checkpoint's weights with "
+                "--model.init_from=CKPT (no --ckpt_path)."
+            )
+        self._resume = {key: state_dict[key] for key in ("next_train_batch", "stream") if key in state_dict}
 
 
 def _is_table(corpus: str) -> bool:
@@ -264,32 +280,40 @@ class _Blocks(Dataset):
 class _BlockBatchSampler(DistributedSampler):
     """Lists of block numbers: epoch ``e``'s seeded permutation, rank ``r`` taking every ``world``-th.
 
-    Every rank gets as many blocks (at most ``world - 1`` are left out of an epoch) and as many
-    batches. A ``DistributedSampler`` subclass only so that Lightning does not wrap it under DDP (it
-    already splits the blocks between the ranks, with no block on two ranks and none repeated).
+    Each epoch's iterator yields ``len(self)`` batches from the stream position at its start
+    (``position()``, counted over all epochs): global batch ``g`` is batch ``g % len(self)`` of the
+    order of epoch ``g // len(self)``, so a run resumed where Lightning counts another epoch still
+    continues the uninterrupted run's batches. Every rank gets as many blocks (at most ``world - 1``
+    are left out of an epoch) and as many batches. A ``DistributedSampler`` subclass only so that
+    Lightning does not wrap it under DDP (it already splits the blocks between the ranks, with no
+    block on two ranks and none repeated).
     """
 
     def __init__(
-        self, blocks: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool, epoch: int, resume: int
-    ) -> None:
+        self, blocks: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool,
+        position: Callable[[], int],
+    ) -> None:  # fmt: skip
         self.blocks, self.batch_size, self.rank, self.world = blocks, batch_size, rank, world
-        self.seed, self.shuffle, self.epoch, self.resume = seed, shuffle, epoch, resume
+        self.seed, self.shuffle, self.position = seed, shuffle, position
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.resume = 0
-        self.epoch = epoch
+        """The position, read when an epoch's iterator starts, already says which epoch's order to use."""
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _order(self, epoch: int) -> torch.Tensor:
         order = (
-            torch.randperm(self.blocks, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            torch.randperm(self.blocks, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             if self.shuffle
             else torch.arange(self.blocks)
         )
-        mine = order[self.rank : (self.blocks // self.world) * self.world : self.world]
-        for batch in range(self.resume, len(self)):
+        return order[self.rank : (self.blocks // self.world) * self.world : self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.position()
+        orders: dict[int, torch.Tensor] = {}
+        for number in range(start, start + len(self)):
+            epoch, batch = divmod(number, len(self))
+            mine = orders.setdefault(epoch, self._order(epoch))
             yield mine[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
-        self.resume = 0
 
     def __len__(self) -> int:
         return -(-(self.blocks // self.world) // self.batch_size)  # the last batch may be smaller

@@ -113,3 +113,24 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path):
     uninterrupted = run(tmp_path / "whole", 6)
     for (name, a), b in zip(resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("batches_per_epoch", [20, 3])  # stopped inside an epoch; across an epoch's end
+def test_resuming_from_a_checkpoint_saved_after_fit_continues_the_stream(tmp_path, batches_per_epoch):
+    def run(folder, max_steps, ckpt_path=None) -> L.Trainer:
+        torch.manual_seed(0)
+        module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+        data = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=batches_per_epoch, num_val_tasks=2,
+                                  num_test_tasks=2)  # fmt: skip
+        trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=folder)  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return trainer
+
+    run(tmp_path / "first", 2).save_checkpoint(tmp_path / "end.ckpt")  # after fit ended, as a user would
+    resumed = run(tmp_path / "resumed", 4, ckpt_path=tmp_path / "end.ckpt")
+    whole = run(tmp_path / "whole", 4)
+    assert resumed.datamodule.state_dict()["next_train_batch"] == whole.datamodule.state_dict()["next_train_batch"] == 4
+    for (name, a), b in zip(resumed.lightning_module.state_dict().items(),
+                            whole.lightning_module.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name

@@ -89,6 +89,18 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_losses(tmp_path):
             assert torch.equal(weight, resumed_module.state_dict()[name]), name
 
 
+def test_resume_from_a_checkpoint_saved_after_fit_continues_the_stream(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    options = {"model_config": dict(TINY), "tokenizer": "embedded-bpe-4096"}
+    _, _, first = pretrain(corpus, tmp_path / "first", 3, **options)
+    first.save_checkpoint(tmp_path / "end.ckpt")  # after fit ended (Lightning has closed epoch 0)
+    full, module, _ = pretrain(corpus, tmp_path / "full", 6, **options)
+    resumed, resumed_module, _ = pretrain(corpus, tmp_path / "resumed", 6, ckpt_path=tmp_path / "end.ckpt", **options)
+    assert resumed.losses == {step: loss for step, loss in full.losses.items() if step > 3}
+    for name, weight in module.state_dict().items():
+        assert torch.equal(weight, resumed_module.state_dict()[name]), name
+
+
 def test_export_pretrain_export_chain_keeps_provenance(handoff, tmp_path):
     checkpoint, folder, corpus = handoff
     callback = ExportCallback(str(tmp_path / "in-run"), overwrite=True)

@@ -41,24 +41,28 @@ def test_blocks_are_the_documents_joined_by_eos(tmp_path):
     assert val.flatten().tolist() == expected_val[: len(val) * 16]
 
 
+def sampler_at(blocks: int, batch_size: int, rank: int, world: int, position: int) -> _BlockBatchSampler:
+    return _BlockBatchSampler(blocks, batch_size, rank, world, seed=3, shuffle=True, position=lambda: position)
+
+
 def test_each_epoch_visits_every_block_once_split_between_ranks():
     blocks, batch_size = 103, 8
     for epoch in (0, 1):
         seen = []
         for rank in (0, 1):
-            sampler = _BlockBatchSampler(blocks, batch_size, rank, 2, seed=3, shuffle=True, epoch=epoch, resume=0)
+            sampler = sampler_at(blocks, batch_size, rank, 2, position=epoch * 7)
             batches = list(sampler)
             assert len(batches) == len(sampler) == 7  # 51 blocks per rank: 6 full batches and one of 3
             seen.append([block for batch in batches for block in batch])
         assert not set(seen[0]) & set(seen[1])
         assert len(set(seen[0]) | set(seen[1])) == blocks - 1  # one block of an odd count is left out
-    other_epoch = _BlockBatchSampler(blocks, batch_size, 0, 2, seed=3, shuffle=True, epoch=1, resume=0)
-    assert list(other_epoch) != list(_BlockBatchSampler(blocks, batch_size, 0, 2, 3, True, 0, 0))
+    assert list(sampler_at(blocks, batch_size, 0, 2, 7)) != list(sampler_at(blocks, batch_size, 0, 2, 0))
 
 
-def test_resume_inside_an_epoch_skips_the_consumed_batches():
-    full = list(_BlockBatchSampler(50, 4, 0, 1, seed=0, shuffle=True, epoch=2, resume=0))
-    assert list(_BlockBatchSampler(50, 4, 0, 1, seed=0, shuffle=True, epoch=2, resume=5)) == full[5:]
+def test_resume_anywhere_continues_the_stream_across_epochs():
+    stream = list(sampler_at(50, 4, 0, 1, 0)) + list(sampler_at(50, 4, 0, 1, 13)) + list(sampler_at(50, 4, 0, 1, 26))
+    for position in (5, 13, 20):  # inside epoch 0, at the start of epoch 1, inside epoch 1
+        assert list(sampler_at(50, 4, 0, 1, position)) == stream[position : position + 13]
 
 
 def test_validation_gives_every_rank_as_many_batches(tmp_path):
@@ -123,3 +127,10 @@ def test_bad_options_name_the_fix(tmp_path):
         PackedTextDataModule(corpus=str(corpus), domains=["nope"]).setup("fit")
     with pytest.raises(ValueError, match="fewer than batch_size"):
         PackedTextDataModule(corpus=str(corpus), block_size=512, batch_size=64).setup("fit")
+
+
+def test_resuming_with_another_block_size_is_refused():
+    saved = PackedTextDataModule(block_size=16).state_dict()
+    PackedTextDataModule(block_size=16).load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"blocks of 16 tokens, this run cuts blocks of 32.*block_size=16"):
+        PackedTextDataModule(block_size=32).load_state_dict(saved)
