@@ -123,7 +123,8 @@ def test_resuming_from_a_checkpoint_saved_after_fit_continues_the_stream(tmp_pat
         data = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=batches_per_epoch, num_val_tasks=2,
                                   num_test_tasks=2)  # fmt: skip
         trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=folder)  # fmt: skip
+                            enable_model_summary=False, enable_checkpointing=False,
+                            default_root_dir=folder)  # fmt: skip
         trainer.fit(module, data, ckpt_path=ckpt_path)
         return trainer
 
