@@ -85,8 +85,9 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
 
     The checkpoint goes to ``last-preempted.ckpt`` beside the run's other checkpoints; resumed
     from it (``--ckpt_path``), training continues with exactly the batches and weights the
-    uninterrupted run would have had (Lightning stops at a step boundary). After SIGTERM the process exits with status
-    143 instead of Lightning's 0, so a scheduler does not record the run as finished. Under SLURM
+    uninterrupted run would have had (Lightning stops at a step boundary). After SIGTERM in any stage
+    (``fit``, ``validate``, ``test``, ``predict``) the process exits with status 143 instead of
+    Lightning's 0, so a scheduler does not record the run as finished. Under SLURM
     with Lightning's auto-requeue the job is also requeued (Lightning's own handler).
 
     Args:
@@ -99,6 +100,10 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         self.dirpath_given = dirpath
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            # Lightning exits with SystemExit(None), i.e. status 0, in every stage: a scheduler would record
+            # an interrupted test (which prints no results) as a success.
+            exception.code = SIGTERM_EXIT_CODE
         if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.state.fn != "fit":
             return
         self.dirpath = self.dirpath_given or _checkpoint_folder(trainer)
@@ -108,8 +113,6 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
             f"{reason} at step {trainer.global_step}: saved a resumable checkpoint to {self.ckpt_path}. Resume with "
             f"the same command plus --ckpt_path {self.ckpt_path}"
         )
-        if isinstance(exception, SIGTERMException):
-            exception.code = SIGTERM_EXIT_CODE  # Lightning exits with SystemExit(None), i.e. status 0
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Keep the file: unlike the base class, never delete a checkpoint a user may resume from."""

@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_meta.checkpoints import check_local_checkpoint_path
+from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path
 from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.export import model_from_checkpoint, read_checkpoint, read_provenance
 from lightning_meta.language_models import _DTYPES, _build_model
@@ -208,6 +208,12 @@ class CausalLMPretraining(LightningModule):
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss)}, prog_bar=True, sync_dist=False)
         self._last_step_time = None  # validation time is not training throughput
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A resumable checkpoint on SIGTERM or Ctrl-C, and exit status 143 after SIGTERM (as ``fit``'s module)."""
+        if self._trainer is not None and not self.trainer.checkpoint_callbacks:
+            return []
+        return [PreemptionCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_meta"] = {

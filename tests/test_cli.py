@@ -86,7 +86,7 @@ def test_multitask_by_name_and_the_adaptation_curve_in_the_test_summary(tmp_path
     assert model["algorithm"]["class_path"] == "lightning_meta.algorithms.MultiTask"
     assert model["algorithm"]["init_args"]["eval_inner_steps"] == 10 and model["eval_curve"] == [0, 1, 3]
     summary = (result.stdout + result.stderr).split("Post-adaptation results")[-1]
-    assert all(f"test/query_loss@{k} = " in summary for k in (0, 1, 3)) and "test/query_loss_post = " in summary
+    assert all(f"test/query_loss_step{k} = " in summary for k in (0, 1, 3)) and "test/query_loss_post = " in summary
 
 
 def test_user_subclass_by_dotted_path(tmp_path):
@@ -322,6 +322,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     (saved,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last-preempted.ckpt")
     assert f"SIGTERM at step 3: saved a resumable checkpoint to {saved}" in result.stdout + result.stderr
     assert "test/query_loss_post" not in result.stdout + result.stderr  # no test after an interrupted fit
+
+
+def test_sigterm_during_test_exits_143(tmp_path):
+    (tmp_path / "killer_in_test.py").write_text(
+        textwrap.dedent("""
+        import os, signal
+        from lightning import Callback
+
+        class SigtermInTest(Callback):
+            def on_test_batch_end(self, trainer, *args):
+                os.kill(os.getpid(), signal.SIGTERM)
+    """)
+    )
+    killer = ["--trainer.callbacks+=killer_in_test.SigtermInTest", "--data.init_args.eval_meta_batch_size=2"]
+    # The test that ends fit:
+    fitted = run("fit", *SINUSOID, *QUICK, *killer, cwd=tmp_path, extra_path=tmp_path, check=False)
+    assert fitted.returncode == 143, fitted.stderr[-2000:]
+    assert "test/query_loss_post" not in fitted.stdout
+    # lightning-meta test:
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    tested = run("test", *SINUSOID, *QUICK, *killer, "--ckpt_path", str(checkpoint), cwd=tmp_path,
+                 extra_path=tmp_path, check=False)  # fmt: skip
+    assert tested.returncode == 143, tested.stderr[-2000:]
+    assert "test/query_loss_post" not in tested.stdout
 
 
 def test_help_says_what_the_program_is(tmp_path):

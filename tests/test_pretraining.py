@@ -101,6 +101,26 @@ def test_resume_from_a_checkpoint_saved_after_fit_continues_the_stream(tmp_path)
         assert torch.equal(weight, resumed_module.state_dict()[name]), name
 
 
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
+    import signal
+
+    class SigtermAtStep2(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    corpus = write_corpus(tmp_path / "corpus")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain(corpus, tmp_path / "run", 5, callbacks=[SigtermAtStep2(), ModelCheckpoint(tmp_path / "ckpt")],
+                     model_config=dict(TINY), tokenizer="embedded-bpe-4096")  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 143
+    assert torch.load(tmp_path / "ckpt" / "last-preempted.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_export_pretrain_export_chain_keeps_provenance(handoff, tmp_path):
     checkpoint, folder, corpus = handoff
     callback = ExportCallback(str(tmp_path / "in-run"), overwrite=True)
