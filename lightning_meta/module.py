@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, get_args
 
@@ -9,7 +12,9 @@ import torch
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from lightning_meta import scaling
@@ -17,12 +22,18 @@ from lightning_meta.algorithms import MAML, MetaAlgorithm
 from lightning_meta.algorithms.base import MetaBatch
 from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.config import NotConfigurable, to_config
-from lightning_meta.learners import Learner
+from lightning_meta.learners import Learner, check_sequence_length
 from lightning_meta.metrics import EpisodeStatistics
+from lightning_meta.plots import curve_points
 from lightning_meta.tasks import PADDING_KEY, Episode, TaskBatch
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 _EVAL_STAGES = ("val", "test")
+#: The most adaptation steps ``eval_curve`` may ask for: each is a forward and backward on every
+#: evaluation episode, at every validation.
+MAX_EVAL_CURVE_STEPS = 1000
+#: Hyper-parameters of earlier versions, by their name today: ``task_by_task: bool`` became ``meta_batch``.
+_RENAMED = {"task_by_task": ("meta_batch", {True: "task_by_task", False: "all_at_once"})}
 
 
 class MetaLearningModule(LightningModule):
@@ -44,13 +55,16 @@ class MetaLearningModule(LightningModule):
             logged (see :meth:`MetaAlgorithm.meta_loss`). FSDP and ``16-mixed`` always run all at once.
         eval_curve: adaptation curve: step counts (0 = before adaptation), e.g. ``[0, 1, 5, 10]``,
             at which validation/test also log the query figures, all read off one adaptation
-            trajectory per episode (``algorithm.adapt_steps``); ``None``: only before and after.
+            trajectory per episode (``algorithm.adapt_steps``), at most :data:`MAX_EVAL_CURVE_STEPS`;
+            ``None``: only before and after. SIGTERM stops evaluation between adaptation steps.
 
     Logs ``train/query_loss`` on the steps Lightning logs (``log_every_n_steps``) and, for validation
     and test, ``{stage}/query_loss_pre`` and ``{stage}/query_loss_post`` (plus ``_acc_`` for
     classification), each with a ``_ci95`` half-width over episodes; with ``eval_curve``, also
-    ``{stage}/query_loss@k`` (and ``query_acc@k``) for each listed ``k``, with ``_ci95``. Adaptation works in
-    ``validate``/``test``/``predict`` under Lightning's default ``inference_mode``.
+    ``{stage}/query_loss_step{k}`` (and ``query_acc_step{k}``) for each listed ``k``, with ``_ci95``.
+    ``test`` also writes these figures to ``results.json`` in the run's log folder (when the trainer
+    has a logger). Adaptation works in ``validate``/``test``/``predict`` under Lightning's default
+    ``inference_mode``.
 
     Data are checked once per batch (finite values, token ids, labels; one host sync) and the
     meta-loss once per step; a non-finite meta-loss stops training with an error that says
@@ -91,6 +105,8 @@ class MetaLearningModule(LightningModule):
         algorithm.bind(learner)  # its meta-parameters exist before the optimizer and any checkpoint load
         #: fast weights kept replicated under FSDP, whose gradients this module averages over ranks.
         self._replicated: list[nn.Parameter] = []
+        #: parameters the step's meta-gradient does not reach, tied into the loss for DDP only.
+        self._unreached: tuple[Tensor, ...] = ()
         algorithm.check_learner(learner)
         self._save_hyperparameters(algorithm)
         self.episode_stats = nn.ModuleDict(
@@ -101,7 +117,7 @@ class MetaLearningModule(LightningModule):
                 for when in ("pre", "post")
             }
             | {
-                f"{stage}_{name}@{step}": EpisodeStatistics()
+                f"{stage}_{name}_step{step}": EpisodeStatistics()
                 for stage in _EVAL_STAGES
                 for name in learner.metric_names
                 for step in self._curve_steps
@@ -139,6 +155,11 @@ class MetaLearningModule(LightningModule):
         """Refuse, before any step, a strategy or precision that cannot run this algorithm exactly."""
         scaling.check_precision(self.trainer.precision, self.algorithm)
         scaling.check_strategy(self.trainer.strategy, self.learner, self.algorithm)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for setting in ("max_length", "block_size"):
+            length = getattr(datamodule, setting, None)
+            if isinstance(length, int):
+                check_sequence_length(length, self.learner.max_positions, setting, f"lower --data.init_args.{setting}")
 
     def configure_model(self) -> None:
         """Under FSDP2 (``ModelParallelStrategy``): shard the model except its fast weights."""
@@ -157,6 +178,29 @@ class MetaLearningModule(LightningModule):
         if _is_sharded(self.learner):
             scaling.reshard(self.learner.model)
             scaling.average_gradients(self._replicated, self.device_mesh["data_parallel"].get_group())
+        for parameter in self._unreached:  # no gradient, as on one device: weight decay leaves them alone
+            parameter.grad = None
+        self._unreached = ()
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping; under FSDP2 one global norm over sharded and replicated gradients.
+
+        There the backbone's gradients are DTensors and the replicated fast weights' (and the
+        algorithm's own parameters') plain tensors, which one ``clip_grad_norm_`` cannot mix.
+        """
+        if not _is_sharded(self.learner):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if not gradient_clip_val:
+            return
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        by_value = GradClipAlgorithmType(gradient_clip_algorithm or "norm") == GradClipAlgorithmType.VALUE
+        scaling.clip_gradients(parameters, float(gradient_clip_val), by_value=by_value)
 
     def configure_optimizers(self) -> Any:
         learner = [p for p in self.learner.parameters() if p.requires_grad]
@@ -186,6 +230,11 @@ class MetaLearningModule(LightningModule):
         self.log_dict(
             {f"train/{name}": value for name, value in out.metrics.items()}, batch_size=len(batch), prog_bar=True
         )
+        if out.unreached and isinstance(self.trainer.strategy, DDPStrategy):
+            # DDP expects a gradient for every parameter: tie the unreached ones in with weight zero; their
+            # zero gradients are dropped again before the optimizer step.
+            self._unreached = out.unreached
+            return out.loss + torch.stack([p.sum() for p in out.unreached]).sum() * 0
         return out.loss
 
     def _diagnose_divergence(self, batch: TaskBatch) -> str:
@@ -229,7 +278,8 @@ class MetaLearningModule(LightningModule):
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary
         # (non-inference) tensors, so leave inference mode and copy the batch.
         self.learner.check_data(batch)
-        evaluate = self.algorithm.evaluate if self.eval_curve is None else self._evaluate_along_curve
+        # Along the trajectory where there is one: it stops between inner steps on SIGTERM.
+        evaluate = self._evaluate_along_curve if self.algorithm.adapts_weights else self.algorithm.evaluate
         with torch.inference_mode(False):
             batch = batch.detached_clone()
             episodes = [evaluate(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()]
@@ -243,7 +293,7 @@ class MetaLearningModule(LightningModule):
                 self.episode_stats[f"{stage}_{key}"].update(value)
 
     def _evaluate_along_curve(self, learner: Learner, episode: Episode, steps: int | None) -> dict[str, Tensor]:
-        """:meth:`MetaAlgorithm.evaluate`'s figures plus ``{name}@{k}`` for each ``eval_curve`` step count.
+        """:meth:`MetaAlgorithm.evaluate`'s figures plus ``{name}_step{k}`` for each ``eval_curve`` step count.
 
         Everything comes from one trajectory: the ``*_post`` figures are those at the evaluation
         steps, so they equal ``evaluate``'s.
@@ -254,12 +304,15 @@ class MetaLearningModule(LightningModule):
         before = learner.evaluation_metrics(episode.query)
         figures_at = {0: before}
         for step, adapted in enumerate(self.algorithm.adapt_steps(learner, episode.support, max(wanted)), start=1):
+            # Lightning checks the signal only between batches, and one batch may adapt for minutes.
+            if self._trainer is not None and self.trainer.received_sigterm:
+                raise SIGTERMException
             if step in wanted:
                 figures_at[step] = learner.evaluation_metrics(episode.query, adapted)
         figures = {f"{name}_pre": value for name, value in before.items()}
         figures |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
         return figures | {
-            f"{name}@{step}": value for step in self._curve_steps for name, value in figures_at[step].items()
+            f"{name}_step{step}": value for step in self._curve_steps for name, value in figures_at[step].items()
         }
 
     def _describe_bad_evaluation(self, figures: dict[str, Tensor], stage: str) -> str:
@@ -271,11 +324,11 @@ class MetaLearningModule(LightningModule):
                 "meta-parameters diverged. Resume from an earlier checkpoint with a lower meta learning rate."
             )
         # The earliest adapted figure that is not finite names the episode (curve points come in step order).
-        adapted = [f"loss@{step}" for step in self._curve_steps if step > 0] + ["loss_post"]
+        adapted = [f"loss_step{step}" for step in self._curve_steps if step > 0] + ["loss_post"]
         finite = {key: torch.isfinite(figures[key]) for key in adapted if key in figures}
         diverged = next((key for key, values in finite.items() if not bool(values.all())), None)
         episode = int(torch.nonzero(~finite[diverged])[0]) if diverged else 0
-        step = int(diverged.removeprefix("loss@")) if diverged and "@" in diverged else None
+        step = int(diverged.removeprefix("loss_step")) if diverged and diverged.startswith("loss_step") else None
         when = "after" if step is None else f"after {step} step{'s' * (step != 1)}"
         return (
             f"{stage}: adaptation diverged on episode {episode} of the batch (the query loss is finite before "
@@ -316,7 +369,13 @@ class MetaLearningModule(LightningModule):
         """
         if isinstance(checkpoint_path, str | Path):
             check_local_checkpoint_path(checkpoint_path)
-            load_checkpoint_file(checkpoint_path)  # memory-mapped: checks the file without reading the weights
+            checkpoint = load_checkpoint_file(checkpoint_path)  # memory-mapped: checks without reading the weights
+            saved = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+            if _RENAMED.keys() & set(saved):  # an earlier version's names: Lightning would pass them to __init__
+                checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = upgrade_hyperparameters(saved, str(checkpoint_path))
+                checkpoint_path = io.BytesIO()
+                torch.save(checkpoint, checkpoint_path)
+                checkpoint_path.seek(0)
         return super().load_from_checkpoint(
             checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
             **kwargs,
@@ -330,6 +389,7 @@ class MetaLearningModule(LightningModule):
 
     def _log_episode_stats(self, stage: str) -> None:
         summary = []
+        figures: dict[str, dict[str, float | int]] = {}
         for key, statistic in self.episode_stats.items():
             if not key.startswith(f"{stage}_") or statistic.update_count == 0:
                 continue
@@ -337,10 +397,47 @@ class MetaLearningModule(LightningModule):
             name = f"{stage}/query_{key.removeprefix(f'{stage}_')}"
             self.log(name, mean.float(), sync_dist=False)
             self.log(f"{name}_ci95", ci95.float(), sync_dist=False)
+            figures[name] = {"mean": mean.item(), "ci95": ci95.item(), "episodes": int(episodes)}
             summary.append(f"{name} = {mean.item():.4f} ± {ci95.item():.4f} ({int(episodes)} episodes)")
             statistic.reset()
         if summary and stage == "test" and not self.trainer.sanity_checking:
             rank_zero_info("Post-adaptation results (mean ± 95% CI over episodes):\n  " + "\n  ".join(summary))
+            if self.trainer.loggers:
+                self._write_results(stage, figures)
+
+    def _write_results(self, stage: str, figures: dict[str, dict[str, float | int]]) -> None:
+        """The printed results as ``results.json`` in the run's log folder, for scripts.
+
+        ``figures``: ``{name: {mean, ci95, episodes}}``; ``curve``: ``{figure: [{steps, mean, ci95}]}``
+        from the ``eval_curve`` figures.
+        """
+        folder = Path(self.trainer.log_dir)  # on every rank: log_dir is a collective call
+        if not self.trainer.is_global_zero:
+            return
+        flat = {name: values["mean"] for name, values in figures.items()}
+        flat |= {f"{name}_ci95": values["ci95"] for name, values in figures.items()}
+        curve = {
+            name: [{"steps": step, "mean": mean, "ci95": ci95} for step, (mean, ci95) in sorted(points.items())]
+            for name, points in curve_points(flat, stage).items()
+        }
+        results = {"stage": stage, "global_step": self.global_step, "figures": figures, "curve": curve}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "results.json"
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        rank_zero_info(f"Saved the results to {path}")
+
+
+def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``hparams`` saved by an earlier version, with renamed options under today's names (a one-line notice each)."""
+    upgraded = dict(hparams)
+    for old, (new, values) in _RENAMED.items():
+        if old in upgraded:
+            value = upgraded.pop(old)
+            upgraded.setdefault(new, values.get(value, value))
+            rank_zero_info(
+                f"{source}: {old}={value!r} (an earlier version's option) is read as {new}={upgraded[new]!r}."
+            )
+    return upgraded
 
 
 def _check_eval_curve(eval_curve: list[int] | None, algorithm: MetaAlgorithm) -> None:
@@ -350,6 +447,12 @@ def _check_eval_curve(eval_curve: list[int] | None, algorithm: MetaAlgorithm) ->
         raise ValueError(
             f"eval_curve must be a non-empty list of step counts >= 0 (0 = before adaptation), got {eval_curve!r}; "
             "e.g. --model.eval_curve=[0,1,5,10], or leave it unset."
+        )
+    if max(eval_curve) > MAX_EVAL_CURVE_STEPS:
+        raise ValueError(
+            f"eval_curve={eval_curve!r} asks for {max(eval_curve)} adaptation steps per evaluation episode, more "
+            f"than {MAX_EVAL_CURVE_STEPS} (each is a forward and backward on every episode, at every validation): "
+            "list step counts up to that, e.g. --model.eval_curve=[0,1,5,10]."
         )
     if not algorithm.adapts_weights:
         raise ValueError(

@@ -276,10 +276,10 @@ def test_adaptation_curve_points_are_adapt_then_query_loss_and_post_is_on_it():
             adapted = module.algorithm.adapt(module.learner, episode.support, steps=k)
             losses.append(module.learner.loss(episode.query, adapted)[0].detach())
         mean, ci95 = mean_and_ci95(torch.stack(losses))
-        assert results[f"test/query_loss@{k}"] == pytest.approx(mean.item(), rel=1e-6), k
-        assert results[f"test/query_loss@{k}_ci95"] == pytest.approx(ci95.item(), rel=1e-6), k
-    assert results["test/query_loss@0"] == results["test/query_loss_pre"]
-    assert results["test/query_loss@2"] == results["test/query_loss_post"]  # post: the evaluation steps, on the curve
+        assert results[f"test/query_loss_step{k}"] == pytest.approx(mean.item(), rel=1e-6), k
+        assert results[f"test/query_loss_step{k}_ci95"] == pytest.approx(ci95.item(), rel=1e-6), k
+    assert results["test/query_loss_step0"] == results["test/query_loss_pre"]
+    assert results["test/query_loss_step2"] == results["test/query_loss_post"]  # post: the evaluation steps, on the curve
 
 
 def test_adaptation_curve_logs_accuracy_for_classification():
@@ -287,8 +287,8 @@ def test_adaptation_curve_logs_accuracy_for_classification():
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     module = MetaLearningModule(ClassificationLearner(model), MAML(inner_lr=0.5), eval_curve=[0, 2])
     (results,) = trainer().test(module, GaussianClusters(num_test_tasks=4, eval_meta_batch_size=4), verbose=False)
-    assert {"test/query_acc@0", "test/query_acc@2_ci95", "test/query_loss@2"} <= set(results)
-    assert results["test/query_acc@0"] == results["test/query_acc_pre"]
+    assert {"test/query_acc_step0", "test/query_acc_step2_ci95", "test/query_loss_step2"} <= set(results)
+    assert results["test/query_acc_step0"] == results["test/query_acc_pre"]
 
 
 def test_adaptation_curve_options_are_checked_at_construction():
