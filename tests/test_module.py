@@ -279,7 +279,7 @@ def test_adaptation_curve_points_are_adapt_then_query_loss_and_post_is_on_it():
         assert results[f"test/query_loss_step{k}"] == pytest.approx(mean.item(), rel=1e-6), k
         assert results[f"test/query_loss_step{k}_ci95"] == pytest.approx(ci95.item(), rel=1e-6), k
     assert results["test/query_loss_step0"] == results["test/query_loss_pre"]
-    assert results["test/query_loss_step2"] == results["test/query_loss_post"]  # post: the evaluation steps, on the curve
+    assert results["test/query_loss_step2"] == results["test/query_loss_post"]  # post: on the curve
 
 
 def test_adaptation_curve_logs_accuracy_for_classification():
