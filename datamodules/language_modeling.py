@@ -11,7 +11,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_meta.corpus import embedded_domains
 from lightning_meta.datamodules.base import EpisodicDataModule
-from lightning_meta.tables import describe_missing, is_missing, is_saved_dataset, read_table, reencode_command
+from lightning_meta.tables import (
+    claim_name,
+    describe_missing,
+    is_missing,
+    is_saved_dataset,
+    read_table,
+    reencode_command,
+)
 from lightning_meta.tasks import Episode
 from lightning_meta.tokenization import load_tokenizer
 
@@ -243,12 +250,8 @@ def _domains_from_folder(folder: Path) -> dict[str, list[str]]:
         texts = [text for f in files if f.suffix.lower() in _TEXT_SUFFIXES and (text := _read_text(f)) is not None]
         if texts:
             name = entry.stem if entry.is_file() else entry.name
-            if name in sources:
-                raise ValueError(
-                    f"{sources[name]} and {entry} would both be the domain {name!r}. Rename one, or put them in one "
-                    "sub-folder named after the domain."
-                )
-            domains[name], sources[name] = texts, entry
+            claim_name(sources, name, entry, "domain", "put them in one sub-folder named after the domain")
+            domains[name] = texts
     if not domains:
         raise ValueError(
             f"No text files (.txt, .md, .rst, .py, .text, or no suffix) in corpus folder {folder}, leaving out "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_meta.datamodules.base import EpisodicDataModule
-from lightning_meta.tables import describe_missing, is_missing, is_saved_dataset, read_table
+from lightning_meta.tables import claim_name, describe_missing, is_missing, is_saved_dataset, read_table
 from lightning_meta.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Episode
 from lightning_meta.tokenization import load_tokenizer
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 INPUT_FIELD = "{input}"
+#: ``{name}`` in a template: only ``{input}`` is a placeholder (other braces, as in ``{"a": 1}``, are text).
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_]\w*\}")
 _SPLITS = ("val", "test")
 
 
@@ -188,7 +191,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         families = {name: task.family for name, task in tasks.items()}
         known_families = sorted({family for family in families.values() if family is not None})
         held_out: dict[str, list[str]] = {}
-        held_out_families: set[str] = set()  # every task of these families stays out of training
+        held_out_families: dict[str, list[str]] = {}  # every task of these families stays out of training
         for split in _SPLITS:
             names, chosen_families = getattr(self, f"{split}_tasks"), getattr(self, f"{split}_families")
             if names is not None:
@@ -209,33 +212,46 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                     + "."
                 )
             held_out[split] = sorted(name for name, family in families.items() if family in set(chosen_families))
-            held_out_families |= set(chosen_families)
-        if len(held_out) < len(_SPLITS):  # no families: a seeded draw of tasks
+            held_out_families[split] = sorted(chosen_families)
+        drawn = [split for split in _SPLITS if split not in held_out]
+        if drawn:  # too few families: a seeded draw of tasks
             shuffled = _shuffled(sorted(tasks), self.seed)
             count = max(1, len(tasks) // 10)
             taken = {name for names in held_out.values() for name in names}
-            for split in _SPLITS:
-                if split not in held_out:
-                    held_out[split] = sorted([name for name in shuffled if name not in taken][:count])
-                    taken |= set(held_out[split])
+            for split in drawn:
+                held_out[split] = sorted([name for name in shuffled if name not in taken][:count])
+                taken |= set(held_out[split])
         overlap = sorted(set(held_out["val"]) & set(held_out["test"]))
         if overlap:
             raise ValueError(f"Tasks {overlap} are in both the validation and the test split.")
         excluded = set(held_out["val"]) | set(held_out["test"])
-        train = [name for name in sorted(tasks) if name not in excluded and families[name] not in held_out_families]
+        excluded_families = {family for chosen in held_out_families.values() for family in chosen}
+        train = [name for name in sorted(tasks) if name not in excluded and families[name] not in excluded_families]
         for split in _SPLITS:
             if not held_out[split]:
                 raise ValueError(f"The {split} split has no task: name some with {split}_tasks or {split}_families.")
         if not train:
             raise ValueError("Every task is held out: leave at least one task for training.")
+        trained_families = {families[name] for name in train}
+        described = {
+            split: _describe_split(held_out[split], held_out_families.get(split), families, trained_families)
+            for split in _SPLITS
+        }
+        why = ""
+        if drawn:
+            have = f"{len(known_families)} families" if known_families else f"no {self.family_column!r} column"
+            why = (
+                f" Held out by task, not by family, for {' and '.join(drawn)}: the data has {have} (whole families "
+                f"are held out by default from 3 families on); name them with {drawn[0]}_families or {drawn[0]}_tasks."
+            )
         rank_zero_info(
-            f"Text-to-text tasks: {len(train)} training tasks; validation {len(held_out['val'])} "
-            f"({_describe(held_out['val'], families)}); test {len(held_out['test'])} "
-            f"({_describe(held_out['test'], families)})."
+            f"Text-to-text tasks: {len(train)} training tasks; validation {described['val']}; test "
+            f"{described['test']}.{why}"
         )
         return {"train": train, "val": held_out["val"], "test": held_out["test"]}
 
     def _default_families(self, split: str, known_families: list[str]) -> list[str] | None:
+        """The gym's held-out families; for a table with 3 families or more a seeded 10%; else ``None``."""
         if self.dataset is None:
             from lightning_meta.task_gym import DEFAULT_SPLIT
 
@@ -335,7 +351,9 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         if not files:
             raise ValueError(f"No task tables in folder {folder}: put one .jsonl/.csv/.parquet file per task there.")
         tasks: dict[str, dict[str, Any]] = {}
+        sources: dict[str, Path] = {}
         for file in files:
+            claim_name(sources, file.stem, file, "task", "merge them into one file")
             table = read_table(str(file))
             table = table.remove_columns([c for c in table.column_names if c == self.task_column])
             table = table.add_column(self.task_column, [file.stem] * len(table))
@@ -383,11 +401,18 @@ def _tokenize(
 
 
 def check_template(template: str, where: str = "template") -> str:
-    """``template`` itself, or an error when it lacks exactly one ``{input}``."""
+    """``template`` itself, or an error when it lacks exactly one ``{input}`` or names another placeholder."""
     if template.count(INPUT_FIELD) != 1:
         raise ValueError(
             f"The prompt template {template!r} ({where}) must contain {INPUT_FIELD} exactly once, where the input "
             'goes; e.g. "Input: {input}\\nOutput:".'
+        )
+    unknown = sorted(set(_PLACEHOLDER.findall(template)) - {INPUT_FIELD})
+    if unknown:
+        raise ValueError(
+            f"The prompt template {template!r} ({where}) has the placeholder(s) {', '.join(unknown)}: only "
+            f"{INPUT_FIELD} is filled in, and the output always follows the prompt after a space. End the template "
+            'where the output starts, e.g. "Q: {input}\\nA:".'
         )
     return template
 
@@ -499,6 +524,16 @@ def _shuffled(names: list[str], seed: int) -> list[str]:
     return [names[i] for i in torch.randperm(len(names), generator=generator)]
 
 
-def _describe(names: list[str], families: dict[str, str | None]) -> str:
-    held = sorted({families[name] for name in names if families[name] is not None})
-    return f"families {', '.join(held)}" if held else ", ".join(names[:5]) + ("..." if len(names) > 5 else "")
+def _describe_split(
+    names: list[str], held_families: list[str] | None, families: dict[str, str | None], trained: set[str | None]
+) -> str:
+    """``2 tasks held out by family (families f1)`` or ``1 task held out by task (t4; its family f1 also trains)``."""
+    count = f"{len(names)} task{'s' * (len(names) != 1)}"
+    if held_families is not None:
+        return f"{count} held out by family (families {', '.join(held_families)})"
+    shown = ", ".join(names[:5]) + ("..." if len(names) > 5 else "")
+    shared = sorted({families[name] for name in names if families[name] is not None} & trained)
+    if not shared:
+        return f"{count} held out by task ({shown})"
+    which = f"its family {shared[0]} trains" if len(shared) == 1 else f"their families {', '.join(shared)} train"
+    return f"{count} held out by task ({shown}; {which} too)"

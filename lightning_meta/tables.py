@@ -95,6 +95,14 @@ def _reader_options(builder: str, files: list[Path]) -> dict[str, object]:
     }
 
 
+def claim_name(claimed: dict[str, Path], name: str, source: Path, what: str, fix: str) -> None:
+    """Record that ``source`` (a file or sub-folder) supplies the ``what`` called ``name``, or refuse a second
+    source for the same name (``a.csv`` and ``a.jsonl`` in one folder), naming both; ``fix`` ends the message."""
+    if name in claimed:
+        raise ValueError(f"{claimed[name]} and {source} would both be the {what} {name!r}. Rename one, or {fix}.")
+    claimed[name] = source
+
+
 def is_saved_dataset(folder: Path) -> bool:
     """Whether ``folder`` was written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_meta.datamodules import TextToTextTasksDataModule
+from lightning_meta.datamodules import TextToTextTasksDataModule, text_to_text
 from lightning_meta.tasks import ANSWER, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
 from lightning_meta.tokenization import load_tokenizer
 
@@ -189,3 +189,42 @@ def test_the_gym_is_the_default_and_its_held_out_families_stay_out_of_training()
     # label_permutation lists options: every episode carries them, padded for tasks without.
     assert module.eval_batches("val")[0].query[ANSWER].min() >= 0
     assert (module.eval_batches("test")[0].query[ANSWER] == -1).all()
+
+
+def test_a_task_file_in_two_formats_is_refused_naming_both(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "task0.csv").write_text("input,output\na,b\n")
+    (folder / "task0.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    with pytest.raises(ValueError, match=r"task0\.csv and \S+task0\.jsonl would both be the task 'task0'\. Rename one"):
+        datamodule(folder)
+
+
+@pytest.mark.parametrize("template", ["Q: {input}\nA: {output}", "{instruction} {input}"])
+def test_a_template_with_another_placeholder_is_refused(tmp_path, template):
+    with pytest.raises(ValueError, match=r"has the placeholder\(s\) \{\w+\}: only \{input\} is filled in"):
+        datamodule(write_tasks(tmp_path), template=template)
+    with pytest.raises(ValueError, match=r"row 2\) has the placeholder"):
+        datamodule(write_tasks(tmp_path, row2={"template": template}))
+    datamodule(write_tasks(tmp_path), template='JSON {"text": "{input}"}\nAnswer:')  # other braces are text
+
+
+def test_the_log_says_which_split_was_made_and_why(tmp_path, monkeypatch):
+    """With fewer than 3 families the default split is by task, and the log says so instead of naming families."""
+    logged: list[str] = []
+    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    path = write_tasks(tmp_path, tasks=12)
+    rows = [json.loads(line) | {"family": f"fam{int(json.loads(line)['task'][1:]) % 2}"}
+            for line in path.read_text().splitlines()]  # fmt: skip
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    module = datamodule(path)
+    message = logged[-1]
+    assert "held out by task" in message and "(families " not in message and "trains too" in message
+    assert "Held out by task, not by family, for val and test: the data has 2 families" in message
+    assert len(module.split_tasks["val"]) == 1
+    datamodule(write_tasks(tmp_path, tasks=9), val_families=["f1"], test_families=["f2"])
+    message = logged[-1]
+    assert "validation 3 tasks held out by family (families f1); test 3 tasks held out by family (families f2)." in (
+        message
+    )
+    assert "Held out by task" not in message
