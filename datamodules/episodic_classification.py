@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_meta.datamodules.base import EpisodicDataModule
 from lightning_meta.tables import describe_missing, is_missing
-from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.tasks import Episode
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -26,9 +26,10 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
     the proportions ``class_split``, or as listed in ``train_classes`` / ``val_classes`` /
     ``test_classes``). An episode draws ``ways`` classes of one split, then ``shots`` support and
     ``queries`` query examples of each (disjoint), and relabels the classes 0..ways-1 in a random
-    order. Splits hold ``input_ids`` and ``attention_mask`` (tokenized with ``tokenizer``, padded
-    and truncated to ``max_length``, then cut to the longest text of the batch) and ``labels``;
-    ``metadata["classes"]`` gives each episode's original class ids (names: :attr:`class_names`).
+    order. Splits hold ``input_ids`` and ``attention_mask`` (tokenized with ``tokenizer``, truncated
+    to ``max_length``, padded to the longest text of the batch rounded up to a multiple of 8) and
+    ``labels``; ``metadata["classes"]`` gives each episode's original class ids (names:
+    :attr:`class_names`).
 
     Training batches, validation and test episodes are seeded as in :class:`EpisodicDataModule`:
     the same for every run and worker count, different on each DDP rank, resumable.
@@ -190,14 +191,6 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         classes = self.split_classes[split]
         return [classes[i] for i in torch.randperm(len(classes), generator=generator)[: self.ways].tolist()]
 
-    def train_batch(self, index: int, rank: int = 0) -> TaskBatch:
-        return _trim_padding(super().train_batch(index, rank))
-
-    def eval_batches(self, split: str) -> list[TaskBatch]:
-        if split not in self._eval_batches:
-            self._eval_batches[split] = [_trim_padding(batch) for batch in super().eval_batches(split)]
-        return self._eval_batches[split]
-
     def _split(self, rows: Tensor, labels: Tensor) -> dict[str, Tensor]:
         return {name: tensor[rows] for name, tensor in self._tokens.items()} | {"labels": labels}
 
@@ -319,15 +312,6 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
                     f"Lower ways, give the {split} split more classes ({split}_classes=[...] or class_split), or "
                     "use a dataset with more classes."
                 )
-
-
-def _trim_padding(batch: TaskBatch) -> TaskBatch:
-    """Drop the token positions that are padding in every sequence of a split (most texts are short)."""
-    splits = []
-    for split in (batch.support, batch.query):
-        keep = split["attention_mask"].flatten(0, 1).any(0)
-        splits.append({name: tensor[..., keep] if name != "labels" else tensor for name, tensor in split.items()})
-    return TaskBatch(*splits, ways=batch.ways, shots=batch.shots, metadata=batch.metadata)
 
 
 def _class_names(labels: list[Any]) -> list[str]:

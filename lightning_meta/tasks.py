@@ -22,6 +22,45 @@ IGNORE_INDEX = -100
 CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS = "choice_input_ids", "choice_attention_mask", "choice_labels"
 CHOICE_FIELDS = (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS)
 ANSWER = "answer"
+#: Mask fields of a split: the fields shaped like one of them are token-aligned with it and padded with it.
+MASK_FIELDS = ("attention_mask", CHOICE_ATTENTION_MASK)
+#: Batches are padded to a multiple of this many positions: aligned shapes suit the matrix kernels, and
+#: fewer distinct shapes keep allocator caches and compiled kernels reusable.
+PAD_TO_MULTIPLE_OF = 8
+
+
+def padded_length(longest: int, limit: int | None = None) -> int:
+    """``longest`` rounded up to a multiple of :data:`PAD_TO_MULTIPLE_OF` (at least one), at most ``limit``."""
+    length = -(-max(longest, 1) // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+    return length if limit is None else min(length, limit)
+
+
+def without_padding(split: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``split`` with its token positions past the last real token of every sequence cut off.
+
+    Each mask field (:data:`MASK_FIELDS`) and the fields shaped like it keep
+    :func:`padded_length` of the longest real sequence (the last position the mask marks in
+    any row), so the tensors of a meta-batch still stack and the cut is the same for every
+    episode. Real tokens, and so every loss and figure, are unchanged: the cut positions are
+    padding in every row. Runs on the host, where batches are collated.
+    """
+    trimmed = dict(split)
+    for mask_name in MASK_FIELDS:
+        mask = split.get(mask_name)
+        if mask is None:
+            continue
+        real = torch.nonzero(mask.flatten(0, -2).any(0)).flatten()
+        length = padded_length(int(real[-1]) + 1 if len(real) else 0, mask.shape[-1])
+        for name, tensor in split.items():
+            if tensor.shape == mask.shape:
+                trimmed[name] = tensor[..., :length].contiguous()
+    return trimmed
+
+
+def padding_fraction(*masks: Tensor) -> Tensor:
+    """The share of padded positions among all positions of ``masks`` (a 0-dim tensor; no host sync)."""
+    real = sum(mask.count_nonzero() for mask in masks)
+    return 1 - real / sum(mask.numel() for mask in masks)
 
 
 @dataclass
@@ -105,6 +144,16 @@ class TaskBatch:
     def episodes(self) -> Iterator[Episode]:
         for index in range(len(self)):
             yield self.episode(index)
+
+    def without_padding(self) -> TaskBatch:
+        """This batch with each split cut to its longest real sequence (:func:`without_padding`)."""
+        return TaskBatch(without_padding(self.support), without_padding(self.query), self.ways, self.shots,
+                         self.metadata)  # fmt: skip
+
+    def padding_fraction(self) -> Tensor | None:
+        """The share of padded token positions in the support and query (``None`` without ``attention_mask``)."""
+        masks = [split["attention_mask"] for split in (self.support, self.query) if "attention_mask" in split]
+        return padding_fraction(*masks) if masks else None
 
     def detached_clone(self) -> TaskBatch:
         """A copy made of ordinary tensors.
