@@ -37,10 +37,16 @@ _TASKS_IN_PARALLEL = contextvars.ContextVar("tasks_in_parallel", default=False)
 
 @dataclass
 class MetaLoss:
-    """``loss``: the surrogate to call ``backward`` on; ``metrics``: detached means over the meta-batch."""
+    """``loss``: the surrogate to call ``backward`` on; ``metrics``: detached means over the meta-batch.
+
+    ``unreached``: trainable parameters that ``loss`` does not depend on (known on the ``vmap`` and
+    ``task_by_task`` paths; empty otherwise). They get no gradient from ``loss.backward()``; DDP,
+    which expects a gradient for every parameter, needs them tied in (the host module does it).
+    """
 
     loss: Tensor
     metrics: dict[str, Tensor]
+    unreached: tuple[Tensor, ...] = ()
 
 
 InnerUpdate = Callable[[int, FastWeights, Mapping[str, "Tensor | None"]], FastWeights]
@@ -204,9 +210,9 @@ class MetaAlgorithm(nn.Module, ABC):
         #: Whether :meth:`task_loss` reports the query figures when they cost extra work (Reptile's
         #: and MultiTask's query forward); the host turns it off on steps it does not log.
         self.report_query = True
-        # meta_batch="auto": per (learner, fast weights, derivative order), "" once vmap was checked
-        # exact on a batch, else the reason it is not used.
-        self._vmap_verdicts: dict[tuple[int, tuple[str, ...], bool], str] = {}
+        # meta_batch="auto": per (learner, fast weights, derivative order, training mode), "" once vmap
+        # was checked exact on a batch, else the reason it is not used.
+        self._vmap_verdicts: dict[tuple[int, tuple[str, ...], bool, bool], str] = {}
 
     @abstractmethod
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
@@ -307,14 +313,15 @@ class MetaAlgorithm(nn.Module, ABC):
           scaling). Also what runs without autograd (``torch.no_grad``).
         - ``"auto"`` (default): ``"vmap"`` when :meth:`vmap_refusal` has no objection, the model
           has at most :data:`VMAP_MAX_PARAMETERS` trainable parameters, and, on the first batch of
-          each (learner, fast weights, derivative order), vmap's meta-gradient equals the
+          each (learner, fast weights, derivative order, training mode), vmap's meta-gradient equals the
           task-by-task loop's; otherwise ``"task_by_task"``, with the reason logged once.
 
         With ``"vmap"`` and ``"task_by_task"`` the returned loss is ``Σ_p ⟨p, stop_grad(G_p)⟩``
         shifted to the mean surrogate's value, whose gradient is the meta-gradient ``G``: one
         ``backward`` on it (by Lightning, with AMP, accumulation, clipping and DDP unchanged) gives
-        it, and a trainable parameter the surrogate does not reach (Reptile's backbone when only
-        the head is a fast weight) gets a zero gradient instead of none, as DDP requires.
+        it. A trainable parameter the surrogate does not reach (Reptile's backbone when only the
+        head is a fast weight) gets no gradient, as under ``"all_at_once"`` (so weight decay leaves
+        it alone in every mode); such parameters are listed in :attr:`MetaLoss.unreached`.
 
         Checks the batch's data first (:meth:`Learner.check_data`: one host sync for the batch).
         """
@@ -375,7 +382,8 @@ class MetaAlgorithm(nn.Module, ABC):
         return _surrogate(parameters, gradients, mean.detach(), {name: value.mean() for name, value in metrics.items()})
 
     def _auto(self, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
-        key = (id(learner), tuple(learner.fast_weight_names), self.second_order())
+        # Per mode too: dropout and batch-norm statistics, which vmap cannot run, act in training mode only.
+        key = (id(learner), tuple(learner.fast_weight_names), self.second_order(), learner.training)
         verdict = self._vmap_verdicts.get(key)
         if verdict == "":
             return self._vmapped(learner, batch, parameters)
@@ -428,20 +436,23 @@ class MetaAlgorithm(nn.Module, ABC):
 def _surrogate(
     parameters: list[Tensor], gradients: list[Tensor | None], mean: Tensor, metrics: dict[str, Tensor]
 ) -> MetaLoss:
-    """A loss whose value is ``mean`` and whose gradient is ``gradients`` (zero where ``None``, for DDP)."""
-    product = torch.stack(
-        [
-            p.flatten().dot(g.flatten()) if g is not None else p.sum() * 0
-            for p, g in zip(parameters, gradients, strict=True)
-        ]
-    ).sum()
-    return MetaLoss(product - product.detach() + mean, metrics)
+    """A loss whose value is ``mean`` and whose gradient is ``gradients`` (none where ``None``)."""
+    reached = [(p, g) for p, g in zip(parameters, gradients, strict=True) if g is not None]
+    unreached = tuple(p for p, g in zip(parameters, gradients, strict=True) if g is None)
+    if not reached:
+        return MetaLoss(mean, metrics, unreached)
+    product = torch.stack([p.flatten().dot(g.flatten()) for p, g in reached]).sum()
+    return MetaLoss(product - product.detach() + mean, metrics, unreached)
 
 
 def _disagreement(found: Tensor, expected: Tensor, parameters: list[Tensor]) -> str | None:
     """Whether two surrogates' meta-gradients differ beyond rounding (one host sync), and by how much."""
-    found_gradients = torch.autograd.grad(found, parameters, retain_graph=True)
-    expected_gradients = torch.autograd.grad(expected, parameters, retain_graph=True)
+
+    def gradients_of(surrogate: Tensor) -> list[Tensor]:  # zeros where the surrogate does not reach
+        gradients = torch.autograd.grad(surrogate, parameters, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, gradients, strict=True)]
+
+    found_gradients, expected_gradients = gradients_of(found), gradients_of(expected)
     difference = torch.cat([(f - e).flatten() for f, e in zip(found_gradients, expected_gradients, strict=True)])
     scale = torch.cat([e.flatten() for e in expected_gradients]).norm()
     relative = float(difference.norm() / scale.clamp_min(torch.finfo(scale.dtype).tiny))

@@ -51,9 +51,10 @@ def build_encoder(
     options = dict(encoder_config or {})
     if encoder_path is not None:
         options.pop("model_type", None)
+        # from_pretrained returns eval mode (dropout off); a learner follows its host's mode like a built one.
         return AutoModel.from_pretrained(
             resolve_local_path(encoder_path), attn_implementation=attn_implementation, **options
-        )
+        ).train()
     options = {**TINY_BERT, **options}
     model_type = options.pop("model_type")
     try:
@@ -159,6 +160,11 @@ class EncoderLearner(ClassificationLearner):
         self.fast_weights = fast_weights
         self.attn_implementation = attn_implementation
         self.vocab_size = encoder.get_input_embeddings().num_embeddings
+
+    @property
+    def max_positions(self) -> int | None:
+        """The encoder's ``max_position_embeddings``."""
+        return getattr(self.model.encoder.config, "max_position_embeddings", None)
 
     def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Pooled embeddings (no head) or head logits for a split, with ``params`` as fast weights."""

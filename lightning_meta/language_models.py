@@ -93,14 +93,14 @@ class CausalLMLearner(Learner):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         model = _build_model(pretrained, model_config, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype])
-        if gradient_checkpointing:
-            enable_functional_checkpointing(model)
         if lora is not None:
             model = _add_lora(model, lora, meta_learn_base)
         elif meta_learn_base:
             raise ValueError(
                 "meta_learn_base=True only applies with lora=...; without LoRA all weights are meta-learned."
             )
+        if gradient_checkpointing:  # after LoRA: each block records its weights as peft renamed them
+            enable_functional_checkpointing(model.get_base_model() if lora is not None else model)
         super().__init__(
             model,
             fast_weights=fast_weights if fast_weights is not None else ("lora" if lora is not None else "all"),
@@ -126,6 +126,11 @@ class CausalLMLearner(Learner):
     def transformer(self) -> PreTrainedModel:
         """The Hugging Face model (under the peft wrapper when LoRA is on)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's ``max_position_embeddings`` (GPT-2: ``n_positions``)."""
+        return getattr(self.transformer.config, "max_position_embeddings", None)
 
     def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Logits ``(sequences, tokens, vocabulary)``."""
@@ -289,7 +294,8 @@ def _build_model(
         folder = resolve_local_path(pretrained)
         if gguf_file is not None:
             folder = dequantized_gguf(folder, gguf_file)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options)
+        # from_pretrained returns eval mode (dropout off); a learner follows its host's mode like a built one.
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options).train()
     config = dict(model_config or {})
     if "model_type" not in config:
         raise ValueError(f"model_config needs a 'model_type' (e.g. 'gpt2', 'llama'); got keys {sorted(config)}.")

@@ -84,6 +84,11 @@ class Learner(nn.Module, ABC):
         self.target_key = target_key
         self.fast_weight_names = resolve_fast_weights(model, fast_weights, head)
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model reads (its position embeddings); ``None``: no limit."""
+        return None
+
     def fast_parameters(self) -> FastWeights:
         """The current fast weights (the meta-parameters the inner loop starts from)."""
         named = dict(self.model.named_parameters())
@@ -122,8 +127,15 @@ class Learner(nn.Module, ABC):
         """Raise :class:`DataError` naming the split, field and episode when ``batch`` fails a check.
 
         Called once per batch, before any inner step: the checks run on the device and cost one
-        host sync together, however many there are.
+        host sync together, however many there are. Sequences longer than :attr:`max_positions`
+        are refused first (from the shape: no sync).
         """
+        for split in (batch.support, batch.query):
+            if self.input_key in split and not split[self.input_key].is_floating_point():
+                check_sequence_length(
+                    split[self.input_key].shape[-1], self.max_positions, "the batch's sequence length",
+                    "lower the datamodule's max_length (or block_size)",
+                )  # fmt: skip
         checks = [check for name in ("support", "query") for check in self.data_checks(name, getattr(batch, name))]
         if not checks or bool(torch.stack([check.passed for check in checks]).all()):
             return
@@ -195,6 +207,18 @@ class ClassificationLearner(Learner):
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.predict(split, params)
         return classification_loss(logits, split[self.target_key])
+
+
+def check_sequence_length(length: int, positions: int | None, setting: str, fix: str) -> None:
+    """Refuse sequences longer than the model has positions for (an ``IndexError`` deep inside it otherwise).
+
+    The one rule for every learner and for pretraining: ``setting`` names the length (``max_length``),
+    ``fix`` what to lower (``lower --data.init_args.max_length``); ``positions=None``: no limit.
+    """
+    if positions is not None and length > positions:
+        raise ValueError(
+            f"{setting}={length} is longer than the model's {positions} positions: {fix} to {positions} or less."
+        )
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

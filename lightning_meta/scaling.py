@@ -176,6 +176,32 @@ def average_gradients(parameters: Iterable[nn.Parameter], group: object) -> None
         offset += gradient.numel()
 
 
+def clip_gradients(parameters: Iterable[nn.Parameter], max_value: float, by_value: bool = False) -> None:
+    """Clip gradients that mix FSDP-sharded (DTensor) and replicated (plain) tensors, in place.
+
+    By norm (default): scale every gradient by ``max_value / total norm`` when the 2-norm of all of
+    them together exceeds ``max_value``: the sharded gradients' norm is taken over every rank's
+    shards (one all-reduce), the replicated ones' (already equal on every rank) locally, and the
+    two combined, so the result equals ``torch.nn.utils.clip_grad_norm_`` on the full gradients of
+    one process. ``by_value``: clamp each gradient entry to ``[-max_value, max_value]``.
+    """
+    from torch.distributed.tensor import DTensor
+
+    with_gradients = [p for p in parameters if p.grad is not None]
+    sharded = [p for p in with_gradients if isinstance(p.grad, DTensor)]
+    replicated = [p for p in with_gradients if not isinstance(p.grad, DTensor)]
+    groups = [group for group in (sharded, replicated) if group]
+    if by_value:
+        for group in groups:
+            nn.utils.clip_grad_value_(group, max_value)
+        return
+    norms = [nn.utils.get_total_norm([p.grad for p in group]) for group in groups]
+    norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+    total = torch.stack(norms).norm()
+    for group in groups:
+        nn.utils.clip_grads_with_norm_(group, max_value, total)
+
+
 def default_units(model: nn.Module) -> list[nn.Module]:
     """The FSDP units by default: the entries of the model's longest ``nn.ModuleList`` (transformer blocks)."""
     lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]

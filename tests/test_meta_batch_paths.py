@@ -26,7 +26,7 @@ from lightning_meta.algorithms import (
 )
 from lightning_meta.datamodules import SinusoidDataModule
 
-from conftest import classification_batch, regression_batch
+from conftest import Blocks, classification_batch, regression_batch
 
 ALGORITHMS = {
     "maml": lambda: MAML(inner_lr=0.3, inner_steps=2),
@@ -213,3 +213,44 @@ def test_the_speed_benchmark_runs_and_its_gradient_check_passes(monkeypatch, cap
 def test_the_host_refuses_an_unknown_meta_batch_at_construction():
     with pytest.raises(ValueError, match="meta_batch must be one of"):
         MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(), meta_batch="parallel")
+
+
+def test_unreached_parameters_get_no_gradient_so_weight_decay_acts_alike_in_every_mode():
+    """Reptile on the head never reaches the backbone: no gradient in any mode, so AdamW's decay leaves it alone."""
+    batches = [classification_batch(meta_batch_size=3, queries=2, seed=seed) for seed in range(3)]
+    weights = {}
+    for meta_batch in ("all_at_once", "task_by_task", "vmap", "auto"):
+        torch.manual_seed(0)
+        learner = ClassificationLearner(Blocks(), "head").double()
+        algorithm = Reptile(inner_lr=0.3, inner_steps=2)
+        optimizer = torch.optim.AdamW(learner.parameters(), lr=0.01, weight_decay=0.5)
+        initial = {name: p.detach().clone() for name, p in learner.named_parameters()}
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            out = algorithm.meta_loss(learner, batch, meta_batch=meta_batch)
+            out.loss.backward()
+            assert learner.model.embed.weight.grad is None, meta_batch
+            optimizer.step()
+        weights[meta_batch] = {name: p.detach().clone() for name, p in learner.named_parameters()}
+        assert torch.equal(weights[meta_batch]["model.embed.weight"], initial["model.embed.weight"])
+        assert not torch.equal(weights[meta_batch]["model.head.weight"], initial["model.head.weight"])
+    for meta_batch in ("task_by_task", "vmap", "auto"):
+        for name, value in weights["all_at_once"].items():
+            torch.testing.assert_close(weights[meta_batch][name], value, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_auto_decides_again_when_the_training_mode_changes():
+    """A verdict formed in eval mode (dropout off: vmap) is not reused in training mode (dropout: task by task)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+    learner = ClassificationLearner(model).double()
+    algorithm = FOMAML(inner_lr=0.3)
+    batch = classification_batch(meta_batch_size=2, ways=3, shots=2, queries=2, features=4)
+    learner.eval()
+    algorithm.meta_loss(learner, batch, meta_batch="auto").loss.backward()
+    learner.train()
+    torch.manual_seed(1)
+    found = algorithm.meta_loss(learner, batch, meta_batch="auto").loss  # vmap here: "called random operation"
+    torch.manual_seed(1)
+    expected = algorithm.meta_loss(learner, batch, meta_batch="task_by_task").loss
+    torch.testing.assert_close(found, expected)

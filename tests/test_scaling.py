@@ -47,8 +47,8 @@ def test_task_by_task_gives_the_all_at_once_gradient(case):
     found = _gradients(learner, flat.loss)
     torch.testing.assert_close(flat.loss, joint.loss.detach())  # the value too: the mean surrogate
     for name, gradient in expected.items():
-        if gradient is None:  # not reached by the surrogate (Reptile's backbone): a zero gradient, for DDP
-            assert case == "reptile_head" and torch.equal(found[name], torch.zeros_like(found[name])), name
+        if gradient is None:  # not reached by the surrogate (Reptile's backbone): no gradient either way
+            assert case == "reptile_head" and found[name] is None, name
         else:
             torch.testing.assert_close(found[name], gradient, rtol=1e-12, atol=1e-14, msg=name)
     assert flat.metrics.keys() == joint.metrics.keys()
