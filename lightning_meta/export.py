@@ -36,6 +36,7 @@ from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_to
 PROVENANCE_FILE = "meta_learning.json"
 _LEARNER_PREFIX = "learner."
 _PRETRAINING_PREFIX = "model."
+_ADAPTER_FILE = "adapter_config.json"  # what peft's save_pretrained writes: marks an earlier adapter export
 _DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 
 
@@ -52,16 +53,19 @@ def export(
         ckpt_path: a ``.ckpt`` file written by ``lightning-meta fit`` or ``pretrain``, or a sharded
             checkpoint folder (FSDP / ``ModelParallelStrategy``).
         output_dir: the folder to write; refused if it exists, unless ``overwrite``.
-        overwrite: replace an existing ``output_dir`` (only once the new folder is complete).
+        overwrite: replace an earlier export at ``output_dir`` (a folder holding ``meta_learning.json``),
+            only once the new folder is complete; any other existing path is refused.
         adapter_dir: with LoRA, also write the adapters alone here (peft's format); the main folder
             always holds the merged weights.
         tokenizer: the tokenizer folder to ship, when the one the checkpoint names is not on this machine;
             it must give the same token ids (checked against the checkpoint's fingerprint).
     """
     output = Path(output_dir).expanduser()
-    _refuse_existing(output, overwrite)
-    if adapter_dir is not None:
-        _refuse_existing(Path(adapter_dir).expanduser(), overwrite)
+    source_path = check_local_checkpoint_path(ckpt_path)
+    folders = [(output, PROVENANCE_FILE)] + ([(Path(adapter_dir).expanduser(), _ADAPTER_FILE)] if adapter_dir else [])
+    for folder, marker in folders:
+        _refuse_existing(folder, overwrite, source_path, marker)
+        _check_writable(folder)
     checkpoint, source = read_checkpoint(ckpt_path)
     model, provenance = model_from_checkpoint(checkpoint, tokenizer=tokenizer, adapter_dir=adapter_dir)
     provenance.update(source)
@@ -197,7 +201,7 @@ def _meta_learned_model(
     lora = None
     if hasattr(model, "merge_and_unload"):
         if adapter_dir is not None:
-            _write_atomically(Path(adapter_dir).expanduser(), model.save_pretrained, overwrite=True)
+            _write_atomically(Path(adapter_dir).expanduser(), model.save_pretrained, True, _ADAPTER_FILE)
         model = model.merge_and_unload()
         lora = {"merged": True, "adapter_dir": adapter_dir, "settings": init_args.get("lora")}
     return model, {
@@ -285,17 +289,51 @@ def read_provenance(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _refuse_existing(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
+def _refuse_existing(output: Path, overwrite: bool, source: Path | None = None, marker: str = PROVENANCE_FILE) -> None:
+    """Refuse an existing ``output`` unless ``overwrite`` and it is an earlier export (it holds ``marker``)
+    that holds no ``source``.
+
+    ``--overwrite`` replaces exports only: never a run folder, the checkpoint being exported (or a folder
+    above it), a plain file, or anything else that happens to be there.
+    """
+    if not output.exists() and not output.is_symlink():
+        return
+    if not overwrite:
         raise FileExistsError(
             f"{output} already exists. Give another --output_dir, or --overwrite=true to replace it (the old folder "
             "is kept until the new one is complete)."
         )
+    resolved = output.resolve()
+    if source is not None and (resolved == source.resolve() or resolved in source.resolve().parents):
+        raise FileExistsError(
+            f"{output} holds the checkpoint being exported ({source}): --overwrite would delete it. Give a new "
+            "--output_dir outside the run folder, e.g. exports/NAME."
+        )
+    if not (output.is_dir() and (output / marker).is_file()) or output.is_symlink():
+        raise FileExistsError(
+            f"{output} exists and is not an earlier export (no {marker} in it): --overwrite only replaces a folder "
+            "lightning-meta export wrote. Give a new --output_dir, or move that one away yourself."
+        )
 
 
-def _write_atomically(output: Path, write: Any, overwrite: bool) -> None:
+def _check_writable(output: Path) -> None:
+    """Fail before any model is loaded when ``output`` cannot be written beside (read-only disk, no permission)."""
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        probe = Path(tempfile.mkdtemp(dir=parent, prefix=".lightning-meta-write-check-"))
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write to {parent} ({error.strerror}): {output} cannot be created there. Give an --output_dir "
+            "on a writable file system."
+        ) from None
+    probe.rmdir()
+
+
+def _write_atomically(output: Path, write: Any, overwrite: bool, marker: str = PROVENANCE_FILE) -> None:
     """``write(staging)`` into a new folder beside ``output``, then rename it into place."""
-    _refuse_existing(output, overwrite)
+    _refuse_existing(output, overwrite, marker=marker)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
     try:

@@ -120,14 +120,67 @@ def test_export_callback_writes_the_same_folder_at_the_end_of_fit(tmp_path):
 def test_existing_folder_is_refused_and_kept_unless_overwrite(plain, tmp_path):
     checkpoint, _ = plain
     output = tmp_path / "export"
-    output.mkdir()
-    (output / "mine.txt").write_text("keep me")
+    export(str(checkpoint), str(output))
+    (output / "stale.txt").write_text("from the earlier export")
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(str(checkpoint), str(output))
-    assert (output / "mine.txt").read_text() == "keep me"
-    export(str(checkpoint), str(output), overwrite=True)
-    assert not (output / "mine.txt").exists() and (output / "model.safetensors").exists()
+    assert (output / "stale.txt").exists()
+    export(str(checkpoint), str(output), overwrite=True)  # an earlier export: replaced
+    assert not (output / "stale.txt").exists() and (output / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left behind
+
+
+def test_overwrite_never_replaces_a_run_folder_a_file_or_the_root(plain, tmp_path):
+    checkpoint, _ = plain
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    source = shutil.copy(checkpoint, run / "checkpoints" / "last.ckpt")
+    (run / "notes.txt").write_text("my notes")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file")
+    cases = [
+        (run, "holds the checkpoint being exported"),  # the run folder, an ancestor of the checkpoint
+        (run / "checkpoints", "holds the checkpoint being exported"),
+        (Path(source), "holds the checkpoint being exported"),  # the checkpoint itself
+        (notes, r"is not an earlier export \(no meta_learning.json"),
+        (tmp_path, "holds the checkpoint being exported"),
+    ]
+    for output, message in cases:
+        with pytest.raises(FileExistsError, match=message):
+            export(str(source), str(output), overwrite=True)
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        export(str(source), str(other), overwrite=True)
+    assert (run / "notes.txt").read_text() == "my notes" and Path(source).read_bytes() == checkpoint.read_bytes()
+    assert notes.read_text() == "a file"
+    root_before = sorted(os.listdir("/"))
+    with pytest.raises(FileExistsError, match="holds the checkpoint being exported"):  # an ancestor of it
+        export(str(source), "/", overwrite=True)
+    assert sorted(os.listdir("/")) == root_before
+
+
+def test_unwritable_output_is_refused_before_loading_the_model(plain, tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    from lightning_meta import cli
+    from lightning_meta import export as export_module
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(export_module, "read_checkpoint", never)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--ckpt_path", str(plain[0]), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"Cannot write to {tmp_path} (Read-only file system)" in error and "writable file system" in error
+    assert "Traceback" not in error
 
 
 def test_bad_checkpoints_are_named(plain, tmp_path):
