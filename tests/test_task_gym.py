@@ -146,3 +146,19 @@ def test_builds_are_cached_on_disk_and_a_damaged_cache_is_rebuilt(tmp_path, monk
     assert gym_tasks(["word_map"], wordnet=None) == built
     assert json.loads(cached_file.read_text())[0]["name"] == built[0].name  # rewritten whole
     task_gym._family_tasks.cache_clear()
+
+
+def test_held_out_tasks_share_no_input_with_training_tasks():
+    """Validation and test measure transfer, not memory: no held-out input was a training input (WordNet where
+    installed)."""
+    tasks = gym_tasks()
+    training_inputs = {text for task in tasks if task.family in DEFAULT_SPLIT["train"] for text, _ in task.examples}
+    for task in tasks:
+        if task.family not in DEFAULT_SPLIT["train"]:
+            shared = [text for text, _ in task.examples if text in training_inputs]
+            assert not shared, (task.name, len(shared), shared[:2])
+    # Each docstring goes to one of the two docstring families, and both keep their tasks.
+    counts = {
+        family: sum(task.family == family for task in tasks) for family in ("docstring_to_module", "label_permutation")
+    }
+    assert counts == {"docstring_to_module": 9, "label_permutation": 12}
