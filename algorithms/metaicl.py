@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_meta.algorithms.base import MetaAlgorithm
+from lightning_meta.algorithms.base import MetaAlgorithm, MetaBatch, MetaLoss
 from lightning_meta.learners import FastWeights, Learner
-from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, IGNORE_INDEX, Episode, Split
+from lightning_meta.tasks import (
+    ANSWER,
+    CHOICE_FIELDS,
+    IGNORE_INDEX,
+    Episode,
+    Split,
+    TaskBatch,
+    padded_length,
+    padding_fraction,
+)
+
+#: Field of a query split whose sequences already carry their demonstrations: how many each query dropped.
+DROPPED = "dropped_demonstrations"
 
 
 class MetaICL(MetaAlgorithm):
@@ -66,32 +79,72 @@ class MetaICL(MetaAlgorithm):
             )
         return min(limits)
 
+    def meta_loss(self, learner: Learner, batch: TaskBatch, *, meta_batch: MetaBatch = "auto") -> MetaLoss:
+        """:meth:`MetaAlgorithm.meta_loss` on the batch's in-context sequences, built first for all episodes.
+
+        Every sequence is as long as the batch's longest real concatenation (rounded up to a
+        multiple of 8), not ``(shots + 1)`` padded examples: finding it is the batch's one host sync.
+        """
+        self.check_learner(learner)
+        length = self.sequence_length(learner, batch.support, batch.query)
+        episodes = [
+            Episode(episode.support, self.conditioned(learner, episode.support, episode.query, False, length)[0],
+                    episode.ways, episode.shots, episode.metadata)
+            for episode in batch.episodes()
+        ]  # fmt: skip
+        return super().meta_loss(learner, TaskBatch.stack(episodes), meta_batch=meta_batch)
+
+    def sequence_length(self, learner: Learner, support: Split, query: Split, options: bool = False) -> int:
+        """Tokens per in-context sequence: the longest real concatenation of the query (or, with
+        ``options``, of its options) after the demonstrations that fit, rounded up to a multiple of
+        8, at most the context. Takes splits of one episode or of a meta-batch; one host sync.
+        """
+        context = self.context_length(learner)
+        names = CHOICE_FIELDS if options else ("input_ids", "attention_mask", "labels")
+        mask = query[names[1]]
+        query_lengths = mask.sum(-1)
+        if options:  # every option of an example sees the demonstrations that fit beside its longest option
+            query_lengths = query_lengths.amax(-1, keepdim=True).expand_as(query_lengths).flatten(-2)
+        _, lengths = demonstrations_kept(support["attention_mask"], query_lengths, context)
+        longest, longest_query = torch.stack([lengths.max(), query_lengths.max()]).tolist()
+        if longest_query > context:
+            raise ValueError(
+                f"A query example is {longest_query} tokens long (prompt and output) but MetaICL's context is "
+                f"{context} tokens: the query alone would not fit. Set the datamodule's max_length to {context} or "
+                "less (longer examples are then refused or cut there), or raise MetaICL's max_length up to the "
+                "model's context."
+            )
+        return padded_length(longest, context)
+
     def conditioned(
-        self, learner: Learner, support: Split, query: Split, options: bool = True
+        self, learner: Learner, support: Split, query: Split, options: bool = True, length: int | None = None
     ) -> tuple[dict[str, Tensor], Tensor]:
         """The query split with the support as demonstrations, and the demonstrations dropped per query.
 
-        With ``options``, option fields (:data:`~lightning_meta.language_models.CHOICE_FIELDS`) get
-        the same demonstrations, so that options are scored in context.
+        Sequences are ``length`` tokens long (default :meth:`sequence_length`, one host sync). A
+        query split built already (it holds :data:`DROPPED`) is returned as it is. With
+        ``options``, option fields (:data:`~lightning_meta.tasks.CHOICE_FIELDS`) get the same
+        demonstrations, so that options are scored in context; every option of an example gets
+        the same ones (those that fit beside its longest option), so they share one prompt.
         """
+        if DROPPED in query:
+            return dict(query), query[DROPPED]
         context = self.context_length(learner)
-        example_length = query["input_ids"].shape[-1]
-        if example_length > context:
-            raise ValueError(
-                f"Query examples are {example_length} tokens long (the datamodule's max_length) but MetaICL's context "
-                f"is {context} tokens: the query alone would not fit. Lower the datamodule's max_length to {context} "
-                "or less."
-            )
-        conditioned, dropped = with_demonstrations(support, query["input_ids"], query["attention_mask"],
-                                                   query["labels"], context)  # fmt: skip
+        if length is None:
+            length = self.sequence_length(learner, support, query)
+        fields = (query[name] for name in ("input_ids", "attention_mask", "labels"))
+        conditioned, dropped = with_demonstrations(support, *fields, context, length)
         built = dict(zip(("input_ids", "attention_mask", "labels"), conditioned, strict=True))
+        built[DROPPED] = dropped
         if options and CHOICE_FIELDS[0] in query:
             ids, mask, labels = (query[name] for name in CHOICE_FIELDS)
-            examples, options, _ = ids.shape
+            examples, count, _ = ids.shape
+            longest = mask.sum(-1).amax(-1, keepdim=True).expand(examples, count).flatten()
+            choice_length = self.sequence_length(learner, support, query, options=True)
             choices, _ = with_demonstrations(support, ids.flatten(0, 1), mask.flatten(0, 1), labels.flatten(0, 1),
-                                             context)  # fmt: skip
+                                             context, choice_length, longest)  # fmt: skip
             built |= {
-                name: tensor.view(examples, options, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
+                name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
             }
             built[ANSWER] = query[ANSWER]
         return built, dropped
@@ -100,7 +153,10 @@ class MetaICL(MetaAlgorithm):
         query, dropped = self.conditioned(learner, episode.support, episode.query, options=False)
         loss, metrics = learner.loss(query)
         figures = {f"query_{name}": value for name, value in metrics.items()}
-        return loss, figures | {"dropped_demonstrations": dropped.float().mean()}
+        return loss, figures | {
+            "dropped_demonstrations": dropped.float().mean(),
+            "padding_fraction": padding_fraction(query["attention_mask"]),
+        }
 
     def adapt(self, learner: Learner, support: Split, steps: int | None = None) -> FastWeights:
         """MetaICL adapts by conditioning, not by changing weights: the learner's fast weights, unchanged."""
@@ -123,30 +179,52 @@ class MetaICL(MetaAlgorithm):
             return learner.predict(query)
 
 
+def demonstrations_kept(support_mask: Tensor, query_lengths: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    """Which demonstrations each query keeps ``(..., queries, shots)``, and its sequence's real length.
+
+    ``support_mask`` is ``(..., shots, tokens)``, ``query_lengths`` ``(..., queries)``, with the
+    same leading (episode) dimensions. Demonstration j is kept when it and every later one fit
+    beside the query in ``context`` tokens.
+    """
+    demonstration_lengths = support_mask.sum(-1)
+    from_the_end = demonstration_lengths.flip(-1).cumsum(-1).flip(-1)
+    kept = from_the_end[..., None, :] + query_lengths[..., :, None] <= context
+    return kept, (kept * demonstration_lengths[..., None, :]).sum(-1) + query_lengths
+
+
 def with_demonstrations(
-    support: Split, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, context: int
+    support: Split,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    context: int,
+    length: int,
+    fit_lengths: Tensor | None = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
     """Each query sequence preceded by the support's sequences: ``(ids, mask, labels)`` and dropped counts.
 
     ``support`` holds ``input_ids`` and ``attention_mask`` ``(shots, tokens)``; the query tensors
     are ``(queries, tokens)``, right-padded. Each output row is the support's real tokens in
-    order, then the query's, then padding, ``min(context, (shots + 1) * tokens)`` long; labels
-    only on the query's labelled tokens. Demonstrations that would overflow ``context`` are
-    dropped from the front. Runs on the device without host syncs (sizes come from shapes).
+    order, then the query's, then padding, ``length`` tokens long (at least the longest real
+    row); labels only on the query's labelled tokens. Demonstrations that would overflow
+    ``context`` beside a query of ``fit_lengths`` tokens (default: the query's own length) are
+    dropped from the front. Runs on the device without host syncs.
     """
     demo_ids, demo_mask = support["input_ids"], support["attention_mask"].bool()
     shots, demo_tokens = demo_ids.shape
     queries = input_ids.shape[0]
     query_mask = attention_mask.bool()
-    # Demonstration j is kept for query i when it and every later one fit beside the query.
-    from_the_end = demo_mask.sum(1).flip(0).cumsum(0).flip(0)
-    kept = from_the_end[None, :] + query_mask.sum(1)[:, None] <= context
+    kept, _ = demonstrations_kept(demo_mask, query_mask.sum(1) if fit_lengths is None else fit_lengths, context)
     token_kept = torch.cat([(demo_mask[None] & kept[:, :, None]).flatten(1), query_mask], 1)
     ids = torch.cat([demo_ids.flatten()[None].expand(queries, -1), input_ids], 1)
     ignored = torch.full((queries, shots * demo_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
     all_labels = torch.cat([ignored, labels], 1).masked_fill(~token_kept, IGNORE_INDEX)
+    if length > ids.shape[1]:  # rounding up may ask for more positions than the inputs have
+        extra = length - ids.shape[1]
+        token_kept, ids = F.pad(token_kept, (0, extra)), F.pad(ids, (0, extra))
+        all_labels = F.pad(all_labels, (0, extra), value=IGNORE_INDEX)
     # A stable sort on "dropped" moves the kept tokens to the front, in order.
-    order = torch.argsort((~token_kept).to(torch.uint8), dim=1, stable=True)[:, : min(context, ids.shape[1])]
+    order = torch.argsort((~token_kept).to(torch.uint8), dim=1, stable=True)[:, :length]
     mask = token_kept.gather(1, order)
     built_ids = ids.gather(1, order).masked_fill(~mask, 0)
     return (built_ids, mask.to(attention_mask.dtype), all_labels.gather(1, order)), (~kept).sum(1)

@@ -227,9 +227,11 @@ class MetaLearningModule(LightningModule):
                 f"The meta-loss is {out.loss.item()} at step {self.global_step}: {self._diagnose_divergence(batch)} "
                 "Checkpoints already saved are untouched."
             )
-        self.log_dict(
-            {f"train/{name}": value for name, value in out.metrics.items()}, batch_size=len(batch), prog_bar=True
-        )
+        metrics = dict(out.metrics)
+        padding = batch.padding_fraction()  # of the splits the model ran; MetaICL reports its own sequences'
+        if padding is not None:
+            metrics.setdefault("padding_fraction", padding)
+        self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=len(batch), prog_bar=True)
         if out.unreached and isinstance(self.trainer.strategy, DDPStrategy):
             # DDP expects a gradient for every parameter: tie the unreached ones in with weight zero; their
             # zero gradients are dropped again before the optimizer step.

@@ -54,9 +54,13 @@ def hand_built(support, query, width):
     }
 
 
+#: The longest real concatenation of SUPPORT and QUERY (13 + 6 tokens), rounded up to a multiple of 8.
+BUILT = 24
+
+
 def test_sequence_layout_equals_the_hand_built_one():
     built, dropped = MetaICL().conditioned(learner(), split(SUPPORT), split(QUERY))
-    expected = hand_built(SUPPORT, QUERY, width=4 * WIDTH)
+    expected = hand_built(SUPPORT, QUERY, width=BUILT)
     for name in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(built[name], expected[name]), name
     assert dropped.tolist() == [0, 0]
@@ -72,8 +76,8 @@ def test_demonstrations_that_overflow_the_context_are_dropped_from_the_front_nev
     assert dropped.tolist() == [2, 1]
     assert torch.equal(built["input_ids"][0], hand_built(SUPPORT[2:], QUERY[:1], width=12)["input_ids"][0])
     assert torch.equal(built["labels"][1], hand_built(SUPPORT[1:], QUERY[1:], width=12)["labels"][0])
-    with pytest.raises(ValueError, match=r"Query examples are 10 tokens long .* context is 8 tokens.*max_length to 8"):
-        MetaICL(max_length=8).conditioned(learner(), split(SUPPORT), split(QUERY))
+    with pytest.raises(ValueError, match=r"A query example is 6 tokens long .* context is 5 tokens.*max_length to 5"):
+        MetaICL(max_length=5).conditioned(learner(), split(SUPPORT), split(QUERY))
     # The model's own context is the default limit.
     assert MetaICL().context_length(learner(n_positions=12)) == 12
     assert MetaICL(max_length=20).context_length(learner(n_positions=12)) == 12
@@ -92,6 +96,9 @@ def test_gradient_is_the_hand_built_sequence_loss_gradient():
     for got, want in zip(gradient, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert out.metrics["dropped_demonstrations"] == 0
+    # Built to the batch's longest concatenation (13 + 6 tokens, rounded up to 24), not 4 examples' width.
+    real = sum(len(tokens) for s, q in [(SUPPORT, QUERY), (other_support, QUERY[::-1])] for tokens, _ in q) + 4 * 13
+    assert out.metrics["padding_fraction"] == pytest.approx(1 - real / (2 * 2 * BUILT))
 
 
 def test_evaluation_is_zero_shot_before_and_in_context_after():
@@ -99,7 +106,8 @@ def test_evaluation_is_zero_shot_before_and_in_context_after():
     episode = Episode(split(SUPPORT), split(QUERY))
     figures = get("metaicl").evaluate(model, episode)
     assert figures["loss_pre"] == model.evaluation_metrics(split(QUERY))["loss"]
-    assert figures["loss_post"] == model.evaluation_metrics(hand_built(SUPPORT, QUERY, 4 * WIDTH))["loss"]
+    at_max_length = model.evaluation_metrics(hand_built(SUPPORT, QUERY, 4 * WIDTH))["loss"]
+    torch.testing.assert_close(figures["loss_post"], at_max_length, rtol=1e-12, atol=0)
     assert set(figures) == {f"{name}_{when}" for name in ("loss", "exact_match") for when in ("pre", "post")}
 
 
@@ -160,7 +168,7 @@ def test_option_accuracy_is_rank_classification_by_summed_log_probability():
     assert model.evaluation_metrics(query)["accuracy"] == model.evaluation_metrics(query)["exact_match"]
     # Options are scored in context under MetaICL: same figures as scoring the hand-built sequences.
     conditioned, _ = MetaICL().conditioned(model, split(SUPPORT), query)
-    assert conditioned[CHOICE_INPUT_IDS].shape == (3, 3, 4 * WIDTH)
+    assert conditioned[CHOICE_INPUT_IDS].shape == (3, 3, BUILT)  # 13 + 6 tokens at most
     demo = [t for tokens, _ in SUPPORT for t in tokens]
     ids = conditioned[CHOICE_INPUT_IDS][1, 2]
     assert ids[: len(demo) + 4].tolist() == demo + prompts[1] + [24]

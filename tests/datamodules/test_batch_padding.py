@@ -108,3 +108,31 @@ def test_text_batches_hold_the_episodes_real_tokens_at_the_batch_s_longest_lengt
                     assert not rest.any(), field
                 if field.endswith("labels"):
                     assert (rest == IGNORE_INDEX).all(), field
+
+
+def test_meta_gradient_with_batch_padding_equals_the_one_with_max_length_padding():
+    from lightning_meta import CausalLMLearner
+    from lightning_meta.algorithms import FOMAML
+
+    torch.manual_seed(0)
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    model = CausalLMLearner(model_config=config, tokenizer=TOKENIZER, dtype="float64")
+    generator = torch.Generator().manual_seed(0)
+
+    def split(lengths: list[list[int]]) -> dict[str, torch.Tensor]:
+        mask = torch.stack([right_padded(row, 40) for row in lengths])
+        ids = torch.randint(3, 500, mask.shape, generator=generator) * mask
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+
+    padded = TaskBatch(split([[5, 9], [3, 12]]), split([[7, 2], [10, 4]]))
+    trimmed = padded.without_padding()
+    assert trimmed.support["input_ids"].shape[-1] == 16 and trimmed.query["input_ids"].shape[-1] == 16
+    parameters = list(model.parameters())
+    gradients = []
+    for batch in (padded, trimmed):
+        out = FOMAML(inner_lr=0.1, inner_steps=2).meta_loss(model, batch, meta_batch="task_by_task")
+        gradients.append((out.loss.detach(), torch.autograd.grad(out.loss, parameters)))
+    torch.testing.assert_close(gradients[0][0], gradients[1][0], rtol=1e-12, atol=0)
+    for want, got in zip(gradients[0][1], gradients[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
