@@ -27,6 +27,7 @@ from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpo
 from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.export import model_from_checkpoint, read_checkpoint, read_provenance
 from lightning_meta.language_models import _DTYPES, _build_model
+from lightning_meta.learners import check_sequence_length
 from lightning_meta.local_files import dequantized_gguf, resolve_local_path
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
@@ -141,12 +142,9 @@ class CausalLMPretraining(LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse data the model cannot read (other token ids, longer blocks than its positions) before any step."""
         block_size = getattr(self.trainer.datamodule, "block_size", None)
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(block_size, int) and isinstance(positions, int) and block_size > positions:
-            raise ValueError(
-                f"block_size={block_size} is longer than the model's {positions} positions: lower "
-                f"--data.init_args.block_size to {positions} or less."
-            )
+        if isinstance(block_size, int):
+            positions = getattr(self.model.config, "max_position_embeddings", None)
+            check_sequence_length(block_size, positions, "block_size", "lower --data.init_args.block_size")
         data_tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if isinstance(data_tokenizer, str) and data_tokenizer != self.tokenizer:
             check_tokenizer(self.tokenizer, fingerprint_of(self.tokenizer), data_tokenizer, "The model")
