@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_meta.learners import ClassificationLearner, DataCheck, classification_loss
-from lightning_meta.local_files import resolve_local_path
+from lightning_meta.local_files import load_pretrained, resolve_local_path
 from lightning_meta.tasks import Split
 
 #: The default encoder: a 2-layer, width-128 BERT (~0.8 M parameters) for the embedded 4,096-token
@@ -52,9 +52,10 @@ def build_encoder(
     if encoder_path is not None:
         options.pop("model_type", None)
         # from_pretrained returns eval mode (dropout off); a learner follows its host's mode like a built one.
-        return AutoModel.from_pretrained(
-            resolve_local_path(encoder_path), attn_implementation=attn_implementation, **options
-        ).train()
+        folder = resolve_local_path(encoder_path)
+        trust_remote_code = bool(options.pop("trust_remote_code", False))
+        return load_pretrained(AutoModel, folder, trust_remote_code, attn_implementation=attn_implementation,
+                               **options).train()  # fmt: skip
     options = {**TINY_BERT, **options}
     model_type = options.pop("model_type")
     try:

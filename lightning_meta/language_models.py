@@ -23,8 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_meta.learners import DataCheck, Learner
-from lightning_meta.local_files import dequantized_gguf, resolve_local_path
-from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Split
+from lightning_meta.local_files import dequantized_gguf, load_pretrained, resolve_local_path
+from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, CORRECT, IGNORE_INDEX, Split
 from lightning_meta.tokenization import load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -68,6 +68,8 @@ class CausalLMLearner(Learner):
         attn_implementation: ``"eager"``, ``"sdpa"``, ...; second-order MAML switches to eager.
         gradient_checkpointing: non-reentrant activation checkpointing in the transformer.
         dtype: parameter dtype.
+        trust_remote_code: let ``pretrained`` run its own model code (``auto_map`` in its config.json);
+            off by default, and never asked on stdin.
     """
 
     task_type = "language_modeling"
@@ -85,6 +87,7 @@ class CausalLMLearner(Learner):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         dtype: Literal["float32", "bfloat16", "float64"] = "float32",
+        trust_remote_code: bool = False,
     ) -> None:
         if (pretrained is None) == (model_config is None):
             raise ValueError(
@@ -92,7 +95,8 @@ class CausalLMLearner(Learner):
             )
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-        model = _build_model(pretrained, model_config, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype])
+        model = _build_model(pretrained, model_config, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype],
+                             trust_remote_code=trust_remote_code)  # fmt: skip
         if lora is not None:
             model = _add_lora(model, lora, meta_learn_base)
         elif meta_learn_base:
@@ -179,7 +183,9 @@ class CausalLMLearner(Learner):
         likely next token, i.e. greedy decoding reproduces the output (and its end token).
         ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the share of
         examples whose most likely option (summed log-probability of its tokens) is the answer
-        (rank classification); for examples without options (``answer`` = -1) their exact match.
+        (rank classification; correct where it is among the :data:`CORRECT` rows); for examples without
+        options (``answer`` = -1) their exact match. An example with several correct outputs (choice
+        rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them.
         """
         with torch.no_grad():
             logits = _float32(self.predict(split, params))
@@ -191,21 +197,27 @@ class CausalLMLearner(Learner):
             predicted = logits[:, :-1].argmax(-1)
             targets = labels[:, 1:]
             exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
-            figures["exact_match"] = exact.float().mean()
             if CHOICE_INPUT_IDS in split:
-                correct = self._choice_correct(split, params)
+                chosen, writes_correct = self._choices(split, params)
+                exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
-                figures["accuracy"] = torch.where(answer >= 0, correct, exact).float().mean()
+                figures["accuracy"] = torch.where(answer >= 0, chosen, exact).float().mean()
+            figures["exact_match"] = exact.float().mean()
             return figures
 
-    def _choice_correct(self, split: Split, params: Mapping[str, Tensor] | None) -> Tensor:
-        """Per example: is the option with the highest summed log-probability the answer?
+    def _choices(self, split: Split, params: Mapping[str, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Per example: is the option with the highest summed log-probability correct, and does greedy
+        decoding write a correct choice row (:data:`CORRECT`; without it, the answer's row)?
 
-        Only examples that list options are scored (one host sync, at evaluation only); at least
+        Only examples with a correct row are scored (one host sync, at evaluation only); at least
         one row always runs, so that every rank of a sharded model runs the same forwards.
         """
         answer = split[ANSWER]
-        listed_rows = torch.nonzero(answer >= 0).flatten()
+        correct_rows = split.get(CORRECT)
+        if correct_rows is None:
+            options = split[CHOICE_INPUT_IDS].shape[1]
+            correct_rows = F.one_hot(answer.clamp_min(0), options).bool() & (answer >= 0)[:, None]
+        listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
         ids, mask, labels = (split[name][rows] for name in CHOICE_FIELDS)
         examples, options = ids.shape[:2]
@@ -214,10 +226,13 @@ class CausalLMLearner(Learner):
         token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
         scores = token_log_probs.masked_fill(targets == IGNORE_INDEX, 0).sum(1).view(examples, options)
         scores = scores.masked_fill(~(labels != IGNORE_INDEX).any(-1), -torch.inf)
-        correct = torch.zeros_like(answer, dtype=torch.bool)
+        greedy = ((logits[:, :-1].argmax(-1) == targets) | (targets == IGNORE_INDEX)).all(1).view(examples, options)
+        chosen, writes_correct = (torch.zeros_like(answer, dtype=torch.bool) for _ in range(2))
         if len(listed_rows):
-            correct[rows] = scores.argmax(1) == answer[rows]
-        return correct
+            correct_here = correct_rows[rows]
+            chosen[rows] = correct_here.gather(1, scores.argmax(1, keepdim=True))[:, 0]
+            writes_correct[rows] = (greedy & correct_here).any(1)
+        return chosen, writes_correct
 
     def vmap_refusal(self) -> str | None:
         implementation = self.transformer.config._attn_implementation
@@ -288,6 +303,7 @@ def _build_model(
     gguf_file: str | None,
     attn_implementation: str | None,
     dtype: torch.dtype,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if pretrained is not None:
@@ -295,7 +311,7 @@ def _build_model(
         if gguf_file is not None:
             folder = dequantized_gguf(folder, gguf_file)
         # from_pretrained returns eval mode (dropout off); a learner follows its host's mode like a built one.
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options).train()
+        return load_pretrained(AutoModelForCausalLM, folder, trust_remote_code, dtype=dtype, **options).train()
     config = dict(model_config or {})
     if "model_type" not in config:
         raise ValueError(f"model_config needs a 'model_type' (e.g. 'gpt2', 'llama'); got keys {sorted(config)}.")

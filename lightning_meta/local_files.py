@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,13 +58,13 @@ def dequantized_gguf(folder: Path, gguf_file: str) -> Path:
     if not (cached / "config.json").exists():
 
         def write(staging: Path) -> None:
-            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+            loaded = load_pretrained(AutoModelForCausalLM, folder, gguf_file=gguf_file, dtype=torch.float32)
             config = loaded.config
             config.quantization_config = None
             fresh = type(loaded)(config)
             fresh.load_state_dict(loaded.state_dict())
             fresh.save_pretrained(staging)
-            AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(staging)
+            load_pretrained(AutoTokenizer, folder, gguf_file=gguf_file).save_pretrained(staging)
 
         write_folder_atomically(cached, write)
     return cached
@@ -81,3 +83,33 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None]) -> None
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_pretrained(loader: Any, folder: Path, trust_remote_code: bool = False, **options: Any) -> Any:
+    """``loader.from_pretrained(folder, ...)`` (an ``Auto*`` class) with the folder's own Python code off
+    unless ``trust_remote_code``, and one-line errors for a folder transformers cannot read.
+
+    Passing ``trust_remote_code=False`` explicitly matters: left unset, transformers asks on stdin
+    whether to run a folder's ``auto_map`` code, and a ``y`` there (or piped in) runs it.
+    """
+    try:
+        return loader.from_pretrained(folder, trust_remote_code=trust_remote_code, **options)
+    except (ValueError, OSError) as error:
+        text = str(error)
+        if "trust_remote_code" in text:
+            problem = (
+                "holds its own model code (auto_map in config.json), which is never run unless asked. If you trust "
+                "that code, set trust_remote_code: true for this model (--model.trust_remote_code=true)"
+            )
+        elif "not a valid JSON file" in text:
+            problem = "has a config.json that is not valid JSON (damaged or cut short). Re-export or re-save the model"
+        elif "does not recognize this architecture" in text:
+            model_type = re.search(r"model type `([^`]*)`", text)
+            problem = (
+                f"has a config.json with model_type {model_type.group(1) if model_type else '?'!r}, which is not a "
+                "model type transformers has. Give a folder written by save_pretrained of a supported model "
+                "(lightning-meta export writes one), or fix model_type in its config.json"
+            )
+        else:
+            raise
+        raise ValueError(f"The model folder {folder} {problem}.") from None

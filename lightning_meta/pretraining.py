@@ -53,6 +53,8 @@ class CausalLMPretraining(LightningModule):
         attn_implementation: ``"eager"``, ``"sdpa"``, ...
         gradient_checkpointing: non-reentrant activation checkpointing in the transformer.
         dtype: parameter dtype.
+        trust_remote_code: let ``init_from`` (a folder) run its own model code (``auto_map`` in its
+            config.json); off by default, and never asked on stdin.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class CausalLMPretraining(LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         dtype: Literal["float32", "bfloat16", "float64"] = "float32",
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         if (init_from is None) == (model_config is None):
@@ -89,7 +92,7 @@ class CausalLMPretraining(LightningModule):
             self.tokenizer = tokenizer or "embedded-bpe-4096"
             self.model = _build_model(None, model_config, self.tokenizer, None, attn_implementation, _DTYPES[dtype])
         else:
-            loaded = self._load(init_from, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype])
+            loaded = self._load(init_from, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype], trust_remote_code)
             self.model, self.tokenizer = loaded
         # What the tokenizer resolved to (the export's own by default), so that Lightning's merge with the
         # datamodule's hparams (which refuses two values for one key) sees the name the data gives too.
@@ -104,7 +107,7 @@ class CausalLMPretraining(LightningModule):
 
     def _load(
         self, init_from: str, tokenizer: str | None, gguf_file: str | None, attn_implementation: str | None,
-        dtype: torch.dtype,
+        dtype: torch.dtype, trust_remote_code: bool,
     ) -> tuple[Any, str]:  # fmt: skip
         if init_from.startswith("pkg:") or Path(init_from).expanduser().is_dir():
             folder = resolve_local_path(init_from)
@@ -118,7 +121,7 @@ class CausalLMPretraining(LightningModule):
             provenance = read_provenance(folder) or {}
             trained_with = provenance.get("tokenizer", str(folder))
             fingerprint = provenance.get("tokenizer_fingerprint")
-            model = _build_model(str(folder), None, "", None, attn_implementation, dtype)
+            model = _build_model(str(folder), None, "", None, attn_implementation, dtype, trust_remote_code)
             # The name the data uses too (a GGUF package's own folder holds its tokenizer), not the cache
             # folder it was dequantized to: Lightning refuses a module and a datamodule naming two tokenizers.
             default_tokenizer = init_from

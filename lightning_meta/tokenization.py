@@ -30,7 +30,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lightning_meta.corpus import embedded_domains
-from lightning_meta.local_files import cache_dir, dequantized_gguf, resolve_local_path, write_folder_atomically
+from lightning_meta.local_files import (
+    cache_dir,
+    dequantized_gguf,
+    load_pretrained,
+    resolve_local_path,
+    write_folder_atomically,
+)
 
 _EMBEDDED = re.compile(r"^embedded-(bpe|wordpiece)-(\d+)$")
 #: Characters of each domain the embedded tokenizers are trained on (keeps training ~1 s).
@@ -55,7 +61,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                 f"The shipped tokenizer {name_or_path!r} is missing from {folder}: reinstall lightning-meta, or "
                 "regenerate it with lightning_meta.tokenization.write_shipped_tokenizers()."
             )
-        return AutoTokenizer.from_pretrained(folder)
+        return load_pretrained(AutoTokenizer, folder)
     match = _EMBEDDED.match(name_or_path)
     if match is None:
         try:
@@ -68,7 +74,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         gguf_files = sorted(path.glob("*.gguf"))
         if not (path / "tokenizer_config.json").exists() and gguf_files:
             path = dequantized_gguf(path, gguf_files[0].name)
-        return AutoTokenizer.from_pretrained(path)
+        return load_pretrained(AutoTokenizer, path)
     kind, vocab_size = match.group(1), int(match.group(2))
     # The stdlib text, hence the vocabulary, depends on the Python version: part of the cache key.
     version = f"{_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}-{TRAINING_CHARS_PER_DOMAIN}"
@@ -76,7 +82,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     folder = cache_dir() / "tokenizers" / f"{name_or_path}-{key}"
     if not (folder / "tokenizer.json").exists():
         _train_embedded(kind, vocab_size, folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return load_pretrained(AutoTokenizer, folder)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

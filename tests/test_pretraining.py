@@ -251,3 +251,41 @@ def test_export_callback_also_exports_each_best_validation(handoff, tmp_path):
     best = json.loads((tmp_path / "best" / PROVENANCE_FILE).read_text())
     assert best["validation"]["val/loss"] == pytest.approx(callback._best)
     assert best["steps_trained"] in (2, 4) and (tmp_path / "last" / "model.safetensors").is_file()
+
+
+def bad_model_folders(root: Path) -> dict[str, tuple[Path, str]]:
+    """Model folders transformers cannot load as they are, and the message each must give."""
+    custom = root / "custom"
+    custom.mkdir()
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (custom / "config.json").write_text(json.dumps({"model_type": "evilnet", "auto_map": auto_map}))
+    (custom / "evil.py").write_text(f"open({str(root / 'code-ran')!r}, 'w').write('ran')\n")
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "gpt2", ')
+    unknown = root / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text('{"model_type": "notamodel"}')
+    return {
+        "custom": (custom, r"holds its own model code \(auto_map in config.json\).*--model.trust_remote_code=true"),
+        "broken": (broken, "has a config.json that is not valid JSON"),
+        "unknown": (unknown, "model_type 'notamodel', which is not a model type transformers has"),
+    }
+
+
+@pytest.mark.parametrize("case", ["custom", "broken", "unknown"])
+def test_model_folders_transformers_cannot_load_get_one_line_errors(tmp_path, monkeypatch, capsys, case):
+    import io
+    import re
+
+    from lightning_meta import cli
+
+    folder, message = bad_model_folders(tmp_path)[case]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 5))  # transformers' prompt must never be asked
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", f"--model.init_from={folder}", "--data=PackedTextDataModule", "--trainer.logger=false"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error) and "Traceback" not in error and "upgrade" not in error, error
+    assert not (tmp_path / "code-ran").exists()
