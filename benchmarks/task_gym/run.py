@@ -13,7 +13,8 @@ task; ``topic_to_title``: language-reference passage -> section title, scored ov
 
 Every method trains the same model (LoRA adapters on the same base, all weights trained by the
 outer loop) for the same **training compute: token positions through forward + backward**
-(``--budget``, padded positions counted; second-order MAML's double backward is not counted extra).
+(``--budget``: real tokens, padding not counted; MetaICL counts each demonstration once per query it
+precedes; second-order MAML's double backward is not counted extra).
 Each model is then adapted to each test episode two ways, for K = 1, 4, 16 support examples:
 **in context** (the K examples as demonstrations, MetaICL's evaluation; as many as fit in the
 context) and **by 5 SGD steps** on the K examples (LoRA weights, step size picked per method from
@@ -73,29 +74,38 @@ FIGURES = ("loss", "exact_match", "accuracy")
 class Method:
     name: str
     make_algorithm: Callable[[], object] | None  # None: no training
-    tokens_per_task: int  # token positions through forward + backward per task per outer step
+    # Forward + backward passes over the support's and the query's real tokens per outer step (MetaICL:
+    # each query runs after the whole support, so the support's tokens run once per query).
+    support_passes: int
+    query_passes: int
 
 
 def methods() -> dict[str, Method]:
     from lightning_meta.algorithms import FOMAML, MAML, MetaICL, MultiTask, Reptile
 
-    width = SHOTS * MAX_LENGTH
     return {
-        "base": Method("Base model, no training", None, 0),
-        "multitask": Method(
-            "MultiTask (joint training)", lambda: MultiTask(inner_lr=0.3), width + QUERIES * MAX_LENGTH
-        ),
-        "metaicl": Method("MetaICL", MetaICL, QUERIES * (SHOTS + 1) * MAX_LENGTH),
-        "fomaml_lora": Method(
-            "FOMAML-LoRA (2 inner steps)", lambda: FOMAML(inner_lr=0.3, inner_steps=2), 2 * width + QUERIES * MAX_LENGTH
-        ),
-        "maml_lora": Method(
-            "MAML-LoRA, 2nd order (1 inner step)",
-            lambda: MAML(inner_lr=0.3, inner_steps=1),
-            width + QUERIES * MAX_LENGTH,
-        ),
-        "reptile_lora": Method("Reptile-LoRA (4 inner steps)", lambda: Reptile(inner_lr=0.3, inner_steps=4), 4 * width),
+        "base": Method("Base model, no training", None, 0, 0),
+        "multitask": Method("MultiTask (joint training)", lambda: MultiTask(inner_lr=0.3), 1, 1),
+        "metaicl": Method("MetaICL", MetaICL, QUERIES, 1),
+        "fomaml_lora": Method("FOMAML-LoRA (2 inner steps)", lambda: FOMAML(inner_lr=0.3, inner_steps=2), 2, 1),
+        "maml_lora": Method("MAML-LoRA, 2nd order (1 inner step)", lambda: MAML(inner_lr=0.3, inner_steps=1), 1, 1),
+        "reptile_lora": Method("Reptile-LoRA (4 inner steps)", lambda: Reptile(inner_lr=0.3, inner_steps=4), 4, 0),
     }
+
+
+def real_token_budget(method: Method, budget: int):
+    """A callback that stops training once the steps so far ran ``budget`` real tokens (counted per step)."""
+    import lightning
+
+    class RealTokenBudget(lightning.Callback):
+        tokens = 0
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            support, query = (int(split["attention_mask"].sum()) for split in (batch.support, batch.query))
+            self.tokens += method.support_passes * support + method.query_passes * query
+            trainer.should_stop = self.tokens >= budget
+
+    return RealTokenBudget()
 
 
 def make_learner(model: str):
@@ -151,17 +161,17 @@ def run_one(
     learner = make_learner(model)
     steps, train_seconds, final_loss = 0, 0.0, math.nan
     if method.make_algorithm is not None:
-        steps = max(1, budget // (META_BATCH_SIZE * method.tokens_per_task))
         optimizer = lambda params: torch.optim.AdamW(params, lr=MODELS[model]["meta_lr"], weight_decay=0.01)  # noqa: E731
         module = MetaLearningModule(learner, method.make_algorithm(), optimizer=optimizer)
         trainer = lightning.Trainer(
-            max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10,
-            accelerator="cpu", devices=1,
+            max_epochs=-1, callbacks=[real_token_budget(method, budget)], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            log_every_n_steps=10, accelerator="cpu", devices=1,
         )  # fmt: skip
         start = time.perf_counter()
         trainer.fit(module, datamodule=make_datamodule(model, SHOTS, seed))
         train_seconds = time.perf_counter() - start
+        steps = trainer.global_step
         final_loss = float(trainer.callback_metrics.get("train/query_loss", math.nan))
     learner.eval()
     start = time.perf_counter()
@@ -339,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--methods", nargs="+", default=list(methods()), choices=list(methods()))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=300_000, help="token positions through forward+backward per run")
+    parser.add_argument("--budget", type=int, default=300_000, help="real tokens through forward+backward per run")
     parser.add_argument("--workers", type=int, default=2, help="processes at once (one thread each)")
     parser.add_argument("--eval-shots", nargs="+", type=int, default=list(EVAL_SHOTS), help="support sizes K to test")
     parser.add_argument("--test-episodes", type=int, default=NUM_TEST_TASKS, help="fixed test episodes per K")
