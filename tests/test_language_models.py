@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from lightning_meta import CausalLMLearner, LoraSettings, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, inner_loop
@@ -209,3 +210,27 @@ def test_module_with_lora_learner_round_trips_through_a_checkpoint(tmp_path):
     assert loaded.learner.fast_weight_names == module.learner.fast_weight_names
     for name, tensor in module.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "fast_weights", ["all", "head", "last_blocks:1", "biases_norms", ["transformer.h.0.mlp.*"], "lora"]
+)
+def test_gradient_checkpointing_with_every_fast_weight_choice(fast_weights, monkeypatch):
+    """Checkpointed blocks recompute with the adapted weights, LoRA's included (peft renames the layers)."""
+    import lightning_meta.language_models as language_models
+
+    checkpointed = []
+    monkeypatch.setattr(language_models, "checkpoint",
+                        lambda *args, **kwargs: checkpointed.append(1) or checkpoint(*args, **kwargs))  # fmt: skip
+    lora = {"lora": LoraSettings(r=2, alpha=4), "meta_learn_base": True} if fast_weights == "lora" else {}
+    batch = lm_batch()
+    gradients = []
+    for checkpointing in (False, True):
+        learner = tiny_learner(gradient_checkpointing=checkpointing, attn_implementation="eager",
+                               fast_weights=fast_weights, **lora)  # fmt: skip
+        MAML(inner_lr=0.5, inner_steps=2).meta_loss(learner, batch).loss.backward()
+        gradients.append({n: p.grad for n, p in learner.named_parameters() if p.grad is not None})
+    assert checkpointed  # the blocks did run checkpointed
+    assert gradients[1].keys() == gradients[0].keys() and gradients[0]
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
