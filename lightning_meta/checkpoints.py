@@ -6,6 +6,8 @@ run code, and Lightning unpickles a URL checkpoint with ``weights_only=False``.
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import signal
 import zipfile
@@ -15,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -85,7 +88,8 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
 
     The checkpoint goes to ``last-preempted.ckpt`` beside the run's other checkpoints; resumed
     from it (``--ckpt_path``), training continues with exactly the batches and weights the
-    uninterrupted run would have had (Lightning stops at a step boundary). After SIGTERM in any stage
+    uninterrupted run would have had (Lightning stops at a step boundary). Every checkpoint of the
+    run is written atomically (:class:`AtomicCheckpointIO`). After SIGTERM in any stage
     (``fit``, ``validate``, ``test``, ``predict``) the process exits with status 143 instead of
     Lightning's 0, so a scheduler does not record the run as finished. Under SLURM
     with Lightning's auto-requeue the job is also requeued (Lightning's own handler).
@@ -98,6 +102,12 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     def __init__(self, dirpath: str | None = None, filename: str = "last-preempted") -> None:
         super().__init__(dirpath or ".", filename)
         self.dirpath_given = dirpath
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Checkpoints of this run are written atomically (:class:`AtomicCheckpointIO`), unless the strategy or
+        the user chose another writer than Lightning's default."""
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -121,3 +131,34 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
 def _checkpoint_folder(trainer: pl.Trainer) -> str:
     folders = [callback.dirpath for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
     return str(folders[0]) if folders and folders[0] else str(trainer.default_root_dir)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but a checkpoint appears under its name only once it is complete.
+
+    Each local checkpoint is written as ``.NAME.partial-PID`` beside its destination and renamed into
+    place, so a full disk or a killed process never leaves a truncated file under a name that looks
+    valid (an earlier checkpoint of that name is kept). A full disk is said in one line.
+    :class:`PreemptionCheckpoint` (which the package's modules add) sets it on the trainer unless the
+    strategy or the user brings another writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's own transaction
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        final = Path(path)
+        partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            os.replace(partial, final)
+        except BaseException as error:
+            partial.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"The disk is full: the checkpoint {final} was not saved (no partial file is left, an earlier "
+                    f"checkpoint of that name is kept). Free space on the disk of {final.parent}, or give a folder on "
+                    "another disk (--trainer.default_root_dir), then resume from the last checkpoint (--ckpt_path)",
+                ) from None
+            raise

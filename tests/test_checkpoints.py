@@ -135,3 +135,29 @@ def test_resuming_from_a_checkpoint_saved_after_fit_continues_the_stream(tmp_pat
     for (name, a), b in zip(resumed.lightning_module.state_dict().items(),
                             whole.lightning_module.state_dict().values(), strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+
+
+def test_disk_full_while_saving_leaves_no_truncated_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from lightning.fabric.plugins.io import torch_io
+
+    from lightning_meta import cli
+
+    def disk_fills_up(checkpoint, path) -> None:
+        with open(path, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", disk_fills_up)
+    config = Path(__file__).resolve().parents[1] / "configs" / "sinusoid.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.val_check_interval=1",
+                  "--trainer.enable_progress_bar=false", "--data.init_args.num_val_tasks=2",
+                  f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "The disk is full: the checkpoint" in error and "Traceback" not in error
+    assert len([line for line in error.splitlines() if line.startswith("lightning-meta: error")]) == 1
+    assert [path.name for path in tmp_path.rglob("*") if path.is_file() and "ckpt" in path.name] == []
