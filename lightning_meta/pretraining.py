@@ -151,6 +151,12 @@ class CausalLMPretraining(LightningModule):
         data_tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if isinstance(data_tokenizer, str) and data_tokenizer != self.tokenizer:
             check_tokenizer(self.tokenizer, fingerprint_of(self.tokenizer), data_tokenizer, "The model")
+            # Same token ids under two names: Lightning's hparams merge would stop the run with a traceback.
+            raise ValueError(
+                f"The model's tokenizer is {self.tokenizer!r} and the data's {data_tokenizer!r}: the same token ids "
+                f"under two names, and a run records one. Give the data the model's: "
+                f"--data.init_args.tokenizer={self.tokenizer}"
+            )
 
     def configure_model(self) -> None:
         """Under FSDP2 (``ModelParallelStrategy``): each transformer block, then the root, is a shard unit."""

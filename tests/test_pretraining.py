@@ -289,3 +289,22 @@ def test_model_folders_transformers_cannot_load_get_one_line_errors(tmp_path, mo
     error = capsys.readouterr().err
     assert re.search(message, error) and "Traceback" not in error and "upgrade" not in error, error
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_one_tokenizer_under_two_names_names_the_fix(tmp_path, capsys):
+    from lightning_meta import cli
+    from lightning_meta.tokenization import load_tokenizer
+
+    # As the README's pretrain_from_meta.yaml with --model.init_from=CKPT: the model's tokenizer by its
+    # name, the data's by an export folder holding the same tokenizer.
+    load_tokenizer("embedded-bpe-4096").save_pretrained(tmp_path / "export")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", f"--model.model_config={json.dumps(TINY)}", "--model.tokenizer=embedded-bpe-4096",
+                  "--data=PackedTextDataModule", f"--data.init_args.tokenizer={tmp_path / 'export'}",
+                  f"--data.init_args.corpus={write_corpus(tmp_path / 'corpus')}", "--data.init_args.block_size=16",
+                  "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}",
+                  "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "the same token ids under two names" in error and "--data.init_args.tokenizer=embedded-bpe-4096" in error
+    assert "Traceback" not in error and "merging hparams" not in error
