@@ -1,0 +1,80 @@
+"""Options scored once per prompt (cached keys and values) equal one full forward per option (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_meta import CausalLMLearner, LoraSettings
+from lightning_meta.tasks import IGNORE_INDEX
+
+TOKENIZER = "embedded-bpe-512"
+MODELS = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "llama": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64},
+}  # fmt: skip
+PROMPTS = [[11, 12, 13, 14, 15], [16], [17, 18, 19]]  # one prompt of a single token: nothing to share
+OPTIONS = [[[21, 2], [22, 23, 24, 2], [25, 26, 2]], [[27, 2], [28, 29, 2], []], [[30, 31, 32, 33, 34, 2], [35, 2], []]]
+WIDTH = 16
+
+
+def choices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(examples, options, tokens): each option after its prompt, right-padded; [] is a padding option."""
+    shape = (len(PROMPTS), 3, WIDTH)
+    ids, mask, labels = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), torch.full(
+        shape, IGNORE_INDEX)  # fmt: skip
+    for row, (prompt, options) in enumerate(zip(PROMPTS, OPTIONS, strict=True)):
+        for column, option in enumerate(options):
+            if option:
+                tokens = prompt + option
+                ids[row, column, : len(tokens)] = torch.tensor(tokens)
+                mask[row, column, : len(tokens)] = 1
+                labels[row, column, len(prompt) : len(tokens)] = torch.tensor(option)
+    return ids, mask, labels
+
+
+def one_forward_per_option(model: CausalLMLearner, params=None) -> torch.Tensor:
+    scores = torch.full((len(PROMPTS), 3), -torch.inf, dtype=torch.float64)
+    for row, (prompt, options) in enumerate(zip(PROMPTS, OPTIONS, strict=True)):
+        for column, option in enumerate(options):
+            if option:
+                ids = torch.tensor([prompt + option])
+                with torch.no_grad():
+                    logits = model.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, params)
+                log_probs = torch.log_softmax(logits[0], -1)
+                scores[row, column] = sum(log_probs[len(prompt) + i - 1, t] for i, t in enumerate(option))
+    return scores
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+@pytest.mark.parametrize("variant", ["plain", "fast_weights", "lora"])
+def test_cached_prompt_scores_equal_one_full_forward_per_option(model_type, variant):
+    torch.manual_seed(0)
+    lora = LoraSettings(r=2) if variant == "lora" else None
+    model = CausalLMLearner(model_config=MODELS[model_type], tokenizer=TOKENIZER, dtype="float64", lora=lora)
+    model.eval()
+    params = None
+    if variant != "plain":  # fast weights different from the module's own, passed functionally
+        params = {name: weight.detach() + 0.05 * torch.randn_like(weight) for name, weight in
+                  model.fast_parameters().items()}  # fmt: skip
+    expected = one_forward_per_option(model, params)
+    with torch.no_grad():
+        scores, greedy = model.option_scores(*choices(), params)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+    assert not greedy[torch.isinf(expected)].any()
+
+
+def test_the_prompt_runs_once():
+    torch.manual_seed(0)
+    model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64")
+    positions: list[int] = []
+    handle = model.transformer.transformer.wte.register_forward_hook(
+        lambda module, inputs, output: positions.append(inputs[0].numel())
+    )
+    with torch.no_grad():
+        model.option_scores(*choices())
+    handle.remove()
+    # One forward of the 3 prompts less their last token (4 positions), one of the 9 continuations (7 positions).
+    assert positions == [3 * 4, 9 * 7]
