@@ -29,6 +29,10 @@ class MAML(MetaAlgorithm):
         first_order: drop the second-order terms.
         eval_inner_lr: step size used to adapt at validation/test time (default: ``inner_lr``).
 
+    Figures: ``query_loss`` (and the learner's other query figures), and while ``report_query``
+    is on (the host's logging steps) ``support_loss_pre`` / ``support_loss_post``, the support
+    loss before and after the inner loop, at the cost of two forwards without a graph.
+
     Example::
 
         from lightning_meta.algorithms import MAML
@@ -61,13 +65,19 @@ class MAML(MetaAlgorithm):
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         # First order: the inner gradients are constants, so θ' = θ − α Σ g has the identity as its
         # derivative in θ (FOMAML: ∇L_query(θ')), while a learned α still gets −Σ g.
+        fast_weights = self.fast_weights(learner)
         adapted = inner_loop(
             learner,
-            self.fast_weights(learner),
+            fast_weights,
             episode.support,
             update=self.inner_update(),
             steps=self.inner_steps,
             create_graph=self.second_order() and torch.is_grad_enabled(),
         )
         loss, metrics = learner.loss(episode.query, adapted)
-        return loss, {f"query_{name}": value for name, value in metrics.items()}
+        figures = {f"query_{name}": value for name, value in metrics.items()}
+        if self.report_query:  # on the steps the host logs: did the inner loop fit the support? Two forwards.
+            with torch.no_grad():
+                figures["support_loss_pre"] = learner.loss(episode.support, fast_weights)[0]
+                figures["support_loss_post"] = learner.loss(episode.support, adapted)[0]
+        return loss, figures

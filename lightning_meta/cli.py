@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import traceback
+import warnings
+from importlib.metadata import version
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from lightning import LightningDataModule
+from lightning import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -20,6 +25,7 @@ import lightning_meta.datamodules  # noqa: F401  (imported so short class names 
 from lightning_meta import algorithms
 from lightning_meta.checkpoints import check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.module import MetaLearningModule
+from lightning_meta.progress import MetaProgressBar
 
 DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -109,7 +115,21 @@ class MetaCLI(LightningCLI):
     """
 
     def before_instantiate_classes(self) -> None:
-        use_cli_threads()
+        self._threads = use_cli_threads()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's, with :class:`MetaProgressBar` unless the bar is off or the user chose one."""
+        config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        chosen = kwargs.get("callbacks", config.get("callbacks")) or []
+        chosen = list(chosen) if isinstance(chosen, list) else [chosen]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
+            kwargs["callbacks"] = [*chosen, MetaProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        announce_run(self.subcommand, self.trainer, self.model, self.datamodule, self._threads)
+
+    before_validate = before_test = before_predict = before_fit
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (LightningArgumentParser)
         parser.add_argument(
@@ -175,10 +195,11 @@ class MetaCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def use_cli_threads() -> None:
+def use_cli_threads() -> str:
     """Set torch (and the processes this run starts) to ``DEFAULT_THREADS`` unless the environment chose.
 
-    Only the command does this: ``import lightning_meta`` leaves torch's threads alone.
+    Only the command does this: ``import lightning_meta`` leaves torch's threads alone. Returns the
+    ``torch threads: N (source)`` line that :func:`announce_run` prints.
     """
     chosen_by = next((name for name in THREAD_VARIABLES if os.environ.get(name)), None)
     if chosen_by is None:
@@ -187,7 +208,96 @@ def use_cli_threads() -> None:
         source = "lightning-meta's default; OMP_NUM_THREADS=N lightning-meta ... uses N"
     else:
         source = f"from {chosen_by}"
-    rank_zero_info(f"torch threads: {torch.get_num_threads()} ({source})")
+    return f"torch threads: {torch.get_num_threads()} ({source})"
+
+
+#: The data options the first lines show (the datamodule reports its held-out splits itself).
+_DATA_OPTIONS = ("tokenizer", "ways", "shots", "queries", "meta_batch_size", "num_val_tasks", "num_test_tasks")
+
+
+def announce_run(subcommand: str, trainer: Trainer, model: Any, datamodule: Any, threads: str) -> None:
+    """The first lines of a run, each once: what runs, on which model, data and hardware."""
+    lines = [f"lightning-meta {version('lightning-meta')}: {subcommand} {_describe_component(model)}"]
+    algorithm = getattr(model, "algorithm", None)
+    if algorithm is not None:
+        lines[0] = f"lightning-meta {version('lightning-meta')}: {subcommand} with {_describe_component(algorithm)}"
+        lines.append(f"learner: {_describe_learner(model.learner)}")
+    if datamodule is not None:
+        lines.append(f"data: {_describe_component(datamodule, _DATA_OPTIONS)}")
+    strategy = trainer.strategy
+    lines.append(
+        f"device: {trainer.accelerator.__class__.__name__.removesuffix('Accelerator').lower()} x {trainer.num_devices}"
+        f" per node x {trainer.num_nodes} node{'s' * (trainer.num_nodes != 1)}, strategy "
+        f"{strategy.__class__.__name__}, precision {trainer.precision}; {threads}"
+    )
+    rank_zero_info("\n".join(lines))
+
+
+def _describe_component(component: Any, keys: tuple[str, ...] | None = None) -> str:
+    """``Name(option=value, ...)`` from the options it was built with (its saved hyper-parameters),
+    those set and plain, or only ``keys``."""
+    options = dict(getattr(component, "hparams", {}) or {})
+    if isinstance(component, torch.nn.Module) and not options:
+        from lightning_meta.config import NotConfigurable, to_config
+
+        try:
+            options = to_config(component).get("init_args", {})
+        except NotConfigurable:
+            options = {}
+    if keys is not None:
+        options = {name: options[name] for name in keys if name in options}
+    shown = ", ".join(
+        f"{name}={value}"
+        for name, value in options.items()
+        if not name.startswith("_") and value is not None and _is_plain(value)
+    )
+    return f"{type(component).__name__}({shown})"
+
+
+def _describe_learner(learner: Any) -> str:
+    model = learner.model
+    total = sum(parameter.numel() for parameter in model.parameters())
+    fast = dict(model.named_parameters())
+    fast_count = sum(fast[name].numel() for name in learner.fast_weight_names if name in fast)
+    spec = getattr(learner, "fast_weights", None) or "all"
+    return (
+        f"{type(learner).__name__} over {type(model).__name__} ({total / 1e6:.2f}M parameters); fast weights "
+        f"{spec!r}: {len(learner.fast_weight_names)} tensors, {fast_count / 1e6:.2f}M parameters"
+    )
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return len(value) <= 8 and all(isinstance(item, int | float | str) for item in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+#: Framework messages a user of this command cannot act on, each matched by logger, source file and
+#: wording (Lightning 2.6): the cloud-logger advertisement, and the accelerator lines that
+#: :func:`announce_run`'s device line replaces. Nothing else from Lightning is hidden.
+_FRAMEWORK_LINES = (
+    ("trainer/connectors/logger_connector/logger_connector.py", re.compile(r"💡 Tip: For seamless cloud logging")),
+    ("trainer/setup.py", re.compile(r"(GPU|TPU|HPU) available: ")),
+)
+
+
+def _drop_framework_lines(record: logging.LogRecord) -> bool:
+    source = Path(record.pathname).as_posix()
+    message = record.getMessage()
+    return not any(source.endswith(f"lightning/pytorch/{path}") and pattern.match(message)
+                   for path, pattern in _FRAMEWORK_LINES)  # fmt: skip
+
+
+def quiet_framework_noise() -> None:
+    """Hide, for this command only, the framework messages listed in ``_FRAMEWORK_LINES`` and the
+    ``LeafSpec`` deprecation that torch raises inside Lightning's own code (not the user's)."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_framework_lines)
 
 
 def _argument_value(args: list[str], name: str) -> str | None:
@@ -245,6 +355,10 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-meta`` and ``python -m lightning_meta``."""
     algorithms.available()  # import plugin algorithms so their class names resolve
     given = list(sys.argv[1:] if args is None else args)
+    if given[:1] == ["--version"]:
+        print(f"lightning-meta {version('lightning-meta')}")
+        return
+    quiet_framework_noise()
     if given and given[0] in ("pretrain", "export"):
         _run_handled(lambda: _handoff(given[0], given[1:]))
         return

@@ -339,8 +339,13 @@ class MetaLearningModule(LightningModule):
         )
 
     def configure_callbacks(self) -> list[Callback]:
-        """A resumable checkpoint on SIGTERM or Ctrl-C during fit, unless checkpointing is off."""
-        if self._trainer is not None and not self.trainer.checkpoint_callbacks:
+        """A resumable checkpoint on SIGTERM or Ctrl-C during fit, unless checkpointing is off or the
+        trainer has one already (the user's, or this module's from ``fit`` when ``test`` follows):
+        returning it again would make Lightning announce that it overrides the trainer's."""
+        if self._trainer is not None and (
+            not self.trainer.checkpoint_callbacks
+            or any(isinstance(callback, PreemptionCheckpoint) for callback in self.trainer.callbacks)
+        ):
             return []
         return [PreemptionCheckpoint()]
 

@@ -1,0 +1,40 @@
+"""The progress bar: steps out of ``max_steps``, and the MAML family's support figures on logging steps."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from lightning_meta import MLP, RegressionLearner
+from lightning_meta.algorithms import FOMAML, MAML
+from lightning_meta.datamodules import SinusoidDataModule
+from lightning_meta.progress import MetaProgressBar
+
+
+@pytest.mark.parametrize("steps, expected", [(300, "Meta-training"), (-1, "Epoch 0")])
+def test_progress_bar_counts_steps_out_of_max_steps(steps, expected):
+    bar = MetaProgressBar()
+    trainer = mock.Mock(max_steps=steps, global_step=120, current_epoch=0)
+    bar._trainer = trainer
+    with mock.patch.object(MetaProgressBar, "total_train_batches", 100):
+        bar.on_train_start(trainer)
+        bar.on_train_epoch_start(trainer)
+    assert bar.train_progress_bar.desc.startswith(expected)
+    assert bar.train_progress_bar.total == (300 if steps > 0 else 100)
+
+
+@pytest.mark.parametrize("algorithm", [MAML(inner_lr=0.05, inner_steps=2), FOMAML(inner_lr=0.05, inner_steps=2)])
+def test_support_loss_before_and_after_the_inner_loop_on_logging_steps(algorithm):
+    torch.manual_seed(0)
+    learner = RegressionLearner(MLP(1, [8], 1))
+    batch = SinusoidDataModule(meta_batch_size=3).eval_batches("val")[0]
+    figures = algorithm.meta_loss(learner, batch, meta_batch="task_by_task").metrics
+    before = [learner.loss(episode.support)[0] for episode in batch.episodes()]
+    after = [learner.loss(episode.support, algorithm.adapt(learner, episode.support, steps=2))[0]
+             for episode in batch.episodes()]  # fmt: skip
+    assert figures["support_loss_pre"] == pytest.approx(torch.stack(before).mean().item(), rel=1e-5)
+    assert figures["support_loss_post"] == pytest.approx(torch.stack(after).mean().item(), rel=1e-5)
+    algorithm.report_query = False  # the steps the host does not log: no extra forwards
+    assert set(algorithm.meta_loss(learner, batch, meta_batch="task_by_task").metrics) == {"query_loss"}
