@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import logging
 import sys
 import tempfile
@@ -49,10 +48,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("lm_adaptation_run", HERE.parent / "lm_adaptation" / "run.py")
-lm = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = lm  # its dataclasses look their module up
-_spec.loader.exec_module(lm)
+sys.path.insert(0, str(HERE.parent))  # benchmarks/: common.py, tiny_lm.py
+import common  # noqa: E402
+import tiny_lm as lm  # noqa: E402  (lm_adaptation's set-up: model, data, methods, evaluation)
 
 PRETRAIN_BATCH = 16  # blocks of lm.BLOCK_SIZE tokens per pretraining step: 16 block passes
 PRETRAIN_TOKENS_PER_DOMAIN = 100_000
@@ -76,11 +74,7 @@ def pretrain_data(seed: int) -> PackedTextDataModule:
 
 
 def trainer(max_steps: int, root: Path) -> lightning.Trainer:
-    return lightning.Trainer(
-        max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-        default_root_dir=root,
-    )  # fmt: skip
+    return common.benchmark_trainer(max_steps, default_root_dir=root)
 
 
 def pretrain(init: dict, steps: int, seed: int, folder: Path, resume: Path | None = None) -> tuple[Path, float]:
@@ -118,7 +112,7 @@ def meta_train(method: str, steps: int, seed: int, folder: Path, pretrained: Pat
 def evaluate(folder: Path, batches: list, step_size: float) -> dict[int, Tensor]:
     """Per-episode held-out query loss after 0, 1, 5, 10 steps, of the model exported to ``folder``."""
     learner = CausalLMLearner(pretrained=str(folder), tokenizer=lm.TOKENIZER).eval()
-    return lm.adaptation_curves(learner, batches, step_size)
+    return lm.adaptation_curve(learner, batches, step_size)
 
 
 def run_seed(
@@ -191,13 +185,11 @@ def report(out: Path) -> None:
     print("Wall time per seed (s): " + ", ".join(f"{s}: {runs[s]['seconds']['total']:.0f}" for s in seeds) + "\n")
 
     def cell(stage: str, key: str, k: int) -> str:
-        per_seed = [runs[s]["losses"][stage][key][k] for s in seeds]
-        pooled = torch.stack(per_seed).mean(0)  # the seeds' mean loss on each episode
-        mean, ci = mean_and_ci95(pooled)
-        means = [v.mean().item() for v in per_seed]
-        return f"{mean:.3f} ± {ci:.3f} [{min(means):.3f}, {max(means):.3f}]"
+        return common.seed_spread(torch.stack([runs[s]["losses"][stage][key][k] for s in seeds]))
 
-    header = "| model | stage | " + " | ".join(lm.steps_label(k) if k else "before adaptation" for k in STEPS) + " |"
+    header = (
+        "| model | stage | " + " | ".join(common.steps_label(k) if k else "before adaptation" for k in STEPS) + " |"
+    )
     lines = [header, "|" + "---|" * (len(STEPS) + 2)]
     for stage, keys in (("before", "abc"), ("after", "abcde")):
         for key in keys:
@@ -210,9 +202,7 @@ def report(out: Path) -> None:
 
     def paired(stage: str, first: str, second: str, k: int) -> str:
         per_seed = [runs[s]["losses"][stage][first][k] - runs[s]["losses"][stage][second][k] for s in seeds]
-        mean, ci = mean_and_ci95(torch.stack(per_seed).mean(0))
-        means = [v.mean().item() for v in per_seed]
-        return f"{mean:+.3f} ± {ci:.3f} [{min(means):+.3f}, {max(means):+.3f}]"
+        return common.seed_spread(torch.stack(per_seed), signed=True)
 
     pairs = [("before", "a", "b"), ("after", "a", "b"), ("before", "a", "c"), ("after", "a", "c"),
              ("before", "b", "c"), ("after", "b", "c"), ("after", "d", "e")]  # fmt: skip
@@ -229,14 +219,11 @@ def report(out: Path) -> None:
         return torch.stack([runs[s]["losses"][stage][key][0] - runs[s]["losses"][stage][key][k] for s in seeds])
 
     def gain_cell(stage: str, first: str, second: str | None, k: int) -> str:
-        values = gain(stage, first, k) - (gain(stage, second, k) if second else 0)
-        mean, ci = mean_and_ci95(values.mean(0))
-        means = values.mean(1).tolist()
-        return f"{mean:+.3f} ± {ci:.3f} [{min(means):+.3f}, {max(means):+.3f}]"
+        return common.seed_spread(gain(stage, first, k) - (gain(stage, second, k) if second else 0), signed=True)
 
     rows = [(stage, key, None) for stage, keys in (("before", "abc"), ("after", "abcde")) for key in keys]
     rows += [("before", "a", "b"), ("after", "a", "b"), ("after", "a", "c"), ("after", "d", "e")]
-    lines = ["| model | stage | " + " | ".join(f"gain {lm.steps_label(k)}" for k in lm.EVAL_STEPS) + " |",
+    lines = ["| model | stage | " + " | ".join(f"gain {common.steps_label(k)}" for k in lm.EVAL_STEPS) + " |",
              "|" + "---|" * (len(lm.EVAL_STEPS) + 2)]  # fmt: skip
     for stage, first, second in rows:
         name = METHODS[first] + (f" − {METHODS[second]}" if second else "")

@@ -24,12 +24,11 @@ Prints markdown tables and writes ``adaptation.png`` (loss vs adaptation steps) 
 from __future__ import annotations
 
 import argparse
-import functools
-import logging
 import math
+import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,136 +37,34 @@ import matplotlib
 import torch
 from torch import Tensor
 
-from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
-from lightning_meta.algorithms import FOMAML, MAML, MAMLPlusPlus, MetaAlgorithm, MetaSGD, MultiTask, Reptile
-from lightning_meta.datamodules.language_modeling import LanguageModelingTasksDataModule
-from lightning_meta.learners import Learner
+from lightning_meta import CausalLMLearner, Learner, MetaLearningModule, TaskBatch
+from lightning_meta.algorithms import MetaAlgorithm, MultiTask
+from lightning_meta.datamodules import LanguageModelingTasksDataModule
 from lightning_meta.metrics import mean_and_ci95
-from lightning_meta.tasks import TaskBatch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-MODEL_CONFIG = {
-    "model_type": "gpt2",
-    "n_layer": 2,
-    "n_embd": 128,
-    "n_head": 4,
-    "n_positions": 128,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
-TOKENIZER = "embedded-bpe-4096"
-BLOCK_SIZE = 64
-SHOTS = 4
-QUERIES = 4
-META_BATCH_SIZE = 4
-NUM_VAL_TASKS = 16
-NUM_TEST_TASKS = 64
-EVAL_DATA_SEED = 0  # the validation and test episodes stay the same whatever --seed is
-EVAL_STEPS = (1, 5, 10)
-# Evaluation SGD step sizes tried on the validation domains, per method family.
-ALL_WEIGHTS_GRID = (0.03, 0.1, 0.3)
-LORA_GRID = (0.1, 0.3, 1.0)
-META_LR = 5e-3
-DEFAULT_BUDGET = 14_400  # block forward/backward passes per method (FOMAML: 300 outer steps, as the quick start)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, tiny_lm.py
+import common  # noqa: E402
+from common import format_ci, markdown_table, steps_label  # noqa: E402
+from tiny_lm import (  # noqa: E402
+    BLOCK_SIZE,
+    EVAL_DATA_SEED,
+    EVAL_STEPS,
+    META_BATCH_SIZE,
+    METHODS,
+    NUM_VAL_TASKS,
+    QUERIES,
+    SHOTS,
+    Method,
+    adaptation_curve,
+    make_datamodule,
+    step_size_label,
+)
 
-
-@dataclass
-class Method:
-    """One row of the table: how to build its learner, algorithm and meta-optimizer."""
-
-    name: str
-    make_learner: Callable[[], CausalLMLearner]
-    make_algorithm: Callable[[], MetaAlgorithm]
-    optimizer: Callable[..., torch.optim.Optimizer]
-    passes_per_task: int  # block forward/backward passes per task per outer step
-    grid: tuple[float, ...]
-
-
-def all_weights_learner() -> CausalLMLearner:
-    """The tiny GPT-2 with every weight fast."""
-    return CausalLMLearner(model_config=dict(MODEL_CONFIG), tokenizer=TOKENIZER)
-
-
-def lora_learner() -> CausalLMLearner:
-    """The tiny GPT-2 with LoRA adapters (r 8, alpha 16) as fast weights; base weights meta-learned too."""
-    return CausalLMLearner(
-        model_config=dict(MODEL_CONFIG),
-        tokenizer=TOKENIZER,
-        lora=LoraSettings(r=8, alpha=16),
-        fast_weights="lora",
-        meta_learn_base=True,
-    )
-
-
-def adamw(lr: float = META_LR) -> Callable[..., torch.optim.Optimizer]:
-    """AdamW(lr, weight decay 0.01): the quick start's meta-optimizer (there with lr 2e-3)."""
-    return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01)
-
-
-FOMAML_INNER = (0.1, 2)  # (inner_lr, inner_steps)
-REPTILE_INNER = (0.1, 4)
-MAML_LORA_INNER = (0.3, 1)
-#: The "step size" of methods that adapt with their own learned rates (Meta-SGD, MAML++).
-LEARNED = 0.0
-
-
-def _step(step_size: float) -> str:
-    return "learned" if step_size == LEARNED else f"{step_size:g}"
-
-
-METHODS = {
-    "fomaml": Method(
-        f"FOMAML (all weights, {FOMAML_INNER[1]} inner steps)",
-        all_weights_learner,
-        lambda: FOMAML(inner_lr=FOMAML_INNER[0], inner_steps=FOMAML_INNER[1]),
-        adamw(),
-        SHOTS * FOMAML_INNER[1] + QUERIES,
-        ALL_WEIGHTS_GRID,
-    ),
-    "reptile": Method(
-        f"Reptile (all weights, {REPTILE_INNER[1]} inner steps)",
-        all_weights_learner,
-        lambda: Reptile(inner_lr=REPTILE_INNER[0], inner_steps=REPTILE_INNER[1]),
-        adamw(),
-        SHOTS * REPTILE_INNER[1],
-        ALL_WEIGHTS_GRID,
-    ),
-    "maml_lora": Method(
-        f"MAML 2nd order (LoRA fast, {MAML_LORA_INNER[1]} inner step{'s' * (MAML_LORA_INNER[1] > 1)})",
-        lora_learner,
-        lambda: MAML(inner_lr=MAML_LORA_INNER[0], inner_steps=MAML_LORA_INNER[1]),
-        adamw(),
-        SHOTS * MAML_LORA_INNER[1] + QUERIES,
-        LORA_GRID,
-    ),
-    "metasgd_lora": Method(
-        f"Meta-SGD (LoRA fast, {MAML_LORA_INNER[1]} inner step, learned rates)",
-        lora_learner,
-        lambda: MetaSGD(inner_lr=MAML_LORA_INNER[0], inner_steps=MAML_LORA_INNER[1]),
-        adamw(),
-        SHOTS * MAML_LORA_INNER[1] + QUERIES,
-        (LEARNED,),
-    ),
-    "mamlpp_lora": Method(
-        "MAML++ (LoRA fast, 2 inner steps: LSLR, MSL, DA)",
-        lora_learner,
-        lambda: MAMLPlusPlus(inner_lr=MAML_LORA_INNER[0], inner_steps=2, msl_anneal_steps=100, first_order_steps=50),
-        adamw(),
-        (SHOTS + QUERIES) * 2,  # every inner step's support pass and, for the multi-step loss, its query pass
-        (LEARNED,),
-    ),
-    "baseline": Method(
-        "Baseline: multi-domain LM training",
-        all_weights_learner,
-        lambda: MultiTask(inner_lr=0.1),
-        adamw(),
-        SHOTS + QUERIES,
-        ALL_WEIGHTS_GRID,
-    ),
-}
+#: Block forward/backward passes per method (FOMAML: 300 outer steps, as the quick start).
+DEFAULT_BUDGET = 14_400
 
 
 @dataclass
@@ -185,24 +82,6 @@ class Result:
     val_curves: dict[float, dict[int, Tensor]] = field(default_factory=dict)
 
 
-def make_datamodule(seed: int, batches_per_epoch: int = 100) -> LanguageModelingTasksDataModule:
-    """The quick start's LM tasks: 4 support + 4 query blocks of 64 tokens, meta-batch 4."""
-    datamodule = LanguageModelingTasksDataModule(
-        tokenizer=TOKENIZER,
-        block_size=BLOCK_SIZE,
-        shots=SHOTS,
-        queries=QUERIES,
-        meta_batch_size=META_BATCH_SIZE,
-        batches_per_epoch=batches_per_epoch,
-        num_val_tasks=NUM_VAL_TASKS,
-        num_test_tasks=NUM_TEST_TASKS,
-        seed=seed,
-    )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule
-
-
 def train(
     method: Method, steps: int, seed: int, datamodule: LanguageModelingTasksDataModule
 ) -> tuple[CausalLMLearner, MetaAlgorithm, float, float]:
@@ -210,18 +89,7 @@ def train(
     lightning.seed_everything(seed, verbose=False)  # the same initial base weights for every method
     learner = method.make_learner()
     module = MetaLearningModule(learner, method.make_algorithm(), optimizer=method.optimizer)
-    trainer = lightning.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = common.benchmark_trainer(steps, log_every_n_steps=1)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
@@ -230,99 +98,57 @@ def train(
     return learner.eval(), module.algorithm, seconds, float(trainer.callback_metrics["train/query_loss"])
 
 
-def adaptation_curves(
-    learner: Learner,
-    batches: Sequence[TaskBatch],
-    step_size: float,
-    steps: Sequence[int] = EVAL_STEPS,
-    algorithm: MetaAlgorithm | None = None,
-) -> dict[int, Tensor]:
-    """Per-episode query loss before adaptation (key 0) and after each of ``steps`` SGD steps.
-
-    One trajectory per episode: the library's public adaptation trajectory (``adapt_steps``, what
-    every algorithm's ``adapt`` and evaluation run) with SGD steps of ``step_size``, so the losses
-    after 1, 5 and 10 steps cost 10 steps, not 16. A diverged episode scores ``inf`` from then on.
-    """
-    # LEARNED: the trained algorithm's own rule (Meta-SGD's and MAML++'s learned rates).
-    sgd = algorithm if step_size == LEARNED else MAML(inner_lr=step_size)
-    losses: dict[int, list[Tensor]] = {0: [], **{k: [] for k in steps}}
-    for batch in batches:
-        for episode in batch.episodes():
-            with torch.no_grad():
-                losses[0].append(learner.loss(episode.query)[0])
-            for step, weights in enumerate(sgd.adapt_steps(learner, episode.support, steps=max(steps)), start=1):
-                if step in steps:
-                    with torch.no_grad():
-                        loss = learner.loss(episode.query, weights)[0]
-                    losses[step].append(loss if torch.isfinite(loss) else torch.tensor(math.inf))
-    return {k: torch.stack(values).double() for k, values in losses.items()}
-
-
 def pick_step_size(
     learner: Learner, val_batches: Sequence[TaskBatch], grid: Sequence[float], algorithm: MetaAlgorithm
 ) -> tuple[float, dict[float, float], dict[float, dict[int, Tensor]]]:
-    """The grid step size with the lowest validation query loss, averaged over ``EVAL_STEPS``."""
-    curves = {lr: adaptation_curves(learner, val_batches, lr, algorithm=algorithm) for lr in grid}
-    scores = {lr: float(torch.stack([curve[k].mean() for k in EVAL_STEPS]).mean()) for lr, curve in curves.items()}
+    """The grid step size with the lowest validation query loss, averaged over ``EVAL_STEPS``.
+
+    A step size whose adaptation diverges on a validation episode scores ``inf`` (and has no curve).
+    """
+    curves, scores = {}, {}
+    for lr in grid:
+        try:
+            curves[lr] = adaptation_curve(learner, val_batches, lr, algorithm=algorithm)
+        except FloatingPointError:
+            scores[lr] = math.inf
+            continue
+        scores[lr] = float(torch.stack([curves[lr][k].mean() for k in EVAL_STEPS]).mean())
     return min(scores, key=lambda lr: scores[lr]), scores, curves
 
 
-def format_ci(values: Tensor) -> str:
-    """``mean ± half-width`` of the 95% CI (``diverged`` if any episode diverged)."""
-    if not torch.isfinite(values).all():
-        return f"diverged ({int((~torch.isfinite(values)).sum())} episodes)"
-    mean, ci95 = mean_and_ci95(values)
-    return f"{mean.item():.3f} ± {ci95.item():.3f}"
-
-
-def steps_label(k: int) -> str:
-    """``after k step(s)``."""
-    return f"after {k} step{'s' * (k > 1)}"
-
-
-def markdown_table(results: list[Result]) -> str:
+def results_table(results: list[Result]) -> str:
     """Test query loss (nats/token), mean ± 95% CI over the test episodes."""
     header = ["method", "outer steps", "eval step size", "before adaptation", *map(steps_label, EVAL_STEPS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        cells = [
-            result.method.name,
-            str(result.steps),
-            _step(result.step_size),
-            *(format_ci(result.test_loss[k]) for k in (0, *EVAL_STEPS)),
+    rows = (
+        [
+            r.method.name,
+            str(r.steps),
+            step_size_label(r.step_size),
+            *(format_ci(r.test_loss[k]) for k in (0, *EVAL_STEPS)),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for r in results
+    )
+    return "\n".join(markdown_table(header, rows))
 
 
 def validation_table(results: list[Result]) -> str:
     """Validation query loss after 1/5/10 steps for every grid step size (what picked the step size)."""
-    lines = [
-        "| method | step size | " + " | ".join(map(steps_label, EVAL_STEPS)) + " | mean |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["method", "step size", *map(steps_label, EVAL_STEPS), "mean"]
+    rows = []
     for result in results:
-        for lr, curve in result.val_curves.items():
+        for lr, score in result.val_scores.items():
             chosen = " (chosen)" if lr == result.step_size else ""
-            cells = [f"{curve[k].mean().item():.3f}" for k in EVAL_STEPS]
-            lines.append(
-                f"| {result.method.name} | {_step(lr)}{chosen} | "
-                + " | ".join(cells)
-                + f" | {result.val_scores[lr]:.3f} |"
-            )
-    return "\n".join(lines)
+            curve = result.val_curves.get(lr)
+            cells = [f"{curve[k].mean().item():.3f}" if curve else "diverged" for k in EVAL_STEPS]
+            rows.append([result.method.name, f"{step_size_label(lr)}{chosen}", *cells, f"{score:.3f}"])
+    return "\n".join(markdown_table(header, rows))
 
 
 def paired_table(results: list[Result], reference: Result) -> str:
     """Per-episode differences to ``reference`` on the same test episodes (negative: lower loss)."""
     header = ["method", "Δ before adaptation", *(f"Δ {steps_label(k)}" for k in EVAL_STEPS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        if result is reference:
-            continue
-        cells = [format_ci(result.test_loss[k] - reference.test_loss[k]) for k in (0, *EVAL_STEPS)]
-        lines.append(f"| {result.method.name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    curves = {result.method.name: result.test_loss for result in results}
+    return "\n".join(markdown_table(header, common.paired_rows(curves, reference.method.name, (0, *EVAL_STEPS))))
 
 
 def domain_table(results: list[Result], domains: Sequence[str]) -> str:
@@ -367,7 +193,7 @@ def plot(results: list[Result], path: Path, title: str, reference: Result | None
                 marker="o",
                 capsize=4,
                 linewidth=2,
-                label=f"{result.method.name}, step size {_step(result.step_size)}",
+                label=f"{result.method.name}, step size {step_size_label(result.step_size)}",
             )
         ax.set_xticks(ks)
         ax.set_xlabel("SGD adaptation steps on the 4 support blocks")
@@ -401,8 +227,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning 2.6 vs torch 2.13 deprecation notice
     warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")  # peft 0.21 vs transformers 5 notice
@@ -421,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         learner, algorithm, seconds, final_loss = train(method, steps[method.name], args.seed, train_data)
         eval_start = time.perf_counter()
         step_size, scores, curves = pick_step_size(learner, val_batches, method.grid, algorithm)
-        test_loss = adaptation_curves(learner, test_batches, step_size, algorithm=algorithm)
+        test_loss = adaptation_curve(learner, test_batches, step_size, algorithm=algorithm)
         result = Result(
             method, steps[method.name], seconds, final_loss, step_size, scores, test_loss, val_curves=curves
         )
@@ -429,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result)
         print(
             f"{method.name}: {result.steps} steps ({result.steps * META_BATCH_SIZE * method.passes_per_task} block "
-            f"passes) in {seconds:.0f} s, last train query_loss {final_loss:.3f}; step size {_step(step_size)} "
-            f"(validation {', '.join(f'{_step(lr)}: {s:.3f}' for lr, s in scores.items())}); "
+            f"passes) in {seconds:.0f} s, last train query_loss {final_loss:.3f}; "
+            f"step size {step_size_label(step_size)} "
+            f"(validation {', '.join(f'{step_size_label(lr)}: {s:.3f}' for lr, s in scores.items())}); "
             f"evaluation {result.eval_seconds:.0f} s",
             flush=True,
         )
@@ -442,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{SHOTS} support + {QUERIES} query blocks of {BLOCK_SIZE} tokens; mean ± 95% CI; "
         f"{args.budget} block forward/backward passes per method, seed {args.seed}:\n"
     )
-    print(markdown_table(results))
+    print(results_table(results))
     print(f"\nValidation query loss ({NUM_VAL_TASKS} episodes) for each evaluation step size:\n")
     print(validation_table(results))
     baseline = next((r for r in results if isinstance(r.method.make_algorithm(), MultiTask)), None)

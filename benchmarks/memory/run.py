@@ -17,22 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-# glibc keeps freed blocks below its (dynamically raised) mmap threshold resident, so the high-water
-# mark would include the warm-up step's peak. A fixed 64 KiB threshold returns every tensor-sized
-# block to the system when freed: RSS then follows the live tensors.
-_MALLOC_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
 
 
 def measure(meta_batch_size: int, meta_batch: str, device: str, size: dict[str, int]) -> float:
@@ -66,10 +56,7 @@ def measure(meta_batch_size: int, meta_batch: str, device: str, size: dict[str, 
         step(1)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = _kib("VmRSS:")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    step(1)
-    return (_kib("VmHWM:") - before) / 1024
+    return common.peak_rss_mib(lambda: step(1))
 
 
 def main() -> None:
@@ -91,7 +78,7 @@ def main() -> None:
         for size in args.meta_batch_sizes:
             command = [sys.executable, __file__, "--one", str(size), mode, "--n-layer", str(args.n_layer),
                        "--n-embd", str(args.n_embd), "--n-head", str(args.n_head)] + (["--gpu"] if args.gpu else [])
-            output = subprocess.run(command, capture_output=True, text=True, check=True, env=_MALLOC_ENV).stdout
+            output = subprocess.run(command, capture_output=True, text=True, check=True, env=common.MALLOC_ENV).stdout
             peaks[size, mode] = json.loads(output.strip().splitlines()[-1])
     first = args.meta_batch_sizes[0]
     measured = "CUDA allocated" if args.gpu else "RSS"

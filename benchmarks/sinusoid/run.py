@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -28,15 +28,16 @@ import matplotlib
 import torch
 from torch import Tensor
 
-from lightning_meta import MLP, MetaLearningModule, RegressionLearner
+from lightning_meta import MLP, Episode, Learner, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML, MAMLPlusPlus, MetaAlgorithm, MetaSGD, MultiTask, Reptile
-from lightning_meta.datamodules.sinusoid import SinusoidDataModule
-from lightning_meta.learners import FastWeights, Learner
-from lightning_meta.metrics import mean_and_ci95
-from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.datamodules import SinusoidDataModule
+from lightning_meta.learners import FastWeights
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
 
 SHOTS = 10
 QUERIES = 10
@@ -94,17 +95,7 @@ def train(method: Method, steps: int, seed: int) -> tuple[Learner, MetaAlgorithm
     datamodule = SinusoidDataModule(
         shots=SHOTS, queries=QUERIES, meta_batch_size=META_BATCH_SIZE, batches_per_epoch=steps, seed=seed
     )
-    trainer = lightning.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = common.benchmark_trainer(steps)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
@@ -114,34 +105,11 @@ def train(method: Method, steps: int, seed: int) -> tuple[Learner, MetaAlgorithm
     return learner.eval(), algorithm, seconds, final_loss
 
 
-def evaluate(learner: Learner, algorithm: MetaAlgorithm, batches: list[TaskBatch]) -> dict[int, Tensor]:
-    """Per-task query MSE before adaptation (key 0) and after each of ``EVAL_STEPS`` SGD steps."""
-    losses: dict[int, list[Tensor]] = {0: [], **{k: [] for k in EVAL_STEPS}}
-    for batch in batches:
-        for episode in batch.episodes():
-            with torch.no_grad():
-                losses[0].append(learner.loss(episode.query)[0])
-            for k in EVAL_STEPS:
-                adapted = algorithm.adapt(learner, episode.support, steps=k)
-                with torch.no_grad():
-                    losses[k].append(learner.loss(episode.query, adapted)[0])
-    return {k: torch.stack(values) for k, values in losses.items()}
-
-
-def format_ci(values: Tensor) -> str:
-    """``mean ± half-width`` of the 95% CI."""
-    mean, ci95 = mean_and_ci95(values)
-    return f"{mean.item():.3f} ± {ci95.item():.3f}"
-
-
 def markdown_table(results: list[Result]) -> str:
     """The results as a markdown table (query MSE, mean ± 95% CI over the test tasks)."""
-    header = ["method", "pre-adaptation MSE", *(f"after {k} step{'s' * (k > 1)}" for k in EVAL_STEPS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        cells = [result.method.name, *(format_ci(result.query_mse[k]) for k in (0, *EVAL_STEPS))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = ["method", "pre-adaptation MSE", *map(common.steps_label, EVAL_STEPS)]
+    rows = ([r.method.name, *(common.format_ci(r.query_mse[k]) for k in (0, *EVAL_STEPS))] for r in results)
+    return "\n".join(common.markdown_table(header, rows))
 
 
 def predictions(learner: Learner, algorithm: MetaAlgorithm, episode: Episode, x: Tensor) -> dict[int, Tensor]:
@@ -212,8 +180,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning 2.6 vs torch 2.13 deprecation notice
     args.out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in chosen:
         learner, algorithm, seconds, final_loss = train(method, args.steps, args.seed)
         eval_start = time.perf_counter()
-        query_mse = evaluate(learner, algorithm, test_batches)
+        query_mse = common.adaptation_curve(learner, algorithm, test_batches, EVAL_STEPS)
         print(
             f"{method.name}: {args.steps} steps in {seconds:.0f} s ({args.steps / seconds:.1f} steps/s), "
             f"last train query_loss {final_loss:.3f}, evaluation {time.perf_counter() - eval_start:.0f} s",

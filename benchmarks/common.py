@@ -1,0 +1,151 @@
+"""What the benchmarks share: statistics and tables, a quiet Trainer, memory peaks, adaptation curves.
+
+The benchmarks are users of the package: this module imports only ``lightning_meta``'s public
+names. Each ``benchmarks/<name>/run.py`` runs as a script (``python benchmarks/<name>/run.py``)
+and makes this folder importable with the two lines::
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+    import common  # noqa: E402
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_meta import Learner, MetaLearningModule, TaskBatch
+from lightning_meta.algorithms import MetaAlgorithm
+from lightning_meta.metrics import mean_and_ci95
+
+# ------------------------------------------------------------------------------ statistics, tables
+
+
+def format_ci(values: Tensor, signed: bool = False) -> str:
+    """``mean ± half-width`` of the 95% CI over ``values`` (``diverged (n episodes)`` if any is not finite)."""
+    if not torch.isfinite(values).all():
+        return f"diverged ({int((~torch.isfinite(values)).sum())} episodes)"
+    mean, ci95 = mean_and_ci95(values)
+    return f"{mean.item():{'+' if signed else ''}.3f} ± {ci95.item():.3f}"
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% CI half-width of plain numbers (the package's ``mean_and_ci95``)."""
+    mean, ci95 = mean_and_ci95(torch.tensor(values, dtype=torch.float64))
+    return mean.item(), ci95.item()
+
+
+def seed_spread(per_seed: Tensor, signed: bool = False) -> str:
+    """``mean ± CI [lowest, highest seed mean]`` of a (seeds, episodes) tensor.
+
+    The CI is over episodes of the seeds' mean on each episode (the seeds are paired by episode).
+    """
+    mean, ci95 = mean_and_ci95(per_seed.mean(0))
+    means = per_seed.mean(1).tolist()
+    number = "+.3f" if signed else ".3f"
+    return f"{mean:{number}} ± {ci95:.3f} [{min(means):{number}}, {max(means):{number}}]"
+
+
+def steps_label(k: int) -> str:
+    """``after k step(s)``."""
+    return f"after {k} step{'s' * (k > 1)}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def paired_rows(curves: dict[str, dict[int, Tensor]], reference: str, columns: Sequence[int]) -> list[list[str]]:
+    """Per-episode differences to ``curves[reference]`` on the same episodes, one row per other name."""
+    return [
+        [name, *(format_ci(curve[k] - curves[reference][k]) for k in columns)]
+        for name, curve in curves.items()
+        if name != reference
+    ]
+
+
+# ---------------------------------------------------------------------------------- trainer
+
+
+def benchmark_trainer(max_steps: int = -1, **options: Any) -> lightning.Trainer:
+    """A ``lightning.Trainer`` for benchmark runs: CPU, one device, no logger, checkpoints, progress bar,
+    model summary or validation, unless ``options`` say otherwise; Lightning's info messages silenced."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.level, logging.WARNING))
+    settings = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    return lightning.Trainer(max_steps=max_steps, **settings | options)
+
+
+# --------------------------------------------------------------------------- adaptation curves
+
+
+class _EpisodeFigures(lightning.Callback):
+    """Keeps the per-episode curve figures the module's test collected, before it reduces them."""
+
+    def __init__(self, name: str, steps: Sequence[int]) -> None:
+        self.keys = {k: f"test_{name}_step{k}" for k in steps}
+        self.values: dict[int, Tensor] = {}
+
+    def on_test_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        # Callbacks run before the module's own on_test_epoch_end, which logs and resets the statistics.
+        self.values = {k: torch.cat(pl_module.episode_stats[key].values) for k, key in self.keys.items()}
+
+
+def adaptation_curve(
+    learner: Learner, algorithm: MetaAlgorithm, batches: Sequence[TaskBatch], steps: Sequence[int], name: str = "loss"
+) -> dict[int, Tensor]:
+    """Per-episode query ``name`` (float64) before adaptation (key 0) and after each of ``steps`` adaptation steps.
+
+    What ``MetaLearningModule(learner, algorithm, eval_curve=[0, *steps])`` logs under ``trainer.test``
+    (one adaptation trajectory per episode, ``algorithm.adapt_steps``), kept per episode for paired
+    comparisons. A non-finite figure stops with the module's ``FloatingPointError``.
+    """
+    curve = [0, *steps]
+    figures = _EpisodeFigures(name, curve)
+    module = MetaLearningModule(learner, algorithm, eval_curve=curve)
+    loader = DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    benchmark_trainer(callbacks=[figures]).test(module, loader, verbose=False)
+    return figures.values
+
+
+# ------------------------------------------------------------------------------------ memory
+
+#: glibc keeps freed blocks below its (dynamically raised) mmap threshold resident, so the
+#: high-water mark would include earlier steps' peaks. A fixed 64 KiB threshold returns every
+#: tensor-sized block to the system when freed: RSS then follows the live tensors. For the
+#: environment of the process that measures (glibc reads it at start-up).
+MALLOC_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+
+
+def kib(field: str) -> int:
+    """A ``/proc/self/status`` figure in KiB (``VmRSS:`` resident set, ``VmHWM:`` its high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_mib(step: Callable[[], None]) -> float:
+    """MiB of resident memory ``step`` peaks at above the resident set before it (Linux)."""
+    before = kib("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    step()
+    return (kib("VmHWM:") - before) / 1024

@@ -1,0 +1,83 @@
+"""benchmarks/common.py: the helpers every benchmark's figures go through."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_meta import MLP, RegressionLearner
+from lightning_meta.algorithms import FOMAML
+from lightning_meta.datamodules import SinusoidDataModule
+from lightning_meta.metrics import Z_95
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+
+
+def test_mean_ci_is_the_packages_interval() -> None:
+    values = [0.5, 1.5, 2.0, 4.0]
+    mean = sum(values) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+    assert common.mean_ci(values) == pytest.approx((mean, Z_95 * std / 2), rel=1e-12)
+    assert common.mean_ci([3.0]) == (3.0, 0.0)
+
+
+def test_format_ci_names_diverged_episodes_and_signs() -> None:
+    assert common.format_ci(torch.tensor([1.0, 3.0])) == f"2.000 ± {Z_95 * math.sqrt(2) / math.sqrt(2):.3f}"
+    assert common.format_ci(torch.tensor([-1.0, -1.0]), signed=True) == "-1.000 ± 0.000"
+    assert common.format_ci(torch.tensor([0.5, 0.5]), signed=True) == "+0.500 ± 0.000"
+    assert common.format_ci(torch.tensor([1.0, math.inf, math.nan])) == "diverged (2 episodes)"
+
+
+def test_seed_spread_pairs_seeds_by_episode() -> None:
+    per_seed = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]], dtype=torch.float64)  # seed means 2 and 4
+    # The seeds' mean per episode is 2, 3, 4: mean 3, sample std 1 over 3 episodes.
+    expected_ci = Z_95 / math.sqrt(3)
+    assert common.seed_spread(per_seed) == f"3.000 ± {expected_ci:.3f} [2.000, 4.000]"
+    assert common.seed_spread(-per_seed, signed=True) == f"-3.000 ± {expected_ci:.3f} [-4.000, -2.000]"
+
+
+def test_markdown_table_and_paired_rows() -> None:
+    curves = {"a": {0: torch.tensor([1.0, 2.0])}, "b": {0: torch.tensor([2.0, 2.0])}}
+    rows = common.paired_rows(curves, "b", [0])
+    assert rows == [["a", common.format_ci(torch.tensor([-1.0, 0.0]))]]
+    assert common.markdown_table(["method", "Δ"], rows) == ["| method | Δ |", "|---|---|", f"| a | {rows[0][1]} |"]
+
+
+def test_adaptation_curve_is_the_per_episode_trajectory() -> None:
+    """Per episode: the query loss before adaptation and after 1 and 3 steps of one SGD trajectory."""
+    torch.manual_seed(0)
+    learner = RegressionLearner(MLP(1, [8], 1))
+    batches = SinusoidDataModule(shots=5, queries=5, num_test_tasks=6, eval_meta_batch_size=3, seed=0).eval_batches(
+        "test"
+    )
+    algorithm = FOMAML(inner_lr=0.05)
+    curve = common.adaptation_curve(learner, algorithm, batches, [1, 3])
+    expected: dict[int, list[float]] = {0: [], 1: [], 3: []}
+    for batch in batches:
+        for episode in batch.episodes():
+            with torch.no_grad():
+                expected[0].append(learner.loss(episode.query)[0].item())
+            for step, weights in enumerate(algorithm.adapt_steps(learner, episode.support, 3), start=1):
+                if step in expected:
+                    with torch.no_grad():
+                        expected[step].append(learner.loss(episode.query, weights)[0].item())
+    assert sorted(curve) == [0, 1, 3]
+    for step, values in expected.items():
+        assert curve[step].dtype == torch.float64
+        torch.testing.assert_close(curve[step], torch.tensor(values, dtype=torch.float64))
+    assert not torch.equal(curve[0], curve[3])  # it adapted
+
+
+def test_peak_rss_mib_sees_an_allocation() -> None:
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc")
+    kept = []
+    peak = common.peak_rss_mib(lambda: kept.append(torch.ones(64 * 2**20 // 4)))  # 64 MiB, touched
+    assert peak > 32
+    with pytest.raises(RuntimeError, match="NoSuchField: not in /proc/self/status"):
+        common.kib("NoSuchField:")
