@@ -24,7 +24,7 @@ import lightning_meta
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
 from lightning_meta import algorithms
 from lightning_meta.checkpoints import check_local_checkpoint_path, load_checkpoint_file
-from lightning_meta.module import MetaLearningModule
+from lightning_meta.module import MetaLearningModule, upgrade_hyperparameters
 from lightning_meta.progress import MetaProgressBar
 
 DEFAULT_CONFIG = "quickstart.yaml"
@@ -174,6 +174,8 @@ class MetaCLI(LightningCLI):
         saved = {}
         for key, hparams in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
             values = dict(checkpoint.get(hparams) or {})
+            if key == "model":
+                values = upgrade_hyperparameters(values, ckpt_path)
             values.pop("_instantiator", None)
             if "_class_path" in values:
                 values = {"class_path": values.pop("_class_path"), "init_args": values}
