@@ -54,8 +54,8 @@ class CausalLMLearner(Learner):
     """Next-token cross-entropy of a causal LM on ``input_ids`` (padding and ``-100`` labels ignored).
 
     Args:
-        pretrained: a local ``save_pretrained`` folder, or ``pkg:NAME[/sub/dir]`` for an installed
-            data package holding one; ``None`` builds the model from ``model_config``.
+        pretrained: a local ``save_pretrained`` folder, ``pkg:NAME[/sub/dir]`` for an installed
+            data package holding one, or a hub id in the local Hugging Face cache; ``None`` builds the model from ``model_config``.
         model_config: a Hugging Face config as a dict with ``model_type``
             (``{"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}``); the vocabulary
             size and special-token ids come from ``tokenizer`` unless given.

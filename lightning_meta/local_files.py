@@ -1,4 +1,5 @@
-"""Local files only: data packages, the cache folder, GGUF checkpoints. Nothing is downloaded."""
+"""Local files only: data packages, the Hugging Face cache, the cache folder, GGUF checkpoints. Nothing is
+downloaded."""
 
 from __future__ import annotations
 
@@ -20,9 +21,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIGHTNING_META_CACHE", Path.home() / ".cache" / "lightning_meta"))
 
 
+#: How the Hugging Face hub names a model: ``owner/name`` (``HuggingFaceTB/SmolLM2-135M``).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
 def resolve_local_path(spec: str) -> Path:
-    """A local path, or ``pkg:NAME[/sub/dir]``: the folder of an installed data package, or a path
-    inside it. The package is located without being imported.
+    """A local path; ``pkg:NAME[/sub/dir]``: the folder of an installed data package, or a path
+    inside it (the package is located without being imported); or a hub id (``owner/name``) that is
+    not a local path: its snapshot in the local Hugging Face cache, found without the network.
 
     The one resolver of model, tokenizer and data paths: every learner and datamodule uses it.
     """
@@ -36,12 +42,46 @@ def resolve_local_path(spec: str) -> Path:
             raise FileNotFoundError(f"{spec}: the package {name!r} has no {inside!r} (looked in {path}).")
         return path
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{spec!r} is not a local path. Nothing is downloaded at run time: save the model or tokenizer with "
-            "save_pretrained and give its folder."
-        )
-    return path
+    if path.exists():
+        return path
+    if is_hub_id(spec):
+        cache = hub_cache_dir()
+        snapshot = _cached_snapshot(spec, cache)
+        if snapshot is None:
+            raise FileNotFoundError(
+                f"{spec!r} is neither a local path nor a model in the Hugging Face cache ({cache}). Nothing is "
+                f"downloaded at run time: on a connected machine run `hf download {spec}` (older clients: "
+                f"`huggingface-cli download {spec}`) and copy that machine's cache folder to {cache} (or point "
+                "HF_HOME at a copy), or give the folder of a save_pretrained copy."
+            )
+        return snapshot
+    raise FileNotFoundError(
+        f"{spec!r} is not a local path. Nothing is downloaded at run time: save the model or tokenizer with "
+        "save_pretrained and give its folder."
+    )
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a hub id (``owner/name``) and is no local path (nor a missing ``.ckpt``)."""
+    return _HUB_ID.fullmatch(spec) is not None and not spec.endswith(".ckpt") and not Path(spec).expanduser().exists()
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment sets it now: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def _cached_snapshot(repo_id: str, cache: Path) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # local_files_only: reads the cache's refs and snapshots, never the network
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
 
 
 def dequantized_gguf(folder: Path, gguf_file: str) -> Path:

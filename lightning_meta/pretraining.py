@@ -28,7 +28,7 @@ from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.export import model_from_checkpoint, read_checkpoint, read_provenance
 from lightning_meta.language_models import _DTYPES, _build_model
 from lightning_meta.learners import check_sequence_length
-from lightning_meta.local_files import dequantized_gguf, resolve_local_path
+from lightning_meta.local_files import dequantized_gguf, is_hub_id, resolve_local_path
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 
@@ -42,7 +42,7 @@ class CausalLMPretraining(LightningModule):
 
     Args:
         init_from: an exported folder (``lightning-meta export``; any ``save_pretrained`` folder works),
-            or a ``.ckpt`` of ``lightning-meta fit`` (its learner's model, LoRA merged) or of ``pretrain``.
+            a hub id in the local Hugging Face cache (``HuggingFaceTB/SmolLM2-135M``), or a ``.ckpt`` of ``lightning-meta fit`` (its learner's model, LoRA merged) or of ``pretrain``.
         model_config: instead of ``init_from``, a Hugging Face config dict with ``model_type`` (random
             init; vocabulary and special tokens from ``tokenizer``).
         tokenizer: the tokenizer the data uses. With ``init_from`` it must give the token ids the model was
@@ -109,7 +109,7 @@ class CausalLMPretraining(LightningModule):
         self, init_from: str, tokenizer: str | None, gguf_file: str | None, attn_implementation: str | None,
         dtype: torch.dtype, trust_remote_code: bool,
     ) -> tuple[Any, str]:  # fmt: skip
-        if init_from.startswith("pkg:") or Path(init_from).expanduser().is_dir():
+        if init_from.startswith("pkg:") or Path(init_from).expanduser().is_dir() or is_hub_id(init_from):
             folder = resolve_local_path(init_from)
             if gguf_file is not None:
                 folder = dequantized_gguf(folder, gguf_file)

@@ -69,7 +69,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         except FileNotFoundError as error:
             raise FileNotFoundError(
                 f"Tokenizer {name_or_path!r} is neither an embedded tokenizer (embedded-bpe-4096, "
-                f"embedded-wordpiece-4096) nor a local folder: {error}"
+                f"embedded-wordpiece-4096) nor a local folder or hub id: {error}"
             ) from error
         gguf_files = sorted(path.glob("*.gguf"))
         if not (path / "tokenizer_config.json").exists() and gguf_files:
