@@ -14,7 +14,15 @@ from torch import Tensor
 
 from lightning_meta.datamodules.base import EpisodicDataModule
 from lightning_meta.tables import claim_name, describe_missing, is_missing, is_saved_dataset, read_table
-from lightning_meta.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Episode
+from lightning_meta.tasks import (
+    ANSWER,
+    CHOICE_ATTENTION_MASK,
+    CHOICE_INPUT_IDS,
+    CHOICE_LABELS,
+    CORRECT,
+    IGNORE_INDEX,
+    Episode,
+)
 from lightning_meta.tokenization import load_tokenizer
 
 if TYPE_CHECKING:
@@ -38,7 +46,8 @@ class TextTask:
     choice_input_ids: Tensor | None = None  # (examples, options, max_length): each option after the prompt
     choice_attention_mask: Tensor | None = None
     choice_labels: Tensor | None = None
-    answer: Tensor | None = None  # (examples,): index of the right option
+    answer: Tensor | None = None  # (examples,): index of the option that is the first output; -1 without options
+    correct: Tensor | None = None  # (examples, options): which choice rows are correct outputs
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -105,8 +114,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         template: str = "Input: {input}\nOutput:",
         template_column: str = "template",
         gym_families: list[str] | None = None,
-        val_tasks: list[str] | None = None,
-        test_tasks: list[str] | None = None,
+        val_tasks: list[str] | str | None = None,
+        test_tasks: list[str] | str | None = None,
         val_families: list[str] | None = None,
         test_families: list[str] | None = None,
         shots: int = 4,
@@ -314,35 +323,47 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             family, template, options = (None if values is None else values[row] for values in columns.values())
             task = tasks.setdefault(
                 str(name),
-                {"family": None, "templates": [], "inputs": [], "outputs": [], "options": None, "seen": set()},
-            )
+                {"family": None, "templates": [], "inputs": [], "outputs": [], "options": [], "row_of": {},
+                 "repeated": 0, "conflicting": 0},
+            )  # fmt: skip
             if family is not None and not is_missing(family):
                 task["family"] = str(family)
-            if options is not None and not _no_options(options):
-                options = options.split("|") if isinstance(options, str) else options
-                task["options"] = tuple(str(option) for option in options)
+            outputs = _outputs(text_output, f"{source}, row {row}")
             text_input = str(text_input)
-            if text_input in task["seen"]:  # a repeated input could land in both the support and the query
+            if text_input in task["row_of"]:  # a repeated input could land in both the support and the query
+                known = task["outputs"][task["row_of"][text_input]]
+                added = [output for output in outputs if output not in known]
+                task["conflicting" if added else "repeated"] += 1
+                known += added
                 continue
-            task["seen"].add(text_input)
+            task["row_of"][text_input] = len(task["inputs"])
             task["templates"].append(
                 check_template(str(template), f"{source}, row {row}")
                 if template is not None and not is_missing(template)
                 else self.template
             )
             task["inputs"].append(text_input)
-            task["outputs"].append(str(text_output))
+            task["outputs"].append(outputs)
+            task["options"].append(_options(options))
         for name, task in tasks.items():
-            del task["seen"]
+            del task["row_of"]
+            repeated, conflicting = task.pop("repeated"), task.pop("conflicting")
+            if conflicting:
+                rank_zero_info(
+                    f"Task {name!r}: {conflicting} rows repeat an earlier input with another output; each input is "
+                    "kept once, with every output given for it as a correct output (the first one trains)."
+                    + (f" {repeated} more rows repeat an input and its output: dropped." if repeated else "")
+                )
             if self.max_examples_per_task is not None:
-                for key in ("templates", "inputs", "outputs"):
+                for key in ("templates", "inputs", "outputs", "options"):
                     task[key] = task[key][: self.max_examples_per_task]
-            if task["options"] is not None:
-                unlisted = sorted(set(task["outputs"]) - set(task["options"]))
+            for index, (outputs, options) in enumerate(zip(task["outputs"], task["options"], strict=True)):
+                unlisted = [output for output in outputs if options is not None and output not in options]
                 if unlisted:
                     raise ValueError(
-                        f"Task {name!r} lists options {list(task['options'])}, but its outputs {unlisted[:5]} are not "
-                        "among them. List every possible output in the options column, or leave it empty."
+                        f"Task {name!r}, example {index} ({task['inputs'][index][:40]!r}) lists options "
+                        f"{list(options)}, but its outputs {unlisted[:5]} are not among them. List every correct "
+                        "output in that row's options, or leave its options empty."
                     )
         return tasks
 
@@ -377,8 +398,8 @@ def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, di
             "family": task.family,
             "templates": [task.template] * len(task.examples[:limit]),
             "inputs": [text for text, _ in task.examples[:limit]],
-            "outputs": [output for _, output in task.examples[:limit]],
-            "options": task.options,
+            "outputs": [[output] for _, output in task.examples[:limit]],
+            "options": [task.options] * len(task.examples[:limit]),
         }
         for task in gym_tasks(families)
     }
@@ -436,23 +457,37 @@ class _Encoder:
             for template, text in zip(task["templates"], task["inputs"], strict=True)
         ]
         eos = [self.tokenizer.eos_token_id]
-        outputs = [ids + eos for ids in self.ids([" " + output for output in task["outputs"]])]
-        options = task["options"]
-        option_ids = [ids + eos for ids in self.ids([" " + option for option in options])] if options else []
-        longest_answer = max([len(ids) for ids in option_ids], default=0)
-        prompt_ids = [
-            self._fit(name, row, prompt, task, max(len(output), longest_answer))
-            for row, (prompt, output) in enumerate(zip(self.ids(prompts), outputs, strict=True))
+        outputs = [[ids + eos for ids in self.ids([" " + text for text in texts])] for texts in task["outputs"]]
+        # Written after each prompt and scored: the example's options, else its correct outputs when it has several.
+        choices = [
+            list(options) if options else texts if len(texts) > 1 else []
+            for texts, options in zip(task["outputs"], task["options"], strict=True)
         ]
-        input_ids, attention_mask, labels = self._rows(prompt_ids, outputs)
+        choice_ids = [[ids + eos for ids in self.ids([" " + text for text in texts])] for texts in choices]
+        prompt_ids = [
+            self._fit(name, row, prompt, task, max(len(ids) for ids in [*answers, *rows]))
+            for row, (prompt, answers, rows) in enumerate(zip(self.ids(prompts), outputs, choice_ids, strict=True))
+        ]
+        input_ids, attention_mask, labels = self._rows(prompt_ids, [answers[0] for answers in outputs])
         result = TextTask(name, task["family"], input_ids, attention_mask, labels)
-        if options:
-            pairs = [(prompt, option) for prompt in prompt_ids for option in option_ids]
-            choice = self._rows([p for p, _ in pairs], [o for _, o in pairs])
+        width = max(map(len, choices))
+        if width:  # examples list different numbers of options: the missing rows are padding (no labels)
+            pairs = [
+                (prompt, ids) for prompt, rows in zip(prompt_ids, choice_ids, strict=True)
+                for ids in rows + [[]] * (width - len(rows))
+            ]  # fmt: skip
+            choice = self._rows([prompt if ids else [] for prompt, ids in pairs], [ids for _, ids in pairs])
             result.choice_input_ids, result.choice_attention_mask, result.choice_labels = (
-                tensor.view(len(prompt_ids), len(options), self.max_length) for tensor in choice
+                tensor.view(len(prompt_ids), width, self.max_length) for tensor in choice
             )
-            result.answer = torch.tensor([options.index(output) for output in task["outputs"]])
+            result.answer = torch.tensor([
+                options.index(texts[0]) if options else -1
+                for texts, options in zip(task["outputs"], task["options"], strict=True)
+            ])  # fmt: skip
+            result.correct = torch.tensor([
+                [text in texts for text in rows] + [False] * (width - len(rows))
+                for texts, rows in zip(task["outputs"], choices, strict=True)
+            ])  # fmt: skip
         return result
 
     def _fit(self, name: str, row: int, prompt: list[int], task: dict[str, Any], answer_length: int) -> list[int]:
@@ -491,12 +526,14 @@ def _with_options(task: TextTask, options: int, max_length: int) -> TextTask:
         ids = torch.zeros((examples, options, max_length), dtype=torch.long)
         return TextTask(task.name, task.family, task.input_ids, task.attention_mask, task.labels, ids,
                         torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX),
-                        torch.full((examples,), -1, dtype=torch.long))  # fmt: skip
+                        torch.full((examples,), -1, dtype=torch.long),
+                        torch.zeros((examples, options), dtype=torch.bool))  # fmt: skip
     padding = options - task.choice_input_ids.shape[1]
     pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
     return TextTask(task.name, task.family, task.input_ids, task.attention_mask, task.labels,
                     pad(task.choice_input_ids), pad(task.choice_attention_mask),
-                    pad(task.choice_labels, value=IGNORE_INDEX), task.answer)  # fmt: skip
+                    pad(task.choice_labels, value=IGNORE_INDEX), task.answer,
+                    torch.nn.functional.pad(task.correct, (0, padding)))  # fmt: skip
 
 
 def _rows(task: TextTask, rows: Tensor) -> dict[str, Tensor]:
@@ -511,12 +548,28 @@ def _rows(task: TextTask, rows: Tensor) -> dict[str, Tensor]:
             CHOICE_ATTENTION_MASK: task.choice_attention_mask[rows],
             CHOICE_LABELS: task.choice_labels[rows],
             ANSWER: task.answer[rows],
+            CORRECT: task.correct[rows],
         }
     return split
 
 
-def _no_options(options: Any) -> bool:
-    return options is None or (not isinstance(options, str) and len(options) == 0) or is_missing(options)
+def _options(options: Any) -> tuple[str, ...] | None:
+    """A row's options: a list, or one string of options separated by ``|``; ``None`` when it lists none."""
+    if options is None or (not isinstance(options, str) and len(options) == 0) or is_missing(options):
+        return None
+    return tuple(str(option) for option in (options.split("|") if isinstance(options, str) else options))
+
+
+def _outputs(value: Any, where: str) -> list[str]:
+    """A row's correct outputs: one text, or a list of texts (the first one trains; any one is an exact match)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        outputs = list(dict.fromkeys(str(output) for output in value if not is_missing(output)))
+        if not outputs:
+            raise ValueError(f"{where}: the output is an empty list: give at least one correct output.")
+        return outputs
+    return [str(value)]
 
 
 def _shuffled(names: list[str], seed: int) -> list[str]:
