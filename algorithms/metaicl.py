@@ -11,6 +11,7 @@ from lightning_meta.learners import FastWeights, Learner
 from lightning_meta.tasks import (
     ANSWER,
     CHOICE_FIELDS,
+    CORRECT,
     IGNORE_INDEX,
     Episode,
     Split,
@@ -146,7 +147,7 @@ class MetaICL(MetaAlgorithm):
             built |= {
                 name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
             }
-            built[ANSWER] = query[ANSWER]
+            built |= {name: query[name] for name in (ANSWER, CORRECT) if name in query}
         return built, dropped
 
     def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:

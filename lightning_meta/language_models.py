@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_meta.learners import DataCheck, Learner
 from lightning_meta.local_files import dequantized_gguf, load_pretrained, resolve_local_path
-from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Split
+from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, CORRECT, IGNORE_INDEX, Split
 from lightning_meta.tokenization import load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -183,7 +183,9 @@ class CausalLMLearner(Learner):
         likely next token, i.e. greedy decoding reproduces the output (and its end token).
         ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the share of
         examples whose most likely option (summed log-probability of its tokens) is the answer
-        (rank classification); for examples without options (``answer`` = -1) their exact match.
+        (rank classification; correct where it is among the :data:`CORRECT` rows); for examples without
+        options (``answer`` = -1) their exact match. An example with several correct outputs (choice
+        rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them.
         """
         with torch.no_grad():
             logits = _float32(self.predict(split, params))
@@ -195,28 +197,36 @@ class CausalLMLearner(Learner):
             predicted = logits[:, :-1].argmax(-1)
             targets = labels[:, 1:]
             exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
-            figures["exact_match"] = exact.float().mean()
             if CHOICE_INPUT_IDS in split:
-                correct = self._choice_correct(split, params)
+                chosen, writes_correct = self._choices(split, params)
+                exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
-                figures["accuracy"] = torch.where(answer >= 0, correct, exact).float().mean()
+                figures["accuracy"] = torch.where(answer >= 0, chosen, exact).float().mean()
+            figures["exact_match"] = exact.float().mean()
             return figures
 
-    def _choice_correct(self, split: Split, params: Mapping[str, Tensor] | None) -> Tensor:
-        """Per example: is the option with the highest summed log-probability the answer?
+    def _choices(self, split: Split, params: Mapping[str, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Per example: is the option with the highest summed log-probability correct, and does greedy
+        decoding write a correct choice row (:data:`CORRECT`; without it, the answer's row)?
 
-        Only examples that list options are scored (one host sync, at evaluation only); at least
+        Only examples with a correct row are scored (one host sync, at evaluation only); at least
         one row always runs, so that every rank of a sharded model runs the same forwards.
         """
         answer = split[ANSWER]
-        listed_rows = torch.nonzero(answer >= 0).flatten()
+        correct_rows = split.get(CORRECT)
+        if correct_rows is None:
+            options = split[CHOICE_INPUT_IDS].shape[1]
+            correct_rows = F.one_hot(answer.clamp_min(0), options).bool() & (answer >= 0)[:, None]
+        listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
         ids, mask, labels = (split[name][rows] for name in CHOICE_FIELDS)
-        scores, _ = self.option_scores(ids, mask, labels, params)
-        correct = torch.zeros_like(answer, dtype=torch.bool)
+        scores, greedy = self.option_scores(ids, mask, labels, params)
+        chosen, writes_correct = (torch.zeros_like(answer, dtype=torch.bool) for _ in range(2))
         if len(listed_rows):
-            correct[rows] = scores.argmax(1) == answer[rows]
-        return correct
+            correct_here = correct_rows[rows]
+            chosen[rows] = correct_here.gather(1, scores.argmax(1, keepdim=True))[:, 0]
+            writes_correct[rows] = (greedy & correct_here).any(1)
+        return chosen, writes_correct
 
     def option_scores(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, params: Mapping[str, Tensor] | None = None

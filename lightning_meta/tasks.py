@@ -22,6 +22,10 @@ IGNORE_INDEX = -100
 CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS = "choice_input_ids", "choice_attention_mask", "choice_labels"
 CHOICE_FIELDS = (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS)
 ANSWER = "answer"
+#: ``(examples, options)`` bool: which choice rows are correct outputs. An example without options but with
+#: several correct outputs lists those outputs as its choice rows (``ANSWER`` -1), so that exact match
+#: accepts any of them; a multiple-choice example may mark several options correct.
+CORRECT = "correct"
 #: Mask fields of a split: the fields shaped like one of them are token-aligned with it and padded with it.
 MASK_FIELDS = ("attention_mask", CHOICE_ATTENTION_MASK)
 #: Batches are padded to a multiple of this many positions: aligned shapes suit the matrix kernels, and

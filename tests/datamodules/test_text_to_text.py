@@ -60,7 +60,7 @@ def test_episodes_hold_distinct_examples_with_the_loss_on_the_output_only(tmp_pa
                     split["attention_mask"][position],
                 )
                 prompt = task["templates"][row].replace("{input}", task["inputs"][row])
-                expected_output = tokenizer(" " + task["outputs"][row], add_special_tokens=False)["input_ids"]
+                expected_output = tokenizer(" " + task["outputs"][row][0], add_special_tokens=False)["input_ids"]
                 labelled = labels != IGNORE_INDEX
                 # The labels are exactly the output's tokens and the end token, right after the prompt.
                 assert labels[labelled].tolist() == expected_output + [tokenizer.eos_token_id]
@@ -79,15 +79,16 @@ def test_options_are_written_after_the_prompt_and_the_answer_points_at_the_outpu
         query = episode.query
         for position, row in enumerate(episode.metadata["example_ids"][3:].tolist()):
             answer = int(query[ANSWER][position])
-            if task["options"] is None:
+            options = task["options"][row]
+            if options is None:
                 assert answer == -1 and (query[CHOICE_LABELS][position] == IGNORE_INDEX).all()
                 continue
-            assert task["options"][answer] == task["outputs"][row]
+            assert options[answer] == task["outputs"][row][0]
             for option, (ids, labels) in enumerate(
                 zip(query[CHOICE_INPUT_IDS][position], query[CHOICE_LABELS][position], strict=True)
             ):
                 labelled = labels[labels != IGNORE_INDEX].tolist()
-                assert tokenizer.decode(labelled[:-1]) == " " + task["options"][option]
+                assert tokenizer.decode(labelled[:-1]) == " " + options[option]
                 prompt_length = int((query["labels"][position] == IGNORE_INDEX).nonzero()[0])  # prompt tokens first
                 assert torch.equal(ids[:prompt_length], query["input_ids"][position][:prompt_length])
 
@@ -147,7 +148,11 @@ def test_a_folder_of_one_table_per_task(tmp_path):
             {},
             r"Example \d+ of task 't\d' is \d+ tokens long.*Raise max_length.*truncate_inputs=true",
         ),
-        ({}, {"row0": {"output": "maybe"}}, r"Task 't0' lists options \['no', 'yes'\], but its outputs \['maybe'\]"),
+        (
+            {},
+            {"row0": {"output": "maybe"}},
+            r"Task 't0', example 0 \('red red red 0'\) lists options \['no', 'yes'\], but its outputs \['maybe'\]",
+        ),
         ({}, {"row5": {"output": None}}, r"Missing values .*'output'.*row"),
         (
             {"val_families": ["nope"]},
@@ -228,3 +233,81 @@ def test_the_log_says_which_split_was_made_and_why(tmp_path, monkeypatch):
         message
     )
     assert "Held out by task" not in message
+
+
+def write_rows(folder: Path, rows: list[dict]) -> Path:
+    """``rows`` plus 8 filler rows of the same task, as a jsonl table of one task ``t``."""
+    filler = [{"task": "t", "input": f"filler {i}", "output": "yes", "options": ["no", "yes"]} for i in range(8)]
+    path = folder / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({"task": "t"} | row) for row in rows + filler))
+    return path
+
+
+def test_a_list_of_outputs_trains_on_the_first_and_exact_match_accepts_any(tmp_path):
+    from lightning_meta.language_models import CausalLMLearner
+    from lightning_meta.tasks import CORRECT
+
+    path = write_rows(tmp_path, [{"input": "colour of the sky", "output": ["blue", "azure"], "options": None}])
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(path), max_length=40)
+    assert module.examples["t"]["outputs"][0] == ["blue", "azure"]
+    task = module.tasks["t"]
+    tokenizer = load_tokenizer(TOKENIZER)
+    labels = task.labels[0]
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX][:-1]) == " blue"  # the first output trains
+    assert task.correct[0].tolist() == [True, True] and int(task.answer[0]) == -1
+    assert tokenizer.decode(task.choice_labels[0, 1][task.choice_labels[0, 1] != IGNORE_INDEX][:-1]) == " azure"
+    # A model whose greedy decoding writes "azure": an exact match, though the training target is "blue".
+    learner = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
+                              tokenizer=TOKENIZER)  # fmt: skip
+    azure = task.choice_input_ids[0, 1]
+    vocabulary = learner.transformer.config.vocab_size
+
+    def writes_azure(split, params=None):
+        following = torch.cat([azure[1:], azure[-1:]])
+        return torch.nn.functional.one_hot(following, vocabulary).float().expand(len(split["input_ids"]), -1, -1)
+
+    learner.predict = writes_azure  # the training sequence: greedy writes "azure" where "blue" is labelled
+    # Its options, scored with the prompt cached: "azure" is the likelier row, and greedy decoding writes it.
+    learner.option_scores = lambda *split, params=None: (torch.tensor([[-2.0, -1.0]]), torch.tensor([[False, True]]))
+    split = {name: getattr(task, name)[:1] for name in ("input_ids", "attention_mask", "labels")}
+    split |= {CHOICE_INPUT_IDS: task.choice_input_ids[:1], "choice_attention_mask": task.choice_attention_mask[:1],
+              CHOICE_LABELS: task.choice_labels[:1], ANSWER: task.answer[:1], CORRECT: task.correct[:1]}  # fmt: skip
+    figures = learner.evaluation_metrics(split)
+    assert float(figures["exact_match"]) == 1.0 and float(figures["accuracy"]) == 1.0
+    split[CORRECT] = torch.tensor([[True, False]])  # only "blue" correct: greedy "azure" is wrong
+    assert float(learner.evaluation_metrics(split)["exact_match"]) == 0.0
+
+
+def test_options_are_taken_per_row(tmp_path):
+    """Rows of one task may list different options: each example is scored against its own (the chance level
+    per example), padded rows carry no labels, and an output need only be among its own row's options."""
+    rows = [
+        {"input": "two options", "output": "b", "options": ["a", "b"]},
+        {"input": "three options", "output": "z", "options": ["x", "y", "z"]},
+    ]
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(write_rows(tmp_path, rows)), max_length=40)
+    assert module.examples["t"]["options"][:3] == [("a", "b"), ("x", "y", "z"), ("no", "yes")]
+    task = module.tasks["t"]
+    assert task.answer[:3].tolist() == [1, 2, 1]
+    has_labels = (task.choice_labels != IGNORE_INDEX).any(-1)
+    assert has_labels[:3].tolist() == [[True, True, False], [True, True, True], [True, True, False]]
+    assert task.correct[:2].tolist() == [[False, True, False], [False, False, True]]
+
+
+def test_repeated_inputs_with_other_outputs_are_kept_as_several_correct_outputs_and_counted(tmp_path, monkeypatch):
+    logged: list[str] = []
+    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    rows = [
+        {"input": "q", "output": "yes", "options": ["no", "yes"]},
+        {"input": "q", "output": "no", "options": ["no", "yes"]},
+        {"input": "q", "output": "no", "options": ["no", "yes"]},
+    ]
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(write_rows(tmp_path, rows)), max_length=40)
+    assert module.examples["t"]["inputs"].count("q") == 1
+    assert module.examples["t"]["outputs"][0] == ["yes", "no"]
+    assert any(
+        "Task 't': 1 rows repeat an earlier input with another output" in line and "1 more rows repeat" in line
+        for line in logged
+    )
+    task = module.tasks["t"]
+    assert int(task.answer[0]) == 1 and task.correct[0].tolist() == [True, True]
