@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_meta.datamodules.base import EpisodicDataModule
 from lightning_meta.tables import claim_name, describe_missing, is_missing, is_saved_dataset, read_table
+from lightning_meta.task_collections import TaskCollection, read_task_collection, resolve_task_names
 from lightning_meta.tasks import (
     ANSWER,
     CHOICE_ATTENTION_MASK,
@@ -74,8 +75,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         tokenizer: ``embedded-bpe-4096`` (ships with the package), a local tokenizer folder or ``pkg:NAME/dir``.
         dataset: ``None`` for the built-in offline task gym (:mod:`lightning_meta.task_gym`); a
             table (``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a ``save_to_disk``
-            folder) with one row per example; or a folder holding one table per task (the task is
-            the file name).
+            folder) with one row per example; a folder holding one table per task (the task is
+            the file name); or a task collection (:mod:`lightning_meta.task_collections`): BIG-bench's
+            source archive (``bigbench-1.0.0.tar.gz``, not extracted) or a folder of its JSON tasks, or a
+            Natural-Instructions ``tasks`` folder; read once and cached.
         task_column: column naming each row's task (not needed for a folder of one table per task).
         input_column: column holding the input text.
         output_column: column holding the output text.
@@ -87,8 +90,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             ``template_column``).
         template_column: column holding each row's template, used when the table has it.
         gym_families: the gym's families to load (default: every family available here).
-        val_tasks: validation tasks by name (overrides ``val_families``).
-        test_tasks: test tasks by name (overrides ``test_families``).
+        val_tasks: validation tasks by name (overrides ``val_families``); a task with subtasks stands
+            for all of them (BIG-bench's ``NAME`` for ``NAME:SUBTASK``); or a preset's name:
+            ``bigbench_lite``, BIG-bench Lite's 24 tasks (those in the data).
+        test_tasks: test tasks, given like ``val_tasks`` (overrides ``test_families``).
         val_families: validation task families; by default the gym's held-out families, a seeded
             10% of the families of a table with families, else a seeded 10% of the tasks.
         test_families: test task families, chosen like ``val_families``.
@@ -97,7 +102,11 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         max_length: tokens per example (prompt, output and end token; longer ones are an error).
         truncate_inputs: shorten the input of an example that is too long instead of raising
             (the output is never shortened).
-        max_examples_per_task: use at most this many examples of each task (the first ones).
+        max_examples_per_task: use at most this many examples of each task (the first ones; of a
+            task collection, a sample drawn with ``seed``).
+        family_keywords: BIG-bench keywords that give a task's family, first match wins (default
+            :data:`~lightning_meta.task_collections.FAMILY_KEYWORDS`).
+        positive_examples: a Natural-Instructions task's positive examples in each prompt.
         others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
             ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
     """
@@ -123,6 +132,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         max_length: int = 64,
         truncate_inputs: bool = False,
         max_examples_per_task: int | None = None,
+        family_keywords: list[str] | None = None,
+        positive_examples: int = 2,
         meta_batch_size: int = 4,
         batches_per_epoch: int = 100,
         num_val_tasks: int = 32,
@@ -156,6 +167,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
         self.max_examples_per_task = max_examples_per_task
+        self.family_keywords = family_keywords
+        self.positive_examples = positive_examples
         self.save_hyperparameters()
 
     def prepare_data(self) -> None:
@@ -170,10 +183,20 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         """Each task's ``family``, ``templates``, ``inputs``, ``outputs`` and ``options`` (text, before tokenizing)."""
         if self.dataset is None:
             return _gym_examples(self.gym_families, self.max_examples_per_task)
+        if self.collection is not None:
+            return self._tasks_from_table(self.collection.table, self.dataset)
         path = Path(self.dataset).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
             return self._tasks_from_folder(path)
         return self._tasks_from_table(read_table(self.dataset), self.dataset)
+
+    @functools.cached_property
+    def collection(self) -> TaskCollection | None:
+        """The BIG-bench or Natural-Instructions collection at ``dataset``; ``None`` for the gym and tables."""
+        if self.dataset is None:
+            return None
+        return read_task_collection(self.dataset, self.max_examples_per_task, self.seed, self.family_keywords,
+                                    self.positive_examples, min_examples=self.shots + self.queries)  # fmt: skip
 
     @functools.cached_property
     def tasks(self) -> dict[str, TextTask]:
@@ -204,6 +227,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         for split in _SPLITS:
             names, chosen_families = getattr(self, f"{split}_tasks"), getattr(self, f"{split}_families")
             if names is not None:
+                names = resolve_task_names(names, tasks, self.collection, split)
                 unknown = sorted(set(names) - set(tasks))
                 if unknown:
                     raise ValueError(f"Unknown tasks {unknown} in {split}_tasks; tasks: {sorted(tasks)}.")

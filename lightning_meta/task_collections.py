@@ -1,0 +1,558 @@
+"""Task collections as users have them: BIG-bench JSON tasks and Natural-Instructions v2 task files.
+
+Both become the text-to-text datamodule's table rows, one per example: ``task``, ``family``,
+``input``, ``output`` (a list: every listed output counts as correct, the first is trained on),
+``options`` (a multiple-choice example's options, else ``None``) and ``template`` (the prompt, with
+``{input}`` where the input goes). A collection is read once, with a seeded per-task example cap,
+into a table cached under :func:`~lightning_meta.local_files.cache_dir` (``task_collections/``), so
+a second run starts in seconds. Nothing is downloaded.
+
+**BIG-bench** (``pip download --no-deps bigbench==1.0.0`` gives the source archive): the
+``dataset`` is the ``.tar.gz`` itself (read as a stream, never extracted), the extracted source
+folder, or any folder laid out like ``bigbench/benchmark_tasks`` (``NAME/task.json``, and
+``NAME/SUBTASK/task.json`` for a task with subtasks, named ``NAME:SUBTASK``). Prompts follow
+``bigbench/api/json_task.py``: ``task_prefix + example_input_prefix + input [+ choices] +
+example_output_prefix``, with its defaults (``"\\nQ: "``, ``"\\nA: "``, choices after
+``"\\n  choice: "`` in a seeded order); the datamodule writes one space between the prompt and the
+output, so the prompt's trailing spaces are dropped. ``target`` (a string or a list) gives the
+outputs; ``target_scores`` gives the options (its keys, per example) and the outputs (the options
+with the highest score). A task's family is the first of ``family_keywords`` among its keywords
+(a task with subtasks: the parent's), else ``"other"``. The ``canary`` field is never read into a
+prompt. Tasks with a ``task.py`` and no ``task.json`` (programmatic tasks) are skipped and counted.
+
+**Natural-Instructions v2**: a folder of ``taskNNN_name.json`` files (or its parent, holding
+``tasks/``). The prompt is the ``Definition`` and the first ``positive_examples`` of the
+``Positive Examples``; ``Instances`` give the inputs and their outputs; the family is the first of
+the ``Categories``.
+
+A file with bad data is skipped with one warning naming the file and the fix; the rest loads, and
+the count of skipped files is logged.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import random
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_meta.local_files import cache_dir, write_folder_atomically
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+#: BIG-bench's defaults for absent task fields (``bigbench/api/json_task.py``, ``JsonTask``).
+BIGBENCH_INPUT_PREFIX = "\nQ: "
+BIGBENCH_OUTPUT_PREFIX = "\nA: "
+BIGBENCH_CHOICE_PREFIX = "\n  choice: "
+
+#: BIG-bench keywords that name a task's family, in order of precedence: a task's family is the
+#: first of these among its keywords. They say what skill a task tests; format keywords
+#: (``multiple choice``, ``zero-shot``, ...) are left out, since they would put most tasks in one family.
+FAMILY_KEYWORDS: tuple[str, ...] = (
+    "translation", "summarization", "computer code", "algorithms", "arithmetic", "mathematics",
+    "logical reasoning", "reading comprehension", "contextual question-answering",
+    "context-free question answering", "common sense", "causal reasoning", "physical reasoning",
+    "analogical reasoning", "social reasoning", "emotional understanding", "theory of mind",
+    "word sense disambiguation", "paraphrase", "linguistics", "morphology", "multilingual",
+    "writing style", "creativity", "visual reasoning", "memorization", "truthfulness",
+    "social bias", "gender bias", "racial bias", "religious bias",
+)  # fmt: skip
+#: The family of a BIG-bench task with none of the family keywords.
+OTHER_FAMILY = "other"
+#: The preset naming BIG-bench Lite's tasks, read from the source's ``bigbench/bbseqio/bigbench_lite.py``.
+BIGBENCH_LITE = "bigbench_lite"
+#: Natural-Instructions prompt, as in the Tk-Instruct paper (definition, positive examples, input).
+NI_DEFINITION = "Definition: {definition}\n\n"
+NI_EXAMPLE = "Positive Example {number} -\nInput: {input}\nOutput: {output}\n\n"
+NI_QUERY = "Now complete the following example -\nInput: {input}\nOutput:"
+
+#: Part of the cache key: raise it when the rows a reader makes change.
+_CACHE_VERSION = 1
+_TASK_FILE = "task.json"
+_PROGRAMMATIC_FILE = "task.py"
+_TASK_FILES = (_TASK_FILE, _PROGRAMMATIC_FILE)
+_LITE_FILE = "bbseqio/bigbench_lite.py"
+_NI_FILE = re.compile(r"task\d+_.*\.json")
+COLUMNS = ("task", "family", "input", "output", "options", "template")
+
+
+@dataclass(frozen=True)
+class TaskCollection:
+    """A task collection's rows (columns :data:`COLUMNS`) and its named task lists (``bigbench_lite``)."""
+
+    kind: str  # "bigbench" or "natural_instructions"
+    source: str
+    table: Dataset
+    presets: dict[str, list[str]] = field(default_factory=dict)
+
+
+def collection_kind(path: Path) -> str | None:
+    """``"bigbench"`` or ``"natural_instructions"`` when ``path`` holds that collection, else ``None``."""
+    if path.is_file():
+        return "bigbench" if path.name.endswith((".tar.gz", ".tgz")) else None
+    if not path.is_dir():
+        return None
+    if _bigbench_root(path) is not None:
+        return "bigbench"
+    return "natural_instructions" if _ni_files(path) else None
+
+
+def read_task_collection(
+    dataset: str,
+    max_examples_per_task: int | None = None,
+    seed: int = 0,
+    family_keywords: list[str] | None = None,
+    positive_examples: int = 2,
+    min_examples: int = 1,
+) -> TaskCollection | None:
+    """The collection at ``dataset`` (``None`` when it is not one), from the cache when it was read before.
+
+    ``max_examples_per_task`` keeps a seeded sample of each task's examples (their order kept);
+    ``family_keywords`` overrides :data:`FAMILY_KEYWORDS`; ``positive_examples`` is how many of a
+    Natural-Instructions task's positive examples go into its prompt. Tasks with fewer than
+    ``min_examples`` distinct examples (an episode's ``shots + queries``) are left out and logged.
+    """
+    path = Path(dataset).expanduser()
+    kind = collection_kind(path)
+    if kind is None:
+        return None
+    if max_examples_per_task is not None and max_examples_per_task < 1:
+        raise ValueError(f"max_examples_per_task must be at least 1 or null; got {max_examples_per_task}.")
+    keywords = tuple(FAMILY_KEYWORDS if family_keywords is None else family_keywords)
+    settings = (kind, max_examples_per_task, seed, keywords if kind == "bigbench" else positive_examples)
+    cached = cache_dir() / "task_collections" / f"{path.name}-{_cache_key(path, settings)}"
+    if not (cached / "collection.json").is_file():
+        if kind == "bigbench":
+            reader = _BigBenchReader(max_examples_per_task, seed, keywords)
+            rows, summary = reader.read(path)
+        else:
+            rows, summary = _read_natural_instructions(path, max_examples_per_task, seed, positive_examples)
+        if not rows["task"]:
+            raise ValueError(f"No usable task in {dataset}: {summary['message']}")
+
+        def write(staging: Path) -> None:
+            from datasets import Dataset
+
+            Dataset.from_dict(rows).save_to_disk(str(staging))
+            (staging / "collection.json").write_text(json.dumps(summary), encoding="utf-8")
+
+        write_folder_atomically(cached, write)
+    from lightning_meta.tables import read_table
+
+    summary = json.loads((cached / "collection.json").read_text(encoding="utf-8"))
+    for problem in summary["problems"]:  # also from the cache: the data is still bad
+        rank_zero_warn(problem)
+    rank_zero_info(f"{summary['message']} (cached in {cached})")
+    table = read_table(str(cached))
+    counts = Counter(table["task"])
+    small = sorted(task for task, count in counts.items() if count < min_examples)
+    if small:
+        rank_zero_info(f"Left out {len(small)} tasks with fewer than {min_examples} examples: {small}.")
+        table = table.select([row for row, task in enumerate(table["task"]) if counts[task] >= min_examples])
+    return TaskCollection(kind, str(dataset), table, summary["presets"])
+
+
+def resolve_task_names(
+    names: list[str] | str, tasks: Collection[str], collection: TaskCollection | None, split: str
+) -> list[str]:
+    """``names`` with a preset (a string such as ``bigbench_lite``) replaced by its tasks, and a task
+    with subtasks (``NAME``) by its subtasks (``NAME:SUBTASK``); names matching nothing are kept, for
+    the caller's unknown-task error. A preset's tasks missing from ``tasks`` are left out and logged."""
+    if isinstance(names, str):
+        presets = collection.presets if collection is not None else {}
+        if names not in presets:
+            raise ValueError(
+                f"Unknown preset {names!r} in {split}_tasks; presets of this data: {sorted(presets)} "
+                f"({BIGBENCH_LITE!r} needs a BIG-bench source archive or folder). Or list task names."
+            )
+        wanted = presets[names]
+        found = [name for name in wanted if _matches(name, tasks)]
+        absent = sorted(set(wanted) - set(found))
+        if not found:
+            raise ValueError(f"None of the {len(wanted)} tasks of preset {names!r} ({split}_tasks) is in the data.")
+        if absent:
+            rank_zero_info(f"{split}_tasks={names}: {len(absent)} of its tasks are not in the data: {absent}.")
+        names = found
+    resolved: list[str] = []
+    for name in names:
+        resolved += _matches(name, tasks) or [name]
+    return sorted(set(resolved))
+
+
+def _matches(name: str, tasks: Collection[str]) -> list[str]:
+    return [name] if name in tasks else sorted(task for task in tasks if task.startswith(f"{name}:"))
+
+
+def _cache_key(path: Path, settings: tuple) -> str:
+    """Source path, size and modification time (of each task file, for a folder) and the settings."""
+    resolved = path.resolve()
+    if resolved.is_file():
+        stats = [(str(resolved), resolved.stat().st_size, resolved.stat().st_mtime_ns)]
+    else:
+        stats = [(str(file), file.stat().st_size, file.stat().st_mtime_ns)
+                 for file in sorted(resolved.rglob("*")) if file.is_file()]  # fmt: skip
+    text = json.dumps([stats, settings, _CACHE_VERSION])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sample(count: int, cap: int | None, seed: int, task: str) -> list[int]:
+    """Indices of a seeded sample of ``cap`` of ``count`` examples, in their order (all without a cap)."""
+    if cap is None or count <= cap:
+        return list(range(count))
+    return sorted(random.Random(f"{seed}:{task}").sample(range(count), cap))
+
+
+class _Rows:
+    """Columns of the table being built, and the problems found on the way."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[Any]] = {column: [] for column in COLUMNS}
+        self.problems: list[str] = []
+
+    def add(
+        self, task: str, family: str, template: str, examples: list[tuple[str, list[str], list[str] | None]]
+    ) -> None:
+        for text, outputs, options in examples:
+            for column, value in zip(COLUMNS, (task, family, text, outputs, options, template), strict=True):
+                self.columns[column].append(value)
+
+    def problem(self, message: str) -> None:
+        self.problems.append(message)
+
+
+# BIG-bench
+
+
+def _bigbench_root(folder: Path) -> Path | None:
+    """The folder of task folders: ``folder`` itself, or its ``benchmark_tasks`` inside the source tree."""
+    for candidate in (folder / "bigbench" / "benchmark_tasks", folder / "benchmark_tasks", folder):
+        if candidate.is_dir() and any(
+            (task / _TASK_FILE).is_file() or (task / _PROGRAMMATIC_FILE).is_file()
+            for task in candidate.iterdir()
+            if task.is_dir()
+        ):
+            return candidate
+    return None
+
+
+class _BadExample(ValueError):
+    """What is wrong with an example (``what``, completing "it ...") and the ``fix``."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
+
+
+@dataclass
+class _TaskFile:
+    """One ``task.json``'s examples (capped) and the fields the prompt and family need."""
+
+    keywords: list[str]
+    template: str
+    examples: list[tuple[str, list[str], list[str] | None]] | None  # None: a parent of subtasks
+
+
+class _BigBenchReader:
+    def __init__(self, cap: int | None, seed: int, family_keywords: tuple[str, ...]) -> None:
+        self.cap = cap
+        self.seed = seed
+        self.family_keywords = family_keywords
+        self.rows = _Rows()
+        self.empty = 0  # examples with an empty input or target, dropped
+
+    def read(self, path: Path) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+        """Rows and a summary (``message``, ``problems``, ``presets``) of the archive or folder at ``path``."""
+        files: set[tuple[str, ...]] = set()  # every file under the task root, as path parts
+        tasks: dict[tuple[str, ...], _TaskFile] = {}
+        lite: list[str] | None = None
+        for parts, read in _archive_members(path) if path.is_file() else _folder_members(path):
+            if parts[0] == "..":  # a file of the source tree outside the task root
+                if "/".join(parts[1:]).endswith(_LITE_FILE):
+                    lite = self._lite_names(read(), path)
+                continue
+            files.add(parts)
+            if parts[-1] == _TASK_FILE and len(parts) in (2, 3):
+                task = self._task_file(parts, read(), f"{path}: {'/'.join(parts)}")
+                if task is not None:
+                    tasks[parts[:-1]] = task
+        programmatic = self._assemble(files, tasks, path)
+        task_count = len(set(self.rows.columns["task"]))
+        message = (
+            f"BIG-bench: {task_count} tasks, {len(self.rows.columns['task'])} examples from {path}"
+            + (f" (at most {self.cap} per task)" if self.cap is not None else "")
+            + f"; skipped {programmatic} programmatic tasks (task.py, no task.json)"
+            + f", {len(self.rows.problems)} files with bad data (warned above)"
+            + f" and {self.empty} examples with an empty input or target"
+        )
+        presets = {BIGBENCH_LITE: lite} if lite is not None else {}
+        return self.rows.columns, {"message": message, "problems": self.rows.problems, "presets": presets}
+
+    def _assemble(self, files: set[tuple[str, ...]], tasks: dict[tuple[str, ...], _TaskFile], path: Path) -> int:
+        """Add each task's rows; report subtask folders without ``task.json``; count programmatic tasks."""
+        folders: dict[tuple[str, ...], set[str]] = {}
+        for parts in files:
+            for depth in (1, 2):
+                if len(parts) > depth:
+                    folders.setdefault(parts[:depth], set()).add(parts[depth] if len(parts) == depth + 1 else "/")
+        programmatic = 0
+        for folder, names in sorted(folders.items()):
+            if _TASK_FILE in names:
+                continue
+            parent = tasks.get(folder[:1]) if len(folder) == 2 else None
+            if len(folder) == 2 and (parent is None or parent.examples is not None):
+                continue  # a helper folder of a task (scripts, data), or of a programmatic task
+            if _PROGRAMMATIC_FILE in names:
+                programmatic += 1
+            elif "README.md" in names or any(name.endswith(".json") for name in names):
+                self.rows.problem(
+                    f"{path}: {'/'.join(folder)} has no {_TASK_FILE}: it looks like a task folder (it holds "
+                    f"{sorted(names - {'/'})[:3]}). Add its {_TASK_FILE}, or move the folder out of the collection."
+                )
+        for folder, task in sorted(tasks.items()):
+            name = ":".join(folder)
+            if task.examples is None:
+                if not any(len(parts) == 3 and parts[0] == folder[0] and parts[2] in _TASK_FILES for parts in files):
+                    self.rows.problem(
+                        f"{path}: {folder[0]}/{_TASK_FILE} has no 'examples' and no subtask folders "
+                        f"({folder[0]}/SUBTASK/{_TASK_FILE}). Add examples, or the subtasks' folders."
+                    )
+                continue
+            parent = tasks.get(folder[:1]) if len(folder) == 2 else None
+            keywords = parent.keywords if parent is not None else task.keywords
+            family = next((keyword for keyword in self.family_keywords if keyword in keywords), OTHER_FAMILY)
+            self.rows.add(name, family, task.template, task.examples)
+        return programmatic
+
+    def _task_file(self, parts: tuple[str, ...], raw: bytes, where: str) -> _TaskFile | None:
+        """The task in ``raw``, or ``None`` after reporting what is wrong with it."""
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return self._bad(where, f"is not valid JSON ({error})", "fix the file")
+        if not isinstance(data, dict):
+            return self._bad(where, "is not a JSON object", 'write one object {"examples": [...], ...}')
+        keywords = data.get("keywords", [])
+        keywords = [str(keyword) for keyword in keywords] if isinstance(keywords, list) else []
+        if "examples" not in data:
+            return _TaskFile(keywords, "", None) if len(parts) == 2 else self._bad(
+                where, "has no 'examples'", 'add them: [{"input": ..., "target": ...}, ...]'
+            )  # fmt: skip
+        texts = {key: data.get(key, default) for key, default in (
+            ("task_prefix", ""), ("example_input_prefix", BIGBENCH_INPUT_PREFIX),
+            ("example_output_prefix", BIGBENCH_OUTPUT_PREFIX), ("choice_prefix", BIGBENCH_CHOICE_PREFIX))}  # fmt: skip
+        not_text = [key for key, value in texts.items() if not isinstance(value, str)]
+        if not_text or not isinstance(data["examples"], list):
+            field_name = not_text[0] if not_text else "examples"
+            return self._bad(where, f"has a {field_name!r} that is not {'text' if not_text else 'a list'}",
+                             f"make {field_name!r} a {'string' if not_text else 'list of examples'}")  # fmt: skip
+        template = (texts["task_prefix"] + texts["example_input_prefix"] + "{input}"
+                    + texts["example_output_prefix"]).rstrip(" ")  # fmt: skip
+        name = ":".join(parts[:-1])
+        append_choices = data.get("append_choices_to_input", True)
+        examples: list[tuple[str, list[str], list[str] | None]] = []
+        seen: set[str] = set()
+        bad: list[tuple[int, _BadExample]] = []
+        for index, example in enumerate(data["examples"]):
+            try:
+                converted = self._example(example, index, append_choices, texts["choice_prefix"], name)
+            except _BadExample as error:
+                bad.append((index, error))
+                continue
+            if converted is None:
+                self.empty += 1
+            elif converted[0] not in seen:  # the same input twice could land in an episode's support and query
+                seen.add(converted[0])
+                examples.append(converted)
+        if bad:
+            index, first = bad[0]
+            kept_all = f"skipped {len(bad)} of its {len(data['examples'])} examples"
+            self.rows.problem(
+                f"{where}: {kept_all if examples else 'skipped the task'}: example {index} {first.what}. To use "
+                f"{'them' if len(bad) > 1 else 'it'}, {first.fix}."
+            )
+        if not examples:
+            return None
+        kept = _sample(len(examples), self.cap, self.seed, name)
+        return _TaskFile(keywords, template, [examples[index] for index in kept])
+
+    def _example(
+        self, example: Any, index: int, append_choices: bool, choice_prefix: str, name: str
+    ) -> tuple[str, list[str], list[str] | None] | None:
+        """(input, outputs, options) of one example, as BIG-bench's ``default_format_fn`` makes them (without
+        the prefixes); ``None`` for an example with an empty input or target (BIG-bench has a few)."""
+        if not isinstance(example, dict) or not isinstance(example.get("input"), str):
+            raise _BadExample("has no text 'input'", 'give every example an "input" string, or delete those examples')
+        text = example["input"]
+        scores = example.get("target_scores")
+        if scores is not None and not (
+            isinstance(scores, dict)
+            and scores
+            and all(isinstance(score, int | float) and not isinstance(score, bool) for score in scores.values())
+        ):
+            raise _BadExample("has a 'target_scores' that is not a map of options to numbers",
+                              'write it as {"option": 1, "other option": 0, ...}')  # fmt: skip
+        best = max(scores.values()) if scores else 0
+        if scores and best > 0 and (len(scores) == 1 or best > min(scores.values())):
+            options = list(scores)
+            if append_choices:
+                shuffled = sorted(options)
+                random.Random(f"{self.seed}:{name}:{index}").shuffle(shuffled)  # the right one is not always first
+                text = text + choice_prefix + choice_prefix.join(shuffled)
+            outputs, choices = [option for option in options if scores[option] == best], options
+        elif "target" in example:  # BIG-bench, too, takes the target when the scores name no correct option
+            target = example["target"]
+            outputs, choices = target if isinstance(target, list) else [target], None
+            if not all(isinstance(output, str) for output in outputs):
+                raise _BadExample("has a 'target' that is not text",
+                                  'make it a string or a list of strings ("target": "...")')  # fmt: skip
+        elif scores:
+            raise _BadExample("has a 'target_scores' with no positive score above the others (and no 'target')",
+                              "give the correct options the highest score (e.g. 1), the others 0")  # fmt: skip
+        else:
+            raise _BadExample("has neither 'target' nor 'target_scores'",
+                              'give it "target": "..." (or a list of strings), or "target_scores"')  # fmt: skip
+        outputs = [output for output in outputs if output.strip()]
+        return (text, outputs, choices) if text.strip() and outputs else None
+
+    def _bad(self, where: str, what: str, fix: str) -> None:
+        self.rows.problem(f"Skipped {where}: it {what}. To use it, {fix}.")
+
+    def _lite_names(self, raw: bytes, path: Path) -> list[str] | None:
+        """BIG-bench Lite's task names: the last list in ``BIGBENCH_LITE_TASK_NAMES`` (a literal, read, never run)."""
+        try:
+            tree = ast.parse(raw.decode("utf-8"))
+            for node in tree.body:
+                if isinstance(node, ast.Assign) and any(
+                    isinstance(target, ast.Name) and target.id == "BIGBENCH_LITE_TASK_NAMES" for target in node.targets
+                ):
+                    versions = ast.literal_eval(node.value)
+                    return [str(name) for name in list(versions.values())[-1]]
+        except (SyntaxError, ValueError, UnicodeDecodeError, AttributeError, IndexError):
+            pass
+        self.rows.problem(f"{path}: cannot read the BIG-bench Lite task list in {_LITE_FILE}; the preset "
+                          f"{BIGBENCH_LITE!r} is unavailable (list test_tasks by name instead).")  # fmt: skip
+        return None
+
+
+def _archive_members(archive: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes]]]:
+    """(parts below ``benchmark_tasks``, reader) of each file of a BIG-bench source archive, in one pass;
+    parts start with ``..`` for files elsewhere (``bigbench/bbseqio/...``)."""
+    try:
+        with tarfile.open(archive, "r|*") as members:  # a stream: each member is read once, in order
+            for member in members:
+                head, marker, tail = member.name.partition("/benchmark_tasks/")
+                parts = tuple(tail.split("/")) if marker else ("..", *member.name.split("/"))
+                if not member.isfile() or (marker and _hidden(parts)):
+                    continue
+                yield parts, lambda member=member: members.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ValueError(
+            f"Cannot read {archive} as a .tar.gz archive ({error}). Download it again "
+            "(pip download --no-deps bigbench==1.0.0), or give the extracted folder."
+        ) from error
+
+
+def _folder_members(folder: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes]]]:
+    """Like :func:`_archive_members`, for an extracted source tree or a folder of task folders."""
+    root = _bigbench_root(folder)
+    for file in sorted(root.rglob("*")):
+        if file.is_file() and not _hidden(file.relative_to(root).parts):
+            yield file.relative_to(root).parts, file.read_bytes
+    lite = root.parent / _LITE_FILE
+    if lite.is_file():
+        yield ("..", *lite.parts), lite.read_bytes
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    """Dot files and Python's own (``__init__.py``, ``__pycache__``): never task data."""
+    return any(part.startswith((".", "__")) for part in parts)
+
+
+# Natural-Instructions v2
+
+
+def _ni_files(folder: Path) -> list[Path]:
+    """The Natural-Instructions task files in ``folder`` (or its ``tasks/``): files ``taskNNN_name.json``
+    whose opening holds a ``"Definition"``."""
+    for candidate in (folder / "tasks", folder):
+        files = sorted(file for file in candidate.glob("task*.json") if _NI_FILE.fullmatch(file.name))
+        if files:
+            with files[0].open("rb") as opening:
+                if b'"Definition"' in opening.read(1 << 16):
+                    return files
+    return []
+
+
+def _read_natural_instructions(
+    folder: Path, cap: int | None, seed: int, positive_examples: int
+) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    rows = _Rows()
+    files = _ni_files(folder)
+    for file in files:
+        problem = _ni_task(file, rows, cap, seed, positive_examples)
+        if problem is not None:
+            rows.problem(f"Skipped {file}: {problem}.")
+    message = (
+        f"Natural Instructions: {len(set(rows.columns['task']))} tasks, {len(rows.columns['task'])} examples from "
+        f"{folder}"
+        + (f" (at most {cap} per task)" if cap is not None else "")
+        + f"; skipped {len(rows.problems)} files with bad data"
+    )
+    return rows.columns, {"message": message, "problems": rows.problems, "presets": {}}
+
+
+def _ni_task(file: Path, rows: _Rows, cap: int | None, seed: int, positive_examples: int) -> str | None:
+    """Add the task in ``file`` to ``rows``; or what is wrong with it and the fix."""
+    try:
+        data = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"it is not valid JSON ({error}). Fix the file"
+    if not isinstance(data, dict):
+        return "it is not a JSON object. Write one object with Definition, Positive Examples, Instances"
+    definition = data.get("Definition")
+    definition = [definition] if isinstance(definition, str) else definition
+    if not isinstance(definition, list) or not definition or not all(isinstance(part, str) for part in definition):
+        return 'its "Definition" is not text. Make it a list of strings, ["Given a ..., answer ..."]'
+    demonstrations = [example for example in data.get("Positive Examples") or [] if isinstance(example, dict)]
+    prompt = NI_DEFINITION.format(definition=" ".join(part.strip() for part in definition))
+    for number, example in enumerate(demonstrations[:positive_examples], 1):
+        if not isinstance(example.get("input"), str) or not isinstance(example.get("output"), str):
+            return f'its positive example {number} lacks a text "input" or "output". Fix it, or use positive_examples=0'
+        prompt += NI_EXAMPLE.format(number=number, input=example["input"].strip(), output=example["output"].strip())
+    template = prompt + NI_QUERY
+    instances = data.get("Instances")
+    if not isinstance(instances, list) or not instances:
+        return 'it has no "Instances". Add them: [{"id": ..., "input": ..., "output": [...]}, ...]'
+    examples: list[tuple[str, list[str], list[str] | None]] = []
+    seen: set[str] = set()
+    for index, instance in enumerate(instances):
+        text = instance.get("input") if isinstance(instance, dict) else None
+        outputs = instance.get("output") if isinstance(instance, dict) else None
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        if (
+            not isinstance(text, str)
+            or not text.strip()
+            or not isinstance(outputs, list)
+            or not outputs
+            or not all(isinstance(output, str) for output in outputs)
+        ):
+            return f'its instance {index} lacks a text "input" or a list of "output" strings. Fix or delete it'
+        if text not in seen:
+            seen.add(text)
+            examples.append((text, outputs, None))
+    categories = data.get("Categories")
+    family = str(categories[0]) if isinstance(categories, list) and categories else OTHER_FAMILY
+    name = file.stem
+    rows.add(name, family, template, [examples[index] for index in _sample(len(examples), cap, seed, name)])
+    return None
