@@ -55,7 +55,8 @@ class CausalLMLearner(Learner):
 
     Args:
         pretrained: a local ``save_pretrained`` folder, ``pkg:NAME[/sub/dir]`` for an installed
-            data package holding one, or a hub id in the local Hugging Face cache; ``None`` builds the model from ``model_config``.
+            data package holding one, or a hub id in the local Hugging Face cache; ``None`` builds
+            the model from ``model_config``.
         model_config: a Hugging Face config as a dict with ``model_type``
             (``{"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}``); the vocabulary
             size and special-token ids come from ``tokenizer`` unless given.
@@ -121,6 +122,7 @@ class CausalLMLearner(Learner):
         self.attn_implementation = attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
         self.dtype_name = dtype
+        self.trust_remote_code = trust_remote_code
 
     @property
     def dtype(self) -> str:  # the constructor argument, for configs and checkpoints
