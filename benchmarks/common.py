@@ -75,12 +75,17 @@ def paired_rows(curves: dict[str, dict[int, Tensor]], reference: str, columns: S
 # ---------------------------------------------------------------------------------- trainer
 
 
-def benchmark_trainer(max_steps: int = -1, **options: Any) -> lightning.Trainer:
-    """A ``lightning.Trainer`` for benchmark runs: CPU, one device, no logger, checkpoints, progress bar,
-    model summary or validation, unless ``options`` say otherwise; Lightning's info messages silenced."""
+def quiet_lightning() -> None:
+    """Silence Lightning's info messages (a level set higher already stays)."""
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.setLevel(max(logger.level, logging.WARNING))
+
+
+def benchmark_trainer(max_steps: int = -1, **options: Any) -> lightning.Trainer:
+    """A ``lightning.Trainer`` for benchmark runs: CPU, one device, no logger, checkpoints, progress bar,
+    model summary or validation, unless ``options`` say otherwise; Lightning's info messages silenced."""
+    quiet_lightning()
     settings = {
         "logger": False,
         "enable_checkpointing": False,

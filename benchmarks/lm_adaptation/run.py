@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    common.quiet_lightning()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning 2.6 vs torch 2.13 deprecation notice
     warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")  # peft 0.21 vs transformers 5 notice
