@@ -290,12 +290,24 @@ class MetaAlgorithm(nn.Module, ABC):
 
         vmap is exact only for learners without in-place buffer updates, random operations or
         data-dependent control flow (:meth:`Learner.vmap_refusal`). Second-order meta-gradients
-        through normalization layers are refused: vmap gets them wrong (LayerNorm; torch 2.13 and
-        2.14, float64 too). Algorithms whose task loss cannot run under vmap override this.
+        are refused when a normalization layer's weight is a fast weight: vmap gets them wrong
+        (LayerNorm; torch 2.13 and 2.14, float64 too). Normalization layers of the shared base
+        (LoRA or a head as the fast weights) are exact: there only the fast weights and the
+        activations carry the task dimension. Algorithms whose task loss cannot run under vmap
+        override this.
         """
         reason = learner.vmap_refusal()
-        if reason is None and self.second_order() and any(map(is_normalization, learner.model.modules())):
-            reason = "second-order meta-gradients through normalization layers (LayerNorm) come out wrong under vmap"
+        if reason is None and self.second_order():
+            fast = set(self.fast_weights(learner))
+            norms = [(name, module) for name, module in learner.model.named_modules() if is_normalization(module)]
+            normalized = [f"{name}.{weight}".removeprefix(".") for name, module in norms
+                          for weight, _ in module.named_parameters(recurse=False)]  # fmt: skip
+            adapted = [name for name in normalized if name in fast]
+            if adapted:
+                reason = (
+                    f"second-order meta-gradients with a normalization layer's weight as a fast weight ({adapted[0]}) "
+                    "come out wrong under vmap"
+                )
         return reason
 
     def meta_loss(self, learner: Learner, batch: TaskBatch, *, meta_batch: MetaBatch = "auto") -> MetaLoss:
