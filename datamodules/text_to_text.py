@@ -24,7 +24,7 @@ from lightning_meta.tasks import (
     IGNORE_INDEX,
     Episode,
 )
-from lightning_meta.tokenization import load_tokenizer
+from lightning_meta.tokenization import load_tokenizer, required_tokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -72,7 +72,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     (:class:`EpisodicDataModule`).
 
     Args:
-        tokenizer: ``embedded-bpe-4096`` (ships with the package), a local tokenizer folder or ``pkg:NAME/dir``.
+        tokenizer: ``embedded-bpe-4096`` (ships with the package), a local tokenizer folder or ``pkg:NAME/dir``;
+            required (the CLI gives the learner's when unset).
         dataset: ``None`` for the built-in offline task gym (:mod:`lightning_meta.task_gym`); a
             table (``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a ``save_to_disk``
             folder) with one row per example; a folder holding one table per task (the task is
@@ -102,6 +103,9 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         max_length: tokens per example (prompt, output and end token; longer ones are an error).
         truncate_inputs: shorten the input of an example that is too long instead of raising
             (the output is never shortened).
+        skip_long_examples: leave out, instead of raising, the examples that stay longer than
+            ``max_length`` (with ``truncate_inputs``: those whose fixed prompt alone leaves no room),
+            and the tasks with fewer than ``shots + queries`` examples that fit; both are logged.
         max_examples_per_task: use at most this many examples of each task (the first ones; of a
             task collection, a sample drawn with ``seed``).
         family_keywords: BIG-bench keywords that give a task's family, first match wins (default
@@ -113,7 +117,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
 
     def __init__(
         self,
-        tokenizer: str = "embedded-bpe-4096",
+        tokenizer: str | None = None,
         dataset: str | None = None,
         task_column: str = "task",
         input_column: str = "input",
@@ -131,6 +135,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         queries: int = 4,
         max_length: int = 64,
         truncate_inputs: bool = False,
+        skip_long_examples: bool = False,
         max_examples_per_task: int | None = None,
         family_keywords: list[str] | None = None,
         positive_examples: int = 2,
@@ -148,7 +153,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         if shots < 1 or queries < 1 or max_length < 4:
             raise ValueError(f"Need shots >= 1, queries >= 1, max_length >= 4; got {shots}, {queries}, {max_length}.")
         check_template(template)
-        self.tokenizer = tokenizer
+        self.tokenizer = required_tokenizer(tokenizer, type(self).__name__)
         self.dataset = dataset
         self.task_column = task_column
         self.input_column = input_column
@@ -166,6 +171,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.queries = queries
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
+        self.skip_long_examples = skip_long_examples
         self.max_examples_per_task = max_examples_per_task
         self.family_keywords = family_keywords
         self.positive_examples = positive_examples
@@ -204,11 +210,18 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         if self.dataset is None:
             families = tuple(self.gym_families) if self.gym_families is not None else None
             tasks = _tokenized_gym(self.tokenizer, families, self.max_length, self.truncate_inputs,
-                                   self.max_examples_per_task)  # fmt: skip
+                                   self.max_examples_per_task, self.skip_long_examples)  # fmt: skip
         else:
-            tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs)
+            tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs,
+                              self.skip_long_examples)  # fmt: skip
         needed = self.shots + self.queries
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
+        if small and self.skip_long_examples:
+            rank_zero_info(
+                f"Text-to-text tasks: left out {len(small)} tasks with fewer than shots + queries = {needed} examples "
+                f"that fit max_length={self.max_length}: {sorted(small)}."
+            )
+            return {name: task for name, task in tasks.items() if name not in small}
         if small:
             raise ValueError(
                 f"Tasks with fewer than shots + queries = {needed} distinct examples: {small}. Lower shots or queries, "
@@ -408,10 +421,15 @@ class TextToTextTasksDataModule(EpisodicDataModule):
 
 @functools.lru_cache(maxsize=4)
 def _tokenized_gym(
-    tokenizer: str, families: tuple[str, ...] | None, max_length: int, truncate_inputs: bool, limit: int | None
+    tokenizer: str,
+    families: tuple[str, ...] | None,
+    max_length: int,
+    truncate_inputs: bool,
+    limit: int | None,
+    skip_long_examples: bool,
 ) -> dict[str, TextTask]:
     examples = _gym_examples(list(families) if families is not None else None, limit)
-    return _tokenize(examples, tokenizer, max_length, truncate_inputs)
+    return _tokenize(examples, tokenizer, max_length, truncate_inputs, skip_long_examples)
 
 
 def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, dict[str, Any]]:
@@ -430,13 +448,25 @@ def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, di
 
 
 def _tokenize(
-    examples: dict[str, dict[str, Any]], tokenizer_name: str, max_length: int, truncate_inputs: bool
+    examples: dict[str, dict[str, Any]],
+    tokenizer_name: str,
+    max_length: int,
+    truncate_inputs: bool,
+    skip_long_examples: bool = False,
 ) -> dict[str, TextTask]:
+    """Every task's examples as tensors; with ``skip_long_examples`` those that do not fit are left out
+    (a task none of whose examples fits, too), with one log line."""
     tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"Tokenizer {tokenizer_name!r} has no end-of-text token to end each output with.")
-    encoder = _Encoder(tokenizer, max_length, truncate_inputs)
+    encoder = _Encoder(tokenizer, max_length, truncate_inputs, skip_long_examples)
     tasks = {name: encoder.encode(name, task) for name, task in examples.items()}
+    if encoder.skipped:
+        rank_zero_info(
+            f"Text-to-text tasks: left out {sum(encoder.skipped.values())} examples longer than "
+            f"max_length={max_length}, by task: {encoder.skipped}."
+        )
+    tasks = {name: task for name, task in tasks.items() if task is not None}
     options = max((len(task.choice_input_ids[0]) for task in tasks.values() if task.answer is not None), default=0)
     if options:
         tasks = {name: _with_options(task, options, max_length) for name, task in tasks.items()}
@@ -465,17 +495,20 @@ def check_template(template: str, where: str = "template") -> str:
 class _Encoder:
     """Tokenizes examples into padded rows: prompt, `` output``, end token."""
 
-    def __init__(self, tokenizer: Any, max_length: int, truncate_inputs: bool) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, truncate_inputs: bool, skip_long: bool = False) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
+        self.skip_long = skip_long
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.truncated = 0
+        self.skipped: dict[str, int] = {}  # examples left out (too long), by task
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    def encode(self, name: str, task: dict[str, Any]) -> TextTask:
+    def encode(self, name: str, task: dict[str, Any]) -> TextTask | None:
+        """The task's examples as tensors; ``None`` when none fits and long examples are skipped."""
         prompts = [
             template.replace(INPUT_FIELD, text)
             for template, text in zip(task["templates"], task["inputs"], strict=True)
@@ -492,6 +525,17 @@ class _Encoder:
             self._fit(name, row, prompt, task, max(len(ids) for ids in [*answers, *rows]))
             for row, (prompt, answers, rows) in enumerate(zip(self.ids(prompts), outputs, choice_ids, strict=True))
         ]
+        kept = [row for row, ids in enumerate(prompt_ids) if ids is not None]
+        if len(kept) < len(prompt_ids):
+            self.skipped[name] = len(prompt_ids) - len(kept)
+            if not kept:
+                return None
+            task = {"family": task["family"]} | {
+                key: [task[key][row] for row in kept] for key in ("templates", "inputs", "outputs", "options")
+            }
+            prompt_ids, outputs, choices, choice_ids = (
+                [values[row] for row in kept] for values in (prompt_ids, outputs, choices, choice_ids)
+            )
         input_ids, attention_mask, labels = self._rows(prompt_ids, [answers[0] for answers in outputs])
         result = TextTask(name, task["family"], input_ids, attention_mask, labels)
         width = max(map(len, choices))
@@ -514,8 +558,11 @@ class _Encoder:
             ])  # fmt: skip
         return result
 
-    def _fit(self, name: str, row: int, prompt: list[int], task: dict[str, Any], answer_length: int) -> list[int]:
-        """The prompt's ids, with the input shortened when allowed and needed to leave room for the answer."""
+    def _fit(
+        self, name: str, row: int, prompt: list[int], task: dict[str, Any], answer_length: int
+    ) -> list[int] | None:
+        """The prompt's ids, with the input shortened when allowed and needed to leave room for the answer
+        (``None``: it does not fit, and long examples are skipped)."""
         room = self.max_length - answer_length
         if len(prompt) <= room:
             return prompt
@@ -524,6 +571,8 @@ class _Encoder:
         text = self.ids([task["inputs"][row]])[0]
         budget = room - len(prefix) - len(suffix)
         if not self.truncate_inputs or budget < 1:
+            if self.skip_long:
+                return None
             raise ValueError(
                 f"Example {row} of task {name!r} is {len(prompt) + answer_length} tokens long (prompt {len(prompt)}, "
                 f"output or longest option {answer_length}), more than max_length={self.max_length}. Raise max_length "

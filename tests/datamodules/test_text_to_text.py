@@ -311,3 +311,26 @@ def test_repeated_inputs_with_other_outputs_are_kept_as_several_correct_outputs_
     )
     task = module.tasks["t"]
     assert int(task.answer[0]) == 1 and task.correct[0].tolist() == [True, True]
+
+
+def test_skip_long_examples_leaves_out_what_does_not_fit_and_logs_it(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    # A fixed prompt longer than max_length cannot be cut to fit: an error, or with the option left out.
+    long = {"template": "Read this long instruction first. " * 4 + "{input}"}
+    # Examples 0 and 1 of task t1 (rows 12, 13) and every example of t2 (rows 24-35) get the long prompt.
+    path = write_tasks(tmp_path, **{f"row{row}": long for row in (12, 13, *range(24, 36))})
+    with pytest.raises(ValueError, match="Example 0 of task 't1'"):
+        datamodule(path, truncate_inputs=True)
+    module = datamodule(path, truncate_inputs=True, skip_long_examples=True)
+    assert "t2" not in module.tasks  # every example of t2 is too long
+    assert len(module.tasks["t1"]) == 10 and len(module.tasks["t0"]) == 12
+    labels = module.tasks["t1"].labels[0]
+    assert load_tokenizer(TOKENIZER).decode(labels[labels != IGNORE_INDEX][:-1]) == " cat"  # example 2's output
+    assert "left out 14 examples longer than max_length=40, by task: {'t1': 2, 't2': 12}" in "\n".join(logged)
+    # A task left with fewer examples than an episode needs is left out too.
+    module = datamodule(path, truncate_inputs=True, skip_long_examples=True, shots=8, queries=3)
+    assert "t1" not in module.tasks and "t0" in module.tasks
+    assert "left out 1 tasks with fewer than shots + queries = 11 examples that fit max_length=40: ['t1']" in "\n".join(
+        logged
+    )
