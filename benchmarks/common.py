@@ -99,6 +99,27 @@ def benchmark_trainer(max_steps: int = -1, **options: Any) -> lightning.Trainer:
     return lightning.Trainer(max_steps=max_steps, **settings | options)
 
 
+class RealTokenBudget(lightning.Callback):
+    """Stops training once the steps so far ran ``budget`` real (unpadded) tokens through forward + backward.
+
+    Per step: ``support_passes`` times the support's real tokens plus ``query_passes`` times the
+    query's (FOMAML with 2 inner steps: 2 and 1; MetaICL: each query runs after the whole support, so
+    ``queries`` and 1). Counted from the batch's attention masks after each step (one host sync per step).
+    """
+
+    def __init__(self, budget: int, support_passes: int, query_passes: int) -> None:
+        self.budget, self.support_passes, self.query_passes = budget, support_passes, query_passes
+        self.tokens = 0
+
+    def on_train_batch_end(  # noqa: D102
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any, batch: TaskBatch,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        support, query = (int(split["attention_mask"].sum()) for split in (batch.support, batch.query))
+        self.tokens += self.support_passes * support + self.query_passes * query
+        trainer.should_stop = self.tokens >= self.budget
+
+
 # --------------------------------------------------------------------------- adaptation curves
 
 

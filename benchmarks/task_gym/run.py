@@ -96,21 +96,6 @@ def methods() -> dict[str, Method]:
     }
 
 
-def real_token_budget(method: Method, budget: int):
-    """A callback that stops training once the steps so far ran ``budget`` real tokens (counted per step)."""
-    import lightning
-
-    class RealTokenBudget(lightning.Callback):
-        tokens = 0
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-            support, query = (int(split["attention_mask"].sum()) for split in (batch.support, batch.query))
-            self.tokens += method.support_passes * support + method.query_passes * query
-            trainer.should_stop = self.tokens >= budget
-
-    return RealTokenBudget()
-
-
 def make_learner(model: str):
     from lightning_meta import CausalLMLearner, LoraSettings
 
@@ -167,7 +152,9 @@ def run_one(
         optimizer = lambda params: torch.optim.AdamW(params, lr=MODELS[model]["meta_lr"], weight_decay=0.01)  # noqa: E731
         module = MetaLearningModule(learner, method.make_algorithm(), optimizer=optimizer)
         trainer = common.benchmark_trainer(
-            max_epochs=-1, callbacks=[real_token_budget(method, budget)], log_every_n_steps=10
+            max_epochs=-1,
+            callbacks=[common.RealTokenBudget(budget, method.support_passes, method.query_passes)],
+            log_every_n_steps=10,
         )
         start = time.perf_counter()
         trainer.fit(module, datamodule=make_datamodule(model, SHOTS, seed))

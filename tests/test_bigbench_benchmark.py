@@ -1,0 +1,49 @@
+"""The BIG-bench benchmark end to end in its smoke mode (tiny BIG-bench-format files it writes itself, a
+tiny random GPT-2): every arm writes its result files, and a rerun skips the finished arms."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "bigbench" / "run.py"
+ARMS = ["base-seed0", "multitask-seed0", "metaicl-seed0", "fomaml_lora-seed0"]
+
+
+def smoke(tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", LIGHTNING_META_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, str(RUN), "--smoke", "--workers", "0", "--seeds", "0", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_smoke_run_writes_every_arm_and_a_rerun_skips_them(tmp_path):
+    first = smoke(tmp_path)
+    out = tmp_path / "out"
+    evaluations = {arm: json.loads((out / f"eval-{arm}.json").read_text()) for arm in ARMS}
+    for arm, result in evaluations.items():
+        assert result["complete"], arm
+        # The long-prompt task and the programmatic one are left out, with the reason.
+        assert sorted(result["tasks"]) == ["lite_choice", "lite_generative"]
+        assert "fixed prompt is longer" in result["left_out"]["lite_long"]
+        assert "no task.json" in result["left_out"]["lite_py"]
+        rows = result["tasks"]["lite_choice"]["rows"]
+        in_context = {"in context K=0", "in context K=1", "in context K=2"}
+        assert set(rows) == in_context | ({"SGD K=2"} if "metaicl" not in arm else set())
+        assert all(len(values) == 2 for row in rows.values() for values in row.values())  # 2 episodes per task
+        assert 0 < result["tasks"]["lite_choice"]["chance"] < 1 and result["tasks"]["lite_generative"]["chance"] == 0
+    for arm in ARMS[1:]:  # trained arms: equal real-token budgets, reached
+        train = json.loads((out / f"train-{arm}.json").read_text())
+        assert train["steps"] > 0 and train["tokens"] >= train["settings"]["budget"]
+    # Every arm is measured on the same fixed episodes.
+    assert len({json.dumps(r["tasks"]["lite_choice"]["chance"]) for r in evaluations.values()}) == 1
+    assert "accuracy − MultiTask, paired by episode" in first.stdout
+    assert (out / "bigbench.png").exists()
+    written = {path.name: path.stat().st_mtime_ns for path in out.glob("*.json")}
+    second = smoke(tmp_path)
+    assert all(f"skip {arm}: finished" in second.stdout for arm in ARMS)
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.json")} == written
