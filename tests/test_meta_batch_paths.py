@@ -254,3 +254,22 @@ def test_auto_decides_again_when_the_training_mode_changes():
     torch.manual_seed(1)
     expected = algorithm.meta_loss(learner, batch, meta_batch="task_by_task").loss
     torch.testing.assert_close(found, expected)
+
+
+def test_the_speed_benchmarks_reproduction_of_todays_code_gives_the_same_figures():
+    """W3 times today's code by padding back to max_length and scoring each option by a full forward:
+    the same scores and losses as the library's, so only the cost differs."""
+    from test_option_scoring import MODELS, TOKENIZER, choices
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "speed" / "run.py"), run_name="bench")
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=MODELS["llama"], tokenizer=TOKENIZER, dtype="float64")
+    ids, mask, labels = choices()
+    expected = learner.option_scores(ids, mask, labels)
+    found = bench["full_forward_option_scores"](learner, ids, mask, labels)
+    for value, reference in zip(found, expected, strict=True):
+        torch.testing.assert_close(value, reference)
+    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0]}
+    padded = bench["padded_to"](split, 40)
+    assert padded["input_ids"].shape == (3, 40) and bool((padded["labels"][:, 16:] == -100).all())
+    torch.testing.assert_close(learner.loss(padded)[0], learner.loss(split)[0])

@@ -87,6 +87,37 @@ def test_bf16_mixed_keeps_fast_weights_and_updates_in_float32(make_algorithm):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in learner.parameters())
 
 
+@pytest.mark.parametrize("meta_batch", ["task_by_task", "vmap"])
+@pytest.mark.parametrize("make_algorithm", [lambda: MAML(inner_lr=0.01), FOMAML, Reptile])
+def test_bf16_mixed_keeps_lora_fast_weights_inner_gradients_and_updates_in_float32(make_algorithm, meta_batch):
+    config = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 32}  # fmt: skip
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
+                              attn_implementation="eager")  # fmt: skip
+    algorithm = make_algorithm()
+    rule, seen = algorithm.inner_update(), []
+
+    def recording(step, weights, gradients):  # noqa: ANN001, ANN202
+        updated = rule(step, weights, gradients)
+        seen.extend(tensor.dtype for tensor in (*weights.values(), *gradients.values(), *updated.values()))
+        return updated
+
+    algorithm.inner_update = lambda training=True: recording
+    ids = torch.randint(0, 500, (2, 4, 10), generator=torch.Generator().manual_seed(0))
+    split = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    from lightning_meta import TaskBatch
+
+    batch = TaskBatch(support=split, query={name: tensor.flip(1) for name, tensor in split.items()})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = algorithm.meta_loss(learner, batch, meta_batch=meta_batch).loss
+    assert seen and set(seen) == {torch.float32}  # fast weights, inner gradients, updated weights
+    learner.zero_grad(set_to_none=True)
+    loss.backward()
+    lora = [p for name, p in learner.named_parameters() if "lora_" in name]
+    assert lora and all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+
+
 @pytest.mark.parametrize("make_algorithm", [lambda: MAML(inner_lr=0.01), FOMAML, Reptile, ProtoNet])
 def test_bf16_mixed_trains_every_algorithm(make_algorithm):
     torch.manual_seed(0)
