@@ -20,7 +20,7 @@ from lightning_meta.tables import (
     reencode_command,
 )
 from lightning_meta.tasks import Episode
-from lightning_meta.tokenization import load_tokenizer
+from lightning_meta.tokenization import load_tokenizer, required_tokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -43,7 +43,7 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
 
     Args:
         tokenizer: ``embedded-bpe-4096`` (ships with the package), ``embedded-bpe-N`` (trained and cached),
-            a local tokenizer folder or ``pkg:NAME/dir``.
+            a local tokenizer folder or ``pkg:NAME/dir``; required (the CLI gives the learner's when unset).
         corpus: ``None`` for the embedded corpus (Python's standard-library code by package, its
             language reference, its docstrings); a folder of text files (one domain per file, or per
             sub-folder; hidden and binary files are left out); or a table with a ``domain_column``:
@@ -64,7 +64,7 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
 
     def __init__(
         self,
-        tokenizer: str = "embedded-bpe-4096",
+        tokenizer: str | None = None,
         corpus: str | None = None,
         text_column: str = "text",
         domain_column: str | None = None,
@@ -87,7 +87,7 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         )
         if block_size < 2 or shots < 1 or queries < 1:
             raise ValueError(f"Need block_size >= 2, shots >= 1, queries >= 1; got {block_size}, {shots}, {queries}.")
-        self.tokenizer = tokenizer
+        self.tokenizer = required_tokenizer(tokenizer, type(self).__name__)
         self.corpus = corpus
         self.text_column = text_column
         self.domain_column = domain_column

@@ -31,7 +31,7 @@ from lightning_meta.datamodules.language_modeling import (
     tokenize_documents,
 )
 from lightning_meta.tables import is_saved_dataset, read_table
-from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
+from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_tokenizer, required_tokenizer
 
 #: Snapshots of the stream position kept per rank (Lightning prefetches a batch or two ahead).
 _KEPT_POSITIONS = 64
@@ -42,7 +42,8 @@ class PackedTextDataModule(LightningDataModule):
 
     Args:
         tokenizer: ``embedded-bpe-4096`` (ships with the package), ``embedded-bpe-N``, a local tokenizer
-            folder (an exported model folder holds one) or ``pkg:NAME/dir``.
+            folder (an exported model folder holds one) or ``pkg:NAME/dir``; required (``lightning-meta
+            pretrain`` gives the model's when unset).
         corpus: ``None`` for the embedded corpus (Python's standard library by domain); a folder of text
             files; or a table: a ``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a
             ``save_to_disk`` folder (the readers of :func:`~lightning_meta.datamodules.language_modeling.read_corpus`).
@@ -66,7 +67,7 @@ class PackedTextDataModule(LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str = "embedded-bpe-4096",
+        tokenizer: str | None = None,
         corpus: str | None = None,
         text_column: str = "text",
         domain_column: str | None = None,
@@ -97,7 +98,7 @@ class PackedTextDataModule(LightningDataModule):
                 "streaming=True needs num_workers=0: the stream position saved in checkpoints is tracked in this "
                 f"process (got num_workers={num_workers})."
             )
-        self.tokenizer = tokenizer
+        self.tokenizer = required_tokenizer(tokenizer, type(self).__name__)
         self.corpus = corpus
         self.text_column = text_column
         self.domain_column = domain_column

@@ -259,6 +259,14 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                 )
             held_out[split] = sorted(name for name, family in families.items() if family in set(chosen_families))
             held_out_families[split] = sorted(chosen_families)
+        if {name for names in held_out.values() for name in names} == set(tasks):
+            given = [f"{split}_{kind}" for split in _SPLITS for kind in ("tasks", "families")
+                     if getattr(self, f"{split}_{kind}") is not None]  # fmt: skip
+            among = f"families: {', '.join(known_families)}" if known_families else "tasks"
+            raise ValueError(
+                f"{' and '.join(given) or 'The held-out splits'} take every one of the {len(tasks)} tasks: no training "
+                f"task is left. Hold out fewer ({among}), or add tasks."
+            )
         drawn = [split for split in _SPLITS if split not in held_out]
         if drawn:  # too few families: a seeded draw of tasks
             shuffled = _shuffled(sorted(tasks), self.seed)

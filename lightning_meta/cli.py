@@ -19,6 +19,7 @@ from lightning import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_meta
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
@@ -67,9 +68,22 @@ def packaged_config(name: str) -> Path:
 
 
 class MetaArgumentParser(LightningArgumentParser):
-    """Adds the known algorithm names to errors about an unknown ``--model.algorithm``."""
+    """Adds the known algorithm names to errors about an unknown ``--model.algorithm``, and says to quote
+    a text option that YAML read as a mapping.
+
+    Args:
+        command_line: the arguments as typed, to quote the user's own text back in errors.
+    """
+
+    def __init__(self, *args: Any, command_line: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.command_line = command_line or []
 
     def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 (NoReturn in the base)
+        text_as_mapping = _text_read_as_mapping(message, self.command_line) if self.exit_on_error else None
+        if text_as_mapping is not None:
+            sys.stderr.write(f"lightning-meta: error: {text_as_mapping}\n")
+            self.exit(2)
         if _is_unknown_algorithm(message):
             names = sorted({cls.__name__ for cls in algorithms.available().values()})
             message += (
@@ -86,6 +100,31 @@ def _is_unknown_algorithm(message: str) -> bool:
         "does not correspond to a subclass" in message
     )
     return about_algorithm and unresolved and "Problem with given class_path" not in message
+
+
+#: jsonargparse's wording (4.53) when a text option is given a value that YAML parses as a mapping.
+_TEXT_GOT_MAPPING = re.compile(r'Parser key "([\w.]+)":\s+Expected a <class \'str\'>\. Got value: (\{.*\})')
+
+
+def _text_read_as_mapping(message: str, command_line: list[str]) -> str | None:
+    """One line saying to quote the text, when ``message`` is about a text option that got a mapping."""
+    match = _TEXT_GOT_MAPPING.search(message)
+    if match is None:
+        return None
+    key, mapping = match.groups()
+    names = [arg[2:].split("=", 1)[0] for arg in command_line if arg.startswith("--")]
+    name = next((name for name in names if name == key or name.endswith(f".{key}")), None)
+    value = None if name is None else _argument_value(command_line, f"--{name}")
+    if name is None or value is None or "." not in name:  # not typed as --parent.key=value
+        return f"{key} got the mapping {mapping}: YAML reads ': ' and braces as a mapping; quote the text ('...')."
+    parent, key = name.rsplit(".", 1)
+    quoted = value.replace("'", "''")
+    # Quotes around the value itself would stay in the text (jsonargparse keeps a str option's quotes).
+    return (
+        f"--{name} got the mapping {mapping}: the command line reads this option as YAML, where ': ' and braces "
+        f"make a mapping. Give the text quoted inside its parent: --{parent}=\"{{{key}: '{quoted}'}}\" (or in a "
+        f"config file: {key}: '{quoted}')."
+    )
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -116,6 +155,12 @@ class MetaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._threads = use_cli_threads()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        link_data_tokenizer(config, self.model_tokenizer(config))
+
+    def model_tokenizer(self, config: Namespace) -> str | None:
+        """The tokenizer the model reads: the learner's ``tokenizer`` (``None``: it has none)."""
+        return config.get("model.learner.init_args.tokenizer")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's, with :class:`MetaProgressBar` unless the bar is off or the user chose one."""
@@ -124,7 +169,10 @@ class MetaCLI(LightningCLI):
         chosen = list(chosen) if isinstance(chosen, list) else [chosen]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
             kwargs["callbacks"] = [*chosen, MetaProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # a bad --trainer option: Lightning's message says which
+            raise ValueError(f"--trainer options: {error}") from error
 
     def before_fit(self) -> None:
         announce_run(self.subcommand, self.trainer, self.model, self.datamodule, self._threads)
@@ -195,6 +243,16 @@ class MetaCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and self.trainer.state.finished:
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def link_data_tokenizer(config: Namespace, tokenizer: str | None) -> None:
+    """Give the data the model's ``tokenizer`` when the config leaves the data's unset (``None``).
+
+    A default rather than LightningCLI's ``link_arguments``, which would take the option away from
+    the user; the saved ``config.yaml`` then names the tokenizer that ran.
+    """
+    if "data.init_args.tokenizer" in config and config["data.init_args.tokenizer"] is None and tokenizer:
+        config["data.init_args.tokenizer"] = tokenizer
 
 
 def use_cli_threads() -> str:
@@ -339,6 +397,19 @@ class PretrainCLI(MetaCLI):
     def after_fit(self) -> None:
         """Nothing after fit (no test set)."""
 
+    def model_tokenizer(self, config: Namespace) -> str | None:
+        """The tokenizer :class:`CausalLMPretraining` picks: its ``tokenizer``, else the one an ``init_from``
+        checkpoint records, else the ``init_from`` folder itself (an export ships its tokenizer)."""
+        model = config["model"]
+        if model.get("tokenizer"):
+            return model["tokenizer"]
+        init_from = model.get("init_from")
+        if init_from is None:
+            return "embedded-bpe-4096"  # CausalLMPretraining's own for model_config
+        if Path(init_from).expanduser().is_file():
+            return (load_checkpoint_file(init_from).get("lightning_meta") or {}).get("tokenizer")
+        return init_from
+
 
 def with_default_config(args: list[str]) -> list[str]:
     """Put the embedded default config first when a run subcommand is given no ``--config``.
@@ -375,12 +446,21 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             args=args,
             parser_class=MetaArgumentParser,
-            parser_kwargs={"description": DESCRIPTION},
+            parser_kwargs=parser_options(DESCRIPTION, given),
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,
         )
     )
+
+
+def parser_options(description: str, command_line: list[str]) -> dict[str, Any]:
+    """LightningCLI's ``parser_kwargs``: the subcommands' parsers (where errors are reported) get their own."""
+    return {
+        "description": description,
+        "command_line": command_line,
+        **{subcommand: {"command_line": command_line} for subcommand in _RUN_SUBCOMMANDS},
+    }
 
 
 def _handoff(subcommand: str, args: list[str]) -> None:
@@ -399,8 +479,8 @@ def _handoff(subcommand: str, args: list[str]) -> None:
         LightningDataModule,
         subclass_mode_data=True,
         args=["fit", *args],
-        parser_class=LightningArgumentParser,
-        parser_kwargs={"description": CausalLMPretraining.__doc__.split("\n")[0]},
+        parser_class=MetaArgumentParser,
+        parser_kwargs=parser_options(CausalLMPretraining.__doc__.split("\n")[0], args),
         save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": False},
         auto_configure_optimizers=False,

@@ -85,6 +85,21 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return load_pretrained(AutoTokenizer, folder)
 
 
+def required_tokenizer(tokenizer: str | None, owner: str) -> str:
+    """``tokenizer``, or an error naming ``owner``'s option when it is unset.
+
+    Data options default to ``None`` so that the ``lightning-meta`` command can give the data the
+    model's tokenizer; from Python, the caller names it.
+    """
+    if tokenizer is None:
+        raise ValueError(
+            f"{owner} needs tokenizer=: the one the model reads (embedded-bpe-4096 ships with the package; or a "
+            "tokenizer folder, pkg:NAME/dir or a cached hub id). The lightning-meta command sets it from the "
+            "model's when the config leaves it out."
+        )
+    return tokenizer
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """16 hex digits of sha256 over what decides token ids: the vocabulary (added tokens included) and,
     for fast tokenizers, the normalizer, pre-tokenizer, model (type, vocabulary, merges, options),

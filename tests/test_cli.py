@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import random
@@ -469,3 +470,81 @@ def test_importing_the_package_leaves_torch_threads_alone():
     before, after, variable = result.stdout.split()
     assert after == before  # torch's default, whatever this machine's is
     assert variable == "None"
+
+
+def _parsed(*args: str) -> cli.MetaCLI:
+    """The command's classes for ``args``, built but not run."""
+    from lightning import LightningDataModule
+
+    return cli.MetaCLI(MetaLearningModule, LightningDataModule, subclass_mode_data=True, run=False,
+                       parser_class=cli.MetaArgumentParser, auto_configure_optimizers=False,
+                       args=[*args, "--trainer.logger=false"])  # fmt: skip
+
+
+def test_data_tokenizer_follows_the_learner_unless_set(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = ["--config", str(ROOT / "configs/quickstart.yaml"), "--data.init_args.tokenizer=null"]
+    linked = _parsed(*config, "--model.learner.init_args.tokenizer=embedded-bpe-512")
+    assert linked.datamodule.tokenizer == "embedded-bpe-512"
+    assert linked.config["data.init_args.tokenizer"] == "embedded-bpe-512"  # what config.yaml saves
+    chosen = _parsed(*config, "--data.init_args.tokenizer=embedded-bpe-1024")
+    assert chosen.datamodule.tokenizer == "embedded-bpe-1024"  # the user's own choice stays
+
+
+def test_datamodule_from_python_names_the_missing_tokenizer():
+    from lightning_meta.datamodules import LanguageModelingTasksDataModule, PackedTextDataModule
+
+    for datamodule in (LanguageModelingTasksDataModule, PackedTextDataModule):
+        with pytest.raises(ValueError, match=rf"^{datamodule.__name__} needs tokenizer=: the one the model reads"):
+            datamodule()
+
+
+def _one_line_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(args))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "usage:" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("lightning-meta: error:")]
+    return line
+
+
+def test_bad_trainer_option_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    line = _one_line_error(capsys, "fit", *SINUSOID, "--trainer.max_steps=-5")
+    assert line == (
+        "lightning-meta: error: ValueError: --trainer options: `max_steps` must be a non-negative integer or -1 "
+        "(infinite steps). You passed in -5."
+    )
+
+
+def test_text_option_read_as_a_mapping_says_how_to_quote_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    line = _one_line_error(capsys, "fit", "--config", str(ROOT / "configs/gym_metaicl_tiny.yaml"),
+                           "--data.init_args.template=Question: {input}")  # fmt: skip
+    assert line == (
+        "lightning-meta: error: --data.init_args.template got the mapping {'Question': {'input': None}}: the command "
+        "line reads this option as YAML, where ': ' and braces make a mapping. Give the text quoted inside its "
+        "parent: --data.init_args=\"{template: 'Question: {input}'}\" (or in a config file: template: "
+        "'Question: {input}')."
+    )
+    # The advice works (the shell removes the double quotes).
+    advised = _parsed("--config", str(ROOT / "configs/gym_metaicl_tiny.yaml"),
+                      "--data.init_args={template: 'Question: {input}'}")  # fmt: skip
+    assert advised.datamodule.template == "Question: {input}"
+    assert advised.datamodule.shots == 4  # the config's other data options stay
+
+
+def test_held_out_families_taking_every_task_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = [{"task": f"t{task}", "family": f"f{task % 2}", "input": f"x {example}", "output": f"y {example}"}
+            for task in range(4) for example in range(12)]  # fmt: skip
+    table = tmp_path / "tasks.jsonl"
+    table.write_text("\n".join(json.dumps(row) for row in rows))
+    line = _one_line_error(capsys, "fit", "--config", str(ROOT / "configs/gym_metaicl_tiny.yaml"),
+                           f"--data.init_args.dataset={table}", "--data.init_args.test_families=[f0, f1]",
+                           f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    assert line == (
+        "lightning-meta: error: ValueError: test_families take every one of the 4 tasks: no training task is left. "
+        "Hold out fewer (families: f0, f1), or add tasks."
+    )

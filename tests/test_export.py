@@ -43,6 +43,7 @@ def meta_checkpoint(folder: Path, callbacks=(), model_config=None, **learner_opt
     learner = CausalLMLearner(model_config=model_config or dict(TINY), **learner_options)
     module = MetaLearningModule(learner, FOMAML(inner_lr=0.1), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
     data = LanguageModelingTasksDataModule(
+        tokenizer="embedded-bpe-4096",
         corpus=str(write_corpus(folder / "corpus")), val_domains=["json"], test_domains=["html"], block_size=16,
         shots=1, queries=1, meta_batch_size=1, num_val_tasks=1, num_test_tasks=1,
     )  # fmt: skip

@@ -186,7 +186,7 @@ def test_ddp_ranks_read_different_blocks_that_cover_the_data(tmp_path):
     config["trainer"] |= {"max_epochs": 1, "enable_checkpointing": False, "limit_val_batches": 0}
     run_cli(config, tmp_path)
     first, second = (set(json.loads((tmp_path / f"rank{rank}.json").read_text())) for rank in (0, 1))
-    data = PackedTextDataModule(corpus=str(corpus), block_size=16, batch_size=8)
+    data = PackedTextDataModule(tokenizer="embedded-bpe-4096", corpus=str(corpus), block_size=16, batch_size=8)
     data.setup("fit")
     blocks = len(data.blocks["train"])
     assert not first & second
@@ -228,7 +228,8 @@ def test_streaming_resume_reproduces_the_uninterrupted_losses(tmp_path):
     def run(root, ckpt_path=None):
         L.seed_everything(0, verbose=False)
         module = CausalLMPretraining(model_config=dict(TINY), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
-        data = PackedTextDataModule(corpus=str(corpus), streaming=True, block_size=16, batch_size=4, val_fraction=0)
+        data = PackedTextDataModule(tokenizer="embedded-bpe-4096", corpus=str(corpus), streaming=True,
+                                    block_size=16, batch_size=4, val_fraction=0)
         record = RecordLosses()
         every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=9, save_top_k=-1, filename="{step}")
         trainer = quiet_trainer(root, max_steps=24, callbacks=[record, every], enable_checkpointing=True)

@@ -37,7 +37,9 @@ def measure(meta_batch_size: int, meta_batch: str, device: str, size: dict[str, 
     config = {"model_type": "gpt2", "n_positions": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
               **size}  # fmt: skip
     learner = CausalLMLearner(model_config=config, attn_implementation="eager").to(device)
-    data = LanguageModelingTasksDataModule(block_size=64, shots=4, queries=4, meta_batch_size=meta_batch_size)
+    data = LanguageModelingTasksDataModule(
+        tokenizer="embedded-bpe-4096", block_size=64, shots=4, queries=4, meta_batch_size=meta_batch_size
+    )
     data.setup("fit")
     algorithm = MAML(inner_lr=0.1, inner_steps=2)
 

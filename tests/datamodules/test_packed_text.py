@@ -25,7 +25,7 @@ def write_corpus(folder, domains=("json", "tomllib", "html"), chars=6000):
 
 def test_blocks_are_the_documents_joined_by_eos(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    data = PackedTextDataModule(corpus=str(corpus), block_size=16, batch_size=4, val_fraction=0.1)
+    data = PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(corpus), block_size=16, batch_size=4, val_fraction=0.1)
     data.setup("fit")
     tokenizer = load_tokenizer(TOKENIZER)
     expected_train, expected_val = [], []
@@ -66,7 +66,9 @@ def test_resume_anywhere_continues_the_stream_across_epochs():
 
 
 def test_validation_gives_every_rank_as_many_batches(tmp_path):
-    data = PackedTextDataModule(corpus=str(write_corpus(tmp_path / "corpus")), block_size=16, batch_size=4)
+    data = PackedTextDataModule(
+        tokenizer=TOKENIZER, corpus=str(write_corpus(tmp_path / "corpus")), block_size=16, batch_size=4
+    )
     data.setup("fit")
 
     class FakeTrainer:
@@ -100,8 +102,8 @@ def stream_batches(data, start, count, rank=0, world=1):
 
 
 def test_streaming_resumes_exactly_from_a_saved_position(tmp_path):
-    data = PackedTextDataModule(corpus=str(table(tmp_path / "docs.jsonl")), streaming=True, block_size=8,
-                                batch_size=2, val_fraction=0.0)  # fmt: skip
+    data = PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(table(tmp_path / "docs.jsonl")), streaming=True,
+                                block_size=8, batch_size=2, val_fraction=0.0)  # fmt: skip
     uninterrupted, stream = stream_batches(data, None, 30)  # several passes over the 40 documents
     for consumed in (1, 7, 19):
         position = stream.position_before(consumed)
@@ -112,8 +114,8 @@ def test_streaming_resumes_exactly_from_a_saved_position(tmp_path):
 
 
 def test_streaming_ranks_read_different_documents(tmp_path):
-    data = PackedTextDataModule(corpus=str(table(tmp_path / "docs.jsonl")), streaming=True, block_size=8,
-                                batch_size=2, val_fraction=0.0)  # fmt: skip
+    data = PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(table(tmp_path / "docs.jsonl")), streaming=True,
+                                block_size=8, batch_size=2, val_fraction=0.0)  # fmt: skip
     first, _ = stream_batches(data, None, 3, rank=0, world=2)
     second, _ = stream_batches(data, None, 3, rank=1, world=2)
     assert not torch.equal(torch.stack(first), torch.stack(second))
@@ -122,15 +124,15 @@ def test_streaming_ranks_read_different_documents(tmp_path):
 def test_bad_options_name_the_fix(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     with pytest.raises(ValueError, match="streaming=True reads tables"):
-        PackedTextDataModule(corpus=str(corpus), streaming=True)
+        PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(corpus), streaming=True)
     with pytest.raises(ValueError, match="Unknown domains"):
-        PackedTextDataModule(corpus=str(corpus), domains=["nope"]).setup("fit")
+        PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(corpus), domains=["nope"]).setup("fit")
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        PackedTextDataModule(corpus=str(corpus), block_size=512, batch_size=64).setup("fit")
+        PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(corpus), block_size=512, batch_size=64).setup("fit")
 
 
 def test_resuming_with_another_block_size_is_refused():
-    saved = PackedTextDataModule(block_size=16).state_dict()
-    PackedTextDataModule(block_size=16).load_state_dict(saved)
+    saved = PackedTextDataModule(tokenizer=TOKENIZER, block_size=16).state_dict()
+    PackedTextDataModule(tokenizer=TOKENIZER, block_size=16).load_state_dict(saved)
     with pytest.raises(ValueError, match=r"blocks of 16 tokens, this run cuts blocks of 32.*block_size=16"):
-        PackedTextDataModule(block_size=32).load_state_dict(saved)
+        PackedTextDataModule(tokenizer=TOKENIZER, block_size=32).load_state_dict(saved)
