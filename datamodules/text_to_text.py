@@ -327,13 +327,25 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             grouped[split] = [families[family] for family in sorted(families)]
         return grouped
 
+    @functools.cached_property
+    def _options_of_split(self) -> dict[str, int]:
+        """The most options of a split's tasks: its episodes' choice rows are padded to it. When any task lists
+        options, every episode carries choice rows (at least one), so that every split reports accuracy."""
+        listed = int(any(task.answer is not None for task in self.tasks.values()))
+        return {
+            split: max([listed, *(self.tasks[name].choice_input_ids.shape[1] for name in names
+                                  if self.tasks[name].answer is not None)])
+            for split, names in self.split_tasks.items()
+        }  # fmt: skip
+
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
         # A family first, then one of its tasks: families with many tasks do not crowd out the others.
         families = self._families_of_split[split]
         names = families[int(torch.randint(len(families), (), generator=generator))]
         task = self.tasks[names[int(torch.randint(len(names), (), generator=generator))]]
         chosen = torch.randperm(len(task), generator=generator)[: self.shots + self.queries]
-        support, query = (_rows(task, rows) for rows in (chosen[: self.shots], chosen[self.shots :]))
+        options = self._options_of_split[split]
+        support, query = (_rows(task, rows, options) for rows in (chosen[: self.shots], chosen[self.shots :]))
         return Episode(
             support=support,
             query=query,
@@ -475,9 +487,6 @@ def _tokenize(
             f"max_length={max_length}, by task: {encoder.skipped}."
         )
     tasks = {name: task for name, task in tasks.items() if task is not None}
-    options = max((len(task.choice_input_ids[0]) for task in tasks.values() if task.answer is not None), default=0)
-    if options:
-        tasks = {name: _with_options(task, options, max_length) for name, task in tasks.items()}
     if encoder.truncated:
         rank_zero_info(f"Text-to-text tasks: shortened the input of {encoder.truncated} examples to fit max_length.")
     return tasks
@@ -600,38 +609,36 @@ class _Encoder:
         return tuple(torch.tensor(rows, dtype=torch.long).view(-1, self.max_length) for rows in (ids, mask, labels))
 
 
-def _with_options(task: TextTask, options: int, max_length: int) -> TextTask:
-    """``task`` with its option tensors padded to ``options`` options (tasks without options get none listed)."""
-    examples = len(task)
-    if task.answer is None:
-        ids = torch.zeros((examples, options, max_length), dtype=torch.long)
-        return TextTask(task.name, task.family, task.input_ids, task.attention_mask, task.labels, ids,
-                        torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX),
-                        torch.full((examples,), -1, dtype=torch.long),
-                        torch.zeros((examples, options), dtype=torch.bool))  # fmt: skip
-    padding = options - task.choice_input_ids.shape[1]
-    pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
-    return TextTask(task.name, task.family, task.input_ids, task.attention_mask, task.labels,
-                    pad(task.choice_input_ids), pad(task.choice_attention_mask),
-                    pad(task.choice_labels, value=IGNORE_INDEX), task.answer,
-                    torch.nn.functional.pad(task.correct, (0, padding)))  # fmt: skip
-
-
-def _rows(task: TextTask, rows: Tensor) -> dict[str, Tensor]:
+def _rows(task: TextTask, rows: Tensor, options: int) -> dict[str, Tensor]:
+    """The split of ``rows``; with ``options`` > 0 its choice rows padded to ``options`` (padding rows have no
+    labels; a task without options gets none listed), so that episodes of a split's tasks stack. Padded here,
+    per episode: tasks keep their own option count (a few tasks with a hundred options would otherwise
+    multiply every task's memory)."""
     split = {
         "input_ids": task.input_ids[rows],
         "attention_mask": task.attention_mask[rows],
         "labels": task.labels[rows],
     }
-    if task.answer is not None:
-        split |= {
-            CHOICE_INPUT_IDS: task.choice_input_ids[rows],
-            CHOICE_ATTENTION_MASK: task.choice_attention_mask[rows],
-            CHOICE_LABELS: task.choice_labels[rows],
-            ANSWER: task.answer[rows],
-            CORRECT: task.correct[rows],
+    if not options:
+        return split
+    if task.answer is None:
+        ids = torch.zeros((len(rows), options, task.input_ids.shape[1]), dtype=torch.long)
+        return split | {
+            CHOICE_INPUT_IDS: ids,
+            CHOICE_ATTENTION_MASK: torch.zeros_like(ids),
+            CHOICE_LABELS: torch.full_like(ids, IGNORE_INDEX),
+            ANSWER: torch.full((len(rows),), -1, dtype=torch.long),
+            CORRECT: torch.zeros((len(rows), options), dtype=torch.bool),
         }
-    return split
+    padding = options - task.choice_input_ids.shape[1]
+    pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
+    return split | {
+        CHOICE_INPUT_IDS: pad(task.choice_input_ids[rows]),
+        CHOICE_ATTENTION_MASK: pad(task.choice_attention_mask[rows]),
+        CHOICE_LABELS: pad(task.choice_labels[rows], value=IGNORE_INDEX),
+        ANSWER: task.answer[rows],
+        CORRECT: torch.nn.functional.pad(task.correct[rows], (0, padding)),
+    }
 
 
 def _options(options: Any) -> tuple[str, ...] | None:

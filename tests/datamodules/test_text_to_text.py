@@ -334,3 +334,16 @@ def test_skip_long_examples_leaves_out_what_does_not_fit_and_logs_it(tmp_path, m
     assert "left out 1 tasks with fewer than shots + queries = 11 examples that fit max_length=40: ['t1']" in "\n".join(
         logged
     )
+
+
+def test_tasks_keep_their_own_option_count_and_episodes_are_padded_to_their_split(tmp_path):
+    # One example of t0 (family f0, training) lists 12 options; the other classification tasks list 2.
+    many = {"row0": {"options": ["no", "yes", *(f"option {k}" for k in range(10))]}}
+    module = datamodule(write_tasks(tmp_path, **many), val_families=["f1"], test_families=["f2"])
+    assert module.tasks["t0"].choice_input_ids.shape[1] == 12
+    assert module.tasks["t4"].choice_input_ids.shape[1] == 2  # stored without t0's padding
+    assert module.tasks["t1"].answer is None  # a task without options stores no choice rows
+    assert module.train_batch(0).query[CHOICE_INPUT_IDS].shape[-2] == 12
+    for split in ("val", "test"):  # t4 (f1) and t2 (f2) list 2 options; t1 and t5 none
+        for batch in module.eval_batches(split):
+            assert batch.query[CHOICE_INPUT_IDS].shape[-2] == 2
