@@ -8,8 +8,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.algorithms.base import SGD, InnerUpdate, check_inner_loop_options, inner_steps
+from lightning_meta.algorithms.base import SGD, InnerUpdate, inner_steps
 from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.meta_sgd import rate_key
 from lightning_meta.learners import FastWeights, Learner
 from lightning_meta.tasks import Episode
 
@@ -63,17 +64,17 @@ class MAMLPlusPlus(MAML):
         msl_anneal_steps: int = 1000,
         first_order_steps: int = 0,
     ) -> None:
-        check_inner_loop_options(inner_lr, inner_steps, eval_inner_steps)
+        super().__init__(inner_lr, inner_steps, eval_inner_steps)  # checks the inner-loop options
         if msl_anneal_steps < 0 or first_order_steps < 0:
             raise ValueError(
                 f"msl_anneal_steps and first_order_steps must be >= 0, got {msl_anneal_steps}, {first_order_steps}."
             )
-        super().__init__(inner_lr, inner_steps, eval_inner_steps)
         self.learn_inner_lrs = learn_inner_lrs
         self.multi_step_loss = multi_step_loss
         self.msl_anneal_steps = msl_anneal_steps
         self.first_order_steps = first_order_steps
-        #: log α per fast weight: a vector with one entry per inner step ("." in names written "__").
+        #: log α per fast weight (keyed by :func:`~lightning_meta.algorithms.meta_sgd.rate_key`): one entry per
+        #: inner step.
         self.log_lrs = nn.ParameterDict()
 
     def bind(self, learner: Learner) -> None:
@@ -81,7 +82,7 @@ class MAMLPlusPlus(MAML):
             return
         for name, weight in self.fast_weights(learner).items():
             value = torch.full((self.inner_steps,), math.log(self.inner_lr), dtype=weight.dtype, device=weight.device)
-            self.log_lrs[name.replace(".", "__")] = nn.Parameter(value)
+            self.log_lrs[rate_key(name)] = nn.Parameter(value)
 
     def second_order(self) -> bool:
         """DA: first order while ``outer_step < first_order_steps``."""
@@ -96,7 +97,7 @@ class MAMLPlusPlus(MAML):
 
     def _update(self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None]) -> FastWeights:
         index = min(step, self.inner_steps - 1)
-        rates = {name: self.log_lrs[name.replace(".", "__")][index].exp() for name in weights}
+        rates = {name: self.log_lrs[rate_key(name)][index].exp() for name in weights}
         return {name: w if (g := gradients[name]) is None else w - rates[name] * g for name, w in weights.items()}
 
     def msl_weights(self) -> Tensor:

@@ -48,7 +48,7 @@ class MetaSGD(MAML):
     ) -> None:
         super().__init__(inner_lr, inner_steps, eval_inner_steps, first_order)
         self.per_tensor = per_tensor
-        #: log α per fast weight, keyed by the weight's name with "." written as "__".
+        #: log α per fast weight, keyed by :func:`rate_key` of the weight's name.
         self.log_lrs = nn.ParameterDict()
 
     def bind(self, learner: Learner) -> None:
@@ -57,11 +57,11 @@ class MetaSGD(MAML):
         for name, weight in self.fast_weights(learner).items():
             shape = () if self.per_tensor else weight.shape
             value = torch.full(shape, math.log(self.inner_lr), dtype=weight.dtype, device=weight.device)
-            self.log_lrs[_key(name)] = nn.Parameter(value)
+            self.log_lrs[rate_key(name)] = nn.Parameter(value)
 
     def learning_rates(self) -> dict[str, Tensor]:
         """The current learned α of every fast weight, by weight name."""
-        return {name.replace("__", "."): log_lr.exp() for name, log_lr in self.log_lrs.items()}
+        return {weight_name(key): log_lr.exp() for key, log_lr in self.log_lrs.items()}
 
     def inner_update(self, training: bool = True) -> InnerUpdate:
         if not len(self.log_lrs):
@@ -70,10 +70,16 @@ class MetaSGD(MAML):
 
     def _update(self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None]) -> FastWeights:
         return {
-            name: w if gradients[name] is None else w - self.log_lrs[_key(name)].exp() * gradients[name]
+            name: w if gradients[name] is None else w - self.log_lrs[rate_key(name)].exp() * gradients[name]
             for name, w in weights.items()
         }
 
 
-def _key(name: str) -> str:
-    return name.replace(".", "__")  # ParameterDict keys cannot contain "."
+def rate_key(name: str) -> str:
+    """The key of a fast weight's learned rates in an ``nn.ParameterDict``, which refuses "." in keys."""
+    return name.replace(".", "__")
+
+
+def weight_name(key: str) -> str:
+    """The fast weight a :func:`rate_key` names."""
+    return key.replace("__", ".")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from lightning_meta import stream
+from lightning_meta.stream import PADDING
 from lightning_meta.tasks import PADDING_KEY, Episode, TaskBatch
-from lightning_meta.tokenization import check_tokenizer, fingerprint_of
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -99,11 +98,9 @@ class EpisodicDataModule(LightningDataModule, ABC):
         return self._eval_batches[split]
 
     def train_dataloader(self) -> DataLoader:
-        # The stream is resumable through this datamodule's state_dict, which Lightning's check
-        # for resumable *dataloaders* does not see.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = _StreamSampler(self.batches_per_epoch, self.next_train_batch)
+        stream.allow_mid_epoch_resume()
+        rank, world = stream.rank_and_world(self)
+        sampler = stream.StreamSampler(self.batches_per_epoch, self.next_train_batch, rank, world)
         return DataLoader(
             _TrainStream(self, rank),
             batch_size=None,
@@ -123,30 +120,21 @@ class EpisodicDataModule(LightningDataModule, ABC):
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         batches = self.eval_batches(split)
-        rank, ranks = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        if 0 < len(batches) < ranks:  # none at all: Lightning skips the split
-            raise ValueError(
-                f"{len(batches)} {split} batches for {ranks} processes: every process needs at least one. Raise "
-                f"num_{split}_tasks or lower eval_meta_batch_size (now {self.eval_meta_batch_size})."
-            )
+        rank, world = stream.rank_and_world(self)
         # Each episode is evaluated by exactly one rank (repeats would skew the mean and CI); the
         # statistics are then gathered over all ranks. Ranks with one batch fewer run a padding batch
-        # whose figures are dropped: under FSDP every forward is a collective, and unequal counts hang.
-        return DataLoader(
-            _PaddedBatches(batches), batch_size=None, sampler=_RankShardSampler(len(batches), rank, ranks),
-            num_workers=0,
+        # whose figures are dropped.
+        share = stream.rank_share(
+            len(batches), rank, world, pad=True, what=f"{split} batches",
+            fix=f"Raise num_{split}_tasks or lower eval_meta_batch_size (now {self.eval_meta_batch_size}).",
         )  # fmt: skip
+        return DataLoader(
+            _PaddedBatches(batches), batch_size=None, sampler=stream.IndexSampler(share, rank, world), num_workers=0
+        )
 
     def next_train_batch(self) -> int:
-        """The number of the next training batch to consume: the batches the fit loop has taken so far.
-
-        Counted from the loop's progress, not from epochs: a run that stopped at ``max_steps`` inside an
-        epoch ends that epoch for Lightning, and ``current_epoch * batches_per_epoch`` would then skip the
-        rest of it on resume (and ``limit_train_batches`` shortens epochs).
-        """
-        if self.trainer is None:
-            return self._resume_from
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        """The number of the next training batch to consume (:func:`lightning_meta.stream.next_train_batch`)."""
+        return stream.next_train_batch(self, self._resume_from)
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position (the number of the next training batch to consume) and, for datamodules
@@ -154,15 +142,14 @@ class EpisodicDataModule(LightningDataModule, ABC):
         state: dict[str, Any] = {"next_train_batch": self.next_train_batch()}
         tokenizer = getattr(self, "tokenizer", None)
         if isinstance(tokenizer, str):
-            state |= {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+            state |= stream.tokenizer_state(tokenizer)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids."""
         tokenizer = getattr(self, "tokenizer", None)
-        if isinstance(tokenizer, str) and "tokenizer_fingerprint" in state_dict:
-            saved_name, saved_fingerprint = state_dict["tokenizer"], state_dict["tokenizer_fingerprint"]
-            check_tokenizer(saved_name, saved_fingerprint, tokenizer, "The checkpoint's data")
+        if isinstance(tokenizer, str):
+            stream.check_saved_tokenizer(state_dict, tokenizer)
         self._resume_from = int(state_dict["next_train_batch"])
 
 
@@ -173,54 +160,6 @@ class _TrainStream(Dataset):
 
     def __getitem__(self, index: int) -> TaskBatch:
         return self.datamodule.train_batch(index, self.rank)
-
-
-class _StreamSampler(DistributedSampler):
-    """Yields ``batches_per_epoch`` consecutive batch numbers from the stream position at each epoch's start.
-
-    Batch ``i`` is the ``i``-th batch the fit loop consumes, so a resumed run continues the stream
-    whatever Lightning counts as an epoch. It subclasses ``DistributedSampler`` only so that
-    Lightning does not wrap it under DDP: ranks already draw different tasks through the seed.
-    """
-
-    def __init__(self, batches_per_epoch: int, position: Callable[[], int]) -> None:
-        self.batches_per_epoch = batches_per_epoch
-        self.position = position
-
-    def set_epoch(self, epoch: int) -> None:
-        """The position, read when an epoch's iterator starts, already says where the epoch begins."""
-
-    def __iter__(self) -> Iterator[int]:
-        start = self.position()
-        yield from range(start, start + self.batches_per_epoch)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-
-class _RankShardSampler(DistributedSampler):
-    """Batches ``rank, rank + ranks, ...``, then ``-1`` (padding) up to the longest rank's count.
-
-    A ``DistributedSampler`` subclass so that Lightning leaves it in place (its own pads the
-    last ranks with repeated batches, which would be counted twice).
-    """
-
-    def __init__(self, count: int, rank: int, ranks: int) -> None:
-        self.count, self.rank, self.ranks = count, rank, ranks
-
-    def set_epoch(self, epoch: int) -> None:
-        """Evaluation episodes are the same every epoch."""
-
-    def __iter__(self) -> Iterator[int]:
-        own = list(range(self.rank, self.count, self.ranks))
-        return iter(own + [PADDING] * (len(self) - len(own)))
-
-    def __len__(self) -> int:
-        return -(-self.count // self.ranks)
-
-
-#: The sampler index of a padding batch (marked with ``PADDING_KEY`` in its metadata).
-PADDING = -1
 
 
 class _PaddedBatches(Dataset):

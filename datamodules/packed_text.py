@@ -12,7 +12,6 @@ exactly the blocks the uninterrupted run would have seen.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Any
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from lightning_meta import stream
 from lightning_meta.datamodules.language_modeling import (
     EMBEDDED_TEST_DOMAINS,
     EMBEDDED_VAL_DOMAINS,
@@ -31,7 +31,7 @@ from lightning_meta.datamodules.language_modeling import (
     tokenize_documents,
 )
 from lightning_meta.tables import is_saved_dataset, read_table
-from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_tokenizer, required_tokenizer
+from lightning_meta.tokenization import load_tokenizer, required_tokenizer
 
 #: Snapshots of the stream position kept per rank (Lightning prefetches a batch or two ahead).
 _KEPT_POSITIONS = 64
@@ -174,14 +174,9 @@ class PackedTextDataModule(LightningDataModule):
         """Training batches per epoch and process (in memory): every rank gets as many."""
         return -(-(len(self.blocks["train"]) // world_size) // self.batch_size)
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-
     def train_dataloader(self) -> DataLoader:
-        # The position is restored through this datamodule's state_dict, which Lightning's check for
-        # resumable *dataloaders* does not see.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        rank, world_size = self._rank_and_world()
+        stream.allow_mid_epoch_resume()
+        rank, world_size = stream.rank_and_world(self)
         if self.streaming:
             self._stream = _PackedStream(self, rank, world_size, self._resume.get("stream"))
             return DataLoader(self._stream, batch_size=None, num_workers=0)
@@ -197,17 +192,15 @@ class PackedTextDataModule(LightningDataModule):
         if self.streaming and self.val_corpus is None:
             return DataLoader([])
         blocks = self.val_blocks if self.streaming else self.blocks["val"]
-        rank, world_size = self._rank_and_world()
-        # Every rank runs as many batches (FSDP gathers weights collectively in each forward): the blocks are
-        # dealt out in turn and the last world_size - 1 at most are left out.
-        mine = list(range(rank, len(blocks) // world_size * world_size, world_size))
-        if not mine:
-            raise ValueError(
-                f"{len(blocks)} validation blocks for {world_size} processes: every process needs at least one. "
-                "Raise val_fraction, give a larger val_corpus, or lower block_size."
-            )
+        rank, world_size = stream.rank_and_world(self)
+        # The blocks are dealt out in turn, as many to every rank (the last world_size - 1 at most are left out).
+        mine = stream.rank_share(
+            len(blocks), rank, world_size, pad=False, what="validation blocks",
+            fix="Raise val_fraction, give a larger val_corpus, or lower block_size.",
+        )  # fmt: skip
         batches = [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
-        return DataLoader(_Blocks(blocks, batches), batch_size=None, sampler=_EvalSampler(len(batches)))
+        sampler = stream.IndexSampler(list(range(len(batches))), rank, world_size)
+        return DataLoader(_Blocks(blocks, batches), batch_size=None, sampler=sampler)
 
     @functools.cached_property
     def val_blocks(self) -> torch.Tensor:
@@ -218,19 +211,12 @@ class PackedTextDataModule(LightningDataModule):
         return cut_into_blocks(torch.cat(ids), self.block_size)
 
     def _next_batch(self) -> int:
-        """The number of the next training batch, counted over all epochs: the batches the fit loop took so far.
-
-        From the loop's progress, not from ``current_epoch``: a run stopped by ``max_steps`` inside an epoch
-        ends that epoch for Lightning, and a resumed run must still continue inside it.
-        """
-        if self.trainer is None:
-            return self._resume.get("next_train_batch", 0)
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        """The number of the next training batch, over all epochs (:func:`lightning_meta.stream.next_train_batch`)."""
+        return stream.next_train_batch(self, self._resume.get("next_train_batch", 0))
 
     def state_dict(self) -> dict[str, Any]:
         """The position of the next training batch, the block size, and the tokenizer's fingerprint."""
-        state: dict[str, Any] = {"tokenizer": self.tokenizer, "tokenizer_fingerprint": fingerprint_of(self.tokenizer),
-                                 "block_size": self.block_size}  # fmt: skip
+        state: dict[str, Any] = stream.tokenizer_state(self.tokenizer) | {"block_size": self.block_size}
         if self.trainer is None:
             return state | self._resume
         if self.streaming:
@@ -243,10 +229,7 @@ class PackedTextDataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids or block size."""
-        if "tokenizer_fingerprint" in state_dict:
-            check_tokenizer(
-                state_dict["tokenizer"], state_dict["tokenizer_fingerprint"], self.tokenizer, "The checkpoint's data"
-            )
+        stream.check_saved_tokenizer(state_dict, self.tokenizer)
         saved_block_size = state_dict.get("block_size", self.block_size)
         if saved_block_size != self.block_size:
             raise ValueError(
@@ -278,27 +261,23 @@ class _Blocks(Dataset):
         return len(self.batches) if self.batches is not None else len(self.blocks)
 
 
-class _BlockBatchSampler(DistributedSampler):
+class _BlockBatchSampler(stream.RankSampler):
     """Lists of block numbers: epoch ``e``'s seeded permutation, rank ``r`` taking every ``world``-th.
 
     Each epoch's iterator yields ``len(self)`` batches from the stream position at its start
     (``position()``, counted over all epochs): global batch ``g`` is batch ``g % len(self)`` of the
     order of epoch ``g // len(self)``, so a run resumed where Lightning counts another epoch still
     continues the uninterrupted run's batches. Every rank gets as many blocks (at most ``world - 1``
-    are left out of an epoch) and as many batches. A ``DistributedSampler`` subclass only so that
-    Lightning does not wrap it under DDP (it already splits the blocks between the ranks, with no
-    block on two ranks and none repeated).
+    are left out of an epoch) and as many batches, with no block on two ranks and none repeated.
     """
 
     def __init__(
         self, blocks: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool,
         position: Callable[[], int],
     ) -> None:  # fmt: skip
-        self.blocks, self.batch_size, self.rank, self.world = blocks, batch_size, rank, world
+        super().__init__(-(-(blocks // world) // batch_size), rank, world)  # the last batch may be smaller
+        self.blocks, self.batch_size, self.world = blocks, batch_size, world
         self.seed, self.shuffle, self.position = seed, shuffle, position
-
-    def set_epoch(self, epoch: int) -> None:
-        """The position, read when an epoch's iterator starts, already says which epoch's order to use."""
 
     def _order(self, epoch: int) -> torch.Tensor:
         order = (
@@ -315,25 +294,6 @@ class _BlockBatchSampler(DistributedSampler):
             epoch, batch = divmod(number, len(self))
             mine = orders.setdefault(epoch, self._order(epoch))
             yield mine[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
-
-    def __len__(self) -> int:
-        return -(-(self.blocks // self.world) // self.batch_size)  # the last batch may be smaller
-
-
-class _EvalSampler(DistributedSampler):
-    """``0 .. count - 1``: this rank's own batches, which Lightning must not re-split (a ``DistributedSampler``)."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def set_epoch(self, epoch: int) -> None:
-        """Validation is the same every epoch."""
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.count))
-
-    def __len__(self) -> int:
-        return self.count
 
 
 class _PackedStream(IterableDataset):

@@ -7,8 +7,8 @@ checkpoint and its sha256, tokenizer fingerprint). ``AutoModelForCausalLM.from_p
 gives the logits the learner in the checkpoint gives. It reads single-file checkpoints of
 :class:`~lightning_meta.MetaLearningModule` (causal-LM learners) and of
 :class:`~lightning_meta.pretraining.CausalLMPretraining`, and sharded checkpoint folders
-(``ModelParallelStrategy``/FSDP2 and ``FSDPStrategy`` layouts), consolidated with Lightning's own
-utility. :class:`ExportCallback` writes the same folder at the end of ``fit``, under DDP and FSDP too.
+(``ModelParallelStrategy``/FSDP2 and ``FSDPStrategy`` layouts), consolidated with torch's
+``dcp_to_torch_save``. :class:`ExportCallback` writes the same folder at the end of ``fit``, under DDP and FSDP too.
 
 The folder is written next to its destination and renamed into place, so an existing export is
 never left half-replaced.
@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
-import lightning_meta
 from lightning_meta.checkpoints import CheckpointError, check_local_checkpoint_path, load_checkpoint_file
+from lightning_meta.local_files import write_folder_atomically
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
+from lightning_meta.version import VERSION
 
 #: The provenance file an export holds beside the weights.
 PROVENANCE_FILE = "meta_learning.json"
@@ -38,6 +39,7 @@ _LEARNER_PREFIX = "learner."
 _PRETRAINING_PREFIX = "model."
 _ADAPTER_FILE = "adapter_config.json"  # what peft's save_pretrained writes: marks an earlier adapter export
 _DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
+_LIGHTNING_EXTRAS = "meta.pt"  # beside the shards: what Lightning saves apart from the weights and optimizer states
 
 
 def export(
@@ -85,8 +87,8 @@ def read_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, Any], dict[str, An
 
 
 def _consolidate(folder: Path) -> dict[str, Any]:
-    """A sharded checkpoint folder as a single checkpoint, by Lightning's consolidation utility."""
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    """A sharded checkpoint folder as one checkpoint with the weights under ``state_dict`` (FSDPStrategy saves
+    them as ``model``); optimizer states are left as saved (an export does not read them)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     if not (folder / _DCP_METADATA).is_file():
@@ -106,18 +108,30 @@ def _consolidate(folder: Path) -> dict[str, Any]:
             f"{', '.join(missing)}. Copy the whole folder (every rank's file), or use another checkpoint."
         )
     try:
-        checkpoint = _load_distributed_checkpoint(folder)
+        checkpoint = _load_shards(folder)
     except Exception as error:  # noqa: BLE001 (truncated shards fail deep inside torch.distributed.checkpoint)
         raise CheckpointError(
             f"The sharded checkpoint {str(folder)!r} cannot be read: a shard is truncated or damaged "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Use another checkpoint."
         ) from error
     if "model" in checkpoint and "state_dict" not in checkpoint:  # FSDPStrategy's layout
-        from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
-
-        checkpoint = _format_checkpoint(checkpoint)
+        checkpoint["state_dict"] = checkpoint.pop("model")
     if "state_dict" not in checkpoint:
         raise CheckpointError(f"{str(folder)!r} is a sharded torch checkpoint but not a Lightning one (no state_dict).")
+    return checkpoint
+
+
+def _load_shards(folder: Path) -> dict[str, Any]:
+    """Every shard of ``folder`` gathered into one dict (in memory), and Lightning's ``meta.pt`` beside them."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="lightning-meta-consolidate-") as scratch:
+        single = Path(scratch) / "checkpoint.pt"
+        dcp_to_torch_save(folder, single)
+        checkpoint = torch.load(single, map_location="cpu", weights_only=True)
+    extras = folder / _LIGHTNING_EXTRAS
+    if extras.is_file():
+        checkpoint.update(torch.load(extras, map_location="cpu", weights_only=True))
     return checkpoint
 
 
@@ -185,17 +199,7 @@ def _meta_learned_model(
     _loadable_tokenizer(tokenizer or name)
     learner = CausalLMLearner(**{key: _lora_settings(value) if key == "lora" else value
                                  for key, value in init_args.items()})  # fmt: skip
-    weights = {
-        key.removeprefix(_LEARNER_PREFIX): value for key, value in state.items() if key.startswith(_LEARNER_PREFIX)
-    }
-    if not weights:
-        raise CheckpointError("The checkpoint's state_dict has no learner weights (no 'learner.' keys).")
-    result = learner.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"The checkpoint's weights do not fit its learner: missing {result.missing_keys[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}. It was written by another version of the model; export it there."
-        )
+    _load_weights(learner, state, _LEARNER_PREFIX, "learner")
     fast_parameter_count = sum(p.numel() for p in learner.fast_parameters().values())
     model = learner.model
     lora = None
@@ -226,15 +230,7 @@ def _encoder_model(
     from lightning_meta.encoders import EncoderLearner
 
     learner = EncoderLearner(**init_args)
-    weights = {
-        key.removeprefix(_LEARNER_PREFIX): value for key, value in state.items() if key.startswith(_LEARNER_PREFIX)
-    }
-    result = learner.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"The checkpoint's weights do not fit its learner: missing {result.missing_keys[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}. It was written by another version of the model; export it there."
-        )
+    _load_weights(learner, state, _LEARNER_PREFIX, "learner")
     name = tokenizer or saved.get("tokenizer")
     return learner.model.encoder, {
         "module": "MetaLearningModule",
@@ -253,8 +249,7 @@ def _pretrained_model(saved: dict[str, Any], state: Mapping[str, Tensor]) -> tup
     config_dict = dict(saved["hf_config"])
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config)
-    weights = {k.removeprefix(_PRETRAINING_PREFIX): v for k, v in state.items() if k.startswith(_PRETRAINING_PREFIX)}
-    model.load_state_dict(weights, strict=True)
+    _load_weights(model, state, _PRETRAINING_PREFIX, "model")
     return model, {
         "module": "CausalLMPretraining",
         "pretrained_from": saved.get("init_from"),
@@ -265,11 +260,24 @@ def _pretrained_model(saved: dict[str, Any], state: Mapping[str, Tensor]) -> tup
     }
 
 
+def _load_weights(module: nn.Module, state: Mapping[str, Tensor], prefix: str, what: str) -> None:
+    """Load the entries of ``state`` under ``prefix`` into ``module``; every weight must fit."""
+    weights = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+    if not weights:
+        raise CheckpointError(f"The checkpoint's state_dict has no {what} weights (no {prefix!r} keys).")
+    result = module.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"The checkpoint's weights do not fit its {what}: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}. It was written by another version of the model; export it there."
+        )
+
+
 def write_export(model: Any, provenance: dict[str, Any], output: Path, overwrite: bool = False) -> None:
     """Write ``model`` (``save_pretrained``), its tokenizer and provenance to ``output``, atomically."""
     provenance = dict(provenance)
     text_tokenizer = provenance.pop("tokenizer_object")
-    provenance["lightning_meta_version"] = lightning_meta.__version__
+    provenance["lightning_meta_version"] = VERSION
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
@@ -332,22 +340,10 @@ def _check_writable(output: Path) -> None:
 
 
 def _write_atomically(output: Path, write: Any, overwrite: bool, marker: str = PROVENANCE_FILE) -> None:
-    """``write(staging)`` into a new folder beside ``output``, then rename it into place."""
+    """``write(staging)`` into a new folder beside ``output``, then rename it into place (an earlier export
+    at ``output`` is replaced only when ``overwrite`` allows it, see :func:`_refuse_existing`)."""
     _refuse_existing(output, overwrite, marker=marker)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
-    try:
-        write(staging)
-        staging.chmod(0o755)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-            output.rename(retired / output.name)
-            staging.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_folder_atomically(output, write, replace=True)
 
 
 def _loadable_tokenizer(name: str) -> Any:

@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module  # what functional_call uses
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from lightning_meta._compat import reparametrized
 from lightning_meta.learners import DataCheck, Learner
 from lightning_meta.local_files import dequantized_gguf, load_pretrained, resolve_local_path
 from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, CORRECT, IGNORE_INDEX, Split
 from lightning_meta.tokenization import load_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: The parameter dtypes a model may be built in, by name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # peft's target modules where its defaults don't fit: GPT-2 keeps its projections in Conv1D.
 _LORA_TARGETS = {"gpt2": (["c_attn", "c_proj"], True)}
 
@@ -94,9 +95,9 @@ class CausalLMLearner(Learner):
             raise ValueError(
                 "Give exactly one of pretrained (a local folder) or model_config (a dict with model_type)."
             )
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-        model = _build_model(pretrained, model_config, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype],
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+        model = build_model(pretrained, model_config, tokenizer, gguf_file, attn_implementation, DTYPES[dtype],
                              trust_remote_code=trust_remote_code)  # fmt: skip
         if lora is not None:
             model = _add_lora(model, lora, meta_learn_base)
@@ -338,13 +339,13 @@ def _checkpoint_with_current_weights(function: functools.partial, *args: Any) ->
     current = {name: functools.reduce(getattr, name.split("."), layer) for name in layer._fast_weight_names}
 
     def run(*inputs: Any) -> Any:
-        with _reparametrize_module(layer, current):
+        with reparametrized(layer, current):
             return function(*inputs)
 
     return checkpoint(run, *args, use_reentrant=False)
 
 
-def _build_model(
+def build_model(
     pretrained: str | None,
     model_config: dict[str, Any] | None,
     tokenizer: str,
@@ -353,6 +354,9 @@ def _build_model(
     dtype: torch.dtype,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
+    """A causal LM in training mode: from ``pretrained`` (a local folder, ``pkg:`` path or cached hub id; with
+    ``gguf_file``, a GGUF file inside it) or, when that is ``None``, from ``model_config`` (random init, with
+    the vocabulary and special tokens of ``tokenizer``), in ``dtype``."""
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if pretrained is not None:
         folder = resolve_local_path(pretrained)

@@ -39,6 +39,9 @@ class DataCheck:
 
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# torch's batch norms by their public classes (a lazy one becomes its plain class at the first forward).
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+                nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)  # fmt: skip
 
 
 class DataError(ValueError):
@@ -62,7 +65,9 @@ class Learner(nn.Module, ABC):
         target_key: the split field holding targets.
     """
 
-    #: ``"regression"`` or ``"classification"``; algorithms check it (ProtoNet needs classes).
+    #: what the outputs are: ``"regression"``, ``"classification"`` or ``"language_modeling"``
+    #: (:class:`~lightning_meta.CausalLMLearner`); algorithms check it (ProtoNet needs classes,
+    #: MetaICL a language model).
     task_type: ClassVar[str]
     #: per-episode figures :meth:`loss` and :meth:`evaluation_metrics` may report (``loss`` first);
     #: evaluation keeps statistics of each one a split reports.
@@ -157,7 +162,7 @@ class Learner(nn.Module, ABC):
         for name, module in self.model.named_modules():
             if not module.training:
                 continue
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            if isinstance(module, _BATCH_NORMS) and module.track_running_stats:
                 return f"{name or 'the model'} ({type(module).__name__}) updates its running statistics in place"
             if isinstance(module, _DROPOUTS) and module.p > 0:
                 return f"{name} ({type(module).__name__}, p={module.p}) draws random numbers per task"
@@ -294,9 +299,17 @@ def _names_of(model: nn.Module, parameters: Iterable[nn.Parameter]) -> list[str]
 
 def is_normalization(module: nn.Module) -> bool:
     """Whether ``module`` is a normalization layer (LayerNorm, GroupNorm, batch norm, RMSNorm, ...)."""
-    return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._BatchNorm) or (
-        "norm" in type(module).__name__.lower()
-    )
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, *_BATCH_NORMS)) or ("norm" in type(module).__name__.lower())
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The model's blocks: its longest ``nn.ModuleList`` (a transformer's layers), empty if it has none.
+
+    The one rule for "the blocks": ``fast_weights="last_blocks:N"`` adapts the last N of them, and
+    FSDP2 shards each as its own unit (:func:`lightning_meta.scaling.default_units`).
+    """
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
+    return max(lists, key=len) if lists else nn.ModuleList()
 
 
 def _last_blocks(model: nn.Module, spec: str) -> list[str]:
@@ -304,12 +317,11 @@ def _last_blocks(model: nn.Module, spec: str) -> list[str]:
         count = int(spec.split(":", 1)[1])
     except ValueError:
         count = 0
-    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    if count < 1 or not lists:
+    blocks = blocks_of(model)
+    if count < 1 or not blocks:
         raise ValueError(
             f"fast_weights={spec!r}: give last_blocks:N with N >= 1, for a model whose blocks form an nn.ModuleList."
         )
-    _, blocks = max(lists, key=lambda item: len(item[1]))
     if count > len(blocks):
         raise ValueError(
             f"fast_weights={spec!r}: the model has {len(blocks)} blocks; use last_blocks:1 .. "

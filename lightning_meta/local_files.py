@@ -110,16 +110,28 @@ def dequantized_gguf(folder: Path, gguf_file: str) -> Path:
     return cached
 
 
-def write_folder_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    """Fill ``folder`` by ``write(staging)`` then rename, so concurrent processes (DDP ranks,
-    parallel tests) never read a half-written folder; the first finisher wins."""
+def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace: bool = False) -> None:
+    """Fill ``folder`` by ``write(staging)`` in a new folder beside it, then rename that into place.
+
+    Nobody ever sees a half-written ``folder``: not concurrent processes (DDP ranks, parallel
+    tests), of which the first to finish wins, nor a run that stops midway. ``replace``: an
+    existing ``folder`` is swapped for the new one only once the new one is complete (callers
+    decide whether it may be replaced); otherwise an existing one is kept.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     try:
         write(staging)
-        staging.rename(folder)
+        staging.chmod(0o755)  # mkdtemp's 0o700 would hide the folder from other users
+        if replace and folder.exists():
+            retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+            folder.rename(retired / folder.name)
+            staging.rename(folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(folder)
     except OSError:
-        if not folder.exists():
+        if replace or not folder.exists():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

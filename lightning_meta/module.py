@@ -11,13 +11,13 @@ from typing import IO, Any, get_args
 import torch
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from lightning_meta import scaling
+from lightning_meta._compat import attached_trainer, cli_hyperparameters
 from lightning_meta.algorithms import MAML, MetaAlgorithm
 from lightning_meta.algorithms.base import MetaBatch
 from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
@@ -87,8 +87,12 @@ class MetaLearningModule(LightningModule):
         # Built here, not as a default instance: jsonargparse would carry a default instance's
         # init args over to a different class chosen on the command line.
         algorithm = MAML() if algorithm is None else algorithm
-        if eval_inner_steps is not None and eval_inner_steps < 1:
-            raise ValueError(f"eval_inner_steps must be >= 1 or None, got {eval_inner_steps}.")
+        if eval_inner_steps is not None and (
+            isinstance(eval_inner_steps, bool) or not isinstance(eval_inner_steps, int) or eval_inner_steps < 1
+        ):
+            raise ValueError(
+                f"eval_inner_steps must be an integer >= 1 or None (= the algorithm's), got {eval_inner_steps!r}."
+            )
         if meta_batch not in get_args(MetaBatch):
             raise ValueError(f"meta_batch must be one of {get_args(MetaBatch)}, got {meta_batch!r}.")
         _check_eval_curve(eval_curve, algorithm)
@@ -125,7 +129,7 @@ class MetaLearningModule(LightningModule):
         )
 
     def _save_hyperparameters(self, algorithm: MetaAlgorithm) -> None:
-        if _given_hyperparameters.get() is not None:  # LightningCLI hands over the config it parsed
+        if cli_hyperparameters() is not None:  # LightningCLI hands over the config it parsed
             self.save_hyperparameters()
             return
         try:
@@ -307,7 +311,7 @@ class MetaLearningModule(LightningModule):
         figures_at = {0: before}
         for step, adapted in enumerate(self.algorithm.adapt_steps(learner, episode.support, max(wanted)), start=1):
             # Lightning checks the signal only between batches, and one batch may adapt for minutes.
-            if self._trainer is not None and self.trainer.received_sigterm:
+            if (trainer := attached_trainer(self)) is not None and trainer.received_sigterm:
                 raise SIGTERMException
             if step in wanted:
                 figures_at[step] = learner.evaluation_metrics(episode.query, adapted)
@@ -342,9 +346,10 @@ class MetaLearningModule(LightningModule):
         """A resumable checkpoint on SIGTERM or Ctrl-C during fit, unless checkpointing is off or the
         trainer has one already (the user's, or this module's from ``fit`` when ``test`` follows):
         returning it again would make Lightning announce that it overrides the trainer's."""
-        if self._trainer is not None and (
-            not self.trainer.checkpoint_callbacks
-            or any(isinstance(callback, PreemptionCheckpoint) for callback in self.trainer.callbacks)
+        trainer = attached_trainer(self)
+        if trainer is not None and (
+            not trainer.checkpoint_callbacks
+            or any(isinstance(callback, PreemptionCheckpoint) for callback in trainer.callbacks)
         ):
             return []
         return [PreemptionCheckpoint()]

@@ -9,7 +9,6 @@ meta-training checkpoint (the same weights the export would hold: LoRA merged), 
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -18,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lightning_meta._compat import attached_trainer, cli_hyperparameters
 from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path
 from lightning_meta.config import NotConfigurable, to_config
 from lightning_meta.export import model_from_checkpoint, read_checkpoint, read_provenance
-from lightning_meta.language_models import _DTYPES, _build_model
+from lightning_meta.language_models import DTYPES, build_model
 from lightning_meta.learners import check_sequence_length
 from lightning_meta.local_files import dequantized_gguf, is_hub_id, resolve_local_path
 from lightning_meta.tokenization import check_tokenizer, fingerprint_of
@@ -42,7 +41,8 @@ class CausalLMPretraining(LightningModule):
 
     Args:
         init_from: an exported folder (``lightning-meta export``; any ``save_pretrained`` folder works),
-            a hub id in the local Hugging Face cache (``HuggingFaceTB/SmolLM2-135M``), or a ``.ckpt`` of ``lightning-meta fit`` (its learner's model, LoRA merged) or of ``pretrain``.
+            a hub id in the local Hugging Face cache (``HuggingFaceTB/SmolLM2-135M``), or a ``.ckpt`` of
+            ``lightning-meta fit`` (its learner's model, LoRA merged) or of ``pretrain``.
         model_config: instead of ``init_from``, a Hugging Face config dict with ``model_type`` (random
             init; vocabulary and special tokens from ``tokenizer``).
         tokenizer: the tokenizer the data uses. With ``init_from`` it must give the token ids the model was
@@ -76,12 +76,15 @@ class CausalLMPretraining(LightningModule):
                 "Give exactly one of init_from (an exported folder or a lightning-meta .ckpt) or model_config "
                 "(a dict with model_type, for random init)."
             )
-        if _given_hyperparameters.get() is not None:  # LightningCLI hands over the config it parsed
-            self.save_hyperparameters()
-        else:  # plain data, so that checkpoints load with weights_only=True (and export can read them)
-            self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        hparams = cli_hyperparameters()  # LightningCLI hands over the config it parsed
+        if hparams is None:  # plain data, so that checkpoints load with weights_only=True (and export can read them)
+            hparams = {
+                "init_from": init_from, "model_config": model_config, "tokenizer": tokenizer, "gguf_file": gguf_file,
+                "attn_implementation": attn_implementation, "gradient_checkpointing": gradient_checkpointing,
+                "dtype": dtype, "trust_remote_code": trust_remote_code,
+            }  # fmt: skip
             try:
-                self.hparams.update(optimizer=to_config(optimizer), lr_scheduler=to_config(lr_scheduler))
+                hparams |= {"optimizer": to_config(optimizer), "lr_scheduler": to_config(lr_scheduler)}
             except NotConfigurable as error:
                 rank_zero_warn(f"The optimizer and scheduler are not saved in the hyper-parameters ({error}).")
         self.init_from = init_from
@@ -90,14 +93,13 @@ class CausalLMPretraining(LightningModule):
         self.initial_provenance: dict[str, Any] | None = None
         if init_from is None:
             self.tokenizer = tokenizer or "embedded-bpe-4096"
-            self.model = _build_model(None, model_config, self.tokenizer, None, attn_implementation, _DTYPES[dtype])
+            self.model = build_model(None, model_config, self.tokenizer, None, attn_implementation, DTYPES[dtype])
         else:
-            loaded = self._load(init_from, tokenizer, gguf_file, attn_implementation, _DTYPES[dtype], trust_remote_code)
+            loaded = self._load(init_from, tokenizer, gguf_file, attn_implementation, DTYPES[dtype], trust_remote_code)
             self.model, self.tokenizer = loaded
         # What the tokenizer resolved to (the export's own by default), so that Lightning's merge with the
         # datamodule's hparams (which refuses two values for one key) sees the name the data gives too.
-        self.hparams["tokenizer"] = self.tokenizer
-        self._hparams_initial = copy.deepcopy(self._hparams)
+        self.save_hyperparameters(dict(hparams) | {"tokenizer": self.tokenizer})
         self.model.train()  # from_pretrained gives a model in eval mode (dropout off)
         if gradient_checkpointing:
             # No functional inner loop here, so Hugging Face's own (non-reentrant) checkpointing is exact.
@@ -121,7 +123,7 @@ class CausalLMPretraining(LightningModule):
             provenance = read_provenance(folder) or {}
             trained_with = provenance.get("tokenizer", str(folder))
             fingerprint = provenance.get("tokenizer_fingerprint")
-            model = _build_model(str(folder), None, "", None, attn_implementation, dtype, trust_remote_code)
+            model = build_model(str(folder), None, "", None, attn_implementation, dtype, trust_remote_code)
             # The name the data uses too (a GGUF package's own folder holds its tokenizer), not the cache
             # folder it was dequantized to: Lightning refuses a module and a datamodule naming two tokenizers.
             default_tokenizer = init_from
@@ -218,7 +220,7 @@ class CausalLMPretraining(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """A resumable checkpoint on SIGTERM or Ctrl-C, and exit status 143 after SIGTERM (as ``fit``'s module)."""
-        if self._trainer is not None and not self.trainer.checkpoint_callbacks:
+        if (trainer := attached_trainer(self)) is not None and not trainer.checkpoint_callbacks:
             return []
         return [PreemptionCheckpoint()]
 

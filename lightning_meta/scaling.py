@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lightning_meta._compat import set_data_parallel_degree
 from lightning_meta.algorithms import MetaAlgorithm
-from lightning_meta.learners import Learner
+from lightning_meta.learners import Learner, blocks_of
 
 #: Precisions the inner loop runs in: weights (and so fast weights and the inner SGD update) in
 #: float32/float64; ``bf16-mixed`` autocasts only the matmuls.
@@ -52,7 +53,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         # ModelParallelStrategy's "auto" data-parallel size is the node count (tensor parallel inside a node).
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        set_data_parallel_degree(self, self.num_nodes * self.num_processes)
         super().setup_environment()
 
 
@@ -203,9 +204,8 @@ def clip_gradients(parameters: Iterable[nn.Parameter], max_value: float, by_valu
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP units by default: the entries of the model's longest ``nn.ModuleList`` (transformer blocks)."""
-    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    """The FSDP units by default: the model's blocks (:func:`~lightning_meta.learners.blocks_of`)."""
+    return list(blocks_of(model))
 
 
 def _all_fast(learner: Learner, algorithm: MetaAlgorithm) -> bool:

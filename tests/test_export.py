@@ -255,3 +255,19 @@ def test_encoder_learner_exports_its_encoder_for_automodel(tmp_path):
     assert provenance["head_not_exported"] == {"ways": 3}
     assert provenance["tokenizer"] == "embedded-wordpiece-4096"
     assert provenance["tokenizer_fingerprint"] == fingerprint_of("embedded-wordpiece-4096")
+
+
+def test_weights_that_do_not_fit_are_refused_alike_for_every_kind_of_checkpoint():
+    from transformers import AutoConfig
+
+    from lightning_meta.export import model_from_checkpoint
+
+    config = AutoConfig.for_model(**TINY).to_dict()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))
+    state = {f"model.{key}": value for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    state["model.extra.weight"] = torch.zeros(1)
+    saved = {"module": "pretraining", "hf_config": config, "tokenizer": "embedded-bpe-4096"}
+    with pytest.raises(CheckpointError, match=r"weights do not fit its model: missing .*unexpected \['extra.weight'\]"):
+        model_from_checkpoint({"lightning_meta": saved, "state_dict": state})
+    with pytest.raises(CheckpointError, match=r"no model weights \(no 'model\.' keys\)"):
+        model_from_checkpoint({"lightning_meta": saved, "state_dict": {}})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import lightning_meta
 import lightning_meta.datamodules
@@ -143,3 +144,28 @@ def test_inner_loop_and_losses_make_no_host_sync(kind):
         learner.check_data(TaskBatch(support={k: v[None] for k, v in support.items()},
                                      query={k: v[None] for k, v in support.items()}))  # fmt: skip
     assert len(syncs) == 1, syncs
+
+
+def test_the_last_blocks_are_the_blocks_fsdp_shards_one_by_one():
+    from lightning_meta.learners import blocks_of
+    from lightning_meta.scaling import default_units
+
+    class TwoLists(nn.Module):  # the longest ModuleList holds the blocks, whatever comes first
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(2, 2)])
+            self.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+
+    model = TwoLists()
+    assert list(blocks_of(model)) == list(model.layers) == default_units(model)
+    fast = RegressionLearner(model, "last_blocks:2").fast_weight_names
+    assert fast == ["layers.1.weight", "layers.1.bias", "layers.2.weight", "layers.2.bias"]
+    assert len(blocks_of(nn.Linear(2, 2))) == 0 and default_units(nn.Linear(2, 2)) == []
+
+
+def test_batch_norms_are_normalizations_and_refuse_vmap_by_public_class():
+    from lightning_meta.learners import is_normalization
+
+    assert all(is_normalization(norm) for norm in (nn.BatchNorm1d(2), nn.SyncBatchNorm(2), nn.LazyBatchNorm2d()))
+    learner = RegressionLearner(nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2), nn.Linear(2, 1)))
+    assert "updates its running statistics in place" in learner.vmap_refusal()

@@ -113,3 +113,24 @@ def test_a_hub_id_not_in_the_cache_says_how_to_place_it_there(hub_cache, tmp_pat
     for load in (resolve_local_path, lambda spec: CausalLMLearner(pretrained=spec), load_tokenizer):
         with pytest.raises(FileNotFoundError, match=message):
             load("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_an_atomic_folder_write_replaces_only_once_complete(tmp_path):
+    from lightning_meta.local_files import write_folder_atomically
+
+    folder = tmp_path / "out"
+    write_folder_atomically(folder, lambda staging: (staging / "a.txt").write_text("first"))
+    write_folder_atomically(folder, lambda staging: (staging / "a.txt").write_text("ignored"))  # a cache: kept
+    assert (folder / "a.txt").read_text() == "first"
+
+    def fails(staging):
+        (staging / "a.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomically(folder, fails, replace=True)
+    assert (folder / "a.txt").read_text() == "first"
+    write_folder_atomically(folder, lambda staging: (staging / "b.txt").write_text("second"), replace=True)
+    assert [path.name for path in folder.iterdir()] == ["b.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no staging or retired folder left
+    assert folder.stat().st_mode & 0o777 == 0o755

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from lightning_meta import MLP, ClassificationLearner, Episode, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML, MetaSGD, ProtoNet, Reptile
@@ -291,6 +292,12 @@ def test_adaptation_curve_logs_accuracy_for_classification():
     assert results["test/query_acc_step0"] == results["test/query_acc_pre"]
 
 
+@pytest.mark.parametrize("steps", [0, 2.5, True, "3"])
+def test_eval_inner_steps_must_be_a_whole_count(steps):
+    with pytest.raises(ValueError, match=rf"eval_inner_steps must be an integer >= 1 or None .*got {steps!r}"):
+        MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(), eval_inner_steps=steps)
+
+
 def test_adaptation_curve_options_are_checked_at_construction():
     with pytest.raises(ValueError, match=r"eval_curve must be a non-empty list of step counts >= 0.*got \[0, -1\]"):
         MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(), eval_curve=[0, -1])
@@ -311,11 +318,21 @@ def test_adaptation_curve_plot_writes_a_png(tmp_path):
 
 
 def test_ranks_get_equal_evaluation_batch_counts_and_padding_is_not_counted():
-    from lightning_meta.datamodules.base import _PaddedBatches, _RankShardSampler
+    from lightning_meta.datamodules.base import _PaddedBatches
     from lightning_meta.tasks import PADDING_KEY
 
-    batches = sinusoid(num_val_tasks=6, eval_meta_batch_size=2).eval_batches("val")  # 3 batches, 2 ranks
-    assert [list(_RankShardSampler(3, rank, 2)) for rank in (0, 1)] == [[0, 2], [1, -1]]  # no batch twice
+    data = sinusoid(num_val_tasks=6, eval_meta_batch_size=2)
+    batches = data.eval_batches("val")  # 3 batches, 2 ranks
+
+    class FakeTrainer:
+        world_size = 2
+
+    samplers = []
+    for FakeTrainer.global_rank in (0, 1):
+        data.trainer = FakeTrainer()
+        samplers.append(data.val_dataloader().sampler)
+    assert [list(sampler) for sampler in samplers] == [[0, 2], [1, -1]]  # no batch twice
+    assert all(isinstance(sampler, DistributedSampler) for sampler in samplers)  # so Lightning keeps them
     padding = _PaddedBatches(batches)[-1]
     assert padding.metadata[PADDING_KEY] == [True, True] and torch.equal(padding.query["y"], batches[0].query["y"])
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))

@@ -1,0 +1,97 @@
+"""The one place that touches private Lightning, jsonargparse and torch attributes.
+
+Each function here wraps a framework detail that has no public API (its docstring says why), and
+``tests/test_compat.py`` checks each one against the installed framework, so a release that
+renames or changes one fails a named test instead of breaking a run silently. The rest of the
+package calls these functions and never the private names (``tests/test_compat.py`` greps for them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+
+
+def cli_hyperparameters() -> dict[str, Any] | None:
+    """The config LightningCLI parsed for the module it is instantiating now, or ``None`` outside the CLI.
+
+    Why private: LightningCLI hands that config to ``save_hyperparameters`` through a context
+    variable and offers no public way to ask whether a module is being built from one. The CLI's
+    record (``class_path``/``init_args`` as parsed, ``_instantiator``) is the only complete one for
+    components the package cannot describe itself (a user's learner that does not keep its
+    arguments), and it is what ``--ckpt_path`` reads back.
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    return _given_hyperparameters.get()
+
+
+def attached_trainer(module: LightningModule) -> Trainer | None:
+    """The trainer ``module`` is attached to, or ``None`` (a module used outside ``Trainer``).
+
+    Why here: the public ``LightningModule.trainer`` raises when no trainer is attached, and only
+    its exception type (``RuntimeError``, undocumented) tells that case apart.
+    """
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
+def batches_consumed(trainer: Trainer) -> int:
+    """Training batches the fit loop has taken so far, over all epochs (a resumed run's included).
+
+    Why here: Lightning prefetches batches, so counting what a dataloader yielded overshoots, and a
+    run stopped by ``max_steps`` inside an epoch ends that epoch for Lightning, so epochs do not
+    give the position either. Only the fit loop's progress counts the batches the loop used, and
+    the loop (``trainer.fit_loop``, a private ``_FitLoop``) is not a documented API.
+    """
+    return trainer.fit_loop.total_batch_idx + 1
+
+
+def set_data_parallel_degree(strategy: ModelParallelStrategy, size: int) -> None:
+    """Set the data-parallel size of a ``ModelParallelStrategy`` before ``setup_environment`` builds its mesh.
+
+    Why private: the strategy takes an explicit size only in ``__init__``, before the number of
+    processes is known, and resolves ``"auto"`` to the node count (tensor parallel inside a node).
+    """
+    strategy._data_parallel_size = size
+
+
+@contextlib.contextmanager
+def reparametrized(module: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[None]:
+    """Run the block inside with ``module``'s named parameters replaced by ``tensors`` (differentiably).
+
+    Why private: this is the context manager ``torch.func.functional_call`` itself uses; the
+    public ``functional_call`` only runs ``module.__call__``, while activation checkpointing has to
+    re-run the function transformers handed it (a ``partial`` of the block's forward).
+    """
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(module, dict(tensors)):
+        yield
+
+
+def foreach_add(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: float) -> list[Tensor]:
+    """``[t + alpha * o for t, o in zip(tensors, others)]`` in one fused, differentiable kernel.
+
+    Why private: torch has no public fused list arithmetic; ``torch._foreach_add`` is what its own
+    optimizers use, and it is several times fewer kernel launches than a loop over the tensors.
+    """
+    return list(torch._foreach_add(list(tensors), list(others), alpha=alpha))
+
+
+def parse_object_unvalidated(parser: Any, config: dict[str, Any]) -> Any:
+    """``parser.parse_object(config)`` without checking required options (a partial config as a base).
+
+    Why private: jsonargparse validates every parsed object, and only its private
+    ``_skip_validation`` lets a partial config (a checkpoint's saved options) serve as the base
+    the command line completes.
+    """
+    return parser.parse_object(config, _skip_validation=True)

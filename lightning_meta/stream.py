@@ -1,0 +1,118 @@
+"""Resumable training streams and evenly split evaluation: the rules every datamodule follows.
+
+A datamodule's training batch number ``i`` is the ``i``-th batch the fit loop consumes since the
+start of training, whatever Lightning counts as an epoch; the datamodule saves the number of the
+next one (and the fingerprint of the tokenizer its token ids come from) in its ``state_dict``, so
+a resumed run continues with exactly the batches the uninterrupted run would have seen.
+Evaluation batches are dealt out to the processes so that each runs as many (under FSDP every
+forward is a collective, and unequal counts hang), and no batch is counted twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from lightning import LightningDataModule
+from torch.utils.data import DistributedSampler
+
+from lightning_meta._compat import batches_consumed
+from lightning_meta.tokenization import check_tokenizer, fingerprint_of
+
+#: The index of a padding batch in a process's share (:func:`rank_share` with ``pad=True``).
+PADDING = -1
+
+
+def allow_mid_epoch_resume() -> None:
+    """Silence Lightning's warning about resuming inside an epoch: the datamodule's ``state_dict``
+    restores the stream, which Lightning's check for resumable *dataloaders* does not see."""
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+
+def rank_and_world(datamodule: LightningDataModule) -> tuple[int, int]:
+    """``(global rank, world size)`` of the datamodule's trainer; ``(0, 1)`` without one."""
+    trainer = datamodule.trainer
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def next_train_batch(datamodule: LightningDataModule, resumed: int) -> int:
+    """The number of the next training batch to consume: the batches the fit loop has taken so far
+    (``resumed``, the position loaded from a checkpoint, without a trainer).
+
+    Counted from the loop's progress, not from epochs or yielded batches: a run that stopped at
+    ``max_steps`` inside an epoch ends that epoch for Lightning, ``limit_train_batches`` shortens
+    epochs, and Lightning fetches batches ahead of the one it runs.
+    """
+    return resumed if datamodule.trainer is None else batches_consumed(datamodule.trainer)
+
+
+def tokenizer_state(tokenizer: str) -> dict[str, str]:
+    """What a checkpoint records of the tokenizer the data was tokenized with."""
+    return {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+
+
+def check_saved_tokenizer(state: Mapping[str, Any], tokenizer: str) -> None:
+    """Refuse a checkpoint whose data came from another tokenizer's token ids (:func:`tokenizer_state`)."""
+    if "tokenizer_fingerprint" in state:
+        check_tokenizer(state["tokenizer"], state["tokenizer_fingerprint"], tokenizer, "The checkpoint's data")
+
+
+def rank_share(count: int, rank: int, world: int, *, pad: bool, what: str, fix: str) -> list[int]:
+    """Process ``rank``'s items among ``count``: ``rank, rank + world, ...``, as many on every process.
+
+    ``pad``: every item is evaluated once, and the processes with one fewer end with a
+    :data:`PADDING` item (to be run but not counted). Otherwise the last ``count % world`` items
+    are left out. Fewer items than processes is refused (``what`` names them, ``fix`` says what to
+    change), except none at all with ``pad`` (Lightning then skips the split).
+    """
+    if count < world and (count or not pad):
+        raise ValueError(f"{count} {what} for {world} processes: every process needs at least one. {fix}")
+    if not pad:
+        return list(range(rank, count // world * world, world))
+    own = list(range(rank, count, world))
+    return own + [PADDING] * (-(-count // world) - len(own))
+
+
+class RankSampler(DistributedSampler):
+    """Base of the samplers that already give this process its own ``length`` indices.
+
+    A ``DistributedSampler`` so that Lightning leaves it in place under DDP: it wraps any other
+    sampler in its own, which splits the indices again and pads the last processes with repeats
+    (counted twice). The epoch Lightning sets is not used: the stream position already says where
+    an epoch starts, and evaluation is the same every epoch. Subclasses implement ``__iter__``.
+    """
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        super().__init__(range(length * world), num_replicas=world, rank=rank, shuffle=False)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class IndexSampler(RankSampler):
+    """This process's fixed list of indices (e.g. its :func:`rank_share`), the same every epoch."""
+
+    def __init__(self, indices: list[int], rank: int = 0, world: int = 1) -> None:
+        super().__init__(len(indices), rank, world)
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+class StreamSampler(RankSampler):
+    """Yields ``length`` consecutive batch numbers from the stream position (``position()``) at each epoch's start.
+
+    The position is read when Lightning starts an epoch's iterator, so a resumed run continues the
+    stream whatever Lightning counts as an epoch.
+    """
+
+    def __init__(self, length: int, position: Callable[[], int], rank: int = 0, world: int = 1) -> None:
+        super().__init__(length, rank, world)
+        self.position = position
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.position()
+        return iter(range(start, start + self.length))

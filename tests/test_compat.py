@@ -1,0 +1,139 @@
+"""Each private framework detail in lightning_meta._compat, checked against the installed framework.
+
+A test here fails when Lightning, jsonargparse or torch renames or changes what a wrapper relies on;
+the last tests keep private framework access out of the rest of the package.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from lightning_meta import _compat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_hyperparameters_are_the_config_lightning_cli_hands_over():
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    assert _compat.cli_hyperparameters() is None
+    with _given_hyperparameters_context(hparams={"eval_inner_steps": 3}, instantiator="some.instantiator"):
+        given = _compat.cli_hyperparameters()
+        assert given == {"eval_inner_steps": 3, "_instantiator": "some.instantiator"}
+
+        class Module(L.LightningModule):
+            def __init__(self, eval_inner_steps: int = 1) -> None:
+                super().__init__()
+                self.save_hyperparameters()
+
+        assert dict(Module(eval_inner_steps=5).hparams) == given  # what save_hyperparameters() then saves
+    assert _compat.cli_hyperparameters() is None
+
+
+def test_attached_trainer_is_none_until_a_trainer_is_attached():
+    module = BoringModel()
+    assert _compat.attached_trainer(module) is None
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.trainer = trainer
+    assert _compat.attached_trainer(module) is trainer
+
+
+def test_batches_consumed_counts_the_batches_the_fit_loop_used_over_epochs(tmp_path):
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(_compat.batches_consumed(trainer))
+
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[Record()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(BoringModel())
+    assert seen == [1, 2, 3, 4, 5, 6]  # the running batch included, not the one Lightning prefetched
+    assert _compat.batches_consumed(trainer) == 6
+
+
+def test_set_data_parallel_degree_sets_what_model_parallel_strategy_builds_its_mesh_from():
+    strategy = ModelParallelStrategy(data_parallel_size=3, tensor_parallel_size=1)
+    assert strategy._data_parallel_size == 3
+    _compat.set_data_parallel_degree(strategy, 4)
+    assert strategy._data_parallel_size == 4
+    source = inspect.getsource(ModelParallelStrategy.setup_environment)
+    assert 'if self._data_parallel_size == "auto"' in source and "_setup_device_mesh(" in source
+
+
+def test_reparametrized_runs_with_the_given_weights_differentiably_and_restores_the_module():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    original = layer.weight.detach().clone()
+    weight = torch.randn(2, 3, requires_grad=True)
+    inputs = torch.randn(4, 3)
+    with _compat.reparametrized(layer, {"weight": weight}):
+        output = layer(inputs)
+    assert torch.equal(output, inputs @ weight.T + layer.bias)
+    (gradient,) = torch.autograd.grad(output.sum(), weight)
+    assert torch.allclose(gradient, inputs.sum(0).expand(2, 3))
+    assert isinstance(layer.weight, nn.Parameter) and torch.equal(layer.weight, original)
+
+
+def test_foreach_add_equals_the_loop_with_second_order_gradients():
+    torch.manual_seed(0)
+    weights = [torch.randn(3, requires_grad=True, dtype=torch.float64) for _ in range(2)]
+    gradients = [(w**2).sum() * w for w in weights]  # depend on the weights: a second-order path
+    fused = _compat.foreach_add(weights, gradients, alpha=-0.1)
+    looped = [w - 0.1 * g for w, g in zip(weights, gradients, strict=True)]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for a, b in zip(fused, looped, strict=True))
+    first = torch.autograd.grad(sum(t.sum() for t in fused), weights, retain_graph=True)
+    second = torch.autograd.grad(sum(t.sum() for t in looped), weights)
+    assert all(torch.allclose(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_parse_object_unvalidated_accepts_a_partial_config():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--name", type=str, default="x")
+    with pytest.raises(Exception, match="steps"):
+        parser.parse_object({"name": "y"})
+    assert _compat.parse_object_unvalidated(parser, {"name": "y"}).name == "y"
+
+
+#: Private framework access, as the project's checks grep for it.
+PRIVATE = re.compile(
+    r"_given_hyperparameters|_hparams_initial|_parse_ckpt_path|_skip_validation|_data_parallel_size|self\._trainer\b"
+    r"|fit_loop\.|torch\._foreach|from lightning[a-z_.]* import _|from torch[a-z_.]* import _|nn\.modules\.[a-z_]+\._"
+)
+#: Files another change is still cleaning (issue 17): their private calls move to _compat there.
+PENDING = {"lightning_meta/cli.py", "algorithms/base.py"}
+
+
+def private_framework_access() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for folder in ("lightning_meta", "algorithms", "datamodules"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = str(path.relative_to(ROOT))
+            if name == "lightning_meta/_compat.py":
+                continue
+            lines = [f"{number}: {line.strip()}" for number, line in enumerate(path.read_text().splitlines(), 1)
+                     if PRIVATE.search(line)]  # fmt: skip
+            if lines:
+                found[name] = lines
+    return found
+
+
+def test_no_private_framework_access_outside_compat_and_the_files_being_cleaned():
+    assert {name: lines for name, lines in private_framework_access().items() if name not in PENDING} == {}
+
+
+@pytest.mark.xfail(strict=False, reason="lightning_meta/cli.py and algorithms/base.py are cleaned in a later pass")
+def test_no_private_framework_access_outside_compat():
+    assert private_framework_access() == {}
