@@ -82,11 +82,12 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             Natural-Instructions ``tasks`` folder; read once and cached.
         task_column: column naming each row's task (not needed for a folder of one table per task).
         input_column: column holding the input text.
-        output_column: column holding the output text.
+        output_column: column holding the output text, or a list of correct outputs (the first trains;
+            exact match accepts any). An input repeated with another output gets it as one more.
         family_column: column naming each task's family, used when the table has it.
-        options_column: column listing a classification task's options (a list of strings, or one
-            string of options separated by ``|``), used when the table has it; every output of such
-            a task must be one of them.
+        options_column: column listing a row's options (a list of strings, or one string of options
+            separated by ``|``), used when the table has it: the row is scored against its own
+            options, and its outputs must be among them.
         template: the prompt, with ``{input}`` where the input goes (for tables without a
             ``template_column``).
         template_column: column holding each row's template, used when the table has it.
