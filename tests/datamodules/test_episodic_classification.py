@@ -129,7 +129,10 @@ def test_training_stream_same_for_any_worker_count_and_differs_by_rank():
     def stream(workers: int, rank: int = 0) -> list[TaskBatch]:
         dm = datamodule(batches_per_epoch=4, num_workers=workers)
         dm.prepare()
-        dm.trainer = SimpleNamespace(global_rank=rank, current_epoch=0)  # what a DDP rank's Trainer gives
+        # What a DDP rank's Trainer gives the datamodule before the first step.
+        dm.trainer = SimpleNamespace(
+            global_rank=rank, world_size=2, current_epoch=0, fit_loop=SimpleNamespace(total_batch_idx=-1)
+        )
         return list(dm.train_dataloader())
 
     single = stream(0)
