@@ -11,10 +11,11 @@ then measured on the BIG-bench Lite JSON tasks that fit the context, which choos
 - ``fomaml_lora``: first-order MAML, the adapters as fast weights (2 inner SGD steps);
 - ``maml_lora``: second-order MAML (1 inner step), not in the default list (see the README's budget).
 
-Evaluation, per test task, on fixed episodes (the same for every arm) of K = 4 support and
-``queries`` query examples: **in context** with K = 0 and 4 demonstrations (and 1, 16 with
-``--eval-shots``), and **by SGD** on the adapters (``--sgd-steps`` steps on the K = 4 support, the step
-size picked per arm on the validation tasks) for the gradient-based arms. Figures: accuracy (rank
+Evaluation, per BIG-bench Lite task, on ``eval_episodes`` fixed episodes (the same for every arm) of
+K = 4 support and ``eval_queries`` query examples: **in context** with K = 0 and 4 demonstrations
+(1 and 16 too with ``--eval-shots 0 1 4 16``), and **by SGD** on the adapters (``sgd_steps`` steps on
+the K = 4 support, the step size picked per arm from ``sgd_grid`` on the validation tasks) for the
+arms whose method adapts by gradient (``base`` too: fresh adapters). Figures: accuracy (rank
 classification over each example's ``target_scores`` options; exact match against any listed
 target for generative tasks), exact match, output-token loss; chance per task from the per-example
 options. Differences to ``multitask`` and to ``base`` are paired by episode (and seed).
