@@ -29,7 +29,7 @@ def test_smoke_run_writes_every_arm_and_a_rerun_skips_them(tmp_path):
         assert result["complete"], arm
         # The long-prompt task and the programmatic one are left out, with the reason.
         assert sorted(result["tasks"]) == ["lite_choice", "lite_generative"]
-        assert "fixed prompt is longer" in result["left_out"]["lite_long"]
+        assert "fewer than K + queries = 4 of its examples fit max_length=48" in result["left_out"]["lite_long"]
         assert "no task.json" in result["left_out"]["lite_py"]
         rows = result["tasks"]["lite_choice"]["rows"]
         in_context = {"in context K=0", "in context K=1", "in context K=2"}

@@ -168,8 +168,8 @@ def evaluation_episodes(settings: Settings, dataset: str, work: Path) -> dict[st
     test = {top_level(name) for name in datamodule.split_tasks["test"]}
     read = {top_level(name) for name in datamodule.collection.table["task"]}
     left_out = {
-        name: f"no example fits max_length={settings.max_length} (its fixed prompt is longer), or fewer than "
-        f"K + queries = {shots + settings.eval_queries} do" if name in read
+        name: f"fewer than K + queries = {shots + settings.eval_queries} of its examples fit max_length="
+        f"{settings.max_length} (a fixed prompt or inputs longer than that)" if name in read
         else "not read: no task.json (programmatic), or every input empty"
         for name in datamodule.collection.presets[BIGBENCH_LITE] if name not in test
     }  # fmt: skip
