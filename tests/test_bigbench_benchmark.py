@@ -13,11 +13,11 @@ RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "bigbench" / "run.py"
 ARMS = ["base-seed0", "multitask-seed0", "metaicl-seed0", "fomaml_lora-seed0"]
 
 
-def smoke(tmp_path: Path) -> subprocess.CompletedProcess:
+def smoke(tmp_path: Path, *options: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", LIGHTNING_META_CACHE=str(tmp_path / "cache"))
     command = [sys.executable, str(RUN), "--smoke", "--workers", "0", "--seeds", "0", "--out", str(tmp_path / "out")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([*command, *options], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
 
@@ -47,3 +47,6 @@ def test_smoke_run_writes_every_arm_and_a_rerun_skips_them(tmp_path):
     second = smoke(tmp_path)
     assert all(f"skip {arm}: finished" in second.stdout for arm in ARMS)
     assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.json")} == written
+    # Results of other settings are never mixed in.
+    other = smoke(tmp_path, "--eval-episodes", "3", check=False)
+    assert other.returncode != 0 and "was written with other settings" in other.stderr

@@ -260,6 +260,7 @@ def evaluate_arm(settings: Settings, dataset: str, method: str, seed: int, out: 
     path = out / f"eval-{arm_name(method, seed)}.json"
     result = json.loads(path.read_text()) if path.exists() else {"method": method, "seed": seed, "tasks": {},
                                                                    "eval_seconds": 0.0}  # fmt: skip
+    check_settings(path, result, settings)
     result |= {"settings": asdict(settings), "left_out": episodes["left_out"]}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision.startswith("bf16"))
     in_context = MetaICL()
@@ -324,9 +325,22 @@ def run_arm(settings: Settings, dataset: str, method: str, seed: int, out: Path,
         evaluate_arm(settings, dataset, method, seed, out, work)
 
 
-def finished(out: Path, method: str, seed: int) -> bool:
+def finished(out: Path, method: str, seed: int, settings: Settings) -> bool:
+    """Whether the arm's evaluation is complete (with these settings: other settings are an error)."""
     path = out / f"eval-{arm_name(method, seed)}.json"
-    return path.exists() and bool(json.loads(path.read_text()).get("complete"))
+    if not path.exists():
+        return False
+    result = json.loads(path.read_text())
+    check_settings(path, result, settings)
+    return bool(result.get("complete"))
+
+
+def check_settings(path: Path, result: dict, settings: Settings) -> None:
+    """Results of other settings are never mixed with these."""
+    current = json.loads(json.dumps(asdict(settings)))  # as a results file holds them (tuples as lists)
+    if result.get("settings", current) != current:
+        raise SystemExit(f"{path} was written with other settings ({result['settings']}): give another --out, or "
+                         "delete the file to run this arm again.")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ report
@@ -521,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
 def run_all(args: argparse.Namespace, settings: Settings, dataset: str, work: Path) -> None:
     """Every unfinished arm, ``--workers`` at a time (0: one after another in this process)."""
     arms = [(method, seed) for seed in args.seeds for method in args.methods if not (method == "base" and seed != 0)]
-    todo = [(method, seed) for method, seed in arms if not finished(args.out, method, seed)]
+    todo = [(method, seed) for method, seed in arms if not finished(args.out, method, seed, settings)]
     for method, seed in sorted(set(arms) - set(todo)):
         print(f"skip {arm_name(method, seed)}: finished", flush=True)
     if todo:
