@@ -61,8 +61,8 @@ class Settings:
     meta_batch_size: int = 2
     budget: int = 60_000  # real tokens through forward + backward per trained arm
     meta_lr: float = 5e-4
-    eval_episodes: int = 3  # fixed episodes per BIG-bench Lite task
-    val_episodes: int = 12  # fixed validation episodes (SGD step size)
+    eval_episodes: int = 2  # fixed episodes per BIG-bench Lite task
+    val_episodes: int = 6  # fixed validation episodes (SGD step size)
     eval_shots: tuple[int, ...] = (0, 4)
     sgd_steps: int = 3
     sgd_grid: tuple[float, ...] = (0.03, 0.1, 0.3)
@@ -155,8 +155,8 @@ def evaluation_episodes(settings: Settings, dataset: str, work: Path) -> dict[st
     draws), built once and kept under ``work`` (token ids of BIG-bench text: never in the repository)."""
     import torch
 
-    from lightning_meta.datamodules.base import task_generator
-    from lightning_meta.task_collections import BIGBENCH_LITE
+    from lightning_meta.data.episodic import task_generator
+    from lightning_meta.datamodules.task_collections import BIGBENCH_LITE
 
     key = json.dumps([asdict(settings), str(Path(dataset).resolve())])
     path = work / f"episodes-{hash_text(key):x}.pt"
@@ -200,7 +200,7 @@ def hash_text(text: str) -> int:
 
 def chance(episode: Any) -> float:
     """Expected accuracy of a uniform guess over each query example's options (0 for generative examples)."""
-    from lightning_meta.tasks import ANSWER, CHOICE_ATTENTION_MASK, CORRECT
+    from lightning_meta.data.tasks import ANSWER, CHOICE_ATTENTION_MASK, CORRECT
 
     query = episode.query
     if ANSWER not in query:
@@ -247,7 +247,7 @@ def evaluate_arm(settings: Settings, dataset: str, method: str, seed: int, out: 
     import torch
 
     from lightning_meta.algorithms import FOMAML, MetaICL
-    from lightning_meta.tasks import Episode
+    from lightning_meta.data.tasks import Episode
 
     episodes = evaluation_episodes(settings, dataset, work)
     learner = make_learner(settings)
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     changes = {"budget": args.budget, "eval_episodes": args.eval_episodes, "precision": args.precision,
                "eval_shots": tuple(args.eval_shots) if args.eval_shots else None}  # fmt: skip
     settings = replace(settings, **{key: value for key, value in changes.items() if value is not None})
-    from lightning_meta.local_files import cache_dir
+    from lightning_meta.data.local_files import cache_dir
 
     work = args.work or cache_dir() / "bigbench_benchmark"
     dataset = args.dataset
