@@ -15,7 +15,6 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from lightning_meta.algorithms.anil import ANIL
-from lightning_meta.algorithms.base import SGD, InnerUpdate, MetaAlgorithm, MetaLoss, inner_loop, inner_steps
 from lightning_meta.algorithms.fomaml import FOMAML
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.maml_plus_plus import MAMLPlusPlus
@@ -24,6 +23,7 @@ from lightning_meta.algorithms.metaicl import MetaICL
 from lightning_meta.algorithms.multi_task import MultiTask
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.reptile import Reptile
+from lightning_meta.training.algorithm import SGD, InnerUpdate, MetaAlgorithm, MetaLoss, inner_loop, inner_steps
 
 ENTRY_POINT_GROUP = "lightning_meta.algorithms"
 

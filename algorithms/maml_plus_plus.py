@@ -8,11 +8,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.algorithms.base import SGD, InnerUpdate, inner_steps
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.meta_sgd import rate_key
-from lightning_meta.learners import FastWeights, Learner
-from lightning_meta.tasks import Episode
+from lightning_meta.data.tasks import Episode
+from lightning_meta.learners.base import FastWeights, Learner
+from lightning_meta.training.algorithm import SGD, InnerUpdate, inner_steps
 
 
 class MAMLPlusPlus(MAML):

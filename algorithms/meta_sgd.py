@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.algorithms.base import InnerUpdate
 from lightning_meta.algorithms.maml import MAML
-from lightning_meta.learners import FastWeights, Learner
+from lightning_meta.learners.base import FastWeights, Learner
+from lightning_meta.training.algorithm import InnerUpdate
 
 
 class MetaSGD(MAML):

@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_meta.algorithms.base import MetaAlgorithm, MetaBatch, MetaLoss
-from lightning_meta.learners import FastWeights, Learner
-from lightning_meta.tasks import (
+from lightning_meta.data.tasks import (
     ANSWER,
     CHOICE_FIELDS,
     CORRECT,
@@ -19,6 +17,8 @@ from lightning_meta.tasks import (
     padded_length,
     padding_fraction,
 )
+from lightning_meta.learners.base import FastWeights, Learner
+from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatch, MetaLoss
 
 #: Field of a query split whose sequences already carry their demonstrations: how many each query dropped.
 DROPPED = "dropped_demonstrations"
@@ -124,7 +124,7 @@ class MetaICL(MetaAlgorithm):
 
         Sequences are ``length`` tokens long (default :meth:`sequence_length`, one host sync). A
         query split built already (it holds :data:`DROPPED`) is returned as it is. With
-        ``options``, option fields (:data:`~lightning_meta.tasks.CHOICE_FIELDS`) get the same
+        ``options``, option fields (:data:`~lightning_meta.data.tasks.CHOICE_FIELDS`) get the same
         demonstrations, so that options are scored in context; every option of an example gets
         the same ones (those that fit beside its longest option), so they share one prompt.
         """

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_meta.algorithms.base import MetaAlgorithm
-from lightning_meta.learners import FastWeights, Learner, classification_loss
-from lightning_meta.tasks import Episode, Split
+from lightning_meta.data.tasks import Episode, Split
+from lightning_meta.learners.base import FastWeights, Learner, classification_loss
+from lightning_meta.training.algorithm import MetaAlgorithm
 
 
 class ProtoNet(MetaAlgorithm):

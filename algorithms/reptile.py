@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_meta.algorithms.base import MetaAlgorithm, detached_start, inner_loop
-from lightning_meta.learners import Learner
-from lightning_meta.tasks import Episode
+from lightning_meta.data.tasks import Episode
+from lightning_meta.learners.base import Learner
+from lightning_meta.training.algorithm import MetaAlgorithm, detached_start, inner_loop
 
 
 class Reptile(MetaAlgorithm):

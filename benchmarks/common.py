@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from lightning_meta import Learner, MetaLearningModule, TaskBatch
 from lightning_meta.algorithms import MetaAlgorithm
-from lightning_meta.metrics import mean_and_ci95
+from lightning_meta.training.metrics import mean_and_ci95
 
 # ------------------------------------------------------------------------------ statistics, tables
 

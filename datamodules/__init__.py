@@ -1,6 +1,6 @@
 """Episodic datamodules, installed as ``lightning_meta.datamodules``."""
 
-from lightning_meta.datamodules.base import EpisodicDataModule
+from lightning_meta.data.episodic import EpisodicDataModule
 from lightning_meta.datamodules.episodic_classification import EpisodicClassificationDataModule
 from lightning_meta.datamodules.language_modeling import LanguageModelingTasksDataModule
 from lightning_meta.datamodules.learn2learn_tasks import Learn2LearnDataModule

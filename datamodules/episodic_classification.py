@@ -8,9 +8,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_meta.datamodules.base import EpisodicDataModule
-from lightning_meta.tables import describe_missing, is_missing
-from lightning_meta.tasks import Episode
+from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.tables import describe_missing, is_missing
+from lightning_meta.data.tasks import Episode
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -135,7 +135,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer named by ``tokenizer``."""
-        from lightning_meta.tokenization import load_tokenizer
+        from lightning_meta.data.tokenization import load_tokenizer
 
         return load_tokenizer(self.tokenizer)
 

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_meta.corpus import embedded_domains
-from lightning_meta.datamodules.base import EpisodicDataModule
-from lightning_meta.tables import (
+from lightning_meta.data.corpus import embedded_domains
+from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.tables import (
     claim_name,
     describe_missing,
     is_missing,
@@ -19,8 +19,8 @@ from lightning_meta.tables import (
     read_table,
     reencode_command,
 )
-from lightning_meta.tasks import Episode
-from lightning_meta.tokenization import load_tokenizer, required_tokenizer
+from lightning_meta.data.tasks import Episode
+from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -48,7 +48,7 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
             language reference, its docstrings); a folder of text files (one domain per file, or per
             sub-folder; hidden and binary files are left out); or a table with a ``domain_column``:
             a ``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a ``save_to_disk``
-            folder (:func:`~lightning_meta.tables.read_table`).
+            folder (:func:`~lightning_meta.data.tables.read_table`).
         text_column: column holding the text, for tables.
         domain_column: column whose values are the domains, for tables.
         val_domains: held-out validation domains; by default a fixed list for the embedded corpus
@@ -191,7 +191,7 @@ def read_corpus(
     corpus: str | None, text_column: str = "text", domain_column: str | None = None
 ) -> dict[str, list[str]]:
     """Documents by domain: the embedded corpus (``None``), a folder of text files (a domain per
-    file or sub-folder), or a table (:func:`~lightning_meta.tables.read_table`: a file, a glob or a
+    file or sub-folder), or a table (:func:`~lightning_meta.data.tables.read_table`: a file, a glob or a
     ``save_to_disk`` folder) whose ``domain_column`` names the domain (all rows in one domain ``"all"``
     when it is ``None``)."""
     if corpus is None:

@@ -15,8 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from lightning_meta.datamodules.base import EpisodicDataModule
-from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.tasks import Episode, TaskBatch
 
 
 @runtime_checkable

@@ -118,7 +118,7 @@ class MaskedWordTasksDataModule(EpisodicClassificationDataModule):
     def sentences(self) -> list[str]:
         """The corpus cut into sentences of the allowed length."""
         if self.corpus is None:
-            from lightning_meta.corpus import domain_text
+            from lightning_meta.data.corpus import domain_text
 
             documents = [domain_text("reference"), domain_text("docstrings")]
         else:

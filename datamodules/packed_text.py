@@ -22,7 +22,9 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_meta import stream
+from lightning_meta.data import stream
+from lightning_meta.data.tables import is_saved_dataset, read_table
+from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
 from lightning_meta.datamodules.language_modeling import (
     EMBEDDED_TEST_DOMAINS,
     EMBEDDED_VAL_DOMAINS,
@@ -30,8 +32,6 @@ from lightning_meta.datamodules.language_modeling import (
     read_corpus,
     tokenize_documents,
 )
-from lightning_meta.tables import is_saved_dataset, read_table
-from lightning_meta.tokenization import load_tokenizer, required_tokenizer
 
 #: Snapshots of the stream position kept per rank (Lightning prefetches a batch or two ahead).
 _KEPT_POSITIONS = 64
@@ -211,7 +211,7 @@ class PackedTextDataModule(LightningDataModule):
         return cut_into_blocks(torch.cat(ids), self.block_size)
 
     def _next_batch(self) -> int:
-        """The number of the next training batch, over all epochs (:func:`lightning_meta.stream.next_train_batch`)."""
+        """The number of the next training batch, over all epochs (``stream.next_train_batch``)."""
         return stream.next_train_batch(self, self._resume.get("next_train_batch", 0))
 
     def state_dict(self) -> dict[str, Any]:

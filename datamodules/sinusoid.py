@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from lightning_meta.datamodules.base import EpisodicDataModule
-from lightning_meta.tasks import Episode
+from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.tasks import Episode
 
 
 class SinusoidDataModule(EpisodicDataModule):

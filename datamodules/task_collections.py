@@ -4,7 +4,7 @@ Both become the text-to-text datamodule's table rows, one per example: ``task``,
 ``input``, ``output`` (a list: every listed output counts as correct, the first is trained on),
 ``options`` (a multiple-choice example's options, else ``None``) and ``template`` (the prompt, with
 ``{input}`` where the input goes). A collection is read once, with a seeded per-task example cap,
-into a table cached under :func:`~lightning_meta.local_files.cache_dir` (``task_collections/``), so
+into a table cached under :func:`~lightning_meta.data.local_files.cache_dir` (``task_collections/``), so
 a second run starts in seconds. Nothing is downloaded.
 
 **BIG-bench** (``pip download --no-deps bigbench==1.0.0`` gives the source archive): the
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_meta.local_files import cache_dir, write_folder_atomically
+from lightning_meta.data.local_files import cache_dir, write_folder_atomically
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -147,7 +147,7 @@ def read_task_collection(
             (staging / "collection.json").write_text(json.dumps(summary), encoding="utf-8")
 
         write_folder_atomically(cached, write)
-    from lightning_meta.tables import read_table
+    from lightning_meta.data.tables import read_table
 
     summary = json.loads((cached / "collection.json").read_text(encoding="utf-8"))
     for problem in summary["problems"]:  # also from the cache: the data is still bad

@@ -4,11 +4,11 @@ A task is a prompt template with one ``{input}`` and its (input, output) example
 families (one kind of question asked of one source), and the default split holds out whole
 families, so that validation and test tasks are new kinds of task, not new data of a seen kind.
 Everything is built at run time, deterministically, from text already on the machine: the Python
-standard library (read with ``ast``, see :mod:`lightning_meta.corpus`), the language reference
+standard library (read with ``ast``, see :mod:`lightning_meta.data.corpus`), the language reference
 topics (``pydoc_data.topics``), WordNet 3.0 when Debian's ``wordnet-base`` is installed, and
 generated rules. Example::
 
-    from lightning_meta.task_gym import DEFAULT_SPLIT, gym_tasks
+    from lightning_meta.datamodules.task_gym import DEFAULT_SPLIT, gym_tasks
 
     train_tasks = gym_tasks(DEFAULT_SPLIT["train"])  # WordNet families only where installed
     task = train_tasks[0]
@@ -77,8 +77,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_meta.corpus import SUPERSENSES, WORDNET, Synset, stdlib_definitions, wordnet_synsets
-from lightning_meta.local_files import cache_dir
+from lightning_meta.data.corpus import SUPERSENSES, WORDNET, Synset, stdlib_definitions, wordnet_synsets
+from lightning_meta.data.local_files import cache_dir
 
 if TYPE_CHECKING:
     from datasets import Dataset

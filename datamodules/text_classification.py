@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lightning_meta.data.tables import read_table
 from lightning_meta.datamodules.episodic_classification import EpisodicClassificationDataModule
-from lightning_meta.tables import read_table
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -41,7 +41,7 @@ def stdlib_docstrings() -> Dataset:
     identifier around it (``TarFile``, ``SSLSocket``, ``ssl_version``; names under five letters only
     as a word or a prefix such as ``SSLError``), so neither the name nor the place of the mask gives
     the label away. The docstrings are read with ``ast`` (see
-    :func:`lightning_meta.corpus.module_docstrings`) and cached, as the whole parse takes seconds.
+    :func:`lightning_meta.data.corpus.module_docstrings`) and cached, as the whole parse takes seconds.
     """
     from datasets import ClassLabel, Dataset, Features, Value
 
@@ -66,7 +66,7 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
     ``dataset="stdlib-docstrings"`` (the default) is :func:`stdlib_docstrings`: 39 standard-library
     modules as classes, with the fixed class-disjoint split :data:`STDLIB_DOCSTRING_CLASSES` (unless
     class lists are given). Anything else is a local file, glob or ``save_to_disk`` folder
-    (:func:`~lightning_meta.tables.read_table`), split by ``seed``/``class_split`` or the class lists.
+    (:func:`~lightning_meta.data.tables.read_table`), split by ``seed``/``class_split`` or the class lists.
 
     Args:
         dataset: ``"stdlib-docstrings"``, a ``.json``/``.jsonl``/``.csv``/``.parquet`` file (suffix in
@@ -151,8 +151,8 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
 
 def _cached_docstrings(modules: list[str]) -> dict[str, list[str]]:
     """``module_docstrings()`` for ``modules``, cached on disk per Python version."""
-    from lightning_meta.corpus import module_docstrings
-    from lightning_meta.tokenization import cache_dir
+    from lightning_meta.data.corpus import module_docstrings
+    from lightning_meta.data.tokenization import cache_dir
 
     version = ".".join(map(str, sys.version_info[:3]))
     path = cache_dir() / "datasets" / f"{STDLIB_DOCSTRINGS}-py{version}-v{_CACHE_VERSION}.json"

@@ -12,10 +12,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_meta.datamodules.base import EpisodicDataModule
-from lightning_meta.tables import claim_name, describe_missing, is_missing, is_saved_dataset, read_table
-from lightning_meta.task_collections import TaskCollection, read_task_collection, resolve_task_names
-from lightning_meta.tasks import (
+from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.tables import claim_name, describe_missing, is_missing, is_saved_dataset, read_table
+from lightning_meta.data.tasks import (
     ANSWER,
     CHOICE_ATTENTION_MASK,
     CHOICE_INPUT_IDS,
@@ -24,7 +23,8 @@ from lightning_meta.tasks import (
     IGNORE_INDEX,
     Episode,
 )
-from lightning_meta.tokenization import load_tokenizer, required_tokenizer
+from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
+from lightning_meta.datamodules.task_collections import TaskCollection, read_task_collection, resolve_task_names
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -74,10 +74,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     Args:
         tokenizer: ``embedded-bpe-4096`` (ships with the package), a local tokenizer folder or ``pkg:NAME/dir``;
             required (the CLI gives the learner's when unset).
-        dataset: ``None`` for the built-in offline task gym (:mod:`lightning_meta.task_gym`); a
+        dataset: ``None`` for the built-in offline task gym (:mod:`lightning_meta.datamodules.task_gym`); a
             table (``json``/``jsonl``/``csv``/``parquet`` file, a glob of them, or a ``save_to_disk``
             folder) with one row per example; a folder holding one table per task (the task is
-            the file name); or a task collection (:mod:`lightning_meta.task_collections`): BIG-bench's
+            the file name); or a task collection (:mod:`lightning_meta.datamodules.task_collections`): BIG-bench's
             source archive (``bigbench-1.0.0.tar.gz``, not extracted) or a folder of its JSON tasks, or a
             Natural-Instructions ``tasks`` folder; read once and cached.
         task_column: column naming each row's task (not needed for a folder of one table per task).
@@ -110,7 +110,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         max_examples_per_task: use at most this many examples of each task (the first ones; of a
             task collection, a sample drawn with ``seed``).
         family_keywords: BIG-bench keywords that give a task's family, first match wins (default
-            :data:`~lightning_meta.task_collections.FAMILY_KEYWORDS`).
+            :data:`~lightning_meta.datamodules.task_collections.FAMILY_KEYWORDS`).
         positive_examples: a Natural-Instructions task's positive examples in each prompt.
         others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
             ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
@@ -308,7 +308,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     def _default_families(self, split: str, known_families: list[str]) -> list[str] | None:
         """The gym's held-out families; for a table with 3 families or more a seeded 10%; else ``None``."""
         if self.dataset is None:
-            from lightning_meta.task_gym import DEFAULT_SPLIT
+            from lightning_meta.datamodules.task_gym import DEFAULT_SPLIT
 
             return [family for family in DEFAULT_SPLIT[split] if family in known_families]
         if len(known_families) < 3:
@@ -454,7 +454,7 @@ def _tokenized_gym(
 
 
 def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, dict[str, Any]]:
-    from lightning_meta.task_gym import gym_tasks
+    from lightning_meta.datamodules.task_gym import gym_tasks
 
     return {
         task.name: {

@@ -6,11 +6,18 @@ datamodules in ``lightning_meta.datamodules``; ``lightning-meta fit / export / p
 command line.
 """
 
-from lightning_meta.language_models import CausalLMLearner, LoraSettings
-from lightning_meta.learners import ClassificationLearner, Learner, RegressionLearner
-from lightning_meta.models import MLP
-from lightning_meta.module import MetaLearningModule
-from lightning_meta.tasks import Episode, TaskBatch
+from lightning_meta.data.tasks import Episode, TaskBatch
+from lightning_meta.learners import (
+    MLP,
+    CausalLMLearner,
+    ClassificationLearner,
+    EncoderLearner,
+    Learner,
+    LoraSettings,
+    RegressionLearner,
+)
+from lightning_meta.training.module import MetaLearningModule
+from lightning_meta.training.scaling import FSDP2Strategy
 from lightning_meta.version import VERSION
 
 __version__ = VERSION
@@ -19,15 +26,12 @@ __all__ = [
     "MLP",
     "CausalLMLearner",
     "ClassificationLearner",
+    "EncoderLearner",
     "Episode",
+    "FSDP2Strategy",
     "Learner",
     "LoraSettings",
     "MetaLearningModule",
     "RegressionLearner",
     "TaskBatch",
 ]
-
-from lightning_meta.encoders import EncoderLearner  # noqa: E402
-from lightning_meta.scaling import FSDP2Strategy  # noqa: E402
-
-__all__ += ["EncoderLearner", "FSDP2Strategy"]

@@ -24,9 +24,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_meta
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
 from lightning_meta import algorithms
-from lightning_meta.checkpoints import check_local_checkpoint_path, load_checkpoint_file
-from lightning_meta.module import MetaLearningModule, upgrade_hyperparameters
-from lightning_meta.progress import MetaProgressBar
+from lightning_meta.training.checkpoints import check_local_checkpoint_path, load_checkpoint_file
+from lightning_meta.training.module import MetaLearningModule, upgrade_hyperparameters
+from lightning_meta.training.progress import MetaProgressBar
 
 DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -298,7 +298,7 @@ def _describe_component(component: Any, keys: tuple[str, ...] | None = None) -> 
     those set and plain, or only ``keys``."""
     options = dict(getattr(component, "hparams", {}) or {})
     if isinstance(component, torch.nn.Module) and not options:
-        from lightning_meta.config import NotConfigurable, to_config
+        from lightning_meta.training.config import NotConfigurable, to_config
 
         try:
             options = to_config(component).get("init_args", {})
@@ -468,11 +468,11 @@ def _handoff(subcommand: str, args: list[str]) -> None:
     if subcommand == "export":
         from jsonargparse import auto_cli
 
-        from lightning_meta.export import export
+        from lightning_meta.handoff.export import export
 
         auto_cli(export, args=args, as_positional=False)
         return
-    from lightning_meta.pretraining import CausalLMPretraining
+    from lightning_meta.handoff.pretraining import CausalLMPretraining
 
     PretrainCLI(
         CausalLMPretraining,

@@ -94,7 +94,7 @@ CASES = {
                      Clusters),
     "maml_lora": (lm_learner, lambda: MAML(inner_lr=0.5, inner_steps=1), lm_data),
 }  # fmt: skip
-#: Cases FSDP refuses at setup: every weight is a fast weight (see lightning_meta.scaling).
+#: Cases FSDP refuses at setup: every weight is a fast weight (see lightning_meta.training.scaling).
 DDP_ONLY = {"maml_all", "fomaml_all", "reptile_all"}
 
 

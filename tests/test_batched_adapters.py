@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lightning_meta.algorithms.base as base
+import lightning_meta.training.algorithm as base
 from lightning_meta import CausalLMLearner, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
-from lightning_meta.language_models import LoraSettings
+from lightning_meta.learners.language_models import LoraSettings
 
 CONFIGS = {
     "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32,

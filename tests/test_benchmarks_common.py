@@ -12,7 +12,7 @@ import torch
 from lightning_meta import MLP, RegressionLearner
 from lightning_meta.algorithms import FOMAML
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.metrics import Z_95
+from lightning_meta.training.metrics import Z_95
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402

@@ -12,8 +12,8 @@ import torch
 
 from lightning_meta import MLP, CausalLMLearner, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML
-from lightning_meta.checkpoints import SIGTERM_EXIT_CODE, CheckpointError, load_checkpoint_file
 from lightning_meta.datamodules import LanguageModelingTasksDataModule, SinusoidDataModule
+from lightning_meta.training.checkpoints import SIGTERM_EXIT_CODE, CheckpointError, load_checkpoint_file
 
 TOKENIZER = "embedded-bpe-512"
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32}

@@ -211,7 +211,7 @@ def test_every_config_runs(tmp_path, config):
     if config.name == "pretrain_from_meta.yaml":  # it starts from the quick start's export, in exports/quickstart
         from test_export import TINY, meta_checkpoint
 
-        from lightning_meta.export import export
+        from lightning_meta.handoff.export import export
 
         checkpoint, _ = meta_checkpoint(tmp_path / "meta", model_config=dict(TINY, n_positions=128))
         export(str(checkpoint), str(tmp_path / "exports" / "quickstart"))
@@ -365,8 +365,8 @@ def _configurable_classes() -> list[type]:
     classes += [lightning_meta.CausalLMLearner, lightning_meta.EncoderLearner]
     classes += sorted(set(algorithms.available().values()), key=lambda cls: cls.__name__)
     classes += [getattr(datamodules, name) for name in datamodules.__all__]
-    from lightning_meta.export import ExportCallback
-    from lightning_meta.pretraining import CausalLMPretraining
+    from lightning_meta.handoff.export import ExportCallback
+    from lightning_meta.handoff.pretraining import CausalLMPretraining
 
     classes += [CausalLMPretraining, ExportCallback]
     return classes

@@ -13,8 +13,8 @@ from transformers import BertConfig, BertModel
 from lightning_meta import EncoderLearner, MetaLearningModule, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
 from lightning_meta.datamodules import TextClassificationDataModule
-from lightning_meta.learners import DataError
-from lightning_meta.metrics import mean_and_ci95
+from lightning_meta.learners.base import DataError
+from lightning_meta.training.metrics import mean_and_ci95
 
 TINY = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
@@ -85,7 +85,7 @@ def test_adaptation_is_functional_and_second_order_reaches_the_backbone():
     assert set(adapted) == {"head.weight", "head.bias"}
     assert learner.loss(support, adapted)[0] < learner.loss(support)[0]
     assert all(torch.equal(before[name], p) for name, p in learner.named_parameters())  # nothing copied or mutated
-    from lightning_meta.tasks import Episode
+    from lightning_meta.data.tasks import Episode
 
     loss, _ = MAML(inner_lr=0.5).task_loss(learner, Episode(support, query, ways=3, shots=2))
     loss.backward()

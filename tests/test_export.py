@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
 from lightning_meta.algorithms import FOMAML
-from lightning_meta.checkpoints import CheckpointError
+from lightning_meta.data.tokenization import fingerprint_of, load_tokenizer
 from lightning_meta.datamodules import LanguageModelingTasksDataModule
-from lightning_meta.export import PROVENANCE_FILE, ExportCallback, export
-from lightning_meta.tokenization import fingerprint_of, load_tokenizer
+from lightning_meta.handoff.export import PROVENANCE_FILE, ExportCallback, export
+from lightning_meta.training.checkpoints import CheckpointError
 
 sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
 from test_packed_text import write_corpus  # noqa: E402
@@ -166,7 +166,7 @@ def test_unwritable_output_is_refused_before_loading_the_model(plain, tmp_path, 
     import tempfile
 
     from lightning_meta import cli
-    from lightning_meta import export as export_module
+    from lightning_meta.handoff import export as export_module
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -260,7 +260,7 @@ def test_encoder_learner_exports_its_encoder_for_automodel(tmp_path):
 def test_weights_that_do_not_fit_are_refused_alike_for_every_kind_of_checkpoint():
     from transformers import AutoConfig
 
-    from lightning_meta.export import model_from_checkpoint
+    from lightning_meta.handoff.export import model_from_checkpoint
 
     config = AutoConfig.for_model(**TINY).to_dict()
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_meta import CausalLMLearner, LoraSettings, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, inner_loop
-from lightning_meta.learners import DataError
+from lightning_meta.learners.base import DataError
 
 TOKENIZER = "embedded-bpe-512"
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
@@ -217,7 +217,7 @@ def test_module_with_lora_learner_round_trips_through_a_checkpoint(tmp_path):
 )
 def test_gradient_checkpointing_with_every_fast_weight_choice(fast_weights, monkeypatch):
     """Checkpointed blocks recompute with the adapted weights, LoRA's included (peft renames the layers)."""
-    import lightning_meta.language_models as language_models
+    import lightning_meta.learners.language_models as language_models
 
     checkpointed = []
     monkeypatch.setattr(language_models, "checkpoint",

@@ -9,7 +9,7 @@ import torch
 from lightning_meta import CausalLMLearner, EncoderLearner, MetaLearningModule, TaskBatch
 from lightning_meta.algorithms import FOMAML
 from lightning_meta.datamodules import LanguageModelingTasksDataModule
-from lightning_meta.encoders import build_encoder
+from lightning_meta.learners.encoders import build_encoder
 
 TOKENIZER = "embedded-bpe-512"
 GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32}

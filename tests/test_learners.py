@@ -15,7 +15,7 @@ import lightning_meta
 import lightning_meta.datamodules
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, EncoderLearner, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import inner_loop
-from lightning_meta.learners import Learner, resolve_fast_weights
+from lightning_meta.learners.base import Learner, resolve_fast_weights
 
 from conftest import Blocks
 
@@ -147,8 +147,8 @@ def test_inner_loop_and_losses_make_no_host_sync(kind):
 
 
 def test_the_last_blocks_are_the_blocks_fsdp_shards_one_by_one():
-    from lightning_meta.learners import blocks_of
-    from lightning_meta.scaling import default_units
+    from lightning_meta.learners.base import blocks_of
+    from lightning_meta.training.scaling import default_units
 
     class TwoLists(nn.Module):  # the longest ModuleList holds the blocks, whatever comes first
         def __init__(self) -> None:
@@ -164,7 +164,7 @@ def test_the_last_blocks_are_the_blocks_fsdp_shards_one_by_one():
 
 
 def test_batch_norms_are_normalizations_and_refuse_vmap_by_public_class():
-    from lightning_meta.learners import is_normalization
+    from lightning_meta.learners.base import is_normalization
 
     assert all(is_normalization(norm) for norm in (nn.BatchNorm1d(2), nn.SyncBatchNorm(2), nn.LazyBatchNorm2d()))
     learner = RegressionLearner(nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2), nn.Linear(2, 1)))

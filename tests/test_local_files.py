@@ -7,9 +7,9 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from lightning_meta import CausalLMLearner, EncoderLearner
+from lightning_meta.data.local_files import resolve_local_path
+from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import LanguageModelingTasksDataModule, TextClassificationDataModule
-from lightning_meta.local_files import resolve_local_path
-from lightning_meta.tokenization import load_tokenizer
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_hub_ids_resolve_from_the_local_cache_offline(hub_cache, tmp_path, monkeypatch):
-    from lightning_meta.pretraining import CausalLMPretraining
+    from lightning_meta.handoff.pretraining import CausalLMPretraining
 
     assert resolve_local_path("tiny-org/tiny-gpt2") == hub_cache["tiny-gpt2"]
     reference = AutoModelForCausalLM.from_pretrained(hub_cache["tiny-gpt2"]).state_dict()
@@ -116,7 +116,7 @@ def test_a_hub_id_not_in_the_cache_says_how_to_place_it_there(hub_cache, tmp_pat
 
 
 def test_an_atomic_folder_write_replaces_only_once_complete(tmp_path):
-    from lightning_meta.local_files import write_folder_atomically
+    from lightning_meta.data.local_files import write_folder_atomically
 
     folder = tmp_path / "out"
     write_folder_atomically(folder, lambda staging: (staging / "a.txt").write_text("first"))

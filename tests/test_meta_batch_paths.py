@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_meta.algorithms.base as base
+import lightning_meta.training.algorithm as base
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, MetaLearningModule, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import (
     ANIL,

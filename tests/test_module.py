@@ -13,8 +13,8 @@ from torch.utils.data import DistributedSampler
 from lightning_meta import MLP, ClassificationLearner, Episode, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML, MetaSGD, ProtoNet, Reptile
 from lightning_meta.datamodules import EpisodicDataModule, SinusoidDataModule
-from lightning_meta.learners import DataError
-from lightning_meta.metrics import mean_and_ci95
+from lightning_meta.learners.base import DataError
+from lightning_meta.training.metrics import mean_and_ci95
 
 from conftest import classification_batch
 
@@ -307,7 +307,7 @@ def test_adaptation_curve_options_are_checked_at_construction():
 
 def test_adaptation_curve_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from lightning_meta.plots import AdaptationCurvePlot
+    from lightning_meta.training.plots import AdaptationCurvePlot
 
     torch.manual_seed(0)
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01), eval_curve=[0, 1, 3])
@@ -318,8 +318,8 @@ def test_adaptation_curve_plot_writes_a_png(tmp_path):
 
 
 def test_ranks_get_equal_evaluation_batch_counts_and_padding_is_not_counted():
-    from lightning_meta.datamodules.base import _PaddedBatches
-    from lightning_meta.tasks import PADDING_KEY
+    from lightning_meta.data.episodic import _PaddedBatches
+    from lightning_meta.data.tasks import PADDING_KEY
 
     data = sinusoid(num_val_tasks=6, eval_meta_batch_size=2)
     batches = data.eval_batches("val")  # 3 batches, 2 ranks

@@ -10,11 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import lightning_meta.module as module_file
+import lightning_meta.training.module as module_file
 from lightning_meta import MLP, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import MAML, SGD
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.module import MAX_EVAL_CURVE_STEPS
+from lightning_meta.training.module import MAX_EVAL_CURVE_STEPS
 
 
 def sinusoid_module(**options) -> MetaLearningModule:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_meta import CausalLMLearner, LoraSettings
-from lightning_meta.tasks import IGNORE_INDEX
+from lightning_meta.data.tasks import IGNORE_INDEX
 
 TOKENIZER = "embedded-bpe-512"
 MODELS = {

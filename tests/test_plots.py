@@ -12,14 +12,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_meta import MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import MAML
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.models import MLP
+from lightning_meta.learners.models import MLP
 
 
 def test_results_json_and_the_curve_image_in_tensorboard(tmp_path):
     pytest.importorskip("matplotlib")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lightning_meta.plots import AdaptationCurvePlot
+    from lightning_meta.training.plots import AdaptationCurvePlot
 
     torch.manual_seed(0)
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01), eval_curve=[0, 1, 3])

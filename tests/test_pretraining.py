@@ -17,10 +17,10 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-from lightning_meta.checkpoints import CheckpointError
 from lightning_meta.datamodules import PackedTextDataModule
-from lightning_meta.export import PROVENANCE_FILE, ExportCallback, export
-from lightning_meta.pretraining import CausalLMPretraining
+from lightning_meta.handoff.export import PROVENANCE_FILE, ExportCallback, export
+from lightning_meta.handoff.pretraining import CausalLMPretraining
+from lightning_meta.training.checkpoints import CheckpointError
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
@@ -201,7 +201,10 @@ def test_fsdp_sharded_checkpoint_exports_what_the_run_exported(tmp_path):
                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}  # fmt: skip
     config = distributed_config(tmp_path, corpus, strategy, [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}},
-        {"class_path": "lightning_meta.export.ExportCallback", "init_args": {"output_dir": str(tmp_path / "in-run")}},
+        {
+            "class_path": "lightning_meta.handoff.export.ExportCallback",
+            "init_args": {"output_dir": str(tmp_path / "in-run")},
+        },
     ])  # fmt: skip
     config["trainer"] |= {"max_steps": 3, "val_check_interval": 3}
     run_cli(config, tmp_path)
@@ -294,7 +297,7 @@ def test_model_folders_transformers_cannot_load_get_one_line_errors(tmp_path, mo
 
 def test_one_tokenizer_under_two_names_names_the_fix(tmp_path, capsys):
     from lightning_meta import cli
-    from lightning_meta.tokenization import load_tokenizer
+    from lightning_meta.data.tokenization import load_tokenizer
 
     # As the README's pretrain_from_meta.yaml with --model.init_from=CKPT: the model's tokenizer by its
     # name, the data's by an export folder holding the same tokenizer.

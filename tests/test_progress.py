@@ -10,7 +10,7 @@ import torch
 from lightning_meta import MLP, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.progress import MetaProgressBar
+from lightning_meta.training.progress import MetaProgressBar
 
 
 @pytest.mark.parametrize("steps, expected", [(300, "Meta-training"), (-1, "Epoch 0")])

@@ -13,8 +13,8 @@ from torch import nn
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, LoraSettings, MetaLearningModule
 from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.learners import RegressionLearner
-from lightning_meta.scaling import UnsupportedSetupError, check_precision, check_strategy
+from lightning_meta.learners.base import RegressionLearner
+from lightning_meta.training.scaling import UnsupportedSetupError, check_precision, check_strategy
 
 from conftest import Blocks, classification_batch, regression_batch
 

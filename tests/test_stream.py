@@ -1,11 +1,11 @@
-"""The stream and evaluation-split rules every datamodule shares (lightning_meta.stream)."""
+"""The stream and evaluation-split rules every datamodule shares (lightning_meta.data.stream)."""
 
 from __future__ import annotations
 
 import pytest
 from torch.utils.data import DistributedSampler
 
-from lightning_meta import stream
+from lightning_meta.data import stream
 from lightning_meta.datamodules.packed_text import _BlockBatchSampler
 
 

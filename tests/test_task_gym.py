@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_meta import task_gym
-from lightning_meta.task_gym import DEFAULT_SPLIT, GYM_FAMILIES, MIN_EXAMPLES, GymTask, gym_table, gym_tasks
+from lightning_meta.datamodules import task_gym
+from lightning_meta.datamodules.task_gym import DEFAULT_SPLIT, GYM_FAMILIES, MIN_EXAMPLES, GymTask, gym_table, gym_tasks
 
 HAS_WORDNET = all(Path(f"/usr/share/wordnet/data.{part}").is_file() for part in ("noun", "verb", "adj", "adv"))
 RULE_FAMILIES = [name for name, family in GYM_FAMILIES.items() if family.kind == "rule induction"]

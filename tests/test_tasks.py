@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_meta.algorithms import MAML, Reptile
-from lightning_meta.learners import DataError
-from lightning_meta.tasks import TaskBatch
+from lightning_meta.data.tasks import TaskBatch
+from lightning_meta.learners.base import DataError
 
 from conftest import regression_batch
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from lightning_meta import tokenization
-from lightning_meta.tokenization import (
+from lightning_meta.data import tokenization
+from lightning_meta.data.tokenization import (
     SHIPPED_TOKENIZERS,
     check_tokenizer,
     fingerprint_of,
@@ -28,7 +28,9 @@ SMALL = ("embedded-wordpiece-512", "embedded-bpe-512")  # not shipped: trained o
 
 def _train_in_subprocess(cache: Path, hash_seed: str) -> subprocess.Popen:
     env = {**os.environ, "LIGHTNING_META_CACHE": str(cache), "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
-    code = f"from lightning_meta.tokenization import load_tokenizer\nfor name in {SMALL!r}:\n    load_tokenizer(name)"
+    code = (
+        f"from lightning_meta.data.tokenization import load_tokenizer\nfor name in {SMALL!r}:\n    load_tokenizer(name)"
+    )
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

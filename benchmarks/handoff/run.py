@@ -40,9 +40,9 @@ from torch import Tensor
 
 from lightning_meta import CausalLMLearner, MetaLearningModule
 from lightning_meta.datamodules import PackedTextDataModule
-from lightning_meta.export import export
-from lightning_meta.metrics import mean_and_ci95
-from lightning_meta.pretraining import CausalLMPretraining
+from lightning_meta.handoff.export import export
+from lightning_meta.handoff.pretraining import CausalLMPretraining
+from lightning_meta.training.metrics import mean_and_ci95
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -170,7 +170,7 @@ def run_seed(
 
 
 def load_tokenizer_into(folder: Path) -> None:
-    from lightning_meta.tokenization import load_tokenizer
+    from lightning_meta.data.tokenization import load_tokenizer
 
     load_tokenizer(lm.TOKENIZER).save_pretrained(folder)
 

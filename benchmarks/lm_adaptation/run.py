@@ -40,7 +40,7 @@ from torch import Tensor
 from lightning_meta import CausalLMLearner, Learner, MetaLearningModule, TaskBatch
 from lightning_meta.algorithms import MetaAlgorithm, MultiTask
 from lightning_meta.datamodules import LanguageModelingTasksDataModule
-from lightning_meta.metrics import mean_and_ci95
+from lightning_meta.training.metrics import mean_and_ci95
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

@@ -31,7 +31,7 @@ from torch import Tensor
 from lightning_meta import MLP, Episode, Learner, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML, MAMLPlusPlus, MetaAlgorithm, MetaSGD, MultiTask, Reptile
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.learners import FastWeights
+from lightning_meta.learners.base import FastWeights
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

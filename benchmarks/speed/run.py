@@ -71,10 +71,10 @@ from torch.func import functional_call
 
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, Episode, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, MetaICL, MultiTask, ProtoNet, Reptile
+from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CORRECT, IGNORE_INDEX, MASK_FIELDS
 from lightning_meta.datamodules import TextToTextTasksDataModule
-from lightning_meta.language_models import LoraSettings
-from lightning_meta.learners import Learner
-from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CORRECT, IGNORE_INDEX, MASK_FIELDS
+from lightning_meta.learners.base import Learner
+from lightning_meta.learners.language_models import LoraSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import common  # noqa: E402

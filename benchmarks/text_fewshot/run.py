@@ -56,7 +56,7 @@ def wordnet_supersenses():
     """WordNet 3.0 glosses labelled by supersense (lexicographer file: noun.food, verb.motion, ...)."""
     from datasets import ClassLabel, Dataset, Features, Value
 
-    from lightning_meta.corpus import SUPERSENSES, WORDNET, wordnet_synsets
+    from lightning_meta.data.corpus import SUPERSENSES, WORDNET, wordnet_synsets
 
     synsets = wordnet_synsets(WORDNET)
     texts = [synset.gloss for synset in synsets]
@@ -92,7 +92,7 @@ def run_one(job: dict) -> dict:
 
     from lightning_meta import EncoderLearner, MetaLearningModule
     from lightning_meta.algorithms import get
-    from lightning_meta.metrics import mean_and_ci95
+    from lightning_meta.training.metrics import mean_and_ci95
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -198,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lightning_meta.corpus import WORDNET
+    from lightning_meta.data.corpus import WORDNET
 
     datasets = [name for name in args.datasets if name != "wordnet" or WORDNET.is_dir()]
     common = {"seed": args.seed, "test_episodes": args.test_episodes}

@@ -10,9 +10,9 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_meta import stream
-from lightning_meta.stream import PADDING
-from lightning_meta.tasks import PADDING_KEY, Episode, TaskBatch
+from lightning_meta.data import stream
+from lightning_meta.data.stream import PADDING
+from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -133,7 +133,7 @@ class EpisodicDataModule(LightningDataModule, ABC):
         )
 
     def next_train_batch(self) -> int:
-        """The number of the next training batch to consume (:func:`lightning_meta.stream.next_train_batch`)."""
+        """The number of the next training batch to consume (:func:`lightning_meta.data.stream.next_train_batch`)."""
         return stream.next_train_batch(self, self._resume_from)
 
     def state_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DistributedSampler
 
 from lightning_meta._compat import batches_consumed
-from lightning_meta.tokenization import check_tokenizer, fingerprint_of
+from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 
 #: The index of a padding batch in a process's share (:func:`rank_share` with ``pad=True``).
 PADDING = -1

@@ -13,7 +13,7 @@ vocabulary they were trained with.
 
 The shipped files were trained on Python 3.11.7. To regenerate them after changing the training recipe::
 
-    python -c "from lightning_meta.tokenization import write_shipped_tokenizers; write_shipped_tokenizers()"
+    python -c "from lightning_meta.data.tokenization import write_shipped_tokenizers; write_shipped_tokenizers()"
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lightning_meta.corpus import embedded_domains
-from lightning_meta.local_files import (
+from lightning_meta.data.corpus import embedded_domains
+from lightning_meta.data.local_files import (
     cache_dir,
     dequantized_gguf,
     load_pretrained,
@@ -59,7 +59,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             # Training instead would silently give other ids on another Python version.
             raise FileNotFoundError(
                 f"The shipped tokenizer {name_or_path!r} is missing from {folder}: reinstall lightning-meta, or "
-                "regenerate it with lightning_meta.tokenization.write_shipped_tokenizers()."
+                "regenerate it with lightning_meta.data.tokenization.write_shipped_tokenizers()."
             )
         return load_pretrained(AutoTokenizer, folder)
     match = _EMBEDDED.match(name_or_path)

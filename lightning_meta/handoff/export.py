@@ -6,7 +6,7 @@ weights come from: algorithm and options, fast weights, steps, final validation 
 checkpoint and its sha256, tokenizer fingerprint). ``AutoModelForCausalLM.from_pretrained`` then
 gives the logits the learner in the checkpoint gives. It reads single-file checkpoints of
 :class:`~lightning_meta.MetaLearningModule` (causal-LM learners) and of
-:class:`~lightning_meta.pretraining.CausalLMPretraining`, and sharded checkpoint folders
+:class:`~lightning_meta.handoff.pretraining.CausalLMPretraining`, and sharded checkpoint folders
 (``ModelParallelStrategy``/FSDP2 and ``FSDPStrategy`` layouts), consolidated with torch's
 ``dcp_to_torch_save``. :class:`ExportCallback` writes the same folder at the end of ``fit``, under DDP and FSDP too.
 
@@ -28,9 +28,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_meta.checkpoints import CheckpointError, check_local_checkpoint_path, load_checkpoint_file
-from lightning_meta.local_files import write_folder_atomically
-from lightning_meta.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
+from lightning_meta.data.local_files import write_folder_atomically
+from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
+from lightning_meta.training.checkpoints import CheckpointError, check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.version import VERSION
 
 #: The provenance file an export holds beside the weights.
@@ -182,7 +182,7 @@ def _meta_learned_model(
     hparams: dict[str, Any], saved: dict[str, Any], state: Mapping[str, Tensor], tokenizer: str | None,
     adapter_dir: str | None,
 ) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-    from lightning_meta.language_models import CausalLMLearner
+    from lightning_meta.learners.language_models import CausalLMLearner
 
     learner_config = _plain(hparams["learner"])
     init_args = dict(learner_config.get("init_args") or {})
@@ -227,7 +227,7 @@ def _encoder_model(
 ) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The encoder of an ``EncoderLearner`` (``AutoModel.from_pretrained`` loads it); an N-way head is task-specific
     and not exported (its size is recorded)."""
-    from lightning_meta.encoders import EncoderLearner
+    from lightning_meta.learners.encoders import EncoderLearner
 
     learner = EncoderLearner(**init_args)
     _load_weights(learner, state, _LEARNER_PREFIX, "learner")
@@ -358,7 +358,7 @@ def _loadable_tokenizer(name: str) -> Any:
 
 
 def _lora_settings(value: Any) -> Any:
-    from lightning_meta.language_models import LoraSettings
+    from lightning_meta.learners.language_models import LoraSettings
 
     return LoraSettings(**value) if isinstance(value, Mapping) else value
 

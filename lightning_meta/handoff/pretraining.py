@@ -22,13 +22,13 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
-from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path
-from lightning_meta.config import NotConfigurable, to_config
-from lightning_meta.export import model_from_checkpoint, read_checkpoint, read_provenance
-from lightning_meta.language_models import DTYPES, build_model
-from lightning_meta.learners import check_sequence_length
-from lightning_meta.local_files import dequantized_gguf, is_hub_id, resolve_local_path
-from lightning_meta.tokenization import check_tokenizer, fingerprint_of
+from lightning_meta.data.local_files import dequantized_gguf, is_hub_id, resolve_local_path
+from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
+from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
+from lightning_meta.learners.base import check_sequence_length
+from lightning_meta.learners.language_models import DTYPES, build_model
+from lightning_meta.training.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path
+from lightning_meta.training.config import NotConfigurable, to_config
 
 
 class CausalLMPretraining(LightningModule):
@@ -164,7 +164,7 @@ class CausalLMPretraining(LightningModule):
         """Under FSDP2 (``ModelParallelStrategy``): each transformer block, then the root, is a shard unit."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        from lightning_meta.scaling import default_units
+        from lightning_meta.training.scaling import default_units
 
         if self.device_mesh is None or isinstance(self.model, FSDPModule):
             return

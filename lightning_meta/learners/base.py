@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_meta.tasks import Split, TaskBatch
+from lightning_meta.data.tasks import Split, TaskBatch
 
 FastWeights = dict[str, Tensor]
 
@@ -306,7 +306,7 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
     """The model's blocks: its longest ``nn.ModuleList`` (a transformer's layers), empty if it has none.
 
     The one rule for "the blocks": ``fast_weights="last_blocks:N"`` adapts the last N of them, and
-    FSDP2 shards each as its own unit (:func:`lightning_meta.scaling.default_units`).
+    FSDP2 shards each as its own unit (:func:`lightning_meta.training.scaling.default_units`).
     """
     lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
     return max(lists, key=len) if lists else nn.ModuleList()

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_meta.learners import ClassificationLearner, DataCheck, classification_loss
-from lightning_meta.local_files import load_pretrained, resolve_local_path
-from lightning_meta.tasks import Split
+from lightning_meta.data.local_files import load_pretrained, resolve_local_path
+from lightning_meta.data.tasks import Split
+from lightning_meta.learners.base import ClassificationLearner, DataCheck, classification_loss
 
 #: The default encoder: a 2-layer, width-128 BERT (~0.8 M parameters) for the embedded 4,096-token
 #: WordPiece tokenizer (``embedded-wordpiece-4096``).

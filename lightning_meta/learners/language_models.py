@@ -22,10 +22,18 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_meta._compat import reparametrized
-from lightning_meta.learners import DataCheck, Learner
-from lightning_meta.local_files import dequantized_gguf, load_pretrained, resolve_local_path
-from lightning_meta.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, CORRECT, IGNORE_INDEX, Split
-from lightning_meta.tokenization import load_tokenizer
+from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
+from lightning_meta.data.tasks import (
+    ANSWER,
+    CHOICE_FIELDS,
+    CHOICE_INPUT_IDS,
+    CHOICE_LABELS,
+    CORRECT,
+    IGNORE_INDEX,
+    Split,
+)
+from lightning_meta.data.tokenization import load_tokenizer
+from lightning_meta.learners.base import DataCheck, Learner
 
 #: The parameter dtypes a model may be built in, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_meta.learners import FastWeights, Learner, is_normalization
-from lightning_meta.tasks import Episode, Split, TaskBatch
+from lightning_meta.data.tasks import Episode, Split, TaskBatch
+from lightning_meta.learners.base import FastWeights, Learner, is_normalization
 
 MetaBatch = Literal["auto", "vmap", "task_by_task", "all_at_once"]
 """How :meth:`MetaAlgorithm.meta_loss` runs the tasks of a meta-batch (all give the same meta-gradient)."""
@@ -439,7 +439,7 @@ class MetaAlgorithm(nn.Module, ABC):
             return learner.predict(episode.query, adapted)
 
     def __repr__(self) -> str:
-        from lightning_meta.config import init_args
+        from lightning_meta.training.config import init_args
 
         args = ", ".join(f"{name}={value!r}" for name, value in init_args(self).items())
         return f"{type(self).__name__}({args})"

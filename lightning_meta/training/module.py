@@ -16,17 +16,16 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, r
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
-from lightning_meta import scaling
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
-from lightning_meta.algorithms import MAML, MetaAlgorithm
-from lightning_meta.algorithms.base import MetaBatch
-from lightning_meta.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
-from lightning_meta.config import NotConfigurable, to_config
-from lightning_meta.learners import Learner, check_sequence_length
-from lightning_meta.metrics import EpisodeStatistics
-from lightning_meta.plots import curve_points
-from lightning_meta.tasks import PADDING_KEY, Episode, TaskBatch
-from lightning_meta.tokenization import check_tokenizer, fingerprint_of
+from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch
+from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
+from lightning_meta.learners.base import Learner, check_sequence_length
+from lightning_meta.training import scaling
+from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatch
+from lightning_meta.training.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
+from lightning_meta.training.config import NotConfigurable, to_config
+from lightning_meta.training.metrics import EpisodeStatistics
+from lightning_meta.training.plots import curve_points
 
 _EVAL_STAGES = ("val", "test")
 #: The most adaptation steps ``eval_curve`` may ask for: each is a forward and backward on every
@@ -34,6 +33,48 @@ _EVAL_STAGES = ("val", "test")
 MAX_EVAL_CURVE_STEPS = 1000
 #: Hyper-parameters of earlier versions, by their name today: ``task_by_task: bool`` became ``meta_batch``.
 _RENAMED = {"task_by_task": ("meta_batch", {True: "task_by_task", False: "all_at_once"})}
+
+#: Modules moved when the core was grouped into sub-packages (0.1.0 → today): old checkpoints name
+#: their classes (``class_path``) by the old module.
+MOVED_MODULES = {
+    "lightning_meta.tasks": "lightning_meta.data.tasks",
+    "lightning_meta.tables": "lightning_meta.data.tables",
+    "lightning_meta.corpus": "lightning_meta.data.corpus",
+    "lightning_meta.tokenization": "lightning_meta.data.tokenization",
+    "lightning_meta.local_files": "lightning_meta.data.local_files",
+    "lightning_meta.datamodules.base": "lightning_meta.data.episodic",
+    "lightning_meta.stream": "lightning_meta.data.stream",
+    "lightning_meta.language_models": "lightning_meta.learners.language_models",
+    "lightning_meta.encoders": "lightning_meta.learners.encoders",
+    "lightning_meta.models": "lightning_meta.learners.models",
+    "lightning_meta.algorithms.base": "lightning_meta.training.algorithm",
+    "lightning_meta.module": "lightning_meta.training.module",
+    "lightning_meta.scaling": "lightning_meta.training.scaling",
+    "lightning_meta.checkpoints": "lightning_meta.training.checkpoints",
+    "lightning_meta.metrics": "lightning_meta.training.metrics",
+    "lightning_meta.plots": "lightning_meta.training.plots",
+    "lightning_meta.progress": "lightning_meta.training.progress",
+    "lightning_meta.config": "lightning_meta.training.config",
+    "lightning_meta.export": "lightning_meta.handoff.export",
+    "lightning_meta.pretraining": "lightning_meta.handoff.pretraining",
+    "lightning_meta.task_gym": "lightning_meta.datamodules.task_gym",
+    "lightning_meta.task_collections": "lightning_meta.datamodules.task_collections",
+}
+
+
+def current_class_path(class_path: str) -> str:
+    """``class_path`` under today's module layout (unchanged unless its module moved)."""
+    module, _, name = class_path.rpartition(".")
+    return f"{MOVED_MODULES.get(module, module)}.{name}" if module else class_path
+
+
+def _current_class_paths(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: current_class_path(item) if key in ("class_path", "_class_path") and isinstance(item, str)
+                else _current_class_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_current_class_paths(item) for item in value]
+    return value
 
 
 class MetaLearningModule(LightningModule):
@@ -69,7 +110,7 @@ class MetaLearningModule(LightningModule):
     Data are checked once per batch (finite values, token ids, labels; one host sync) and the
     meta-loss once per step; a non-finite meta-loss stops training with an error that says
     whether the meta-parameters or the inner loop diverged. On SIGTERM or Ctrl-C during ``fit``
-    a resumable checkpoint is saved (:class:`~lightning_meta.checkpoints.PreemptionCheckpoint`).
+    a resumable checkpoint is saved (:class:`~lightning_meta.training.checkpoints.PreemptionCheckpoint`).
     """
 
     def __init__(
@@ -86,7 +127,10 @@ class MetaLearningModule(LightningModule):
         super().__init__()
         # Built here, not as a default instance: jsonargparse would carry a default instance's
         # init args over to a different class chosen on the command line.
-        algorithm = MAML() if algorithm is None else algorithm
+        if algorithm is None:  # the default implementation lives a layer above: import it when needed
+            from lightning_meta.algorithms import MAML
+
+            algorithm = MAML()
         if eval_inner_steps is not None and (
             isinstance(eval_inner_steps, bool) or not isinstance(eval_inner_steps, int) or eval_inner_steps < 1
         ):
@@ -383,7 +427,7 @@ class MetaLearningModule(LightningModule):
             check_local_checkpoint_path(checkpoint_path)
             checkpoint = load_checkpoint_file(checkpoint_path)  # memory-mapped: checks without reading the weights
             saved = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-            if _RENAMED.keys() & set(saved):  # an earlier version's names: Lightning would pass them to __init__
+            if _RENAMED.keys() & set(saved) or _current_class_paths(saved) != saved:  # an earlier version's names
                 checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = upgrade_hyperparameters(saved, str(checkpoint_path))
                 checkpoint_path = io.BytesIO()
                 torch.save(checkpoint, checkpoint_path)
@@ -441,7 +485,7 @@ class MetaLearningModule(LightningModule):
 
 def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``hparams`` saved by an earlier version, with renamed options under today's names (a one-line notice each)."""
-    upgraded = dict(hparams)
+    upgraded = _current_class_paths(dict(hparams))
     for old, (new, values) in _RENAMED.items():
         if old in upgraded:
             value = upgraded.pop(old)

@@ -23,8 +23,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_meta._compat import set_data_parallel_degree
-from lightning_meta.algorithms import MetaAlgorithm
-from lightning_meta.learners import Learner, blocks_of
+from lightning_meta.learners.base import Learner, blocks_of
+from lightning_meta.training.algorithm import MetaAlgorithm
 
 #: Precisions the inner loop runs in: weights (and so fast weights and the inner SGD update) in
 #: float32/float64; ``bf16-mixed`` autocasts only the matmuls.
@@ -156,8 +156,8 @@ def check_fast_weights_replicated(learner: Learner, algorithm: MetaAlgorithm) ->
     if sharded:
         raise UnsupportedSetupError(
             f"Fast weights {sharded[:5]} are FSDP-sharded: the inner loop would silently leave them unadapted. "
-            "Shard with lightning_meta.scaling.shard (MetaLearningModule.configure_model does), which keeps them "
-            "replicated."
+            "Shard with lightning_meta.training.scaling.shard (MetaLearningModule.configure_model does), which keeps "
+            "them replicated."
         )
 
 
@@ -204,7 +204,7 @@ def clip_gradients(parameters: Iterable[nn.Parameter], max_value: float, by_valu
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP units by default: the model's blocks (:func:`~lightning_meta.learners.blocks_of`)."""
+    """The FSDP units by default: the model's blocks (:func:`~lightning_meta.learners.base.blocks_of`)."""
     return list(blocks_of(model))
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_meta import MLP, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML
-from lightning_meta.tasks import TaskBatch
+from lightning_meta.data.tasks import TaskBatch
 
 from conftest import regression_batch
 

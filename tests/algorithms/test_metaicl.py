@@ -7,7 +7,14 @@ import torch
 
 from lightning_meta import CausalLMLearner, TaskBatch
 from lightning_meta.algorithms import MetaICL, get
-from lightning_meta.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX, Episode
+from lightning_meta.data.tasks import (
+    ANSWER,
+    CHOICE_ATTENTION_MASK,
+    CHOICE_INPUT_IDS,
+    CHOICE_LABELS,
+    IGNORE_INDEX,
+    Episode,
+)
 
 TOKENIZER = "embedded-bpe-512"
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,

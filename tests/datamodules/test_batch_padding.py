@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_meta.datamodules import TextToTextTasksDataModule
-from lightning_meta.datamodules.base import task_generator
-from lightning_meta.tasks import (
+from lightning_meta.data.episodic import task_generator
+from lightning_meta.data.tasks import (
     CHOICE_ATTENTION_MASK,
     CHOICE_FIELDS,
     CHOICE_INPUT_IDS,
@@ -19,6 +18,7 @@ from lightning_meta.tasks import (
     padded_length,
     without_padding,
 )
+from lightning_meta.datamodules import TextToTextTasksDataModule
 
 TOKENIZER = "embedded-bpe-512"
 MAX_LENGTH = 64

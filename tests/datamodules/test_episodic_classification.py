@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_meta import EncoderLearner, MetaLearningModule
 from lightning_meta.algorithms import ProtoNet
+from lightning_meta.data.tasks import TaskBatch
 from lightning_meta.datamodules import EpisodicClassificationDataModule, episodic_classification
-from lightning_meta.tasks import TaskBatch
 
 WORDS = [
     "apple", "river", "stone", "cloud", "piano", "tiger", "lemon", "candle",
@@ -115,7 +115,7 @@ def test_evaluation_episodes_identical_across_instances_and_processes(tmp_path):
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_episodic_classification import datamodule, digest
-        from lightning_meta.tables import read_table
+        from lightning_meta.data.tables import read_table
         dm = datamodule(read_table({str(tmp_path / "words.jsonl")!r}))
         print(digest(dm.eval_batches("val")), digest(dm.eval_batches("test")))
     """)

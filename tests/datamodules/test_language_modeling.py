@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
+from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import LanguageModelingTasksDataModule
 from lightning_meta.datamodules.language_modeling import read_corpus
-from lightning_meta.tokenization import load_tokenizer
 
 TOKENIZER = "embedded-bpe-512"
 

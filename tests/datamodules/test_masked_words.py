@@ -11,9 +11,9 @@ import torch
 
 from lightning_meta import EncoderLearner, MetaLearningModule
 from lightning_meta.algorithms import ProtoNet
+from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import MaskedWordTasksDataModule
 from lightning_meta.datamodules.masked_words import PLACEHOLDER, mask_word
-from lightning_meta.tokenization import load_tokenizer
 
 WORDS = [f"{stem}{suffix}" for stem in ("alpha", "bravo", "delta", "omega", "sigma", "kappa", "theta", "gamma")
          for suffix in ("", "x", "ine", "ora")]  # fmt: skip

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from lightning_meta.corpus import domain_text
+from lightning_meta.data.corpus import domain_text
+from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import PackedTextDataModule
 from lightning_meta.datamodules.packed_text import _BlockBatchSampler, _PackedStream
-from lightning_meta.tokenization import load_tokenizer
 
 TOKENIZER = "embedded-bpe-4096"
 

@@ -8,8 +8,8 @@ import json
 import pytest
 from datasets import Dataset, DatasetDict
 
+from lightning_meta.data.tables import read_table
 from lightning_meta.datamodules import LanguageModelingTasksDataModule, TextClassificationDataModule
-from lightning_meta.tables import read_table
 
 LABELS = ["buy", "close", "fold", "lift", "move", "open", "paint", "sell", "wash"]
 ROWS = [

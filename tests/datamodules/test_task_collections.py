@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_meta import task_collections
-from lightning_meta.datamodules import TextToTextTasksDataModule
-from lightning_meta.task_collections import read_task_collection
+from lightning_meta.datamodules import TextToTextTasksDataModule, task_collections
+from lightning_meta.datamodules.task_collections import read_task_collection
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "MADE-UP CANARY: this test data must not appear in training corpora. guid 0000"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
+from lightning_meta.data.tables import read_table
 from lightning_meta.datamodules import TextClassificationDataModule
 from lightning_meta.datamodules.text_classification import STDLIB_DOCSTRING_CLASSES, stdlib_docstrings
-from lightning_meta.tables import read_table
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = [

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_meta.data.tasks import ANSWER, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
+from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import TextToTextTasksDataModule, text_to_text
-from lightning_meta.tasks import ANSWER, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
-from lightning_meta.tokenization import load_tokenizer
 
 TOKENIZER = "embedded-bpe-512"
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
@@ -244,8 +244,8 @@ def write_rows(folder: Path, rows: list[dict]) -> Path:
 
 
 def test_a_list_of_outputs_trains_on_the_first_and_exact_match_accepts_any(tmp_path):
-    from lightning_meta.language_models import CausalLMLearner
-    from lightning_meta.tasks import CORRECT
+    from lightning_meta.data.tasks import CORRECT
+    from lightning_meta.learners.language_models import CausalLMLearner
 
     path = write_rows(tmp_path, [{"input": "colour of the sky", "output": ["blue", "azure"], "options": None}])
     module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(path), max_length=40)
