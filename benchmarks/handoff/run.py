@@ -65,10 +65,13 @@ METHODS = {
 
 
 @functools.cache  # tokenized once per seed; each run's position starts at 0 unless a checkpoint is resumed
-def pretrain_data(seed: int) -> PackedTextDataModule:
-    """The training domains' text (held-out domains left out), packed in blocks of 64 tokens."""
+def pretrain_data(seed: int, tokenizer: str = lm.TOKENIZER) -> PackedTextDataModule:
+    """The training domains' text (held-out domains left out), packed in blocks of 64 tokens.
+
+    ``tokenizer``: the model's name for it (an export ships the same tokenizer under its folder's name).
+    """
     return PackedTextDataModule(
-        tokenizer=lm.TOKENIZER, block_size=lm.BLOCK_SIZE, batch_size=PRETRAIN_BATCH,
+        tokenizer=tokenizer, block_size=lm.BLOCK_SIZE, batch_size=PRETRAIN_BATCH,
         max_tokens_per_domain=PRETRAIN_TOKENS_PER_DOMAIN, val_fraction=0.02, seed=seed,
     )  # fmt: skip
 
@@ -83,7 +86,7 @@ def pretrain(init: dict, steps: int, seed: int, folder: Path, resume: Path | Non
     module = CausalLMPretraining(optimizer=lm.adamw(), **init)
     run = trainer(steps, folder)
     start = time.perf_counter()
-    run.fit(module, pretrain_data(seed), ckpt_path=resume)
+    run.fit(module, pretrain_data(seed, module.tokenizer), ckpt_path=resume)
     seconds = time.perf_counter() - start
     checkpoint = folder / f"pretrain-{steps}.ckpt"
     run.save_checkpoint(checkpoint)
