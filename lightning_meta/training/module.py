@@ -279,7 +279,8 @@ class MetaLearningModule(LightningModule):
         padding = batch.padding_fraction()  # of the splits the model ran; MetaICL reports its own sequences'
         if padding is not None:
             metrics.setdefault("padding_fraction", padding)
-        self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=len(batch), prog_bar=True)
+        for name, value in metrics.items():  # the bar shows the losses; the logs get everything
+            self.log(f"train/{name}", value, batch_size=len(batch), prog_bar=name != "padding_fraction")
         if out.unreached and isinstance(self.trainer.strategy, DDPStrategy):
             # DDP expects a gradient for every parameter: tie the unreached ones in with weight zero; their
             # zero gradients are dropped again before the optimizer step.

@@ -22,15 +22,22 @@ class MetaProgressBar(TQDMProgressBar):
         trainer = Trainer(max_steps=300, callbacks=[MetaProgressBar()])
     """
 
+    def on_train_start(self, *args: Any) -> None:
+        super().on_train_start(*args)
+        self._counting_steps = False
+
     def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
         if not _bounded_by_steps(trainer):
             super().on_train_epoch_start(trainer, *args)
+            return
+        if self._counting_steps and not self._leave:  # one bar for the whole run: a reset would restart its clock
             return
         if self._leave:
             self.train_progress_bar = self.init_train_tqdm()
         self.train_progress_bar.reset(total=trainer.max_steps)
         self.train_progress_bar.n = trainer.global_step  # resumed runs start where they stopped
         self.train_progress_bar.set_description("Meta-training")
+        self._counting_steps = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if not _bounded_by_steps(trainer):
