@@ -38,3 +38,18 @@ def test_support_loss_before_and_after_the_inner_loop_on_logging_steps(algorithm
     assert figures["support_loss_post"] == pytest.approx(torch.stack(after).mean().item(), rel=1e-5)
     algorithm.report_query = False  # the steps the host does not log: no extra forwards
     assert set(algorithm.meta_loss(learner, batch, meta_batch="task_by_task").metrics) == {"query_loss"}
+
+
+def test_one_bar_for_the_whole_run_across_epochs():
+    bar = MetaProgressBar()
+    trainer = mock.Mock(max_steps=300, global_step=0, current_epoch=0)
+    bar._trainer = trainer
+    with mock.patch.object(MetaProgressBar, "total_train_batches", 100):
+        bar.on_train_start(trainer)
+        bar.on_train_epoch_start(trainer)
+        first = bar.train_progress_bar
+        started = first.start_t
+        trainer.global_step, trainer.current_epoch = 100, 1  # after the first epoch and its validation
+        first.n = 100
+        bar.on_train_epoch_start(trainer)
+    assert bar.train_progress_bar is first and first.start_t == started and first.n == 100  # no restart
