@@ -23,7 +23,8 @@ from lightning_meta.algorithms.metaicl import MetaICL
 from lightning_meta.algorithms.multi_task import MultiTask
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.reptile import Reptile
-from lightning_meta.training.algorithm import SGD, InnerUpdate, MetaAlgorithm, MetaLoss, inner_loop, inner_steps
+from lightning_meta.training.algorithm import MetaAlgorithm, MetaLoss
+from lightning_meta.training.inner_loop import SGD, InnerLoopAlgorithm, InnerUpdate, inner_loop, inner_steps
 
 ENTRY_POINT_GROUP = "lightning_meta.algorithms"
 
@@ -94,6 +95,7 @@ __all__ = [
     "MetaICL",
     "MultiTask",
     "SGD",
+    "InnerLoopAlgorithm",
     "InnerUpdate",
     "MetaAlgorithm",
     "MetaLoss",

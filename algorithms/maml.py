@@ -7,10 +7,10 @@ from torch import Tensor
 
 from lightning_meta.data.tasks import Episode
 from lightning_meta.learners.base import Learner
-from lightning_meta.training.algorithm import MetaAlgorithm, inner_loop
+from lightning_meta.training.inner_loop import InnerLoopAlgorithm, inner_loop
 
 
-class MAML(MetaAlgorithm):
+class MAML(InnerLoopAlgorithm):
     """MAML: Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
     Networks", ICML 2017.
 
@@ -50,8 +50,7 @@ class MAML(MetaAlgorithm):
         first_order: bool = False,
         eval_inner_lr: float | None = None,
     ) -> None:
-        super().__init__()
-        self.set_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
+        super().__init__(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
         self.first_order = first_order
 
     def second_order(self) -> bool:
@@ -62,7 +61,9 @@ class MAML(MetaAlgorithm):
         if not self.first_order:
             learner.prepare_second_order()
 
-    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(
+        self, learner: Learner, episode: Episode, *, parallel: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         # First order: the inner gradients are constants, so θ' = θ − α Σ g has the identity as its
         # derivative in θ (FOMAML: ∇L_query(θ')), while a learned α still gets −Σ g.
         fast_weights = self.fast_weights(learner)
@@ -73,6 +74,7 @@ class MAML(MetaAlgorithm):
             update=self.inner_update(),
             steps=self.inner_steps,
             create_graph=self.second_order() and torch.is_grad_enabled(),
+            parallel=parallel,
         )
         loss, metrics = learner.loss(episode.query, adapted)
         figures = {f"query_{name}": value for name, value in metrics.items()}

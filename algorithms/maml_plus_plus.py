@@ -12,7 +12,7 @@ from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.meta_sgd import rate_key
 from lightning_meta.data.tasks import Episode
 from lightning_meta.learners.base import FastWeights, Learner
-from lightning_meta.training.algorithm import SGD, InnerUpdate, inner_steps
+from lightning_meta.training.inner_loop import SGD, InnerUpdate, inner_steps
 
 
 class MAMLPlusPlus(MAML):
@@ -114,14 +114,16 @@ class MAMLPlusPlus(MAML):
     def check_learner(self, learner: Learner) -> None:
         learner.prepare_second_order()  # second order from step first_order_steps on
 
-    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(
+        self, learner: Learner, episode: Episode, *, parallel: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if not (self.multi_step_loss and torch.is_grad_enabled()):
-            return super().task_loss(learner, episode)
+            return super().task_loss(learner, episode, parallel=parallel)
         importance = self.msl_weights()
         total: Tensor | None = None
         for step, adapted in enumerate(
             inner_steps(learner, self.fast_weights(learner), episode.support, update=self.inner_update(),
-                        steps=self.inner_steps, create_graph=self.second_order())  # fmt: skip
+                        steps=self.inner_steps, create_graph=self.second_order(), parallel=parallel)  # fmt: skip
         ):
             loss, metrics = learner.loss(episode.query, adapted)
             weighted = importance[step].to(loss.dtype) * loss

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.learners.base import FastWeights, Learner
-from lightning_meta.training.algorithm import InnerUpdate
+from lightning_meta.training.inner_loop import InnerUpdate
 
 
 class MetaSGD(MAML):

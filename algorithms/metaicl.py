@@ -53,8 +53,6 @@ class MetaICL(MetaAlgorithm):
         figures = metaicl.evaluate(learner, episode)              # zero-shot (_pre), K-shot (_post)
     """
 
-    adapts_weights = False
-
     def __init__(self, max_length: int | None = None) -> None:
         super().__init__()
         if max_length is not None and max_length < 2:
@@ -150,7 +148,9 @@ class MetaICL(MetaAlgorithm):
             built |= {name: query[name] for name in (ANSWER, CORRECT) if name in query}
         return built, dropped
 
-    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(
+        self, learner: Learner, episode: Episode, *, parallel: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         query, dropped = self.conditioned(learner, episode.support, episode.query, options=False)
         loss, metrics = learner.loss(query)
         figures = {f"query_{name}": value for name, value in metrics.items()}

@@ -7,10 +7,10 @@ from torch import Tensor
 
 from lightning_meta.data.tasks import Episode, Split
 from lightning_meta.learners.base import Learner
-from lightning_meta.training.algorithm import MetaAlgorithm
+from lightning_meta.training.inner_loop import InnerLoopAlgorithm
 
 
-class MultiTask(MetaAlgorithm):
+class MultiTask(InnerLoopAlgorithm):
     """Ordinary training on every task: the "pretrained" baseline of Finn, Abbeel & Levine,
     "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017 (section 5.1).
 
@@ -50,10 +50,11 @@ class MultiTask(MetaAlgorithm):
         eval_inner_steps: int | None = None,
         eval_inner_lr: float | None = None,
     ) -> None:
-        super().__init__()
-        self.set_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
+        super().__init__(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
 
-    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(
+        self, learner: Learner, episode: Episode, *, parallel: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         loss = joint_loss(learner, episode.support, episode.query)
         if not self.report_query:
             return loss, {}

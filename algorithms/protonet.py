@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_meta.data.tasks import Episode, Split
-from lightning_meta.learners.base import FastWeights, Learner, classification_loss
+from lightning_meta.learners.base import Learner, classification_loss
 from lightning_meta.training.algorithm import MetaAlgorithm
 
 
@@ -35,8 +34,6 @@ class ProtoNet(MetaAlgorithm):
         protonet.meta_loss(learner, task_batch).loss.backward()   # learner: ClassificationLearner
         logits = protonet.logits(learner, episode.support, episode.query)
     """
-
-    adapts_weights = False
 
     def __init__(
         self, distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean", temperature: float = 1.0
@@ -83,14 +80,12 @@ class ProtoNet(MetaAlgorithm):
             return F.cosine_similarity(embeddings.unsqueeze(1), prototypes.unsqueeze(0), dim=-1) / self.temperature
         return -(embeddings.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1) / self.temperature
 
-    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(
+        self, learner: Learner, episode: Episode, *, parallel: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.logits(learner, episode.support, episode.query, episode.ways)
         loss, metrics = classification_loss(logits, episode.query[learner.target_key])
         return loss, {f"query_{name}": value for name, value in metrics.items()}
-
-    def adapt_steps(self, learner: Learner, support: Split, steps: int | None = None) -> Iterator[FastWeights]:
-        """ProtoNet does not change weights: an empty trajectory (``adapt`` gives the current weights)."""
-        return iter(())
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
         self.check_learner(learner)

@@ -7,10 +7,10 @@ from torch import Tensor
 
 from lightning_meta.data.tasks import Episode
 from lightning_meta.learners.base import Learner
-from lightning_meta.training.algorithm import MetaAlgorithm, detached_start, inner_loop
+from lightning_meta.training.inner_loop import InnerLoopAlgorithm, detached_start, inner_loop
 
 
-class Reptile(MetaAlgorithm):
+class Reptile(InnerLoopAlgorithm):
     """Reptile: Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", 2018.
 
     Inner loop, per task: ``inner_steps`` SGD steps on the support loss, θ → θ'.
@@ -45,19 +45,21 @@ class Reptile(MetaAlgorithm):
         eval_inner_steps: int | None = None,
         eval_inner_lr: float | None = None,
     ) -> None:
-        super().__init__()
-        self.set_inner_loop_options(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
+        super().__init__(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
 
-    def task_loss(self, learner: Learner, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(
+        self, learner: Learner, episode: Episode, *, parallel: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         meta_weights = self.fast_weights(learner)
         with torch.enable_grad():
             adapted = inner_loop(
                 learner,
-                detached_start(meta_weights),
+                detached_start(meta_weights, parallel=parallel),
                 episode.support,
                 update=self.inner_update(),
                 steps=self.inner_steps,
                 create_graph=False,
+                parallel=parallel,
             )
         adapted = {name: weight.detach() for name, weight in adapted.items()}
         surrogate = sum(0.5 * (meta_weights[name] - adapted[name]).pow(2).sum() for name in meta_weights)

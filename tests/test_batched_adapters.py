@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lightning_meta.training.algorithm as base
+import lightning_meta.training.meta_batch as execution
 from lightning_meta import CausalLMLearner, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
 from lightning_meta.learners.language_models import LoraSettings
@@ -79,7 +79,7 @@ def test_batched_adapters_meta_learn_the_unbatched_base_second_order():
 
 def test_auto_batches_the_adapters_second_order(monkeypatch):
     logged, vmapped = [], []
-    monkeypatch.setattr(base, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
     vmap = torch.func.vmap
     monkeypatch.setattr(torch.func, "vmap", lambda *args, **kwargs: vmapped.append(1) or vmap(*args, **kwargs))
     learner, algorithm = _lora_learner("gpt2"), MAML(inner_lr=0.5)

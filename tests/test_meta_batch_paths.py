@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_meta.training.algorithm as base
+import lightning_meta.training.meta_batch as execution
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, MetaLearningModule, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import (
     ANIL,
@@ -98,7 +98,7 @@ def test_auto_checks_vmap_against_the_loop_and_falls_back_where_they_differ(monk
     # vmap's known-wrong case (second order through LayerNorm), with the refusal rule switched off:
     # the self-check on the first batch must catch it.
     logged = []
-    monkeypatch.setattr(base, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
     monkeypatch.setattr(MetaAlgorithm, "vmap_refusal", lambda self, learner: None)
     learner = _layer_norm_learner()
     algorithm = MAML(inner_lr=0.5, inner_steps=2)
@@ -110,7 +110,7 @@ def test_auto_checks_vmap_against_the_loop_and_falls_back_where_they_differ(monk
 
 def test_auto_uses_vmap_for_small_models_and_logs_why_it_does_not(monkeypatch):
     logged, vmapped = [], []
-    monkeypatch.setattr(base, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
     vmap = torch.func.vmap
     monkeypatch.setattr(torch.func, "vmap", lambda *args, **kwargs: vmapped.append(1) or vmap(*args, **kwargs))
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def test_auto_uses_vmap_for_small_models_and_logs_why_it_does_not(monkeypatch):
     for _ in range(3):
         algorithm.meta_loss(learner, regression_batch())
     assert len(vmapped) == 3 and logged == []
-    monkeypatch.setattr(base, "VMAP_MAX_PARAMETERS", 10)
+    monkeypatch.setattr(execution, "VMAP_MAX_PARAMETERS", 10)
     other = MAML(inner_lr=0.3, inner_steps=2)
     for _ in range(2):
         other.meta_loss(learner, regression_batch())

@@ -98,8 +98,8 @@ def test_bf16_mixed_keeps_lora_fast_weights_inner_gradients_and_updates_in_float
     algorithm = make_algorithm()
     rule, seen = algorithm.inner_update(), []
 
-    def recording(step, weights, gradients):  # noqa: ANN001, ANN202
-        updated = rule(step, weights, gradients)
+    def recording(step, weights, gradients, parallel=False):  # noqa: ANN001, ANN202 (passes the mode on to SGD)
+        updated = rule(step, weights, gradients, parallel=parallel)
         seen.extend(tensor.dtype for tensor in (*weights.values(), *gradients.values(), *updated.values()))
         return updated
 

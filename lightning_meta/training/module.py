@@ -6,7 +6,7 @@ import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, get_args
+from typing import IO, Any
 
 import torch
 from lightning import Callback, LightningModule
@@ -21,9 +21,11 @@ from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch
 from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 from lightning_meta.learners.base import Learner, check_sequence_length
 from lightning_meta.training import scaling
-from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatch
+from lightning_meta.training.algorithm import MetaAlgorithm
 from lightning_meta.training.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.training.config import NotConfigurable, to_config
+from lightning_meta.training.inner_loop import check_step_count
+from lightning_meta.training.meta_batch import MetaBatch, check_mode
 from lightning_meta.training.metrics import EpisodeStatistics
 from lightning_meta.training.plots import curve_points
 
@@ -131,14 +133,8 @@ class MetaLearningModule(LightningModule):
             from lightning_meta.algorithms import MAML
 
             algorithm = MAML()
-        if eval_inner_steps is not None and (
-            isinstance(eval_inner_steps, bool) or not isinstance(eval_inner_steps, int) or eval_inner_steps < 1
-        ):
-            raise ValueError(
-                f"eval_inner_steps must be an integer >= 1 or None (= the algorithm's), got {eval_inner_steps!r}."
-            )
-        if meta_batch not in get_args(MetaBatch):
-            raise ValueError(f"meta_batch must be one of {get_args(MetaBatch)}, got {meta_batch!r}.")
+        check_step_count("eval_inner_steps", eval_inner_steps, default="the algorithm's")
+        check_mode(meta_batch)
         _check_eval_curve(eval_curve, algorithm)
         self.learner = learner
         self.algorithm = algorithm

@@ -1,0 +1,255 @@
+"""Meta-batch execution: how the tasks of a meta-batch (and the episodes of an evaluation batch) run.
+
+Every way gives the same meta-gradient (and the same figures): all tasks at once in parallel under
+``torch.func.vmap``, task by task with each task's graph freed before the next, or every task's
+graph kept until one ``backward``. :meth:`MetaAlgorithm.meta_loss` calls :func:`run`; the host
+module calls :func:`evaluate_episodes`. The algorithms themselves only say how one task runs
+(``task_loss``, with ``parallel`` when the tasks run under vmap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_meta.data.tasks import Episode, Split, TaskBatch
+from lightning_meta.learners.base import Learner
+
+if TYPE_CHECKING:
+    from lightning_meta.training.algorithm import MetaAlgorithm
+
+MetaBatch = Literal["auto", "vmap", "task_by_task", "all_at_once"]
+"""How :meth:`MetaAlgorithm.meta_loss` runs the tasks of a meta-batch (all give the same meta-gradient)."""
+
+#: ``meta_batch="auto"`` runs the tasks with ``vmap`` only for models with at most this many trainable
+#: parameters. There vmap batches many tiny kernels into a few (the sinusoid MLP's meta-step runs
+#: several times faster); on larger models each task's kernels already keep the processor busy, and
+#: vmap would only add memory (every task's graph at once, against one task's task by task).
+VMAP_MAX_PARAMETERS = 2**17
+
+
+@dataclass
+class MetaLoss:
+    """``loss``: the surrogate to call ``backward`` on; ``metrics``: detached means over the meta-batch.
+
+    ``unreached``: trainable parameters that ``loss`` does not depend on (known on the ``vmap`` and
+    ``task_by_task`` paths; empty otherwise). They get no gradient from ``loss.backward()``; DDP,
+    which expects a gradient for every parameter, needs them tied in (the host module does it).
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    unreached: tuple[Tensor, ...] = ()
+
+
+def check_mode(meta_batch: str) -> None:
+    """Raise a clear error for a ``meta_batch`` that is not one of :data:`MetaBatch`."""
+    if meta_batch not in get_args(MetaBatch):
+        raise ValueError(f"meta_batch must be one of {get_args(MetaBatch)}, got {meta_batch!r}.")
+
+
+def run(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, meta_batch: MetaBatch) -> MetaLoss:
+    """The mean surrogate of ``batch``'s tasks run as ``meta_batch`` says (see :meth:`MetaAlgorithm.meta_loss`)."""
+    check_mode(meta_batch)
+    parameters = _trainable(algorithm, learner)
+    if meta_batch == "all_at_once" or not (torch.is_grad_enabled() and parameters):
+        return _loop(algorithm, learner, batch, None)
+    if meta_batch == "vmap":
+        _refuse_vmap_where_inexact(algorithm, learner)
+        return _vmapped(algorithm, learner, batch, parameters)
+    if meta_batch == "auto":
+        return _auto(algorithm, learner, batch, parameters)
+    return _loop(algorithm, learner, batch, parameters)
+
+
+def evaluate_episodes(
+    algorithm: MetaAlgorithm,
+    learner: Learner,
+    batch: TaskBatch,
+    meta_batch: MetaBatch,
+    figures_of: Callable[[Episode, bool], dict[str, Tensor]],
+) -> dict[str, Tensor]:
+    """``figures_of(episode, parallel)`` for every episode of ``batch``, stacked along the episodes.
+
+    Where ``meta_batch`` resolves to vmap for this learner and algorithm (as for training, with its
+    own verdict for evaluation: ``"auto"`` checks the first batch's figures against the loop's),
+    all the episodes run together in one vmapped call with ``parallel=True``; otherwise one after
+    the other. The figures are the same either way.
+    """
+    check_mode(meta_batch)
+
+    def looped() -> dict[str, Tensor]:
+        episodes = [figures_of(episode, False) for episode in batch.episodes()]
+        return {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
+
+    def vmapped() -> dict[str, Tensor]:
+        return _over_episodes(batch, lambda episode: figures_of(episode, True))
+
+    if meta_batch in ("task_by_task", "all_at_once"):
+        return looped()
+    if meta_batch == "vmap":
+        _refuse_vmap_where_inexact(algorithm, learner)
+        return vmapped()
+    key = (id(learner), tuple(learner.fast_weight_names), False, learner.training, "evaluate")
+    verdict = algorithm._vmap_verdicts.get(key)
+    if verdict is not None:
+        return vmapped() if verdict == "" else looped()
+    reason = _refusal(algorithm, learner, _trainable(algorithm, learner))
+    if reason is None:
+        try:
+            parallel = vmapped()
+        except (RuntimeError, NotImplementedError) as error:  # no batching rule, a host sync in the figures
+            reason = f"torch.func.vmap cannot run the evaluation ({str(error).splitlines()[0]})"
+    figures = looped()
+    if reason is None:
+        reason = _figures_disagreement(parallel, figures)
+    algorithm._vmap_verdicts[key] = reason or ""
+    if reason:
+        rank_zero_info(
+            f"meta_batch='auto': evaluation adapts the episodes of a batch one by one, not in parallel with vmap: "
+            f"{reason}."
+        )
+        return figures
+    return parallel
+
+
+def _trainable(algorithm: MetaAlgorithm, learner: Learner) -> list[Tensor]:
+    return [p for module in (learner, algorithm) for p in module.parameters() if p.requires_grad]
+
+
+def _refuse_vmap_where_inexact(algorithm: MetaAlgorithm, learner: Learner) -> None:
+    reason = algorithm.vmap_refusal(learner)
+    if reason is not None:
+        raise ValueError(
+            f"meta_batch='vmap' cannot run {type(algorithm).__name__} with this {type(learner).__name__}: "
+            f"{reason}. Use meta_batch='task_by_task' (the same meta-gradient, memory flat in the "
+            "meta-batch size) or 'auto'."
+        )
+
+
+def _refusal(algorithm: MetaAlgorithm, learner: Learner, parameters: list[Tensor]) -> str | None:
+    """Why ``"auto"`` does not try vmap: the algorithm's refusal, or a model too large to gain from it."""
+    reason = algorithm.vmap_refusal(learner)
+    size = sum(p.numel() for p in parameters)
+    if reason is None and size > VMAP_MAX_PARAMETERS:
+        reason = f"{size:,} trainable parameters, more than VMAP_MAX_PARAMETERS={VMAP_MAX_PARAMETERS:,}"
+    return reason
+
+
+def _over_episodes(batch: TaskBatch, function: Callable[[Episode], Tensor | dict]) -> Tensor | dict:
+    """``function`` of every episode of ``batch`` in one call under ``torch.func.vmap``."""
+    # Per-episode tensors only: metadata lists (names) cannot be split by vmap.
+    metadata = {name: values for name, values in batch.metadata.items() if isinstance(values, Tensor)}
+
+    def one(support: Split, query: Split, episode_metadata: dict[str, Tensor]) -> Tensor | dict:
+        return function(Episode(dict(support), dict(query), batch.ways, batch.shots, episode_metadata))
+
+    return torch.func.vmap(one)(batch.support, batch.query, metadata)
+
+
+def _loop(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor] | None) -> MetaLoss:
+    """The tasks one after the other: task by task given ``parameters``, else all at once."""
+    count = len(batch)
+    losses: list[Tensor] = []
+    sums: dict[str, Tensor] = {}
+    gradients: list[Tensor | None] = [None] * len(parameters or ())
+    for episode in batch.episodes():
+        loss, metrics = algorithm.task_loss(learner, episode)
+        if parameters is not None:
+            task_gradients = torch.autograd.grad(loss / count, parameters, allow_unused=True)
+            gradients = [_add(total, new) for total, new in zip(gradients, task_gradients, strict=True)]
+            loss = loss.detach()
+        losses.append(loss)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0) + value
+    mean = torch.stack(losses).mean()
+    metrics = {name: value / count for name, value in sums.items()}
+    return MetaLoss(mean, metrics) if parameters is None else _surrogate(parameters, gradients, mean, metrics)
+
+
+def _vmapped(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
+    """All tasks in parallel under ``torch.func.vmap``; the meta-gradient taken at once."""
+    losses, metrics = _over_episodes(batch, lambda episode: algorithm.task_loss(learner, episode, parallel=True))
+    mean = losses.mean()
+    gradients = list(torch.autograd.grad(mean, parameters, allow_unused=True))
+    return _surrogate(parameters, gradients, mean.detach(), {name: value.mean() for name, value in metrics.items()})
+
+
+def _auto(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
+    # Per mode too: dropout and batch-norm statistics, which vmap cannot run, act in training mode only.
+    key = (id(learner), tuple(learner.fast_weight_names), algorithm.second_order(), learner.training, "meta_loss")
+    verdict = algorithm._vmap_verdicts.get(key)
+    if verdict == "":
+        return _vmapped(algorithm, learner, batch, parameters)
+    if verdict is not None:
+        return _loop(algorithm, learner, batch, parameters)
+    reason = _refusal(algorithm, learner, parameters)
+    if reason is None:
+        try:
+            vmapped = _vmapped(algorithm, learner, batch, parameters)
+        except (RuntimeError, NotImplementedError) as error:  # no batching rule, data-dependent control flow
+            reason = f"torch.func.vmap cannot run the task loss ({str(error).splitlines()[0]})"
+    looped = _loop(algorithm, learner, batch, parameters)
+    if reason is None:
+        reason = _disagreement(vmapped.loss, looped.loss, parameters)
+    algorithm._vmap_verdicts[key] = reason or ""
+    if reason:
+        rank_zero_info(
+            f"meta_batch='auto': {type(algorithm).__name__} runs the tasks of a meta-batch one by one "
+            f"(task_by_task), not in parallel with vmap: {reason}."
+        )
+        return looped
+    return vmapped
+
+
+def _surrogate(
+    parameters: list[Tensor], gradients: list[Tensor | None], mean: Tensor, metrics: dict[str, Tensor]
+) -> MetaLoss:
+    """A loss whose value is ``mean`` and whose gradient is ``gradients`` (none where ``None``)."""
+    reached = [(p, g) for p, g in zip(parameters, gradients, strict=True) if g is not None]
+    unreached = tuple(p for p, g in zip(parameters, gradients, strict=True) if g is None)
+    if not reached:
+        return MetaLoss(mean, metrics, unreached)
+    product = torch.stack([p.flatten().dot(g.flatten()) for p, g in reached]).sum()
+    return MetaLoss(product - product.detach() + mean, metrics, unreached)
+
+
+def _disagreement(found: Tensor, expected: Tensor, parameters: list[Tensor]) -> str | None:
+    """Whether two surrogates' meta-gradients differ beyond rounding (one host sync), and by how much."""
+
+    def gradients_of(surrogate: Tensor) -> list[Tensor]:  # zeros where the surrogate does not reach
+        gradients = torch.autograd.grad(surrogate, parameters, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, gradients, strict=True)]
+
+    relative = _relative_difference(gradients_of(found), gradients_of(expected))
+    if relative is None:
+        return None
+    return f"its meta-gradient differs from the task-by-task loop's on the first batch (relative: {relative:.1e})"
+
+
+def _figures_disagreement(found: dict[str, Tensor], expected: dict[str, Tensor]) -> str | None:
+    """Whether vmapped evaluation figures differ from the loop's beyond rounding (one host sync)."""
+    relative = _relative_difference([found[key] for key in expected], list(expected.values()))
+    if relative is None:
+        return None
+    return f"its figures differ from the loop's on the first batch (relative: {relative:.1e})"
+
+
+def _relative_difference(found: list[Tensor], expected: list[Tensor]) -> float | None:
+    """The relative difference of two lists of tensors where it exceeds rounding, else ``None``."""
+    difference = torch.cat([(f - e).flatten() for f, e in zip(found, expected, strict=True)])
+    scale = torch.cat([e.flatten() for e in expected]).norm()
+    relative = float(difference.norm() / scale.clamp_min(torch.finfo(scale.dtype).tiny))
+    # Batched kernels sum in another order than one task's: allow rounding, well below any real error.
+    return None if relative <= 0.1 * torch.finfo(scale.dtype).eps ** 0.5 else relative
+
+
+def _add(total: Tensor | None, new: Tensor | None) -> Tensor | None:
+    if new is None:
+        return total
+    return new if total is None else total.add_(new)
