@@ -9,11 +9,14 @@ package calls these functions and never the private names (``tests/test_compat.p
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
@@ -95,3 +98,57 @@ def parse_object_unvalidated(parser: Any, config: dict[str, Any]) -> Any:
     the command line completes.
     """
     return parser.parse_object(config, _skip_validation=True)
+
+
+class CLIWithoutCheckpointMerge(LightningCLI):
+    """LightningCLI without its own merge of a ``--ckpt_path`` checkpoint's hyper-parameters.
+
+    Why private: LightningCLI (2.6) merges the checkpoint's hyper-parameters *over* the parsed
+    command line in its private ``_parse_ckpt_path`` and offers no public hook to change the order;
+    a subclass that parses the checkpoint's options itself, under the user's, switches it off here.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: the subclass reads the checkpoint's options while it parses the arguments."""
+
+
+#: jsonargparse's wording (4.53) when a class name or import path given for a class option does not resolve.
+_UNRESOLVED_CLASS = (
+    "Expected a dot import path string",
+    "not accessible or invalid",
+    "does not correspond to a subclass",
+)
+#: jsonargparse's wording (4.53) when a text option is given a value that YAML parses as a mapping.
+_TEXT_GOT_MAPPING = re.compile(r'Parser key "([\w.]+)":\s+Expected a <class \'str\'>\. Got value: (\{.*\})')
+
+
+def is_unresolved_class_error(message: str) -> bool:
+    """Whether a jsonargparse error ``message`` says a class name or import path did not resolve.
+
+    Why here: jsonargparse raises one error type for every parsing problem; only its wording tells
+    this case apart (a class that resolved but failed to build says "Problem with given class_path").
+    """
+    return any(words in message for words in _UNRESOLVED_CLASS) and "Problem with given class_path" not in message
+
+
+def text_option_given_mapping(message: str) -> tuple[str, str] | None:
+    """``(key, mapping)`` when a jsonargparse error ``message`` says a text option got a YAML mapping, else ``None``.
+
+    Why here: as for :func:`is_unresolved_class_error`, only jsonargparse's wording tells this case apart.
+    """
+    match = _TEXT_GOT_MAPPING.search(message)
+    return None if match is None else (match.group(1), match.group(2))
+
+
+def hide_lightning_pytree_deprecation() -> None:
+    """Hide the ``LeafSpec`` deprecation that torch raises inside Lightning's own (private) pytree helpers.
+
+    Why private: the warning comes from ``lightning.pytorch.utilities._pytree``, a private module,
+    and is only silenced by naming it; the user's own code still gets the warning.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )

@@ -7,8 +7,6 @@ import os
 import re
 import sys
 import traceback
-import warnings
-from importlib.metadata import version
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -17,16 +15,16 @@ import torch
 from jsonargparse import Namespace
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-import lightning_meta
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
-from lightning_meta import algorithms
+from lightning_meta import _compat, algorithms
 from lightning_meta.training.checkpoints import check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.training.module import MetaLearningModule, upgrade_hyperparameters
 from lightning_meta.training.progress import MetaProgressBar
+from lightning_meta.version import VERSION
 
 DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -38,7 +36,7 @@ TRACEBACK_VARIABLE = "LIGHTNING_META_TRACEBACK"
 DEFAULT_THREADS = 1
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 DESCRIPTION = """\
-lightning-meta: meta-learning (MAML, first-order MAML, Reptile, Prototypical Networks) for language models
+lightning-meta: meta-learning ({algorithms}) for language models
 with PyTorch Lightning. `lightning-meta fit` without --config runs the embedded quick start (first-order MAML
 on a tiny GPT-2 over text domains of Python's standard library, ~3 min on a CPU); `--config configs/X.yaml`
 runs a use case; `lightning-meta fit --print_config` prints the full config to copy and edit. With
@@ -55,11 +53,16 @@ configs/pretrain_from_meta.yaml` continues ordinary causal-LM training from it (
 _PACKAGE_ROOTS = tuple(
     str(Path(path).resolve())
     for path in (
-        Path(lightning_meta.__file__).parent,
+        Path(__file__).parent,
         Path(algorithms.__file__).parent,
         Path(lightning_meta.datamodules.__file__).parent,
     )
 )
+
+
+def describe(known: dict[str, type]) -> str:
+    """The command's description, naming the algorithms ``known`` (the registry: built-ins, then plugins)."""
+    return DESCRIPTION.format(algorithms=", ".join(cls.__name__ for cls in known.values()))
 
 
 def packaged_config(name: str) -> Path:
@@ -94,24 +97,16 @@ class MetaArgumentParser(LightningArgumentParser):
 
 
 def _is_unknown_algorithm(message: str) -> bool:
-    # jsonargparse's wording when a class name or import path does not resolve (4.53).
     about_algorithm = 'key "model.algorithm"' in message or "MetaAlgorithm" in message
-    unresolved = ("Expected a dot import path string" in message or "not accessible or invalid" in message) or (
-        "does not correspond to a subclass" in message
-    )
-    return about_algorithm and unresolved and "Problem with given class_path" not in message
-
-
-#: jsonargparse's wording (4.53) when a text option is given a value that YAML parses as a mapping.
-_TEXT_GOT_MAPPING = re.compile(r'Parser key "([\w.]+)":\s+Expected a <class \'str\'>\. Got value: (\{.*\})')
+    return about_algorithm and _compat.is_unresolved_class_error(message)
 
 
 def _text_read_as_mapping(message: str, command_line: list[str]) -> str | None:
     """One line saying to quote the text, when ``message`` is about a text option that got a mapping."""
-    match = _TEXT_GOT_MAPPING.search(message)
-    if match is None:
+    found = _compat.text_option_given_mapping(message)
+    if found is None:
         return None
-    key, mapping = match.groups()
+    key, mapping = found
     names = [arg[2:].split("=", 1)[0] for arg in command_line if arg.startswith("--")]
     name = next((name for name in names if name == key or name.endswith(f".{key}")), None)
     value = None if name is None else _argument_value(command_line, f"--{name}")
@@ -144,7 +139,7 @@ class RunConfigCallback(SaveConfigCallback):
             ) from None
 
 
-class MetaCLI(LightningCLI):
+class MetaCLI(_compat.CLIWithoutCheckpointMerge):
     """LightningCLI with ``--test_after_fit`` (on by default), and ``--ckpt_path`` that respects the user.
 
     LightningCLI 2.6 merges a checkpoint's hyper-parameters *over* the parsed command line. Here
@@ -208,9 +203,6 @@ class MetaCLI(LightningCLI):
         if base is not None:
             _check_same_learner(base[subcommand], self.config[subcommand], ckpt_path)
 
-    def _parse_ckpt_path(self) -> None:
-        """Done in :meth:`parse_arguments`, with the user's options on top."""
-
     def _checkpoint_config(self, parser: LightningArgumentParser, subcommand: str, ckpt_path: str) -> Namespace | None:
         """The checkpoint's model and datamodule options over the defaults (``None``: nothing saved)."""
         if ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's names, resolved by the trainer
@@ -232,7 +224,7 @@ class MetaCLI(LightningCLI):
         if not saved:
             return None
         try:
-            return parser.parse_object({"subcommand": subcommand, subcommand: saved}, _skip_validation=True)
+            return _compat.parse_object_unvalidated(parser, {"subcommand": subcommand, subcommand: saved})
         except SystemExit:
             sys.stderr.write(
                 f"The hyper-parameters saved in {ckpt_path} do not fit this version's options (above). Give the "
@@ -277,10 +269,10 @@ _DATA_OPTIONS = ("tokenizer", "ways", "shots", "queries", "meta_batch_size", "nu
 
 def announce_run(subcommand: str, trainer: Trainer, model: Any, datamodule: Any, threads: str) -> None:
     """The first lines of a run, each once: what runs, on which model, data and hardware."""
-    lines = [f"lightning-meta {version('lightning-meta')}: {subcommand} {_describe_component(model)}"]
+    lines = [f"lightning-meta {VERSION}: {subcommand} {_describe_component(model)}"]
     algorithm = getattr(model, "algorithm", None)
     if algorithm is not None:
-        lines[0] = f"lightning-meta {version('lightning-meta')}: {subcommand} with {_describe_component(algorithm)}"
+        lines[0] = f"lightning-meta {VERSION}: {subcommand} with {_describe_component(algorithm)}"
         lines.append(f"learner: {_describe_learner(model.learner)}")
     if datamodule is not None:
         lines.append(f"data: {_describe_component(datamodule, _DATA_OPTIONS)}")
@@ -351,12 +343,7 @@ def _drop_framework_lines(record: logging.LogRecord) -> bool:
 def quiet_framework_noise() -> None:
     """Hide, for this command only, the framework messages listed in ``_FRAMEWORK_LINES`` and the
     ``LeafSpec`` deprecation that torch raises inside Lightning's own code (not the user's)."""
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
-    )
+    _compat.hide_lightning_pytree_deprecation()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_framework_lines)
 
 
@@ -426,10 +413,10 @@ def with_default_config(args: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-meta`` and ``python -m lightning_meta``."""
-    algorithms.available()  # import plugin algorithms so their class names resolve
+    known = algorithms.available()  # imports plugin algorithms, so their class names resolve
     given = list(sys.argv[1:] if args is None else args)
     if given[:1] == ["--version"]:
-        print(f"lightning-meta {version('lightning-meta')}")
+        print(f"lightning-meta {VERSION}")
         return
     quiet_framework_noise()
     if given and given[0] in ("pretrain", "export"):
@@ -446,7 +433,7 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             args=args,
             parser_class=MetaArgumentParser,
-            parser_kwargs=parser_options(DESCRIPTION, given),
+            parser_kwargs=parser_options(describe(known), given),
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,

@@ -548,3 +548,12 @@ def test_held_out_families_taking_every_task_is_one_line(capsys, monkeypatch, tm
         "lightning-meta: error: ValueError: test_families take every one of the 4 tasks: no training task is left. "
         "Hold out fewer (families: f0, f1), or add tasks."
     )
+
+
+def test_description_names_every_algorithm_the_registry_holds():
+    from lightning_meta import algorithms
+
+    text = cli.describe(algorithms.available())
+    assert all(cls.__name__ in text for cls in algorithms.BUILTIN.values())
+    assert "meta-learning (MAML, FOMAML, Reptile, ProtoNet," in text
+    assert "(MAML, MyPlugin)" in cli.describe({"maml": MAML, "myplugin": type("MyPlugin", (), {})})

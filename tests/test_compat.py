@@ -6,6 +6,7 @@ the last tests keep private framework access out of the rest of the package.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import re
 from pathlib import Path
@@ -107,13 +108,70 @@ def test_parse_object_unvalidated_accepts_a_partial_config():
     assert _compat.parse_object_unvalidated(parser, {"name": "y"}).name == "y"
 
 
+def test_lightning_cli_still_merges_checkpoints_in_the_method_the_compat_class_switches_off():
+    from lightning.pytorch.cli import LightningCLI
+
+    calls = []
+
+    class Recording(LightningCLI):
+        def _parse_ckpt_path(self) -> None:
+            calls.append(self.config)
+
+    Recording(BoringModel, run=False, args=[], save_config_callback=None)
+    assert len(calls) == 1  # LightningCLI calls it after parsing: overriding it is what switches the merge off
+    assert "_parse_ckpt_path" in vars(_compat.CLIWithoutCheckpointMerge)
+    assert _compat.CLIWithoutCheckpointMerge._parse_ckpt_path(object()) is None
+
+
+def _jsonargparse_error(parser: ArgumentParser, args: list[str]) -> str:
+    with pytest.raises(argparse.ArgumentError) as caught:
+        parser.parse_args(args)
+    return caught.value.message
+
+
+def test_unresolved_class_wording_is_jsonargparse_s():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--module", type=nn.Module)
+    for value in ("NoSuchModule", "torch.optim.Adam"):  # not a dot path; not a subclass
+        message = _jsonargparse_error(parser, [f"--module={value}"])
+        assert _compat.is_unresolved_class_error(message), message
+    assert not _compat.is_unresolved_class_error("Problem with given class_path 'x': Expected a dot import path string")
+
+
+def test_text_given_a_mapping_wording_is_jsonargparse_s():
+    class Templated:
+        def __init__(self, template: str = "{input}") -> None:
+            self.template = template
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Templated, "data")
+    message = _jsonargparse_error(parser, ["--data={template: {a: b}}"])
+    assert _compat.text_option_given_mapping(message) == ("data.template", "{'a': 'b'}"), message
+    assert _compat.text_option_given_mapping('Parser key "template": Expected a <class \'int\'>') is None
+
+
+def test_lightning_pytree_deprecation_is_hidden_by_its_private_module_name():
+    import importlib
+    import warnings
+
+    pytree = importlib.import_module("lightning.pytorch.utilities._pytree")
+    assert "LeafSpec" in inspect.getsource(pytree)  # where torch's deprecation is raised from
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _compat.hide_lightning_pytree_deprecation()
+        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, pytree.__file__, 1,
+                               module=pytree.__name__)  # fmt: skip
+        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, "mine.py", 1,
+                               module="mine")  # fmt: skip
+    assert [w.filename for w in seen] == ["mine.py"]
+
+
 #: Private framework access, as the project's checks grep for it.
 PRIVATE = re.compile(
     r"_given_hyperparameters|_hparams_initial|_parse_ckpt_path|_skip_validation|_data_parallel_size|self\._trainer\b"
-    r"|fit_loop\.|torch\._foreach|from lightning[a-z_.]* import _|from torch[a-z_.]* import _|nn\.modules\.[a-z_]+\._"
+    r"|fit_loop\.|torch\._foreach|from lightning(\.[a-z_.]+)? import _|from torch(\.[a-z_.]+)? import _"
+    r"|nn\.modules\.[a-z_]+\._|utilities\\?\._pytree"
 )
-#: Files another change is still cleaning (issue 17): their private calls move to _compat there.
-PENDING = {"lightning_meta/cli.py", "lightning_meta/training/algorithm.py"}
 
 
 def private_framework_access() -> dict[str, list[str]]:
@@ -130,12 +188,5 @@ def private_framework_access() -> dict[str, list[str]]:
     return found
 
 
-def test_no_private_framework_access_outside_compat_and_the_files_being_cleaned():
-    assert {name: lines for name, lines in private_framework_access().items() if name not in PENDING} == {}
-
-
-@pytest.mark.xfail(
-    strict=False, reason="lightning_meta/cli.py and lightning_meta/training/algorithm.py are cleaned in a later pass"
-)
 def test_no_private_framework_access_outside_compat():
     assert private_framework_access() == {}
