@@ -37,9 +37,9 @@ def test_an_adaptation_curve_beyond_the_stated_maximum_is_refused():
 class CountingSGD(SGD):
     steps: list[int] = []
 
-    def __call__(self, step, weights, gradients):
+    def __call__(self, step, weights, gradients, parallel=False):
         CountingSGD.steps.append(step)
-        return super().__call__(step, weights, gradients)
+        return super().__call__(step, weights, gradients, parallel=parallel)
 
 
 class CountingMAML(MAML):

@@ -99,7 +99,7 @@ def evaluate_episodes(
     verdict = algorithm._vmap_verdicts.get(key)
     if verdict is not None:
         return vmapped() if verdict == "" else looped()
-    reason = _refusal(algorithm, learner, _trainable(algorithm, learner))
+    reason = static = _refusal(algorithm, learner, _trainable(algorithm, learner))
     if reason is None:
         try:
             parallel = vmapped()
@@ -108,14 +108,9 @@ def evaluate_episodes(
     figures = looped()
     if reason is None:
         reason = _figures_disagreement(parallel, figures)
+    _log_fallback(algorithm, reason, static=static is not None, evaluation=True)
     algorithm._vmap_verdicts[key] = reason or ""
-    if reason:
-        rank_zero_info(
-            f"meta_batch='auto': evaluation adapts the episodes of a batch one by one, not in parallel with vmap: "
-            f"{reason}."
-        )
-        return figures
-    return parallel
+    return figures if reason else parallel
 
 
 def _trainable(algorithm: MetaAlgorithm, learner: Learner) -> list[Tensor]:
@@ -139,6 +134,19 @@ def _refusal(algorithm: MetaAlgorithm, learner: Learner, parameters: list[Tensor
     if reason is None and size > VMAP_MAX_PARAMETERS:
         reason = f"{size:,} trainable parameters, more than VMAP_MAX_PARAMETERS={VMAP_MAX_PARAMETERS:,}"
     return reason
+
+
+def _log_fallback(algorithm: MetaAlgorithm, reason: str | None, *, static: bool, evaluation: bool) -> None:
+    """Log why ``"auto"`` does not run in parallel, once per reason (training and evaluation share the static ones)."""
+    if not reason or reason in algorithm._vmap_verdicts.values():
+        return
+    if static:  # known before trying: it holds for training and evaluation alike
+        what = "runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation batch,"
+    elif evaluation:
+        what = "adapts the episodes of an evaluation batch one by one,"
+    else:
+        what = "runs the tasks of a meta-batch one by one (task_by_task),"
+    rank_zero_info(f"meta_batch='auto': {type(algorithm).__name__} {what} not in parallel with vmap: {reason}.")
 
 
 def _over_episodes(batch: TaskBatch, function: Callable[[Episode], Tensor | dict]) -> Tensor | dict:
@@ -188,7 +196,7 @@ def _auto(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, paramete
         return _vmapped(algorithm, learner, batch, parameters)
     if verdict is not None:
         return _loop(algorithm, learner, batch, parameters)
-    reason = _refusal(algorithm, learner, parameters)
+    reason = static = _refusal(algorithm, learner, parameters)
     if reason is None:
         try:
             vmapped = _vmapped(algorithm, learner, batch, parameters)
@@ -197,14 +205,9 @@ def _auto(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, paramete
     looped = _loop(algorithm, learner, batch, parameters)
     if reason is None:
         reason = _disagreement(vmapped.loss, looped.loss, parameters)
+    _log_fallback(algorithm, reason, static=static is not None, evaluation=False)
     algorithm._vmap_verdicts[key] = reason or ""
-    if reason:
-        rank_zero_info(
-            f"meta_batch='auto': {type(algorithm).__name__} runs the tasks of a meta-batch one by one "
-            f"(task_by_task), not in parallel with vmap: {reason}."
-        )
-        return looped
-    return vmapped
+    return looped if reason else vmapped
 
 
 def _surrogate(

@@ -25,7 +25,7 @@ from lightning_meta.training.algorithm import MetaAlgorithm
 from lightning_meta.training.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.inner_loop import check_step_count
-from lightning_meta.training.meta_batch import MetaBatch, check_mode
+from lightning_meta.training.meta_batch import MetaBatch, check_mode, evaluate_episodes
 from lightning_meta.training.metrics import EpisodeStatistics
 from lightning_meta.training.plots import curve_points
 
@@ -96,6 +96,8 @@ class MetaLearningModule(LightningModule):
             the meta-batch size), ``"all_at_once"`` (every task's graph kept until one backward),
             or ``"auto"``: vmap where it is exact and pays, else task by task, with the reason
             logged (see :meth:`MetaAlgorithm.meta_loss`). FSDP and ``16-mixed`` always run all at once.
+            Evaluation follows it: where it resolves to vmap (``"auto"``: checked on the first
+            evaluation batch), the episodes of an evaluation batch adapt in one vmapped trajectory.
         eval_curve: adaptation curve: step counts (0 = before adaptation), e.g. ``[0, 1, 5, 10]``,
             at which validation/test also log the query figures, all read off one adaptation
             trajectory per episode (``algorithm.adapt_steps``), at most :data:`MAX_EVAL_CURVE_STEPS`;
@@ -325,32 +327,46 @@ class MetaLearningModule(LightningModule):
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary
         # (non-inference) tensors, so leave inference mode and copy the batch.
         self.learner.check_data(batch)
-        # Along the trajectory where there is one: it stops between inner steps on SIGTERM.
-        evaluate = self._evaluate_along_curve if self.algorithm.adapts_weights else self.algorithm.evaluate
         with torch.inference_mode(False):
             batch = batch.detached_clone()
-            episodes = [evaluate(self.learner, episode, self.eval_inner_steps) for episode in batch.episodes()]
+            if self.algorithm.adapts_weights:
+                # Along the trajectory (it stops between inner steps on SIGTERM), all the episodes in one vmapped
+                # trajectory where the meta_batch mode resolves to vmap (never over sharded weights).
+                meta_batch = "task_by_task" if self.device_mesh is not None else self.meta_batch
+                figures = evaluate_episodes(
+                    self.algorithm, self.learner, batch, meta_batch,
+                    lambda episode, parallel: self._evaluate_along_curve(
+                        self.learner, episode, self.eval_inner_steps, parallel=parallel
+                    ),
+                )  # fmt: skip
+            else:  # scored episode by episode (MetaICL's options: a host sync per episode)
+                episodes = [self.algorithm.evaluate(self.learner, episode, self.eval_inner_steps)
+                            for episode in batch.episodes()]  # fmt: skip
+                figures = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
         if batch.metadata.get(PADDING_KEY):
             return  # evaluated only to join the other ranks' collectives (FSDP); its figures are not counted
-        figures = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
         if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
             raise FloatingPointError(self._describe_bad_evaluation(figures, stage))
         for key, values in figures.items():
             for value in values:
                 self.episode_stats[f"{stage}_{key}"].update(value)
 
-    def _evaluate_along_curve(self, learner: Learner, episode: Episode, steps: int | None) -> dict[str, Tensor]:
+    def _evaluate_along_curve(
+        self, learner: Learner, episode: Episode, steps: int | None, *, parallel: bool = False
+    ) -> dict[str, Tensor]:
         """:meth:`MetaAlgorithm.evaluate`'s figures plus ``{name}_step{k}`` for each ``eval_curve`` step count.
 
         Everything comes from one trajectory: the ``*_post`` figures are those at the evaluation
-        steps, so they equal ``evaluate``'s.
+        steps, so they equal ``evaluate``'s. ``parallel``: the episodes of the batch run together
+        under ``torch.func.vmap``.
         """
         self.algorithm.check_learner(learner)
         post_steps = self.algorithm.evaluation_steps() if steps is None else steps
         wanted = {post_steps, *self._curve_steps}
         before = learner.evaluation_metrics(episode.query)
         figures_at = {0: before}
-        for step, adapted in enumerate(self.algorithm.adapt_steps(learner, episode.support, max(wanted)), start=1):
+        trajectory = self.algorithm.adapt_steps(learner, episode.support, max(wanted), parallel=parallel)
+        for step, adapted in enumerate(trajectory, start=1):
             # Lightning checks the signal only between batches, and one batch may adapt for minutes.
             if (trainer := attached_trainer(self)) is not None and trainer.received_sigterm:
                 raise SIGTERMException

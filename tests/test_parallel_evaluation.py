@@ -1,0 +1,94 @@
+"""Evaluation episodes adapted in parallel (one vmapped trajectory per batch) give the loop's figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta.training.meta_batch as execution
+from lightning_meta import MLP, ClassificationLearner, MetaLearningModule, RegressionLearner
+from lightning_meta.algorithms import FOMAML, MAML, MetaSGD, MultiTask
+
+from conftest import classification_batch, regression_batch
+
+
+def _figures(module: MetaLearningModule, batch) -> dict[str, tuple[float, float, int]]:
+    module.validation_step(batch, 0)
+    figures = {}
+    for key, statistic in module.episode_stats.items():
+        if statistic.update_count:
+            mean, ci95, count = statistic.compute()
+            figures[key] = (mean, ci95, count)
+            statistic.reset()
+    return figures
+
+
+def _sinusoid():
+    torch.manual_seed(0)
+    return RegressionLearner(MLP(1, [16, 16], 1)).double(), regression_batch(meta_batch_size=5)
+
+
+def _head_classifier():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+    model.add_module("head", nn.Linear(8, 3))
+    return ClassificationLearner(model, fast_weights="head").double(), classification_batch(meta_batch_size=4)
+
+
+@pytest.mark.parametrize("make", [_sinusoid, _head_classifier], ids=["sinusoid_mlp", "head_fast_weights"])
+@pytest.mark.parametrize(
+    "make_algorithm",
+    [lambda: MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=4), lambda: FOMAML(inner_lr=0.2, eval_inner_lr=0.1),
+     lambda: MetaSGD(inner_lr=0.2), lambda: MultiTask(inner_lr=0.2, eval_inner_steps=3)],
+    ids=["maml", "fomaml_eval_lr", "meta_sgd", "multitask"],
+)  # fmt: skip
+@pytest.mark.parametrize("eval_curve", [None, [0, 1, 3, 6]])
+def test_parallel_evaluation_gives_the_loop_s_figures(make, make_algorithm, eval_curve, monkeypatch):
+    learner, batch = make()
+    learner.eval()
+    vmapped = []
+    vmap = torch.func.vmap
+    monkeypatch.setattr(torch.func, "vmap", lambda *args, **kwargs: vmapped.append(1) or vmap(*args, **kwargs))
+    figures = {}
+    for meta_batch in ("task_by_task", "vmap", "auto"):
+        module = MetaLearningModule(learner, make_algorithm(), meta_batch=meta_batch, eval_curve=eval_curve)
+        count = len(vmapped)
+        figures[meta_batch] = _figures(module, batch)
+        assert (len(vmapped) > count) == (meta_batch != "task_by_task"), meta_batch
+    expected = figures["task_by_task"]
+    assert expected and all(key.startswith("val_") for key in expected)
+    if eval_curve:
+        assert any("_step6" in key for key in expected)
+    for meta_batch in ("vmap", "auto"):
+        assert figures[meta_batch].keys() == expected.keys()
+        for key, (mean, ci95, count) in expected.items():
+            found_mean, found_ci95, found_count = figures[meta_batch][key]
+            assert found_count == count == len(batch)
+            torch.testing.assert_close(found_mean, mean, rtol=1e-10, atol=1e-12, msg=f"{meta_batch} {key}")
+            torch.testing.assert_close(found_ci95, ci95, rtol=1e-8, atol=1e-12, msg=f"{meta_batch} {key}")
+
+
+def test_auto_evaluates_episode_by_episode_where_vmap_cannot_run_and_says_why(monkeypatch):
+    logged = []
+    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
+    learner, batch = _sinusoid()
+    algorithm = MAML(inner_lr=0.3, inner_steps=2)
+    monkeypatch.setattr(execution, "VMAP_MAX_PARAMETERS", 10)
+    module = MetaLearningModule(learner, algorithm, meta_batch="auto")
+    first, second = _figures(module, batch), _figures(module, batch)
+    assert first.keys() == second.keys() and len(logged) == 1, logged
+    assert "runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation batch" in (
+        logged[0]
+    )
+    assert "more than VMAP_MAX_PARAMETERS=10" in logged[0]
+    algorithm.meta_loss(learner, regression_batch())  # training, for the same reason: said once already
+    assert len(logged) == 1, logged
+
+
+def test_forcing_parallel_evaluation_where_vmap_is_not_exact_names_why():
+    torch.manual_seed(0)
+    learner = RegressionLearner(nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.1), nn.Linear(4, 1))).double()
+    module = MetaLearningModule(learner, FOMAML(), meta_batch="vmap")
+    with pytest.raises(ValueError, match="Dropout, p=0.1.*meta_batch='task_by_task'"):
+        module.validation_step(regression_batch(), 0)
