@@ -55,3 +55,7 @@ def run(strategy_name: str, out: Path) -> None:
 
 if __name__ == "__main__":
     run(sys.argv[1], Path(sys.argv[2]))
+    # gloo's threads must stop before the interpreter exits, or it can abort ("terminate called without an
+    # active exception", exit -6) after the run has finished.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -158,3 +158,7 @@ if __name__ == "__main__":
         resume(Path(sys.argv[2]))
     else:
         run(sys.argv[1], Path(sys.argv[2]))
+    # gloo's threads must stop before the interpreter exits, or it can abort ("terminate called without an
+    # active exception", exit -6) after the run has finished.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -37,3 +37,7 @@ def run(out: Path) -> None:
 
 if __name__ == "__main__":
     run(Path(sys.argv[1]))
+    # gloo's threads must stop before the interpreter exits, or it can abort ("terminate called without an
+    # active exception", exit -6) after the run has finished.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
