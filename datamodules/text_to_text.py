@@ -238,7 +238,9 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         known_families = sorted({family for family in families.values() if family is not None})
         held_out: dict[str, list[str]] = {}
         held_out_families: dict[str, list[str]] = {}  # every task of these families stays out of training
-        for split in _SPLITS:
+        named: dict[str, str] = {}  # task -> the split that names it: a family split holds out only the others
+        ceded: dict[str, int] = {}  # per family split: how many of its families' tasks another split names
+        for split in sorted(_SPLITS, key=lambda split: getattr(self, f"{split}_tasks") is None):  # named first
             names, chosen_families = getattr(self, f"{split}_tasks"), getattr(self, f"{split}_families")
             if names is not None:
                 names = resolve_task_names(names, tasks, self.collection, split)
@@ -246,9 +248,11 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                 if unknown:
                     raise ValueError(f"Unknown tasks {unknown} in {split}_tasks; tasks: {sorted(tasks)}.")
                 held_out[split] = sorted(names)
+                named |= dict.fromkeys(names, split)
                 continue
             if chosen_families is None:
-                chosen_families = self._default_families(split, known_families)
+                available = sorted({families[name] for name in tasks if name not in named} - {None})
+                chosen_families = self._default_families(split, known_families, available)
             if chosen_families is None:
                 continue
             unknown = sorted(set(chosen_families) - set(known_families))
@@ -258,8 +262,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                     + ("" if known_families else f" (the data has no {self.family_column!r} column)")
                     + "."
                 )
-            held_out[split] = sorted(name for name, family in families.items() if family in set(chosen_families))
+            members = [name for name, family in families.items() if family in set(chosen_families)]
+            held_out[split] = sorted(name for name in members if name not in named)
             held_out_families[split] = sorted(chosen_families)
+            ceded[split] = len(members) - len(held_out[split])
         if {name for names in held_out.values() for name in names} == set(tasks):
             given = [f"{split}_{kind}" for split in _SPLITS for kind in ("tasks", "families")
                      if getattr(self, f"{split}_{kind}") is not None]  # fmt: skip
@@ -290,8 +296,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         trained_families = {families[name] for name in train}
         described = {
             split: _describe_split(held_out[split], held_out_families.get(split), families, trained_families)
+            + (f"; {ceded[split]} more of their tasks are named by {'/'.join(sorted(set(named.values())))}_tasks"
+               if ceded.get(split) else "")
             for split in _SPLITS
-        }
+        }  # fmt: skip
         why = ""
         if drawn:
             have = f"{len(known_families)} families" if known_families else f"no {self.family_column!r} column"
@@ -305,16 +313,17 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         )
         return {"train": train, "val": held_out["val"], "test": held_out["test"]}
 
-    def _default_families(self, split: str, known_families: list[str]) -> list[str] | None:
-        """The gym's held-out families; for a table with 3 families or more a seeded 10%; else ``None``."""
+    def _default_families(self, split: str, known_families: list[str], available: list[str]) -> list[str] | None:
+        """The gym's held-out families; for a table with 3 families or more a seeded 10%, drawn among the
+        ``available`` families (those with a task that no split names); else ``None``."""
         if self.dataset is None:
             from lightning_meta.datamodules.task_gym import DEFAULT_SPLIT
 
             return [family for family in DEFAULT_SPLIT[split] if family in known_families]
-        if len(known_families) < 3:
+        if len(known_families) < 3 or not available:
             return None
         count = max(1, len(known_families) // 10)
-        shuffled = _shuffled(known_families, self.seed)
+        shuffled = _shuffled(available, self.seed)
         return shuffled[:count] if split == "val" else shuffled[count : 2 * count]
 
     @functools.cached_property

@@ -235,6 +235,31 @@ def test_the_log_says_which_split_was_made_and_why(tmp_path, monkeypatch):
     assert "Held out by task" not in message
 
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_named_test_tasks_win_over_a_validation_family_that_holds_them(tmp_path, monkeypatch, seed):
+    """BIG-bench's config: ``test_tasks`` by name (the Lite preset), validation a default draw of families. Tasks
+    the test split names are left out of whichever family validation draws, never an error (it was one: the
+    Lite tasks share keywords with the rest), and the log says how many the family split ceded."""
+    logged: list[str] = []
+    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    path = write_tasks(tmp_path, tasks=30)  # families f0, f1, f2: ten tasks each
+    named = ["t0", "t1", "t2"]  # one task of every family: any family validation draws holds one of them
+    module = datamodule(path, test_tasks=named, seed=seed)
+    split = module.split_tasks
+    assert split["test"] == named
+    assert split["val"] and not set(split["val"]) & set(named)
+    families = {module.tasks[name].family for name in split["val"]}
+    assert len(families) == 1  # 10% of 3 families: one, held out whole apart from the named test task
+    assert len(split["val"]) == 9
+    assert not {module.tasks[name].family for name in split["train"]} & families
+    assert set(split["train"]) | set(split["val"]) | set(split["test"]) == set(module.tasks)
+    assert "1 more of their tasks are named by test_tasks" in logged[-1]
+    # Named on both sides, an overlap is still the user's to fix.
+    with pytest.raises(ValueError, match=r"Tasks \['t1'\] are in both the validation and the test split"):
+        datamodule(path, test_tasks=named, val_tasks=["t1", "t4"])
+
+
 def write_rows(folder: Path, rows: list[dict]) -> Path:
     """``rows`` plus 8 filler rows of the same task, as a jsonl table of one task ``t``."""
     filler = [{"task": "t", "input": f"filler {i}", "output": "yes", "options": ["no", "yes"]} for i in range(8)]
