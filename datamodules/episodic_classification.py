@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SPLITS = ("train", "val", "test")
+_INTEGER = re.compile(r"-?\d+")
 
 
 class EpisodicClassificationDataModule(EpisodicDataModule):
@@ -315,8 +317,9 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
 
 
 def _class_names(labels: list[Any]) -> list[str]:
-    """Distinct labels as strings, in a fixed order (numeric for integer labels)."""
-    distinct = set(labels)
-    if all(isinstance(label, int) for label in distinct):
-        return [str(label) for label in sorted(distinct)]
-    return sorted(str(label) for label in distinct)
+    """Distinct labels as strings, in a fixed order: numeric for integer labels, also when a CSV gave them as
+    text (``2`` before ``10``, as before CSV cells were read as text); else by text."""
+    distinct = {str(label) for label in labels}
+    if all(_INTEGER.fullmatch(label) for label in distinct):
+        return sorted(distinct, key=lambda label: (int(label), label))  # "7" and "07": both kept, in a fixed order
+    return sorted(distinct)
