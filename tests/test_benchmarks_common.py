@@ -81,3 +81,20 @@ def test_peak_rss_mib_sees_an_allocation() -> None:
     assert peak > 32
     with pytest.raises(RuntimeError, match="NoSuchField: not in /proc/self/status"):
         common.kib("NoSuchField:")
+
+
+def test_sinusoid_benchmark_runs_below_fifty_steps(tmp_path, capsys) -> None:
+    """It read the last training loss from a logging step, and Lightning logs every 50 steps by default: a run
+    of fewer steps stopped with ``KeyError: 'train/query_loss'`` (Reptile's query is computed only then)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "sinusoid"))
+    try:
+        import run as sinusoid_benchmark
+    finally:
+        sys.path.pop(0)
+    sys.modules.pop("run")
+    sinusoid_benchmark.main(["--steps", "3", "--methods", "Reptile", "FOMAML", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for method in ("Reptile (5 inner steps)", "FOMAML (1 inner step)"):
+        loss = float(printed.split(f"{method}: 3 steps")[1].split("last train query_loss ")[1].split(",")[0])
+        assert math.isfinite(loss)
+    assert (tmp_path / "adaptation.png").exists()
