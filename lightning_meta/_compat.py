@@ -1,4 +1,4 @@
-"""The one place that touches private Lightning, jsonargparse and torch attributes.
+"""The one place that touches private Lightning, jsonargparse, torch and transformers attributes.
 
 Each function here wraps a framework detail that has no public API (its docstring says why), and
 ``tests/test_compat.py`` checks each one against the installed framework, so a release that
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -88,6 +88,31 @@ def foreach_add(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: floa
     optimizers use, and it is several times fewer kernel launches than a loop over the tensors.
     """
     return list(torch._foreach_add(list(tensors), list(others), alpha=alpha))
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The attention kernel a transformers model runs (``"eager"``, ``"sdpa"``, ...).
+
+    Why private: transformers sets it with the public ``set_attn_implementation`` (and the
+    ``attn_implementation`` argument of ``from_pretrained``) but reads it back only from
+    ``config._attn_implementation``.
+    """
+    return model.config._attn_implementation
+
+
+def set_block_checkpoint_function(model: nn.Module, function: Callable[..., Any]) -> list[nn.Module]:
+    """Make each checkpointed block of ``model`` recompute through ``function(partial_forward, *args)``.
+
+    Call after ``model.gradient_checkpointing_enable(...)``; returns the modules it changed (the blocks, and
+    modules that hold the attribute without using it). Why private:
+    transformers keeps each block's checkpoint function in ``_gradient_checkpointing_func`` (the
+    public ``gradient_checkpointing_enable`` only chooses torch's ``checkpoint`` options) and has no
+    hook to recompute with other weights, which fast weights need.
+    """
+    blocks = [module for module in model.modules() if hasattr(module, "_gradient_checkpointing_func")]
+    for block in blocks:
+        block._gradient_checkpointing_func = function
+    return blocks
 
 
 def parse_object_unvalidated(parser: Any, config: dict[str, Any]) -> Any:

@@ -1,6 +1,6 @@
 """Each private framework detail in lightning_meta._compat, checked against the installed framework.
 
-A test here fails when Lightning, jsonargparse or torch renames or changes what a wrapper relies on;
+A test here fails when Lightning, jsonargparse, torch or transformers renames or changes what a wrapper relies on;
 the last tests keep private framework access out of the rest of the package.
 """
 
@@ -166,11 +166,44 @@ def test_lightning_pytree_deprecation_is_hidden_by_its_private_module_name():
     assert [w.filename for w in seen] == ["mine.py"]
 
 
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_attention_implementation_reads_what_set_attn_implementation_set():
+    model = tiny_llama()
+    assert _compat.attention_implementation(model) == "sdpa"  # transformers' default on torch 2.13
+    model.set_attn_implementation("eager")
+    assert _compat.attention_implementation(model) == "eager"
+
+
+def test_block_checkpoint_function_is_what_each_checkpointed_block_recomputes_through():
+    model = tiny_llama().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+
+    def recording(function, *args):
+        calls.append(function.args[0])  # transformers hands partial(forward, block, **kwargs)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+    blocks = _compat.set_block_checkpoint_function(model, recording)
+    assert set(model.model.layers) <= set(blocks)  # (the model holding them has the attribute too)
+    ids = torch.randint(0, 32, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == list(model.model.layers)  # each block, once, in the forward
+    assert all(p.grad is not None for p in model.model.layers.parameters())
+
 #: Private framework access, as the project's checks grep for it.
 PRIVATE = re.compile(
     r"_given_hyperparameters|_hparams_initial|_parse_ckpt_path|_skip_validation|_data_parallel_size|self\._trainer\b"
     r"|fit_loop\.|torch\._foreach|from lightning(\.[a-z_.]+)? import _|from torch(\.[a-z_.]+)? import _"
-    r"|nn\.modules\.[a-z_]+\._|utilities\\?\._pytree"
+    r"|nn\.modules\.[a-z_]+\._|utilities\\?\._pytree|\._attn_implementation\b|_gradient_checkpointing_func"
 )
 
 

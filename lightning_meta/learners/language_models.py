@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from lightning_meta._compat import reparametrized
+from lightning_meta._compat import attention_implementation, reparametrized, set_block_checkpoint_function
 from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
 from lightning_meta.data.tasks import (
     ANSWER,
@@ -292,7 +292,7 @@ class CausalLMLearner(Learner):
         return scores, greedy
 
     def vmap_refusal(self) -> str | None:
-        implementation = self.transformer.config._attn_implementation
+        implementation = attention_implementation(self.transformer)
         if implementation != "eager":
             return (
                 f"{implementation!r} attention inspects the mask's values (data-dependent control flow); "
@@ -303,10 +303,10 @@ class CausalLMLearner(Learner):
     def prepare_second_order(self) -> None:
         # Fused SDPA kernels have no double backward ("derivative for
         # aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented").
-        if self.transformer.config._attn_implementation != "eager":
+        if (implementation := attention_implementation(self.transformer)) != "eager":
             rank_zero_info(
                 f"Second-order MAML: switching {type(self.transformer).__name__} from "
-                f"{self.transformer.config._attn_implementation!r} to eager attention (fused attention kernels "
+                f"{implementation!r} to eager attention (fused attention kernels "
                 "have no double backward). Use FOMAML or first_order=True to keep fused attention."
             )
             self.transformer.set_attn_implementation("eager")
@@ -335,10 +335,8 @@ def enable_functional_checkpointing(model: PreTrainedModel) -> None:
     Reentrant checkpointing does not compose with ``torch.autograd.grad`` at all.
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for module in model.modules():
-        if hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = _checkpoint_with_current_weights
-            module._fast_weight_names = [name for name, _ in module.named_parameters()]
+    for block in set_block_checkpoint_function(model, _checkpoint_with_current_weights):
+        block._fast_weight_names = [name for name, _ in block.named_parameters()]
 
 
 def _checkpoint_with_current_weights(function: functools.partial, *args: Any) -> Any:
