@@ -12,11 +12,14 @@ from lightning_meta.algorithms import FOMAML, MAML
 from lightning_meta.datamodules import SinusoidDataModule
 from lightning_meta.training.progress import MetaProgressBar
 
+CASES = [(300, mock.Mock(spec=[]), "Meta-training"), (-1, mock.Mock(spec=[]), "Epoch 0"),
+         (300, mock.Mock(progress_label="Pretraining"), "Pretraining")]  # fmt: skip
 
-@pytest.mark.parametrize("steps, expected", [(300, "Meta-training"), (-1, "Epoch 0")])
-def test_progress_bar_counts_steps_out_of_max_steps(steps, expected):
+
+@pytest.mark.parametrize("steps, module, expected", CASES)
+def test_progress_bar_counts_steps_out_of_max_steps(steps, module, expected):
     bar = MetaProgressBar()
-    trainer = mock.Mock(max_steps=steps, global_step=120, current_epoch=0)
+    trainer = mock.Mock(max_steps=steps, global_step=120, current_epoch=0, lightning_module=module)
     bar._trainer = trainer
     with mock.patch.object(MetaProgressBar, "total_train_batches", 100):
         bar.on_train_start(trainer)
@@ -53,3 +56,9 @@ def test_one_bar_for_the_whole_run_across_epochs():
         first.n = 100
         bar.on_train_epoch_start(trainer)
     assert bar.train_progress_bar is first and first.start_t == started and first.n == 100  # no restart
+
+
+def test_pretraining_names_its_run_on_the_bar():
+    from lightning_meta.handoff.pretraining import CausalLMPretraining
+
+    assert CausalLMPretraining.progress_label == "Pretraining"

@@ -388,17 +388,17 @@ def report(out: Path) -> str:
             cells = [common.seed_spread(t) if (t := tensor(runs, row, figure)) is not None else "–" for row in rows]
             table.append([METHODS[method][0], str(len(runs)), *cells])
         lines += common.markdown_table(["method", "seeds", *rows], table)
-    for reference in ("multitask", "base"):
+    for figure, reference in [(f, r) for f in ("accuracy", "loss") for r in ("multitask", "base")]:
         if reference not in results:
             continue
-        lines += [f"\n### accuracy − {METHODS[reference][0]}, paired by episode (and seed)\n"]
+        lines += [f"\n### {figure} − {METHODS[reference][0]}, paired by episode (and seed)\n"]
         table = []
         for method, runs in results.items():
             if method == reference:
                 continue
             cells = []
             for row in rows:
-                mine, theirs = tensor(runs, row, "accuracy"), tensor(results[reference], row, "accuracy")
+                mine, theirs = tensor(runs, row, figure), tensor(results[reference], row, figure)
                 if mine is None or theirs is None:
                     cells.append("–")
                     continue

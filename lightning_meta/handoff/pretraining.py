@@ -57,6 +57,8 @@ class CausalLMPretraining(LightningModule):
             config.json); off by default, and never asked on stdin.
     """
 
+    progress_label = "Pretraining"  # the progress bar's name for the run
+
     def __init__(
         self,
         init_from: str | None = None,

@@ -12,7 +12,8 @@ class MetaProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, counting optimizer steps out of ``max_steps`` across epochs.
 
     Lightning's own bar counts the batches of an epoch and reads ``Epoch 2/-2`` for a run bounded
-    by ``max_steps``. This one reads ``Meta-training: 120/300`` and shows the figures the module puts
+    by ``max_steps``. This one reads ``Meta-training: 120/300`` (a module's ``progress_label`` instead, if
+    it has one: ``Pretraining`` under ``lightning-meta pretrain``) and shows the figures the module puts
     on the bar without their ``train/`` prefix: ``query_loss`` and, for the MAML family on the steps
     Lightning logs, ``support_loss_pre`` / ``support_loss_post`` (the support loss before and after
     the inner loop). A run bounded by epochs keeps Lightning's per-epoch count.
@@ -36,7 +37,8 @@ class MetaProgressBar(TQDMProgressBar):
             self.train_progress_bar = self.init_train_tqdm()
         self.train_progress_bar.reset(total=trainer.max_steps)
         self.train_progress_bar.n = trainer.global_step  # resumed runs start where they stopped
-        self.train_progress_bar.set_description("Meta-training")
+        # A module may name its run (``CausalLMPretraining``: "Pretraining"); meta-learning modules do not.
+        self.train_progress_bar.set_description(getattr(trainer.lightning_module, "progress_label", "Meta-training"))
         self._counting_steps = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
