@@ -45,7 +45,7 @@ def test_support_loss_before_and_after_the_inner_loop_on_logging_steps(algorithm
 
 def test_one_bar_for_the_whole_run_across_epochs():
     bar = MetaProgressBar()
-    trainer = mock.Mock(max_steps=300, global_step=0, current_epoch=0)
+    trainer = mock.Mock(max_steps=300, global_step=0, current_epoch=0, lightning_module=mock.Mock(spec=[]))
     bar._trainer = trainer
     with mock.patch.object(MetaProgressBar, "total_train_batches", 100):
         bar.on_train_start(trainer)
