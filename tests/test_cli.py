@@ -176,21 +176,25 @@ def _config_case(config: Path):
     return pytest.param(config, id=config.name, marks=marks)
 
 
-# A 135M-parameter model on 2 CPU cores: shorter sequences, fewer steps.
+# A 135M-parameter model on 2 CPU cores: shorter sequences, fewer steps, one evaluation batch (CI time).
+ONE_EVALUATION_BATCH = ["--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=1",
+                        "--trainer.limit_test_batches=1"]  # fmt: skip
 EXTRA = {
     "lm_fomaml_lora_smollm2.yaml": [
+        *ONE_EVALUATION_BATCH,
         "--data.init_args.block_size=32",
         "--trainer.max_steps=2",
         "--data.init_args.num_test_tasks=2",
         "--data.init_args.num_val_tasks=2",
     ],
-    "pretrain_smollm2.yaml": ["--data.init_args.block_size=32", "--trainer.max_steps=2"],
+    "pretrain_smollm2.yaml": [*ONE_EVALUATION_BATCH, "--data.init_args.block_size=32", "--trainer.max_steps=2"],
     **{
         f"gym_{method}_{model}.yaml": [
             # Three gym families (train, val, test by the default split) tokenize in a few seconds.
             "--data.init_args.gym_families=[word_map,label_permutation,string_transform]",
-            *(["--data.init_args.max_length=48", "--trainer.max_steps=2", "--data.init_args.num_val_tasks=2",
-               "--data.init_args.num_test_tasks=2"] if model == "smollm2" else []),  # fmt: skip
+            *([*ONE_EVALUATION_BATCH, "--data.init_args.max_length=48", "--trainer.max_steps=2",
+               "--data.init_args.num_val_tasks=2", "--data.init_args.num_test_tasks=2"]
+              if model == "smollm2" else []),  # fmt: skip
             *(["--model.algorithm.init_args.eval_inner_steps=1"]  # not 5 adaptation steps of 135M parameters
               if (method, model) == ("fomaml_lora", "smollm2") else []),  # fmt: skip
         ]
