@@ -50,3 +50,14 @@ def test_smoke_run_writes_every_arm_and_a_rerun_skips_them(tmp_path):
     # Results of other settings are never mixed in.
     other = smoke(tmp_path, "--eval-episodes", "3", check=False)
     assert other.returncode != 0 and "was written with other settings" in other.stderr
+    # On another machine (the results files committed, the adapters not): an unfinished arm trains again and
+    # evaluates from the start, never continuing a partial evaluation of other adapters.
+    evaluation = out / "eval-multitask-seed0.json"
+    partial = json.loads(evaluation.read_text())
+    partial["complete"], partial["tasks"] = False, {"lite_choice": partial["tasks"]["lite_choice"]}
+    evaluation.write_text(json.dumps(partial))
+    (tmp_path / "cache" / "bigbench_benchmark" / "multitask-seed0.pt").unlink()
+    smoke(tmp_path)
+    assert (tmp_path / "cache" / "bigbench_benchmark" / "multitask-seed0.pt").exists()
+    assert (out / "train-multitask-seed0.json").stat().st_mtime_ns != written["train-multitask-seed0.json"]
+    assert json.loads(evaluation.read_text())["complete"]

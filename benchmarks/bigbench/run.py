@@ -318,11 +318,15 @@ def run_arm(settings: Settings, dataset: str, method: str, seed: int, out: Path,
     warnings.filterwarnings("ignore")
     common.quiet_lightning()
     name = arm_name(method, seed)
-    if method != "base" and not (out / f"train-{name}.json").exists():
-        train_arm(settings, dataset, method, seed, out, work)
     evaluation = out / f"eval-{name}.json"
-    if not (evaluation.exists() and json.loads(evaluation.read_text()).get("complete")):
-        evaluate_arm(settings, dataset, method, seed, out, work)
+    if evaluation.exists() and json.loads(evaluation.read_text()).get("complete"):
+        return
+    # Trained again where the adapters are not on this machine (another machine trained the arm): a partial
+    # evaluation of the other adapters is dropped, never continued with these.
+    if method != "base" and not ((out / f"train-{name}.json").exists() and (work / f"{name}.pt").exists()):
+        evaluation.unlink(missing_ok=True)
+        train_arm(settings, dataset, method, seed, out, work)
+    evaluate_arm(settings, dataset, method, seed, out, work)
 
 
 def finished(out: Path, method: str, seed: int, settings: Settings) -> bool:
