@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_meta.data.tasks import Episode, Split
-from lightning_meta.learners.base import Learner, classification_loss
+from lightning_meta.data.tasks import Episode, Split, TaskBatch
+from lightning_meta.learners.base import DataCheck, Learner, classification_loss
 from lightning_meta.training.algorithm import MetaAlgorithm
 
 
@@ -55,18 +55,48 @@ class ProtoNet(MetaAlgorithm):
             )
 
     def vmap_refusal(self, learner: Learner) -> str | None:
-        return "ProtoNet checks each episode's support labels on the host (every class present), which vmap cannot"
+        return (
+            "ProtoNet counts each episode's classes with torch.bincount, whose output size vmap cannot batch; "
+            "with no inner loop, running the episodes one by one costs little"
+        )
+
+    def data_checks(self, learner: Learner, batch: TaskBatch) -> list[DataCheck]:
+        """Support labels 0..ways-1 with every class present, in every episode (on the device)."""
+        labels = batch.support[learner.target_key].flatten(1)
+        episodes, shots = labels.shape
+        width = max(batch.ways or 0, shots)  # every class needs a shot: more ways than shots fails below
+        inside = (labels >= 0) & (labels < (batch.ways or width))
+        counts = torch.zeros(episodes, width, dtype=torch.long, device=labels.device)
+        counts = counts.scatter_add(1, labels.clamp(0, width - 1), torch.ones_like(labels))
+        ways = batch.ways if batch.ways is not None else labels.amax(1, keepdim=True) + 1
+        required = torch.arange(width, device=labels.device) < ways
+        ways_text = f"0..{batch.ways - 1}" if batch.ways is not None else "0..max"
+        return [
+            DataCheck(
+                inside.all(1) & ((counts > 0) | ~required).all(1),
+                f"ProtoNet needs support labels {ways_text} with every class present",
+                "remap labels per episode and give each class at least one shot",
+            )
+        ]
 
     def prototypes(self, learner: Learner, support: Split, ways: int | None = None) -> Tensor:
-        """Class prototypes (ways, embedding_dim) from the support embeddings."""
+        """Class prototypes (ways, embedding_dim) from the support embeddings.
+
+        Without ``ways`` it is read from the labels and they are checked here (a host sync). With
+        ``ways`` (the meta-step passes the episode's) the labels must be 0..ways-1, every class
+        present: the batch was checked once by :meth:`data_checks`, so nothing syncs per episode.
+        """
         labels = support[learner.target_key]
-        ways = ways if ways is not None else int(labels.max()) + 1
-        counts = torch.bincount(labels, minlength=ways)
-        if labels.min() < 0 or counts.numel() != ways or (counts == 0).any():
-            raise ValueError(
-                f"ProtoNet needs support labels 0..{ways - 1} with every class present; got counts "
-                f"{counts.tolist()}. Remap labels per episode and give each class at least one shot."
-            )
+        if ways is None:
+            ways = int(labels.max()) + 1
+            counts = torch.bincount(labels, minlength=ways)
+            if labels.min() < 0 or (counts == 0).any():
+                raise ValueError(
+                    f"ProtoNet needs support labels 0..{ways - 1} with every class present; got counts "
+                    f"{counts.tolist()}. Remap labels per episode and give each class at least one shot."
+                )
+        else:
+            counts = torch.bincount(labels, minlength=ways)
         embeddings = learner.predict(support)
         sums = torch.zeros(ways, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
         sums = sums.index_add(0, labels, embeddings)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import lightning_meta
+import lightning_meta.algorithms
+import lightning_meta.datamodules
 from lightning_meta import MLP, ClassificationLearner, RegressionLearner, TaskBatch
 
 # Tiny models: one thread is faster, and two threads contending with another process on this
@@ -88,3 +95,30 @@ class Blocks(nn.Module):
         for block in self.blocks:
             x = torch.tanh(block(x))
         return self.head(x)
+
+
+@contextlib.contextmanager
+def host_syncs_from_the_package() -> Iterator[list[str]]:
+    """Records every tensor-to-Python conversion (a device-to-host sync on a GPU) made by package code."""
+    packages = tuple(
+        str(Path(module.__file__).resolve().parent) for module in (lightning_meta, lightning_meta.algorithms)
+    ) + (str(Path(lightning_meta.datamodules.__file__).resolve().parent),)
+    seen: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__")}
+
+    def wrap(name: str, original):  # noqa: ANN001, ANN202
+        def recorded(self, *args, **kwargs):  # noqa: ANN001, ANN202
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(packages):
+                seen.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return recorded
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, wrap(name, original))
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

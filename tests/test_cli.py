@@ -241,6 +241,7 @@ def sinusoid_run(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.xdist_group("test_cli.sinusoid_run")
 def test_options_typed_with_ckpt_path_win_over_the_checkpoint(sinusoid_run, tmp_path):
     checkpoint = str(sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt")
     evaluate = ["--ckpt_path", checkpoint, "--data.init_args.num_test_tasks=3", "--trainer.enable_progress_bar=false"]
@@ -267,6 +268,7 @@ def test_options_typed_with_ckpt_path_win_over_the_checkpoint(sinusoid_run, tmp_
     assert MetaLearningModule.load_from_checkpoint(resumed).algorithm.inner_lr == 0.05
 
 
+@pytest.mark.xdist_group("test_cli.sinusoid_run")
 def test_checkpoint_of_another_learner_is_refused_by_name(sinusoid_run, tmp_path):
     checkpoint = str(sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt")
     result = run("test", "--config", str(ROOT / "configs/quickstart.yaml"), "--ckpt_path", checkpoint,
@@ -279,6 +281,7 @@ def test_checkpoint_of_another_learner_is_refused_by_name(sinusoid_run, tmp_path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.xdist_group("test_cli.sinusoid_run")
 def test_bad_checkpoint_paths_get_one_line_errors(sinusoid_run, tmp_path):
     good = (sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])

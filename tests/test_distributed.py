@@ -58,6 +58,7 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float], Met
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(worker.CASES))
+@pytest.mark.xdist_group("test_distributed.distributed_run")
 def test_weights_and_evaluation_equal_one_process(distributed_run, case):
     strategy, out = distributed_run
     if strategy == "fsdp" and case in worker.DDP_ONLY:

@@ -69,6 +69,7 @@ def plain(tmp_path_factory):
     return checkpoint, logits_of(learner, tokens())
 
 
+@pytest.mark.xdist_group("test_export.plain")
 def test_round_trip_gives_identical_logits_and_provenance(plain, tmp_path):
     checkpoint, expected = plain
     output = export(str(checkpoint), str(tmp_path / "export"))
@@ -118,6 +119,7 @@ def test_export_callback_writes_the_same_folder_at_the_end_of_fit(tmp_path):
     assert json.loads((tmp_path / "in-run" / PROVENANCE_FILE).read_text())["steps_trained"] == 2
 
 
+@pytest.mark.xdist_group("test_export.plain")
 def test_existing_folder_is_refused_and_kept_unless_overwrite(plain, tmp_path):
     checkpoint, _ = plain
     output = tmp_path / "export"
@@ -131,6 +133,7 @@ def test_existing_folder_is_refused_and_kept_unless_overwrite(plain, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left behind
 
 
+@pytest.mark.xdist_group("test_export.plain")
 def test_overwrite_never_replaces_a_run_folder_a_file_or_the_root(plain, tmp_path):
     checkpoint, _ = plain
     run = tmp_path / "run"
@@ -161,6 +164,7 @@ def test_overwrite_never_replaces_a_run_folder_a_file_or_the_root(plain, tmp_pat
     assert sorted(os.listdir("/")) == root_before
 
 
+@pytest.mark.xdist_group("test_export.plain")
 def test_unwritable_output_is_refused_before_loading_the_model(plain, tmp_path, monkeypatch, capsys):
     import errno
     import tempfile
@@ -184,6 +188,7 @@ def test_unwritable_output_is_refused_before_loading_the_model(plain, tmp_path, 
     assert "Traceback" not in error
 
 
+@pytest.mark.xdist_group("test_export.plain")
 def test_bad_checkpoints_are_named(plain, tmp_path):
     checkpoint, _ = plain
     truncated = tmp_path / "truncated.ckpt"
@@ -215,6 +220,7 @@ def test_missing_tokenizer_is_named_and_can_be_given(tmp_path):
     assert torch.equal(logits, logits_of(learner, tokens()))
 
 
+@pytest.mark.xdist_group("test_export.plain")
 def test_export_command(plain, tmp_path):
     checkpoint, expected = plain
     command = ["lightning-meta", "export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "out")]

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-import lightning_meta
-import lightning_meta.datamodules
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, EncoderLearner, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import inner_loop
 from lightning_meta.learners.base import Learner, resolve_fast_weights
 
-from conftest import Blocks
+from conftest import Blocks, host_syncs_from_the_package
 
 
 def test_fast_weight_choices():
@@ -94,33 +87,6 @@ def test_fast_weight_options_mean_the_same_on_every_learner(kind):
         resolve_fast_weights(model, "last_blocks:4")
 
 
-@contextlib.contextmanager
-def _host_syncs_from_the_package() -> Iterator[list[str]]:
-    """Records every tensor-to-Python conversion (a device-to-host sync on a GPU) made by package code."""
-    packages = tuple(
-        str(Path(module.__file__).resolve().parent) for module in (lightning_meta, lightning_meta.algorithms)
-    ) + (str(Path(lightning_meta.datamodules.__file__).resolve().parent),)
-    seen: list[str] = []
-    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__")}
-
-    def wrap(name: str, original):  # noqa: ANN001, ANN202
-        def recorded(self, *args, **kwargs):  # noqa: ANN001, ANN202
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(packages):
-                seen.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
-            return original(self, *args, **kwargs)
-
-        return recorded
-
-    try:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, wrap(name, original))
-        yield seen
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-
-
 def _episode_for(kind: str) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     if kind == "plain":
@@ -136,11 +102,11 @@ def test_inner_loop_and_losses_make_no_host_sync(kind):
     torch.manual_seed(0)
     learner = LEARNERS[kind]()
     support = _episode_for(kind)
-    with _host_syncs_from_the_package() as syncs:
+    with host_syncs_from_the_package() as syncs:
         adapted = inner_loop(learner, learner.fast_parameters(), support, inner_lr=0.1, steps=3, create_graph=True)
         learner.loss(support, adapted)
     assert syncs == []
-    with _host_syncs_from_the_package() as syncs:  # the once-per-batch check: exactly one sync
+    with host_syncs_from_the_package() as syncs:  # the once-per-batch check: exactly one sync
         learner.check_data(TaskBatch(support={k: v[None] for k, v in support.items()},
                                      query={k: v[None] for k, v in support.items()}))  # fmt: skip
     assert len(syncs) == 1, syncs

@@ -130,7 +130,7 @@ def test_auto_uses_vmap_for_small_models_and_logs_why_it_does_not(monkeypatch):
 @pytest.mark.parametrize(
     "make, algorithm, match",
     [
-        (lambda: ClassificationLearner(nn.Linear(4, 3)).double(), ProtoNet(), "ProtoNet checks"),
+        (lambda: ClassificationLearner(nn.Linear(4, 3)).double(), ProtoNet(), "counts each episode.s classes"),
         (lambda: RegressionLearner(nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.1), nn.Linear(4, 1))), FOMAML(),
          "Dropout, p=0.1"),
         (lambda: RegressionLearner(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))), FOMAML(),

@@ -56,6 +56,7 @@ def two_node_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", worker.CASES)
+@pytest.mark.xdist_group("test_multinode.two_node_run")
 def test_two_nodes_train_as_one_process(two_node_run, case):
     result = torch.load(two_node_run / f"{case}.pt", weights_only=True)
     assert (result["num_nodes"], result["world_size"]) == (2, 2)  # two nodes, not one node of two processes

@@ -66,6 +66,7 @@ def pretrain(corpus: Path, root: Path, max_steps: int, ckpt_path=None, callbacks
     return record, module, trainer
 
 
+@pytest.mark.xdist_group("test_pretraining.handoff")
 def test_from_export_and_from_checkpoint_give_identical_first_steps(handoff, tmp_path):
     checkpoint, folder, corpus = handoff
     from_folder, module, _ = pretrain(corpus, tmp_path / "a", 2, init_from=str(folder))
@@ -121,6 +122,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
     assert torch.load(tmp_path / "ckpt" / "last-preempted.ckpt", weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.xdist_group("test_pretraining.handoff")
 def test_export_pretrain_export_chain_keeps_provenance(handoff, tmp_path):
     checkpoint, folder, corpus = handoff
     callback = ExportCallback(str(tmp_path / "in-run"), overwrite=True)
@@ -136,6 +138,7 @@ def test_export_pretrain_export_chain_keeps_provenance(handoff, tmp_path):
     assert provenance["initial_provenance"]["algorithm"]["class_path"].endswith("FOMAML")
 
 
+@pytest.mark.xdist_group("test_pretraining.handoff")
 def test_bad_starts_are_named(handoff, tmp_path):
     checkpoint, folder, _ = handoff
     with pytest.raises(ValueError, match="fingerprint"):
@@ -148,6 +151,7 @@ def test_bad_starts_are_named(handoff, tmp_path):
         CausalLMPretraining()
 
 
+@pytest.mark.xdist_group("test_pretraining.handoff")
 def test_blocks_longer_than_the_model_reads_are_refused(handoff, tmp_path):
     _, folder, corpus = handoff
     module = CausalLMPretraining(init_from=str(folder))  # 64 positions
@@ -244,6 +248,7 @@ def test_streaming_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert resumed == {step: loss for step, loss in full.items() if step > 18}
 
 
+@pytest.mark.xdist_group("test_pretraining.handoff")
 def test_export_callback_also_exports_each_best_validation(handoff, tmp_path):
     _, folder, corpus = handoff
     callback = ExportCallback(str(tmp_path / "last"), best_dir=str(tmp_path / "best"), monitor="val/loss")

@@ -27,6 +27,7 @@ def fingerprint(tasks: list[GymTask]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+@pytest.mark.xdist_group("test_task_gym.tasks")
 def test_enough_tasks_and_families_without_wordnet(tasks):
     families = {task.family for task in tasks}
     assert len(tasks) >= 30 and len(families) >= 6
@@ -34,6 +35,7 @@ def test_enough_tasks_and_families_without_wordnet(tasks):
     assert len({task.name for task in tasks}) == len(tasks)
 
 
+@pytest.mark.xdist_group("test_task_gym.tasks")
 def test_tasks_are_well_formed(tasks):
     for task in tasks:
         assert task.template.count("{input}") == 1 and task.name.startswith(task.family + "/")
@@ -46,6 +48,7 @@ def test_tasks_are_well_formed(tasks):
             assert {output for _, output in task.examples} == set(task.options), task.name
 
 
+@pytest.mark.xdist_group("test_task_gym.tasks")
 def test_natural_tasks_never_hold_their_output_in_the_input(tasks):
     for task in tasks:
         if task.family not in RULE_FAMILIES:
@@ -60,6 +63,7 @@ def test_code_is_cut_at_a_line_and_limits_apply():
             assert not code.endswith("\n") and "\n" in code
 
 
+@pytest.mark.xdist_group("test_task_gym.tasks")
 def test_builds_are_deterministic(tasks):
     task_gym._family_tasks.cache_clear()
     assert gym_tasks(wordnet=None) == tasks
@@ -67,6 +71,7 @@ def test_builds_are_deterministic(tasks):
     assert fingerprint(gym_tasks(["word_map", "string_transform"], wordnet=None)) == "7c287f75a6176ef7"
 
 
+@pytest.mark.xdist_group("test_task_gym.tasks")
 def test_rule_tasks_need_their_support(tasks):
     """Two tasks of a rule family give different outputs for the same input."""
     for family in RULE_FAMILIES:
@@ -85,6 +90,7 @@ def test_default_split_holds_out_whole_families():
     assert test_kinds == {True, False}
 
 
+@pytest.mark.xdist_group("test_task_gym.tasks")
 def test_default_split_skips_missing_wordnet(tasks):
     train = gym_tasks(DEFAULT_SPLIT["train"], wordnet=None)
     assert train and not any(GYM_FAMILIES[task.family].needs_wordnet for task in train)

@@ -128,12 +128,13 @@ class Learner(nn.Module, ABC):
             if tensor.is_floating_point()
         ]
 
-    def check_data(self, batch: TaskBatch) -> None:
+    def check_data(self, batch: TaskBatch, extra: Sequence[DataCheck] = ()) -> None:
         """Raise :class:`DataError` naming the split, field and episode when ``batch`` fails a check.
 
-        Called once per batch, before any inner step: the checks run on the device and cost one
-        host sync together, however many there are. Sequences longer than :attr:`max_positions`
-        are refused first (from the shape: no sync).
+        Called once per batch, before any inner step: the checks (:meth:`data_checks`, then
+        ``extra``: the algorithm's) run on the device and cost one host sync together, however
+        many there are. Sequences longer than :attr:`max_positions` are refused first (from the
+        shape: no sync).
         """
         for split in (batch.support, batch.query):
             if self.input_key in split and not split[self.input_key].is_floating_point():
@@ -142,6 +143,7 @@ class Learner(nn.Module, ABC):
                     "lower the datamodule's max_length (or block_size)",
                 )  # fmt: skip
         checks = [check for name in ("support", "query") for check in self.data_checks(name, getattr(batch, name))]
+        checks += extra
         if not checks or bool(torch.stack([check.passed for check in checks]).all()):
             return
         for check in checks:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.data.tasks import Episode, Split, TaskBatch
-from lightning_meta.learners.base import FastWeights, Learner, is_normalization
+from lightning_meta.learners.base import DataCheck, FastWeights, Learner, is_normalization
 from lightning_meta.training import meta_batch as execution
 from lightning_meta.training.meta_batch import MetaBatch, MetaLoss
 
@@ -99,6 +99,18 @@ class MetaAlgorithm(nn.Module, ABC):
     def check_learner(self, learner: Learner) -> None:  # noqa: B027 (optional hook)
         """Raise a clear error when this algorithm cannot run with ``learner``."""
 
+    def data_checks(self, learner: Learner, batch: TaskBatch) -> list[DataCheck]:
+        """What every episode of ``batch`` must have for this algorithm, beyond the learner's checks.
+
+        Evaluated on the device and folded into :meth:`Learner.check_data` (one host sync per batch,
+        none per episode or inner step). None by default.
+        """
+        return []
+
+    def check_data(self, learner: Learner, batch: TaskBatch) -> None:
+        """The learner's and this algorithm's data checks on ``batch``: :class:`DataError` naming the episode."""
+        learner.check_data(batch, self.data_checks(learner, batch))
+
     def second_order(self) -> bool:
         """Whether this meta-step differentiates through the inner loop's gradients."""
         return False
@@ -156,11 +168,11 @@ class MetaAlgorithm(nn.Module, ABC):
         head is a fast weight) gets no gradient, as under ``"all_at_once"`` (so weight decay leaves
         it alone in every mode); such parameters are listed in :attr:`MetaLoss.unreached`.
 
-        Checks the batch's data first (:meth:`Learner.check_data`: one host sync for the batch).
+        Checks the batch's data first (:meth:`check_data`: one host sync for the batch).
         """
         execution.check_mode(meta_batch)
         self.check_learner(learner)
-        learner.check_data(batch)
+        self.check_data(learner, batch)
         return execution.run(self, learner, batch, meta_batch)
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:

@@ -315,7 +315,7 @@ class MetaLearningModule(LightningModule):
 
     def predict_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Tensor]:
         """Query outputs after adapting to each episode's support (logits for ProtoNet)."""
-        self.learner.check_data(batch)
+        self.algorithm.check_data(self.learner, batch)
         padding = bool(batch.metadata.get(PADDING_KEY))
         with torch.inference_mode(False):
             batch = batch.detached_clone()
@@ -326,7 +326,7 @@ class MetaLearningModule(LightningModule):
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary
         # (non-inference) tensors, so leave inference mode and copy the batch.
-        self.learner.check_data(batch)
+        self.algorithm.check_data(self.learner, batch)
         with torch.inference_mode(False):
             batch = batch.detached_clone()
             if self.algorithm.adapts_weights:

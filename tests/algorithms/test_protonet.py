@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from lightning_meta import TaskBatch
 from lightning_meta.algorithms import ProtoNet
+from lightning_meta.learners.base import DataError
 
-from conftest import classification_batch, regression_batch
+from conftest import classification_batch, host_syncs_from_the_package, regression_batch
 
 
 @pytest.mark.parametrize("distance", ["squared_euclidean", "cosine"])
@@ -59,11 +61,32 @@ def test_refuses_regression(mlp_learner):
         ProtoNet().meta_loss(mlp_learner, regression_batch())
 
 
-def test_refuses_missing_class_in_support(classifier):
-    episode = classification_batch(ways=3).episode(0)
-    episode.support["y"] = torch.zeros_like(episode.support["y"])
-    with pytest.raises(ValueError, match="every class present"):
-        ProtoNet().task_loss(classifier, episode)
+def test_bad_support_labels_are_refused_once_per_batch_naming_the_episode(classifier):
+    batch = classification_batch(meta_batch_size=3, ways=3)
+    missing = batch.support["y"].clone()
+    missing[1] = torch.where(missing[1] == 2, 0, missing[1])  # episode 1: class 2 has no shot
+    for labels, episode in [(missing, 1), (batch.support["y"].clone().index_fill_(0, torch.tensor([2]), 3), 2)]:
+        bad = TaskBatch(support={**batch.support, "y": labels}, query=batch.query, ways=3, shots=batch.shots)
+        with pytest.raises(DataError, match=rf"Episode {episode} of the batch \(1 of 3 episodes\): ProtoNet needs "
+                           r"support labels 0\.\.2 with every class present\. Fix: remap labels per episode"):
+            ProtoNet().meta_loss(classifier, bad)
+    # Without the batch's ways, every class up to the episode's largest label must be present.
+    labels = batch.support["y"].clone()
+    labels[0] = torch.where(labels[0] == 1, 2, labels[0])  # episode 0: labels {0, 2}
+    unnamed = TaskBatch(support={**batch.support, "y": labels}, query=batch.query, shots=batch.shots)
+    with pytest.raises(DataError, match=r"Episode 0 of the batch \(1 of 3 episodes\): .*labels 0\.\.max"):
+        ProtoNet().meta_loss(classifier, unnamed)
+    # Called directly on one episode without ways, the labels are checked there.
+    episode = unnamed.episode(0)
+    with pytest.raises(ValueError, match=r"every class present; got counts \[2, 0, 4\]"):
+        ProtoNet().logits(classifier, episode.support, episode.query)
+
+
+def test_the_meta_step_syncs_once_per_batch_not_per_episode(classifier):
+    batch = classification_batch(meta_batch_size=4, ways=3)
+    with host_syncs_from_the_package() as syncs:
+        ProtoNet().meta_loss(classifier, batch, meta_batch="task_by_task")
+    assert len(syncs) == 1, syncs  # the batch's data check
 
 
 def test_bad_options():

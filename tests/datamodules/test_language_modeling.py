@@ -23,6 +23,7 @@ def embedded() -> LanguageModelingTasksDataModule:
                                            max_tokens_per_domain=4000)  # fmt: skip
 
 
+@pytest.mark.xdist_group("test_language_modeling.embedded")
 def test_support_and_query_are_disjoint_blocks_of_one_domain(embedded):
     for index in range(5):
         batch = embedded.train_batch(index)
@@ -37,6 +38,7 @@ def test_support_and_query_are_disjoint_blocks_of_one_domain(embedded):
             assert not support_rows & {tuple(row) for row in episode.query["input_ids"].tolist()}
 
 
+@pytest.mark.xdist_group("test_language_modeling.embedded")
 def test_held_out_domains_never_appear_in_training(embedded):
     splits = embedded.split_domains
     assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
@@ -48,6 +50,7 @@ def test_held_out_domains_never_appear_in_training(embedded):
         assert seen <= set(splits[split])
 
 
+@pytest.mark.xdist_group("test_language_modeling.embedded")
 def test_evaluation_tasks_are_fixed(embedded):
     again = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=32, shots=3, queries=2,
                                             meta_batch_size=8, num_val_tasks=6, num_test_tasks=10,
@@ -56,6 +59,7 @@ def test_evaluation_tasks_are_fixed(embedded):
         assert torch.equal(a.query["input_ids"], b.query["input_ids"])
 
 
+@pytest.mark.xdist_group("test_language_modeling.embedded")
 def test_blocks_are_the_tokenized_text(embedded):
     tokenizer = load_tokenizer(TOKENIZER)
     block = embedded.domain_blocks["json"][0]

@@ -39,6 +39,7 @@ def datamodule(corpus, **options) -> MaskedWordTasksDataModule:
     return module
 
 
+@pytest.mark.xdist_group("test_masked_words.corpus")
 def test_episodes_are_balanced_and_the_word_is_never_visible(corpus):
     dm = datamodule(corpus)
     tokenizer = load_tokenizer("embedded-wordpiece-512")
@@ -63,6 +64,7 @@ def test_mask_hides_longer_words_and_any_case():
     )
 
 
+@pytest.mark.xdist_group("test_masked_words.corpus")
 def test_train_val_test_words_are_disjoint(corpus):
     splits = {
         name: {datamodule(corpus).class_names[c] for c in ids} for name, ids in datamodule(corpus).split_classes.items()
@@ -74,6 +76,7 @@ def test_train_val_test_words_are_disjoint(corpus):
     )
 
 
+@pytest.mark.xdist_group("test_masked_words.corpus")
 def test_word_sampling_power_follows_frequency(corpus):
     def frequent_share(power: float) -> float:
         dm = datamodule(corpus, word_sampling_power=power, meta_batch_size=16)
@@ -85,6 +88,7 @@ def test_word_sampling_power_follows_frequency(corpus):
     assert frequent_share(1.0) > frequent_share(0.0) + 0.15
 
 
+@pytest.mark.xdist_group("test_masked_words.corpus")
 def test_causal_lm_tokenizer_and_prototype_head(corpus):
     dm = datamodule(corpus, tokenizer="embedded-bpe-512", meta_batch_size=2, num_test_tasks=4)
     assert load_tokenizer("embedded-bpe-512").mask_token is None
