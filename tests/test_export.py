@@ -21,7 +21,7 @@ from lightning_meta.algorithms import FOMAML
 from lightning_meta.data.tokenization import fingerprint_of, load_tokenizer
 from lightning_meta.datamodules import LanguageModelingTasksDataModule
 from lightning_meta.handoff.export import PROVENANCE_FILE, ExportCallback, export
-from lightning_meta.training.checkpoints import CheckpointError
+from lightning_meta.training.checkpoints import REBUILT_WEIGHTS, CheckpointError
 
 sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
 from test_packed_text import write_corpus  # noqa: E402
@@ -40,17 +40,25 @@ def quiet_trainer(root: Path, **options) -> L.Trainer:
 def meta_checkpoint(folder: Path, callbacks=(), model_config=None, **learner_options) -> tuple[Path, CausalLMLearner]:
     """Two FOMAML steps of a tiny GPT-2 on a folder corpus; the checkpoint and the trained learner."""
     L.seed_everything(0, verbose=False)
-    learner = CausalLMLearner(model_config=model_config or dict(TINY), **learner_options)
-    module = MetaLearningModule(learner, FOMAML(inner_lr=0.1), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
-    data = LanguageModelingTasksDataModule(
+    if "pretrained" not in learner_options:
+        learner_options["model_config"] = model_config or dict(TINY)
+    learner = CausalLMLearner(**learner_options)
+    trainer = quiet_trainer(folder, callbacks=list(callbacks))
+    trainer.fit(fomaml_module(learner), lm_tasks(folder))
+    trainer.save_checkpoint(folder / "meta.ckpt")
+    return folder / "meta.ckpt", learner.eval()
+
+
+def fomaml_module(learner: CausalLMLearner) -> MetaLearningModule:
+    return MetaLearningModule(learner, FOMAML(inner_lr=0.1), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
+
+
+def lm_tasks(folder: Path) -> LanguageModelingTasksDataModule:
+    return LanguageModelingTasksDataModule(
         tokenizer="embedded-bpe-4096",
         corpus=str(write_corpus(folder / "corpus")), val_domains=["json"], test_domains=["html"], block_size=16,
         shots=1, queries=1, meta_batch_size=1, num_val_tasks=1, num_test_tasks=1,
     )  # fmt: skip
-    trainer = quiet_trainer(folder, callbacks=list(callbacks))
-    trainer.fit(module, data)
-    trainer.save_checkpoint(folder / "meta.ckpt")
-    return folder / "meta.ckpt", learner.eval()
 
 
 def tokens(count: int = 2, length: int = 24) -> torch.Tensor:
@@ -109,6 +117,44 @@ def test_lora_is_merged_and_the_adapters_written_apart(tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
     provenance = json.loads((output / PROVENANCE_FILE).read_text())
     assert provenance["lora"]["merged"] and provenance["fast_weights"] == "lora"
+
+
+def test_a_pretrained_lora_base_is_left_out_of_checkpoints_rebuilt_and_checked(tmp_path):
+    base = tmp_path / "base"
+    L.seed_everything(1, verbose=False)
+    CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(base)
+    checkpoint, learner = meta_checkpoint(tmp_path, pretrained=str(base), lora=LoraSettings(r=2, alpha=4))
+    expected = logits_of(learner, tokens())
+    saved = torch.load(checkpoint, weights_only=True)
+    frozen = {name for name, weight in learner.named_parameters() if not weight.requires_grad}
+    trained = {name for name, weight in learner.named_parameters() if weight.requires_grad}
+    kept = {key.removeprefix("learner.") for key in saved["state_dict"]}
+    assert frozen and not frozen & kept and trained <= kept  # only the adapters (and buffers) are saved
+    record = saved["lightning_meta"][REBUILT_WEIGHTS]
+    assert record["from"] == str(base) and frozen <= set(record["names"])
+    # The frozen base comes back from `pretrained`: loading, resuming and exporting give the trained model.
+    loaded = MetaLearningModule.load_from_checkpoint(checkpoint).learner.eval()
+    assert torch.equal(logits_of(loaded, tokens()), expected)
+    resumed = fomaml_module(CausalLMLearner(pretrained=str(base), lora=LoraSettings(r=2, alpha=4)))
+    trainer = quiet_trainer(tmp_path / "resumed", max_steps=3)
+    trainer.fit(resumed, lm_tasks(tmp_path), ckpt_path=checkpoint)
+    assert trainer.global_step == 3
+    model = AutoModelForCausalLM.from_pretrained(export(str(checkpoint), str(tmp_path / "export")))
+    with torch.no_grad():  # merged W + BA: equal to rounding
+        torch.testing.assert_close(model(input_ids=tokens()).logits, expected, rtol=1e-5, atol=1e-5)
+    # Another model at `pretrained` is refused by fingerprint, never silently combined with the adapters.
+    L.seed_everything(2, verbose=False)
+    CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(base)
+    message = r"the one loaded now \('.*base'\) is not the one it was trained on .*fingerprint .*pretrained=FOLDER"
+    with pytest.raises(CheckpointError, match=message):
+        MetaLearningModule.load_from_checkpoint(checkpoint)
+    with pytest.raises(CheckpointError, match=message):
+        export(str(checkpoint), str(tmp_path / "export-2"))
+    assert not (tmp_path / "export-2").exists()
+    # A random base (model_config) cannot be rebuilt: its checkpoint keeps it.
+    random_base, _ = meta_checkpoint(tmp_path / "random", lora=LoraSettings(r=2, alpha=4))
+    saved = torch.load(random_base, weights_only=True)
+    assert REBUILT_WEIGHTS not in saved["lightning_meta"] and len(saved["state_dict"]) > len(kept)
 
 
 def test_export_callback_writes_the_same_folder_at_the_end_of_fit(tmp_path):

@@ -30,12 +30,17 @@ from torch import Tensor, nn
 
 from lightning_meta.data.local_files import write_folder_atomically
 from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
-from lightning_meta.training.checkpoints import CheckpointError, check_local_checkpoint_path, load_checkpoint_file
+from lightning_meta.training.checkpoints import (
+    LEARNER_PREFIX,
+    CheckpointError,
+    check_local_checkpoint_path,
+    load_checkpoint_file,
+    restore_rebuilt_weights,
+)
 from lightning_meta.version import VERSION
 
 #: The provenance file an export holds beside the weights.
 PROVENANCE_FILE = "meta_learning.json"
-_LEARNER_PREFIX = "learner."
 _PRETRAINING_PREFIX = "model."
 _ADAPTER_FILE = "adapter_config.json"  # what peft's save_pretrained writes: marks an earlier adapter export
 _DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
@@ -199,7 +204,9 @@ def _meta_learned_model(
     _loadable_tokenizer(tokenizer or name)
     learner = CausalLMLearner(**{key: _lora_settings(value) if key == "lora" else value
                                  for key, value in init_args.items()})  # fmt: skip
-    _load_weights(learner, state, _LEARNER_PREFIX, "learner")
+    state = dict(state)
+    restore_rebuilt_weights(state, saved, learner, LEARNER_PREFIX)
+    _load_weights(learner, state, LEARNER_PREFIX, "learner")
     fast_parameter_count = sum(p.numel() for p in learner.fast_parameters().values())
     model = learner.model
     lora = None
@@ -230,7 +237,7 @@ def _encoder_model(
     from lightning_meta.learners.encoders import EncoderLearner
 
     learner = EncoderLearner(**init_args)
-    _load_weights(learner, state, _LEARNER_PREFIX, "learner")
+    _load_weights(learner, state, LEARNER_PREFIX, "learner")
     name = tokenizer or saved.get("tokenizer")
     return learner.model.encoder, {
         "module": "MetaLearningModule",

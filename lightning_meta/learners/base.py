@@ -128,6 +128,13 @@ class Learner(nn.Module, ABC):
             if tensor.is_floating_point()
         ]
 
+    def rebuilt_weights(self) -> list[str]:
+        """Names of the weights this learner's constructor restores by itself, so checkpoints leave them out.
+
+        None by default; a learner built from a pretrained model lists its frozen weights (a LoRA base).
+        """
+        return []
+
     def check_data(self, batch: TaskBatch, extra: Sequence[DataCheck] = ()) -> None:
         """Raise :class:`DataError` naming the split, field and episode when ``batch`` fails a check.
 

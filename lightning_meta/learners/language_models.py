@@ -137,6 +137,14 @@ class CausalLMLearner(Learner):
     def dtype(self) -> str:  # the constructor argument, for configs and checkpoints
         return self.dtype_name
 
+    def rebuilt_weights(self) -> list[str]:
+        """The frozen weights (the base under LoRA) of a model loaded from ``pretrained``: loading it again
+        restores them, so checkpoints hold only the trained weights. A model built from ``model_config`` has
+        a random base, which checkpoints keep."""
+        if self.pretrained is None:
+            return []
+        return [name for name, weight in self.named_parameters(remove_duplicate=False) if not weight.requires_grad]
+
     @property
     def transformer(self) -> PreTrainedModel:
         """The Hugging Face model (under the peft wrapper when LoRA is on)."""

@@ -22,7 +22,14 @@ from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 from lightning_meta.learners.base import Learner, check_sequence_length
 from lightning_meta.training import scaling
 from lightning_meta.training.algorithm import MetaAlgorithm
-from lightning_meta.training.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path, load_checkpoint_file
+from lightning_meta.training.checkpoints import (
+    LEARNER_PREFIX,
+    PreemptionCheckpoint,
+    check_local_checkpoint_path,
+    leave_out_rebuilt_weights,
+    load_checkpoint_file,
+    restore_rebuilt_weights,
+)
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.inner_loop import check_step_count
 from lightning_meta.training.meta_batch import MetaBatch, check_mode, evaluate_episodes
@@ -412,15 +419,18 @@ class MetaLearningModule(LightningModule):
         return [PreemptionCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the tokenizer, and leave out the frozen weights the learner rebuilds from its pretrained model."""
         tokenizer = getattr(self.learner, "tokenizer", None)
         if isinstance(tokenizer, str):
             checkpoint["lightning_meta"] = {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+        leave_out_rebuilt_weights(checkpoint, self.learner, LEARNER_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lightning_meta", {})
         tokenizer = getattr(self.learner, "tokenizer", None)
         if isinstance(tokenizer, str) and "tokenizer_fingerprint" in saved:
             check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], tokenizer, "The checkpoint's learner")
+        restore_rebuilt_weights(checkpoint["state_dict"], saved, self.learner, LEARNER_PREFIX)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
