@@ -108,11 +108,10 @@ def weights_fingerprint(module: nn.Module, names: Iterable[str]) -> str:
 def leave_out_rebuilt_weights(checkpoint: dict[str, Any], learner: Learner, prefix: str) -> None:
     """Drop from ``checkpoint["state_dict"]`` the weights ``learner`` rebuilds by itself (a pretrained LoRA
     base: 538 of 540 MB for SmolLM2-135M), recording their names, origin and fingerprint so that
-    :func:`restore_rebuilt_weights` can put them back and check that they are the same. Sharded states
-    (FSDP) are kept whole."""
+    :func:`restore_rebuilt_weights` can put them back and check that they are the same."""
     names = learner.rebuilt_weights()
     state = checkpoint["state_dict"]
-    if not names or any(prefix + name not in state or is_sharded(state[prefix + name]) for name in names):
+    if not names or any(prefix + name not in state for name in names):
         return
     for name in names:
         del state[prefix + name]
@@ -151,12 +150,6 @@ def restore_rebuilt_weights(
         )
     for name in names:
         state[prefix + name] = weights[name].detach()
-
-
-def is_sharded(tensor: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def _cached_fingerprint(learner: Learner, names: list[str]) -> str:

@@ -419,11 +419,13 @@ class MetaLearningModule(LightningModule):
         return [PreemptionCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the tokenizer, and leave out the frozen weights the learner rebuilds from its pretrained model."""
+        """Record the tokenizer, and leave out the frozen weights the learner rebuilds from its pretrained model
+        (not under FSDP2, whose strategy loads the state itself, before :meth:`on_load_checkpoint`)."""
         tokenizer = getattr(self.learner, "tokenizer", None)
         if isinstance(tokenizer, str):
             checkpoint["lightning_meta"] = {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
-        leave_out_rebuilt_weights(checkpoint, self.learner, LEARNER_PREFIX)
+        if self.device_mesh is None:
+            leave_out_rebuilt_weights(checkpoint, self.learner, LEARNER_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lightning_meta", {})
