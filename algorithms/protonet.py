@@ -67,7 +67,7 @@ class ProtoNet(MetaAlgorithm):
         width = max(batch.ways or 0, shots)  # every class needs a shot: more ways than shots fails below
         inside = (labels >= 0) & (labels < (batch.ways or width))
         counts = torch.zeros(episodes, width, dtype=torch.long, device=labels.device)
-        counts = counts.scatter_add(1, labels.clamp(0, width - 1), torch.ones_like(labels))
+        counts = counts.scatter_add(1, labels.clamp(0, width - 1).long(), torch.ones_like(labels, dtype=torch.long))
         ways = batch.ways if batch.ways is not None else labels.amax(1, keepdim=True) + 1
         required = torch.arange(width, device=labels.device) < ways
         ways_text = f"0..{batch.ways - 1}" if batch.ways is not None else "0..max"
