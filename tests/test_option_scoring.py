@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_meta import CausalLMLearner, LoraSettings
-from lightning_meta.data.tasks import IGNORE_INDEX
+from lightning_meta.data.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
 
 TOKENIZER = "embedded-bpe-512"
 MODELS = {
@@ -78,3 +78,21 @@ def test_the_prompt_runs_once():
     handle.remove()
     # One forward of the 3 prompts less their last token (4 positions), one of the 9 continuations (7 positions).
     assert positions == [3 * 4, 9 * 7]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_accuracy_sums_log_probabilities_and_accuracy_per_token_divides_by_the_option_length(seed):
+    torch.manual_seed(seed)
+    model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64").eval()
+    summed = one_forward_per_option(model)  # independent: one forward per option
+    lengths = torch.tensor([[max(len(option), 1) for option in options + [[]] * (3 - len(options))]
+                            for options in OPTIONS], dtype=torch.float64)  # fmt: skip
+    by_sum, by_token = summed.argmax(1), (summed / lengths).argmax(1)
+    assert (by_sum != by_token).any()  # the two rules disagree somewhere: the test tells them apart
+    ids, mask, labels = choices()
+    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
+             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels}  # fmt: skip
+    for answer in (by_sum, by_token):
+        figures = model.evaluation_metrics(split | {ANSWER: answer})
+        assert float(figures["accuracy"]) == pytest.approx(float((by_sum == answer).double().mean()))
+        assert float(figures["accuracy_per_token"]) == pytest.approx(float((by_token == answer).double().mean()))

@@ -83,7 +83,7 @@ class CausalLMLearner(Learner):
     """
 
     task_type = "language_modeling"
-    metric_names = ("loss", "exact_match", "accuracy")
+    metric_names = ("loss", "exact_match", "accuracy", "accuracy_per_token")
 
     def __init__(
         self,
@@ -203,8 +203,10 @@ class CausalLMLearner(Learner):
         ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the share of
         examples whose most likely option (summed log-probability of its tokens) is the answer
         (rank classification; correct where it is among the :data:`CORRECT` rows); for examples without
-        options (``answer`` = -1) their exact match. An example with several correct outputs (choice
-        rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them.
+        options (``answer`` = -1) their exact match. ``accuracy_per_token``: the same with each option's
+        log-probability divided by its token count (the sum favours short options; GPT-3's and
+        lm-eval's normalized accuracy divide by length too). An example with several correct outputs
+        (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them.
         """
         with torch.no_grad():
             logits = _float32(self.predict(split, params))
@@ -217,16 +219,18 @@ class CausalLMLearner(Learner):
             targets = labels[:, 1:]
             exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
             if CHOICE_INPUT_IDS in split:
-                chosen, writes_correct = self._choices(split, params)
+                chosen, chosen_per_token, writes_correct = self._choices(split, params)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
                 figures["accuracy"] = torch.where(answer >= 0, chosen, exact).float().mean()
+                figures["accuracy_per_token"] = torch.where(answer >= 0, chosen_per_token, exact).float().mean()
             figures["exact_match"] = exact.float().mean()
             return figures
 
-    def _choices(self, split: Split, params: Mapping[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """Per example: is the option with the highest summed log-probability correct, and does greedy
-        decoding write a correct choice row (:data:`CORRECT`; without it, the answer's row)?
+    def _choices(self, split: Split, params: Mapping[str, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Per example: is the option with the highest summed log-probability correct, is the one with
+        the highest log-probability per token correct, and does greedy decoding write a correct choice
+        row (:data:`CORRECT`; without it, the answer's row)?
 
         Only examples with a correct row are scored (one host sync, at evaluation only); at least
         one row always runs, so that every rank of a sharded model runs the same forwards.
@@ -240,12 +244,14 @@ class CausalLMLearner(Learner):
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
         ids, mask, labels = (split[name][rows] for name in CHOICE_FIELDS)
         scores, greedy = self.option_scores(ids, mask, labels, params)
-        chosen, writes_correct = (torch.zeros_like(answer, dtype=torch.bool) for _ in range(2))
+        per_token = scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)  # padding options stay -inf
+        chosen, chosen_per_token, writes_correct = (torch.zeros_like(answer, dtype=torch.bool) for _ in range(3))
         if len(listed_rows):
             correct_here = correct_rows[rows]
             chosen[rows] = correct_here.gather(1, scores.argmax(1, keepdim=True))[:, 0]
+            chosen_per_token[rows] = correct_here.gather(1, per_token.argmax(1, keepdim=True))[:, 0]
             writes_correct[rows] = (greedy & correct_here).any(1)
-        return chosen, writes_correct
+        return chosen, chosen_per_token, writes_correct
 
     def option_scores(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, params: Mapping[str, Tensor] | None = None
