@@ -432,7 +432,8 @@ class MetaLearningModule(LightningModule):
         tokenizer = getattr(self.learner, "tokenizer", None)
         if isinstance(tokenizer, str) and "tokenizer_fingerprint" in saved:
             check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], tokenizer, "The checkpoint's learner")
-        restore_rebuilt_weights(checkpoint["state_dict"], saved, self.learner, LEARNER_PREFIX)
+        if "state_dict" in checkpoint:  # a sharded checkpoint's weights were loaded by the strategy (never left out)
+            restore_rebuilt_weights(checkpoint["state_dict"], saved, self.learner, LEARNER_PREFIX)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
