@@ -436,12 +436,16 @@ def report(out: Path) -> str:
                           f"{r.get('sgd_step_size', math.nan):g}"])  # fmt: skip
     lines += common.markdown_table(["method", "seed", "steps", "real tokens", "train s", "eval s", "SGD step size"],
                                    table)  # fmt: skip
-    plot(results, rows, out / "bigbench.png")
+    plot(results, rows, out / "bigbench.png", chance_mean)
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], rows: list[str], path: Path) -> None:
+def plot(results: dict[str, list[dict]], rows: list[str], path: Path, chance_level: float) -> None:
+    """Accuracy against K per method, in context (lines) and by SGD (squares), with the episodes' 95% CI."""
     import matplotlib
+    import torch
+
+    from lightning_meta.training.metrics import mean_and_ci95
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -449,15 +453,22 @@ def plot(results: dict[str, list[dict]], rows: list[str], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     for color, (method, runs) in enumerate(results.items()):
         for style, way in (("-o", "in context"), ("s", "SGD")):
-            points = [(int(row.split("K=")[1]), sum(sum(v := per_episode(r, row, "accuracy")) / len(v) for r in runs)
-                       / len(runs)) for row in rows if row.startswith(way) and row in runs[0]["tasks"][
-                           next(iter(runs[0]["tasks"]))]["rows"]]  # fmt: skip
+            points = []
+            for row in rows:
+                if row.startswith(way) and row in runs[0]["tasks"][next(iter(runs[0]["tasks"]))]["rows"]:
+                    per_seed = torch.tensor([per_episode(r, row, "accuracy") for r in runs], dtype=torch.float64)
+                    mean, ci = mean_and_ci95(per_seed.mean(0))
+                    points.append((int(row.split("K=")[1]) + 0.06 * (color - 1.5), float(mean), float(ci)))
             if points:
-                axis.plot(*zip(*points, strict=True), style, color=f"C{color}", label=f"{METHODS[method][0]}, {way}")
+                x, y, error = zip(*points, strict=True)
+                axis.errorbar(x, y, yerr=error, fmt=style, color=f"C{color}", capsize=3,
+                              label=f"{METHODS[method][0]}, {way}")  # fmt: skip
+    axis.axhline(chance_level, color="grey", linestyle=":", label="chance")
     axis.set_xlabel("support examples K")
-    axis.set_ylabel("test accuracy (mean over tasks' episodes and seeds)")
+    axis.set_ylabel("test accuracy (mean over episodes and seeds)")
     axis.legend(fontsize=7)
-    axis.set_title("BIG-bench Lite, held out: in context (lines) and by SGD on the adapters (squares)")
+    axis.set_title("BIG-bench Lite, held out: in context (lines), SGD on the adapters (squares); 95% CI",
+                   fontsize=9)  # fmt: skip
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
