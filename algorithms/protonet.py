@@ -83,8 +83,8 @@ class ProtoNet(MetaAlgorithm):
         """Class prototypes (ways, embedding_dim) from the support embeddings.
 
         Without ``ways`` it is read from the labels and they are checked here (a host sync). With
-        ``ways`` (the meta-step passes the episode's) the labels must be 0..ways-1, every class
-        present: the batch was checked once by :meth:`data_checks`, so nothing syncs per episode.
+        ``ways`` the labels must be 0..ways-1, every class present (the meta-step checks its batch
+        once, :meth:`data_checks`, and passes the episode's ways: nothing syncs per episode).
         """
         labels = support[learner.target_key]
         if ways is None:
@@ -95,26 +95,41 @@ class ProtoNet(MetaAlgorithm):
                     f"ProtoNet needs support labels 0..{ways - 1} with every class present; got counts "
                     f"{counts.tolist()}. Remap labels per episode and give each class at least one shot."
                 )
-        else:
-            counts = torch.bincount(labels, minlength=ways)
+        return self._prototypes(learner, support, ways)[0]
+
+    def _prototypes(self, learner: Learner, support: Split, ways: int) -> tuple[Tensor, Tensor]:
+        """Prototypes (ways, embedding_dim) and the support count of each class (0: no prototype)."""
+        labels = support[learner.target_key]
+        counts = torch.bincount(labels, minlength=ways)
         embeddings = learner.predict(support)
         sums = torch.zeros(ways, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
         sums = sums.index_add(0, labels, embeddings)
-        return sums / counts.unsqueeze(-1).to(embeddings.dtype)
+        return sums / counts.clamp_min(1).unsqueeze(-1).to(embeddings.dtype), counts
 
     def logits(self, learner: Learner, support: Split, query: Split, ways: int | None = None) -> Tensor:
         """Query logits (n_query, ways) against the support prototypes."""
-        prototypes = self.prototypes(learner, support, ways)
-        embeddings = learner.predict(query)
+        return self._distances(self.prototypes(learner, support, ways), learner.predict(query))
+
+    def _distances(self, prototypes: Tensor, embeddings: Tensor) -> Tensor:
         if self.distance == "cosine":
             return F.cosine_similarity(embeddings.unsqueeze(1), prototypes.unsqueeze(0), dim=-1) / self.temperature
         return -(embeddings.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1) / self.temperature
 
+    def _episode_logits(self, learner: Learner, episode: Episode) -> Tensor:
+        """Query logits of an episode whose batch passed :meth:`data_checks`, with no host sync. Without the
+        episode's ways there is a column per support example; the classes no support example has (above
+        its largest label, by the check) score -inf."""
+        if episode.ways is not None:
+            prototypes, _ = self._prototypes(learner, episode.support, episode.ways)
+            return self._distances(prototypes, learner.predict(episode.query))
+        width = episode.support[learner.target_key].shape[0]
+        prototypes, counts = self._prototypes(learner, episode.support, width)
+        return self._distances(prototypes, learner.predict(episode.query)).masked_fill(counts == 0, -torch.inf)
+
     def task_loss(
         self, learner: Learner, episode: Episode, *, parallel: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.logits(learner, episode.support, episode.query, episode.ways)
-        loss, metrics = classification_loss(logits, episode.query[learner.target_key])
+        loss, metrics = classification_loss(self._episode_logits(learner, episode), episode.query[learner.target_key])
         return loss, {f"query_{name}": value for name, value in metrics.items()}
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
@@ -125,4 +140,4 @@ class ProtoNet(MetaAlgorithm):
 
     def predict(self, learner: Learner, episode: Episode, steps: int | None = None) -> Tensor:
         with torch.no_grad():
-            return self.logits(learner, episode.support, episode.query, episode.ways)
+            return self._episode_logits(learner, episode)

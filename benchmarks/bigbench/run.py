@@ -436,6 +436,9 @@ def report(out: Path) -> str:
                           f"{r.get('sgd_step_size', math.nan):g}"])  # fmt: skip
     lines += common.markdown_table(["method", "seed", "steps", "real tokens", "train s", "eval s", "SGD step size"],
                                    table)  # fmt: skip
+    seconds = sum(json.loads(path.read_text())["train_seconds"] for path in out.glob("train-*.json"))
+    seconds += sum(r["eval_seconds"] for runs in results.values() for r in runs)
+    lines += [f"\nAll arms: {seconds / 3600:.1f} process-hours of one thread each (wall time of every arm's process)."]
     plot(results, rows, out / "bigbench.png", chance_mean)
     return "\n".join(lines)
 

@@ -139,7 +139,7 @@ def restore_rebuilt_weights(
             f"to be rebuilt from it, but this learner does not hold them frozen ({absent[:3]}). Load it with the "
             "learner settings it was saved with (its hyper-parameters)."
         )
-    fingerprint = weights_fingerprint(learner, names)
+    fingerprint = _cached_fingerprint(learner, names)  # a later save of this learner reuses it
     if fingerprint != record["fingerprint"]:
         raise CheckpointError(
             f"The checkpoint holds only the trained weights; its {len(names)} frozen weights are rebuilt from the "

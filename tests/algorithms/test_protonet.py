@@ -84,9 +84,18 @@ def test_bad_support_labels_are_refused_once_per_batch_naming_the_episode(classi
 
 def test_the_meta_step_syncs_once_per_batch_not_per_episode(classifier):
     batch = classification_batch(meta_batch_size=4, ways=3)
-    with host_syncs_from_the_package() as syncs:
-        ProtoNet().meta_loss(classifier, batch, meta_batch="task_by_task")
-    assert len(syncs) == 1, syncs  # the batch's data check
+    unnamed = TaskBatch(support=batch.support, query=batch.query, shots=batch.shots)  # ways not given
+    losses = []
+    for each in (batch, unnamed):
+        with host_syncs_from_the_package() as syncs:
+            losses.append(ProtoNet().meta_loss(classifier, each, meta_batch="task_by_task"))
+        assert len(syncs) == 1, syncs  # the batch's data check
+    # Without ways, the classes no support example has score -inf: the same loss and gradient.
+    torch.testing.assert_close(losses[1].loss, losses[0].loss)
+    first = torch.autograd.grad(losses[0].loss, list(classifier.parameters()))
+    second = torch.autograd.grad(losses[1].loss, list(classifier.parameters()))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_bad_options():
