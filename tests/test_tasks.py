@@ -56,3 +56,16 @@ def test_non_finite_data_names_split_and_episode(mlp_learner, algorithm, split):
     # Reptile's surrogate never reads the query: the check must not depend on the loss.
     with pytest.raises(DataError, match=rf"Episode 2 of the batch \(1 of 3 episodes\): {split}\['y'\] holds NaN"):
         algorithm.meta_loss(mlp_learner, batch)
+
+
+def test_splits_join_at_one_width_and_refuse_other_shape_differences():
+    from lightning_meta.data.tasks import IGNORE_INDEX, joined
+
+    narrow = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+              "labels": torch.ones(2, 8, dtype=torch.long), "x": torch.zeros(2, 3)}  # fmt: skip
+    wide = {name: torch.cat([tensor, tensor], -1) for name, tensor in narrow.items() if name != "x"}
+    both = joined(narrow, wide)  # a field only one split has ("x") is left out
+    assert {name: tuple(tensor.shape) for name, tensor in both.items()} == {name: (4, 16) for name in wide}
+    assert not both["attention_mask"][:2, 8:].any() and (both["labels"][:2, 8:] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match=r"field 'x' is shaped \(2, 3\) in one and \(2, 4\) in the other"):
+        joined(narrow, wide | {"x": torch.zeros(2, 4)})

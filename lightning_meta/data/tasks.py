@@ -26,8 +26,16 @@ ANSWER = "answer"
 #: several correct outputs lists those outputs as its choice rows (``ANSWER`` -1), so that exact match
 #: accepts any of them; a multiple-choice example may mark several options correct.
 CORRECT = "correct"
-#: Mask fields of a split: the fields shaped like one of them are token-aligned with it and padded with it.
-MASK_FIELDS = ("attention_mask", CHOICE_ATTENTION_MASK)
+#: The token-aligned fields of a split, by name, grouped under the mask they share positions with, each with
+#: the value its padding positions hold (no token, no attention, no loss). :func:`without_padding` cuts and
+#: :func:`padded` pads exactly these fields, where shaped like their mask: other fields are never cut, even
+#: when their shape happens to match (``correct`` with as many options as token positions).
+TOKEN_FIELDS: dict[str, dict[str, int]] = {
+    "attention_mask": {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX},
+    CHOICE_ATTENTION_MASK: {CHOICE_INPUT_IDS: 0, CHOICE_ATTENTION_MASK: 0, CHOICE_LABELS: IGNORE_INDEX},
+}
+#: Mask fields of a split (the keys of :data:`TOKEN_FIELDS`).
+MASK_FIELDS = tuple(TOKEN_FIELDS)
 #: Batches are padded to a multiple of this many positions: aligned shapes suit the matrix kernels, and
 #: fewer distinct shapes keep allocator caches and compiled kernels reusable.
 PAD_TO_MULTIPLE_OF = 8
@@ -39,10 +47,20 @@ def padded_length(longest: int, limit: int | None = None) -> int:
     return length if limit is None else min(length, limit)
 
 
+def _token_fields(split: Mapping[str, Tensor], mask_name: str) -> dict[str, int]:
+    """The fields of ``split`` aligned with its mask ``mask_name`` (:data:`TOKEN_FIELDS`), with their padding values."""
+    if mask_name not in split:
+        return {}
+    shape = split[mask_name].shape
+    return {
+        name: value for name, value in TOKEN_FIELDS[mask_name].items() if name in split and split[name].shape == shape
+    }
+
+
 def without_padding(split: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``split`` with its token positions past the last real token of every sequence cut off.
 
-    Each mask field (:data:`MASK_FIELDS`) and the fields shaped like it keep
+    Each mask field and its token-aligned fields (:data:`TOKEN_FIELDS`, by name) keep
     :func:`padded_length` of the longest real sequence (the last position the mask marks in
     any row), so the tensors of a meta-batch still stack and the cut is the same for every
     episode. Real tokens, and so every loss and figure, are unchanged: the cut positions are
@@ -55,10 +73,45 @@ def without_padding(split: Mapping[str, Tensor]) -> dict[str, Tensor]:
             continue
         real = torch.nonzero(mask.flatten(0, -2).any(0)).flatten()
         length = padded_length(int(real[-1]) + 1 if len(real) else 0, mask.shape[-1])
-        for name, tensor in split.items():
-            if tensor.shape == mask.shape:
-                trimmed[name] = tensor[..., :length].contiguous()
+        for name in _token_fields(split, mask_name):
+            trimmed[name] = split[name][..., :length].contiguous()
     return trimmed
+
+
+def padded(split: Mapping[str, Tensor], widths: Mapping[str, int]) -> dict[str, Tensor]:
+    """``split`` with the token-aligned fields of each mask in ``widths`` padded at the end to that many positions.
+
+    ``widths`` maps a mask field (:data:`MASK_FIELDS`) to a width at least its own; the new positions
+    are padding (:data:`TOKEN_FIELDS`' values), so every loss and figure is unchanged. The inverse of
+    :func:`without_padding`; :func:`joined` pads two splits to one width with it.
+    """
+    extended = dict(split)
+    for mask_name, width in widths.items():
+        for name, value in _token_fields(split, mask_name).items():
+            tensor = split[name]
+            extended[name] = torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1]), value=value)
+    return extended
+
+
+def joined(first: Split, second: Split) -> dict[str, Tensor]:
+    """The examples of ``first`` and then ``second`` as one split (the fields both have).
+
+    Token-aligned fields (:data:`TOKEN_FIELDS`) are padded to the wider split's width first, so the
+    splits join whatever their widths, and a loss over the joined split (a token mean) is the one
+    over both splits' examples together, as if they had been collated at one width. Other fields
+    must agree in shape past the examples. Works under ``torch.func.vmap`` (no host sync).
+    """
+    shared = [name for name in first if name in second]
+    widths = {mask: max(first[mask].shape[-1], second[mask].shape[-1]) for mask in MASK_FIELDS if mask in shared}
+    first, second = padded(first, widths), padded(second, widths)
+    for name in shared:
+        if first[name].shape[1:] != second[name].shape[1:]:
+            raise ValueError(
+                f"The splits cannot be joined: field {name!r} is shaped {tuple(first[name].shape)} in one and "
+                f"{tuple(second[name].shape)} in the other (past the examples, only token positions may differ). "
+                "Give both splits the same shapes."
+            )
+    return {name: torch.cat([first[name], second[name]]) for name in shared}
 
 
 def padding_fraction(*masks: Tensor) -> Tensor:

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lightning_meta import TaskBatch
+from lightning_meta import CausalLMLearner, TaskBatch
 from lightning_meta.algorithms import MultiTask, get
 from lightning_meta.algorithms.multi_task import joint_loss
+from lightning_meta.data.tasks import IGNORE_INDEX, padded
 
 from conftest import classification_batch, regression_batch
 
@@ -44,7 +45,64 @@ def test_gradient_is_the_plain_loss_gradient_over_support_and_query(kind, meta_b
     assert ("query_acc" in out.metrics) == (kind == "classification")
 
 
-def test_splits_that_cannot_be_concatenated_weigh_losses_by_example_count(mlp_learner):
+LANGUAGE_MODELS = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "llama": {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64},
+}  # fmt: skip
+
+
+def _text_split(lengths: list[list[int]], outputs: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Right-padded examples cut to their split's longest (rounded up to 8), the last ``outputs`` tokens labelled."""
+    real = torch.tensor(lengths)
+    width = -(-int(real.max()) // 8) * 8
+    positions = torch.arange(width)
+    mask = (positions < real[..., None]).long()
+    ids = torch.randint(3, 500, mask.shape, generator=generator) * mask
+    labelled = (positions >= real[..., None] - outputs) & mask.bool()
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(~labelled, IGNORE_INDEX)}
+
+
+@pytest.mark.parametrize(("model_type", "meta_batch"), [("gpt2", "task_by_task"), ("gpt2", "vmap"),
+                                                        ("llama", "task_by_task")])  # fmt: skip
+def test_a_language_model_s_loss_is_the_token_mean_over_support_and_query_whatever_their_widths(model_type, meta_batch):
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=LANGUAGE_MODELS[model_type], tokenizer="embedded-bpe-512",
+                              dtype="float64", attn_implementation="eager")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    # Cut per split as the datamodules collate: the support 8 positions wide, the query 24; outputs of 1 to 6 tokens.
+    support, query = _text_split([[4, 6, 5], [7, 3, 6]], 2, generator), _text_split([[20, 9], [11, 17]], 6, generator)
+    batch = TaskBatch(support, query)
+    parameters = list(learner.parameters())
+
+    # Independent: every example alone and unpadded, the output tokens' summed cross-entropy over their count.
+    task_losses = []
+    for index in range(len(batch)):
+        total, count = 0, 0
+        for split in (support, query):
+            fields = (split[name][index] for name in ("input_ids", "attention_mask", "labels"))
+            for ids, mask, labels in zip(*fields, strict=True):
+                length = int(mask.sum())
+                logits = learner.model(input_ids=ids[None, :length]).logits[0, :-1]
+                targets = labels[1:length]
+                total = total + F.cross_entropy(logits, targets.clamp_min(0), reduction="none")[targets >= 0].sum()
+                count += int((targets >= 0).sum())
+        task_losses.append(total / count)
+    expected = torch.stack(task_losses).mean()
+    expected_gradients = torch.autograd.grad(expected, parameters)
+
+    # Batched against single forwards in float64: ~1e-11 apart, but transformers runs Llama's rotary embedding in
+    # float32, whose vectorised cos rounds by the width (1e-8). Weighting splits by example count was off by 1e-4.
+    rtol, atol = (1e-9, 1e-12) if model_type == "gpt2" else (1e-6, 1e-9)
+    for case in (batch, TaskBatch(*(padded(split, {"attention_mask": 40}) for split in (support, query)))):
+        out = MultiTask().meta_loss(learner, case, meta_batch=meta_batch)
+        torch.testing.assert_close(out.loss.detach(), expected.detach(), rtol=rtol, atol=0)
+        for found, want in zip(torch.autograd.grad(out.loss, parameters), expected_gradients, strict=True):
+            torch.testing.assert_close(found, want, rtol=rtol, atol=atol)
+
+
+def test_splits_join_on_the_fields_both_have(mlp_learner):
     """Splits with different fields (here a query-only one): still the mean loss over all the examples."""
     episode = regression_batch(meta_batch_size=1, shots=2, queries=5).episode(0)
     query = episode.query | {"task_id": torch.zeros(5)}

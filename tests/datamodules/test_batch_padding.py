@@ -9,12 +9,15 @@ import torch
 
 from lightning_meta.data.episodic import task_generator
 from lightning_meta.data.tasks import (
+    ANSWER,
     CHOICE_ATTENTION_MASK,
     CHOICE_FIELDS,
     CHOICE_INPUT_IDS,
     CHOICE_LABELS,
+    CORRECT,
     IGNORE_INDEX,
     TaskBatch,
+    padded,
     padded_length,
     without_padding,
 )
@@ -51,6 +54,25 @@ def test_without_padding_cuts_each_mask_group_to_its_longest_row_rounded_up_to_8
     assert without_padding({"attention_mask": right_padded([30], 30)})["attention_mask"].shape == (1, 30)
     assert without_padding({"attention_mask": right_padded([0], 30)})["attention_mask"].shape == (1, 8)
     assert [padded_length(n) for n in (0, 1, 8, 9, 17)] == [8, 8, 8, 16, 24]
+
+
+def test_without_padding_cuts_the_token_fields_by_name_not_by_shape():
+    """``correct`` (episodes, examples, options) is shaped like the mask when there are as many options as positions."""
+    mask = right_padded([3, 2], 16)[None]
+    choice_mask = right_padded([5] * 16, 16).view(1, 1, 16, 16).expand(1, 2, 16, 16)
+    correct = torch.zeros(1, 2, 16, dtype=torch.bool)
+    correct[0, :, 12] = True  # the right option is past the cut
+    split = {"input_ids": mask * 7, "attention_mask": mask, "labels": mask.masked_fill(mask == 0, IGNORE_INDEX),
+             CHOICE_INPUT_IDS: choice_mask * 7, CHOICE_ATTENTION_MASK: choice_mask,
+             CHOICE_LABELS: (choice_mask * 7).masked_fill(choice_mask == 0, IGNORE_INDEX), CORRECT: correct,
+             ANSWER: torch.tensor([[12, 12]])}  # fmt: skip
+    trimmed = without_padding(split)
+    assert trimmed["attention_mask"].shape == trimmed["labels"].shape == (1, 2, 8)
+    assert trimmed[CHOICE_LABELS].shape == (1, 2, 16, 8)
+    assert torch.equal(trimmed[CORRECT], correct) and torch.equal(trimmed[ANSWER], split[ANSWER])
+    # Padded back, the batch is the one it was cut from.
+    widths = {"attention_mask": 16, CHOICE_ATTENTION_MASK: 16}
+    assert all(torch.equal(tensor, split[name]) for name, tensor in padded(trimmed, widths).items())
 
 
 def test_padding_fraction_counts_the_padded_positions_of_both_splits():
@@ -108,31 +130,3 @@ def test_text_batches_hold_the_episodes_real_tokens_at_the_batch_s_longest_lengt
                     assert not rest.any(), field
                 if field.endswith("labels"):
                     assert (rest == IGNORE_INDEX).all(), field
-
-
-def test_meta_gradient_with_batch_padding_equals_the_one_with_max_length_padding():
-    from lightning_meta import CausalLMLearner
-    from lightning_meta.algorithms import FOMAML
-
-    torch.manual_seed(0)
-    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
-              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
-    model = CausalLMLearner(model_config=config, tokenizer=TOKENIZER, dtype="float64")
-    generator = torch.Generator().manual_seed(0)
-
-    def split(lengths: list[list[int]]) -> dict[str, torch.Tensor]:
-        mask = torch.stack([right_padded(row, 40) for row in lengths])
-        ids = torch.randint(3, 500, mask.shape, generator=generator) * mask
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
-
-    padded = TaskBatch(split([[5, 9], [3, 12]]), split([[7, 2], [10, 4]]))
-    trimmed = padded.without_padding()
-    assert trimmed.support["input_ids"].shape[-1] == 16 and trimmed.query["input_ids"].shape[-1] == 16
-    parameters = list(model.parameters())
-    gradients = []
-    for batch in (padded, trimmed):
-        out = FOMAML(inner_lr=0.1, inner_steps=2).meta_loss(model, batch, meta_batch="task_by_task")
-        gradients.append((out.loss.detach(), torch.autograd.grad(out.loss, parameters)))
-    torch.testing.assert_close(gradients[0][0], gradients[1][0], rtol=1e-12, atol=0)
-    for want, got in zip(gradients[0][1], gradients[1][1], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
