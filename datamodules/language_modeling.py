@@ -164,7 +164,7 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
             support={"input_ids": support, "attention_mask": torch.ones_like(support)},
             query={"input_ids": query, "attention_mask": torch.ones_like(query)},
             shots=self.shots,
-            metadata={"domain": domain, "block_ids": chosen},
+            metadata={"domain": domain, "task": domain, "block_ids": chosen},  # the domain is the task
         )
 
 

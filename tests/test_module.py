@@ -16,7 +16,7 @@ from lightning_meta.datamodules import EpisodicDataModule, SinusoidDataModule
 from lightning_meta.learners.base import DataError
 from lightning_meta.training.metrics import mean_and_ci95
 
-from conftest import classification_batch
+from conftest import classification_batch, regression_batch
 
 
 def trainer(**overrides) -> L.Trainer:
@@ -88,6 +88,24 @@ def test_ci95_is_196_sigma_over_sqrt_n():
     sigma = (sum((v - 0.5) ** 2 for v in values.tolist()) / 3) ** 0.5
     assert mean.item() == pytest.approx(0.5)
     assert ci95.item() == pytest.approx(1.96 * sigma / 2)
+
+
+def test_episodes_that_share_tasks_are_summarised_over_tasks():
+    from lightning_meta.training.metrics import task_ids
+
+    torch.manual_seed(0)
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)).double(), MAML(inner_lr=0.01))
+    batch = regression_batch(meta_batch_size=6)
+    names = ["a", "a", "b", "b", "c", "c"]
+    batch.metadata["task"] = names
+    module._evaluate(batch, "val")
+    statistic = module.episode_stats["val_loss_post"]
+    values, tasks = torch.cat(statistic.values), torch.cat(statistic.tasks)
+    assert torch.equal(tasks, task_ids(names))
+    mean, ci95, episodes, task_count = statistic.compute()
+    assert (episodes, task_count) == (6, 3)
+    torch.testing.assert_close((mean, ci95), mean_and_ci95(values, groups=names))
+    assert ci95 != mean_and_ci95(values)[1]  # not the interval over episodes
 
 
 def test_eval_inner_steps_override_on_module():

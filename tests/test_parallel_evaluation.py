@@ -18,8 +18,8 @@ def _figures(module: MetaLearningModule, batch) -> dict[str, tuple[float, float,
     figures = {}
     for key, statistic in module.episode_stats.items():
         if statistic.update_count:
-            mean, ci95, count = statistic.compute()
-            figures[key] = (mean, ci95, count)
+            summary = statistic.compute()
+            figures[key] = (summary.mean, summary.ci95, summary.episodes)
             statistic.reset()
     return figures
 

@@ -33,7 +33,7 @@ from lightning_meta.training.checkpoints import (
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.inner_loop import check_step_count
 from lightning_meta.training.meta_batch import MetaBatch, check_mode, evaluate_episodes
-from lightning_meta.training.metrics import EpisodeStatistics
+from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, task_ids
 from lightning_meta.training.plots import curve_points
 
 _EVAL_STAGES = ("val", "test")
@@ -112,8 +112,10 @@ class MetaLearningModule(LightningModule):
 
     Logs ``train/query_loss`` on the steps Lightning logs (``log_every_n_steps``) and, for validation
     and test, ``{stage}/query_loss_pre`` and ``{stage}/query_loss_post`` (plus ``_acc_`` for
-    classification), each with a ``_ci95`` half-width over episodes; with ``eval_curve``, also
-    ``{stage}/query_loss_step{k}`` (and ``query_acc_step{k}``) for each listed ``k``, with ``_ci95``.
+    classification), each with a ``_ci95`` half-width over episodes, or over tasks where episodes share
+    their ``metadata["task"]`` (:class:`~lightning_meta.training.metrics.EpisodeStatistics`); with
+    ``eval_curve``, also ``{stage}/query_loss_step{k}`` (and ``query_acc_step{k}``) for each listed
+    ``k``, with ``_ci95``.
     ``test`` also writes these figures to ``results.json`` in the run's log folder (when the trainer
     has a logger). Adaptation works in ``validate``/``test``/``predict`` under Lightning's default
     ``inference_mode``.
@@ -354,9 +356,10 @@ class MetaLearningModule(LightningModule):
             return  # evaluated only to join the other ranks' collectives (FSDP); its figures are not counted
         if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
             raise FloatingPointError(self._describe_bad_evaluation(figures, stage))
+        tasks = task_ids(batch.metadata[TASK_KEY]) if TASK_KEY in batch.metadata else None
         for key, values in figures.items():
-            for value in values:
-                self.episode_stats[f"{stage}_{key}"].update(value)
+            for episode, value in enumerate(values):
+                self.episode_stats[f"{stage}_{key}"].update(value, None if tasks is None else tasks[episode])
 
     def _evaluate_along_curve(
         self, learner: Learner, episode: Episode, steps: int | None, *, parallel: bool = False
@@ -475,15 +478,19 @@ class MetaLearningModule(LightningModule):
         for key, statistic in self.episode_stats.items():
             if not key.startswith(f"{stage}_") or statistic.update_count == 0:
                 continue
-            mean, ci95, episodes = statistic.compute()
+            mean, ci95, episodes, tasks = statistic.compute()
             name = f"{stage}/query_{key.removeprefix(f'{stage}_')}"
             self.log(name, mean.float(), sync_dist=False)
             self.log(f"{name}_ci95", ci95.float(), sync_dist=False)
-            figures[name] = {"mean": mean.item(), "ci95": ci95.item(), "episodes": int(episodes)}
-            summary.append(f"{name} = {mean.item():.4f} ± {ci95.item():.4f} ({int(episodes)} episodes)")
+            figures[name] = {"mean": mean.item(), "ci95": ci95.item(), "episodes": episodes}
+            if tasks is not None:
+                figures[name]["tasks"] = tasks
+            counted = f"{episodes} episodes" + (f", {tasks} task{'s' * (tasks != 1)}" if tasks is not None else "")
+            summary.append(f"{name} = {mean.item():.4f} ± {ci95.item():.4f} ({counted})")
             statistic.reset()
         if summary and stage == "test" and not self.trainer.sanity_checking:
-            rank_zero_info("Post-adaptation results (mean ± 95% CI over episodes):\n  " + "\n  ".join(summary))
+            heading = "Post-adaptation results (mean ± 95% CI over episodes, or over tasks where episodes share them):"
+            rank_zero_info(heading + "\n  " + "\n  ".join(summary))
             if self.trainer.loggers:
                 self._write_results(stage, figures)
 
