@@ -66,6 +66,24 @@ def test_cached_prompt_scores_equal_one_full_forward_per_option(model_type, vari
     assert not greedy[torch.isinf(expected)].any()
 
 
+def test_left_padded_options_score_as_the_unpadded_sequences():
+    """Rows padded on the left (a tokenizer's ``padding_side='left'``) score as the right-padded ones: each option
+    after its prompt alone, not 0 with greedy decoding "writing" every option."""
+    torch.manual_seed(0)
+    model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64").eval()
+    ids, mask, labels = choices()
+    shifts = WIDTH - mask.sum(-1, keepdim=True)  # each row's real tokens moved to its end
+    order = (torch.arange(WIDTH) - shifts) % WIDTH
+    left = [tensor.gather(-1, order) for tensor in (ids, mask, labels)]
+    assert torch.equal(left[1][..., -1], mask.any(-1).long())  # every row with tokens ends on a real one
+    expected = one_forward_per_option(model)
+    with torch.no_grad():
+        _, right_greedy = model.option_scores(ids, mask, labels)
+        scores, greedy = model.option_scores(*left)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(greedy, right_greedy) and not greedy.all()
+
+
 def test_the_prompt_runs_once():
     torch.manual_seed(0)
     model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64")

@@ -260,13 +260,18 @@ class CausalLMLearner(Learner):
         greedy decoding writes them.
 
         The tensors are ``(examples, options, tokens)``, each option written after its example's
-        prompt and right-padded (:data:`CHOICE_FIELDS`); options without labels (padding) score
+        prompt (:data:`CHOICE_FIELDS`), right- or left-padded; options without labels (padding) score
         ``-inf``. The tokens every option of an example shares (its prompt; under MetaICL with the
         demonstrations) run once, and the options continue from their cached keys and values,
         expanded over the options: the same figures as one full forward per option, at the cost
         of one prompt. Works with ``params`` (fast weights) and LoRA. One host sync.
         """
         examples, options, tokens = input_ids.shape
+        # What follows reads each row as prompt-then-option from position 0 (right padding). A stable sort on
+        # "padding" moves the real tokens of any row (left-padded by a tokenizer's padding_side='left') there,
+        # in order: a score is then the unpadded sequence's, as one forward of prompt and option alone gives.
+        order = torch.argsort((attention_mask == 0).to(torch.uint8), dim=-1, stable=True)
+        input_ids, attention_mask, labels = (tensor.gather(-1, order) for tensor in (input_ids, attention_mask, labels))
         labelled = labels != IGNORE_INDEX
         valid = labelled.any(-1)
         reference = valid.float().argmax(1)  # the first real option of each example
