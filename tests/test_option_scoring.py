@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -82,6 +84,33 @@ def test_left_padded_options_score_as_the_unpadded_sequences():
         scores, greedy = model.option_scores(*left)
     torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(greedy, right_greedy) and not greedy.all()
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_options_score_under_vmap_as_in_the_loop(model_type):
+    """``parallel=True`` (episodes evaluated together under vmap): a forward per option, no host sync, same figures."""
+    torch.manual_seed(0)
+    model = CausalLMLearner(model_config=MODELS[model_type], tokenizer=TOKENIZER, dtype="float64",
+                            attn_implementation="eager").eval()  # fmt: skip
+    ids, mask, labels = choices()
+    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
+             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: torch.tensor([1, -1, 0])}  # fmt: skip
+    episodes = {name: torch.stack([tensor, tensor.flip(0)]) for name, tensor in split.items()}  # two episodes
+    expected = one_forward_per_option(model)
+    with torch.no_grad():
+        scores, greedy = torch.func.vmap(functools.partial(model.option_scores, parallel=True))(
+            *(episodes[name] for name in (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS))
+        )
+        figures = torch.func.vmap(lambda episode: model.evaluation_metrics(episode, parallel=True))(episodes)
+        looped = [model.evaluation_metrics({name: tensor[index] for name, tensor in episodes.items()})
+                  for index in range(2)]  # fmt: skip
+        cached_greedy = model.option_scores(ids, mask, labels)[1]
+    # transformers runs Llama's rotary embedding in float32, whose vectorised cos rounds by the width (~1e-9 here).
+    tolerance = 1e-12 if model_type == "gpt2" else 1e-8
+    torch.testing.assert_close(scores, torch.stack([expected, expected.flip(0)]), rtol=tolerance, atol=tolerance)
+    assert torch.equal(greedy, torch.stack([cached_greedy, cached_greedy.flip(0)]))
+    for name, values in figures.items():
+        torch.testing.assert_close(values, torch.stack([figure[name] for figure in looped]), msg=name)
 
 
 def test_the_prompt_runs_once():

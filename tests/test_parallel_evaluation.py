@@ -92,3 +92,40 @@ def test_forcing_parallel_evaluation_where_vmap_is_not_exact_names_why():
     module = MetaLearningModule(learner, FOMAML(), meta_batch="vmap")
     with pytest.raises(ValueError, match="Dropout, p=0.1.*meta_batch='task_by_task'"):
         module.validation_step(regression_batch(), 0)
+
+
+def test_text_to_text_episodes_with_options_evaluate_under_vmap_as_in_the_loop(tmp_path):
+    """Scoring options under vmap needs no host sync or data-dependent shape (``aten::nonzero`` stopped it)."""
+    import json
+
+    from lightning_meta import CausalLMLearner
+    from lightning_meta.datamodules import TextToTextTasksDataModule
+
+    rows = [{"task": f"t{task}", "input": f"{' '.join(['word'] * (1 + example % 5))} {task} {example}",
+             "output": "yes" if example % 2 else "no", "options": ["no", "yes", "maybe"][: 2 + task % 2]}
+            for task in range(4) for example in range(8)]  # fmt: skip
+    (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    datamodule = TextToTextTasksDataModule(
+        tokenizer="embedded-bpe-512", dataset=str(tmp_path / "tasks.jsonl"), shots=2, queries=2, max_length=48,
+        val_tasks=["t0", "t1"], test_tasks=["t2"], num_val_tasks=3,
+    )  # fmt: skip
+    datamodule.setup("fit")
+    batch = datamodule.eval_batches("val")[0]
+    assert "choice_input_ids" in batch.query
+    torch.manual_seed(0)
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", dtype="float64",
+                              attn_implementation="eager").eval()  # fmt: skip
+    figures, algorithms = {}, {}
+    for meta_batch in ("task_by_task", "vmap", "auto"):
+        algorithms[meta_batch] = FOMAML(inner_lr=0.1, inner_steps=2)
+        module = MetaLearningModule(learner, algorithms[meta_batch], meta_batch=meta_batch, eval_curve=[0, 1, 2])
+        figures[meta_batch] = _figures(module, batch)
+    assert "val_accuracy_post" in figures["task_by_task"]
+    assert list(algorithms["auto"]._vmap_verdicts.values()) == [""]  # auto runs the evaluation under vmap too
+    for meta_batch in ("vmap", "auto"):
+        assert figures[meta_batch].keys() == figures["task_by_task"].keys()
+        for key, (mean, _, count) in figures["task_by_task"].items():
+            assert figures[meta_batch][key][2] == count == len(batch), key
+            torch.testing.assert_close(figures[meta_batch][key][0], mean, rtol=1e-10, atol=1e-12, msg=key)

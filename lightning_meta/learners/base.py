@@ -188,11 +188,15 @@ class Learner(nn.Module, ABC):
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean loss over the split, and detached per-episode figures (``metric_names``)."""
 
-    def evaluation_metrics(self, split: Split, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def evaluation_metrics(
+        self, split: Split, params: Mapping[str, Tensor] | None = None, *, parallel: bool = False
+    ) -> dict[str, Tensor]:
         """Detached figures of a split at evaluation (no gradient): :meth:`loss`'s by default.
 
         Learners add here the figures that cost more than the loss needs (exact match, scoring
         a classification task's options); evaluation and adaptation curves read this.
+        ``parallel=True``: the call runs under ``torch.func.vmap`` (the episodes of an evaluation
+        batch together), so the figures must come without host syncs or shapes that depend on the data.
         """
         with torch.no_grad():
             return self.loss(split, params)[1]

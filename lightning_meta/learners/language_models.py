@@ -195,7 +195,9 @@ class CausalLMLearner(Learner):
         )
         return loss, {"loss": loss.detach()}
 
-    def evaluation_metrics(self, split: Split, params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def evaluation_metrics(
+        self, split: Split, params: Mapping[str, Tensor] | None = None, *, parallel: bool = False
+    ) -> dict[str, Tensor]:
         """The loss; with ``labels`` (supervised outputs) also ``exact_match``, and ``accuracy``.
 
         ``exact_match``: the share of sequences whose every labelled token is the model's most
@@ -207,6 +209,8 @@ class CausalLMLearner(Learner):
         log-probability divided by its token count (the sum favours short options; GPT-3's and
         lm-eval's normalized accuracy divide by length too). An example with several correct outputs
         (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them.
+        ``parallel``: under ``torch.func.vmap`` the options are scored without host syncs
+        (:meth:`option_scores`).
         """
         with torch.no_grad():
             logits = _float32(self.predict(split, params))
@@ -219,7 +223,7 @@ class CausalLMLearner(Learner):
             targets = labels[:, 1:]
             exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
             if CHOICE_INPUT_IDS in split:
-                chosen, chosen_per_token, writes_correct = self._choices(split, params)
+                chosen, chosen_per_token, writes_correct = self._choices(split, params, parallel)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
                 figures["accuracy"] = torch.where(answer >= 0, chosen, exact).float().mean()
@@ -227,34 +231,60 @@ class CausalLMLearner(Learner):
             figures["exact_match"] = exact.float().mean()
             return figures
 
-    def _choices(self, split: Split, params: Mapping[str, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _choices(
+        self, split: Split, params: Mapping[str, Tensor] | None, parallel: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per example: is the option with the highest summed log-probability correct, is the one with
         the highest log-probability per token correct, and does greedy decoding write a correct choice
         row (:data:`CORRECT`; without it, the answer's row)?
 
         Only examples with a correct row are scored (one host sync, at evaluation only); at least
-        one row always runs, so that every rank of a sharded model runs the same forwards.
+        one row always runs, so that every rank of a sharded model runs the same forwards. With
+        ``parallel`` (under ``torch.func.vmap``, where shapes cannot depend on the data) every example
+        is scored; one without a correct row comes out false all the same.
         """
         answer = split[ANSWER]
         correct_rows = split.get(CORRECT)
         if correct_rows is None:
             options = split[CHOICE_INPUT_IDS].shape[1]
             correct_rows = F.one_hot(answer.clamp_min(0), options).bool() & (answer >= 0)[:, None]
+        if parallel:
+            return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, params, parallel)
         listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
+        # Without any, row 0 runs (its correct row is all false, so are its flags).
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
-        ids, mask, labels = (split[name][rows] for name in CHOICE_FIELDS)
-        scores, greedy = self.option_scores(ids, mask, labels, params)
-        per_token = scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)  # padding options stay -inf
-        chosen, chosen_per_token, writes_correct = (torch.zeros_like(answer, dtype=torch.bool) for _ in range(3))
-        if len(listed_rows):
-            correct_here = correct_rows[rows]
-            chosen[rows] = correct_here.gather(1, scores.argmax(1, keepdim=True))[:, 0]
-            chosen_per_token[rows] = correct_here.gather(1, per_token.argmax(1, keepdim=True))[:, 0]
-            writes_correct[rows] = (greedy & correct_here).any(1)
+        flags = self._choice_flags(*(split[name][rows] for name in CHOICE_FIELDS), correct_rows[rows], params)
+        chosen, chosen_per_token, writes_correct = (
+            torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), flag) for flag in flags
+        )
         return chosen, chosen_per_token, writes_correct
 
+    def _choice_flags(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        labels: Tensor,
+        correct: Tensor,
+        params: Mapping[str, Tensor] | None,
+        parallel: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_choices`' three flags for the examples of ``ids``, ``mask``, ``labels`` and ``correct``."""
+        scores, greedy = self.option_scores(ids, mask, labels, params, parallel=parallel)
+        per_token = scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)  # padding options stay -inf
+        return (
+            correct.gather(1, scores.argmax(1, keepdim=True))[:, 0],
+            correct.gather(1, per_token.argmax(1, keepdim=True))[:, 0],
+            (greedy & correct).any(1),
+        )
+
     def option_scores(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, params: Mapping[str, Tensor] | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        parallel: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Per option of each example: the summed log-probability of its labelled tokens, and whether
         greedy decoding writes them.
@@ -265,6 +295,11 @@ class CausalLMLearner(Learner):
         demonstrations) run once, and the options continue from their cached keys and values,
         expanded over the options: the same figures as one full forward per option, at the cost
         of one prompt. Works with ``params`` (fast weights) and LoRA. One host sync.
+
+        ``parallel``: the call runs under ``torch.func.vmap`` (the episodes of an evaluation batch
+        together), where shapes cannot depend on the data: each option then runs its whole row
+        (one full forward per option: the same figures, no host sync, at ``options`` times the
+        prompt's cost).
         """
         examples, options, tokens = input_ids.shape
         # What follows reads each row as prompt-then-option from position 0 (right padding). A stable sort on
@@ -272,6 +307,26 @@ class CausalLMLearner(Learner):
         # in order: a score is then the unpadded sequence's, as one forward of prompt and option alone gives.
         order = torch.argsort((attention_mask == 0).to(torch.uint8), dim=-1, stable=True)
         input_ids, attention_mask, labels = (tensor.gather(-1, order) for tensor in (input_ids, attention_mask, labels))
+        labelled = labels != IGNORE_INDEX
+        valid = labelled.any(-1)
+        if parallel:
+            ids, mask, targets = input_ids.flatten(0, 1), attention_mask.flatten(0, 1), labels.flatten(0, 1)[:, 1:]
+            extra: dict[str, Any] = {}
+        else:
+            ids, mask, targets, extra = self._continuations(input_ids, attention_mask, labels, params)
+        logits = _float32(self(input_ids=ids, attention_mask=mask, params=params, **extra).logits)
+        token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        ignored = targets == IGNORE_INDEX
+        scores = token_log_probs.masked_fill(ignored, 0).sum(1).view(examples, options).masked_fill(~valid, -torch.inf)
+        greedy = ((logits[:, :-1].argmax(-1) == targets) | ignored).all(1).view(examples, options) & valid
+        return scores, greedy
+
+    def _continuations(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, params: Mapping[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+        """The options' rows past the tokens each example's options share, with the shared tokens' cached keys and
+        values: :meth:`option_scores`' forward without ``parallel`` (one host sync, for the widths)."""
+        examples, options, tokens = input_ids.shape
         labelled = labels != IGNORE_INDEX
         valid = labelled.any(-1)
         reference = valid.float().argmax(1)  # the first real option of each example
@@ -303,12 +358,7 @@ class CausalLMLearner(Learner):
             cache.batch_repeat_interleave(options)
             mask = torch.cat([seen.repeat_interleave(options, 0), mask], 1)
             extra = {"cache": cache, "position_ids": positions.flatten(0, 1)}
-        logits = _float32(self(input_ids=ids, attention_mask=mask, params=params, **extra).logits)
-        token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-        ignored = targets == IGNORE_INDEX
-        scores = token_log_probs.masked_fill(ignored, 0).sum(1).view(examples, options).masked_fill(~valid, -torch.inf)
-        greedy = ((logits[:, :-1].argmax(-1) == targets) | ignored).all(1).view(examples, options) & valid
-        return scores, greedy
+        return ids, mask, targets, extra
 
     def vmap_refusal(self) -> str | None:
         implementation = attention_implementation(self.transformer)

@@ -373,7 +373,7 @@ class MetaLearningModule(LightningModule):
         self.algorithm.check_learner(learner)
         post_steps = self.algorithm.evaluation_steps() if steps is None else steps
         wanted = {post_steps, *self._curve_steps}
-        before = learner.evaluation_metrics(episode.query)
+        before = learner.evaluation_metrics(episode.query, parallel=parallel)
         figures_at = {0: before}
         trajectory = self.algorithm.adapt_steps(learner, episode.support, max(wanted), parallel=parallel)
         for step, adapted in enumerate(trajectory, start=1):
@@ -381,7 +381,7 @@ class MetaLearningModule(LightningModule):
             if (trainer := attached_trainer(self)) is not None and trainer.received_sigterm:
                 raise SIGTERMException
             if step in wanted:
-                figures_at[step] = learner.evaluation_metrics(episode.query, adapted)
+                figures_at[step] = learner.evaluation_metrics(episode.query, adapted, parallel=parallel)
         figures = {f"{name}_pre": value for name, value in before.items()}
         figures |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
         return figures | {
