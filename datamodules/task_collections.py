@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_meta.data.local_files import cache_dir, write_folder_atomically
+from lightning_meta.data.local_files import CACHE_FULL_REMEDY, cache_entry, write_folder_atomically
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -130,7 +130,7 @@ def read_task_collection(
         raise ValueError(f"max_examples_per_task must be at least 1 or null; got {max_examples_per_task}.")
     keywords = tuple(FAMILY_KEYWORDS if family_keywords is None else family_keywords)
     settings = (kind, max_examples_per_task, seed, keywords if kind == "bigbench" else positive_examples)
-    cached = cache_dir() / "task_collections" / f"{path.name}-{_cache_key(path, settings)}"
+    cached = cache_entry("task_collections", path.name, _cache_key(path, settings))
     if not (cached / "collection.json").is_file():
         if kind == "bigbench":
             reader = _BigBenchReader(max_examples_per_task, seed, keywords)
@@ -146,7 +146,7 @@ def read_task_collection(
             Dataset.from_dict(rows).save_to_disk(str(staging))
             (staging / "collection.json").write_text(json.dumps(summary), encoding="utf-8")
 
-        write_folder_atomically(cached, write)
+        write_folder_atomically(cached, write, what="the collection's cache", remedy=CACHE_FULL_REMEDY)
     from lightning_meta.data.tables import read_table
 
     summary = json.loads((cached / "collection.json").read_text(encoding="utf-8"))

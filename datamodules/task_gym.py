@@ -68,7 +68,6 @@ import functools
 import hashlib
 import itertools
 import json
-import os
 import random
 import re
 import sys
@@ -78,7 +77,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_meta.data.corpus import SUPERSENSES, WORDNET, Synset, stdlib_definitions, wordnet_synsets
-from lightning_meta.data.local_files import cache_dir
+from lightning_meta.data.local_files import CACHE_FULL_REMEDY, cache_dir, write_file_atomically
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -330,10 +329,10 @@ def _family_tasks(family: str, limits: _Limits, wordnet_folder: str | None) -> t
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache file is rebuilt
     tasks = _build_family(family, limits, wordnet_folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps([dataclasses.asdict(task) for task in tasks]), encoding="utf-8")
-    partial.replace(path)  # atomic: concurrent processes never read half a file
+    text = json.dumps([dataclasses.asdict(task) for task in tasks])
+    # Atomic: concurrent processes never read half a file.
+    write_file_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"), "the task gym cache",
+                          CACHE_FULL_REMEDY)  # fmt: skip
     return tasks
 
 

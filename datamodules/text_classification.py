@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_meta.data.tables import read_table
@@ -152,7 +150,7 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
 def _cached_docstrings(modules: list[str]) -> dict[str, list[str]]:
     """``module_docstrings()`` for ``modules``, cached on disk per Python version."""
     from lightning_meta.data.corpus import module_docstrings
-    from lightning_meta.data.tokenization import cache_dir
+    from lightning_meta.data.local_files import CACHE_FULL_REMEDY, cache_dir, write_file_atomically
 
     version = ".".join(map(str, sys.version_info[:3]))
     path = cache_dir() / "datasets" / f"{STDLIB_DOCSTRINGS}-py{version}-v{_CACHE_VERSION}.json"
@@ -162,9 +160,8 @@ def _cached_docstrings(modules: list[str]) -> dict[str, list[str]]:
             return cached["docstrings"]
     every = module_docstrings()
     docstrings = {module: every[module] for module in modules if module in every}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"modules": modules, "docstrings": docstrings})
     # Write then rename: parallel processes never read a half-written file.
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as file:
-        json.dump({"modules": modules, "docstrings": docstrings}, file)
-    Path(file.name).replace(path)
+    write_file_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"), "the docstring cache",
+                          CACHE_FULL_REMEDY)  # fmt: skip
     return docstrings

@@ -161,3 +161,20 @@ def test_disk_full_while_saving_leaves_no_truncated_checkpoint_and_says_so(tmp_p
     assert "The disk is full: the checkpoint" in error and "Traceback" not in error
     assert len([line for line in error.splitlines() if line.startswith("lightning-meta: error")]) == 1
     assert [path.name for path in tmp_path.rglob("*") if path.is_file() and "ckpt" in path.name] == []
+
+
+def test_resuming_removes_the_partial_file_a_killed_save_left_beside_the_checkpoint(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_local_files import kill_while_saving
+
+    good = fitted_checkpoint(tmp_path)
+    kill_while_saving(tmp_path / "epoch=0-step=3.ckpt")  # SIGKILL during a save: its partial file stays
+    assert len([path for path in tmp_path.iterdir() if ".partial-" in path.name]) == 1
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path / "resumed")  # fmt: skip
+    trainer.fit(module, sinusoid(), ckpt_path=good)  # saves into resumed/: the start itself removed it
+    assert not [path for path in tmp_path.iterdir() if ".partial-" in path.name]

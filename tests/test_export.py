@@ -323,3 +323,30 @@ def test_weights_that_do_not_fit_are_refused_alike_for_every_kind_of_checkpoint(
         model_from_checkpoint({"lightning_meta": saved, "state_dict": state})
     with pytest.raises(CheckpointError, match=r"no model weights \(no 'model\.' keys\)"):
         model_from_checkpoint({"lightning_meta": saved, "state_dict": {}})
+
+
+@pytest.mark.xdist_group("test_export.plain")
+def test_a_full_disk_while_exporting_says_so_and_keeps_the_earlier_export(plain, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    from lightning_meta import cli
+
+    checkpoint, _ = plain
+    output = tmp_path / "export"
+    export(str(checkpoint), str(output))
+    earlier = (output / "model.safetensors").read_bytes()
+
+    def disk_fills_up(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(earlier[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_fills_up)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--ckpt_path", str(checkpoint), "--output_dir", str(output), "--overwrite=true"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"The disk is full: the export {output} was not saved" in error and "another disk" in error
+    assert "Traceback" not in error
+    assert (output / "model.safetensors").read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == ["export"]

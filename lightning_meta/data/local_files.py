@@ -3,22 +3,47 @@ downloaded."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+CACHE_VARIABLE = "LIGHTNING_META_CACHE"
+#: Bytes of a name kept in a cache entry's name: the rest of the name is in the entry's key (a hash),
+#: and the file system's limit (255 bytes) must leave room for the key and a ``.partial`` staging name.
+_NAME_BYTES = 100
 
 
 def cache_dir() -> Path:
-    """``$LIGHTNING_META_CACHE`` or ``~/.cache/lightning_meta``."""
-    return Path(os.environ.get("LIGHTNING_META_CACHE", Path.home() / ".cache" / "lightning_meta"))
+    """``$LIGHTNING_META_CACHE`` or ``~/.cache/lightning_meta``; refused in one line when it is (or lies
+    under) something other than a folder."""
+    folder = Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "lightning_meta").expanduser()
+    existing = next(path for path in (folder, *folder.parents) if path.exists() or path == path.parent)
+    if not existing.is_dir():
+        where = f"{CACHE_VARIABLE}={folder}" if os.environ.get(CACHE_VARIABLE) else f"The cache folder {folder}"
+        raise ValueError(
+            f"{where} cannot be the cache folder: {existing} is a file, not a folder. Point {CACHE_VARIABLE} at a "
+            "folder (it is created when missing), or move that file away."
+        )
+    return folder
+
+
+#: The end of the full-disk message for a cache entry (:func:`disk_full_error`).
+CACHE_FULL_REMEDY = f", or point {CACHE_VARIABLE} at a folder on another disk"
+
+
+def cache_entry(kind: str, name: str, key: str) -> Path:
+    """``cache_dir()/kind/NAME-key``: ``name`` (a file or folder name, for people) cut to a length every file
+    system takes; ``key`` (a hash) must tell entries apart by itself."""
+    short = name.encode()[:_NAME_BYTES].decode(errors="ignore")
+    return cache_dir() / kind / f"{short}-{key}"
 
 
 #: How the Hugging Face hub names a model: ``owner/name`` (``HuggingFaceTB/SmolLM2-135M``).
@@ -90,11 +115,14 @@ def dequantized_gguf(folder: Path, gguf_file: str) -> Path:
     Loading the GGUF takes ~17 s for a 135M model; the cached folder then loads in ~0.2 s.
     ``save_pretrained`` refuses GGUF-loaded models, so the weights are copied into a fresh model.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = folder / gguf_file
-    key = hashlib.sha1(f"{source.resolve()}-{source.stat().st_size}".encode()).hexdigest()[:12]
-    cached = cache_dir() / "models" / f"{source.stem}-{key}"
+    # Modification time too, as the collection cache: a replacement of the same size is another model.
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}-{stat.st_size}-{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    cached = cache_entry("models", source.stem, key)
     if not (cached / "config.json").exists():
 
         def write(staging: Path) -> None:
@@ -106,35 +134,139 @@ def dequantized_gguf(folder: Path, gguf_file: str) -> Path:
             fresh.save_pretrained(staging)
             load_pretrained(AutoTokenizer, folder, gguf_file=gguf_file).save_pretrained(staging)
 
-        write_folder_atomically(cached, write)
+        write_folder_atomically(cached, write, what="the dequantized model", remedy=CACHE_FULL_REMEDY)
     return cached
 
 
-def write_folder_atomically(folder: Path, write: Callable[[Path], None], replace: bool = False) -> None:
+def write_folder_atomically(
+    folder: Path, write: Callable[[Path], None], replace: bool = False, what: str = "the folder", remedy: str = ""
+) -> None:
     """Fill ``folder`` by ``write(staging)`` in a new folder beside it, then rename that into place.
 
     Nobody ever sees a half-written ``folder``: not concurrent processes (DDP ranks, parallel
     tests), of which the first to finish wins, nor a run that stops midway. ``replace``: an
     existing ``folder`` is swapped for the new one only once the new one is complete (callers
-    decide whether it may be replaced); otherwise an existing one is kept.
+    decide whether it may be replaced); otherwise an existing one is kept. A full disk is said in
+    one line (:func:`disk_full_error`, with ``what`` and ``remedy``); staging folders that a killed
+    process left beside ``folder`` are removed first.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    remove_stale_partials(folder.parent)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{_partial_prefix(folder)}-"))
     try:
         write(staging)
         staging.chmod(0o755)  # mkdtemp's 0o700 would hide the folder from other users
         if replace and folder.exists():
-            retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+            retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-{_owner_tag()}-"))
             folder.rename(retired / folder.name)
             staging.rename(folder)
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(folder)
-    except OSError:
-        if replace or not folder.exists():
-            raise
+    except Exception as error:
+        if isinstance(error, OSError) and not replace and folder.exists():
+            return  # another process wrote it meanwhile: theirs is as good
+        if is_disk_full(error):
+            raise disk_full_error(folder, what, replace, remedy) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_file_atomically(
+    path: Path, write: Callable[[Path], None], what: str = "the file", remedy: str = ""
+) -> None:
+    """Write ``path`` by ``write(partial)`` into a hidden file beside it, then rename that into place.
+
+    A full disk or a stopped process never leaves a truncated file under ``path`` (an earlier one is
+    kept), nor, but after SIGKILL, a partial file; a killed process's partial files are removed by the
+    next write into that folder (:func:`remove_stale_partials`). A full disk is said in one line, naming
+    ``what`` was not saved and ending with ``remedy``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path.parent)
+    partial = path.with_name(_partial_prefix(path))
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException as error:  # Ctrl-C and SIGTERM too: no partial file is left
+        partial.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(path, what, True, remedy) from None
+        raise
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or one it came from) says the disk is full: ``ENOSPC``, or the same said by a writer
+    that raises its own error type (torch's zip writer, safetensors)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(current) for text in ("No space left on device", "StorageFull", "Disk quota exceeded")):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def disk_full_error(path: Path, what: str, kept: bool, remedy: str = "") -> OSError:
+    """The one-line error for a full disk while writing ``path`` (``kept``: an earlier ``path`` is untouched)."""
+    earlier = "; an earlier one of that name is kept" if kept else ""
+    return OSError(
+        errno.ENOSPC,
+        f"The disk is full: {what} {path} was not saved (no partial file is left{earlier}). Free space on the disk "
+        f"of {path.parent}{remedy}",
+    )
+
+
+#: A staging name: ``.NAME.partial-PID-HOST`` (files) or ``.NAME.partial-PID-HOST-RANDOM`` (folders), and
+#: ``.NAME.old-PID-HOST-RANDOM`` for a folder being replaced. PID and HOST say whose it is.
+_PARTIAL = re.compile(r"\..+\.(?:partial|old)-(\d+)-([0-9a-f]{8})(?:-[^/]*)?")
+
+
+def _owner_tag() -> str:
+    """``PID-HOST`` (HOST: 8 hex digits of the host name's hash): whose staging files these are."""
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{os.getpid()}-{host}"
+
+
+def _partial_prefix(path: Path) -> str:
+    return f".{path.name}.partial-{_owner_tag()}"
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the staging files and folders in ``folder`` that a process of this host left when it was killed
+    (SIGKILL, a crash, a power cut) while writing; those of live processes and of other hosts stay. Returns the
+    paths removed."""
+    host = _owner_tag().split("-")[1]
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _PARTIAL.fullmatch(name)
+        if match is None or match.group(2) != host or _process_alive(int(match.group(1))):
+            continue
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load_pretrained(loader: Any, folder: Path, trust_remote_code: bool = False, **options: Any) -> Any:

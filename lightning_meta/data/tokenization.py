@@ -31,7 +31,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from lightning_meta.data.corpus import embedded_domains
 from lightning_meta.data.local_files import (
-    cache_dir,
+    CACHE_FULL_REMEDY,
+    cache_entry,
     dequantized_gguf,
     load_pretrained,
     resolve_local_path,
@@ -79,7 +80,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     # The stdlib text, hence the vocabulary, depends on the Python version: part of the cache key.
     version = f"{_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}-{TRAINING_CHARS_PER_DOMAIN}"
     key = hashlib.sha1(f"{kind}-{vocab_size}-{version}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "tokenizers" / f"{name_or_path}-{key}"
+    folder = cache_entry("tokenizers", name_or_path, key)
     if not (folder / "tokenizer.json").exists():
         _train_embedded(kind, vocab_size, folder)
     return load_pretrained(AutoTokenizer, folder)
@@ -159,7 +160,7 @@ def _train_embedded(kind: str, vocab_size: int, folder: Path) -> None:
     def save(staging: Path) -> None:
         tokenizer.save_pretrained(staging)
 
-    write_folder_atomically(folder, save)
+    write_folder_atomically(folder, save, what="the trained tokenizer", remedy=CACHE_FULL_REMEDY)
 
 
 def _byte_level_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

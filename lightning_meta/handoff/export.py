@@ -350,7 +350,8 @@ def _write_atomically(output: Path, write: Any, overwrite: bool, marker: str = P
     """``write(staging)`` into a new folder beside ``output``, then rename it into place (an earlier export
     at ``output`` is replaced only when ``overwrite`` allows it, see :func:`_refuse_existing`)."""
     _refuse_existing(output, overwrite, marker=marker)
-    write_folder_atomically(output, write, replace=True)
+    write_folder_atomically(output, write, replace=True, what="the export",
+                            remedy=", or give an --output_dir on another disk")  # fmt: skip
 
 
 def _loadable_tokenizer(name: str) -> Any:

@@ -6,9 +6,7 @@ run code, and Lightning unpickles a URL checkpoint with ``weights_only=False``.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import pickle
 import signal
 import zipfile
@@ -24,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from lightning_meta.data.local_files import remove_stale_partials, write_file_atomically
 from lightning_meta.learners.base import Learner
 
 #: Exit status after SIGTERM, as a shell reports a process the signal ended: schedulers read it as "not done".
@@ -188,6 +187,13 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remove the partial files that a killed save left beside the checkpoint this run resumes from (the
+        checkpoint is loaded by now: ``trainer.ckpt_path`` is set only then)."""
+        resumed_from = trainer.ckpt_path
+        if trainer.is_global_zero and resumed_from and "://" not in str(resumed_from):
+            remove_stale_partials(Path(resumed_from).expanduser().parent)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             # Lightning exits with SystemExit(None), i.e. status 0, in every stage: a scheduler would record
@@ -215,9 +221,11 @@ def _checkpoint_folder(trainer: pl.Trainer) -> str:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, but a checkpoint appears under its name only once it is complete.
 
-    Each local checkpoint is written as ``.NAME.partial-PID`` beside its destination and renamed into
-    place, so a full disk or a killed process never leaves a truncated file under a name that looks
-    valid (an earlier checkpoint of that name is kept). A full disk is said in one line.
+    Each local checkpoint is written as a hidden ``.NAME.partial-PID-HOST`` file beside its destination and
+    renamed into place (:func:`~lightning_meta.data.local_files.write_file_atomically`), so a full disk or
+    a killed process never leaves a truncated file under a name that looks valid (an earlier checkpoint of
+    that name is kept). A full disk is said in one line; the partial file of a save that SIGKILL stopped
+    is removed by the next save into that folder, or when a run resumes from a checkpoint there.
     :class:`PreemptionCheckpoint` (which the package's modules add) sets it on the trainer unless the
     strategy or the user brings another writer.
     """
@@ -226,18 +234,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote storage: fsspec's own transaction
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        final = Path(path)
-        partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
-        try:
-            super().save_checkpoint(checkpoint, partial, storage_options)
-            os.replace(partial, final)
-        except BaseException as error:
-            partial.unlink(missing_ok=True)
-            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-                raise OSError(
-                    errno.ENOSPC,
-                    f"The disk is full: the checkpoint {final} was not saved (no partial file is left, an earlier "
-                    f"checkpoint of that name is kept). Free space on the disk of {final.parent}, or give a folder on "
-                    "another disk (--trainer.default_root_dir), then resume from the last checkpoint (--ckpt_path)",
-                ) from None
-            raise
+        write_file_atomically(
+            Path(path),
+            lambda partial: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, partial, storage_options),
+            "the checkpoint",
+            ", or give a folder on another disk (--trainer.default_root_dir), then resume from the last checkpoint "
+            "(--ckpt_path)",
+        )

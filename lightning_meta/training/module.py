@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
+from lightning_meta.data.local_files import write_file_atomically
 from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch
 from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 from lightning_meta.learners.base import Learner, check_sequence_length
@@ -510,9 +511,11 @@ class MetaLearningModule(LightningModule):
             for name, points in curve_points(flat, stage).items()
         }
         results = {"stage": stage, "global_step": self.global_step, "figures": figures, "curve": curve}
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / "results.json"
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        text = json.dumps(results, indent=2) + "\n"
+        # Atomic: a full disk leaves no empty results.json (nor replaces an earlier one), and says so.
+        write_file_atomically(path, lambda partial: partial.write_text(text), "the results file",
+                              "; the figures printed above are what it would hold")  # fmt: skip
         rank_zero_info(f"Saved the results to {path}")
 
 
