@@ -63,8 +63,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     draws a family, one of its tasks, and ``shots + queries`` distinct examples of it: the support (what adaptation,
     or MetaICL's demonstrations, see) and the query. Tasks whose table lists ``options`` (a
     classification task's possible outputs) also carry each option written after the query's
-    prompt, so that evaluation scores them (``accuracy``); the other tasks are scored by exact
-    match.
+    prompt in validation and test episodes, so that evaluation scores them (``accuracy``); the other
+    tasks are scored by exact match. Training episodes carry no options: training never reads them.
 
     Training, validation and test tasks are disjoint; by default whole task *families* are held
     out, so that evaluation measures transfer to new kinds of task. Evaluation episodes are fixed
@@ -340,7 +340,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     @functools.cached_property
     def _options_of_split(self) -> dict[str, int]:
         """The most options of a split's tasks: its episodes' choice rows are padded to it. When any task lists
-        options, every episode carries choice rows (at least one), so that every split reports accuracy."""
+        options, every evaluation episode carries choice rows (at least one), so that every split reports accuracy;
+        training episodes carry none (:meth:`sample_episode`)."""
         listed = int(any(task.answer is not None for task in self.tasks.values()))
         return {
             split: max([listed, *(self.tasks[name].choice_input_ids.shape[1] for name in names
@@ -355,6 +356,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         task = self.tasks[names[int(torch.randint(len(names), (), generator=generator))]]
         chosen = torch.randperm(len(task), generator=generator)[: self.shots + self.queries]
         options = self._options_of_split[split]
+        if split == "train":
+            # Training reads no options: a BIG-bench batch would otherwise carry (and data-check) ~100 rows per
+            # example at every step.
+            options = 0
         support, query = (_rows(task, rows, options) for rows in (chosen[: self.shots], chosen[self.shots :]))
         return Episode(
             support=support,

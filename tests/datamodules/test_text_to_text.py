@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_meta.data.tasks import ANSWER, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
+from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, CORRECT, IGNORE_INDEX
 from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import TextToTextTasksDataModule, text_to_text
 
@@ -293,7 +293,10 @@ def test_a_list_of_outputs_trains_on_the_first_and_exact_match_accepts_any(tmp_p
 
     learner.predict = writes_azure  # the training sequence: greedy writes "azure" where "blue" is labelled
     # Its options, scored with the prompt cached: "azure" is the likelier row, and greedy decoding writes it.
-    learner.option_scores = lambda *split, params=None: (torch.tensor([[-2.0, -1.0]]), torch.tensor([[False, True]]))
+    learner.option_scores = lambda *split, params=None, parallel=False: (
+        torch.tensor([[-2.0, -1.0]]),
+        torch.tensor([[False, True]]),
+    )
     split = {name: getattr(task, name)[:1] for name in ("input_ids", "attention_mask", "labels")}
     split |= {CHOICE_INPUT_IDS: task.choice_input_ids[:1], "choice_attention_mask": task.choice_attention_mask[:1],
               CHOICE_LABELS: task.choice_labels[:1], ANSWER: task.answer[:1], CORRECT: task.correct[:1]}  # fmt: skip
@@ -362,13 +365,27 @@ def test_skip_long_examples_leaves_out_what_does_not_fit_and_logs_it(tmp_path, m
 
 
 def test_tasks_keep_their_own_option_count_and_episodes_are_padded_to_their_split(tmp_path):
-    # One example of t0 (family f0, training) lists 12 options; the other classification tasks list 2.
-    many = {"row0": {"options": ["no", "yes", *(f"option {k}" for k in range(10))]}}
+    # One example of t4 (family f1, validation) lists 12 options; the other classification tasks list 2.
+    many = {"row48": {"options": ["no", "yes", *(f"option {k}" for k in range(10))]}}
     module = datamodule(write_tasks(tmp_path, **many), val_families=["f1"], test_families=["f2"])
-    assert module.tasks["t0"].choice_input_ids.shape[1] == 12
-    assert module.tasks["t4"].choice_input_ids.shape[1] == 2  # stored without t0's padding
+    assert module.tasks["t4"].choice_input_ids.shape[1] == 12
+    assert module.tasks["t2"].choice_input_ids.shape[1] == 2  # stored without t4's padding
     assert module.tasks["t1"].answer is None  # a task without options stores no choice rows
-    assert module.train_batch(0).query[CHOICE_INPUT_IDS].shape[-2] == 12
-    for split in ("val", "test"):  # t4 (f1) and t2 (f2) list 2 options; t1 and t5 none
-        for batch in module.eval_batches(split):
-            assert batch.query[CHOICE_INPUT_IDS].shape[-2] == 2
+    for batch in module.eval_batches("val"):
+        assert batch.query[CHOICE_INPUT_IDS].shape[-2] == 12
+    for batch in module.eval_batches("test"):  # t2 (f2) lists 2 options; t5 none
+        assert batch.query[CHOICE_INPUT_IDS].shape[-2] == 2
+
+
+def test_training_batches_carry_no_options_and_evaluation_batches_keep_them(tmp_path):
+    """Training never reads options: a BIG-bench batch would carry and data-check ~100 rows per example each step."""
+    module = datamodule(write_tasks(tmp_path), val_families=["f1"], test_families=["f2"], meta_batch_size=4)
+    option_fields = {*CHOICE_FIELDS, ANSWER, CORRECT}
+    batches = [module.train_batch(index) for index in range(4)]
+    assert "t0" in {task for batch in batches for task in batch.metadata["task"]}  # a training task with options
+    for batch in batches:
+        for split in (batch.support, batch.query):
+            assert set(split) == {"input_ids", "attention_mask", "labels"}
+    for name in ("val", "test"):
+        for batch in module.eval_batches(name):
+            assert option_fields <= set(batch.query), name
