@@ -21,7 +21,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
 from lightning_meta import _compat, algorithms
-from lightning_meta.training.checkpoints import check_local_checkpoint_path, load_checkpoint_file
+from lightning_meta.training.checkpoints import (
+    check_local_checkpoint_path,
+    load_checkpoint_file,
+    rebuilt_base,
+    refuse_remote_code,
+    take_out_remote_code,
+)
 from lightning_meta.training.module import MetaLearningModule, upgrade_hyperparameters
 from lightning_meta.training.progress import MetaProgressBar
 from lightning_meta.version import VERSION
@@ -198,39 +204,56 @@ class MetaCLI(_compat.CLIWithoutCheckpointMerge):
         if subcommand is None:
             self.config = parser.parse_args(args)
             return
-        base = self._checkpoint_config(parser, subcommand, ckpt_path)
+        base, remote_code = self._checkpoint_config(parser, subcommand, ckpt_path)
         self.config = parser.parse_args(args, namespace=base)
         if base is not None:
             _check_same_learner(base[subcommand], self.config[subcommand], ckpt_path)
+            # Only the command line or the user's own config may switch a model folder's code on.
+            not_allowed = [key for key in remote_code if _value_at(self.config[subcommand], key) is not True]
+            if not_allowed:
+                refuse_remote_code(not_allowed, f"The checkpoint {ckpt_path}", f"--{not_allowed[0]}=true")
 
-    def _checkpoint_config(self, parser: LightningArgumentParser, subcommand: str, ckpt_path: str) -> Namespace | None:
-        """The checkpoint's model and datamodule options over the defaults (``None``: nothing saved)."""
+    def _checkpoint_config(
+        self, parser: LightningArgumentParser, subcommand: str, ckpt_path: str
+    ) -> tuple[Namespace | None, list[str]]:
+        """The checkpoint's model and datamodule options over the defaults (``None``: nothing saved), and the
+        options that asked to run a model folder's own code (``trust_remote_code``), which are switched off here."""
         if ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's names, resolved by the trainer
-            return None
+            return None, []
         if Path(ckpt_path).expanduser().is_dir():
             check_local_checkpoint_path(ckpt_path)
-            return None
+            return None, []
         checkpoint = load_checkpoint_file(ckpt_path)
         saved = {}
+        remote_code = []
         for key, hparams in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
             values = dict(checkpoint.get(hparams) or {})
             if key == "model":
                 values = upgrade_hyperparameters(values, ckpt_path)
+                base = rebuilt_base(checkpoint)  # a relative path read from another folder
+                if base is not None and isinstance(values.get("learner"), dict):
+                    values["learner"] = values["learner"] | {
+                        "init_args": dict(values["learner"].get("init_args") or {}) | {"pretrained": base}
+                    }
             values.pop("_instantiator", None)
             if "_class_path" in values:
                 values = {"class_path": values.pop("_class_path"), "init_args": values}
+            values, asked = take_out_remote_code(values)
+            remote_code += [f"{key}.{path}" for path in asked]
             if values:
                 saved[key] = values
         if not saved:
-            return None
+            return None, remote_code
         try:
-            return _compat.parse_object_unvalidated(parser, {"subcommand": subcommand, subcommand: saved})
+            base = _compat.parse_object_unvalidated(parser, {"subcommand": subcommand, subcommand: saved})
         except SystemExit:
             sys.stderr.write(
                 f"The hyper-parameters saved in {ckpt_path} do not fit this version's options (above). Give the "
                 "config the checkpoint was trained with: --config config.yaml from its run folder.\n"
             )
             raise
+        _dataclass_values_as_dicts(base)
+        return base, remote_code
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and self.trainer.state.finished:
@@ -354,6 +377,32 @@ def _argument_value(args: list[str], name: str) -> str | None:
         if arg.startswith(f"{name}="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _dataclass_values_as_dicts(config: Namespace, in_init_args: bool = False) -> None:
+    """Turn the options of a class's ``init_args`` that are dataclasses (``lora: LoraSettings``) into plain dicts.
+
+    jsonargparse (4.53) cannot merge a later value (a ``--config`` file's ``lora: {r: 8}``) into an optional
+    dataclass option that the base namespace holds as a namespace ("Not a valid subclass of LoraSettings"); a
+    dict there merges as the config gives it.
+    """
+    for name, value in vars(config).items():
+        if not isinstance(value, Namespace):
+            continue
+        if in_init_args and "class_path" not in value:
+            config[name] = value.as_dict()
+        else:
+            _dataclass_values_as_dicts(value, in_init_args=name == "init_args")
+
+
+def _value_at(config: Namespace, dotted: str) -> Any:
+    """The value at ``dotted`` in ``config``, through namespaces and dicts (``None`` where it is missing)."""
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, Namespace | dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _check_same_learner(saved: Namespace, chosen: Namespace, ckpt_path: str) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
+import textwrap
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -161,6 +165,82 @@ def test_disk_full_while_saving_leaves_no_truncated_checkpoint_and_says_so(tmp_p
     assert "The disk is full: the checkpoint" in error and "Traceback" not in error
     assert len([line for line in error.splitlines() if line.startswith("lightning-meta: error")]) == 1
     assert [path.name for path in tmp_path.rglob("*") if path.is_file() and "ckpt" in path.name] == []
+
+
+def remote_code_model(folder: Path, marker: Path) -> Path:
+    """A tiny GPT-2 whose config.json maps it to its own code (``auto_map``), which writes ``marker`` when run."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_GPT2, vocab_size=512)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    auto_map = {"AutoConfig": "marker.MarkerConfig", "AutoModelForCausalLM": "marker.MarkerModel"}
+    config |= {"model_type": "marker_gpt2", "architectures": ["MarkerModel"], "auto_map": auto_map}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "marker.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        Path({str(marker)!r}).write_text("the model folder's own code ran")
+
+        class MarkerConfig(GPT2Config):
+            model_type = "marker_gpt2"
+
+        class MarkerModel(GPT2LMHeadModel):
+            config_class = MarkerConfig
+    """))
+    return folder
+
+
+def test_a_checkpoint_never_switches_on_a_model_folders_own_code(tmp_path, monkeypatch, capsys):
+    from transformers import dynamic_module_utils
+
+    from lightning_meta import cli
+    from lightning_meta.handoff.export import export
+    from lightning_meta.handoff.pretraining import CausalLMPretraining
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    marker = tmp_path / "code-ran"
+    folder = remote_code_model(tmp_path / "remote", marker)
+    learner = CausalLMLearner(model_config=TINY_GPT2, tokenizer=TOKENIZER)
+    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=16, shots=1, queries=1,
+                                                 meta_batch_size=1, num_val_tasks=1, num_test_tasks=1,
+                                                 max_tokens_per_domain=2000)  # fmt: skip
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(MetaLearningModule(learner, FOMAML(inner_lr=0.1)), datamodule)
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    # A shared checkpoint whose saved options point the learner at that folder and switch its code on.
+    checkpoint = torch.load(tmp_path / "plain.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["learner"]["init_args"] |= {
+        "pretrained": str(folder), "model_config": None, "trust_remote_code": True
+    }
+    del checkpoint["datamodule_hyper_parameters"]  # no class_path outside the CLI: the command line gives the data
+    path = tmp_path / "asks-for-code.ckpt"
+    torch.save(checkpoint, path)
+
+    refusal = r"asks to run its pretrained model's own Python code \(learner.init_args.trust_remote_code: true\)"
+    with pytest.raises(CheckpointError, match=refusal + r".*load_from_checkpoint\(\.\.\., trust_remote_code=True\)"):
+        MetaLearningModule.load_from_checkpoint(path)
+    with pytest.raises(CheckpointError, match=refusal + r".*lightning-meta export --trust_remote_code=true"):
+        export(str(path), str(tmp_path / "export"))
+    with pytest.raises(CheckpointError, match=refusal + r".*pretrain: --model.trust_remote_code=true"):
+        CausalLMPretraining(init_from=str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["test", "--ckpt_path", str(path), "--data=LanguageModelingTasksDataModule",
+                  f"--data.init_args.tokenizer={TOKENIZER}", f"--trainer.default_root_dir={tmp_path / 'test'}"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert re.search(r"model.learner.init_args.trust_remote_code: true\).*"
+                     r"allow it yourself: --model.learner.init_args.trust_remote_code=true\.", error)  # fmt: skip
+    assert not marker.exists() and not (tmp_path / "export").exists()
+
+    # The caller's own option: the folder's code runs, as asked.
+    loaded = MetaLearningModule.load_from_checkpoint(path, trust_remote_code=True)
+    assert type(loaded.learner.model).__name__ == "MarkerModel" and marker.exists()
+    for name, weight in loaded.learner.state_dict().items():
+        assert torch.equal(weight, checkpoint["state_dict"][f"learner.{name}"]), name
+    assert (export(str(path), str(tmp_path / "export"), trust_remote_code=True) / "model.safetensors").is_file()
 
 
 def test_resuming_removes_the_partial_file_a_killed_save_left_beside_the_checkpoint(tmp_path):

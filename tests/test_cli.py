@@ -567,3 +567,34 @@ def test_description_names_every_algorithm_the_registry_holds():
     assert all(cls.__name__ in text for cls in algorithms.BUILTIN.values())
     assert "meta-learning (MAML, FOMAML, Reptile, ProtoNet," in text
     assert "(MAML, MyPlugin)" in cli.describe({"maml": MAML, "myplugin": type("MyPlugin", (), {})})
+
+
+def test_a_slim_lora_run_resumes_and_tests_with_its_own_config(tmp_path):
+    """A LoRA option in the checkpoint and in --config together were a parser error; the base is found or given."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tiny = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny, vocab_size=512)).save_pretrained(tmp_path / "base")
+    config = tmp_path / "lora.yaml"
+    config.write_text(textwrap.dedent(f"""
+        trainer: {{max_steps: 2, limit_val_batches: 0, limit_test_batches: 1, enable_progress_bar: false,
+                   enable_model_summary: false, default_root_dir: {tmp_path / "runs"}}}
+        model:
+          learner:
+            class_path: lightning_meta.CausalLMLearner
+            init_args: {{pretrained: {tmp_path / "base"}, tokenizer: embedded-bpe-512, lora: {{r: 2, alpha: 4}}}}
+          algorithm: {{class_path: FOMAML, init_args: {{inner_lr: 0.5, inner_steps: 1}}}}
+        data:
+          class_path: LanguageModelingTasksDataModule
+          init_args: {{block_size: 16, shots: 1, queries: 1, meta_batch_size: 1, num_val_tasks: 1, num_test_tasks: 1,
+                      max_tokens_per_domain: 2000}}
+    """))
+    cli.main(["fit", "--config", str(config), "--test_after_fit=false"])
+    (checkpoint,) = (tmp_path / "runs").rglob("*.ckpt")
+    cli.main(["test", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    # The base moved: the fingerprint error's remedy, with the run's own config, resumes.
+    (tmp_path / "base").rename(tmp_path / "moved")
+    cli.main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.max_steps=3",
+              f"--model.learner.init_args.pretrained={tmp_path / 'moved'}", "--test_after_fit=false"])  # fmt: skip
+    resumed = torch.load(max((tmp_path / "runs").rglob("*step=3.ckpt")), weights_only=True)
+    assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["learner"]["init_args"]["lora"]["r"] == 2

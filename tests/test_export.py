@@ -17,13 +17,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
-from lightning_meta.algorithms import FOMAML
+from lightning_meta.algorithms import FOMAML, MetaICL
 from lightning_meta.data.tokenization import fingerprint_of, load_tokenizer
-from lightning_meta.datamodules import LanguageModelingTasksDataModule
+from lightning_meta.datamodules import LanguageModelingTasksDataModule, TextToTextTasksDataModule
 from lightning_meta.handoff.export import PROVENANCE_FILE, ExportCallback, export
 from lightning_meta.training.checkpoints import REBUILT_WEIGHTS, CheckpointError
 
 sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
+from test_batch_padding import write_tasks  # noqa: E402
 from test_packed_text import write_corpus  # noqa: E402
 
 TINY = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64,
@@ -145,7 +146,8 @@ def test_a_pretrained_lora_base_is_left_out_of_checkpoints_rebuilt_and_checked(t
     # Another model at `pretrained` is refused by fingerprint, never silently combined with the adapters.
     L.seed_everything(2, verbose=False)
     CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(base)
-    message = r"the one loaded now \('.*base'\) is not the one it was trained on .*fingerprint .*pretrained=FOLDER"
+    message = (r"frozen weights are rebuilt from .*base, but what it holds now is not what the run was trained on "
+               r"\(fingerprint .*its files changed since.*pretrained=FOLDER")  # fmt: skip
     with pytest.raises(CheckpointError, match=message):
         MetaLearningModule.load_from_checkpoint(checkpoint)
     with pytest.raises(CheckpointError, match=message):
@@ -155,6 +157,80 @@ def test_a_pretrained_lora_base_is_left_out_of_checkpoints_rebuilt_and_checked(t
     random_base, _ = meta_checkpoint(tmp_path / "random", lora=LoraSettings(r=2, alpha=4))
     saved = torch.load(random_base, weights_only=True)
     assert REBUILT_WEIGHTS not in saved["lightning_meta"] and len(saved["state_dict"]) > len(kept)
+
+
+def test_a_slim_checkpoint_finds_its_base_from_another_folder_or_where_it_is_given(tmp_path, monkeypatch):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    L.seed_everything(1, verbose=False)
+    CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(run / "exports" / "b2")
+    monkeypatch.chdir(run)  # the base named relative to the run's folder, as a user types it
+    checkpoint, learner = meta_checkpoint(run, pretrained="exports/b2", lora=LoraSettings(r=2, alpha=4))
+    expected = logits_of(learner, tokens())
+    # Without the record of what it leaves out, a checkpoint lacking weights is refused in one line.
+    cut = torch.load(checkpoint, weights_only=True)
+    del cut["lightning_meta"][REBUILT_WEIGHTS]
+    torch.save(cut, run / "cut.ckpt")
+    message = r"lacks \d+ frozen weights of the learner's pretrained model \('exports/b2'.* holds no record of leaving"
+    with pytest.raises(CheckpointError, match=message):
+        MetaLearningModule.load_from_checkpoint(run / "cut.ckpt")
+    with pytest.raises(CheckpointError, match=message):
+        export(str(run / "cut.ckpt"), str(tmp_path / "cut-export"))
+
+    monkeypatch.chdir(elsewhere)  # the relative path finds nothing here: the folder found at training is used
+    loaded = MetaLearningModule.load_from_checkpoint(checkpoint).learner.eval()
+    assert torch.equal(logits_of(loaded, tokens()), expected)
+    assert (export(str(checkpoint), str(tmp_path / "from-record")) / "model.safetensors").is_file()
+    shutil.move(run / "exports" / "b2", tmp_path / "moved")  # now nowhere it was: the message says where to give it
+    with pytest.raises(FileNotFoundError, match=rf"'exports/b2' is neither a local path \(nothing at {elsewhere}/"
+                       r"exports/b2\).* give its folder on this machine with --pretrained FOLDER"):  # fmt: skip
+        export(str(checkpoint), str(tmp_path / "lost"))
+    output = export(str(checkpoint), str(tmp_path / "given"), pretrained=str(tmp_path / "moved"))
+    with torch.no_grad():  # merged W + BA: equal to rounding
+        logits = AutoModelForCausalLM.from_pretrained(output)(input_ids=tokens()).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    L.seed_everything(2, verbose=False)
+    CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointError, match=r"the one loaded now \('.*other'\) is not the one it was trained on"):
+        export(str(checkpoint), str(tmp_path / "wrong"), pretrained=str(tmp_path / "other"))
+
+
+def text_tasks(folder: Path) -> TextToTextTasksDataModule:
+    return TextToTextTasksDataModule(
+        tokenizer="embedded-bpe-4096", dataset=str(write_tasks(folder)), shots=2, queries=1, max_length=32,
+        meta_batch_size=1, val_tasks=["t0"], test_tasks=["t1"], num_val_tasks=1, num_test_tasks=1,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("precision, algorithm", [("64-true", FOMAML), ("bf16-true", MetaICL)])
+def test_a_slim_checkpoint_resumes_tests_and_exports_after_training_in_any_precision(tmp_path, precision, algorithm):
+    """The trainer casts the model (64-true, bf16-true) after the learner is built; the base is rebuilt uncast."""
+    base = tmp_path / "base"
+    L.seed_everything(1, verbose=False)
+    CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(base)
+
+    def module() -> MetaLearningModule:
+        learner = CausalLMLearner(pretrained=str(base), lora=LoraSettings(r=2, alpha=4))
+        return MetaLearningModule(learner, FOMAML(inner_lr=0.1) if algorithm is FOMAML else MetaICL())
+
+    data = lm_tasks if algorithm is FOMAML else text_tasks
+    trainer = quiet_trainer(tmp_path, precision=precision)
+    trainer.fit(trained := module(), data(tmp_path))
+    checkpoint = tmp_path / "meta.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert REBUILT_WEIGHTS in torch.load(checkpoint, weights_only=True)["lightning_meta"]
+    resumed = quiet_trainer(tmp_path / "resumed", precision=precision, max_steps=3)
+    resumed.fit(module(), data(tmp_path), ckpt_path=checkpoint)
+    assert resumed.global_step == 3
+    quiet_trainer(tmp_path / "tested", precision=precision).test(module(), data(tmp_path), ckpt_path=checkpoint)
+    # Loaded as built (float32): the trained adapters as saved, the base as the pretrained folder holds it.
+    loaded = dict(MetaLearningModule.load_from_checkpoint(checkpoint).learner.named_parameters())
+    pretrained = CausalLMLearner(pretrained=str(base)).state_dict()
+    for name, weight in trained.learner.named_parameters():
+        if not weight.requires_grad:  # peft's name of a base weight
+            weight = pretrained[name.replace("base_model.model.", "").replace(".base_layer", "")]
+        assert torch.equal(loaded[name], weight.to(torch.float32)), name
+    assert (export(str(checkpoint), str(tmp_path / "export")) / "model.safetensors").is_file()
 
 
 def test_export_callback_writes_the_same_folder_at_the_end_of_fit(tmp_path):

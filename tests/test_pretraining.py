@@ -75,6 +75,24 @@ def test_from_export_and_from_checkpoint_give_identical_first_steps(handoff, tmp
     assert module.tokenizer == str(folder)  # the export's own tokenizer by default
 
 
+def test_a_slim_lora_checkpoint_pretrains_every_weight_as_its_export_does(tmp_path):
+    """Merged LoRA weights came out frozen (the base was): `element 0 of tensors does not require grad`."""
+    from lightning_meta import CausalLMLearner, LoraSettings
+
+    L.seed_everything(1, verbose=False)
+    CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(tmp_path / "base")
+    checkpoint, _ = meta_checkpoint(tmp_path, pretrained=str(tmp_path / "base"), lora=LoraSettings(r=2, alpha=4))
+    folder = export(str(checkpoint), str(tmp_path / "export"))
+    from_checkpoint, module, _ = pretrain(tmp_path / "corpus", tmp_path / "a", 2, init_from=str(checkpoint),
+                                          tokenizer="embedded-bpe-4096")  # fmt: skip
+    from_export, _, _ = pretrain(tmp_path / "corpus", tmp_path / "b", 2, init_from=str(folder),
+                                 tokenizer="embedded-bpe-4096")  # fmt: skip
+    assert all(weight.requires_grad for weight in module.parameters())
+    assert len(from_checkpoint.losses) == 2
+    for step, loss in from_export.losses.items():  # merged W + BA: equal to rounding
+        assert loss == pytest.approx(from_checkpoint.losses[step], rel=1e-5)
+
+
 def test_mid_epoch_resume_reproduces_the_uninterrupted_losses(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     options = {"model_config": dict(TINY), "tokenizer": "embedded-bpe-4096"}

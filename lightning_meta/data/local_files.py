@@ -74,10 +74,12 @@ def resolve_local_path(spec: str) -> Path:
         snapshot = _cached_snapshot(spec, cache)
         if snapshot is None:
             raise FileNotFoundError(
-                f"{spec!r} is neither a local path nor a model in the Hugging Face cache ({cache}). Nothing is "
-                f"downloaded at run time: on a connected machine run `hf download {spec}` (older clients: "
-                f"`huggingface-cli download {spec}`) and copy that machine's cache folder to {cache} (or point "
-                "HF_HOME at a copy), or give the folder of a save_pretrained copy."
+                f"{spec!r} is neither a local path (nothing at {path.absolute()}) nor a model in the Hugging Face "
+                f"cache ({cache}). If it is a folder that moved, or a path relative to the folder of an earlier "
+                "command, give the folder where it is now. Nothing is downloaded at run time: for a hub model, on a "
+                f"connected machine run `hf download {spec}` (older clients: `huggingface-cli download {spec}`) and "
+                f"copy that machine's cache folder to {cache} (or point HF_HOME at a copy), or give the folder of a "
+                "save_pretrained copy."
             )
         return snapshot
     raise FileNotFoundError(

@@ -35,7 +35,10 @@ from lightning_meta.training.checkpoints import (
     CheckpointError,
     check_local_checkpoint_path,
     load_checkpoint_file,
+    rebuilt_base,
+    refuse_remote_code,
     restore_rebuilt_weights,
+    take_out_remote_code,
 )
 from lightning_meta.version import VERSION
 
@@ -45,6 +48,8 @@ _PRETRAINING_PREFIX = "model."
 _ADAPTER_FILE = "adapter_config.json"  # what peft's save_pretrained writes: marks an earlier adapter export
 _DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 _LIGHTNING_EXTRAS = "meta.pt"  # beside the shards: what Lightning saves apart from the weights and optimizer states
+#: How the callers of :func:`model_from_checkpoint` allow a checkpoint's model folder to run its own code.
+_REMOTE_CODE_OPTIONS = "lightning-meta export --trust_remote_code=true (pretrain: --model.trust_remote_code=true)"
 
 
 def export(
@@ -53,6 +58,8 @@ def export(
     overwrite: bool = False,
     adapter_dir: str | None = None,
     tokenizer: str | None = None,
+    pretrained: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Export a lightning-meta checkpoint as a Hugging Face folder (``lightning-meta export``).
 
@@ -66,6 +73,11 @@ def export(
             always holds the merged weights.
         tokenizer: the tokenizer folder to ship, when the one the checkpoint names is not on this machine;
             it must give the same token ids (checked against the checkpoint's fingerprint).
+        pretrained: the pretrained model to rebuild the frozen weights from, for a checkpoint that leaves them
+            out (LoRA on a pretrained model), when the one it names is not on this machine; it must hold the
+            same weights (checked against the checkpoint's fingerprint).
+        trust_remote_code: let the checkpoint's pretrained model folder run its own Python code (``auto_map``
+            in its config.json), when the checkpoint was trained with it; never taken from the checkpoint.
     """
     output = Path(output_dir).expanduser()
     source_path = check_local_checkpoint_path(ckpt_path)
@@ -74,7 +86,10 @@ def export(
         _refuse_existing(folder, overwrite, source_path, marker)
         _check_writable(folder)
     checkpoint, source = read_checkpoint(ckpt_path)
-    model, provenance = model_from_checkpoint(checkpoint, tokenizer=tokenizer, adapter_dir=adapter_dir)
+    model, provenance = model_from_checkpoint(
+        checkpoint, tokenizer=tokenizer, adapter_dir=adapter_dir, pretrained=pretrained,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     provenance.update(source)
     write_export(model, provenance, output, overwrite=overwrite)
     rank_zero_info(f"Exported {ckpt_path} to {output} (AutoModelForCausalLM.from_pretrained('{output}')).")
@@ -141,7 +156,11 @@ def _load_shards(folder: Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(
-    checkpoint: Mapping[str, Any], tokenizer: str | None = None, adapter_dir: str | None = None
+    checkpoint: Mapping[str, Any],
+    tokenizer: str | None = None,
+    adapter_dir: str | None = None,
+    pretrained: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The Hugging Face model in a lightning-meta checkpoint (LoRA merged) and its provenance.
 
@@ -149,6 +168,10 @@ def model_from_checkpoint(
         checkpoint: a loaded checkpoint (:func:`read_checkpoint`).
         tokenizer: a replacement for the tokenizer the checkpoint names (same token ids, checked).
         adapter_dir: with LoRA, also ``save_pretrained`` the adapters alone there, before merging.
+        pretrained: a replacement for the pretrained model a checkpoint that leaves out its frozen weights
+            rebuilds them from (same weights, checked by fingerprint).
+        trust_remote_code: the caller allows the learner's pretrained folder to run its own code, as the
+            checkpoint's hyper-parameters ask; without it such a checkpoint is refused.
     """
     saved = dict(checkpoint.get("lightning_meta") or {})
     if "tokenizer" not in saved:  # an encoder's tokenizer is the datamodule's, recorded in its state
@@ -161,6 +184,18 @@ def model_from_checkpoint(
     if saved.get("module") == "pretraining":
         model, provenance = _pretrained_model(saved, state)
     elif isinstance(hparams.get("learner"), Mapping) and "class_path" in hparams["learner"]:
+        if not trust_remote_code:  # only the caller switches a model folder's own code on, never the file
+            asked = take_out_remote_code({"learner": hparams["learner"]})[1]
+            refuse_remote_code(asked, "The checkpoint", _REMOTE_CODE_OPTIONS)
+        init_args = hparams["learner"].get("init_args") or {}
+        if pretrained is not None and init_args.get("pretrained") is None:
+            raise ValueError(
+                f"pretrained={pretrained!r}: this checkpoint's learner loads no pretrained model (it is built from "
+                "its model_config, whose weights the checkpoint holds). Leave --pretrained out."
+            )
+        base = rebuilt_base(checkpoint, pretrained)
+        if base is not None:
+            init_args["pretrained"] = base
         model, provenance = _meta_learned_model(hparams, saved, state, tokenizer, adapter_dir)
     else:
         raise CheckpointError(
@@ -202,8 +237,16 @@ def _meta_learned_model(
     if tokenizer is not None:
         init_args["tokenizer"] = tokenizer  # only decides the vocabulary size of a model built from a config
     _loadable_tokenizer(tokenizer or name)
-    learner = CausalLMLearner(**{key: _lora_settings(value) if key == "lora" else value
-                                 for key, value in init_args.items()})  # fmt: skip
+    try:
+        learner = CausalLMLearner(**{key: _lora_settings(value) if key == "lora" else value
+                                     for key, value in init_args.items()})  # fmt: skip
+    except FileNotFoundError as error:
+        if init_args.get("pretrained") is None:
+            raise
+        raise FileNotFoundError(
+            f"{error} The checkpoint's learner loads its pretrained model from there: give its folder on this machine "
+            "with --pretrained FOLDER (for a checkpoint that leaves out its frozen weights, checked by fingerprint)."
+        ) from None
     state = dict(state)
     restore_rebuilt_weights(state, saved, learner, LEARNER_PREFIX)
     _load_weights(learner, state, LEARNER_PREFIX, "learner")
@@ -467,7 +510,8 @@ class ExportCallback(Callback):
                           "global_step": trainer.global_step, "epoch": trainer.current_epoch}  # fmt: skip
             pl_module.on_save_checkpoint(checkpoint)  # the tokenizer and, for pretraining, the model config
             figures = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            model, provenance = model_from_checkpoint(checkpoint)
+            # The run's own options, which built the learner this run trains: trusted as the run trusts them.
+            model, provenance = model_from_checkpoint(checkpoint, trust_remote_code=True)
             provenance |= {"validation": figures, "source_checkpoint": None, "exported_during": "fit"}
             write_export(model, provenance, output, overwrite=self.overwrite or output in self._written)
             self._written.add(output)

@@ -131,11 +131,12 @@ class CausalLMPretraining(LightningModule):
             default_tokenizer = init_from
         else:
             checkpoint, source = read_checkpoint(check_local_checkpoint_path(init_from))
-            model, provenance = model_from_checkpoint(checkpoint)
+            model, provenance = model_from_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
             provenance.pop("tokenizer_object")
             provenance |= source
             trained_with, fingerprint = provenance["tokenizer"], provenance["tokenizer_fingerprint"]
-            model = model.to(dtype)
+            # Every weight trains here; a LoRA learner's base was frozen, and merging keeps it so.
+            model = model.to(dtype).requires_grad_(True)
             if attn_implementation:
                 model.set_attn_implementation(attn_implementation)
             default_tokenizer = trained_with

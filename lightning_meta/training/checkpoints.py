@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from lightning_meta.data.local_files import remove_stale_partials, write_file_atomically
+from lightning_meta.data.local_files import remove_stale_partials, resolve_local_path, write_file_atomically
 from lightning_meta.learners.base import Learner
 
 #: Exit status after SIGTERM, as a shell reports a process the signal ended: schedulers read it as "not done".
@@ -87,6 +87,47 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+#: The option that lets a pretrained model folder run its own Python code (``auto_map`` in its config.json).
+REMOTE_CODE = "trust_remote_code"
+
+
+def take_out_remote_code(hparams: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``hparams`` read from a file with every ``trust_remote_code`` switched off, and the dotted keys that had
+    it on (the learner's, an encoder config's, ...).
+
+    A checkpoint is read ``weights_only`` so that a shared file cannot run code; its hyper-parameters must not
+    switch on a model folder's own code either: only the caller may (:func:`refuse_remote_code`).
+    """
+    asked: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, Mapping):
+            cleaned = {}
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if key == REMOTE_CODE and item:
+                    asked.append(where)
+                    item = False
+                cleaned[key] = clean(item, where)
+            return cleaned
+        if isinstance(value, list | tuple):
+            return [clean(item, f"{path}.{index}") for index, item in enumerate(value)]
+        return value
+
+    return clean(hparams, ""), asked
+
+
+def refuse_remote_code(asked: list[str], source: str, option: str) -> None:
+    """Refuse a checkpoint whose hyper-parameters ask to run a model folder's own code (``asked``, from
+    :func:`take_out_remote_code`) when the caller did not allow it; ``option`` says how the caller allows it."""
+    if asked:
+        raise CheckpointError(
+            f"{source} asks to run its pretrained model's own Python code ({asked[0]}: true), and a checkpoint never "
+            "switches that on by itself (it is read weights_only so that a shared file cannot run code). If you "
+            f"trust that model folder's code, allow it yourself: {option}."
+        )
+
+
 #: Where a MetaLearningModule's state_dict keeps its learner's weights.
 LEARNER_PREFIX = "learner."
 #: The key under ``checkpoint["lightning_meta"]`` that records the frozen weights a checkpoint leaves out.
@@ -104,6 +145,18 @@ def weights_fingerprint(module: nn.Module, names: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def fingerprint_rebuilt_weights(learner: Learner) -> None:
+    """Fingerprint the weights ``learner`` rebuilds (:meth:`Learner.rebuilt_weights`) as built, for every later save
+    and load of it to use.
+
+    Taken when the learner is built, before a precision plugin casts it (``64-true``, ``bf16-true``): a load
+    rebuilds the weights in the learner's own dtype and compares them with this fingerprint, not with the cast ones.
+    """
+    names = learner.rebuilt_weights()
+    if names:
+        _cached_fingerprint(learner, names)
+
+
 def leave_out_rebuilt_weights(checkpoint: dict[str, Any], learner: Learner, prefix: str) -> None:
     """Drop from ``checkpoint["state_dict"]`` the weights ``learner`` rebuilds by itself (a pretrained LoRA
     base: 538 of 540 MB for SmolLM2-135M), recording their names, origin and fingerprint so that
@@ -114,11 +167,40 @@ def leave_out_rebuilt_weights(checkpoint: dict[str, Any], learner: Learner, pref
         return
     for name in names:
         del state[prefix + name]
+    pretrained = getattr(learner, "pretrained", None)
     checkpoint.setdefault("lightning_meta", {})[REBUILT_WEIGHTS] = {
-        "from": getattr(learner, "pretrained", None),
+        "from": pretrained,
+        # Where `from` was found, absolute: a relative path read from another folder finds nothing (see rebuilt_base).
+        "folder": _absolute_folder(pretrained),
         "names": names,
         "fingerprint": _cached_fingerprint(learner, names),
     }
+
+
+def rebuilt_base(checkpoint: Mapping[str, Any], given: str | None = None) -> str | None:
+    """The pretrained model a checkpoint that leaves out its frozen weights should rebuild them from: ``given``
+    (the caller's choice), else the one its learner names when that is found here, else the folder it was found
+    in at training (recorded absolute, for a relative path read from another folder). ``None``: the learner's own
+    setting stands (nothing left out, or nothing better known)."""
+    record = (checkpoint.get("lightning_meta") or {}).get(REBUILT_WEIGHTS) or {}
+    if given is not None or not record:
+        return given
+    named, folder = record.get("from"), record.get("folder")
+    if named is None or folder is None or named == folder or _absolute_folder(named) is not None:
+        return None
+    if not Path(folder).is_dir():
+        return None
+    rank_zero_info(f"The checkpoint's pretrained model {named!r} is not found from here; rebuilding from {folder}.")
+    return folder
+
+
+def _absolute_folder(pretrained: str | None) -> str | None:
+    if pretrained is None:
+        return None
+    try:
+        return str(resolve_local_path(pretrained).resolve())
+    except FileNotFoundError:
+        return None
 
 
 def restore_rebuilt_weights(
@@ -127,7 +209,16 @@ def restore_rebuilt_weights(
     """Put the weights a checkpoint left out (:func:`leave_out_rebuilt_weights`) back into ``state`` from
     ``learner``, which rebuilt them, after checking they are the ones it was trained with."""
     record = (saved or {}).get(REBUILT_WEIGHTS)
+    pretrained = getattr(learner, "pretrained", None)
     if not record:
+        missing = [name for name in learner.rebuilt_weights() if prefix + name not in state]
+        if missing:
+            raise CheckpointError(
+                f"The checkpoint lacks {len(missing)} frozen weights of the learner's pretrained model "
+                f"({pretrained!r}; {missing[:3]}) and holds no record of leaving them out (lightning_meta."
+                f"{REBUILT_WEIGHTS}), so nothing says which model they came from: it was cut down or edited by "
+                "other code. Use a checkpoint as lightning-meta fit wrote it (another .ckpt of the run)."
+            )
         return
     names = list(record["names"])
     weights = dict(learner.named_parameters(remove_duplicate=False))
@@ -140,12 +231,23 @@ def restore_rebuilt_weights(
         )
     fingerprint = _cached_fingerprint(learner, names)  # a later save of this learner reuses it
     if fingerprint != record["fingerprint"]:
+        here, there = _absolute_folder(pretrained), record.get("folder")
+        if here is not None and here == there:
+            problem = (
+                f"are rebuilt from {here}, but what it holds now is not what the run was trained on (fingerprint "
+                f"{fingerprint}, saved {record['fingerprint']}): its files changed since, or the learner is built "
+                f"in another dtype (now {getattr(learner, 'dtype', '?')}). Put the original model back there, or "
+                "point the learner's pretrained at a copy of it"
+            )
+        else:
+            problem = (
+                f"are rebuilt from the learner's pretrained model, but the one loaded now ({pretrained!r}) is not "
+                f"the one it was trained on ({record['from']!r}): fingerprint {fingerprint}, saved "
+                f"{record['fingerprint']}. Point the learner's pretrained at that model"
+            )
         raise CheckpointError(
-            f"The checkpoint holds only the trained weights; its {len(names)} frozen weights are rebuilt from the "
-            f"learner's pretrained model, but the one loaded now ({getattr(learner, 'pretrained', None)!r}) is not "
-            f"the one it was trained on ({record['from']!r}): fingerprint {fingerprint}, saved "
-            f"{record['fingerprint']}. "
-            "Point the learner's pretrained at that model (--model.learner.init_args.pretrained=FOLDER)."
+            f"The checkpoint holds only the trained weights; its {len(names)} frozen weights {problem} "
+            "(--model.learner.init_args.pretrained=FOLDER; lightning-meta export: --pretrained FOLDER)."
         )
     for name in names:
         state[prefix + name] = weights[name].detach()

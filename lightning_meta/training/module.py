@@ -26,10 +26,13 @@ from lightning_meta.training.algorithm import MetaAlgorithm
 from lightning_meta.training.checkpoints import (
     LEARNER_PREFIX,
     PreemptionCheckpoint,
-    check_local_checkpoint_path,
+    fingerprint_rebuilt_weights,
     leave_out_rebuilt_weights,
     load_checkpoint_file,
+    rebuilt_base,
+    refuse_remote_code,
     restore_rebuilt_weights,
+    take_out_remote_code,
 )
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.inner_loop import check_step_count
@@ -164,6 +167,7 @@ class MetaLearningModule(LightningModule):
         #: parameters the step's meta-gradient does not reach, tied into the loss for DDP only.
         self._unreached: tuple[Tensor, ...] = ()
         algorithm.check_learner(learner)
+        fingerprint_rebuilt_weights(learner)  # as built: the trainer may cast it to another precision
         self._save_hyperparameters(algorithm)
         self.episode_stats = nn.ModuleDict(
             {
@@ -446,22 +450,37 @@ class MetaLearningModule(LightningModule):
         map_location: Any = None,
         hparams_file: str | Path | None = None,
         strict: bool | None = None,
+        trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> MetaLearningModule:
         """Lightning's ``load_from_checkpoint``, for local files only and with ``weights_only=True``.
 
         A URL, a truncated file or a file that is not a checkpoint is refused with a message that
-        names the file; components are rebuilt from the saved hyper-parameters.
+        names the file; components are rebuilt from the saved hyper-parameters. A checkpoint whose
+        learner's pretrained model runs its own code (``trust_remote_code``) is refused unless the
+        caller sets ``trust_remote_code=True``: the file never decides that. A slim checkpoint's
+        pretrained model named by a relative path is looked up where it was found at training.
         """
         if isinstance(checkpoint_path, str | Path):
-            check_local_checkpoint_path(checkpoint_path)
             checkpoint = load_checkpoint_file(checkpoint_path)  # memory-mapped: checks without reading the weights
-            saved = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-            if _RENAMED.keys() & set(saved) or _current_class_paths(saved) != saved:  # an earlier version's names
-                checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = upgrade_hyperparameters(saved, str(checkpoint_path))
-                checkpoint_path = io.BytesIO()
-                torch.save(checkpoint, checkpoint_path)
-                checkpoint_path.seek(0)
+            source = f"The checkpoint {checkpoint_path}"
+        else:  # a file object: read here, so that its hyper-parameters are checked like a file's
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            source = "The checkpoint"
+        saved = dict(checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+        if not trust_remote_code:  # what the caller passes (learner=...) is the caller's, not the file's
+            asked = take_out_remote_code({key: value for key, value in saved.items() if key not in kwargs})[1]
+            refuse_remote_code(asked, source, "MetaLearningModule.load_from_checkpoint(..., trust_remote_code=True)")
+        hparams = upgrade_hyperparameters(saved, str(checkpoint_path)) if _needs_upgrade(saved) else saved
+        base = rebuilt_base(checkpoint)
+        if base is not None and isinstance(hparams.get("learner"), Mapping) and "learner" not in kwargs:
+            hparams["learner"] = dict(hparams["learner"])
+            hparams["learner"]["init_args"] = dict(hparams["learner"].get("init_args") or {}) | {"pretrained": base}
+        if hparams is not saved or base is not None or not isinstance(checkpoint_path, str | Path):
+            checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = hparams
+            checkpoint_path = io.BytesIO()
+            torch.save(checkpoint, checkpoint_path)
+            checkpoint_path.seek(0)
         return super().load_from_checkpoint(
             checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
             **kwargs,
@@ -530,6 +549,11 @@ def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str
                 f"{source}: {old}={value!r} (an earlier version's option) is read as {new}={upgraded[new]!r}."
             )
     return upgraded
+
+
+def _needs_upgrade(hparams: Mapping[str, Any]) -> bool:
+    """Whether ``hparams`` use an earlier version's option names or module paths (:func:`upgrade_hyperparameters`)."""
+    return bool(_RENAMED.keys() & set(hparams)) or _current_class_paths(dict(hparams)) != dict(hparams)
 
 
 def _check_eval_curve(eval_curve: list[int] | None, algorithm: MetaAlgorithm) -> None:
