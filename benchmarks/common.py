@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,34 +23,58 @@ from torch.utils.data import DataLoader
 
 from lightning_meta import Learner, MetaLearningModule, TaskBatch
 from lightning_meta.algorithms import MetaAlgorithm
-from lightning_meta.training.metrics import mean_and_ci95
+from lightning_meta.training.metrics import TASK_KEY, mean_and_ci95
 
 # ------------------------------------------------------------------------------ statistics, tables
 
 
-def format_ci(values: Tensor, signed: bool = False) -> str:
-    """``mean ± half-width`` of the 95% CI over ``values`` (``diverged (n episodes)`` if any is not finite)."""
+def format_ci(values: Tensor, signed: bool = False, tasks: Sequence[Hashable] | None = None) -> str:
+    """``mean ± half-width`` of the 95% CI over ``values`` (``diverged (n episodes)`` if any is not finite).
+
+    ``tasks``: the task of each value, where episodes share tasks: the CI is then over the task means
+    (the package's ``mean_and_ci95(values, groups=tasks)``); without, over the values as independent.
+    """
     if not torch.isfinite(values).all():
         return f"diverged ({int((~torch.isfinite(values)).sum())} episodes)"
-    mean, ci95 = mean_and_ci95(values)
+    mean, ci95 = mean_and_ci95(values, groups=tasks)
     return f"{mean.item():{'+' if signed else ''}.3f} ± {ci95.item():.3f}"
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% CI half-width of plain numbers (the package's ``mean_and_ci95``)."""
-    mean, ci95 = mean_and_ci95(torch.tensor(values, dtype=torch.float64))
+def mean_ci(values: Sequence[float], tasks: Sequence[Hashable] | None = None) -> tuple[float, float]:
+    """Mean and 95% CI half-width of plain numbers (the package's ``mean_and_ci95``; over tasks with ``tasks``)."""
+    mean, ci95 = mean_and_ci95(torch.tensor(values, dtype=torch.float64), groups=tasks)
     return mean.item(), ci95.item()
 
 
-def seed_spread(per_seed: Tensor, signed: bool = False) -> str:
-    """``mean ± CI [lowest, highest seed mean]`` of a (seeds, episodes) tensor.
+def seed_spread(per_seed: Tensor, signed: bool = False, tasks: Sequence[Hashable] | None = None) -> str:
+    """``mean ± CI [lowest, highest seed mean]`` of a (seeds, episodes) tensor, every seed on the same episodes.
 
-    The CI is over episodes of the seeds' mean on each episode (the seeds are paired by episode).
+    The CI has the seeds and the tasks as its units (``mean_and_ci95(..., groups=, seeds=)``: the
+    seed-to-seed variance included); ``tasks`` is the task of each episode (``None``: each episode
+    its own task). The mean is over tasks (each task weighs the same), and so are the seed means.
+    For a paired difference (``signed``), pass the (seeds, episodes) differences, an arm without seeds
+    repeated once per seed of the other: ``mean ± CI`` is then bold where the CI excludes 0.
     """
-    mean, ci95 = mean_and_ci95(per_seed.mean(0))
-    means = per_seed.mean(1).tolist()
+    seeds, episodes = per_seed.shape
+    tasks = list(range(episodes)) if tasks is None else list(tasks)
+    groups = tasks * seeds
+    mean, ci95 = mean_and_ci95(per_seed.flatten(), groups=groups, seeds=[s for s in range(seeds) for _ in tasks])
+    means = [mean_and_ci95(row, groups=tasks)[0].item() for row in per_seed]
     number = "+.3f" if signed else ".3f"
-    return f"{mean:{number}} ± {ci95:.3f} [{min(means):{number}}, {max(means):{number}}]"
+    figure = f"{mean:{number}} ± {ci95:.3f}"
+    if signed and abs(mean) > ci95:
+        figure = f"**{figure}**"
+    return f"{figure} [{min(means):{number}}, {max(means):{number}}]"
+
+
+def episode_tasks(batches: Iterable[TaskBatch]) -> list[str] | None:
+    """The task of each episode of ``batches`` (``metadata["task"]``), or ``None`` where they carry none."""
+    tasks: list[str] = []
+    for batch in batches:
+        if TASK_KEY not in batch.metadata:
+            return None
+        tasks += [str(task) for task in batch.metadata[TASK_KEY]]
+    return tasks
 
 
 def steps_label(k: int) -> str:
@@ -63,10 +87,16 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def paired_rows(curves: dict[str, dict[int, Tensor]], reference: str, columns: Sequence[int]) -> list[list[str]]:
-    """Per-episode differences to ``curves[reference]`` on the same episodes, one row per other name."""
+def paired_rows(
+    curves: dict[str, dict[int, Tensor]],
+    reference: str,
+    columns: Sequence[int],
+    tasks: Sequence[Hashable] | None = None,
+) -> list[list[str]]:
+    """Per-episode differences to ``curves[reference]`` on the same episodes, one row per other name
+    (the CI over tasks with ``tasks``, the task of each episode)."""
     return [
-        [name, *(format_ci(curve[k] - curves[reference][k]) for k in columns)]
+        [name, *(format_ci(curve[k] - curves[reference][k], tasks=tasks) for k in columns)]
         for name, curve in curves.items()
         if name != reference
     ]

@@ -12,7 +12,7 @@ import torch
 from lightning_meta import MLP, RegressionLearner
 from lightning_meta.algorithms import FOMAML
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.training.metrics import Z_95
+from lightning_meta.training.metrics import Z_95, mean_and_ci95, student_t_quantile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
@@ -33,12 +33,19 @@ def test_format_ci_names_diverged_episodes_and_signs() -> None:
     assert common.format_ci(torch.tensor([1.0, math.inf, math.nan])) == "diverged (2 episodes)"
 
 
-def test_seed_spread_pairs_seeds_by_episode() -> None:
+def test_seed_spread_has_seeds_and_tasks_as_units() -> None:
     per_seed = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]], dtype=torch.float64)  # seed means 2 and 4
-    # The seeds' mean per episode is 2, 3, 4: mean 3, sample std 1 over 3 episodes.
-    expected_ci = Z_95 / math.sqrt(3)
+    # Each episode its own task: cells = per_seed; MS_seed 6, MS_task 2, MS_residual 0: variance 8/6,
+    # Satterthwaite 64 / (36 + 2) → 1 degree of freedom.
+    expected_ci = student_t_quantile(0.975, 1) * math.sqrt(8 / 6)
     assert common.seed_spread(per_seed) == f"3.000 ± {expected_ci:.3f} [2.000, 4.000]"
     assert common.seed_spread(-per_seed, signed=True) == f"-3.000 ± {expected_ci:.3f} [-4.000, -2.000]"
+    # tasks shared by episodes: each task weighs the same (task means 1.5 and 3; seeds 2.25 and 4.25)
+    tasks = ["a", "a", "b"]
+    mean, ci95 = mean_and_ci95(per_seed.flatten(), groups=tasks * 2, seeds=[0, 0, 0, 1, 1, 1])
+    assert common.seed_spread(per_seed, tasks=tasks) == f"{mean:.3f} ± {ci95:.3f} [2.250, 4.250]"
+    # a paired difference whose CI excludes 0 is bold
+    assert common.seed_spread(torch.tensor([[1.0, 1.1], [1.0, 0.9]]), signed=True).startswith("**+1.000 ± ")
 
 
 def test_markdown_table_and_paired_rows() -> None:
@@ -46,6 +53,30 @@ def test_markdown_table_and_paired_rows() -> None:
     rows = common.paired_rows(curves, "b", [0])
     assert rows == [["a", common.format_ci(torch.tensor([-1.0, 0.0]))]]
     assert common.markdown_table(["method", "Δ"], rows) == ["| method | Δ |", "|---|---|", f"| a | {rows[0][1]} |"]
+
+
+def test_format_ci_and_paired_rows_over_tasks() -> None:
+    # differences 1, 2 (task t) and 4, 5 (task u): task means 1.5 and 4.5, s = 3/√2 over 2 tasks
+    curves = {"a": {0: torch.tensor([1.0, 2.0, 4.0, 5.0])}, "b": {0: torch.zeros(4)}}
+    tasks = ["t", "t", "u", "u"]
+    expected = f"3.000 ± {student_t_quantile(0.975, 1) * 3 / math.sqrt(2) / math.sqrt(2):.3f}"
+    assert common.format_ci(curves["a"][0], tasks=tasks) == expected
+    assert common.paired_rows(curves, "b", [0], tasks=tasks) == [["a", expected]]
+    assert common.mean_ci([1.0, 2.0, 4.0, 5.0], tasks=tasks)[0] == 3.0
+
+
+def test_episode_tasks_reads_each_episodes_task() -> None:
+    from lightning_meta.datamodules import LanguageModelingTasksDataModule
+
+    datamodule = LanguageModelingTasksDataModule(
+        tokenizer="embedded-bpe-4096", block_size=16, shots=1, queries=1, num_val_tasks=2, num_test_tasks=6,
+        eval_meta_batch_size=4, max_tokens_per_domain=2_000, seed=0,
+    )  # fmt: skip
+    datamodule.setup("test")
+    batches = datamodule.eval_batches("test")
+    assert common.episode_tasks(batches) == [d for batch in batches for d in batch.metadata["domain"]]
+    sinusoid = SinusoidDataModule(shots=2, queries=2, num_test_tasks=3, seed=0).eval_batches("test")
+    assert common.episode_tasks(sinusoid) is None  # every sinusoid its own task: no task ids
 
 
 def test_adaptation_curve_is_the_per_episode_trajectory() -> None:

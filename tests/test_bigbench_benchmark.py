@@ -3,11 +3,16 @@ tiny random GPT-2): every arm writes its result files, and a rerun skips the fin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from lightning_meta.training.metrics import mean_and_ci95
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "bigbench" / "run.py"
 ARMS = ["base-seed0", "multitask-seed0", "metaicl-seed0", "fomaml_lora-seed0"]
@@ -61,3 +66,35 @@ def test_smoke_run_writes_every_arm_and_a_rerun_skips_them(tmp_path):
     assert (tmp_path / "cache" / "bigbench_benchmark" / "multitask-seed0.pt").exists()
     assert (out / "train-multitask-seed0.json").stat().st_mtime_ns != written["train-multitask-seed0.json"]
     assert json.loads(evaluation.read_text())["complete"]
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("bigbench_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
+    """Made-up results (2 tasks x 2 episodes; base with one seed, MultiTask with two): every cell's CI is
+    over the task means with the seed variance, and an unseeded arm is paired with each seed of the other."""
+    run = _load_run()
+    accuracy = {"base": {0: [0.5, 0.6, 0.1, 0.3]}, "multitask": {0: [0.4, 0.5, 0.2, 0.2], 1: [0.3, 0.5, 0.0, 0.2]}}
+    for method, seeds in accuracy.items():
+        for seed, values in seeds.items():
+            tasks = {task: {"kind": "multiple choice", "chance": 0.25, "rows": {"in context K=0": {
+                "accuracy": values[2 * i: 2 * i + 2], "exact_match": [0.0, 0.0], "loss": [1.0, 2.0]}}}
+                for i, task in enumerate(["task_a", "task_b"])}  # fmt: skip
+            result = {"method": method, "seed": seed, "complete": True, "tasks": tasks, "eval_seconds": 1.0,
+                      "left_out": {}}  # fmt: skip
+            (tmp_path / f"eval-{method}-seed{seed}.json").write_text(json.dumps(result))
+    report = run.report(tmp_path)
+    groups = ["task_a", "task_a", "task_b", "task_b"]
+    trained = torch.tensor(accuracy["multitask"][0] + accuracy["multitask"][1], dtype=torch.float64)
+    mean, ci95 = mean_and_ci95(trained, groups=groups * 2, seeds=[0] * 4 + [1] * 4)
+    assert f"| MultiTask | 2 | {mean:.3f} ± {ci95:.3f} [0.250, 0.325] |" in report  # seeds: task means' means
+    base = torch.tensor(accuracy["base"][0] * 2, dtype=torch.float64)
+    mean, ci95 = mean_and_ci95(trained - base, groups=groups * 2, seeds=[0] * 4 + [1] * 4)
+    assert f"| MultiTask | {mean:+.3f} ± {ci95:.3f} [" in report  # paired with base's one seed, twice
+    assert "with the task as the unit" in report and (tmp_path / "bigbench.png").exists()

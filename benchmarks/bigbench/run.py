@@ -365,6 +365,11 @@ def per_episode(result: dict, row: str, figure: str) -> list[float]:
     return [value for task in sorted(result["tasks"]) for value in result["tasks"][task]["rows"][row][figure]]
 
 
+def episode_tasks(result: dict, row: str) -> list[str]:
+    """The task of each of :func:`per_episode`'s episodes."""
+    return [task for task in sorted(result["tasks"]) for _ in result["tasks"][task]["rows"][row]["accuracy"]]
+
+
 def report(out: Path) -> str:
     import torch
 
@@ -383,19 +388,22 @@ def report(out: Path) -> str:
             return None
         return torch.tensor([per_episode(r, row, figure) for r in runs], dtype=torch.float64)
 
-    lines = [f"{len(tasks)} test tasks, {episodes} fixed episodes in all (mean chance accuracy {chance_mean:.3f}); "
-             "mean ± 95% CI over episodes of the seeds' mean [lowest, highest seed mean]."]  # fmt: skip
+    lines = [f"{len(tasks)} test tasks, {episodes} fixed episodes in all (mean chance accuracy {chance_mean:.3f}). "
+             "Mean over tasks ± 95% CI with the task as the unit (each task's episodes averaged first; Student t "
+             "over the tasks) and, for trained arms, the seed-to-seed variance included (seeds crossed with tasks); "
+             "[lowest, highest seed mean]. Paired differences: bold where the CI excludes 0."]  # fmt: skip
     for figure in FIGURES:
         lines += [f"\n### {figure}\n"]
         table = []
         for method, runs in results.items():
-            cells = [common.seed_spread(t) if (t := tensor(runs, row, figure)) is not None else "–" for row in rows]
+            cells = [common.seed_spread(t, tasks=episode_tasks(first, row)) if (t := tensor(runs, row, figure))
+                     is not None else "–" for row in rows]  # fmt: skip
             table.append([METHODS[method][0], str(len(runs)), *cells])
         lines += common.markdown_table(["method", "seeds", *rows], table)
     for figure, reference in [(f, r) for f in ("accuracy", "loss") for r in ("multitask", "base")]:
         if reference not in results:
             continue
-        lines += [f"\n### {figure} − {METHODS[reference][0]}, paired by episode (and seed)\n"]
+        lines += [f"\n### {figure} − {METHODS[reference][0]}, paired by episode (and seed), tasks and seeds as units\n"]
         table = []
         for method, runs in results.items():
             if method == reference:
@@ -406,9 +414,13 @@ def report(out: Path) -> str:
                 if mine is None or theirs is None:
                     cells.append("–")
                     continue
-                by_seed = {r["seed"]: i for i, r in enumerate(results[reference])}
-                paired = [theirs[by_seed[r["seed"]]] if r["seed"] in by_seed else theirs.mean(0) for r in runs]
-                cells.append(common.seed_spread(mine - torch.stack(paired), signed=True))
+                if len(runs) == 1 < len(theirs):  # an arm without seeds against a seeded one: once per seed
+                    mine, paired = mine.expand(len(theirs), -1), list(theirs)
+                else:
+                    by_seed = {r["seed"]: i for i, r in enumerate(results[reference])}
+                    paired = [theirs[by_seed[r["seed"]]] if r["seed"] in by_seed else theirs.mean(0) for r in runs]
+                cells.append(common.seed_spread(mine - torch.stack(paired), signed=True,
+                                                tasks=episode_tasks(first, row)))  # fmt: skip
             table.append([METHODS[method][0], *cells])
         lines += common.markdown_table(["method", *rows], table)
     lines += ["\n### Accuracy per test task (mean over episodes and seeds)\n"]
@@ -444,7 +456,7 @@ def report(out: Path) -> str:
 
 
 def plot(results: dict[str, list[dict]], rows: list[str], path: Path, chance_level: float) -> None:
-    """Accuracy against K per method, in context (lines) and by SGD (squares), with the episodes' 95% CI."""
+    """Accuracy against K per method, in context (lines) and by SGD (squares), 95% CI over tasks (and seeds)."""
     import matplotlib
     import torch
 
@@ -460,7 +472,9 @@ def plot(results: dict[str, list[dict]], rows: list[str], path: Path, chance_lev
             for row in rows:
                 if row.startswith(way) and row in runs[0]["tasks"][next(iter(runs[0]["tasks"]))]["rows"]:
                     per_seed = torch.tensor([per_episode(r, row, "accuracy") for r in runs], dtype=torch.float64)
-                    mean, ci = mean_and_ci95(per_seed.mean(0))
+                    tasks = episode_tasks(runs[0], row)
+                    mean, ci = mean_and_ci95(per_seed.flatten(), groups=tasks * len(runs),
+                                             seeds=[r["seed"] for r in runs for _ in tasks])  # fmt: skip
                     points.append((int(row.split("K=")[1]) + 0.06 * (color - 1.5), float(mean), float(ci)))
             if points:
                 x, y, error = zip(*points, strict=True)
@@ -468,10 +482,10 @@ def plot(results: dict[str, list[dict]], rows: list[str], path: Path, chance_lev
                               label=f"{METHODS[method][0]}, {way}")  # fmt: skip
     axis.axhline(chance_level, color="grey", linestyle=":", label="chance")
     axis.set_xlabel("support examples K")
-    axis.set_ylabel("test accuracy (mean over episodes and seeds)")
+    axis.set_ylabel("test accuracy (mean over tasks and seeds)")
     axis.legend(fontsize=7)
-    axis.set_title("BIG-bench Lite, held out: in context (lines), SGD on the adapters (squares); 95% CI",
-                   fontsize=9)  # fmt: skip
+    axis.set_title("BIG-bench Lite, held out: in context (lines), SGD on the adapters (squares); 95% CI over "
+                   "tasks and seeds", fontsize=8)  # fmt: skip
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
