@@ -46,7 +46,7 @@ class TextTask:
     labels: Tensor  # IGNORE_INDEX except on the output tokens (and the end token)
     choice_input_ids: Tensor | None = None  # (examples, options, max_length): each option after the prompt
     choice_attention_mask: Tensor | None = None
-    choice_labels: Tensor | None = None
+    choice_labels: Tensor | None = None  # on the option's own tokens (no end token); on an output's and its end token
     answer: Tensor | None = None  # (examples,): index of the option that is the first output; -1 without options
     correct: Tensor | None = None  # (examples, options): which choice rows are correct outputs
 
@@ -63,7 +63,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     draws a family, one of its tasks, and ``shots + queries`` distinct examples of it: the support (what adaptation,
     or MetaICL's demonstrations, see) and the query. Tasks whose table lists ``options`` (a
     classification task's possible outputs) also carry each option written after the query's
-    prompt in validation and test episodes, so that evaluation scores them (``accuracy``); the other
+    prompt in validation and test episodes, so that evaluation scores them (``accuracy``: each option's
+    own tokens, without the end token, as BIG-bench and lm-evaluation-harness score them); the other
     tasks are scored by exact match. Training episodes carry no options: training never reads them.
 
     Training, validation and test tasks are disjoint; by default whole task *families* are held
@@ -552,7 +553,13 @@ class _Encoder:
             list(options) if options else texts if len(texts) > 1 else []
             for texts, options in zip(task["outputs"], task["options"], strict=True)
         ]
-        choice_ids = [[ids + eos for ids in self.ids([" " + text for text in texts])] for texts in choices]
+        # An option is scored on its own tokens, as BIG-bench's rank classification and lm-eval's loglikelihood do;
+        # the several correct outputs of an example without options keep the end token: exact match asks greedy
+        # decoding to write one of them and stop, as the training row's labels do.
+        choice_ids = [
+            [ids + ([] if options else eos) for ids in self.ids([" " + text for text in texts])]
+            for texts, options in zip(choices, task["options"], strict=True)
+        ]
         prompt_ids = [
             self._fit(name, row, prompt, task, max(len(ids) for ids in [*answers, *rows]))
             for row, (prompt, answers, rows) in enumerate(zip(self.ids(prompts), outputs, choice_ids, strict=True))

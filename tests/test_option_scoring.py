@@ -143,3 +143,36 @@ def test_accuracy_sums_log_probabilities_and_accuracy_per_token_divides_by_the_o
         figures = model.evaluation_metrics(split | {ANSWER: answer})
         assert float(figures["accuracy"]) == pytest.approx(float((by_sum == answer).double().mean()))
         assert float(figures["accuracy_per_token"]) == pytest.approx(float((by_token == answer).double().mean()))
+
+
+def test_an_option_scores_its_own_tokens_given_the_prompt_without_the_end_token(tmp_path):
+    """Rank classification as BIG-bench (``cond_log_prob``) and lm-eval (``acc``) define it: an option's score is
+    the summed log-probability of the option's own tokens given the prompt, no end token, as one full forward of
+    the prompt's and the option's tokens (each tokenized on its own) gives it (float64)."""
+    import json
+
+    from lightning_meta.data.tokenization import load_tokenizer
+    from lightning_meta.datamodules import TextToTextTasksDataModule
+
+    options = ["no", "yes", "maybe not"]
+    rows = [{"task": "t", "input": f"question {index}", "output": options[index % 3], "options": options}
+            for index in range(8)]  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(tmp_path / "t.jsonl"),
+                                       template="Q: {input}\nA:", max_length=32)  # fmt: skip
+    task = module.tasks["t"]
+    torch.manual_seed(0)
+    model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64").eval()
+    with torch.no_grad():
+        scores, _ = model.option_scores(task.choice_input_ids, task.choice_attention_mask, task.choice_labels)
+    tokenizer = load_tokenizer(TOKENIZER)
+    for example, row in enumerate(rows):
+        prompt = tokenizer(f"Q: {row['input']}\nA:", add_special_tokens=False)["input_ids"]
+        for column, option in enumerate(options):
+            tokens = tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + tokens])
+            with torch.no_grad():
+                logits = model.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+            log_probs = torch.log_softmax(logits, -1)
+            expected = sum(log_probs[len(prompt) + i - 1, token] for i, token in enumerate(tokens))
+            torch.testing.assert_close(scores[example, column], expected, rtol=1e-12, atol=1e-12)

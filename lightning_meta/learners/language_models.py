@@ -203,12 +203,14 @@ class CausalLMLearner(Learner):
         ``exact_match``: the share of sequences whose every labelled token is the model's most
         likely next token, i.e. greedy decoding reproduces the output (and its end token).
         ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the share of
-        examples whose most likely option (summed log-probability of its tokens) is the answer
+        examples whose most likely option (summed log-probability of its own tokens, no end token:
+        BIG-bench's rank classification, lm-eval's ``acc``) is the answer
         (rank classification; correct where it is among the :data:`CORRECT` rows); for examples without
         options (``answer`` = -1) their exact match. ``accuracy_per_token``: the same with each option's
         log-probability divided by its token count (the sum favours short options; GPT-3's and
         lm-eval's normalized accuracy divide by length too). An example with several correct outputs
-        (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them.
+        (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them
+        (and its end token); a multiple-choice example, when greedy decoding writes a correct option's tokens.
         ``parallel``: under ``torch.func.vmap`` the options are scored without host syncs
         (:meth:`option_scores`).
         """

@@ -88,7 +88,9 @@ def test_options_are_written_after_the_prompt_and_the_answer_points_at_the_outpu
                 zip(query[CHOICE_INPUT_IDS][position], query[CHOICE_LABELS][position], strict=True)
             ):
                 labelled = labels[labels != IGNORE_INDEX].tolist()
-                assert tokenizer.decode(labelled[:-1]) == " " + options[option]
+                # The option's own tokens are labelled, without the end token (BIG-bench's and lm-eval's scoring).
+                assert tokenizer.decode(labelled) == " " + options[option]
+                assert labelled == tokenizer(" " + options[option], add_special_tokens=False)["input_ids"]
                 prompt_length = int((query["labels"][position] == IGNORE_INDEX).nonzero()[0])  # prompt tokens first
                 assert torch.equal(ids[:prompt_length], query["input_ids"][position][:prompt_length])
 
