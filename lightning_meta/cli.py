@@ -55,7 +55,9 @@ and caches".
 The hand-off, two more subcommands: `lightning-meta export --ckpt_path CKPT --output_dir DIR` writes a
 checkpoint as a Hugging Face folder (`lightning-meta export --help`); `lightning-meta pretrain --config
 configs/pretrain_from_meta.yaml` continues ordinary causal-LM training from it (`lightning-meta pretrain
---help`; the same options and conventions as `fit`)."""
+--help`; the same options and conventions as `fit`). `lightning-meta lm-eval --model_args checkpoint=CKPT
+--tasks TASKS` evaluates a checkpoint, export or LoRA adapter with EleutherAI's lm-evaluation-harness: `lm-eval
+run`'s options and results files (pip install "lightning-meta[eval]"; `lightning-meta lm-eval --help`)."""
 _PACKAGE_ROOTS = tuple(
     str(Path(path).resolve())
     for path in (
@@ -471,6 +473,9 @@ def main(args: list[str] | None = None) -> None:
     if given and given[0] in ("pretrain", "export"):
         _run_handled(lambda: _handoff(given[0], given[1:]))
         return
+    if given[:1] == ["lm-eval"]:
+        _run_handled(lambda: _lm_eval(given[1:]))
+        return
     if args is None:
         sys.argv[1:] = with_default_config(sys.argv[1:])
     else:
@@ -523,6 +528,14 @@ def _handoff(subcommand: str, args: list[str]) -> None:
     )
 
 
+def _lm_eval(args: list[str]) -> None:
+    """``lm-eval``: lm-evaluation-harness's own command line, with this package's model registered (the import
+    names the ``[eval]`` extra when lm-eval is missing)."""
+    from lightning_meta.handoff.harness import run_command
+
+    run_command(args)
+
+
 def _run_handled(run: Any) -> None:
     """``run()``, printing this package's own errors as one line (exit status 2)."""
     try:
@@ -548,7 +561,7 @@ def own_error_message(error: BaseException) -> str | None:
         seen.add(id(current))
         frames = traceback.extract_tb(current.__traceback__)
         if (
-            isinstance(current, ValueError | TypeError | OSError | FloatingPointError)
+            isinstance(current, ValueError | TypeError | OSError | FloatingPointError | ImportError)
             and frames
             and str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE_ROOTS)
         ):
