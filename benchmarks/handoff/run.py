@@ -168,7 +168,8 @@ def run_seed(
                 "fomaml_steps": fomaml_steps, "baseline_steps": baseline_steps,
                 "extra_pretrain_steps": extra_pretrain_steps}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"losses": losses, "seconds": seconds, "settings": settings}, out / f"seed{seed}.pt")
+    tasks = common.episode_tasks(test_batches)  # each episode's held-out domain: the unit of the CIs
+    torch.save({"losses": losses, "seconds": seconds, "settings": settings, "tasks": tasks}, out / f"seed{seed}.pt")
     print(f"seed {seed}: {seconds}", flush=True)
 
 
@@ -184,11 +185,12 @@ def report(out: Path) -> None:
         raise SystemExit(f"No results in {out}: run with --seeds first.")
     seeds = sorted(runs)
     settings = runs[seeds[0]]["settings"]
+    tasks = episode_tasks(runs[seeds[0]])
     print(f"Seeds {seeds}; settings {settings}")
     print("Wall time per seed (s): " + ", ".join(f"{s}: {runs[s]['seconds']['total']:.0f}" for s in seeds) + "\n")
 
     def cell(stage: str, key: str, k: int) -> str:
-        return common.seed_spread(torch.stack([runs[s]["losses"][stage][key][k] for s in seeds]))
+        return common.seed_spread(torch.stack([runs[s]["losses"][stage][key][k] for s in seeds]), tasks=tasks)
 
     header = (
         "| model | stage | " + " | ".join(common.steps_label(k) if k else "before adaptation" for k in STEPS) + " |"
@@ -196,16 +198,17 @@ def report(out: Path) -> None:
     lines = [header, "|" + "---|" * (len(STEPS) + 2)]
     for stage, keys in (("before", "abc"), ("after", "abcde")):
         for key in keys:
-            label = "after stage 2" if stage == "after" else "after stage 1"
+            label = "after stage 2" if stage == "after" else "after stage 1" if key != "c" else "(no stage 1)"
             lines.append(f"| {METHODS[key]} | {label} | " + " | ".join(cell(stage, key, k) for k in STEPS) + " |")
-    episodes = len(runs[seeds[0]]["losses"]["before"]["a"][0])
-    print(f"Held-out query loss (nats/token): mean over the {episodes} test episodes of the seeds' mean ± 95% CI "
-          "over episodes [lowest, highest seed mean]:\n")  # fmt: skip
+    units = (f"{len(set(tasks))} held-out domains (the tasks: {len(tasks)} episodes, each domain's averaged first) "
+             f"and {len(seeds)} seeds")  # fmt: skip
+    print(f"Held-out query loss (nats/token): mean over the domains ± 95% CI with the {units} as units "
+          "[lowest, highest seed mean]:\n")  # fmt: skip
     print("\n".join(lines))
 
     def paired(stage: str, first: str, second: str, k: int) -> str:
         per_seed = [runs[s]["losses"][stage][first][k] - runs[s]["losses"][stage][second][k] for s in seeds]
-        return common.seed_spread(torch.stack(per_seed), signed=True)
+        return common.seed_spread(torch.stack(per_seed), signed=True, tasks=tasks)
 
     pairs = [("before", "a", "b"), ("after", "a", "b"), ("before", "a", "c"), ("after", "a", "c"),
              ("before", "b", "c"), ("after", "b", "c"), ("after", "d", "e")]  # fmt: skip
@@ -214,15 +217,30 @@ def report(out: Path) -> None:
         label = "after stage 2" if stage == "after" else "after stage 1"
         name = f"{METHODS[first]} − {METHODS[second]}"
         lines.append(f"| {name} | {label} | " + " | ".join(paired(stage, first, second, k) for k in STEPS) + " |")
-    print("\nPaired differences on the same episodes (negative: the first is better), mean ± 95% CI over episodes "
-          "of the seed-averaged difference [lowest, highest seed]:\n")  # fmt: skip
+    print("\nPaired differences on the same episodes and seeds (negative: the first is better), mean ± 95% CI with "
+          f"the {units} as units [lowest, highest seed]; bold where the CI excludes 0:\n")  # fmt: skip
+    print("\n".join(lines))
+    domains = sorted(set(tasks))
+    lines = ["| difference | stage | " + " | ".join(f"{domain}, {common.steps_label(k) if k else 'before'}"
+                                                  for k in (0, STEPS[-1]) for domain in domains) + " |",
+             "|" + "---|" * (2 * len(domains) + 2)]  # fmt: skip
+    for stage, first, second in pairs:
+        label = "after stage 2" if stage == "after" else "after stage 1"
+        cells = []
+        for k in (0, STEPS[-1]):
+            difference = sum(runs[s]["losses"][stage][first][k] - runs[s]["losses"][stage][second][k] for s in seeds)
+            for domain in domains:
+                cells.append(f"{float(difference[[t == domain for t in tasks]].mean()) / len(seeds):+.3f}")
+        lines.append(f"| {METHODS[first]} − {METHODS[second]} | {label} | " + " | ".join(cells) + " |")
+    print("\nThe same differences per held-out domain (mean over its episodes and the seeds), descriptive:\n")
     print("\n".join(lines))
 
     def gain(stage: str, key: str, k: int) -> Tensor:
         return torch.stack([runs[s]["losses"][stage][key][0] - runs[s]["losses"][stage][key][k] for s in seeds])
 
     def gain_cell(stage: str, first: str, second: str | None, k: int) -> str:
-        return common.seed_spread(gain(stage, first, k) - (gain(stage, second, k) if second else 0), signed=True)
+        difference = gain(stage, first, k) - (gain(stage, second, k) if second else 0)
+        return common.seed_spread(difference, signed=True, tasks=tasks)
 
     rows = [(stage, key, None) for stage, keys in (("before", "abc"), ("after", "abcde")) for key in keys]
     rows += [("before", "a", "b"), ("after", "a", "b"), ("after", "a", "c"), ("after", "d", "e")]
@@ -235,14 +253,24 @@ def report(out: Path) -> None:
                                                              for k in lm.EVAL_STEPS) + " |")  # fmt: skip
     print(
         "\nAdaptation gain: loss before adaptation minus loss after k steps (larger: adapts more), and paired "
-        "differences of gains (positive: the first adapts more), mean ± 95% CI [lowest, highest seed]:\n"
+        f"differences of gains (positive: the first adapts more), mean ± 95% CI with the {units} as units "
+        "[lowest, highest seed]:\n"
     )
     print("\n".join(lines))
-    plot(runs, seeds, out / "handoff.png")
+    plot(runs, seeds, tasks, out / "handoff.png")
     print(f"\nSaved {out / 'handoff.png'}.")
 
 
-def plot(runs: dict, seeds: list[int], path: Path) -> None:
+def episode_tasks(run: dict) -> list[str]:
+    """The held-out domain (the task) of each test episode: saved with the run, or, for runs saved before
+    they were, read off the same fixed test episodes rebuilt (``lm.EVAL_DATA_SEED``; data only, no model)."""
+    if "tasks" in run:
+        return run["tasks"]
+    episodes = len(run["losses"]["before"]["a"][0])
+    return common.episode_tasks(lm.make_datamodule(lm.EVAL_DATA_SEED).eval_batches("test"))[:episodes]
+
+
+def plot(runs: dict, seeds: list[int], tasks: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     colors = {"a": "C0", "b": "C1", "c": "C2", "d": "C3", "e": "C4"}
     for ax, stage, keys, title in (
@@ -250,7 +278,8 @@ def plot(runs: dict, seeds: list[int], path: Path) -> None:
         (axes[1], "after", "abcde", "After stage 2 (pretraining), and (d) vs (e)"),
     ):
         for index, key in enumerate(keys):
-            stats = [mean_and_ci95(torch.stack([runs[s]["losses"][stage][key][k] for s in seeds]).mean(0))
+            stats = [mean_and_ci95(torch.cat([runs[s]["losses"][stage][key][k] for s in seeds]),
+                                   groups=tasks * len(seeds), seeds=[s for s in seeds for _ in tasks])
                      for k in STEPS]  # fmt: skip
             offset = (index - (len(keys) - 1) / 2) * 0.12
             ax.errorbar([k + offset for k in STEPS], [m.item() for m, _ in stats], yerr=[c.item() for _, c in stats],
@@ -262,8 +291,8 @@ def plot(runs: dict, seeds: list[int], path: Path) -> None:
         ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
-    episodes = len(runs[seeds[0]]["losses"]["before"]["a"][0])
-    title = f"Tiny GPT-2, held-out domains, mean over seeds {seeds} ± 95% CI over {episodes} episodes"
+    title = (f"Tiny GPT-2, {len(set(tasks))} held-out domains, mean over domains and seeds {seeds} ± 95% CI, "
+             "domains and seeds as units")  # fmt: skip
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
