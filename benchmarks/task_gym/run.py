@@ -187,6 +187,7 @@ def run_one(
                 for name in FIGURES:
                     figures.setdefault(row, {}).setdefault(name, []).append(float(values[name]))
             figures.setdefault("family", {}).setdefault(f"K={shots}", []).append(episode.metadata["family"])
+            figures.setdefault("task", {}).setdefault(f"K={shots}", []).append(episode.metadata["task"])
     result = {
         "model": model, "method": method_name, "seed": seed, "steps": steps, "budget": budget,
         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start, "final_train_loss": final_loss,
@@ -198,29 +199,34 @@ def run_one(
 # ---------------------------------------------------------------- reporting
 
 
-def summary(results: dict[str, list[dict]], row: str, figure: str) -> str:
-    """``mean ± episode CI (seeds: min–max)`` of one figure over seeds: the mean of the per-seed means."""
-    per_seed = [r["figures"][row][figure] for r in results]
-    means = [sum(v) / len(v) for v in per_seed]
-    cis = [common.mean_ci(v)[1] for v in per_seed]
-    text = f"{sum(means) / len(means):.3f} ± {sum(cis) / len(cis):.3f}"
-    return text + (f" ({min(means):.3f}–{max(means):.3f})" if len(means) > 1 else "")
+def episode_tasks(result: dict, row: str) -> list[str]:
+    """The task of each episode of ``row`` (``zero-shot``: the first K's episodes; every K has its own)."""
+    tasks = result["figures"]["task"]
+    return tasks[row.replace("in context ", "").replace("SGD ", "")] if "K=" in row else next(iter(tasks.values()))
+
+
+def summary(results: list[dict], row: str, figure: str) -> str:
+    """``mean ± CI [lowest, highest seed mean]`` of one figure: tasks and seeds as the units of the CI."""
+    import torch
+
+    per_seed = torch.tensor([r["figures"][row][figure] for r in results], dtype=torch.float64)
+    return common.seed_spread(per_seed, tasks=episode_tasks(results[0], row))
 
 
 def paired(results: list[dict], reference: list[dict], row: str, figure: str) -> str:
-    """Method − MultiTask, paired by episode and seed: mean ± CI over all (seed, episode) pairs, and per-seed spread."""
+    """Method − MultiTask, paired by episode and seed (an unseeded arm once per seed of the other): ``mean ±
+    CI [lowest, highest seed]``, tasks and seeds as the units; bold where the CI excludes 0."""
+    import torch
+
     by_seed = {r["seed"]: r["figures"][row][figure] for r in reference}
-    differences, seed_means = [], []
-    for result in results:
-        if result["seed"] not in by_seed:
-            continue
-        diff = [a - b for a, b in zip(result["figures"][row][figure], by_seed[result["seed"]], strict=True)]
-        differences += diff
-        seed_means.append(sum(diff) / len(diff))
-    if not differences:
+    if len(results) == 1 < len(reference):
+        pairs = [(results[0]["figures"][row][figure], theirs) for theirs in by_seed.values()]
+    else:
+        pairs = [(r["figures"][row][figure], by_seed[r["seed"]]) for r in results if r["seed"] in by_seed]
+    if not pairs:
         return "–"
-    mean, ci = common.mean_ci(differences)
-    return f"{mean:+.3f} ± {ci:.3f} ({min(seed_means):+.3f}…{max(seed_means):+.3f})"
+    differences = torch.tensor([[a - b for a, b in zip(*pair, strict=True)] for pair in pairs], dtype=torch.float64)
+    return common.seed_spread(differences, signed=True, tasks=episode_tasks(results[0], row))
 
 
 def report(out: Path, method_names: list[str]) -> str:
@@ -231,11 +237,14 @@ def report(out: Path, method_names: list[str]) -> str:
         )
     results = {name: value for name, value in results.items() if value}
     names = methods()
-    lines = []
     first = next(iter(results.values()))[0]
-    rows = [row for row in first["figures"] if row != "family"]
+    rows = [row for row in first["figures"] if row not in ("family", "task")]
+    tasks = episode_tasks(first, rows[-1])
+    lines = [f"{len(tasks)} fixed test episodes of {len(set(tasks))} tasks per K. Mean over tasks ± 95% CI with the "
+             "tasks (each task's episodes averaged first) and the training seeds as units; [lowest, highest seed "
+             "mean]."]  # fmt: skip
     for figure in FIGURES:
-        lines += [f"\n### {figure} on the test families (mean ± 95% CI over episodes; (min–max over seeds))\n"]
+        lines += [f"\n### {figure} on the test families\n"]
         header = ["method", "seeds", "steps", *rows]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, runs in results.items():
@@ -249,7 +258,7 @@ def report(out: Path, method_names: list[str]) -> str:
     if "multitask" in results:
         for figure in ("loss", "accuracy"):
             lines += [
-                f"\n### {figure}: difference to MultiTask, paired by episode and seed (± 95% CI; per-seed range)\n"
+                f"\n### {figure}: difference to MultiTask, paired by episode and seed (bold: the CI excludes 0)\n"
             ]
             header = ["method", *rows]
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -298,7 +307,11 @@ def shots_of(result: dict) -> list[int]:
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
+    """Loss and accuracy against K (mean over tasks and seeds), in context and by SGD, per method."""
     import matplotlib
+    import torch
+
+    from lightning_meta.training.metrics import mean_and_ci95
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -310,15 +323,17 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
             for way, style in (("in context", "-"), ("SGD", "--")):
                 means = []
                 for shots in shots_of(runs[0]):
-                    per_seed = [sum(v) / len(v) for v in (r["figures"][f"{way} K={shots}"][figure_name] for r in runs)]
-                    means.append(sum(per_seed) / len(per_seed))
+                    row = f"{way} K={shots}"
+                    values = torch.tensor([r["figures"][row][figure_name] for r in runs], dtype=torch.float64)
+                    tasks = episode_tasks(runs[0], row) * len(runs)
+                    means.append(float(mean_and_ci95(values.flatten(), groups=tasks)[0]))
                 axis.plot(shots_of(runs[0]), means, style, color=f"C{color}", marker="o",
                           label=f"{names[name].name}, {way}")  # fmt: skip
         axis.set_xscale("log", base=2)
         axis.set_xlabel("support examples K")
         axis.set_ylabel(f"test query {figure_name}")
     axes[0].legend(fontsize=6)
-    figure.suptitle("Held-out task families (mean over seeds); solid: in context, dashed: 5 SGD steps")
+    figure.suptitle("Held-out task families (mean over tasks and seeds); solid: in context, dashed: 5 SGD steps")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -1,0 +1,44 @@
+"""benchmarks/task_gym/run.py's report: the test tasks and the seeds are the units of its CIs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("task_gym_run", BENCHMARKS / "task_gym" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
+    run = _load_run()
+    import common
+
+    tasks = ["rule/1", "rule/1", "title/2", "title/3"]
+    generator = torch.Generator().manual_seed(0)
+    losses = {}
+    for method, seeds in (("base", [0]), ("multitask", [0, 1])):
+        for seed in seeds:
+            rows = {row: {name: (6 + torch.rand(4, generator=generator)).tolist() for name in run.FIGURES}
+                    for row in ("zero-shot", "in context K=4", "SGD K=4")}  # fmt: skip
+            losses[method, seed] = rows["SGD K=4"]["loss"]
+            figures = rows | {"family": {"K=4": ["rule", "rule", "title", "title"]}, "task": {"K=4": tasks}}
+            result = {"seed": seed, "steps": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "sgd_step_size": 0.1,
+                      "final_train_loss": 0.0, "figures": figures}  # fmt: skip
+            (tmp_path / f"{method}-seed{seed}.json").write_text(json.dumps(result))
+    report = run.report(tmp_path, ["base", "multitask"])
+    multitask = torch.tensor([losses["multitask", 0], losses["multitask", 1]], dtype=torch.float64)
+    assert common.seed_spread(multitask, tasks=tasks) in report
+    base = torch.tensor([losses["base", 0]] * 2, dtype=torch.float64)  # paired with each MultiTask seed
+    assert common.seed_spread(base - multitask, signed=True, tasks=tasks) in report
+    assert "4 fixed test episodes of 3 tasks per K" in report and (tmp_path / "task_gym.png").exists()
