@@ -12,9 +12,10 @@ each given the same number of block forward/backward passes (see ``passes_per_st
 
 Then, on the fixed held-out *test* domains (``LanguageModelingTasksDataModule.eval_batches("test")``),
 adapts each model to 4 support blocks of 64 tokens with plain SGD and reports the query loss
-(nats/token) before adaptation and after 1, 5 and 10 steps, as mean ± 95% CI over the test
-episodes. Each method's evaluation step size is picked from a small grid on the *validation*
-domains (mean query loss over 1, 5 and 10 steps) before the test episodes are touched.
+(nats/token) before adaptation and after 1, 5 and 10 steps, as the mean over the held-out domains
+± 95% CI with the domain (the task) as the unit: each domain's episodes are averaged first. Each
+method's evaluation step size is picked from a small grid on the *validation* domains (mean query
+loss over 1, 5 and 10 steps) before the test episodes are touched.
 
     python benchmarks/lm_adaptation/run.py [--budget N] [--seed S] [--out DIR] [--methods ...]
 
@@ -116,15 +117,15 @@ def pick_step_size(
     return min(scores, key=lambda lr: scores[lr]), scores, curves
 
 
-def results_table(results: list[Result]) -> str:
-    """Test query loss (nats/token), mean ± 95% CI over the test episodes."""
+def results_table(results: list[Result], tasks: Sequence[str]) -> str:
+    """Test query loss (nats/token), mean over the test domains ± 95% CI over them (``tasks``: each episode's)."""
     header = ["method", "outer steps", "eval step size", "before adaptation", *map(steps_label, EVAL_STEPS)]
     rows = (
         [
             r.method.name,
             str(r.steps),
             step_size_label(r.step_size),
-            *(format_ci(r.test_loss[k]) for k in (0, *EVAL_STEPS)),
+            *(format_ci(r.test_loss[k], tasks=tasks) for k in (0, *EVAL_STEPS)),
         ]
         for r in results
     )
@@ -144,11 +145,11 @@ def validation_table(results: list[Result]) -> str:
     return "\n".join(markdown_table(header, rows))
 
 
-def paired_table(results: list[Result], reference: Result) -> str:
-    """Per-episode differences to ``reference`` on the same test episodes (negative: lower loss)."""
+def paired_table(results: list[Result], reference: Result, tasks: Sequence[str]) -> str:
+    """Per-episode differences to ``reference`` on the same test episodes (negative: lower loss), domains as units."""
     header = ["method", "Δ before adaptation", *(f"Δ {steps_label(k)}" for k in EVAL_STEPS)]
     curves = {result.method.name: result.test_loss for result in results}
-    return "\n".join(markdown_table(header, common.paired_rows(curves, reference.method.name, (0, *EVAL_STEPS))))
+    return "\n".join(markdown_table(header, common.paired_rows(curves, reference.method.name, (0, *EVAL_STEPS), tasks)))
 
 
 def domain_table(results: list[Result], domains: Sequence[str]) -> str:
@@ -168,8 +169,10 @@ def domain_table(results: list[Result], domains: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: Path, title: str, reference: Result | None = None) -> None:
-    """Test query loss vs adaptation steps, one line per method, 95% CI error bars.
+def plot(
+    results: list[Result], path: Path, title: str, tasks: Sequence[str], reference: Result | None = None
+) -> None:
+    """Test query loss vs adaptation steps, one line per method, 95% CI error bars (domains as units).
 
     With ``reference``, a second panel shows each method's paired difference to it.
     """
@@ -184,7 +187,7 @@ def plot(results: list[Result], path: Path, title: str, reference: Result | None
             values = {k: result.test_loss[k] - (reference.test_loss[k] if panel else 0) for k in ks}
             offset = (index - (len(results) - 1) / 2) * 0.12  # keep the error bars apart
             finite = [k for k in ks if torch.isfinite(values[k]).all()]
-            stats = [mean_and_ci95(values[k]) for k in finite]
+            stats = [mean_and_ci95(values[k], groups=tasks) for k in finite]
             ax.errorbar(
                 [k + offset for k in finite],
                 [mean.item() for mean, _ in stats],
@@ -200,7 +203,7 @@ def plot(results: list[Result], path: Path, title: str, reference: Result | None
         ax.grid(alpha=0.3)
         if panel == 0:
             ax.set_ylabel("query loss (nats/token), held-out test domains")
-            ax.set_title("Query loss, mean ± 95% CI over test episodes", fontsize=11)
+            ax.set_title("Query loss, mean ± 95% CI over the held-out domains", fontsize=11)
             ax.legend(fontsize=8.5)
         else:
             ax.axhline(0.0, color=colors[results.index(reference) % len(colors)], linewidth=1.5, linestyle="--")
@@ -263,19 +266,19 @@ def main(argv: list[str] | None = None) -> None:
 
     count = len(results[0].test_loss[0])
     domains = ", ".join(eval_data.split_domains["test"])
+    test_domains = common.episode_tasks(test_batches)  # the domain is the task: the unit of the CIs
     print(
         f"\nQuery loss (nats/token) on {count} fixed test episodes from held-out domains ({domains}); "
-        f"{SHOTS} support + {QUERIES} query blocks of {BLOCK_SIZE} tokens; mean ± 95% CI; "
-        f"{args.budget} block forward/backward passes per method, seed {args.seed}:\n"
+        f"{SHOTS} support + {QUERIES} query blocks of {BLOCK_SIZE} tokens; mean over the domains ± 95% CI "
+        f"with the domain as the unit; {args.budget} block forward/backward passes per method, seed {args.seed}:\n"
     )
-    print(results_table(results))
+    print(results_table(results, test_domains))
     print(f"\nValidation query loss ({NUM_VAL_TASKS} episodes) for each evaluation step size:\n")
     print(validation_table(results))
     baseline = next((r for r in results if isinstance(r.method.make_algorithm(), MultiTask)), None)
     if baseline is not None and len(results) > 1:
         print("\nPaired difference to the baseline on the same test episodes (negative: lower loss):\n")
-        print(paired_table(results, baseline))
-    test_domains = [domain for batch in test_batches for domain in batch.metadata["domain"]]
+        print(paired_table(results, baseline, test_domains))
     print(f"\nTest query loss by domain, before adaptation → after {max(EVAL_STEPS)} steps:\n")
     print(domain_table(results, test_domains))
     path = args.out / "adaptation.png"
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         path,
         f"Tiny GPT-2 adapting to held-out domains ({domains}): {count} test episodes, "
         f"{args.budget} training block fwd/bwd passes per method",
+        test_domains,
         reference=baseline,
     )
     print(f"\nSaved {path}. Total wall time {time.perf_counter() - started:.0f} s.")
