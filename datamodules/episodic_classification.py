@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.stream import data_fingerprint
 from lightning_meta.data.tables import describe_missing, is_missing
 from lightning_meta.data.tasks import Episode
 
@@ -61,6 +62,8 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
             ``ClassLabel``) and log how many, instead of raising an error that lists them.
         seed: seeds the class split and every episode.
         num_workers: ``DataLoader`` workers for the training stream.
+        allow_data_change: resume ``fit`` on other data than the checkpoint was trained on, with a warning
+            (see :class:`EpisodicDataModule`).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         drop_missing: bool = False,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__(
             meta_batch_size,
@@ -96,6 +100,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
             eval_meta_batch_size,
             seed,
             num_workers,
+            allow_data_change,
         )
         if ways < 2:
             raise ValueError(f"ways must be >= 2 (a 1-way episode has nothing to classify), got {ways}.")
@@ -169,6 +174,11 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         self._tokens = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         used_labels = label_ids[used]
         self._rows = {c: torch.nonzero(used_labels == c).flatten() for s in SPLITS for c in self.split_classes[s]}
+
+    def data_fingerprint(self) -> str:
+        """Of the classes, their split and every tokenized example."""
+        self.prepare()
+        return data_fingerprint(self.class_names, self.split_classes, self._tokens, self._rows)
 
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
         self.prepare()

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_meta.data.corpus import embedded_domains
 from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.stream import data_fingerprint
 from lightning_meta.data.tables import (
     claim_name,
     describe_missing,
@@ -59,7 +60,8 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         queries: query blocks per episode.
         max_tokens_per_domain: tokenize at most this many tokens of each domain.
         others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
-            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``, ``allow_data_change``: see
+            :class:`EpisodicDataModule`.
     """
 
     def __init__(
@@ -81,10 +83,12 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         eval_meta_batch_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers
-        )
+            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            allow_data_change,
+        )  # fmt: skip
         if block_size < 2 or shots < 1 or queries < 1:
             raise ValueError(f"Need block_size >= 2, shots >= 1, queries >= 1; got {block_size}, {shots}, {queries}.")
         self.tokenizer = required_tokenizer(tokenizer, type(self).__name__)
@@ -97,7 +101,7 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         self.shots = shots
         self.queries = queries
         self.max_tokens_per_domain = max_tokens_per_domain
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["allow_data_change"])  # a resume's choice, not carried to the next
 
     def prepare_data(self) -> None:
         load_tokenizer(self.tokenizer)  # trains and caches an embedded tokenizer once, before the ranks start
@@ -105,6 +109,10 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
     def setup(self, stage: str) -> None:
         """Tokenize the corpus and split the domains (errors about the data surface here)."""
         self.split_domains  # noqa: B018 (computes and caches the blocks and the splits)
+
+    def data_fingerprint(self) -> str:
+        """Of every domain's token blocks and the split."""
+        return data_fingerprint(self.split_domains, self.domain_blocks)
 
     @functools.cached_property
     def domain_blocks(self) -> dict[str, torch.Tensor]:

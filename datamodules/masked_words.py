@@ -52,7 +52,7 @@ class MaskedWordTasksDataModule(EpisodicClassificationDataModule):
         word_sampling_power: the exponent of the training word-sampling distribution.
         others: ``tokenizer``, ``max_length``, ``ways``, ``shots``, ``queries``, ``meta_batch_size``,
             ``batches_per_epoch``, ``num_eval_episodes``, ``num_val_tasks``, ``num_test_tasks``,
-            ``eval_meta_batch_size``, ``class_split``, ``seed``, ``num_workers``: as in
+            ``eval_meta_batch_size``, ``class_split``, ``seed``, ``num_workers``, ``allow_data_change``: as in
             :class:`EpisodicClassificationDataModule`.
     """
 
@@ -80,6 +80,7 @@ class MaskedWordTasksDataModule(EpisodicClassificationDataModule):
         class_split: tuple[float, float, float] = (0.6, 0.2, 0.2),
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__(
             text_column="text",
@@ -98,6 +99,7 @@ class MaskedWordTasksDataModule(EpisodicClassificationDataModule):
             class_split=class_split,
             seed=seed,
             num_workers=num_workers,
+            allow_data_change=allow_data_change,
         )
         if not 0 < max_word_frequency <= 1:
             raise ValueError(f"max_word_frequency must be in (0, 1], got {max_word_frequency}.")

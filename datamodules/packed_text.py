@@ -63,6 +63,8 @@ class PackedTextDataModule(LightningDataModule):
         shuffle: visit the in-memory training blocks in a seeded random order each epoch.
         seed: seeds the order of the blocks.
         num_workers: ``DataLoader`` workers (in-memory only; streaming positions live in this process).
+        allow_data_change: resume from a checkpoint trained on other data than this run reads (another
+            :meth:`data_fingerprint`), with a warning, instead of refusing it.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class PackedTextDataModule(LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__()
         if block_size < 2 or batch_size < 1:
@@ -112,9 +115,10 @@ class PackedTextDataModule(LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
         self.num_workers = num_workers
+        self.allow_data_change = allow_data_change
         self._resume: dict[str, Any] = {}
         self._stream: _PackedStream | None = None
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["allow_data_change"])  # a resume's choice, not carried to the next
 
     def prepare_data(self) -> None:
         load_tokenizer(self.tokenizer)  # trains and caches an embedded tokenizer once, before the ranks start
@@ -210,15 +214,31 @@ class PackedTextDataModule(LightningDataModule):
         ids = [tokenize_documents(tokenizer, texts, self.eos_token_id, None) for _, texts in sorted(documents.items())]
         return cut_into_blocks(torch.cat(ids), self.block_size)
 
+    def data_fingerprint(self) -> str:
+        """Of the training and validation blocks; streaming, of the table's length, 256 of its documents spread
+        over it (all of them would cost a pass over the data) and the validation blocks."""
+        if not self.streaming:
+            return stream.data_fingerprint(self.blocks)
+        table = read_table(self.corpus)
+        rows = sorted({index * len(table) // 256 for index in range(256)}) if len(table) else []
+        sample = list(table.select(rows)[self.text_column]) if rows else []
+        return stream.data_fingerprint(len(table), sample, self.val_blocks if self.val_corpus is not None else None)
+
+    @functools.cached_property
+    def _data_fingerprint(self) -> str:  # the data never change within a run: computed once
+        return self.data_fingerprint()
+
     def _next_batch(self) -> int:
         """The number of the next training batch, over all epochs (``stream.next_train_batch``)."""
         return stream.next_train_batch(self, self._resume.get("next_train_batch", 0))
 
     def state_dict(self) -> dict[str, Any]:
-        """The position of the next training batch, the block size, and the tokenizer's fingerprint."""
+        """The position of the next training batch, the block size, and the fingerprints of the tokenizer and of
+        the data read."""
         state: dict[str, Any] = stream.tokenizer_state(self.tokenizer) | {"block_size": self.block_size}
         if self.trainer is None:
             return state | self._resume
+        state |= stream.data_state(self._data_fingerprint)
         if self.streaming:
             if self._stream is not None:
                 # Lightning has fetched ahead: the position is that of the next batch the loop will *use*.
@@ -228,7 +248,8 @@ class PackedTextDataModule(LightningDataModule):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids or block size."""
+        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids or block size, or on
+        other data unless ``allow_data_change``."""
         stream.check_saved_tokenizer(state_dict, self.tokenizer)
         saved_block_size = state_dict.get("block_size", self.block_size)
         if saved_block_size != self.block_size:
@@ -239,6 +260,7 @@ class PackedTextDataModule(LightningDataModule):
                 f"{saved_block_size}, or start a new run from the checkpoint's weights with "
                 "--model.init_from=CKPT (no --ckpt_path)."
             )
+        stream.check_saved_data(self, state_dict, lambda: self._data_fingerprint, self.allow_data_change)
         self._resume = {key: state_dict[key] for key in ("next_train_batch", "stream") if key in state_dict}
 
 

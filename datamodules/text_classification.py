@@ -103,6 +103,7 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
         drop_missing: bool = False,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         if not isinstance(dataset, str):
             raise TypeError(
@@ -132,8 +133,9 @@ class TextClassificationDataModule(EpisodicClassificationDataModule):
             drop_missing=drop_missing,
             seed=seed,
             num_workers=num_workers,
+            allow_data_change=allow_data_change,
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["allow_data_change"])  # a resume's choice, not carried to the next
 
     def load_dataset(self) -> Dataset:
         if self.dataset == STDLIB_DOCSTRINGS:

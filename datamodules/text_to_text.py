@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_meta.data.episodic import EpisodicDataModule
+from lightning_meta.data.stream import data_fingerprint
 from lightning_meta.data.tables import claim_name, describe_missing, is_missing, is_saved_dataset, read_table
 from lightning_meta.data.tasks import (
     ANSWER,
@@ -114,7 +115,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             :data:`~lightning_meta.datamodules.task_collections.FAMILY_KEYWORDS`).
         positive_examples: a Natural-Instructions task's positive examples in each prompt.
         others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
-            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``, ``allow_data_change``: see
+            :class:`EpisodicDataModule`.
     """
 
     def __init__(
@@ -148,10 +150,12 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         eval_meta_batch_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers
-        )
+            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            allow_data_change,
+        )  # fmt: skip
         if shots < 1 or queries < 1 or max_length < 4:
             raise ValueError(f"Need shots >= 1, queries >= 1, max_length >= 4; got {shots}, {queries}, {max_length}.")
         check_template(template)
@@ -177,7 +181,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.max_examples_per_task = max_examples_per_task
         self.family_keywords = family_keywords
         self.positive_examples = positive_examples
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["allow_data_change"])  # a resume's choice, not carried to the next
 
     def prepare_data(self) -> None:
         load_tokenizer(self.tokenizer)
@@ -349,6 +353,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                                   if self.tasks[name].answer is not None)])
             for split, names in self.split_tasks.items()
         }  # fmt: skip
+
+    def data_fingerprint(self) -> str:
+        """Of every task's tokenized examples and the split."""
+        return data_fingerprint(self.split_tasks, self.tasks)
 
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
         # A family first, then one of its tasks: families with many tasks do not crowd out the others.

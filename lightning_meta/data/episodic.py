@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -44,6 +45,8 @@ class EpisodicDataModule(LightningDataModule, ABC):
         eval_meta_batch_size: episodes per evaluation batch (default: ``meta_batch_size``).
         seed: seeds every task this datamodule draws.
         num_workers: ``DataLoader`` worker processes.
+        allow_data_change: resume ``fit`` from a checkpoint trained on other data than this datamodule reads
+            now (its :meth:`data_fingerprint` differs), with a warning, instead of refusing it.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class EpisodicDataModule(LightningDataModule, ABC):
         eval_meta_batch_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__()
         for name, value in [
@@ -72,8 +76,19 @@ class EpisodicDataModule(LightningDataModule, ABC):
         self.eval_meta_batch_size = eval_meta_batch_size or meta_batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.allow_data_change = allow_data_change
         self._resume_from = 0
         self._eval_batches: dict[str, list[TaskBatch]] = {}
+
+    def data_fingerprint(self) -> str | None:
+        """A fingerprint of the data this datamodule read (:func:`lightning_meta.data.stream.data_fingerprint`),
+        recorded in checkpoints and compared when ``fit`` resumes; ``None`` (the default): its episodes are
+        drawn from its options alone. Datamodules that read files or datasets return one of what they read."""
+        return None
+
+    @functools.cached_property
+    def _data_fingerprint(self) -> str | None:  # the data never change within a run: computed once
+        return self.data_fingerprint()
 
     @abstractmethod
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
@@ -137,19 +152,24 @@ class EpisodicDataModule(LightningDataModule, ABC):
         return stream.next_train_batch(self, self._resume_from)
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream position (the number of the next training batch to consume) and, for datamodules
-        that tokenize (a ``tokenizer`` attribute naming one), the tokenizer's fingerprint."""
-        state: dict[str, Any] = {"next_train_batch": self.next_train_batch()}
+        """The stream position (the number of the next training batch to consume), the fingerprint of the data
+        read (:meth:`data_fingerprint`) and, for datamodules that tokenize (a ``tokenizer`` attribute naming
+        one), the tokenizer's fingerprint."""
+        state: dict[str, Any] = {"next_train_batch": self.next_train_batch()} | stream.data_state(
+            self._data_fingerprint
+        )
         tokenizer = getattr(self, "tokenizer", None)
         if isinstance(tokenizer, str):
             state |= stream.tokenizer_state(tokenizer)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids."""
+        """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids, or (resuming ``fit``)
+        on other data unless ``allow_data_change``."""
         tokenizer = getattr(self, "tokenizer", None)
         if isinstance(tokenizer, str):
             stream.check_saved_tokenizer(state_dict, tokenizer)
+        stream.check_saved_data(self, state_dict, lambda: self._data_fingerprint, self.allow_data_change)
         self._resume_from = int(state_dict["next_train_batch"])
 
 

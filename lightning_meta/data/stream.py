@@ -2,19 +2,24 @@
 
 A datamodule's training batch number ``i`` is the ``i``-th batch the fit loop consumes since the
 start of training, whatever Lightning counts as an epoch; the datamodule saves the number of the
-next one (and the fingerprint of the tokenizer its token ids come from) in its ``state_dict``, so
-a resumed run continues with exactly the batches the uninterrupted run would have seen.
+next one (and the fingerprints of the tokenizer its token ids come from and of the data it read) in its
+``state_dict``, so a resumed run continues with exactly the batches the uninterrupted run would have seen,
+or is refused when the data changed (:func:`check_saved_data`).
 Evaluation batches are dealt out to the processes so that each runs as many (under FSDP every
 forward is a collective, and unequal counts hang), and no batch is counted twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
 from lightning_meta._compat import batches_consumed
@@ -56,6 +61,69 @@ def check_saved_tokenizer(state: Mapping[str, Any], tokenizer: str) -> None:
     """Refuse a checkpoint whose data came from another tokenizer's token ids (:func:`tokenizer_state`)."""
     if "tokenizer_fingerprint" in state:
         check_tokenizer(state["tokenizer"], state["tokenizer_fingerprint"], tokenizer, "The checkpoint's data")
+
+
+def data_fingerprint(*parts: Any) -> str:
+    """16 hex digits of sha256 over what a datamodule read: tensors (dtype, shape, bytes), texts and numbers,
+    in dicts (by key), lists, tuples and dataclasses (in order). Equal for equal data, on any machine."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"T{value.dtype}{tuple(value.shape)}|".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, Mapping):
+            digest.update(f"D{len(value)}|".encode())
+            for key in sorted(value, key=str):
+                add(str(key))
+                add(value[key])
+        elif isinstance(value, list | tuple):
+            digest.update(f"L{len(value)}|".encode())
+            for item in value:
+                add(item)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            add({item.name: getattr(value, item.name) for item in dataclasses.fields(value)})
+        elif value is None or isinstance(value, str | int | float | bool):
+            digest.update(f"{type(value).__name__}:{len(str(value))}:{value}|".encode())
+        else:
+            raise TypeError(f"data_fingerprint takes tensors, plain values and containers of them, not {type(value)}.")
+
+    add(list(parts))
+    return digest.hexdigest()[:16]
+
+
+def data_state(fingerprint: str | None) -> dict[str, str]:
+    """What a checkpoint records of the data a datamodule read (nothing for data drawn from its options alone)."""
+    return {} if fingerprint is None else {"data_fingerprint": fingerprint}
+
+
+def check_saved_data(
+    datamodule: LightningDataModule, state: Mapping[str, Any], fingerprint: Callable[[], str | None], allow_change: bool
+) -> None:
+    """On resuming ``fit``, refuse a checkpoint trained on other data than ``datamodule`` reads now
+    (:func:`data_state`), or with ``allow_change`` warn and continue; evaluation takes any data.
+
+    ``fingerprint`` is called only when there is something to compare (it may read the data).
+    """
+    trainer = datamodule.trainer
+    saved = state.get("data_fingerprint")
+    if saved is None or (trainer is not None and trainer.state.fn != "fit"):
+        return
+    now = fingerprint()
+    if now is None or now == saved:
+        return
+    message = (
+        f"{type(datamodule).__name__}: the checkpoint was trained on other data than this run reads (data "
+        f"fingerprint {now}, saved {saved}): the dataset's contents, or the options that read them, changed since, "
+        "so the resumed run would not continue the one that was saved."
+    )
+    if allow_change:
+        rank_zero_warn(f"{message} Continuing on this data, as allow_data_change=true asks.")
+        return
+    raise ValueError(
+        f"{message} Resume on the data it was trained on, or continue on this data with "
+        "--data.init_args.allow_data_change=true."
+    )
 
 
 def rank_share(count: int, rank: int, world: int, *, pad: bool, what: str, fix: str) -> list[int]:
