@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")  # the optional dependency [eval]; CI installs it
 
@@ -17,7 +18,9 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from test_export import TINY, meta_checkpoint  # noqa: E402
 from test_layers import import_time_imports, modules  # noqa: E402
 
-from lightning_meta import CausalLMLearner, LoraSettings, cli  # noqa: E402
+from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule, cli  # noqa: E402
+from lightning_meta.data.tasks import CHOICE_FIELDS  # noqa: E402
+from lightning_meta.datamodules import TextToTextTasksDataModule  # noqa: E402
 from lightning_meta.handoff import harness  # noqa: E402
 from lightning_meta.handoff.export import export  # noqa: E402
 
@@ -80,6 +83,34 @@ def test_a_checkpoint_and_its_export_give_the_log_likelihoods_of_the_harness_hf_
     assert len(loglikelihoods) == len(ROWS) and all(len(scores) == 3 for scores in loglikelihoods)
     for source in (checkpoint, exported):
         assert evaluate(tasks, "lightning-meta", checkpoint=str(source)) == (figures, loglikelihoods)
+
+
+@pytest.mark.xdist_group("test_harness.trained")
+def test_this_projects_evaluator_scores_the_same_examples_as_lm_eval(trained, tmp_path):
+    """The test episode's query examples: the same option log-likelihoods (to float32 rounding: the prompt's
+    keys and values are cached here) and the same accuracy as lm-eval's ``acc`` on those examples."""
+    checkpoint, _, _, (_, loglikelihoods) = trained
+    table = tmp_path / "tasks.jsonl"
+    rows = [{"task": TASK, "input": q, "output": o[a], "options": o} for q, o, a in ROWS]
+    rows += [{"task": name, "input": f"Is {n} even?", "output": ["no", "yes"][n % 2 == 0], "options": ["no", "yes"]}
+             for name in ("train", "val") for n in range(len(ROWS))]  # fmt: skip
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = TextToTextTasksDataModule(
+        tokenizer="embedded-bpe-4096", dataset=str(table), template="Question: {input}\nAnswer:", val_tasks=["val"],
+        test_tasks=[TASK], shots=1, queries=len(ROWS) - 1, num_val_tasks=1, num_test_tasks=1,
+    )  # fmt: skip
+    data.setup("test")
+    batch = data.eval_batches("test")[0]
+    query = {name: values[0] for name, values in batch.query.items()}
+    examples = batch.metadata["example_ids"][0][1:].tolist()  # the query's rows (the task's in table order)
+    learner = MetaLearningModule.load_from_checkpoint(checkpoint).learner.eval()
+    with torch.no_grad():
+        scores, _ = learner.option_scores(*(query[name] for name in CHOICE_FIELDS[:3]))
+        accuracy = learner.evaluation_metrics(query)["accuracy"]
+    expected = torch.tensor([loglikelihoods[row] for row in examples])
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    lm_eval_acc = sum(max(range(3), key=loglikelihoods[row].__getitem__) == ROWS[row][2] for row in examples)
+    assert accuracy.item() == pytest.approx(lm_eval_acc / len(examples))
 
 
 @pytest.mark.slow
