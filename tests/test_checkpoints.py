@@ -196,6 +196,7 @@ def test_a_checkpoint_never_switches_on_a_model_folders_own_code(tmp_path, monke
     from transformers import dynamic_module_utils
 
     from lightning_meta import cli
+    from lightning_meta.datamodules import PackedTextDataModule
     from lightning_meta.handoff.export import export
     from lightning_meta.handoff.pretraining import CausalLMPretraining
 
@@ -233,6 +234,18 @@ def test_a_checkpoint_never_switches_on_a_model_folders_own_code(tmp_path, monke
     assert exit_info.value.code == 2 and "Traceback" not in error
     assert re.search(r"model.learner.init_args.trust_remote_code: true\).*"
                      r"allow it yourself: --model.learner.init_args.trust_remote_code=true\.", error)  # fmt: skip
+
+    # A pretraining checkpoint's own option, likewise.
+    pretraining = CausalLMPretraining(model_config=TINY_GPT2, tokenizer=TOKENIZER)
+    packed = PackedTextDataModule(tokenizer=TOKENIZER, block_size=16, batch_size=2, max_tokens_per_domain=500)
+    L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=tmp_path).fit(pretraining, packed)  # fmt: skip
+    pretraining.trainer.save_checkpoint(tmp_path / "pretraining.ckpt")
+    saved = torch.load(tmp_path / "pretraining.ckpt", weights_only=True)
+    saved["hyper_parameters"] |= {"init_from": str(folder), "model_config": None, "trust_remote_code": True}
+    torch.save(saved, tmp_path / "pretraining-asks-for-code.ckpt")
+    with pytest.raises(CheckpointError, match=r"\(trust_remote_code: true\).*CausalLMPretraining.load_from_checkpoint"):
+        CausalLMPretraining.load_from_checkpoint(tmp_path / "pretraining-asks-for-code.ckpt")
     assert not marker.exists() and not (tmp_path / "export").exists()
 
     # The caller's own option: the folder's code runs, as asked.
@@ -241,6 +254,9 @@ def test_a_checkpoint_never_switches_on_a_model_folders_own_code(tmp_path, monke
     for name, weight in loaded.learner.state_dict().items():
         assert torch.equal(weight, checkpoint["state_dict"][f"learner.{name}"]), name
     assert (export(str(path), str(tmp_path / "export"), trust_remote_code=True) / "model.safetensors").is_file()
+    pretrained = CausalLMPretraining.load_from_checkpoint(tmp_path / "pretraining-asks-for-code.ckpt",
+                                                          trust_remote_code=True)  # fmt: skip
+    assert type(pretrained.model).__name__ == "MarkerModel"
 
 
 def test_resuming_removes_the_partial_file_a_killed_save_left_beside_the_checkpoint(tmp_path):

@@ -27,7 +27,13 @@ from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
 from lightning_meta.learners.base import check_sequence_length
 from lightning_meta.learners.language_models import DTYPES, build_model
-from lightning_meta.training.checkpoints import PreemptionCheckpoint, check_local_checkpoint_path
+from lightning_meta.training.checkpoints import (
+    PreemptionCheckpoint,
+    check_local_checkpoint_path,
+    load_checkpoint_file,
+    refuse_remote_code,
+    take_out_remote_code,
+)
 from lightning_meta.training.config import NotConfigurable, to_config
 
 
@@ -242,3 +248,24 @@ class CausalLMPretraining(LightningModule):
         saved = checkpoint.get("lightning_meta") or {}
         if "tokenizer_fingerprint" in saved:
             check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], self.tokenizer, "The checkpoint")
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMPretraining:
+        """Lightning's ``load_from_checkpoint``, for local files only and with ``weights_only=True``. A checkpoint
+        whose saved ``trust_remote_code`` is true is refused unless the caller passes ``trust_remote_code=True``:
+        the file never decides that its ``init_from`` folder's own code runs."""
+        saved = load_checkpoint_file(checkpoint_path).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        asked = take_out_remote_code({key: value for key, value in saved.items() if key not in kwargs})[1]
+        option = "CausalLMPretraining.load_from_checkpoint(..., trust_remote_code=True)"
+        refuse_remote_code(asked, f"The checkpoint {checkpoint_path}", option)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
+            **kwargs,
+        )  # fmt: skip
