@@ -10,6 +10,7 @@ from lightning_meta.data.tasks import (
     ANSWER,
     CHOICE_FIELDS,
     CORRECT,
+    CREDIT,
     IGNORE_INDEX,
     Episode,
     Split,
@@ -145,7 +146,7 @@ class MetaICL(MetaAlgorithm):
             built |= {
                 name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
             }
-            built |= {name: query[name] for name in (ANSWER, CORRECT) if name in query}
+            built |= {name: query[name] for name in (ANSWER, CORRECT, CREDIT) if name in query}
         return built, dropped
 
     def task_loss(

@@ -10,20 +10,27 @@ a second run starts in seconds. Nothing is downloaded.
 **BIG-bench** (``pip download --no-deps bigbench==1.0.0`` gives the source archive): the
 ``dataset`` is the ``.tar.gz`` itself (read as a stream, never extracted), the extracted source
 folder, or any folder laid out like ``bigbench/benchmark_tasks`` (``NAME/task.json``, and
-``NAME/SUBTASK/task.json`` for a task with subtasks, named ``NAME:SUBTASK``). Prompts follow
-``bigbench/api/json_task.py``: ``task_prefix + example_input_prefix + input [+ choices] +
-example_output_prefix``, with its defaults (``"\\nQ: "``, ``"\\nA: "``, choices after
-``"\\n  choice: "`` in a seeded order); the datamodule writes one space between the prompt and the
-output, so the prompt's trailing spaces are dropped. ``target`` (a string or a list) gives the
-outputs; ``target_scores`` gives the options (its keys, per example) and the outputs (the options
-with the highest score). A task's family is the first of ``family_keywords`` among its keywords
-(a task with subtasks: the parent's), else ``"other"``. The ``canary`` field is never read into a
-prompt. Tasks with a ``task.py`` and no ``task.json`` (programmatic tasks) are skipped and counted.
+``NAME/SUBTASK/task.json`` for a task with subtasks, named ``NAME:SUBTASK``; as in BIG-bench, only a
+``NAME/task.json`` without examples has subtasks). A linked ``task.json`` is read as its target, from
+a folder and an archive alike. Prompts follow ``bigbench/api/json_task.py``: ``task_prefix +
+example_input_prefix + input [+ choices] + example_output_prefix``, with its defaults (``"\\nQ: "``,
+``"\\nA: "``, choices after ``"\\n  choice: "`` in a seeded order); the datamodule writes one space
+between the prompt and the output, so the prompt's trailing spaces are dropped. ``target`` (a string
+or a list) gives the outputs; ``target_scores`` gives the options (its keys, per example) and the
+outputs (the options with the highest score, whatever its sign), and ``scores`` each option's score (the
+grade for choosing it: BIG-bench's partial credit); an example with an empty input is
+kept when its options carry it (``append_choices_to_input: false``). A task's family is the first of
+``family_keywords`` among its keywords (a task with subtasks: the parent's), else ``"other"``. The
+``canary`` field is never read into a prompt. Tasks with a ``task.py`` and no ``task.json``
+(programmatic tasks) are skipped and counted.
 
 **Natural-Instructions v2**: a folder of ``taskNNN_name.json`` files (or its parent, holding
 ``tasks/``). The prompt is the ``Definition`` and the first ``positive_examples`` of the
-``Positive Examples``; ``Instances`` give the inputs and their outputs; the family is the first of
-the ``Categories``.
+``Positive Examples``; ``Instances`` give the inputs and their outputs (an instance without a text
+input and output is dropped, and counted); the family is the first of the ``Categories``.
+
+A task's own text goes into its template literally: a ``{word}`` in it is text, never a placeholder
+(its braces are doubled, :func:`~lightning_meta.datamodules.text_to_text.literal_template_text`).
 
 A file with bad data is skipped with one warning naming the file and the fix; the rest loads, and
 the count of skipped files is logged.
@@ -32,11 +39,14 @@ the count of skipped files is logged.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
+import posixpath
 import random
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -71,19 +81,28 @@ FAMILY_KEYWORDS: tuple[str, ...] = (
 OTHER_FAMILY = "other"
 #: The preset naming BIG-bench Lite's tasks, read from the source's ``bigbench/bbseqio/bigbench_lite.py``.
 BIGBENCH_LITE = "bigbench_lite"
+#: BIG-bench tasks made from one another's examples (a translation, a reformatting): while one of a group is held
+#: out, the others stay out of training, which would see its questions under another name and another wording (so
+#: that the split's check of equal inputs misses them).
+BIGBENCH_NEAR_DUPLICATES: tuple[frozenset[str], ...] = (
+    frozenset({"misconceptions", "misconceptions_russian"}),  # the Lite task translates the other's statements
+)
 #: Natural-Instructions prompt, as in the Tk-Instruct paper (definition, positive examples, input).
 NI_DEFINITION = "Definition: {definition}\n\n"
 NI_EXAMPLE = "Positive Example {number} -\nInput: {input}\nOutput: {output}\n\n"
 NI_QUERY = "Now complete the following example -\nInput: {input}\nOutput:"
 
 #: Part of the cache key: raise it when the rows a reader makes change.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 3  # 3: the scores column
 _TASK_FILE = "task.json"
 _PROGRAMMATIC_FILE = "task.py"
 _TASK_FILES = (_TASK_FILE, _PROGRAMMATIC_FILE)
 _LITE_FILE = "bbseqio/bigbench_lite.py"
 _NI_FILE = re.compile(r"task\d+_.*\.json")
-COLUMNS = ("task", "family", "input", "output", "options", "template")
+#: How many of a folder's first task files are opened to recognise Natural-Instructions (one may be broken).
+_NI_FILES_PROBED = 3
+#: ``scores``: each option's BIG-bench ``target_scores`` value (the grade for choosing it), else ``None``.
+COLUMNS = ("task", "family", "input", "output", "options", "template", "scores")
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,9 @@ def read_task_collection(
         return None
     if max_examples_per_task is not None and max_examples_per_task < 1:
         raise ValueError(f"max_examples_per_task must be at least 1 or null; got {max_examples_per_task}.")
+    if positive_examples < 0:  # a slice would read -1 as "all but the last"
+        raise ValueError(f"positive_examples must be 0 or more (a task's positive examples in each prompt); "
+                         f"got {positive_examples}.")  # fmt: skip
     keywords = tuple(FAMILY_KEYWORDS if family_keywords is None else family_keywords)
     settings = (kind, max_examples_per_task, seed, keywords if kind == "bigbench" else positive_examples)
     cached = cache_entry("task_collections", path.name, _cache_key(path, settings))
@@ -166,8 +188,9 @@ def resolve_task_names(
     names: list[str] | str, tasks: Collection[str], collection: TaskCollection | None, split: str
 ) -> list[str]:
     """``names`` with a preset (a string such as ``bigbench_lite``) replaced by its tasks, and a task
-    with subtasks (``NAME``) by its subtasks (``NAME:SUBTASK``); names matching nothing are kept, for
+    (``NAME``) by itself and its subtasks (``NAME:SUBTASK``); names matching nothing are kept, for
     the caller's unknown-task error. A preset's tasks missing from ``tasks`` are left out and logged."""
+    matches = _names_of(tasks)
     if isinstance(names, str):
         presets = collection.presets if collection is not None else {}
         if names not in presets:
@@ -176,7 +199,7 @@ def resolve_task_names(
                 f"({BIGBENCH_LITE!r} needs a BIG-bench source archive or folder). Or list task names."
             )
         wanted = presets[names]
-        found = [name for name in wanted if _matches(name, tasks)]
+        found = [name for name in wanted if name in matches]
         absent = sorted(set(wanted) - set(found))
         if not found:
             raise ValueError(f"None of the {len(wanted)} tasks of preset {names!r} ({split}_tasks) is in the data.")
@@ -185,12 +208,37 @@ def resolve_task_names(
         names = found
     resolved: list[str] = []
     for name in names:
-        resolved += _matches(name, tasks) or [name]
+        resolved += matches.get(name, [name])
     return sorted(set(resolved))
 
 
-def _matches(name: str, tasks: Collection[str]) -> list[str]:
-    return [name] if name in tasks else sorted(task for task in tasks if task.startswith(f"{name}:"))
+def near_duplicates(
+    held_out: Collection[str], tasks: Collection[str], collection: TaskCollection | None
+) -> dict[str, str]:
+    """Each of ``tasks`` that :data:`BIGBENCH_NEAR_DUPLICATES` groups with a ``held_out`` task (or a subtask of
+    one), with that task: they stay out of training."""
+    if collection is None or collection.kind != "bigbench":
+        return {}
+    held = {name.partition(":")[0]: name for name in sorted(held_out, reverse=True)}
+    matches = _names_of(tasks)
+    found: dict[str, str] = {}
+    for group in BIGBENCH_NEAR_DUPLICATES:
+        for source in sorted(group & held.keys()):
+            for other in sorted(group - {source}):
+                found |= {task: held[source] for task in matches.get(other, []) if task not in found}
+    return found
+
+
+def _names_of(tasks: Collection[str]) -> dict[str, list[str]]:
+    """The tasks each name stands for: a task itself, and a parent (``NAME`` of ``NAME:SUBTASK``) all of its own:
+    holding a task out holds out its subtasks too, even where a table lists both."""
+    names: dict[str, list[str]] = {}
+    for task in sorted(tasks):
+        parent = task.partition(":")[0]
+        names.setdefault(parent, []).append(task)
+        if parent != task:
+            names.setdefault(task, []).append(task)
+    return names
 
 
 def _cache_key(path: Path, settings: tuple) -> str:
@@ -212,18 +260,23 @@ def _sample(count: int, cap: int | None, seed: int, task: str) -> list[int]:
     return sorted(random.Random(f"{seed}:{task}").sample(range(count), cap))
 
 
+#: One example of a collection: input, outputs, options (or ``None``) and the options' scores (or ``None``).
+_Example = tuple[str, list[str], list[str] | None, list[float] | None]
+
+
 class _Rows:
-    """Columns of the table being built, and the problems found on the way."""
+    """Columns of the table being built, the problems found on the way and the count of examples dropped."""
 
     def __init__(self) -> None:
         self.columns: dict[str, list[Any]] = {column: [] for column in COLUMNS}
         self.problems: list[str] = []
+        self.dropped = 0  # examples without the text they need (an empty input or target), left out
 
     def add(
-        self, task: str, family: str, template: str, examples: list[tuple[str, list[str], list[str] | None]]
+        self, task: str, family: str, template: str, examples: list[_Example]
     ) -> None:
-        for text, outputs, options in examples:
-            for column, value in zip(COLUMNS, (task, family, text, outputs, options, template), strict=True):
+        for text, outputs, options, scores in examples:
+            for column, value in zip(COLUMNS, (task, family, text, outputs, options, template, scores), strict=True):
                 self.columns[column].append(value)
 
     def problem(self, message: str) -> None:
@@ -260,7 +313,7 @@ class _TaskFile:
 
     keywords: list[str]
     template: str
-    examples: list[tuple[str, list[str], list[str] | None]] | None  # None: a parent of subtasks
+    examples: list[_Example] | None  # None: a parent of subtasks
 
 
 class _BigBenchReader:
@@ -269,7 +322,6 @@ class _BigBenchReader:
         self.seed = seed
         self.family_keywords = family_keywords
         self.rows = _Rows()
-        self.empty = 0  # examples with an empty input or target, dropped
 
     def read(self, path: Path) -> tuple[dict[str, list[Any]], dict[str, Any]]:
         """Rows and a summary (``message``, ``problems``, ``presets``) of the archive or folder at ``path``."""
@@ -279,11 +331,21 @@ class _BigBenchReader:
         for parts, read in _archive_members(path) if path.is_file() else _folder_members(path):
             if parts[0] == "..":  # a file of the source tree outside the task root
                 if "/".join(parts[1:]).endswith(_LITE_FILE):
-                    lite = self._lite_names(read(), path)
+                    lite = self._lite_names(read, path)
                 continue
             files.add(parts)
             if parts[-1] == _TASK_FILE and len(parts) in (2, 3):
-                task = self._task_file(parts, read(), f"{path}: {'/'.join(parts)}")
+                where = f"{path}: {'/'.join(parts)}"
+                if any(":" in part for part in parts[:-1]):  # else NAME:SUB and NAME/SUB would be one task
+                    self._bad(where, "is in a folder whose name holds ':', which separates a task from its subtask "
+                              "(NAME:SUBTASK is NAME/SUBTASK/task.json)", "rename the folder without ':'")  # fmt: skip
+                    continue
+                try:
+                    raw = read()
+                except OSError as error:  # a link to a file that is not there
+                    self._bad(where, f"cannot be read ({error})", "replace the link by the file itself")
+                    continue
+                task = self._task_file(parts, raw, where)
                 if task is not None:
                     tasks[parts[:-1]] = task
         programmatic = self._assemble(files, tasks, path)
@@ -293,7 +355,7 @@ class _BigBenchReader:
             + (f" (at most {self.cap} per task)" if self.cap is not None else "")
             + f"; skipped {programmatic} programmatic tasks (task.py, no task.json)"
             + f", {len(self.rows.problems)} files with bad data (warned above)"
-            + f" and {self.empty} examples with an empty input or target"
+            + f" and {self.rows.dropped} examples with an empty target, or an empty input and no options"
         )
         presets = {BIGBENCH_LITE: lite} if lite is not None else {}
         return self.rows.columns, {"message": message, "problems": self.rows.problems, "presets": presets}
@@ -319,8 +381,13 @@ class _BigBenchReader:
                     f"{path}: {'/'.join(folder)} has no {_TASK_FILE}: it looks like a task folder (it holds "
                     f"{sorted(names - {'/'})[:3]}). Add its {_TASK_FILE}, or move the folder out of the collection."
                 )
+        ignored: dict[str, list[str]] = {}  # a parent with examples -> its subtask folders, which are no tasks
         for folder, task in sorted(tasks.items()):
             name = ":".join(folder)
+            parent = tasks.get(folder[:1]) if len(folder) == 2 else None
+            if parent is not None and parent.examples is not None:
+                ignored.setdefault(folder[0], []).append(folder[1])
+                continue
             if task.examples is None:
                 if not any(len(parts) == 3 and parts[0] == folder[0] and parts[2] in _TASK_FILES for parts in files):
                     self.rows.problem(
@@ -328,10 +395,16 @@ class _BigBenchReader:
                         f"({folder[0]}/SUBTASK/{_TASK_FILE}). Add examples, or the subtasks' folders."
                     )
                 continue
-            parent = tasks.get(folder[:1]) if len(folder) == 2 else None
             keywords = parent.keywords if parent is not None else task.keywords
             family = next((keyword for keyword in self.family_keywords if keyword in keywords), OTHER_FAMILY)
             self.rows.add(name, family, task.template, task.examples)
+        for name, subtasks in sorted(ignored.items()):
+            self.rows.problem(
+                f"{path}: {name}/{_TASK_FILE} has 'examples', so its subtask folders {subtasks} are left out, as "
+                f"BIG-bench leaves them (it reads a task's subtasks only when its {_TASK_FILE} has no examples). To "
+                f"use them, move {name}'s examples into a subtask folder of their own, or the subtask folders out of "
+                f"{name}."
+            )
         return programmatic
 
     def _task_file(self, parts: tuple[str, ...], raw: bytes, where: str) -> _TaskFile | None:
@@ -343,7 +416,15 @@ class _BigBenchReader:
         if not isinstance(data, dict):
             return self._bad(where, "is not a JSON object", 'write one object {"examples": [...], ...}')
         keywords = data.get("keywords", [])
-        keywords = [str(keyword) for keyword in keywords] if isinstance(keywords, list) else []
+        if isinstance(keywords, str):  # "arithmetic, zero-shot": the keywords written as one text
+            keywords = [keyword.strip() for keyword in keywords.split(",")]
+        elif not isinstance(keywords, list):
+            self.rows.problem(
+                f"{where}: its 'keywords' ({keywords!r}) is not a list, so its family is {OTHER_FAMILY!r}. To give it "
+                'one, write "keywords": ["arithmetic", ...].'
+            )
+            keywords = []
+        keywords = [str(keyword) for keyword in keywords]
         if "examples" not in data:
             return _TaskFile(keywords, "", None) if len(parts) == 2 else self._bad(
                 where, "has no 'examples'", 'add them: [{"input": ..., "target": ...}, ...]'
@@ -356,23 +437,29 @@ class _BigBenchReader:
             field_name = not_text[0] if not_text else "examples"
             return self._bad(where, f"has a {field_name!r} that is not {'text' if not_text else 'a list'}",
                              f"make {field_name!r} a {'string' if not_text else 'list of examples'}")  # fmt: skip
-        template = (texts["task_prefix"] + texts["example_input_prefix"] + "{input}"
-                    + texts["example_output_prefix"]).rstrip(" ")  # fmt: skip
+        from lightning_meta.datamodules.text_to_text import literal_template_text  # (it imports this module)
+
+        template = (literal_template_text(texts["task_prefix"] + texts["example_input_prefix"]) + "{input}"
+                    + literal_template_text(texts["example_output_prefix"])).rstrip(" ")  # fmt: skip
         name = ":".join(parts[:-1])
         append_choices = data.get("append_choices_to_input", True)
-        examples: list[tuple[str, list[str], list[str] | None]] = []
-        seen: set[str] = set()
+        examples: list[_Example] = []
+        seen: set[tuple[str, tuple[str, ...] | None]] = set()
         bad: list[tuple[int, _BadExample]] = []
         for index, example in enumerate(data["examples"]):
             try:
-                converted = self._example(example, index, append_choices, texts["choice_prefix"], name)
+                converted = self._example(example, append_choices, texts["choice_prefix"])
             except _BadExample as error:
                 bad.append((index, error))
                 continue
             if converted is None:
-                self.empty += 1
-            elif converted[0] not in seen:  # the same input twice could land in an episode's support and query
-                seen.add(converted[0])
+                self.rows.dropped += 1
+                continue
+            # One example twice could land in an episode's support and query. Its options count: without
+            # append_choices_to_input, examples with one (empty) input differ only in their options.
+            key = (converted[0], tuple(sorted(converted[2])) if converted[2] else None)  # as the datamodule's
+            if key not in seen:
+                seen.add(key)
                 examples.append(converted)
         if bad:
             index, first = bad[0]
@@ -387,10 +474,11 @@ class _BigBenchReader:
         return _TaskFile(keywords, template, [examples[index] for index in kept])
 
     def _example(
-        self, example: Any, index: int, append_choices: bool, choice_prefix: str, name: str
-    ) -> tuple[str, list[str], list[str] | None] | None:
-        """(input, outputs, options) of one example, as BIG-bench's ``default_format_fn`` makes them (without
-        the prefixes); ``None`` for an example with an empty input or target (BIG-bench has a few)."""
+        self, example: Any, append_choices: bool, choice_prefix: str
+    ) -> _Example | None:
+        """(input, outputs, options, the options' scores) of one example, as BIG-bench's ``default_format_fn``
+        makes them (without the prefixes); ``None`` for an example with an empty target, or an empty input and no
+        options to score (BIG-bench has a few)."""
         if not isinstance(example, dict) or not isinstance(example.get("input"), str):
             raise _BadExample("has no text 'input'", 'give every example an "input" string, or delete those examples')
         text = example["input"]
@@ -403,42 +491,48 @@ class _BigBenchReader:
             raise _BadExample("has a 'target_scores' that is not a map of options to numbers",
                               'write it as {"option": 1, "other option": 0, ...}')  # fmt: skip
         best = max(scores.values()) if scores else 0
-        if scores and best > 0 and (len(scores) == 1 or best > min(scores.values())):
+        # The highest score marks the correct options, whatever its sign (BIG-bench's grade is the chosen
+        # option's score): {"a": 0, "b": -1} makes "a" correct.
+        if scores and (best > min(scores.values()) or (len(scores) == 1 and best > 0)):
             options = list(scores)
             if append_choices:
                 shuffled = sorted(options)
-                random.Random(f"{self.seed}:{name}:{index}").shuffle(shuffled)  # the right one is not always first
+                # The right one is not always first. Seeded by the input, not the task: one question under two
+                # task names reads the same, so that the split's overlap check sees it.
+                random.Random(f"{self.seed}:{text}").shuffle(shuffled)
                 text = text + choice_prefix + choice_prefix.join(shuffled)
             outputs, choices = [option for option in options if scores[option] == best], options
+            # BIG-bench's multiple_choice_grade is the chosen option's score: partial credit where scores are graded.
+            grades: list[float] | None = [float(scores[option]) for option in options]
         elif "target" in example:  # BIG-bench, too, takes the target when the scores name no correct option
             target = example["target"]
-            outputs, choices = target if isinstance(target, list) else [target], None
+            outputs, choices, grades = target if isinstance(target, list) else [target], None, None
             if not all(isinstance(output, str) for output in outputs):
                 raise _BadExample("has a 'target' that is not text",
                                   'make it a string or a list of strings ("target": "...")')  # fmt: skip
         elif scores:
-            raise _BadExample("has a 'target_scores' with no positive score above the others (and no 'target')",
-                              "give the correct options the highest score (e.g. 1), the others 0")  # fmt: skip
+            raise _BadExample("has a 'target_scores' with no option scored above the others (and no 'target')",
+                              "give the correct options the highest score (e.g. 1), the others less (0)")  # fmt: skip
         else:
             raise _BadExample("has neither 'target' nor 'target_scores'",
                               'give it "target": "..." (or a list of strings), or "target_scores"')  # fmt: skip
         outputs = [output for output in outputs if output.strip()]
-        return (text, outputs, choices) if text.strip() and outputs else None
+        return (text, outputs, choices, grades) if outputs and (text.strip() or choices) else None
 
     def _bad(self, where: str, what: str, fix: str) -> None:
         self.rows.problem(f"Skipped {where}: it {what}. To use it, {fix}.")
 
-    def _lite_names(self, raw: bytes, path: Path) -> list[str] | None:
+    def _lite_names(self, read: Callable[[], bytes], path: Path) -> list[str] | None:
         """BIG-bench Lite's task names: the last list in ``BIGBENCH_LITE_TASK_NAMES`` (a literal, read, never run)."""
         try:
-            tree = ast.parse(raw.decode("utf-8"))
+            tree = ast.parse(read().decode("utf-8"))
             for node in tree.body:
                 if isinstance(node, ast.Assign) and any(
                     isinstance(target, ast.Name) and target.id == "BIGBENCH_LITE_TASK_NAMES" for target in node.targets
                 ):
                     versions = ast.literal_eval(node.value)
                     return [str(name) for name in list(versions.values())[-1]]
-        except (SyntaxError, ValueError, UnicodeDecodeError, AttributeError, IndexError):
+        except (SyntaxError, ValueError, UnicodeDecodeError, AttributeError, IndexError, OSError):
             pass
         self.rows.problem(f"{path}: cannot read the BIG-bench Lite task list in {_LITE_FILE}; the preset "
                           f"{BIGBENCH_LITE!r} is unavailable (list test_tasks by name instead).")  # fmt: skip
@@ -446,28 +540,87 @@ class _BigBenchReader:
 
 
 def _archive_members(archive: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes]]]:
-    """(parts below ``benchmark_tasks``, reader) of each file of a BIG-bench source archive, in one pass;
-    parts start with ``..`` for files elsewhere (``bigbench/bbseqio/...``)."""
+    """(parts below ``benchmark_tasks``, reader) of each file of a BIG-bench source archive, read as a stream;
+    parts start with ``..`` for files elsewhere (``bigbench/bbseqio/...``). A link is read as its target, as the
+    folder reader reads it, from a second pass (the target may come before it); one whose target the archive does
+    not hold reads as a missing file."""
+    links: dict[str, list[tuple[str, ...]]] = {}  # a link's target (a member name) -> the parts of its links
+    holds_tasks = holds_ni_files = False
     try:
         with tarfile.open(archive, "r|*") as members:  # a stream: each member is read once, in order
             for member in members:
-                head, marker, tail = member.name.partition("/benchmark_tasks/")
-                parts = tuple(tail.split("/")) if marker else ("..", *member.name.split("/"))
-                if not member.isfile() or (marker and _hidden(parts)):
+                parts = _member_parts(member.name)
+                holds_tasks |= parts[0] != ".."
+                holds_ni_files |= _NI_FILE.fullmatch(parts[-1]) is not None
+                if parts[0] != ".." and _hidden(parts):
                     continue
-                yield parts, lambda member=member: members.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as error:
+                if member.issym() or member.islnk():
+                    links.setdefault(_link_target(member), []).append(parts)
+                elif member.isfile():
+                    yield parts, functools.partial(_read_member, archive, members, member)
+        if links:
+            with tarfile.open(archive, "r|*") as members:
+                for member in members:
+                    name = posixpath.normpath(member.name)
+                    if name in links and member.isfile():
+                        data = _read_member(archive, members, member)
+                        for parts in links.pop(name):
+                            yield parts, lambda data=data: data
+            for target, sources in links.items():
+                for parts in sources:
+                    yield parts, functools.partial(_missing_target, target)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise _unreadable_archive(archive, error) from error
+    if not holds_tasks:
+        natural_instructions = (
+            " (it holds Natural-Instructions task files: extract it, tar -xzf ARCHIVE, and give the folder of "
+            "taskNNN_name.json files)"
+        )
         raise ValueError(
-            f"Cannot read {archive} as a .tar.gz archive ({error}). Download it again "
-            "(pip download --no-deps bigbench==1.0.0), or give the extracted folder."
-        ) from error
+            f"{archive} holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive"
+            + (natural_instructions if holds_ni_files else "")
+            + ". Give bigbench-1.0.0.tar.gz (pip download --no-deps bigbench==1.0.0) or a folder of task folders."
+        )
+
+
+def _member_parts(name: str) -> tuple[str, ...]:
+    """An archive member's path parts below ``benchmark_tasks``, or ``..`` and all its parts for a file elsewhere."""
+    name = posixpath.normpath(name)
+    _, marker, tail = f"/{name}".partition("/benchmark_tasks/")
+    return tuple(tail.split("/")) if marker else ("..", *name.split("/"))
+
+
+def _link_target(member: tarfile.TarInfo) -> str:
+    """The member name a link points at: a hard link names it, a symbolic link is relative to its folder."""
+    if member.islnk():
+        return posixpath.normpath(member.linkname)
+    return posixpath.normpath(posixpath.join(posixpath.dirname(member.name), member.linkname))
+
+
+def _read_member(archive: Path, members: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    try:
+        return members.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:  # a truncated archive fails here
+        raise _unreadable_archive(archive, error) from error
+
+
+def _missing_target(target: str) -> bytes:
+    raise FileNotFoundError(f"it links to {target}, which the archive does not hold")
+
+
+def _unreadable_archive(archive: Path, error: BaseException) -> ValueError:
+    return ValueError(
+        f"Cannot read {archive} as a .tar.gz archive ({error}; a download cut short?). Download it again "
+        "(pip download --no-deps bigbench==1.0.0), or give the extracted folder."
+    )
 
 
 def _folder_members(folder: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes]]]:
-    """Like :func:`_archive_members`, for an extracted source tree or a folder of task folders."""
+    """Like :func:`_archive_members`, for an extracted source tree or a folder of task folders (a link to a file
+    that is not there reads as a missing file)."""
     root = _bigbench_root(folder)
     for file in sorted(root.rglob("*")):
-        if file.is_file() and not _hidden(file.relative_to(root).parts):
+        if (file.is_file() or file.is_symlink()) and not _hidden(file.relative_to(root).parts):
             yield file.relative_to(root).parts, file.read_bytes
     lite = root.parent / _LITE_FILE
     if lite.is_file():
@@ -483,15 +636,26 @@ def _hidden(parts: tuple[str, ...]) -> bool:
 
 
 def _ni_files(folder: Path) -> list[Path]:
-    """The Natural-Instructions task files in ``folder`` (or its ``tasks/``): files ``taskNNN_name.json``
-    whose opening holds a ``"Definition"``."""
+    """The Natural-Instructions task files in ``folder`` (or its ``tasks/``): files ``taskNNN_name.json``, one of
+    the first few of which holds a ``"Definition"``."""
     for candidate in (folder / "tasks", folder):
         files = sorted(file for file in candidate.glob("task*.json") if _NI_FILE.fullmatch(file.name))
-        if files:
-            with files[0].open("rb") as opening:
-                if b'"Definition"' in opening.read(1 << 16):
-                    return files
+        if any(map(_holds_definition, files[:_NI_FILES_PROBED])):
+            return files
     return []
+
+
+def _holds_definition(file: Path) -> bool:
+    """Whether ``file`` is a JSON object with a ``"Definition"``: seen in its opening, or (its keys in another
+    order) in the whole file."""
+    with file.open("rb") as opening:
+        if b'"Definition"' in opening.read(1 << 16):
+            return True
+    try:
+        data = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(data, dict) and "Definition" in data
 
 
 def _read_natural_instructions(
@@ -508,12 +672,16 @@ def _read_natural_instructions(
         f"{folder}"
         + (f" (at most {cap} per task)" if cap is not None else "")
         + f"; skipped {len(rows.problems)} files with bad data"
+        + f" and {rows.dropped} instances without a text input and output"
     )
     return rows.columns, {"message": message, "problems": rows.problems, "presets": {}}
 
 
 def _ni_task(file: Path, rows: _Rows, cap: int | None, seed: int, positive_examples: int) -> str | None:
-    """Add the task in ``file`` to ``rows``; or what is wrong with it and the fix."""
+    """Add the task in ``file`` to ``rows`` (its instances without a text input and output dropped and counted);
+    or what is wrong with it and the fix."""
+    from lightning_meta.datamodules.text_to_text import literal_template_text  # (it imports this module)
+
     try:
         data = json.loads(file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -525,32 +693,32 @@ def _ni_task(file: Path, rows: _Rows, cap: int | None, seed: int, positive_examp
     if not isinstance(definition, list) or not definition or not all(isinstance(part, str) for part in definition):
         return 'its "Definition" is not text. Make it a list of strings, ["Given a ..., answer ..."]'
     demonstrations = [example for example in data.get("Positive Examples") or [] if isinstance(example, dict)]
-    prompt = NI_DEFINITION.format(definition=" ".join(part.strip() for part in definition))
+    # The task's own text is taken literally: a "{word}" in it is text, never a placeholder.
+    definition_text = literal_template_text(" ".join(part.strip() for part in definition))
+    prompt = NI_DEFINITION.format(definition=definition_text)
     for number, example in enumerate(demonstrations[:positive_examples], 1):
         if not isinstance(example.get("input"), str) or not isinstance(example.get("output"), str):
             return f'its positive example {number} lacks a text "input" or "output". Fix it, or use positive_examples=0'
-        prompt += NI_EXAMPLE.format(number=number, input=example["input"].strip(), output=example["output"].strip())
+        prompt += NI_EXAMPLE.format(number=number, input=literal_template_text(example["input"].strip()),
+                                    output=literal_template_text(example["output"].strip()))  # fmt: skip
     template = prompt + NI_QUERY
     instances = data.get("Instances")
     if not isinstance(instances, list) or not instances:
         return 'it has no "Instances". Add them: [{"id": ..., "input": ..., "output": [...]}, ...]'
-    examples: list[tuple[str, list[str], list[str] | None]] = []
+    examples: list[_Example] = []
     seen: set[str] = set()
-    for index, instance in enumerate(instances):
+    for instance in instances:
         text = instance.get("input") if isinstance(instance, dict) else None
         outputs = instance.get("output") if isinstance(instance, dict) else None
-        outputs = [outputs] if isinstance(outputs, str) else outputs
-        if (
-            not isinstance(text, str)
-            or not text.strip()
-            or not isinstance(outputs, list)
-            or not outputs
-            or not all(isinstance(output, str) for output in outputs)
-        ):
-            return f'its instance {index} lacks a text "input" or a list of "output" strings. Fix or delete it'
-        if text not in seen:
+        outputs = [outputs] if isinstance(outputs, str) else outputs if isinstance(outputs, list) else []
+        outputs = [output for output in outputs if isinstance(output, str) and output.strip()]
+        if not isinstance(text, str) or not text.strip() or not outputs:
+            rows.dropped += 1
+        elif text not in seen:
             seen.add(text)
-            examples.append((text, outputs, None))
+            examples.append((text, outputs, None, None))
+    if not examples:
+        return 'none of its "Instances" has a text "input" and "output". Fix them: {"input": "...", "output": ["..."]}'
     categories = data.get("Categories")
     family = str(categories[0]) if isinstance(categories, list) and categories else OTHER_FAMILY
     name = file.stem

@@ -3,36 +3,55 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_meta.data.episodic import EpisodicDataModule
 from lightning_meta.data.stream import data_fingerprint
-from lightning_meta.data.tables import claim_name, describe_missing, is_missing, is_saved_dataset, read_table
+from lightning_meta.data.tables import (
+    claim_name,
+    describe_missing,
+    is_missing,
+    is_saved_dataset,
+    read_table,
+    table_columns,
+)
 from lightning_meta.data.tasks import (
     ANSWER,
+    CEILING,
+    CHANCE,
     CHOICE_ATTENTION_MASK,
     CHOICE_INPUT_IDS,
     CHOICE_LABELS,
     CORRECT,
+    CREDIT,
     IGNORE_INDEX,
     Episode,
 )
 from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
-from lightning_meta.datamodules.task_collections import TaskCollection, read_task_collection, resolve_task_names
+from lightning_meta.datamodules.control_tasks import CONTROL, ControlSettings, ControlTasks
+from lightning_meta.datamodules.task_collections import (
+    TaskCollection,
+    near_duplicates,
+    read_task_collection,
+    resolve_task_names,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 INPUT_FIELD = "{input}"
-#: ``{name}`` in a template: only ``{input}`` is a placeholder (other braces, as in ``{"a": 1}``, are text).
-_PLACEHOLDER = re.compile(r"\{[A-Za-z_]\w*\}")
+#: A template's special pieces, read left to right as ``str.format`` does: ``{{`` and ``}}`` (a literal brace)
+#: and ``{name}`` (a placeholder: only ``{input}`` is one). Other braces, as in ``{"a": 1}``, are text.
+_TEMPLATE_PIECE = re.compile(r"\{\{|\}\}|\{[A-Za-z_]\w*\}")
 _SPLITS = ("val", "test")
 
 
@@ -50,9 +69,19 @@ class TextTask:
     choice_labels: Tensor | None = None  # on the option's own tokens (no end token); on an output's and its end token
     answer: Tensor | None = None  # (examples,): index of the option that is the first output; -1 without options
     correct: Tensor | None = None  # (examples, options): which choice rows are correct outputs
+    credit: Tensor | None = None  # (examples, options): the grade for choosing each row (BIG-bench's target_scores)
+    inputs: list[str] = field(default_factory=list)  # each example's input text, for the held-out overlap check
+    ceiling: float | None = None  # the best accuracy a reader of the support can reach (a control task's)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def select(self, rows: list[int]) -> TextTask:
+        """The task with only the examples at ``rows``."""
+        index = torch.tensor(rows, dtype=torch.long)
+        tensors = {item.name: getattr(self, item.name)[index] for item in fields(self)
+                   if isinstance(getattr(self, item.name), Tensor)}  # fmt: skip
+        return replace(self, **tensors, inputs=[self.inputs[row] for row in rows])
 
 
 class TextToTextTasksDataModule(EpisodicDataModule):
@@ -81,7 +110,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             folder) with one row per example; a folder holding one table per task (the task is
             the file name); or a task collection (:mod:`lightning_meta.datamodules.task_collections`): BIG-bench's
             source archive (``bigbench-1.0.0.tar.gz``, not extracted) or a folder of its JSON tasks, or a
-            Natural-Instructions ``tasks`` folder; read once and cached.
+            Natural-Instructions ``tasks`` folder; read once and cached. ``control``: the control families
+            (:mod:`lightning_meta.datamodules.control_tasks`), a fresh task per episode, drawn with replacement.
         task_column: column naming each row's task (not needed for a folder of one table per task).
         input_column: column holding the input text.
         output_column: column holding the output text, or a list of correct outputs (the first trains;
@@ -90,8 +120,12 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         options_column: column listing a row's options (a list of strings, or one string of options
             separated by ``|``), used when the table has it: the row is scored against its own
             options, and its outputs must be among them.
+        scores_column: column giving each option's score, a list beside ``options`` (BIG-bench's
+            ``target_scores``), used when the table has it: choosing an option earns its score, as
+            BIG-bench's ``multiple_choice_grade`` gives partial credit; without it a correct option
+            earns 1 and the others 0.
         template: the prompt, with ``{input}`` where the input goes (for tables without a
-            ``template_column``).
+            ``template_column``); ``{{`` and ``}}`` are literal braces, as in ``str.format``.
         template_column: column holding each row's template, used when the table has it.
         gym_families: the gym's families to load (default: every family available here).
         val_tasks: validation tasks by name (overrides ``val_families``); a task with subtasks stands
@@ -114,6 +148,17 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         family_keywords: BIG-bench keywords that give a task's family, first match wins (default
             :data:`~lightning_meta.datamodules.task_collections.FAMILY_KEYWORDS`).
         positive_examples: a Natural-Instructions task's positive examples in each prompt.
+        drop_held_out_overlap: leave out of training the examples whose input is also a validation or test
+            example's (compared lowercased, without punctuation and extra spaces), and the training tasks left with
+            fewer than ``shots + queries`` examples. Either way their count is logged, with a warning without it
+            (tables and task collections; the gym's split is made without shared inputs).
+        control: the control families and their sizes, with ``dataset="control"``.
+        replacement: draw each episode's support and queries from its task's examples with replacement (an
+            input may repeat, within the support and in a query), as the control families do, instead of
+            ``shots + queries`` distinct examples; a task then needs only one example.
+        ceiling_column: column giving each task's ceiling (the accuracy a reader of ``shots`` support examples
+            can reach at best), used when the table has it: evaluation then reports ``ceiling``, ``chance`` (a
+            uniform guess among the options) and ``control_gap`` = (accuracy - chance) / (ceiling - chance).
         others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
             ``eval_meta_batch_size``, ``seed``, ``num_workers``, ``allow_data_change``: see
             :class:`EpisodicDataModule`.
@@ -128,6 +173,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         output_column: str = "output",
         family_column: str = "family",
         options_column: str = "options",
+        scores_column: str = "scores",
         template: str = "Input: {input}\nOutput:",
         template_column: str = "template",
         gym_families: list[str] | None = None,
@@ -143,6 +189,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         max_examples_per_task: int | None = None,
         family_keywords: list[str] | None = None,
         positive_examples: int = 2,
+        drop_held_out_overlap: bool = False,
+        control: ControlSettings | None = None,
+        replacement: bool = False,
+        ceiling_column: str = "ceiling",
         meta_batch_size: int = 4,
         batches_per_epoch: int = 100,
         num_val_tasks: int = 32,
@@ -166,6 +216,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.output_column = output_column
         self.family_column = family_column
         self.options_column = options_column
+        self.scores_column = scores_column
         self.template = template
         self.template_column = template_column
         self.gym_families = gym_families
@@ -181,6 +232,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.max_examples_per_task = max_examples_per_task
         self.family_keywords = family_keywords
         self.positive_examples = positive_examples
+        self.drop_held_out_overlap = drop_held_out_overlap
+        self.control = control if control is not None else ControlSettings()
+        self.replacement = replacement or dataset == CONTROL  # the control families' ceilings assume it
+        self.ceiling_column = ceiling_column
         self.save_hyperparameters(ignore=["allow_data_change"])  # a resume's choice, not carried to the next
 
     def prepare_data(self) -> None:
@@ -188,7 +243,18 @@ class TextToTextTasksDataModule(EpisodicDataModule):
 
     def setup(self, stage: str) -> None:
         """Read and tokenize the tasks, split them (errors about the data surface here)."""
+        if self.dataset == CONTROL:
+            self._control  # noqa: B018 (checks the settings)
+            return
         self.split_tasks  # noqa: B018 (computes and caches the tasks and the splits)
+
+    @functools.cached_property
+    def _control(self) -> ControlTasks:
+        return ControlTasks(self.control, self.shots)
+
+    @functools.cached_property
+    def _control_encoder(self) -> _Encoder:
+        return _Encoder(load_tokenizer(self.tokenizer), self.max_length, self.truncate_inputs, memo=True)
 
     @functools.cached_property
     def examples(self) -> dict[str, dict[str, Any]]:
@@ -220,18 +286,21 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         else:
             tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs,
                               self.skip_long_examples)  # fmt: skip
-        needed = self.shots + self.queries
+        needed = 1 if self.replacement else self.shots + self.queries
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
+        # A few names, smallest first: a user's table can have thousands of such tasks.
+        shown = _few([f"{name} ({small[name]})" for name in sorted(small, key=lambda name: (small[name], name))])
         if small and self.skip_long_examples:
             rank_zero_info(
-                f"Text-to-text tasks: left out {len(small)} tasks with fewer than shots + queries = {needed} examples "
-                f"that fit max_length={self.max_length}: {sorted(small)}."
+                f"Text-to-text tasks: left out {len(small)} of {len(tasks)} tasks with fewer than shots + queries = "
+                f"{needed} examples that fit max_length={self.max_length}: {shown}."
             )
             return {name: task for name, task in tasks.items() if name not in small}
         if small:
             raise ValueError(
-                f"Tasks with fewer than shots + queries = {needed} distinct examples: {small}. Lower shots or queries, "
-                "add examples to those tasks, or leave them out of the data."
+                f"{len(small)} of {len(tasks)} tasks have fewer than shots + queries = {needed} distinct examples "
+                f"(examples in brackets): {shown}. Lower shots or queries, add examples to those tasks, or leave them "
+                "out with --data.init_args.skip_long_examples=true (their count is logged)."
             )
         return tasks
 
@@ -296,6 +365,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         for split in _SPLITS:
             if not held_out[split]:
                 raise ValueError(f"The {split} split has no task: name some with {split}_tasks or {split}_families.")
+        train = self._without_held_out_copies(train, sorted(excluded))
         if not train:
             raise ValueError("Every task is held out: leave at least one task for training.")
         trained_families = {families[name] for name in train}
@@ -317,6 +387,49 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             f"{described['test']}.{why}"
         )
         return {"train": train, "val": held_out["val"], "test": held_out["test"]}
+
+    def _without_held_out_copies(self, train: list[str], held_out: list[str]) -> list[str]:
+        """The training tasks without those a task collection lists as made from a held-out one
+        (:func:`~lightning_meta.datamodules.task_collections.near_duplicates`); the training examples whose input is
+        a held-out one's are counted, with a warning, or with ``drop_held_out_overlap`` left out."""
+        copies = near_duplicates(held_out, train, self.collection)
+        if copies:
+            rank_zero_info(
+                f"Text-to-text tasks: left {len(copies)} tasks out of training, made from held-out ones: "
+                + ", ".join(f"{name} (from {source})" for name, source in sorted(copies.items()))
+                + "."
+            )
+            train = [name for name in train if name not in copies]
+        if self.dataset is None:  # the gym's split is made without shared inputs (task_gym)
+            return train
+        held_inputs = {_normalised(text) for name in held_out for text in self.tasks[name].inputs} - {""}
+        overlap = {}  # training task -> its rows whose input a held-out task has
+        for name in train:
+            rows = [row for row, text in enumerate(self.tasks[name].inputs) if _normalised(text) in held_inputs]
+            if rows:
+                overlap[name] = rows
+        if not overlap:
+            return train
+        count = sum(map(len, overlap.values()))
+        shown = sorted(overlap, key=lambda name: (-len(overlap[name]), name))
+        where = f"{count} examples of {len(overlap)} training tasks ({_few(shown)})"
+        if not self.drop_held_out_overlap:
+            rank_zero_warn(
+                f"Text-to-text tasks: {where} have the input of a validation or test example (compared lowercased, "
+                "without punctuation and extra spaces), so evaluation asks questions training saw. Set "
+                "drop_held_out_overlap=true to leave them out of training, or hold those tasks out too."
+            )
+            return train
+        tasks = dict(self.tasks)  # the gym's are shared by datamodules: replaced, never changed
+        for name, rows in overlap.items():
+            tasks[name] = tasks[name].select(sorted(set(range(len(tasks[name]))) - set(rows)))
+        small = sorted(name for name in overlap if len(tasks[name]) < self.shots + self.queries)
+        self.tasks = {name: task for name, task in tasks.items() if name not in small}
+        also = f", and {len(small)} tasks left with fewer than shots + queries examples: {_few(small)}" if small else ""
+        rank_zero_info(
+            f"Text-to-text tasks: left out of training {where}, whose input a validation or test example has{also}."
+        )
+        return [name for name in train if name not in small]
 
     def _default_families(self, split: str, known_families: list[str], available: list[str]) -> list[str] | None:
         """The gym's held-out families; for a table with 3 families or more a seeded 10%, drawn among the
@@ -354,28 +467,35 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             for split, names in self.split_tasks.items()
         }  # fmt: skip
 
-    def data_fingerprint(self) -> str:
-        """Of every task's tokenized examples and the split."""
-        return data_fingerprint(self.split_tasks, self.tasks)
+    def data_fingerprint(self) -> str | None:
+        """Of every task's tokenized examples and the split; ``None`` for the control tasks (drawn from the
+        options alone)."""
+        return None if self.dataset == CONTROL else data_fingerprint(self.split_tasks, self.tasks)
 
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
-        # A family first, then one of its tasks: families with many tasks do not crowd out the others.
-        families = self._families_of_split[split]
-        names = families[int(torch.randint(len(families), (), generator=generator))]
-        task = self.tasks[names[int(torch.randint(len(names), (), generator=generator))]]
-        chosen = torch.randperm(len(task), generator=generator)[: self.shots + self.queries]
-        options = self._options_of_split[split]
+        if self.dataset == CONTROL:
+            drawn = self._control.draw(generator, split)
+            task, options = self._control_encoder.encode(drawn.name, drawn.as_examples()), self._control.options
+        else:
+            # A family first, then one of its tasks: families with many tasks do not crowd out the others.
+            families = self._families_of_split[split]
+            names = families[int(torch.randint(len(families), (), generator=generator))]
+            task = self.tasks[names[int(torch.randint(len(names), (), generator=generator))]]
+            options = self._options_of_split[split]
         if split == "train":
             # Training reads no options: a BIG-bench batch would otherwise carry (and data-check) ~100 rows per
             # example at every step.
             options = 0
+        needed = self.shots + self.queries
+        if self.replacement:
+            chosen = torch.randint(len(task), (needed,), generator=generator)
+        else:
+            chosen = torch.randperm(len(task), generator=generator)[:needed]
         support, query = (_rows(task, rows, options) for rows in (chosen[: self.shots], chosen[self.shots :]))
-        return Episode(
-            support=support,
-            query=query,
-            shots=self.shots,
-            metadata={"task": task.name, "family": task.family or "", "example_ids": chosen},
-        )
+        metadata = {"task": task.name, "family": task.family or "", "example_ids": chosen}
+        if task.ceiling is not None:
+            metadata |= {CEILING: torch.tensor(task.ceiling, dtype=torch.float64), CHANCE: _chance(task, chosen[self.shots :])}
+        return Episode(support=support, query=query, shots=self.shots, metadata=metadata)
 
     def _tasks_from_table(self, table: Dataset, source: str) -> dict[str, dict[str, Any]]:
         required = [self.task_column, self.input_column, self.output_column]
@@ -385,39 +505,57 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                 f"{source} has no column {absent}; its columns are {table.column_names}. Name the columns with "
                 "--data.init_args.task_column / input_column / output_column."
             )
-        missing = {column: [row for row, value in enumerate(table[column]) if is_missing(value)] for column in required}
-        if any(missing.values()):
-            raise ValueError(
-                f"Missing values in {source} (rows counted from 0): {describe_missing(missing, len(table))}. Every "
-                "row needs a task, an input and an output: filter those rows out first."
-            )
         optional = {
             "family": self.family_column,
             "template": self.template_column,
             "options": self.options_column,
+            "ceiling": self.ceiling_column,
+            "scores": self.scores_column,
         }
-        columns = {key: table[column] if column in table.column_names else None for key, column in optional.items()}
+        cells = table_columns(table, [column for column in dict.fromkeys([*required, *optional.values()])
+                                       if column in table.column_names])  # fmt: skip
+        missing = {column: [row for row, value in enumerate(cells[column]) if is_missing(value)] for column in required}
+        if missing[self.input_column] and self.options_column in cells:
+            # A row's options can be the whole question (BIG-bench's misconceptions_russian): its input may be empty.
+            inputs, listed = cells[self.input_column], cells[self.options_column]
+            missing[self.input_column] = [
+                row
+                for row in missing[self.input_column]
+                if not isinstance(inputs[row], str) or _options(listed[row]) is None
+            ]
+        if any(missing.values()):
+            raise ValueError(
+                f"Missing values in {source} (rows counted from 0): {describe_missing(missing, len(table))}. Every "
+                "row needs a task, an input (or options) and an output: filter those rows out first."
+            )
+        columns = {key: cells.get(column) for key, column in optional.items()}
         tasks: dict[str, dict[str, Any]] = {}
         for row, (name, text_input, text_output) in enumerate(
-            zip(table[self.task_column], table[self.input_column], table[self.output_column], strict=True)
+            zip(cells[self.task_column], cells[self.input_column], cells[self.output_column], strict=True)
         ):
-            family, template, options = (None if values is None else values[row] for values in columns.values())
+            family, template, options, ceiling, scores = (None if values is None else values[row]
+                                                          for values in columns.values())  # fmt: skip
             task = tasks.setdefault(
                 str(name),
-                {"family": None, "templates": [], "inputs": [], "outputs": [], "options": [], "row_of": {},
-                 "repeated": 0, "conflicting": 0},
+                {"family": None, "ceiling": None, "templates": [], "inputs": [], "outputs": [], "options": [],
+                 "scores": [], "row_of": {}, "repeated": 0, "conflicting": 0},
             )  # fmt: skip
             if family is not None and not is_missing(family):
                 task["family"] = str(family)
+            if ceiling is not None and not is_missing(ceiling):
+                task["ceiling"] = _ceiling(ceiling, f"{source}, row {row}")
             outputs = _outputs(text_output, f"{source}, row {row}")
-            text_input = str(text_input)
-            if text_input in task["row_of"]:  # a repeated input could land in both the support and the query
-                known = task["outputs"][task["row_of"][text_input]]
+            text_input, options = str(text_input), _options(options)
+            # A repeated example could land in both the support and the query; one input with other options is
+            # another example (BIG-bench's questions that are their options, after an empty input).
+            key = (text_input, tuple(sorted(options)) if options else None)
+            if key in task["row_of"]:
+                known = task["outputs"][task["row_of"][key]]
                 added = [output for output in outputs if output not in known]
                 task["conflicting" if added else "repeated"] += 1
                 known += added
                 continue
-            task["row_of"][text_input] = len(task["inputs"])
+            task["row_of"][key] = len(task["inputs"])
             task["templates"].append(
                 check_template(str(template), f"{source}, row {row}")
                 if template is not None and not is_missing(template)
@@ -425,7 +563,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             )
             task["inputs"].append(text_input)
             task["outputs"].append(outputs)
-            task["options"].append(_options(options))
+            task["options"].append(options)
+            task["scores"].append(_scores(scores, options, f"{source}, row {row}"))
         for name, task in tasks.items():
             del task["row_of"]
             repeated, conflicting = task.pop("repeated"), task.pop("conflicting")
@@ -436,7 +575,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                     + (f" {repeated} more rows repeat an input and its output: dropped." if repeated else "")
                 )
             if self.max_examples_per_task is not None:
-                for key in ("templates", "inputs", "outputs", "options"):
+                for key in ("templates", "inputs", "outputs", "options", "scores"):
                     task[key] = task[key][: self.max_examples_per_task]
             for index, (outputs, options) in enumerate(zip(task["outputs"], task["options"], strict=True)):
                 unlisted = [output for output in outputs if options is not None and output not in options]
@@ -445,6 +584,16 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                         f"Task {name!r}, example {index} ({task['inputs'][index][:40]!r}) lists options "
                         f"{list(options)}, but its outputs {unlisted[:5]} are not among them. List every correct "
                         "output in that row's options, or leave its options empty."
+                    )
+            if task["ceiling"] is not None:
+                fewest = min(len(options) if options else 0 for options in task["options"])
+                if fewest < 2 or task["ceiling"] <= 1 / fewest:
+                    raise ValueError(
+                        f"Task {name!r} gives the ceiling {task['ceiling']} but "
+                        + (f"an example has {fewest} options" if fewest < 2 else
+                           f"an example has only {fewest} options: chance there is {1 / fewest:.3g}")
+                        + ". A ceiling is an accuracy among options, above chance: list at least 2 options on every "
+                        "row of the task and give a ceiling above 1 / options, or leave the ceiling empty."
                     )
         return tasks
 
@@ -518,25 +667,58 @@ def _tokenize(
 
 def check_template(template: str, where: str = "template") -> str:
     """``template`` itself, or an error when it lacks exactly one ``{input}`` or names another placeholder."""
-    if template.count(INPUT_FIELD) != 1:
+    pieces = [piece for piece in _TEMPLATE_PIECE.findall(template) if piece not in ("{{", "}}")]
+    if pieces.count(INPUT_FIELD) != 1:
         raise ValueError(
             f"The prompt template {template!r} ({where}) must contain {INPUT_FIELD} exactly once, where the input "
-            'goes; e.g. "Input: {input}\\nOutput:".'
+            'goes; e.g. "Input: {input}\\nOutput:" (write {{input}} for the text itself).'
         )
-    unknown = sorted(set(_PLACEHOLDER.findall(template)) - {INPUT_FIELD})
+    unknown = sorted(set(pieces) - {INPUT_FIELD})
     if unknown:
         raise ValueError(
             f"The prompt template {template!r} ({where}) has the placeholder(s) {', '.join(unknown)}: only "
             f"{INPUT_FIELD} is filled in, and the output always follows the prompt after a space. End the template "
-            'where the output starts, e.g. "Q: {input}\\nA:".'
+            'where the output starts, e.g. "Q: {input}\\nA:"; for braces as text, double them ({{word}}).'
         )
     return template
+
+
+def literal_template_text(text: str) -> str:
+    """``text`` as template text that reads as itself: its braces doubled, as ``str.format`` escapes them (a task
+    collection's ``{word}`` is then text, never a placeholder)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+@functools.lru_cache(maxsize=4096)  # a task's rows share one template
+def template_parts(template: str) -> tuple[str, str]:
+    """The text before and after the ``{input}`` of a checked ``template``, with ``{{`` and ``}}`` read as braces."""
+    prefix: list[str] = []
+    suffix: list[str] = []
+    text, position = prefix, 0
+    for match in _TEMPLATE_PIECE.finditer(template):
+        piece = match.group()
+        text.append(template[position : match.start()])
+        if piece == INPUT_FIELD:
+            text = suffix
+        else:
+            text.append(piece[0] if piece in ("{{", "}}") else piece)
+        position = match.end()
+    text.append(template[position:])
+    return "".join(prefix), "".join(suffix)
+
+
+#: Characters per token of the first prefix that :meth:`_Encoder._leading_ids` tokenizes.
+_CHARS_PER_TOKEN = 8
+#: Tokens at the end of a prefix's tokens that may differ from the whole text's: a word or a merge cut in two.
+_CUT_MARGIN = 16
 
 
 class _Encoder:
     """Tokenizes examples into padded rows: prompt, `` output``, end token."""
 
-    def __init__(self, tokenizer: Any, max_length: int, truncate_inputs: bool, skip_long: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Any, max_length: int, truncate_inputs: bool, skip_long: bool = False, memo: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
@@ -544,15 +726,23 @@ class _Encoder:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.truncated = 0
         self.skipped: dict[str, int] = {}  # examples left out (too long), by task
+        # With memo, each text is tokenized once: the control families encode a task per episode from few words.
+        self.memo: dict[str, list[int]] | None = {} if memo else None
 
     def ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if self.memo is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        new = [text for text in dict.fromkeys(texts) if text not in self.memo]
+        if new:
+            self.memo.update(zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"], strict=True))
+        return [self.memo[text] for text in texts]
 
     def encode(self, name: str, task: dict[str, Any]) -> TextTask | None:
         """The task's examples as tensors; ``None`` when none fits and long examples are skipped."""
+        ceiling = task.get("ceiling")
         prompts = [
-            template.replace(INPUT_FIELD, text)
-            for template, text in zip(task["templates"], task["inputs"], strict=True)
+            prefix + text + suffix
+            for (prefix, suffix), text in zip(map(template_parts, task["templates"]), task["inputs"], strict=True)
         ]
         eos = [self.tokenizer.eos_token_id]
         outputs = [[ids + eos for ids in self.ids([" " + text for text in texts])] for texts in task["outputs"]]
@@ -570,7 +760,9 @@ class _Encoder:
         ]
         prompt_ids = [
             self._fit(name, row, prompt, task, max(len(ids) for ids in [*answers, *rows]))
-            for row, (prompt, answers, rows) in enumerate(zip(self.ids(prompts), outputs, choice_ids, strict=True))
+            for row, (prompt, answers, rows) in enumerate(
+                zip(self._prompt_ids(prompts, task["inputs"]), outputs, choice_ids, strict=True)
+            )
         ]
         kept = [row for row, ids in enumerate(prompt_ids) if ids is not None]
         if len(kept) < len(prompt_ids):
@@ -578,13 +770,15 @@ class _Encoder:
             if not kept:
                 return None
             task = {"family": task["family"]} | {
-                key: [task[key][row] for row in kept] for key in ("templates", "inputs", "outputs", "options")
+                key: [task[key][row] for row in kept]
+                for key in ("templates", "inputs", "outputs", "options", "scores") if key in task
             }
             prompt_ids, outputs, choices, choice_ids = (
                 [values[row] for row in kept] for values in (prompt_ids, outputs, choices, choice_ids)
             )
         input_ids, attention_mask, labels = self._rows(prompt_ids, [answers[0] for answers in outputs])
-        result = TextTask(name, task["family"], input_ids, attention_mask, labels)
+        result = TextTask(name, task["family"], input_ids, attention_mask, labels, inputs=list(task["inputs"]),
+                          ceiling=ceiling)  # fmt: skip
         width = max(map(len, choices))
         if width:  # examples list different numbers of options: the missing rows are padding (no labels)
             pairs = [
@@ -603,26 +797,62 @@ class _Encoder:
                 [text in texts for text in rows] + [False] * (width - len(rows))
                 for texts, rows in zip(task["outputs"], choices, strict=True)
             ])  # fmt: skip
+            result.credit = result.correct.double()
+            for row, scores in enumerate(task.get("scores") or []):
+                if scores is not None:
+                    result.credit[row, : len(scores)] = torch.tensor(scores, dtype=torch.float64)
+            result.credit = result.credit.float()
         return result
 
+    def _prompt_ids(self, prompts: list[str], inputs: list[str]) -> list[list[int] | None]:
+        """Each prompt's token ids; ``None`` for a prompt whose input alone has more than ``max_length`` tokens
+        (:meth:`_leading_ids`): it cannot fit, and is cut or refused without being tokenized whole."""
+        long = {row for row, text in enumerate(inputs) if self._leading_ids(text) is not None}
+        whole = iter(self.ids([prompt for row, prompt in enumerate(prompts) if row not in long]))
+        return [None if row in long else next(whole) for row in range(len(prompts))]
+
+    def _leading_ids(self, text: str) -> list[int] | None:
+        """More than ``max_length`` of the first token ids of ``text``, read from a prefix of it, or ``None`` when
+        ``text`` has fewer tokens than that (it is then short enough to tokenize whole).
+
+        Tokenizing a 10 MB input whole took 3.5 GB, for a cut to ``max_length`` tokens. A prefix of
+        ``_CHARS_PER_TOKEN`` characters per token needed is tokenized instead (four times more while it gives too
+        few tokens), and its last ``_CUT_MARGIN`` tokens, which may differ from the whole text's where the prefix
+        cuts a word, are dropped: the tokens kept are those of the whole text.
+        """
+        needed = self.max_length + _CUT_MARGIN
+        chars = needed * _CHARS_PER_TOKEN
+        while chars < len(text):
+            ids = self.ids([text[:chars]])[0]
+            if len(ids) > needed:
+                return ids[:-_CUT_MARGIN]
+            chars *= 4
+        return None
+
     def _fit(
-        self, name: str, row: int, prompt: list[int], task: dict[str, Any], answer_length: int
+        self, name: str, row: int, prompt: list[int] | None, task: dict[str, Any], answer_length: int
     ) -> list[int] | None:
         """The prompt's ids, with the input shortened when allowed and needed to leave room for the answer
-        (``None``: it does not fit, and long examples are skipped)."""
+        (``None``: it does not fit, and long examples are skipped). ``prompt`` is ``None`` for an input longer
+        than ``max_length`` tokens by itself (:meth:`_prompt_ids`)."""
         room = self.max_length - answer_length
-        if len(prompt) <= room:
+        if prompt is not None and len(prompt) <= room:
             return prompt
         template = task["templates"][row]
-        prefix, suffix = (self.ids([part])[0] for part in template.split(INPUT_FIELD))
-        text = self.ids([task["inputs"][row]])[0]
+        prefix, suffix = (self.ids([part])[0] for part in template_parts(template))
+        text = self._leading_ids(task["inputs"][row]) or self.ids([task["inputs"][row]])[0]
         budget = room - len(prefix) - len(suffix)
         if not self.truncate_inputs or budget < 1:
             if self.skip_long:
                 return None
+            length = (
+                f"{len(prompt) + answer_length} tokens long (prompt {len(prompt)}, output or longest option "
+                f"{answer_length})"
+                if prompt is not None
+                else f"over {self.max_length} tokens long (its input alone)"
+            )
             raise ValueError(
-                f"Example {row} of task {name!r} is {len(prompt) + answer_length} tokens long (prompt {len(prompt)}, "
-                f"output or longest option {answer_length}), more than max_length={self.max_length}. Raise max_length "
+                f"Example {row} of task {name!r} is {length}, more than max_length={self.max_length}. Raise max_length "
                 "(--data.init_args.max_length), shorten the inputs, or set truncate_inputs=true to cut inputs to fit "
                 "(outputs are never cut)."
             )
@@ -659,6 +889,7 @@ def _rows(task: TextTask, rows: Tensor, options: int) -> dict[str, Tensor]:
             CHOICE_LABELS: torch.full_like(ids, IGNORE_INDEX),
             ANSWER: torch.full((len(rows),), -1, dtype=torch.long),
             CORRECT: torch.zeros((len(rows), options), dtype=torch.bool),
+            CREDIT: torch.zeros((len(rows), options)),
         }
     padding = options - task.choice_input_ids.shape[1]
     pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
@@ -668,6 +899,7 @@ def _rows(task: TextTask, rows: Tensor, options: int) -> dict[str, Tensor]:
         CHOICE_LABELS: pad(task.choice_labels[rows], value=IGNORE_INDEX),
         ANSWER: task.answer[rows],
         CORRECT: torch.nn.functional.pad(task.correct[rows], (0, padding)),
+        CREDIT: torch.nn.functional.pad(task.credit[rows], (0, padding)),
     }
 
 
@@ -676,6 +908,46 @@ def _options(options: Any) -> tuple[str, ...] | None:
     if options is None or (not isinstance(options, str) and len(options) == 0) or is_missing(options):
         return None
     return tuple(str(option) for option in (options.split("|") if isinstance(options, str) else options))
+
+
+def _scores(value: Any, options: tuple[str, ...] | None, where: str) -> tuple[float, ...] | None:
+    """A row's option scores (the grade for choosing each option), one number per option; ``None`` when it lists
+    none."""
+    if is_missing(value) or (isinstance(value, list | tuple) and not value):
+        return None
+    try:
+        scores = tuple(float(score) for score in value)
+    except (TypeError, ValueError):
+        scores = ()
+    if options is None or len(scores) != len(options) or not all(map(math.isfinite, scores)):
+        raise ValueError(
+            f"{where}: the scores {value!r} do not give one number per option of {list(options or [])}. List one "
+            "score per option, in the options' order (e.g. [1, 0.5, 0]), or leave the scores empty."
+        )
+    return scores
+
+
+def _ceiling(value: Any, where: str) -> float:
+    """A task's ceiling from its table: an accuracy in (0, 1]."""
+    try:
+        ceiling = float(value)
+    except (TypeError, ValueError):
+        ceiling = math.nan
+    if not 0 < ceiling <= 1:
+        raise ValueError(
+            f"{where}: the ceiling {value!r} is not an accuracy in (0, 1]. Give each task's best reachable accuracy "
+            "with shots support examples (e.g. 0.94), or leave the ceiling empty."
+        )
+    return ceiling
+
+
+def _chance(task: TextTask, rows: Tensor) -> Tensor:
+    """The accuracy of a uniform guess among the options of the examples at ``rows``, averaged (0 without options:
+    a guess writes no free-form output)."""
+    if task.choice_labels is None:
+        return torch.zeros((), dtype=torch.float64)
+    options = (task.choice_labels[rows] != IGNORE_INDEX).any(-1).sum(-1).double()
+    return torch.where(options > 0, 1 / options.clamp_min(1), 0.0).mean()
 
 
 def _outputs(value: Any, where: str) -> list[str]:
@@ -690,6 +962,22 @@ def _outputs(value: Any, where: str) -> list[str]:
     return [str(value)]
 
 
+def _few(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, and ``...`` when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _normalised(text: str) -> str:
+    """``text`` lowercased, without punctuation, with one space for each run of whitespace: near-copies match."""
+    return " ".join(text.lower().translate(_punctuation()).split())
+
+
+@functools.cache
+def _punctuation() -> dict[int, None]:
+    """A translation table deleting Unicode punctuation (categories P*). Symbols stay: "2+2" and "22" differ."""
+    return {code: None for code in range(0x10000) if unicodedata.category(chr(code)).startswith("P")}
+
+
 def _shuffled(names: list[str], seed: int) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
     return [names[i] for i in torch.randperm(len(names), generator=generator)]
@@ -702,7 +990,7 @@ def _describe_split(
     count = f"{len(names)} task{'s' * (len(names) != 1)}"
     if held_families is not None:
         return f"{count} held out by family (families {', '.join(held_families)})"
-    shown = ", ".join(names[:5]) + ("..." if len(names) > 5 else "")
+    shown = _few(names)
     shared = sorted({families[name] for name in names if families[name] is not None} & trained)
     if not shared:
         return f"{count} held out by task ({shown})"

@@ -22,10 +22,17 @@ IGNORE_INDEX = -100
 CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS = "choice_input_ids", "choice_attention_mask", "choice_labels"
 CHOICE_FIELDS = (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS)
 ANSWER = "answer"
+#: Episode metadata of a control task (:mod:`lightning_meta.datamodules.control_tasks`, or a table's ``ceiling``
+#: column): the best accuracy a reader of the support can reach, and a uniform guess's, as 0-dim tensors.
+CEILING, CHANCE = "ceiling", "chance"
 #: ``(examples, options)`` bool: which choice rows are correct outputs. An example without options but with
 #: several correct outputs lists those outputs as its choice rows (``ANSWER`` -1), so that exact match
 #: accepts any of them; a multiple-choice example may mark several options correct.
 CORRECT = "correct"
+#: ``(examples, options)`` float: the grade an example earns when its option is chosen: BIG-bench's
+#: ``target_scores`` (partial credit, ``multiple_choice_grade``) where the task gives them; a split without it
+#: grades 1 for a :data:`CORRECT` option and 0 otherwise.
+CREDIT = "credit"
 #: The token-aligned fields of a split, by name, grouped under the mask they share positions with, each with
 #: the value its padding positions hold (no token, no attention, no loss). :func:`without_padding` cuts and
 #: :func:`padded` pads exactly these fields, where shaped like their mask: other fields are never cut, even

@@ -29,6 +29,7 @@ from lightning_meta.data.tasks import (
     CHOICE_INPUT_IDS,
     CHOICE_LABELS,
     CORRECT,
+    CREDIT,
     IGNORE_INDEX,
     Split,
 )
@@ -225,20 +226,22 @@ class CausalLMLearner(Learner):
             targets = labels[:, 1:]
             exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
             if CHOICE_INPUT_IDS in split:
-                chosen, chosen_per_token, writes_correct = self._choices(split, params, parallel)
+                grades, writes_correct = self._choices(split, params, parallel)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
-                figures["accuracy"] = torch.where(answer >= 0, chosen, exact).float().mean()
-                figures["accuracy_per_token"] = torch.where(answer >= 0, chosen_per_token, exact).float().mean()
+                for name, grade in (("accuracy", grades["sum"]), ("accuracy_per_token", grades["per_token"])):
+                    figures[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
             figures["exact_match"] = exact.float().mean()
             return figures
 
     def _choices(
         self, split: Split, params: Mapping[str, Tensor] | None, parallel: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per example: is the option with the highest summed log-probability correct, is the one with
-        the highest log-probability per token correct, and does greedy decoding write a correct choice
-        row (:data:`CORRECT`; without it, the answer's row)?
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Per example: the grade of the option each scoring rule chooses (``sum``: the highest summed
+        log-probability; ``per_token``: the highest per token), and whether greedy decoding writes a
+        correct choice row (:data:`CORRECT`; without it, the answer's row). A chosen option's grade is
+        its :data:`CREDIT` (BIG-bench's ``multiple_choice_grade``: partial credit), without it 1 when
+        it is correct and 0 otherwise.
 
         Only examples with a correct row are scored (one host sync, at evaluation only); at least
         one row always runs, so that every rank of a sharded model runs the same forwards. With
@@ -250,16 +253,19 @@ class CausalLMLearner(Learner):
         if correct_rows is None:
             options = split[CHOICE_INPUT_IDS].shape[1]
             correct_rows = F.one_hot(answer.clamp_min(0), options).bool() & (answer >= 0)[:, None]
+        credit = split.get(CREDIT)
+        credit = correct_rows.float() if credit is None else credit.float()
         if parallel:
-            return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, params, parallel)
+            return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, credit, params,
+                                      parallel)  # fmt: skip
         listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
         # Without any, row 0 runs (its correct row is all false, so are its flags).
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
-        flags = self._choice_flags(*(split[name][rows] for name in CHOICE_FIELDS), correct_rows[rows], params)
-        chosen, chosen_per_token, writes_correct = (
-            torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), flag) for flag in flags
-        )
-        return chosen, chosen_per_token, writes_correct
+        grades, writes_correct = self._choice_flags(*(split[name][rows] for name in CHOICE_FIELDS),
+                                                    correct_rows[rows], credit[rows], params)  # fmt: skip
+        # Examples not scored (no correct row) grade 0, as an unscored parallel example does.
+        grades = {rule: grade.new_zeros(answer.shape).index_put((rows,), grade) for rule, grade in grades.items()}
+        return grades, torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), writes_correct)
 
     def _choice_flags(
         self,
@@ -267,17 +273,17 @@ class CausalLMLearner(Learner):
         mask: Tensor,
         labels: Tensor,
         correct: Tensor,
+        credit: Tensor,
         params: Mapping[str, Tensor] | None,
         parallel: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_choices`' three flags for the examples of ``ids``, ``mask``, ``labels`` and ``correct``."""
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`_choices`' grades and greedy flags for the examples of ``ids``, ``mask``, ``labels``, ``correct``
+        and ``credit``."""
         scores, greedy = self.option_scores(ids, mask, labels, params, parallel=parallel)
         per_token = scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)  # padding options stay -inf
-        return (
-            correct.gather(1, scores.argmax(1, keepdim=True))[:, 0],
-            correct.gather(1, per_token.argmax(1, keepdim=True))[:, 0],
-            (greedy & correct).any(1),
-        )
+        rules = {"sum": scores, "per_token": per_token}
+        grades = {rule: credit.gather(1, values.argmax(1, keepdim=True))[:, 0] for rule, values in rules.items()}
+        return grades, (greedy & correct).any(1)
 
     def option_scores(
         self,

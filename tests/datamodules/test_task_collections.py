@@ -103,7 +103,8 @@ def test_bigbench_rows_follow_bigbench_json_task_format(tmp_path):
     # Generative: the task's own prefixes; the datamodule writes the space before the output.
     first = by_task["gen_task"][0]
     assert first | {"family": None} == {"task": "gen_task", "family": None, "input": "red 0", "output": ["blue"],
-                                        "options": None, "template": "Name the next.\nIn: {input} Out:"}  # fmt: skip
+                                        "options": None, "template": "Name the next.\nIn: {input} Out:",
+                                        "scores": None}  # fmt: skip
     assert {row["family"] for row in by_task["gen_task"]} == {"arithmetic"}  # the first family keyword present
     # A list target: every target is correct, the first trains.
     assert by_task["list_task"][0]["output"] == ["red", "RED"]
@@ -111,7 +112,7 @@ def test_bigbench_rows_follow_bigbench_json_task_format(tmp_path):
     for index, (row, example) in enumerate(zip(by_task["mc_task"], multiple_choice(10), strict=True)):
         scores = example["target_scores"]
         assert row["template"] == "\nQ: {input}\nA:"
-        assert row["options"] == list(scores)
+        assert row["options"] == list(scores) and row["scores"] == list(scores.values())
         assert row["output"] == [option for option, score in scores.items() if score == 1]
         question, *choices = row["input"].split("\n  choice: ")
         assert question == example["input"] and sorted(choices) == sorted(scores)
@@ -185,7 +186,7 @@ def test_natural_instructions_definition_and_positive_examples_form_the_prompt(t
     first = rows(collection)[0]
     assert first == {
         "task": "task001_made_up", "family": "Sentiment Analysis", "input": "red 0", "output": ["red", "any"],
-        "options": None,
+        "options": None, "scores": None,
         "template": "Definition: Answer task 1. Be brief.\n\nPositive Example 1 -\nInput: a cat\nOutput: cat\n\n"
                     "Now complete the following example -\nInput: {input}\nOutput:",
     }  # fmt: skip
@@ -217,7 +218,7 @@ def bad_bigbench(tree: Path, case: str) -> Path:
         ("no input", r"gen_task/task\.json: skipped 1 of its 10 examples: example 2 has no text 'input'\. To use "
                      r"it, give every example an \"input\" string", 5),
         ("no positive score", r"mc_task/task\.json: skipped 1 of its 10 examples: example 3 has a 'target_scores' "
-                              r"with no positive score.*give the correct options the highest score", 5),
+                              r"with no option scored above the others.*give the correct options the highest score", 5),
         ("subtask without task.json", r"parent/sub_c has no task\.json.*Add its task\.json, or move the folder", 5),
     ],
 )  # fmt: skip
@@ -310,3 +311,267 @@ def test_bigbench_config_runs_on_a_tiny_archive(tmp_path, config):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held out by task (mc_task, parent:sub_a, parent:sub_b)" in result.stderr + result.stdout
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
+
+
+# Issue 25: subtasks, near-duplicates, links, keywords, examples BIG-bench scores, braces, bad instances, archives.
+
+
+def task_names(collection) -> list[str]:
+    return sorted(set(collection.table["task"]))
+
+
+def test_a_folder_named_like_a_subtask_is_skipped_not_merged_into_it(tmp_path):
+    tree = write_bigbench(tmp_path / "src")
+    clash = tree / "bigbench" / "benchmark_tasks" / "parent:sub_a" / "task.json"
+    clash.parent.mkdir()
+    clash.write_text(task_json(["arithmetic"], generative(6, offset=80)))
+    with pytest.warns(UserWarning, match=r"parent:sub_a/task\.json: it is in a folder whose name holds ':'.*rename"):
+        collection = read_task_collection(str(tree))
+    sub_a = [row for row in rows(collection) if row["task"] == "parent:sub_a"]
+    assert len(sub_a) == 8 and {row["family"] for row in sub_a} == {"translation"}  # the subtask's alone
+
+
+def test_a_parent_with_examples_has_no_subtasks_and_holding_a_task_out_holds_out_its_subtasks(tmp_path):
+    tree = write_bigbench(tmp_path / "src")
+    parent = tree / "bigbench" / "benchmark_tasks" / "parent" / "task.json"
+    parent.write_text(task_json(["translation"], generative(8, offset=20)))
+    with pytest.warns(UserWarning, match=r"parent/task\.json has 'examples', so its subtask folders \['sub_a', "
+                                         r"'sub_b'\] are left out, as BIG-bench leaves them"):  # fmt: skip
+        collection = read_task_collection(str(tree))
+    assert task_names(collection) == ["gen_task", "list_task", "mc_task", "parent"]
+    # A table that lists a task and its subtasks: naming the task holds out all of them (BIG-bench's NAME:*).
+    table = tmp_path / "tasks.jsonl"
+    table.write_text("\n".join(json.dumps({"task": task, "input": f"{task} {i}", "output": WORDS[i % 12]})
+                               for task in ("p", "p:s", "q", "r") for i in range(6)))  # fmt: skip
+    module = datamodule(table, test_tasks=["p"], val_tasks=["q"])
+    assert module.split_tasks == {"train": ["r"], "val": ["q"], "test": ["p", "p:s"]}
+
+
+def misconception_tasks(tree: Path) -> Path:
+    """A BIG-bench tree with a task and its made-up translation, as misconceptions and misconceptions_russian."""
+    tasks = tree / "bigbench" / "benchmark_tasks"
+    for name, word in (("misconceptions", "true"), ("misconceptions_russian", "pravda")):
+        examples = [{"input": "", "target_scores": {f"{WORDS[i]} {i} is {word}": 1, f"{WORDS[i]} {i} is not": 0}}
+                    for i in range(8)]  # fmt: skip
+        (tasks / name).mkdir()
+        (tasks / name / "task.json").write_text(task_json(["truthfulness"], examples, append_choices_to_input=False))
+    return tree
+
+
+def test_a_held_out_task_keeps_its_listed_near_duplicate_out_of_training(tmp_path, monkeypatch):
+    from lightning_meta.datamodules import text_to_text
+
+    logged: list[str] = []
+    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    tree = misconception_tasks(write_bigbench(tmp_path / "src"))
+    module = datamodule(tree, test_tasks=["misconceptions_russian"], val_tasks=["list_task"])
+    assert "misconceptions" not in module.split_tasks["train"]
+    assert "left 1 tasks out of training, made from held-out ones: misconceptions (from misconceptions_russian)" in (
+        "\n".join(logged)
+    )
+    assert "misconceptions" in task_collections.BIGBENCH_NEAR_DUPLICATES[0]
+
+
+def test_training_inputs_that_a_held_out_task_has_are_counted_and_can_be_dropped(tmp_path, monkeypatch):
+    from lightning_meta.datamodules import text_to_text
+
+    logged: list[str] = []
+    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    table = tmp_path / "tasks.jsonl"
+    held = [f"What is {WORDS[i]} number {i}?" for i in range(8)]
+    copies = {"near": [text.upper().replace("?", " ?!") for text in held[:6]] + [f"other {i}" for i in range(4)],
+              "few": held[:4] + ["few 1", "few 2"], "clean": [f"clean {i}" for i in range(8)]}  # fmt: skip
+    lines = [{"task": "held", "input": text, "output": "x"} for text in held]
+    lines += [{"task": task, "input": text, "output": "y"} for task, texts in copies.items() for text in texts]
+    lines += [{"task": "val", "input": f"val {i}", "output": "z"} for i in range(6)]
+    table.write_text("\n".join(map(json.dumps, lines)))
+    with pytest.warns(UserWarning, match=r"10 examples of 2 training tasks \(near, few\) have the input of a "
+                                         r"validation or test example .*Set drop_held_out_overlap=true"):  # fmt: skip
+        module = datamodule(table, test_tasks=["held"], val_tasks=["val"])
+    assert module.split_tasks["train"] == ["clean", "few", "near"]
+    module = datamodule(table, test_tasks=["held"], val_tasks=["val"], drop_held_out_overlap=True)
+    assert module.split_tasks["train"] == ["clean", "near"]  # "few" keeps 2 examples, fewer than shots + queries
+    assert module.tasks["near"].inputs == [f"other {i}" for i in range(4)] and len(module.tasks["near"]) == 4
+    assert "left out of training 10 examples of 2 training tasks (near, few)" in "\n".join(logged)
+    assert "1 tasks left with fewer than shots + queries examples: few" in "\n".join(logged)
+
+
+def test_a_linked_task_file_reads_the_same_from_the_folder_and_the_archive(tmp_path):
+    tree = write_bigbench(tmp_path / "src")
+    shared = tree / "bigbench" / "shared" / "gen.json"
+    shared.parent.mkdir()
+    task_file = tree / "bigbench" / "benchmark_tasks" / "gen_task" / "task.json"
+    task_file.rename(shared)
+    task_file.symlink_to("../../shared/gen.json")  # the link comes after its target in the archive
+    broken = tree / "bigbench" / "benchmark_tasks" / "list_task" / "task.json"
+    broken.unlink()
+    broken.symlink_to("../../shared/absent.json")
+    archive = write_archive(tree, tmp_path / "bigbench-1.0.0.tar.gz")
+    for source in (tree, archive):
+        with pytest.warns(UserWarning, match=r"list_task/task\.json: it cannot be read .*replace the link by the file"):
+            collection = read_task_collection(str(source))
+        assert task_names(collection) == ["gen_task", "mc_task", "parent:sub_a", "parent:sub_b"]
+        assert len([task for task in collection.table["task"] if task == "gen_task"]) == 10
+
+
+@pytest.mark.parametrize("keywords, family", [("arithmetic", "arithmetic"), ("zero-shot, arithmetic", "arithmetic")])
+def test_keywords_written_as_one_string_give_the_family(tmp_path, keywords, family):
+    tree = write_bigbench(tmp_path / "src")
+    (tree / "bigbench" / "benchmark_tasks" / "gen_task" / "task.json").write_text(task_json(keywords, generative(10)))
+    families = {row["task"]: row["family"] for row in rows(read_task_collection(str(tree)))}
+    assert families["gen_task"] == family
+
+
+def test_keywords_that_are_not_a_list_are_named(tmp_path):
+    tree = write_bigbench(tmp_path / "src")
+    (tree / "bigbench" / "benchmark_tasks" / "gen_task" / "task.json").write_text(task_json(7, generative(10)))
+    with pytest.warns(UserWarning, match=r"gen_task/task\.json: its 'keywords' \(7\) is not a list, so its family is "
+                                         r"'other'\. To give it one, write \"keywords\": \["):  # fmt: skip
+        collection = read_task_collection(str(tree))
+    assert {row["family"] for row in rows(collection) if row["task"] == "gen_task"} == {"other"}
+
+
+def test_negative_positive_examples_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"positive_examples must be 0 or more .*got -1"):
+        read_task_collection(str(write_natural_instructions(tmp_path / "ni")), positive_examples=-1)
+
+
+def test_examples_bigbench_scores_are_kept(tmp_path):
+    """Empty inputs whose options are the question (misconceptions_russian), and scores whose highest is 0."""
+    tree = misconception_tasks(write_bigbench(tmp_path / "src"))
+    examples = [{"input": f"pick {WORDS[i]} {i}", "target_scores": {WORDS[i]: 0, WORDS[i + 1]: -1, WORDS[i + 2]: -1}}
+                for i in range(8)]  # fmt: skip
+    (tree / "bigbench" / "benchmark_tasks" / "zero_best").mkdir()
+    (tree / "bigbench" / "benchmark_tasks" / "zero_best" / "task.json").write_text(
+        task_json(["common sense"], examples)
+    )
+    collection = read_task_collection(str(tree))
+    by_task: dict[str, list[dict]] = {}
+    for row in rows(collection):
+        by_task.setdefault(row["task"], []).append(row)
+    assert len(by_task["misconceptions_russian"]) == 8
+    first = by_task["misconceptions_russian"][0]
+    assert first["input"] == "" and first["options"] == ["red 0 is pravda", "red 0 is not"]
+    assert first["output"] == ["red 0 is pravda"]
+    assert [row["output"] for row in by_task["zero_best"]] == [[WORDS[i]] for i in range(8)]
+    module = datamodule(tree, test_tasks=["misconceptions_russian"], val_tasks=["zero_best"])
+    assert len(module.tasks["misconceptions_russian"]) == 8  # eight examples, though one (empty) input
+    assert (module.tasks["misconceptions_russian"].answer == 0).all()
+
+
+def test_braces_in_task_text_are_text(tmp_path):
+    """A {word} (even {input}) in a BIG-bench prefix or a Natural-Instructions definition or example is text."""
+    from lightning_meta.data.tokenization import load_tokenizer
+
+    tree = write_bigbench(tmp_path / "src")
+    (tree / "bigbench" / "benchmark_tasks" / "gen_task" / "task.json").write_text(
+        task_json(["arithmetic"], generative(10), task_prefix="Fill {blank} and {input}.\n")
+    )
+    module = datamodule(tree, max_length=64, val_tasks=["list_task"], test_tasks=["mc_task"])
+    task = module.tasks["gen_task"]
+    prompt = load_tokenizer("embedded-bpe-512").decode(task.input_ids[0][task.attention_mask[0].bool()])
+    assert prompt.startswith("Fill {blank} and {input}.\n\nQ: red 0\nA: blue")
+    folder = write_natural_instructions(tmp_path / "ni")
+    file = folder / "tasks" / "task001_made_up.json"
+    data = json.loads(file.read_text())
+    data["Definition"] = ["Replace {name} in the {input}."]
+    data["Positive Examples"][0] |= {"input": "a {cat}", "output": "{cat}"}
+    file.write_text(json.dumps(data))
+    collection = read_task_collection(str(folder), positive_examples=1)
+    from lightning_meta.datamodules.text_to_text import template_parts
+
+    prefix, suffix = template_parts(rows(collection)[0]["template"])
+    assert prefix == ("Definition: Replace {name} in the {input}.\n\nPositive Example 1 -\nInput: a {cat}\n"
+                      "Output: {cat}\n\nNow complete the following example -\nInput: ")  # fmt: skip
+    assert suffix == "\nOutput:"
+
+
+def test_bad_natural_instructions_instances_are_dropped_and_counted(tmp_path, logged):
+    folder = write_natural_instructions(tmp_path / "ni")
+    file = folder / "tasks" / "task002_made_up.json"
+    data = json.loads(file.read_text())
+    data["Instances"][3]["output"] = [""]
+    data["Instances"][4]["output"] = ["  ", "fine"]  # the blank output goes, the other stays
+    del data["Instances"][5]["input"]
+    file.write_text(json.dumps(data))
+    module = datamodule(folder, max_length=192, val_tasks=["task003_made_up"], test_tasks=["task001_made_up"])
+    assert len(module.tasks["task002_made_up"]) == 7
+    assert "2 instances without a text input and output" in "\n".join(logged)
+
+
+def test_natural_instructions_are_recognised_with_the_definition_late_in_the_file(tmp_path):
+    folder = write_natural_instructions(tmp_path / "ni")
+    file = folder / "tasks" / "task001_made_up.json"
+    data = json.loads(file.read_text())
+    definition = data.pop("Definition")
+    data["Instances"] += [{"id": f"x{i}", "input": f"long {i} " + "word " * 50, "output": ["w"]} for i in range(400)]
+    file.write_text(json.dumps(data | {"Definition": definition}))  # past the first 64 KiB
+    assert file.read_bytes().index(b'"Definition"') > 1 << 16
+    assert task_names(read_task_collection(str(folder))) == ["task001_made_up", "task002_made_up", "task003_made_up"]
+
+
+def test_a_truncated_archive_names_the_fix(tmp_path):
+    archive = write_archive(write_bigbench(tmp_path / "src"), tmp_path / "bigbench-1.0.0.tar.gz")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"Cannot read \S+bigbench-1\.0\.0\.tar\.gz as a \.tar\.gz archive \(.*a "
+                                         r"download cut short\?\)\. Download it again"):  # fmt: skip
+        read_task_collection(str(archive))
+
+
+def test_an_archive_without_benchmark_tasks_says_what_it_is(tmp_path):
+    natural_instructions = write_natural_instructions(tmp_path / "ni")
+    archive = tmp_path / "natural-instructions.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(natural_instructions, arcname="natural-instructions-2.8")
+    with pytest.raises(ValueError, match=r"holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive "
+                                         r"\(it holds Natural-Instructions task files: extract it"):  # fmt: skip
+        read_task_collection(str(archive))
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(write_tasks_readme(tmp_path / "x"), arcname="x/README.md")
+    with pytest.raises(ValueError, match=r"holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive\. "
+                                         r"Give bigbench-1\.0\.0\.tar\.gz"):  # fmt: skip
+        read_task_collection(str(other))
+
+
+def write_tasks_readme(path: Path) -> Path:
+    path.write_text("made up")
+    return path
+
+
+def test_graded_target_scores_give_bigbench_partial_credit(tmp_path):
+    """BIG-bench's multiple_choice_grade is target_scores[chosen]: the reader carries each option's score into the
+    split (``credit``), and accuracy is the mean score of the option the model ranks first."""
+    import torch
+
+    from lightning_meta import CausalLMLearner
+    from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CORRECT, CREDIT
+
+    grades = {"right": 1, "nearly": 0.5, "wrong": 0, "far off": -0.25}
+    graded = [{"input": f"how close is {WORDS[i % 12]} {i}?", "target_scores": grades} for i in range(8)]
+    tasks = tmp_path / "benchmark_tasks"
+    for name, examples in (("graded", graded), ("graded_too", graded), ("plain", multiple_choice(8))):
+        (tasks / name).mkdir(parents=True)
+        (tasks / name / "task.json").write_text(task_json(["multiple choice"], examples))
+    collection = read_task_collection(str(tasks))
+    row = next(row for row in rows(collection) if row["task"] == "graded")
+    assert dict(zip(row["options"], row["scores"], strict=True)) == grades and row["output"] == ["right"]
+    module = TextToTextTasksDataModule(tokenizer="embedded-bpe-512", dataset=str(tasks), shots=2, queries=6,
+                                       max_length=96, val_tasks=["graded"], test_tasks=["graded_too"])  # fmt: skip
+    module.setup("fit")
+    query = module.eval_batches("val")[0].episode(0).query
+    assert query[CREDIT].shape == query[CORRECT].shape
+    assert torch.equal(query[CREDIT] == 1, query[CORRECT])  # the correct option is the one scored highest
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
+                              tokenizer="embedded-bpe-512", dtype="float64").eval()  # fmt: skip
+    with torch.no_grad():
+        scores, _ = learner.option_scores(*(query[name] for name in CHOICE_FIELDS))
+        figures = learner.evaluation_metrics(query)
+    options = module.examples["graded"]["options"]
+    rows_asked = module.eval_batches("val")[0].episode(0).metadata["example_ids"][2:].tolist()
+    expected = [grades[options[row][int(option)]] for row, option in zip(rows_asked, scores.argmax(1), strict=True)]
+    assert (query[ANSWER] >= 0).all()
+    assert float(figures["accuracy"]) == pytest.approx(sum(expected) / len(expected))
+    assert len(set(expected)) > 1 or expected[0] not in (0, 1)  # partial credit is exercised, not only 0 and 1

@@ -216,6 +216,16 @@ def test_a_template_with_another_placeholder_is_refused(tmp_path, template):
     datamodule(write_tasks(tmp_path), template='JSON {"text": "{input}"}\nAnswer:')  # other braces are text
 
 
+def test_doubled_braces_in_a_template_are_text():
+    """As in str.format: the task collections write a task's own {word} so, and it must never abort."""
+    parts = text_to_text.template_parts("Fill {{blank}} of {{input}}: {input}\nA:")
+    assert parts == ("Fill {blank} of {input}: ", "\nA:")
+    assert text_to_text.template_parts('{"a": {{{input}}}}') == ('{"a": {', "}}")
+    assert text_to_text.check_template(text_to_text.literal_template_text("{x} {input}") + "{input}")
+    with pytest.raises(ValueError, match=r"must contain \{input\} exactly once.*write \{\{input\}\} for the text"):
+        text_to_text.check_template("{{input}}")
+
+
 def test_the_log_says_which_split_was_made_and_why(tmp_path, monkeypatch):
     """With fewer than 3 families the default split is by task, and the log says so instead of naming families."""
     logged: list[str] = []
@@ -391,3 +401,19 @@ def test_training_batches_carry_no_options_and_evaluation_batches_keep_them(tmp_
     for name in ("val", "test"):
         for batch in module.eval_batches(name):
             assert option_fields <= set(batch.query), name
+
+
+def test_a_scores_column_grades_each_option_and_a_wrong_count_is_refused(tmp_path):
+    from lightning_meta.data.tasks import CREDIT
+
+    rows = [{"input": "graded", "output": "b", "options": ["a", "b", "c"], "scores": [0.5, 1, 0]}]
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(write_rows(tmp_path, rows)), max_length=40)
+    task = module.tasks["t"]
+    assert task.credit[0].tolist() == [0.5, 1.0, 0.0]
+    assert task.credit[1].tolist()[:2] == [0.0, 1.0]  # a row without scores: 1 for its correct option
+    split = text_to_text._rows(task, torch.tensor([0, 1]), 4)
+    assert split[CREDIT].tolist() == [[0.5, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    rows[0]["scores"] = [1, 0]
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(write_rows(tmp_path, rows)), max_length=40)
+    with pytest.raises(ValueError, match=r"row 0: the scores \[1, 0\] do not give one number per option"):
+        module.tasks  # noqa: B018
