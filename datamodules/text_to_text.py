@@ -286,7 +286,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         else:
             tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs,
                               self.skip_long_examples)  # fmt: skip
-        needed = 1 if self.replacement else self.shots + self.queries
+        needed = self._examples_needed
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
         # A few names, smallest first: a user's table can have thousands of such tasks.
         shown = _few([f"{name} ({small[name]})" for name in sorted(small, key=lambda name: (small[name], name))])
@@ -303,6 +303,11 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                 "out with --data.init_args.skip_long_examples=true (their count is logged)."
             )
         return tasks
+
+    @property
+    def _examples_needed(self) -> int:
+        """A task's fewest examples: an episode's ``shots + queries`` distinct ones, or one drawn with replacement."""
+        return 1 if self.replacement else self.shots + self.queries
 
     @functools.cached_property
     def split_tasks(self) -> dict[str, list[str]]:
@@ -423,9 +428,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         tasks = dict(self.tasks)  # the gym's are shared by datamodules: replaced, never changed
         for name, rows in overlap.items():
             tasks[name] = tasks[name].select(sorted(set(range(len(tasks[name]))) - set(rows)))
-        small = sorted(name for name in overlap if len(tasks[name]) < self.shots + self.queries)
+        needed = self._examples_needed
+        small = sorted(name for name in overlap if len(tasks[name]) < needed)
         self.tasks = {name: task for name, task in tasks.items() if name not in small}
-        also = f", and {len(small)} tasks left with fewer than shots + queries examples: {_few(small)}" if small else ""
+        also = f", and {len(small)} tasks left with fewer than {needed} examples: {_few(small)}" if small else ""
         rank_zero_info(
             f"Text-to-text tasks: left out of training {where}, whose input a validation or test example has{also}."
         )

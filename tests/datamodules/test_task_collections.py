@@ -393,7 +393,7 @@ def test_training_inputs_that_a_held_out_task_has_are_counted_and_can_be_dropped
     assert module.split_tasks["train"] == ["clean", "near"]  # "few" keeps 2 examples, fewer than shots + queries
     assert module.tasks["near"].inputs == [f"other {i}" for i in range(4)] and len(module.tasks["near"]) == 4
     assert "left out of training 10 examples of 2 training tasks (near, few)" in "\n".join(logged)
-    assert "1 tasks left with fewer than shots + queries examples: few" in "\n".join(logged)
+    assert "1 tasks left with fewer than 4 examples: few" in "\n".join(logged)
 
 
 def test_a_linked_task_file_reads_the_same_from_the_folder_and_the_archive(tmp_path):
