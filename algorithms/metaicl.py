@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lightning_meta.data.tasks import (
     ANSWER,
+    CHOICE_CHARACTERS,
     CHOICE_FIELDS,
     CORRECT,
     CREDIT,
@@ -146,7 +147,7 @@ class MetaICL(MetaAlgorithm):
             built |= {
                 name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
             }
-            built |= {name: query[name] for name in (ANSWER, CORRECT, CREDIT) if name in query}
+            built |= {name: query[name] for name in (ANSWER, CORRECT, CREDIT, CHOICE_CHARACTERS) if name in query}
         return built, dropped
 
     def task_loss(

@@ -29,6 +29,7 @@ from lightning_meta.data.tasks import (
     CEILING,
     CHANCE,
     CHOICE_ATTENTION_MASK,
+    CHOICE_CHARACTERS,
     CHOICE_INPUT_IDS,
     CHOICE_LABELS,
     CORRECT,
@@ -70,6 +71,7 @@ class TextTask:
     answer: Tensor | None = None  # (examples,): index of the option that is the first output; -1 without options
     correct: Tensor | None = None  # (examples, options): which choice rows are correct outputs
     credit: Tensor | None = None  # (examples, options): the grade for choosing each row (BIG-bench's target_scores)
+    characters: Tensor | None = None  # (examples, options): each row's text length (lm-eval's acc_norm)
     inputs: list[str] = field(default_factory=list)  # each example's input text, for the held-out overlap check
     ceiling: float | None = None  # the best accuracy a reader of the support can reach (a control task's)
 
@@ -808,6 +810,9 @@ class _Encoder:
                 if scores is not None:
                     result.credit[row, : len(scores)] = torch.tensor(scores, dtype=torch.float64)
             result.credit = result.credit.float()
+            result.characters = torch.tensor(
+                [[float(len(text)) for text in rows] + [0.0] * (width - len(rows)) for rows in choices]
+            )
         return result
 
     def _prompt_ids(self, prompts: list[str], inputs: list[str]) -> list[list[int] | None]:
@@ -896,6 +901,7 @@ def _rows(task: TextTask, rows: Tensor, options: int) -> dict[str, Tensor]:
             ANSWER: torch.full((len(rows),), -1, dtype=torch.long),
             CORRECT: torch.zeros((len(rows), options), dtype=torch.bool),
             CREDIT: torch.zeros((len(rows), options)),
+            CHOICE_CHARACTERS: torch.zeros((len(rows), options)),
         }
     padding = options - task.choice_input_ids.shape[1]
     pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
@@ -906,6 +912,7 @@ def _rows(task: TextTask, rows: Tensor, options: int) -> dict[str, Tensor]:
         ANSWER: task.answer[rows],
         CORRECT: torch.nn.functional.pad(task.correct[rows], (0, padding)),
         CREDIT: torch.nn.functional.pad(task.credit[rows], (0, padding)),
+        CHOICE_CHARACTERS: torch.nn.functional.pad(task.characters[rows], (0, padding)),
     }
 
 

@@ -176,3 +176,49 @@ def test_an_option_scores_its_own_tokens_given_the_prompt_without_the_end_token(
             log_probs = torch.log_softmax(logits, -1)
             expected = sum(log_probs[len(prompt) + i - 1, token] for i, token in enumerate(tokens))
             torch.testing.assert_close(scores[example, column], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_every_scoring_rule_and_the_correct_probability_match_an_independent_computation(parallel):
+    """``accuracy_sum``, ``accuracy_per_token``, ``accuracy_per_char`` (lm-eval's acc_norm: divided by the option's
+    characters) and ``correct_probability`` (softmax of the sums over the example's options) from one forward per
+    option (float64); ``scoring`` picks which is ``accuracy``; under vmap (``parallel``) the same."""
+    from lightning_meta.data.tasks import CHOICE_CHARACTERS, CORRECT
+
+    torch.manual_seed(3)
+    model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64",
+                            attn_implementation="eager", scoring="per_char").eval()  # fmt: skip
+    summed = one_forward_per_option(model)
+    tokens = torch.tensor([[max(len(option), 1) for option in options + [[]] * (3 - len(options))]
+                           for options in OPTIONS], dtype=torch.float64)  # fmt: skip
+    characters = torch.tensor([[3.0, 17.0, 4.0], [9.0, 2.0, 0.0], [30.0, 1.0, 0.0]])
+    correct = torch.tensor([[False, True, False], [True, False, False], [False, False, True]])
+    ids, mask, labels = choices()
+    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
+             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: correct.float().argmax(1),
+             CORRECT: correct, CHOICE_CHARACTERS: characters}  # fmt: skip
+    with torch.no_grad():
+        if parallel:
+            episodes = {name: tensor[None] for name, tensor in split.items()}
+            figures = torch.func.vmap(lambda episode: model.evaluation_metrics(episode, parallel=True))(episodes)
+            figures = {name: value[0] for name, value in figures.items()}
+        else:
+            figures = model.evaluation_metrics(split)
+    expected = {
+        "accuracy_sum": summed,
+        "accuracy_per_token": summed / tokens,
+        "accuracy_per_char": summed / characters.double().clamp_min(1),
+    }
+    for name, values in expected.items():
+        chosen = correct.gather(1, values.argmax(1, keepdim=True)).double().mean()
+        assert float(figures[name]) == pytest.approx(float(chosen)), name
+    assert float(figures["accuracy"]) == float(figures["accuracy_per_char"])
+    probability = (torch.softmax(summed, 1) * correct).sum(1).mean()
+    assert float(figures["correct_probability"]) == pytest.approx(float(probability), rel=1e-9)
+    choices_made = {name: values.argmax(1).tolist() for name, values in expected.items()}
+    assert len({tuple(made) for made in choices_made.values()}) > 1  # the rules disagree: the test tells them apart
+
+
+def test_an_unknown_scoring_rule_is_refused():
+    with pytest.raises(ValueError, match=r"scoring='acc' is not a scoring rule: use one of sum, per_token, per_char"):
+        CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, scoring="acc")

@@ -33,6 +33,9 @@ CORRECT = "correct"
 #: ``target_scores`` (partial credit, ``multiple_choice_grade``) where the task gives them; a split without it
 #: grades 1 for a :data:`CORRECT` option and 0 otherwise.
 CREDIT = "credit"
+#: ``(examples, options)`` float: each option's length in characters (its own text, without the space before
+#: it), for the ``per_char`` scoring rule (lm-eval's ``acc_norm``).
+CHOICE_CHARACTERS = "choice_characters"
 #: The token-aligned fields of a split, by name, grouped under the mask they share positions with, each with
 #: the value its padding positions hold (no token, no attention, no loss). :func:`without_padding` cuts and
 #: :func:`padded` pads exactly these fields, where shaped like their mask: other fields are never cut, even

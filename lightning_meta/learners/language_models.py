@@ -25,6 +25,7 @@ from lightning_meta._compat import attention_implementation, reparametrized, set
 from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
 from lightning_meta.data.tasks import (
     ANSWER,
+    CHOICE_CHARACTERS,
     CHOICE_FIELDS,
     CHOICE_INPUT_IDS,
     CHOICE_LABELS,
@@ -36,6 +37,9 @@ from lightning_meta.data.tasks import (
 from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.learners.base import DataCheck, Learner
 
+#: The rules that choose an option, by name (:meth:`CausalLMLearner.evaluation_metrics`): its summed
+#: log-probability (BIG-bench's grade, lm-eval's ``acc``), per token, per character (lm-eval's ``acc_norm``).
+SCORING_RULES = ("sum", "per_token", "per_char")
 #: The parameter dtypes a model may be built in, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # peft's target modules where its defaults don't fit: GPT-2 keeps its projections in Conv1D.
@@ -81,10 +85,13 @@ class CausalLMLearner(Learner):
         dtype: parameter dtype.
         trust_remote_code: let ``pretrained`` run its own model code (``auto_map`` in its config.json);
             off by default, and never asked on stdin.
+        scoring: the rule whose choice of option is reported as ``accuracy`` (:data:`SCORING_RULES`); every
+            rule is also reported as ``accuracy_<rule>``.
     """
 
     task_type = "language_modeling"
-    metric_names = ("loss", "exact_match", "accuracy", "accuracy_per_token")
+    metric_names = ("loss", "exact_match", "accuracy", *(f"accuracy_{rule}" for rule in SCORING_RULES),
+                    "correct_probability")  # fmt: skip
 
     def __init__(
         self,
@@ -99,7 +106,13 @@ class CausalLMLearner(Learner):
         gradient_checkpointing: bool = False,
         dtype: Literal["float32", "bfloat16", "float64"] = "float32",
         trust_remote_code: bool = False,
+        scoring: Literal["sum", "per_token", "per_char"] = "sum",
     ) -> None:
+        if scoring not in SCORING_RULES:
+            raise ValueError(
+                f"scoring={scoring!r} is not a scoring rule: use one of {', '.join(SCORING_RULES)} "
+                "(--model.learner.init_args.scoring)."
+            )
         if (pretrained is None) == (model_config is None):
             raise ValueError(
                 "Give exactly one of pretrained (a local folder) or model_config (a dict with model_type)."
@@ -133,6 +146,7 @@ class CausalLMLearner(Learner):
         self.gradient_checkpointing = gradient_checkpointing
         self.dtype_name = dtype
         self.trust_remote_code = trust_remote_code
+        self.scoring = scoring
 
     @property
     def dtype(self) -> str:  # the constructor argument, for configs and checkpoints
@@ -203,13 +217,16 @@ class CausalLMLearner(Learner):
 
         ``exact_match``: the share of sequences whose every labelled token is the model's most
         likely next token, i.e. greedy decoding reproduces the output (and its end token).
-        ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the share of
-        examples whose most likely option (summed log-probability of its own tokens, no end token:
-        BIG-bench's rank classification, lm-eval's ``acc``) is the answer
-        (rank classification; correct where it is among the :data:`CORRECT` rows); for examples without
-        options (``answer`` = -1) their exact match. ``accuracy_per_token``: the same with each option's
-        log-probability divided by its token count (the sum favours short options; GPT-3's and
-        lm-eval's normalized accuracy divide by length too). An example with several correct outputs
+        ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the mean grade of the
+        option the ``scoring`` rule chooses (its :data:`CREDIT`, BIG-bench's ``multiple_choice_grade``;
+        without it 1 when the option is among the :data:`CORRECT` rows, else 0); for examples without
+        options (``answer`` = -1) their exact match. Every rule is reported as ``accuracy_<rule>``:
+        ``accuracy_sum`` (the option's summed log-probability of its own tokens, no end token:
+        BIG-bench's rank classification, lm-eval's ``acc``), ``accuracy_per_token`` (divided by its token
+        count: the sum favours short options), ``accuracy_per_char`` (divided by its length in
+        characters, :data:`CHOICE_CHARACTERS`: lm-eval's ``acc_norm``). ``correct_probability``: the
+        probability mass on the correct options, normalised over the example's options (a softmax of
+        the sums): it moves before argmax accuracy does. An example with several correct outputs
         (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them
         (and its end token); a multiple-choice example, when greedy decoding writes a correct option's tokens.
         ``parallel``: under ``torch.func.vmap`` the options are scored without host syncs
@@ -229,7 +246,10 @@ class CausalLMLearner(Learner):
                 grades, writes_correct = self._choices(split, params, parallel)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
-                for name, grade in (("accuracy", grades["sum"]), ("accuracy_per_token", grades["per_token"])):
+                grades = {("correct_" if rule == "probability" else "accuracy_") + rule: grade
+                          for rule, grade in grades.items()}  # fmt: skip
+                grades = {"accuracy": grades[f"accuracy_{self.scoring}"]} | grades
+                for name, grade in grades.items():
                     figures[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
             figures["exact_match"] = exact.float().mean()
             return figures
@@ -255,14 +275,18 @@ class CausalLMLearner(Learner):
             correct_rows = F.one_hot(answer.clamp_min(0), options).bool() & (answer >= 0)[:, None]
         credit = split.get(CREDIT)
         credit = correct_rows.float() if credit is None else credit.float()
+        characters = split.get(CHOICE_CHARACTERS)
+        if characters is None:  # a split built without the lengths: per character reads as per token
+            characters = (split[CHOICE_LABELS] != IGNORE_INDEX).sum(-1).float()
         if parallel:
-            return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, credit, params,
-                                      parallel)  # fmt: skip
+            return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, credit, characters,
+                                      params, parallel)  # fmt: skip
         listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
         # Without any, row 0 runs (its correct row is all false, so are its flags).
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
         grades, writes_correct = self._choice_flags(*(split[name][rows] for name in CHOICE_FIELDS),
-                                                    correct_rows[rows], credit[rows], params)  # fmt: skip
+                                                    correct_rows[rows], credit[rows], characters[rows],
+                                                    params)  # fmt: skip
         # Examples not scored (no correct row) grade 0, as an unscored parallel example does.
         grades = {rule: grade.new_zeros(answer.shape).index_put((rows,), grade) for rule, grade in grades.items()}
         return grades, torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), writes_correct)
@@ -274,15 +298,22 @@ class CausalLMLearner(Learner):
         labels: Tensor,
         correct: Tensor,
         credit: Tensor,
+        characters: Tensor,
         params: Mapping[str, Tensor] | None,
         parallel: bool = False,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """:meth:`_choices`' grades and greedy flags for the examples of ``ids``, ``mask``, ``labels``, ``correct``
-        and ``credit``."""
+        """:meth:`_choices`' grades (and ``probability``) and greedy flags for the examples of ``ids``, ``mask``,
+        ``labels``, ``correct``, ``credit`` and ``characters``."""
         scores, greedy = self.option_scores(ids, mask, labels, params, parallel=parallel)
-        per_token = scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1)  # padding options stay -inf
-        rules = {"sum": scores, "per_token": per_token}
+        rules = {  # padding options stay -inf under every rule
+            "sum": scores,
+            "per_token": scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1),
+            "per_char": scores / characters.clamp_min(1),
+        }
         grades = {rule: credit.gather(1, values.argmax(1, keepdim=True))[:, 0] for rule, values in rules.items()}
+        # The probability mass on the correct options among the example's options (a softmax of the sums): it moves
+        # before the argmax does.
+        grades["probability"] = (torch.softmax(scores, 1) * correct).sum(1)
         return grades, (greedy & correct).any(1)
 
     def option_scores(
