@@ -95,6 +95,15 @@ def _reader_options(builder: str, files: list[Path]) -> dict[str, object]:
     }
 
 
+def table_columns(table: Dataset, names: list[str]) -> dict[str, list]:
+    """The columns ``names`` of ``table`` as Python lists, each read in one pass.
+
+    ``table[column][row]`` is an Arrow lookup per value, and iterating a column formats row by row: a
+    table of 100,000 rows took ~30 s that way, 0.5 s like this.
+    """
+    return table.select_columns(names).to_dict() if names else {}
+
+
 def claim_name(claimed: dict[str, Path], name: str, source: Path, what: str, fix: str) -> None:
     """Record that ``source`` (a file or sub-folder) supplies the ``what`` called ``name``, or refuse a second
     source for the same name (``a.csv`` and ``a.jsonl`` in one folder), naming both; ``fix`` ends the message."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -417,3 +418,81 @@ def test_a_scores_column_grades_each_option_and_a_wrong_count_is_refused(tmp_pat
     module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(write_rows(tmp_path, rows)), max_length=40)
     with pytest.raises(ValueError, match=r"row 0: the scores \[1, 0\] do not give one number per option"):
         module.tasks  # noqa: B018
+
+
+def test_many_tasks_with_too_few_examples_are_counted_with_a_few_names_and_the_fix(tmp_path):
+    rows = [{"task": f"small{task:04d}", "input": f"q {task} {i}", "output": "a"}
+            for task in range(1500) for i in (0, 1)]  # fmt: skip
+    rows += [{"task": "big", "input": f"q {i}", "output": "a"} for i in range(8)]
+    (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(ValueError) as error:
+        datamodule(tmp_path / "tasks.jsonl")
+    message = str(error.value)
+    assert message.startswith("1500 of 1501 tasks have fewer than shots + queries = 5 distinct examples (examples in "
+                              "brackets): small0000 (2), small0001 (2), small0002 (2), small0003 (2), small0004 (2), "
+                              "...")  # fmt: skip
+    assert "--data.init_args.skip_long_examples=true" in message and len(message) < 400
+
+
+def table_rows() -> list[dict]:
+    """A table with every feature a row can have: families and templates on some rows, options as a list and as
+    ``a|b``, list outputs, repeated inputs (one with another output), numbers for text, a missing family."""
+    return [
+        {"task": "t1", "family": "f1", "input": "x", "output": "yes", "options": ["no", "yes"], "template": None},
+        {"task": "t1", "family": None, "input": "y", "output": "no", "options": "no|yes", "template": "Q: {input}"},
+        {"task": "t1", "family": "f1", "input": "x", "output": "no", "options": ["no", "yes"], "template": None},
+        {"task": "t1", "family": "f1", "input": "x", "output": "yes", "options": ["no", "yes"], "template": None},
+        {"task": "t2", "family": None, "input": "z", "output": ["b", "c"], "options": None, "template": None},
+        {"task": "t2", "family": "f2", "input": 7, "output": 8, "options": [], "template": "N: {input}"},
+        {"task": "t2", "family": None, "input": "w", "output": "d", "options": None, "template": None},
+    ]
+
+
+def test_a_table_gives_the_same_examples_as_the_row_by_row_reader(tmp_path):
+    """The columns are read in one pass each now; the examples are those the row-by-row reader gave."""
+    (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(row) for row in table_rows()))
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(tmp_path / "tasks.jsonl"),
+                                       template="In: {input}", max_examples_per_task=2)  # fmt: skip
+    examples = {name: {key: task[key] for key in ("family", "templates", "inputs", "outputs", "options")}
+                for name, task in module.examples.items()}  # fmt: skip
+    assert examples == {
+        "t1": {"family": "f1", "templates": ["In: {input}", "Q: {input}"], "inputs": ["x", "y"],
+               "outputs": [["yes", "no"], ["no"]], "options": [("no", "yes"), ("no", "yes")]},
+        "t2": {"family": "f2", "templates": ["In: {input}", "N: {input}"], "inputs": ["z", "7"],
+               "outputs": [["b", "c"], ["8"]], "options": [None, None]},
+    }  # fmt: skip
+
+
+def test_a_table_is_read_a_column_at_a_time_not_a_row_at_a_time(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    rows = [{"task": f"t{i % 50}", "input": f"q {i}", "output": "a", "options": None} for i in range(1000)]
+    (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(tmp_path / "tasks.jsonl"))
+    lookups = []
+    getitem = Dataset.__getitem__
+    monkeypatch.setattr(Dataset, "__getitem__", lambda self, key: lookups.append(key) or getitem(self, key))
+    assert len(module.examples) == 50
+    assert len(lookups) < 20  # a few per column at most; it was several per row (30 s for 10,000 tasks)
+
+
+def test_a_very_long_input_is_cut_as_before_without_tokenizing_it_whole(tmp_path, monkeypatch):
+    """A 200,000-character input: its first tokens are read from a prefix of it (tokenizing 10 MB whole took
+    3.5 GB), and the cut row is the one that tokenizing it whole and cutting gave."""
+    long_input = " ".join(f"{WORDS[i % 8]}{i % 13}," for i in range(40_000))
+    path = write_tasks(tmp_path, row1={"input": long_input})
+    tokenized = []
+    ids = text_to_text._Encoder.ids
+    monkeypatch.setattr(text_to_text._Encoder, "ids",
+                        lambda self, texts: tokenized.extend(map(len, texts)) or ids(self, texts))  # fmt: skip
+    module = datamodule(path, truncate_inputs=True, max_length=64)
+    assert len(long_input) > 200_000 and max(tokenized) < 10_000
+    tokenizer = load_tokenizer(TOKENIZER)
+    encode = functools.partial(tokenizer, add_special_tokens=False)
+    answer = encode(" yes")["input_ids"] + [tokenizer.eos_token_id]  # row 1 of task t0 is a yes
+    prefix, suffix = (encode(part)["input_ids"] for part in ("Input: ", "\nOutput:"))
+    budget = 64 - len(answer) - len(prefix) - len(suffix)
+    expected = prefix + encode(long_input)["input_ids"][:budget] + suffix + answer  # cut after tokenizing it whole
+    assert module.tasks["t0"].input_ids[1].tolist() == expected
+    with pytest.raises(ValueError, match=r"Example 1 of task 't0' is over 64 tokens long \(its input alone\)"):
+        datamodule(path, max_length=64)
