@@ -9,6 +9,7 @@ package calls these functions and never the private names (``tests/test_compat.p
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -163,6 +164,56 @@ def text_option_given_mapping(message: str) -> tuple[str, str] | None:
     """
     match = _TEXT_GOT_MAPPING.search(message)
     return None if match is None else (match.group(1), match.group(2))
+
+
+#: argparse's wording (Python 3.11-3.13, through jsonargparse 4.53) for a subcommand it does not know, or none.
+_SUBCOMMAND_CHOICE = re.compile(
+    r"argument subcommand: invalid choice: '(?P<given>[^']*)'|expected \"subcommand\" to be one of"
+)
+
+
+def unknown_subcommand(message: str) -> str | None:
+    """The subcommand given (``""`` when none was) when a parser error ``message`` says it is not one of the
+    parser's, else ``None``.
+
+    Why here: as for :func:`is_unresolved_class_error`, only the wording tells this case apart.
+    """
+    match = _SUBCOMMAND_CHOICE.search(message)
+    return None if match is None else match.group("given") or ""
+
+
+def claim_version_when_chosen(logger: Any) -> bool:
+    """Make a TensorBoard or CSV ``logger`` whose version is not given claim its ``version_N`` folder when it
+    chooses the version: on global rank 0 the folder is created with ``os.mkdir``, which fails when another run
+    made it first, and then the next number is tried. Other ranks choose as before (their choice is not used).
+    Returns whether it will claim one (``False``: another logger, or a version given).
+
+    Why private: Lightning chooses the version by listing the folder (``_get_next_version``, called the first
+    time anything asks for the version or ``log_dir``, before any callback runs) and creates the folder only
+    later, so two runs started together both took ``version_0``. Remote folders keep Lightning's choice.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if not isinstance(logger, TensorBoardLogger | CSVLogger) or logger._version is not None:
+        return False
+    listed = logger._get_next_version
+
+    def claim() -> int:
+        root = os.path.expanduser(os.path.expandvars(logger.root_dir))
+        if rank_zero_only.rank != 0 or "://" in root:
+            return listed()
+        os.makedirs(root, exist_ok=True)
+        version = listed()
+        while True:
+            try:
+                os.mkdir(os.path.join(root, f"version_{version}"))
+                return version
+            except FileExistsError:
+                version += 1
+
+    logger._get_next_version = claim
+    return True
 
 
 def hide_lightning_pytree_deprecation() -> None:

@@ -34,6 +34,8 @@ from lightning_meta.version import VERSION
 
 DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: Subcommands that ``main`` runs before LightningCLI's parser (which knows only the run subcommands).
+_HANDOFF_SUBCOMMANDS = ("export", "pretrain")
 #: Set to 1 to see the full traceback of the errors this command otherwise prints as one message.
 TRACEBACK_VARIABLE = "LIGHTNING_META_TRACEBACK"
 #: torch threads of a run unless OMP_NUM_THREADS or MKL_NUM_THREADS is set. torch's own default, a
@@ -95,6 +97,14 @@ class MetaArgumentParser(LightningArgumentParser):
         if text_as_mapping is not None:
             sys.stderr.write(f"lightning-meta: error: {text_as_mapping}\n")
             self.exit(2)
+        given = _compat.unknown_subcommand(message) if self.exit_on_error else None
+        if given is not None:  # the parser lists only the run subcommands
+            problem = f"{given!r} is not a subcommand" if given else "no subcommand given"
+            sys.stderr.write(
+                f"lightning-meta: error: {problem}; the subcommands are "
+                f"{', '.join((*_RUN_SUBCOMMANDS, *_HANDOFF_SUBCOMMANDS))} (lightning-meta --help).\n"
+            )
+            self.exit(2)
         if _is_unknown_algorithm(message):
             names = sorted({cls.__name__ for cls in algorithms.available().values()})
             message += (
@@ -139,12 +149,28 @@ class RunConfigCallback(SaveConfigCallback):
         except RuntimeError as error:
             if "to NOT exist" not in str(error):  # Lightning's wording for an existing config (2.6)
                 raise
-            folder = trainer.log_dir
-            raise FileExistsError(
-                f"{folder} already holds the config.yaml of another run, and this run would overwrite it and its "
-                "checkpoints. Give each run its own folder (--trainer.default_root_dir=runs/NEW), or keep the "
-                "logger on: each run then gets its own lightning_logs/version_N."
-            ) from None
+            raise FileExistsError(_taken_folder_message(trainer)) from None
+
+
+def _taken_folder_message(trainer: Any) -> str:
+    """Why this run's folder already holds another run's ``config.yaml``, and what to do."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    taken = f"{trainer.log_dir} already holds the config.yaml of another run, and this run would overwrite it and its "
+    own_folder = "give each run its own folder (--trainer.default_root_dir=runs/NEW)"
+    if not trainer.loggers:
+        return (
+            f"{taken}checkpoints: with the logger off (--trainer.logger=false) every run writes straight into "
+            f"--trainer.default_root_dir. Either {own_folder}, or turn the logger on: each run then gets its own "
+            "lightning_logs/version_N."
+        )
+    logger = trainer.loggers[0]
+    if isinstance(logger, TensorBoardLogger | CSVLogger):  # a free version is claimed unless one is given
+        return (
+            f"{taken}checkpoints: the logger's version is given (version={logger.version!r}). Give each run its own "
+            f"version, or leave it out (each run then gets the next free lightning_logs/version_N), or {own_folder}."
+        )
+    return f"{taken}checkpoints: the {type(logger).__name__} makes no version_N folder. Please {own_folder}."
 
 
 class MetaCLI(_compat.CLIWithoutCheckpointMerge):
@@ -166,18 +192,29 @@ class MetaCLI(_compat.CLIWithoutCheckpointMerge):
         return config.get("model.learner.init_args.tokenizer")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's, with :class:`MetaProgressBar` unless the bar is off or the user chose one."""
+        """Lightning's, with :class:`MetaProgressBar` unless the bar is off or the user chose one, and loggers that
+        claim their ``version_N`` folder (:func:`_compat.claim_version_when_chosen`)."""
         config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
         chosen = kwargs.get("callbacks", config.get("callbacks")) or []
         chosen = list(chosen) if isinstance(chosen, list) else [chosen]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
             kwargs["callbacks"] = [*chosen, MetaProgressBar()]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as error:  # a bad --trainer option: Lightning's message says which
             raise ValueError(f"--trainer options: {error}") from error
+        # Runs started together in one folder get a version_N each.
+        claimed = [_compat.claim_version_when_chosen(logger) for logger in trainer.loggers]
+        self._fixed_log_dir = not (claimed and claimed[0])  # the logger off, or its version given
+        return trainer
 
     def before_fit(self) -> None:
+        if self._fixed_log_dir and self.save_config_callback and not self.save_config_kwargs.get("overwrite"):
+            # Refused here as well as by RunConfigCallback, which Lightning calls only after the loggers have
+            # begun writing into that folder.
+            config = Path(self.trainer.log_dir) / self.save_config_kwargs.get("config_filename", "config.yaml")
+            if config.exists():
+                raise FileExistsError(_taken_folder_message(self.trainer))
         announce_run(self.subcommand, self.trainer, self.model, self.datamodule, self._threads)
 
     before_validate = before_test = before_predict = before_fit
@@ -470,7 +507,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"lightning-meta {VERSION}")
         return
     quiet_framework_noise()
-    if given and given[0] in ("pretrain", "export"):
+    if given and given[0] in _HANDOFF_SUBCOMMANDS:
         _run_handled(lambda: _handoff(given[0], given[1:]))
         return
     if given[:1] == ["lm-eval"]:

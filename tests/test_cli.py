@@ -313,9 +313,47 @@ def test_two_runs_in_one_folder_do_not_overwrite_each_other(tmp_path):
     second = run(*options, "--model.algorithm.inner_lr=0.03", cwd=tmp_path, check=False)
     assert second.returncode == 2
     assert "already holds the config.yaml of another run" in second.stderr
+    assert "with the logger off (--trainer.logger=false)" in second.stderr
     assert "--trainer.default_root_dir" in second.stderr
     kept = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert kept["model"]["algorithm"]["init_args"]["inner_lr"] == 0.02
+
+
+def test_runs_started_together_in_one_folder_get_a_version_each(tmp_path, monkeypatch, capsys):
+    """Lightning chose the version by listing lightning_logs/: two runs that listed it before either created
+    version_0 both took it, and the second was refused. Every listing here is that stale."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    for logger in (TensorBoardLogger, CSVLogger):
+        monkeypatch.setattr(logger, "_get_next_version", lambda self: 0)
+    options = ["fit", *SINUSOID, "--test_after_fit=false", *QUICK, f"--trainer.default_root_dir={tmp_path}"]
+    for inner_lr in (0.02, 0.03):
+        cli.main([*options, f"--model.algorithm.inner_lr={inner_lr}"])
+    configs = sorted(tmp_path.glob("lightning_logs/version_*/config.yaml"))
+    assert [config.parent.name for config in configs] == ["version_0", "version_1"]
+    chosen = [yaml.safe_load(config.read_text())["model"]["algorithm"]["init_args"]["inner_lr"] for config in configs]
+    assert chosen == [0.02, 0.03]
+    given = [*options, "--trainer.logger=TensorBoardLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+             "--trainer.logger.init_args.version=0"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(given)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "already holds the config.yaml of another run" in error and "version is given (version=0)" in error
+    assert "keep the logger on" not in error
+    for config in configs:  # each run's event file in its own folder; the refused run left none
+        assert len([path for path in config.parent.iterdir() if path.name.startswith("events.")]) == 1
+
+
+@pytest.mark.parametrize("args", [["fitt"], []])
+def test_a_mistyped_or_missing_subcommand_lists_every_subcommand(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    problem = "'fitt' is not a subcommand" if args else "no subcommand given"
+    assert error == (f"lightning-meta: error: {problem}; the subcommands are fit, validate, test, predict, export, "
+                     "pretrain (lightning-meta --help).")  # fmt: skip
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):

@@ -150,6 +150,49 @@ def test_text_given_a_mapping_wording_is_jsonargparse_s():
     assert _compat.text_option_given_mapping('Parser key "template": Expected a <class \'int\'>') is None
 
 
+def test_unknown_subcommand_wording_is_argparse_s():
+    parser = ArgumentParser(exit_on_error=False)
+    subcommands = parser.add_subcommands()
+    subcommands.add_subcommand("fit", ArgumentParser())
+    assert _compat.unknown_subcommand(_jsonargparse_error(parser, ["fitt"])) == "fitt"
+    assert _compat.unknown_subcommand(_jsonargparse_error(parser, [])) == ""
+    assert _compat.unknown_subcommand("Parser key \"model\": invalid choice") is None
+
+
+@pytest.mark.parametrize("logger_class", ["TensorBoardLogger", "CSVLogger"])
+def test_loggers_claim_their_version_folder_so_racing_runs_get_one_each(tmp_path, monkeypatch, logger_class):
+    """Lightning lists the folder to choose a version; a run that listed it just before another created
+    version_0 would take version_0 too. Each claim creates its folder, so racing claims get one each."""
+    import threading
+
+    from lightning.pytorch import loggers
+
+    cls = getattr(loggers, logger_class)
+    first = cls(tmp_path)
+    _compat.claim_version_when_chosen(first)
+    assert first.version == 0 and (tmp_path / "lightning_logs" / "version_0").is_dir()
+    monkeypatch.setattr(cls, "_get_next_version", lambda self: 0)  # every listing as stale as a racing run's
+    racers = [cls(tmp_path) for _ in range(6)]
+    for logger in racers:
+        _compat.claim_version_when_chosen(logger)
+    start = threading.Barrier(len(racers))
+
+    def claim(logger):
+        start.wait()
+        assert logger.log_dir  # the first question for the version chooses it
+
+    threads = [threading.Thread(target=claim, args=(logger,)) for logger in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(logger.version for logger in racers) == [1, 2, 3, 4, 5, 6]
+    assert Path(racers[0].log_dir) == tmp_path / "lightning_logs" / f"version_{racers[0].version}"
+    given = cls(tmp_path, version=0)
+    _compat.claim_version_when_chosen(given)  # a version the user gives is kept
+    assert given.version == 0
+
+
 def test_lightning_pytree_deprecation_is_hidden_by_its_private_module_name():
     import importlib
     import warnings
