@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_meta.data.tasks import (
     ANSWER,
+    CALIBRATION_FIELDS,
+    CHANNEL_FIELDS,
+    CHANNEL_SEQUENCE_FIELDS,
     CHOICE_CHARACTERS,
     CHOICE_FIELDS,
     CORRECT,
@@ -41,11 +46,23 @@ class MetaICL(MetaAlgorithm):
     many were dropped per query on average (0 when everything fits). Works with any causal-LM
     learner whose splits hold ``input_ids``, ``attention_mask`` and ``labels`` on the output
     tokens (:class:`~lightning_meta.datamodules.TextToTextTasksDataModule`); the demonstrations
-    keep their own tokens (output included, end token as separator) and carry no loss.
+    keep their own tokens (output included, end token as separator) and carry no loss, unless
+    ``demonstration_loss``.
 
     Args:
         max_length: longest sequence, in tokens; ``None``: the learner's context
             (``max_position_embeddings``).
+        demonstration_loss: in training, also take the loss on each demonstration's output (predicted from
+            the demonstrations before it), as Garg et al. (2022) and Chan et al. (2022) train in-context
+            learners: a sequence of K demonstrations then teaches 0- to K-shot prediction at once, K + 1
+            outputs instead of one. Evaluation's figures stay the query's.
+        direction: ``"direct"``: the loss is on each query's output after the demonstrations; ``"channel"``
+            (Channel MetaICL, Min et al. 2022): demonstrations and queries are written output-then-input
+            (the datamodule's channel sequences, ``TextToTextTasksDataModule(channel=True)``) and the loss is
+            on the query's input given its output. Evaluation scores the options by every rule either way:
+            the direct and calibration rows after the demonstrations written directly, the channel rows
+            (``accuracy_channel``; ``CausalLMLearner(scoring="channel")`` makes it ``accuracy``) after the
+            demonstrations written channel-style, as MetaICL's code conditions each method.
 
     Example::
 
@@ -55,11 +72,23 @@ class MetaICL(MetaAlgorithm):
         figures = metaicl.evaluate(learner, episode)              # zero-shot (_pre), K-shot (_post)
     """
 
-    def __init__(self, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        max_length: int | None = None,
+        demonstration_loss: bool = False,
+        direction: Literal["direct", "channel"] = "direct",
+    ) -> None:
         super().__init__()
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens or None (the model's context), got {max_length}.")
+        if direction not in ("direct", "channel"):
+            raise ValueError(
+                f"MetaICL direction={direction!r} is not a direction: use 'direct' or 'channel' "
+                "(--model.algorithm.init_args.direction)."
+            )
+        self.direction = direction
         self.max_length = max_length
+        self.demonstration_loss = demonstration_loss
 
     def check_learner(self, learner: Learner) -> None:
         if learner.task_type != "language_modeling":
@@ -87,9 +116,11 @@ class MetaICL(MetaAlgorithm):
         multiple of 8), not ``(shots + 1)`` padded examples: finding it is the batch's one host sync.
         """
         self.check_learner(learner)
-        length = self.sequence_length(learner, batch.support, batch.query)
+        length = self.sequence_length(learner, self.loss_rows(batch.support), self.loss_rows(batch.query))
         episodes = [
-            Episode(episode.support, self.conditioned(learner, episode.support, episode.query, False, length)[0],
+            Episode(episode.support,
+                    self.conditioned(learner, episode.support, episode.query, False, length,
+                                     self.demonstration_loss)[0],
                     episode.ways, episode.shots, episode.metadata)
             for episode in batch.episodes()
         ]  # fmt: skip
@@ -117,8 +148,26 @@ class MetaICL(MetaAlgorithm):
             )
         return padded_length(longest, context)
 
+    def loss_rows(self, split: Split) -> dict[str, Tensor]:
+        """``split`` with the sequences that carry the loss as its ``input_ids``, ``attention_mask`` and ``labels``:
+        its own (``direct``), or its channel sequences (``channel``: output, then input, the loss on the input)."""
+        if self.direction == "direct":
+            return dict(split)
+        if CHANNEL_SEQUENCE_FIELDS[0] not in split:
+            raise ValueError(
+                "MetaICL(direction='channel') needs the channel sequences that TextToTextTasksDataModule writes "
+                "with channel=true: set --data.init_args.channel=true."
+            )
+        return _channel_sequences(split)
+
     def conditioned(
-        self, learner: Learner, support: Split, query: Split, options: bool = True, length: int | None = None
+        self,
+        learner: Learner,
+        support: Split,
+        query: Split,
+        options: bool = True,
+        length: int | None = None,
+        demonstration_labels: bool = False,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """The query split with the support as demonstrations, and the demonstrations dropped per query.
 
@@ -126,15 +175,23 @@ class MetaICL(MetaAlgorithm):
         query split built already (it holds :data:`DROPPED`) is returned as it is. With
         ``options``, option fields (:data:`~lightning_meta.data.tasks.CHOICE_FIELDS`) get the same
         demonstrations, so that options are scored in context; every option of an example gets
-        the same ones (those that fit beside its longest option), so they share one prompt.
+        the same ones (those that fit beside its longest option), so they share one prompt. With
+        ``demonstration_labels``, the demonstrations' outputs keep their labels (``demonstration_loss``).
+        The sequences are :meth:`loss_rows`' (channel-style under ``direction="channel"``). The calibration
+        rows (:data:`~lightning_meta.data.tasks.CALIBRATION_FIELDS`) get the options' demonstrations (those that
+        fit beside the example's longest option), so that the content-free prompt is read in the same context,
+        as Zhao et al. (2021) calibrate in-context prompts; the channel option rows
+        (:data:`~lightning_meta.data.tasks.CHANNEL_FIELDS`) get the support's channel sequences.
         """
         if DROPPED in query:
             return dict(query), query[DROPPED]
         context = self.context_length(learner)
+        support_rows, query_rows = self.loss_rows(support), self.loss_rows(query)
         if length is None:
-            length = self.sequence_length(learner, support, query)
-        fields = (query[name] for name in ("input_ids", "attention_mask", "labels"))
-        conditioned, dropped = with_demonstrations(support, *fields, context, length)
+            length = self.sequence_length(learner, support_rows, query_rows)
+        fields = (query_rows[name] for name in ("input_ids", "attention_mask", "labels"))
+        conditioned, dropped = with_demonstrations(support_rows, *fields, context, length,
+                                                   demonstration_labels=demonstration_labels)  # fmt: skip
         built = dict(zip(("input_ids", "attention_mask", "labels"), conditioned, strict=True))
         built[DROPPED] = dropped
         if options and CHOICE_FIELDS[0] in query:
@@ -148,12 +205,17 @@ class MetaICL(MetaAlgorithm):
                 name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
             }
             built |= {name: query[name] for name in (ANSWER, CORRECT, CREDIT, CHOICE_CHARACTERS) if name in query}
+            if CALIBRATION_FIELDS[0] in query:
+                built |= _option_rows(support, query, CALIBRATION_FIELDS, CHOICE_FIELDS, context)
+            if CHANNEL_FIELDS[0] in query:
+                built |= _option_rows(_channel_sequences(support), query, CHANNEL_FIELDS, CHANNEL_FIELDS, context)
         return built, dropped
 
     def task_loss(
         self, learner: Learner, episode: Episode, *, parallel: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        query, dropped = self.conditioned(learner, episode.support, episode.query, options=False)
+        query, dropped = self.conditioned(learner, episode.support, episode.query, options=False,
+                                          demonstration_labels=self.demonstration_loss)  # fmt: skip
         loss, metrics = learner.loss(query)
         figures = {f"query_{name}": value for name, value in metrics.items()}
         return loss, figures | {
@@ -168,7 +230,7 @@ class MetaICL(MetaAlgorithm):
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
         """Query figures zero-shot (``*_pre``) and conditioned on the support (``*_post``)."""
         self.check_learner(learner)
-        before = learner.evaluation_metrics(episode.query)
+        before = learner.evaluation_metrics(self.loss_rows(episode.query))
         query, _ = self.conditioned(learner, episode.support, episode.query)
         after = learner.evaluation_metrics(query)
         return {f"{name}_pre": value for name, value in before.items()} | {
@@ -180,6 +242,28 @@ class MetaICL(MetaAlgorithm):
         query, _ = self.conditioned(learner, episode.support, episode.query, options=False)
         with torch.no_grad():
             return learner.predict(query)
+
+
+def _channel_sequences(split: Split) -> dict[str, Tensor]:
+    """``split`` with its channel sequences as its ``input_ids``, ``attention_mask`` and ``labels``."""
+    fields = zip(("input_ids", "attention_mask", "labels"), CHANNEL_SEQUENCE_FIELDS, strict=True)
+    return dict(split) | {name: split[field] for name, field in fields}
+
+
+def _option_rows(
+    support: Split, query: Split, fields: tuple[str, str, str], fit_fields: tuple[str, str, str], context: int
+) -> dict[str, Tensor]:
+    """The ``fields`` option rows of ``query`` ``(examples, options, tokens)``, each after the demonstrations of
+    ``support`` that fit beside its example's longest ``fit_fields`` row (every row of an example shares them), as
+    long as the longest such sequence (rounded up to a multiple of 8). One host sync."""
+    ids, mask, labels = (query[name] for name in fields)
+    examples, count, _ = ids.shape
+    longest = query[fit_fields[1]].sum(-1).amax(-1, keepdim=True).expand(examples, count).flatten()
+    kept, _ = demonstrations_kept(support["attention_mask"], longest, context)
+    real = (kept * support["attention_mask"].sum(-1)).sum(-1) + mask.sum(-1).flatten()
+    rows, _ = with_demonstrations(support, ids.flatten(0, 1), mask.flatten(0, 1), labels.flatten(0, 1), context,
+                                  padded_length(int(real.max())), longest)  # fmt: skip
+    return {name: tensor.view(examples, count, -1) for name, tensor in zip(fields, rows, strict=True)}
 
 
 def demonstrations_kept(support_mask: Tensor, query_lengths: Tensor, context: int) -> tuple[Tensor, Tensor]:
@@ -203,13 +287,15 @@ def with_demonstrations(
     context: int,
     length: int,
     fit_lengths: Tensor | None = None,
+    demonstration_labels: bool = False,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
     """Each query sequence preceded by the support's sequences: ``(ids, mask, labels)`` and dropped counts.
 
     ``support`` holds ``input_ids`` and ``attention_mask`` ``(shots, tokens)``; the query tensors
     are ``(queries, tokens)``, right-padded. Each output row is the support's real tokens in
     order, then the query's, then padding, ``length`` tokens long (at least the longest real
-    row); labels only on the query's labelled tokens. Demonstrations that would overflow
+    row); labels only on the query's labelled tokens (with ``demonstration_labels`` also on the kept
+    demonstrations' labelled tokens, the support's ``labels``). Demonstrations that would overflow
     ``context`` beside a query of ``fit_lengths`` tokens (default: the query's own length) are
     dropped from the front. Runs on the device without host syncs.
     """
@@ -220,8 +306,11 @@ def with_demonstrations(
     kept, _ = demonstrations_kept(demo_mask, query_mask.sum(1) if fit_lengths is None else fit_lengths, context)
     token_kept = torch.cat([(demo_mask[None] & kept[:, :, None]).flatten(1), query_mask], 1)
     ids = torch.cat([demo_ids.flatten()[None].expand(queries, -1), input_ids], 1)
-    ignored = torch.full((queries, shots * demo_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-    all_labels = torch.cat([ignored, labels], 1).masked_fill(~token_kept, IGNORE_INDEX)
+    if demonstration_labels:
+        demo_labels = support["labels"].flatten()[None].expand(queries, -1).to(labels.dtype)
+    else:
+        demo_labels = torch.full((queries, shots * demo_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    all_labels = torch.cat([demo_labels, labels], 1).masked_fill(~token_kept, IGNORE_INDEX)
     if length > ids.shape[1]:  # rounding up may ask for more positions than the inputs have
         extra = length - ids.shape[1]
         token_kept, ids = F.pad(token_kept, (0, extra)), F.pad(ids, (0, extra))

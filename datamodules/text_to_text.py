@@ -26,8 +26,11 @@ from lightning_meta.data.tables import (
 )
 from lightning_meta.data.tasks import (
     ANSWER,
+    CALIBRATION_FIELDS,
     CEILING,
     CHANCE,
+    CHANNEL_FIELDS,
+    CHANNEL_SEQUENCE_FIELDS,
     CHOICE_ATTENTION_MASK,
     CHOICE_CHARACTERS,
     CHOICE_INPUT_IDS,
@@ -72,6 +75,10 @@ class TextTask:
     correct: Tensor | None = None  # (examples, options): which choice rows are correct outputs
     credit: Tensor | None = None  # (examples, options): the grade for choosing each row (BIG-bench's target_scores)
     characters: Tensor | None = None  # (examples, options): each row's text length (lm-eval's acc_norm)
+    # (examples, 3, options, max_length): ids, mask and labels of each option after the content-free prompt
+    calibration: Tensor | None = None
+    channel: Tensor | None = None  # (examples, 3, options, max_length): each option, then the prompt (labelled)
+    channel_sequence: Tensor | None = None  # (examples, 3, max_length): the output, then the prompt (labelled)
     inputs: list[str] = field(default_factory=list)  # each example's input text, for the held-out overlap check
     ceiling: float | None = None  # the best accuracy a reader of the support can reach (a control task's)
 
@@ -129,6 +136,12 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         template: the prompt, with ``{input}`` where the input goes (for tables without a
             ``template_column``); ``{{`` and ``}}`` are literal braces, as in ``str.format``.
         template_column: column holding each row's template, used when the table has it.
+        channel: also write each example channel-style (Min et al. 2022, the noisy channel): its output
+            first, then its prompt and the end token, the loss on the prompt (every split; what
+            ``MetaICL(direction="channel")`` trains on), and in evaluation episodes each option followed by
+            the prompt, scored on the prompt's tokens (``accuracy_channel``: log p(input | option)).
+            Evaluation episodes always carry each option after the content-free prompt (the template with an
+            empty input) for ``accuracy_calibrated``.
         gym_families: the gym's families to load (default: every family available here).
         val_tasks: validation tasks by name (overrides ``val_families``); a task with subtasks stands
             for all of them (BIG-bench's ``NAME`` for ``NAME:SUBTASK``); or a preset's name:
@@ -178,6 +191,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         scores_column: str = "scores",
         template: str = "Input: {input}\nOutput:",
         template_column: str = "template",
+        channel: bool = False,
         gym_families: list[str] | None = None,
         val_tasks: list[str] | str | None = None,
         test_tasks: list[str] | str | None = None,
@@ -221,6 +235,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.scores_column = scores_column
         self.template = template
         self.template_column = template_column
+        self.channel = channel
         self.gym_families = gym_families
         self.val_tasks = val_tasks
         self.test_tasks = test_tasks
@@ -256,7 +271,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
 
     @functools.cached_property
     def _control_encoder(self) -> _Encoder:
-        return _Encoder(load_tokenizer(self.tokenizer), self.max_length, self.truncate_inputs, memo=True)
+        return _Encoder(load_tokenizer(self.tokenizer), self.max_length, self.truncate_inputs, memo=True,
+                        channel=self.channel)  # fmt: skip
 
     @functools.cached_property
     def examples(self) -> dict[str, dict[str, Any]]:
@@ -284,10 +300,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         if self.dataset is None:
             families = tuple(self.gym_families) if self.gym_families is not None else None
             tasks = _tokenized_gym(self.tokenizer, families, self.max_length, self.truncate_inputs,
-                                   self.max_examples_per_task, self.skip_long_examples)  # fmt: skip
+                                   self.max_examples_per_task, self.skip_long_examples, self.channel)  # fmt: skip
         else:
             tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs,
-                              self.skip_long_examples)  # fmt: skip
+                              self.skip_long_examples, self.channel)  # fmt: skip
         needed = self._examples_needed
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
         # A few names, smallest first: a user's table can have thousands of such tasks.
@@ -499,10 +515,13 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             chosen = torch.randint(len(task), (needed,), generator=generator)
         else:
             chosen = torch.randperm(len(task), generator=generator)[:needed]
-        support, query = (_rows(task, rows, options) for rows in (chosen[: self.shots], chosen[self.shots :]))
+        support, query = (
+            _rows(task, rows, options, self.channel) for rows in (chosen[: self.shots], chosen[self.shots :])
+        )
         metadata = {"task": task.name, "family": task.family or "", "example_ids": chosen}
         if task.ceiling is not None:
-            metadata |= {CEILING: torch.tensor(task.ceiling, dtype=torch.float64), CHANCE: _chance(task, chosen[self.shots :])}
+            ceiling = torch.tensor(task.ceiling, dtype=torch.float64)
+            metadata |= {CEILING: ceiling, CHANCE: _chance(task, chosen[self.shots :])}
         return Episode(support=support, query=query, shots=self.shots, metadata=metadata)
 
     def _tasks_from_table(self, table: Dataset, source: str) -> dict[str, dict[str, Any]]:
@@ -628,9 +647,10 @@ def _tokenized_gym(
     truncate_inputs: bool,
     limit: int | None,
     skip_long_examples: bool,
+    channel: bool = False,
 ) -> dict[str, TextTask]:
     examples = _gym_examples(list(families) if families is not None else None, limit)
-    return _tokenize(examples, tokenizer, max_length, truncate_inputs, skip_long_examples)
+    return _tokenize(examples, tokenizer, max_length, truncate_inputs, skip_long_examples, channel)
 
 
 def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, dict[str, Any]]:
@@ -654,13 +674,14 @@ def _tokenize(
     max_length: int,
     truncate_inputs: bool,
     skip_long_examples: bool = False,
+    channel: bool = False,
 ) -> dict[str, TextTask]:
     """Every task's examples as tensors; with ``skip_long_examples`` those that do not fit are left out
-    (a task none of whose examples fits, too), with one log line."""
+    (a task none of whose examples fits, too), with one log line; with ``channel`` also channel-style."""
     tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"Tokenizer {tokenizer_name!r} has no end-of-text token to end each output with.")
-    encoder = _Encoder(tokenizer, max_length, truncate_inputs, skip_long_examples)
+    encoder = _Encoder(tokenizer, max_length, truncate_inputs, skip_long_examples, channel=channel)
     tasks = {name: encoder.encode(name, task) for name, task in examples.items()}
     if encoder.skipped:
         rank_zero_info(
@@ -725,9 +746,16 @@ class _Encoder:
     """Tokenizes examples into padded rows: prompt, `` output``, end token."""
 
     def __init__(
-        self, tokenizer: Any, max_length: int, truncate_inputs: bool, skip_long: bool = False, memo: bool = False
+        self,
+        tokenizer: Any,
+        max_length: int,
+        truncate_inputs: bool,
+        skip_long: bool = False,
+        memo: bool = False,
+        channel: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.channel = channel
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
         self.skip_long = skip_long
@@ -753,6 +781,8 @@ class _Encoder:
             for (prefix, suffix), text in zip(map(template_parts, task["templates"]), task["inputs"], strict=True)
         ]
         eos = [self.tokenizer.eos_token_id]
+        # Channel rows write the output, then this separator (MetaICL's code writes "\n" there), then the prompt.
+        separator = self.ids(["\n"])[0] if self.channel else []
         outputs = [[ids + eos for ids in self.ids([" " + text for text in texts])] for texts in task["outputs"]]
         # Written after each prompt and scored: the example's options, else its correct outputs when it has several.
         choices = [
@@ -767,7 +797,7 @@ class _Encoder:
             for texts, options in zip(choices, task["options"], strict=True)
         ]
         prompt_ids = [
-            self._fit(name, row, prompt, task, max(len(ids) for ids in [*answers, *rows]))
+            self._fit(name, row, prompt, task, max(len(ids) for ids in [*answers, *rows]) + len(separator))
             for row, (prompt, answers, rows) in enumerate(
                 zip(self._prompt_ids(prompts, task["inputs"]), outputs, choice_ids, strict=True)
             )
@@ -787,6 +817,10 @@ class _Encoder:
         input_ids, attention_mask, labels = self._rows(prompt_ids, [answers[0] for answers in outputs])
         result = TextTask(name, task["family"], input_ids, attention_mask, labels, inputs=list(task["inputs"]),
                           ceiling=ceiling)  # fmt: skip
+        if self.channel:  # the output without its end token, the separator, the prompt and the end token (labelled)
+            result.channel_sequence = torch.stack(self._rows(
+                [answers[0][:-1] + separator for answers in outputs], [prompt + eos for prompt in prompt_ids]
+            ), 1)  # fmt: skip
         width = max(map(len, choices))
         if width:  # examples list different numbers of options: the missing rows are padding (no labels)
             pairs = [
@@ -813,6 +847,24 @@ class _Encoder:
             result.characters = torch.tensor(
                 [[float(len(text)) for text in rows] + [0.0] * (width - len(rows)) for rows in choices]
             )
+            # The content-free prompt: the example's template with an empty input (Holtzman et al.'s domain premise
+            # "Answer:" is the template's text around the input); its end is kept where an option leaves no room.
+            templates = list(dict.fromkeys(task["templates"]))
+            free = dict(zip(templates, self.ids(["".join(template_parts(text)) for text in templates]), strict=True))
+            free_rows = [
+                (free[template], ids) for template, rows in zip(task["templates"], choice_ids, strict=True)
+                for ids in rows + [[]] * (width - len(rows))
+            ]  # fmt: skip
+            result.calibration = torch.stack(self._rows(
+                [prompt[max(0, len(prompt) + len(ids) - self.max_length) :] if ids else []
+                 for prompt, ids in free_rows],
+                [ids for _, ids in free_rows],
+            ), 1).view(len(prompt_ids), width, 3, self.max_length).transpose(1, 2)  # fmt: skip
+            if self.channel:  # each option (without an end token), the separator, then the prompt (labelled)
+                result.channel = torch.stack(self._rows(
+                    [(ids[:-1] if ids[-1] == eos[0] else ids) + separator if ids else [] for _, ids in pairs],
+                    [prompt if ids else [] for prompt, ids in pairs],
+                ), 1).view(len(prompt_ids), width, 3, self.max_length).transpose(1, 2)  # fmt: skip
         return result
 
     def _prompt_ids(self, prompts: list[str], inputs: list[str]) -> list[list[int] | None]:
@@ -880,20 +932,26 @@ class _Encoder:
         return tuple(torch.tensor(rows, dtype=torch.long).view(-1, self.max_length) for rows in (ids, mask, labels))
 
 
-def _rows(task: TextTask, rows: Tensor, options: int) -> dict[str, Tensor]:
+def _rows(task: TextTask, rows: Tensor, options: int, channel: bool = False) -> dict[str, Tensor]:
     """The split of ``rows``; with ``options`` > 0 its choice rows padded to ``options`` (padding rows have no
     labels; a task without options gets none listed), so that episodes of a split's tasks stack. Padded here,
     per episode: tasks keep their own option count (a few tasks with a hundred options would otherwise
-    multiply every task's memory)."""
+    multiply every task's memory). The calibration rows come with the choice rows, and with ``channel`` the
+    channel option rows too; the channel sequences come in every split."""
     split = {
         "input_ids": task.input_ids[rows],
         "attention_mask": task.attention_mask[rows],
         "labels": task.labels[rows],
     }
+    if channel:
+        split |= dict(zip(CHANNEL_SEQUENCE_FIELDS, task.channel_sequence[rows].unbind(1), strict=True))
     if not options:
         return split
+    groups = (CALIBRATION_FIELDS, *([CHANNEL_FIELDS] if channel else []))
     if task.answer is None:
         ids = torch.zeros((len(rows), options, task.input_ids.shape[1]), dtype=torch.long)
+        for fields in groups:
+            split |= dict(zip(fields, (ids, torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX)), strict=True))
         return split | {
             CHOICE_INPUT_IDS: ids,
             CHOICE_ATTENTION_MASK: torch.zeros_like(ids),
@@ -905,6 +963,10 @@ def _rows(task: TextTask, rows: Tensor, options: int) -> dict[str, Tensor]:
         }
     padding = options - task.choice_input_ids.shape[1]
     pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
+    for fields, stacked in zip(groups, (task.calibration, task.channel), strict=False):
+        values = (0, 0, IGNORE_INDEX)
+        split |= {name: pad(tensor, value=value) for name, tensor, value in zip(fields, stacked[rows].unbind(1), values,
+                                                                                strict=True)}  # fmt: skip
     return split | {
         CHOICE_INPUT_IDS: pad(task.choice_input_ids[rows]),
         CHOICE_ATTENTION_MASK: pad(task.choice_attention_mask[rows]),

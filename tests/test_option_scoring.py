@@ -220,5 +220,89 @@ def test_every_scoring_rule_and_the_correct_probability_match_an_independent_com
 
 
 def test_an_unknown_scoring_rule_is_refused():
-    with pytest.raises(ValueError, match=r"scoring='acc' is not a scoring rule: use one of sum, per_token, per_char"):
+    with pytest.raises(ValueError, match=r"scoring='acc' is not a scoring rule: use one of sum, per_token, per_char, "
+                                         r"calibrated, channel"):  # fmt: skip
         CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, scoring="acc")
+
+
+def log_likelihood(model: CausalLMLearner, context: list[int], target: list[int]) -> torch.Tensor:
+    """log p(target | context) from one forward of the two (float64), independent of ``option_scores``."""
+    ids = torch.tensor([context + target])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0], -1)
+    return sum(log_probs[len(context) + i - 1, token] for i, token in enumerate(target))
+
+
+def rows_of(pairs: list[list[tuple[list[int], list[int]] | None]]) -> tuple[torch.Tensor, ...]:
+    """(examples, 3, WIDTH) ids, mask and labels of (context, target) rows, labels on the target; None: padding."""
+    shape = (len(pairs), 3, WIDTH)
+    ids, mask, labels = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), torch.full(
+        shape, IGNORE_INDEX)  # fmt: skip
+    for row, columns in enumerate(pairs):
+        for column, pair in enumerate(columns):
+            if pair is not None:
+                context, target = pair
+                ids[row, column, : len(context) + len(target)] = torch.tensor(context + target)
+                mask[row, column, : len(context) + len(target)] = 1
+                labels[row, column, len(context) : len(context) + len(target)] = torch.tensor(target)
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_calibrated_and_channel_rules_match_an_independent_computation(parallel):
+    """``accuracy_calibrated``: log p(option | prompt) - log p(option | content-free prompt) (Holtzman et al.'s
+    domain-conditional PMI); ``accuracy_channel``: log p(prompt | option), the option written first (Min et al.'s
+    noisy channel); each from one forward per row in float64; ``scoring`` makes either ``accuracy``."""
+    from lightning_meta.data.tasks import CALIBRATION_FIELDS, CHANNEL_FIELDS, CORRECT
+
+    free = [[11, 15], [16], [17]]  # each example's template with an empty input
+    padded_options = [options + [[]] * (3 - len(options)) for options in OPTIONS]
+    calibration = rows_of([[(free[row], option) if option else None for option in options]
+                           for row, options in enumerate(padded_options)])  # fmt: skip
+    channel = rows_of([[(option[:-1], PROMPTS[row]) if option else None for option in options]
+                       for row, options in enumerate(padded_options)])  # fmt: skip
+    correct = torch.tensor([[False, True, False], [True, False, False], [False, False, True]])
+    ids, mask, labels = choices()
+    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
+             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: correct.float().argmax(1), CORRECT: correct,
+             **dict(zip(CALIBRATION_FIELDS, calibration, strict=True)),
+             **dict(zip(CHANNEL_FIELDS, channel, strict=True))}  # fmt: skip
+    for scoring in ("calibrated", "channel"):
+        torch.manual_seed(5)
+        model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64",
+                                attn_implementation="eager", scoring=scoring).eval()  # fmt: skip
+        with torch.no_grad():
+            if parallel:
+                episodes = {name: tensor[None] for name, tensor in split.items()}
+                figures = torch.func.vmap(functools.partial(model.evaluation_metrics, parallel=True))(episodes)
+                figures = {name: value[0] for name, value in figures.items()}
+            else:
+                figures = model.evaluation_metrics(split)
+        minus_inf = torch.tensor(-torch.inf, dtype=torch.float64)
+        expected = {
+            "accuracy_sum": [[log_likelihood(model, PROMPTS[row], option) if option else minus_inf
+                              for option in options] for row, options in enumerate(padded_options)],
+            "accuracy_calibrated": [[log_likelihood(model, PROMPTS[row], option)
+                                     - log_likelihood(model, free[row], option) if option else minus_inf
+                                     for option in options] for row, options in enumerate(padded_options)],
+            "accuracy_channel": [[log_likelihood(model, option[:-1], PROMPTS[row]) if option else minus_inf
+                                  for option in options] for row, options in enumerate(padded_options)],
+        }  # fmt: skip
+        made = {}
+        for name, values in expected.items():
+            values = torch.stack([torch.stack(list(row)) for row in values])
+            made[name] = tuple(values.argmax(1).tolist())
+            chosen = correct.gather(1, values.argmax(1, keepdim=True)).double().mean()
+            assert float(figures[name]) == pytest.approx(float(chosen)), (scoring, name)
+        assert float(figures["accuracy"]) == float(figures[f"accuracy_{scoring}"])
+        assert len(set(made.values())) > 1, made  # the rules choose differently: the test tells them apart
+
+
+def test_a_rule_without_its_rows_is_refused_in_one_line():
+    model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, scoring="channel").eval()
+    ids, mask, labels = choices()
+    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
+             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: torch.tensor([1, 0, 2])}  # fmt: skip
+    with pytest.raises(ValueError, match=r"scoring='channel' needs the split's channel_input_ids rows.*"
+                                         r"--data.init_args.channel=true"):  # fmt: skip
+        model.evaluation_metrics(split)

@@ -36,6 +36,17 @@ CREDIT = "credit"
 #: ``(examples, options)`` float: each option's length in characters (its own text, without the space before
 #: it), for the ``per_char`` scoring rule (lm-eval's ``acc_norm``).
 CHOICE_CHARACTERS = "choice_characters"
+#: Fields of an evaluation split that list each option written after the content-free prompt (the task's template
+#: with an empty input), shaped like :data:`CHOICE_FIELDS`, labels on the option's tokens: the ``calibrated`` rule
+#: (domain-conditional PMI, Holtzman et al. 2021) subtracts their scores from the options'.
+CALIBRATION_FIELDS = ("calibration_input_ids", "calibration_attention_mask", "calibration_labels")
+#: Fields of an evaluation split that list each option written first, then the example's prompt (its input written
+#: by the template), shaped like :data:`CHOICE_FIELDS`, labels on the prompt's tokens: the ``channel`` rule
+#: (noisy channel, Min et al. 2022) scores log p(input | option).
+CHANNEL_FIELDS = ("channel_input_ids", "channel_attention_mask", "channel_labels")
+#: Fields of a split (every split, with the datamodule's ``channel``) holding each example's channel training
+#: sequence ``(examples, tokens)``: its output, then its prompt and the end token, labels on the prompt and end token.
+CHANNEL_SEQUENCE_FIELDS = ("channel_sequence_input_ids", "channel_sequence_attention_mask", "channel_sequence_labels")
 #: The token-aligned fields of a split, by name, grouped under the mask they share positions with, each with
 #: the value its padding positions hold (no token, no attention, no loss). :func:`without_padding` cuts and
 #: :func:`padded` pads exactly these fields, where shaped like their mask: other fields are never cut, even
@@ -43,6 +54,8 @@ CHOICE_CHARACTERS = "choice_characters"
 TOKEN_FIELDS: dict[str, dict[str, int]] = {
     "attention_mask": {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX},
     CHOICE_ATTENTION_MASK: {CHOICE_INPUT_IDS: 0, CHOICE_ATTENTION_MASK: 0, CHOICE_LABELS: IGNORE_INDEX},
+    **{fields[1]: dict(zip(fields, (0, 0, IGNORE_INDEX), strict=True))
+       for fields in (CALIBRATION_FIELDS, CHANNEL_FIELDS, CHANNEL_SEQUENCE_FIELDS)},  # fmt: skip
 }
 #: Mask fields of a split (the keys of :data:`TOKEN_FIELDS`).
 MASK_FIELDS = tuple(TOKEN_FIELDS)

@@ -25,6 +25,8 @@ from lightning_meta._compat import attention_implementation, reparametrized, set
 from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
 from lightning_meta.data.tasks import (
     ANSWER,
+    CALIBRATION_FIELDS,
+    CHANNEL_FIELDS,
     CHOICE_CHARACTERS,
     CHOICE_FIELDS,
     CHOICE_INPUT_IDS,
@@ -38,8 +40,13 @@ from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.learners.base import DataCheck, Learner
 
 #: The rules that choose an option, by name (:meth:`CausalLMLearner.evaluation_metrics`): its summed
-#: log-probability (BIG-bench's grade, lm-eval's ``acc``), per token, per character (lm-eval's ``acc_norm``).
-SCORING_RULES = ("sum", "per_token", "per_char")
+#: log-probability (BIG-bench's grade, lm-eval's ``acc``), per token, per character (lm-eval's ``acc_norm``),
+#: calibrated (minus its log-probability after the content-free prompt: domain-conditional PMI, Holtzman et al.
+#: 2021) and channel (log p(input | option), the option written first: the noisy channel, Min et al. 2022).
+SCORING_RULES = ("sum", "per_token", "per_char", "calibrated", "channel")
+#: The split fields each rule needs beside the choice rows, and the datamodule setting that provides them.
+_RULE_ROWS = {"calibrated": (CALIBRATION_FIELDS, "evaluation splits with options"),
+              "channel": (CHANNEL_FIELDS, "--data.init_args.channel=true")}  # fmt: skip
 #: The parameter dtypes a model may be built in, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # peft's target modules where its defaults don't fit: GPT-2 keeps its projections in Conv1D.
@@ -86,7 +93,8 @@ class CausalLMLearner(Learner):
         trust_remote_code: let ``pretrained`` run its own model code (``auto_map`` in its config.json);
             off by default, and never asked on stdin.
         scoring: the rule whose choice of option is reported as ``accuracy`` (:data:`SCORING_RULES`); every
-            rule is also reported as ``accuracy_<rule>``.
+            rule is also reported as ``accuracy_<rule>`` (``calibrated`` and ``channel`` where the split carries
+            their rows: :data:`~lightning_meta.data.tasks.CALIBRATION_FIELDS`, ``CHANNEL_FIELDS``).
     """
 
     task_type = "language_modeling"
@@ -106,7 +114,7 @@ class CausalLMLearner(Learner):
         gradient_checkpointing: bool = False,
         dtype: Literal["float32", "bfloat16", "float64"] = "float32",
         trust_remote_code: bool = False,
-        scoring: Literal["sum", "per_token", "per_char"] = "sum",
+        scoring: Literal["sum", "per_token", "per_char", "calibrated", "channel"] = "sum",
     ) -> None:
         if scoring not in SCORING_RULES:
             raise ValueError(
@@ -224,7 +232,10 @@ class CausalLMLearner(Learner):
         ``accuracy_sum`` (the option's summed log-probability of its own tokens, no end token:
         BIG-bench's rank classification, lm-eval's ``acc``), ``accuracy_per_token`` (divided by its token
         count: the sum favours short options), ``accuracy_per_char`` (divided by its length in
-        characters, :data:`CHOICE_CHARACTERS`: lm-eval's ``acc_norm``). ``correct_probability``: the
+        characters, :data:`CHOICE_CHARACTERS`: lm-eval's ``acc_norm``); where the split carries their rows,
+        ``accuracy_calibrated`` (the sum minus the option's summed log-probability after the content-free prompt,
+        :data:`CALIBRATION_FIELDS`: one more prompt) and ``accuracy_channel`` (the summed log-probability of the
+        prompt written after the option, :data:`CHANNEL_FIELDS`). ``correct_probability``: the
         probability mass on the correct options, normalised over the example's options (a softmax of
         the sums): it moves before argmax accuracy does. An example with several correct outputs
         (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them
@@ -248,7 +259,7 @@ class CausalLMLearner(Learner):
                 answer = split[ANSWER]
                 grades = {("correct_" if rule == "probability" else "accuracy_") + rule: grade
                           for rule, grade in grades.items()}  # fmt: skip
-                grades = {"accuracy": grades[f"accuracy_{self.scoring}"]} | grades
+                grades = {"accuracy": grades[f"accuracy_{self.scoring}"]} | grades  # _choices checks it is there
                 for name, grade in grades.items():
                     figures[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
             figures["exact_match"] = exact.float().mean()
@@ -278,15 +289,24 @@ class CausalLMLearner(Learner):
         characters = split.get(CHOICE_CHARACTERS)
         if characters is None:  # a split built without the lengths: per character reads as per token
             characters = (split[CHOICE_LABELS] != IGNORE_INDEX).sum(-1).float()
+        rule_rows = {rule: fields for rule, (fields, _) in _RULE_ROWS.items() if fields[0] in split}
+        if self.scoring in _RULE_ROWS and self.scoring not in rule_rows:
+            fields, source = _RULE_ROWS[self.scoring]
+            raise ValueError(
+                f"scoring={self.scoring!r} needs the split's {fields[0]} rows, which this split lacks: they come with "
+                f"{source} (TextToTextTasksDataModule), or choose another scoring rule."
+            )
         if parallel:
+            others = {rule: tuple(split[name] for name in fields) for rule, fields in rule_rows.items()}
             return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, credit, characters,
-                                      params, parallel)  # fmt: skip
+                                      params, parallel, others)  # fmt: skip
         listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
         # Without any, row 0 runs (its correct row is all false, so are its flags).
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
+        others = {rule: tuple(split[name][rows] for name in fields) for rule, fields in rule_rows.items()}
         grades, writes_correct = self._choice_flags(*(split[name][rows] for name in CHOICE_FIELDS),
                                                     correct_rows[rows], credit[rows], characters[rows],
-                                                    params)  # fmt: skip
+                                                    params, others=others)  # fmt: skip
         # Examples not scored (no correct row) grade 0, as an unscored parallel example does.
         grades = {rule: grade.new_zeros(answer.shape).index_put((rows,), grade) for rule, grade in grades.items()}
         return grades, torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), writes_correct)
@@ -301,15 +321,21 @@ class CausalLMLearner(Learner):
         characters: Tensor,
         params: Mapping[str, Tensor] | None,
         parallel: bool = False,
+        others: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """:meth:`_choices`' grades (and ``probability``) and greedy flags for the examples of ``ids``, ``mask``,
-        ``labels``, ``correct``, ``credit`` and ``characters``."""
+        ``labels``, ``correct``, ``credit`` and ``characters``; ``others``: the rows of the ``calibrated`` and
+        ``channel`` rules, by rule (ids, mask and labels shaped like ``ids``), where the split has them."""
         scores, greedy = self.option_scores(ids, mask, labels, params, parallel=parallel)
         rules = {  # padding options stay -inf under every rule
             "sum": scores,
             "per_token": scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1),
             "per_char": scores / characters.clamp_min(1),
         }
+        for rule, rows in (others or {}).items():
+            other, _ = self.option_scores(*rows, params, parallel=parallel)
+            # calibrated: log p(option | prompt) - log p(option | content-free prompt); channel: log p(prompt | option)
+            rules[rule] = torch.where(scores.isfinite(), scores - other, scores) if rule == "calibrated" else other
         grades = {rule: credit.gather(1, values.argmax(1, keepdim=True))[:, 0] for rule, values in rules.items()}
         # The probability mass on the correct options among the example's options (a softmax of the sums): it moves
         # before the argmax does.

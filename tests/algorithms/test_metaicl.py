@@ -73,6 +73,23 @@ def test_sequence_layout_equals_the_hand_built_one():
     assert dropped.tolist() == [0, 0]
 
 
+def test_demonstration_loss_labels_every_kept_demonstrations_output_in_training_only():
+    demonstrated = [(tokens, targets) for tokens, targets in SUPPORT]
+    expected = hand_built(SUPPORT, QUERY, width=BUILT)
+    expected["labels"] = torch.tensor([[t for _, targets in demonstrated for t in targets] + row[13:].tolist()
+                                       for row in expected["labels"]])  # fmt: skip
+    built, _ = MetaICL().conditioned(learner(), split(SUPPORT), split(QUERY), demonstration_labels=True)
+    assert torch.equal(built["labels"], expected["labels"])
+    # The demonstration a short context drops carries no label; evaluation's query figures are unchanged.
+    built, _ = MetaICL(max_length=14).conditioned(learner(), split(SUPPORT), split(QUERY), demonstration_labels=True)
+    assert built["labels"][0, :5].tolist() == SUPPORT[1][1] and built["labels"][0, 5:8].tolist() == SUPPORT[2][1]
+    model, episode = learner(), Episode(split(SUPPORT), split(QUERY))
+    trained = MetaICL(demonstration_loss=True).meta_loss(model, TaskBatch.stack([episode])).loss
+    torch.testing.assert_close(trained, model.loss(expected)[0])
+    evaluated = MetaICL(demonstration_loss=True).evaluate(model, episode)
+    torch.testing.assert_close(evaluated["loss_post"], MetaICL().evaluate(model, episode)["loss_post"])
+
+
 def test_demonstrations_that_overflow_the_context_are_dropped_from_the_front_never_the_query():
     # Context 14: query 0 (6 tokens) keeps the last two demonstrations (5 + 3 tokens); query 1 (4) keeps the same.
     built, dropped = MetaICL(max_length=14).conditioned(learner(), split(SUPPORT), split(QUERY))
@@ -179,3 +196,75 @@ def test_option_accuracy_is_rank_classification_by_summed_log_probability():
     demo = [t for tokens, _ in SUPPORT for t in tokens]
     ids = conditioned[CHOICE_INPUT_IDS][1, 2]
     assert ids[: len(demo) + 4].tolist() == demo + prompts[1] + [24]
+
+
+def channel_split(direct, channel):
+    """``split(direct)`` with ``channel`` as its channel sequences (output, separator, then input; labels on the
+    input), as ``TextToTextTasksDataModule(channel=True)`` writes them."""
+    from lightning_meta.data.tasks import CHANNEL_SEQUENCE_FIELDS
+
+    rows = split(channel)
+    return split(direct) | dict(zip(CHANNEL_SEQUENCE_FIELDS, (rows[name] for name in rows), strict=True))
+
+
+# Channel sequences of SUPPORT and QUERY: the output (without its end token), separator 9, the prompt and the end token.
+CHANNEL_SUPPORT = [example([21, 9], [11, 12, 13, 2]), example([22, 23, 9], [14, 15, 2]), example([24, 9], [16, 2])]
+CHANNEL_QUERY = [example([41, 9], [31, 32, 33, 34, 2]), example([42, 43, 9], [35, 2])]
+
+
+def test_channel_metaicl_loss_is_the_query_inputs_cross_entropy_after_channel_demonstrations():
+    """Channel MetaICL (Min et al. 2022): demonstrations written output-then-input, the loss on the query's input
+    tokens given its output, against the hand-built sequences' cross-entropy computed here (float64)."""
+    model = learner()
+    episode = Episode(channel_split(SUPPORT, CHANNEL_SUPPORT), channel_split(QUERY, CHANNEL_QUERY))
+    loss = MetaICL(direction="channel").meta_loss(model, TaskBatch.stack([episode])).loss
+    demo = [t for tokens, _ in CHANNEL_SUPPORT for t in tokens]
+    terms = []
+    for tokens, targets in CHANNEL_QUERY:
+        ids = torch.tensor([demo + tokens])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0],
+                                          -1)  # fmt: skip
+        terms += [-log_probs[len(demo) + i - 1, t] for i, t in enumerate(targets) if t != IGNORE_INDEX]
+    torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), rtol=1e-12, atol=1e-12)
+    direct = MetaICL().meta_loss(model, TaskBatch.stack([episode])).loss
+    assert not torch.isclose(loss, direct)  # the direction changes the loss
+    with pytest.raises(ValueError, match=r"needs the channel sequences .* --data.init_args.channel=true"):
+        MetaICL(direction="channel").meta_loss(model, TaskBatch.stack([Episode(split(SUPPORT), split(QUERY))]))
+    with pytest.raises(ValueError, match=r"direction='backwards' is not a direction"):
+        MetaICL(direction="backwards")
+
+
+def test_calibration_rows_get_the_options_demonstrations_and_channel_rows_the_channel_ones():
+    """Under MetaICL the content-free prompt is read after the same demonstrations as the options (those that fit
+    beside the longest option, though a calibration row is shorter); the channel option rows (option, separator,
+    prompt) after the support's channel sequences."""
+    from lightning_meta.data.tasks import CALIBRATION_FIELDS, CHANNEL_FIELDS
+
+    prompt, options, free = [31, 32, 33, 34], [[41], [42, 43]], [31]
+    rows = {
+        CHOICE_INPUT_IDS: split([example(prompt, option) for option in options]),
+        CALIBRATION_FIELDS[0]: split([example(free, option) for option in options]),
+        CHANNEL_FIELDS[0]: split([example(option + [9], prompt) for option in options]),
+    }
+    fields = {CHOICE_INPUT_IDS: (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS),
+              CALIBRATION_FIELDS[0]: CALIBRATION_FIELDS, CHANNEL_FIELDS[0]: CHANNEL_FIELDS}  # fmt: skip
+    query = channel_split(QUERY[:1], CHANNEL_QUERY[:1]) | {ANSWER: torch.tensor([0])}
+    for first, names in fields.items():
+        query |= {name: rows[first][key][None] for name, key in
+                  zip(names, ("input_ids", "attention_mask", "labels"), strict=True)}  # fmt: skip
+    # Context 14: beside the longest option (6 tokens) the last two demonstrations fit (5 + 3); beside a calibration
+    # row alone (3 tokens) all three would.
+    built, _ = MetaICL(max_length=14).conditioned(learner(), channel_split(SUPPORT, CHANNEL_SUPPORT), query)
+    demo = [t for tokens, _ in SUPPORT[1:] for t in tokens]
+    for column, option in enumerate(options):
+        calibration = built[CALIBRATION_FIELDS[0]][0, column][built[CALIBRATION_FIELDS[1]][0, column].bool()]
+        assert calibration.tolist() == demo + free + option
+        labels = built[CALIBRATION_FIELDS[2]][0, column]
+        assert labels[labels != IGNORE_INDEX].tolist() == option
+    # Beside the longest channel row (7 tokens) only the last channel sequence (4 tokens) fits; 6 + 4 + 7 would not.
+    for column, option in enumerate(options):
+        channel = built[CHANNEL_FIELDS[0]][0, column][built[CHANNEL_FIELDS[1]][0, column].bool()]
+        assert channel.tolist() == CHANNEL_SUPPORT[2][0] + option + [9] + prompt
+        labels = built[CHANNEL_FIELDS[2]][0, column]
+        assert labels[labels != IGNORE_INDEX].tolist() == prompt

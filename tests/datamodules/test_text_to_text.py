@@ -496,3 +496,38 @@ def test_a_very_long_input_is_cut_as_before_without_tokenizing_it_whole(tmp_path
     assert module.tasks["t0"].input_ids[1].tolist() == expected
     with pytest.raises(ValueError, match=r"Example 1 of task 't0' is over 64 tokens long \(its input alone\)"):
         datamodule(path, max_length=64)
+
+
+def test_calibration_and_channel_rows_are_written_as_the_rules_define_them(tmp_path):
+    """Evaluation splits: each option after the content-free prompt (the template with an empty input), and with
+    ``channel`` each option, "\\n", then the prompt (labels on the prompt); every split with ``channel``: the output,
+    "\\n", the prompt and the end token (labels on the prompt and end token)."""
+    from lightning_meta.data.tasks import CALIBRATION_FIELDS, CHANNEL_FIELDS, CHANNEL_SEQUENCE_FIELDS
+
+    tokenizer = load_tokenizer(TOKENIZER)
+
+    def text(ids, mask, labels):
+        return tokenizer.decode(ids[mask.bool()].tolist()), tokenizer.decode(labels[labels != IGNORE_INDEX].tolist())
+
+    path = write_tasks(tmp_path)
+    plain = datamodule(path, val_families=["f1"], test_families=["f2"]).eval_batches("val")[0].query
+    assert CALIBRATION_FIELDS[0] in plain and CHANNEL_FIELDS[0] not in plain and CHANNEL_SEQUENCE_FIELDS[0] not in plain
+    module = datamodule(path, val_families=["f1"], test_families=["f2"], channel=True)
+    assert CHANNEL_SEQUENCE_FIELDS[0] in module.train_dataloader().dataset[0].query  # training reads them
+    assert CHANNEL_FIELDS[0] not in module.train_dataloader().dataset[0].query
+    checked = 0
+    for episode in module.eval_batches("val")[0].episodes():
+        task = module.examples[episode.metadata["task"]]
+        query = episode.query
+        for position, row in enumerate(episode.metadata["example_ids"][3:].tolist()):
+            prompt = "Input: " + task["inputs"][row] + "\nOutput:"
+            output = task["outputs"][row][0]
+            sequence = text(*(query[name][position] for name in CHANNEL_SEQUENCE_FIELDS))
+            assert sequence == (f" {output}\n{prompt}<|endoftext|>", f"{prompt}<|endoftext|>")
+            for option, name in enumerate(task["options"][row] or []):
+                calibration = text(*(query[field][position, option] for field in CALIBRATION_FIELDS))
+                assert calibration == (f"Input: \nOutput: {name}", f" {name}")
+                assert text(*(query[field][position, option] for field in CHANNEL_FIELDS)) == (f" {name}\n{prompt}",
+                                                                                              prompt)  # fmt: skip
+                checked += 1
+    assert checked
