@@ -372,8 +372,8 @@ def test_skip_long_examples_leaves_out_what_does_not_fit_and_logs_it(tmp_path, m
     # A task left with fewer examples than an episode needs is left out too.
     module = datamodule(path, truncate_inputs=True, skip_long_examples=True, shots=8, queries=3)
     assert "t1" not in module.tasks and "t0" in module.tasks
-    assert "left out 1 tasks with fewer than shots + queries = 11 examples that fit max_length=40: ['t1']" in "\n".join(
-        logged
+    assert "left out 1 of 5 tasks with fewer than shots + queries = 11 examples that fit max_length=40: t1 (10)." in (
+        "\n".join(logged)
     )
 
 
