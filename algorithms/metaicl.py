@@ -12,7 +12,6 @@ from lightning_meta.data.tasks import (
     ANSWER,
     CALIBRATION_FIELDS,
     CHANNEL_FIELDS,
-    CHANNEL_SEQUENCE_FIELDS,
     CHOICE_CHARACTERS,
     CHOICE_FIELDS,
     CORRECT,
@@ -21,6 +20,7 @@ from lightning_meta.data.tasks import (
     Episode,
     Split,
     TaskBatch,
+    channel_sequences,
     padded_length,
     padding_fraction,
 )
@@ -151,14 +151,7 @@ class MetaICL(MetaAlgorithm):
     def loss_rows(self, split: Split) -> dict[str, Tensor]:
         """``split`` with the sequences that carry the loss as its ``input_ids``, ``attention_mask`` and ``labels``:
         its own (``direct``), or its channel sequences (``channel``: output, then input, the loss on the input)."""
-        if self.direction == "direct":
-            return dict(split)
-        if CHANNEL_SEQUENCE_FIELDS[0] not in split:
-            raise ValueError(
-                "MetaICL(direction='channel') needs the channel sequences that TextToTextTasksDataModule writes "
-                "with channel=true: set --data.init_args.channel=true."
-            )
-        return _channel_sequences(split)
+        return dict(split) if self.direction == "direct" else channel_sequences(split, "MetaICL(direction='channel')")
 
     def conditioned(
         self,
@@ -208,7 +201,8 @@ class MetaICL(MetaAlgorithm):
             if CALIBRATION_FIELDS[0] in query:
                 built |= _option_rows(support, query, CALIBRATION_FIELDS, CHOICE_FIELDS, context)
             if CHANNEL_FIELDS[0] in query:
-                built |= _option_rows(_channel_sequences(support), query, CHANNEL_FIELDS, CHANNEL_FIELDS, context)
+                channel_support = channel_sequences(support, "Scoring the channel rows in context")
+                built |= _option_rows(channel_support, query, CHANNEL_FIELDS, CHANNEL_FIELDS, context)
         return built, dropped
 
     def task_loss(
@@ -242,12 +236,6 @@ class MetaICL(MetaAlgorithm):
         query, _ = self.conditioned(learner, episode.support, episode.query, options=False)
         with torch.no_grad():
             return learner.predict(query)
-
-
-def _channel_sequences(split: Split) -> dict[str, Tensor]:
-    """``split`` with its channel sequences as its ``input_ids``, ``attention_mask`` and ``labels``."""
-    fields = zip(("input_ids", "attention_mask", "labels"), CHANNEL_SEQUENCE_FIELDS, strict=True)
-    return dict(split) | {name: split[field] for name, field in fields}
 
 
 def _option_rows(

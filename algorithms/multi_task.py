@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from lightning_meta.data.tasks import Episode, Split, joined
-from lightning_meta.learners.base import Learner
+from lightning_meta.data.tasks import Episode, Split, channel_sequences, joined
+from lightning_meta.learners.base import FastWeights, Learner
 from lightning_meta.training.inner_loop import InnerLoopAlgorithm
 
 
@@ -32,6 +35,10 @@ class MultiTask(InnerLoopAlgorithm):
         inner_steps: default number of adaptation steps; used only to adapt, never in training.
         eval_inner_steps: steps used to adapt at validation/test time (default: ``inner_steps``).
         eval_inner_lr: step size used to adapt at validation/test time (default: ``inner_lr``).
+        direction: ``"channel"``: train (and adapt) on each example's channel sequence, its output then its
+            input with the loss on the input (Channel Multi-task, Min et al. 2022;
+            ``TextToTextTasksDataModule(channel=True)``); ``"direct"`` (default): on the example as written.
+            Evaluation reports every scoring rule either way.
 
     Example::
 
@@ -47,19 +54,35 @@ class MultiTask(InnerLoopAlgorithm):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         eval_inner_lr: float | None = None,
+        direction: Literal["direct", "channel"] = "direct",
     ) -> None:
         super().__init__(inner_lr, inner_steps, eval_inner_steps, eval_inner_lr)
+        if direction not in ("direct", "channel"):
+            raise ValueError(
+                f"MultiTask direction={direction!r} is not a direction: use 'direct' or 'channel' "
+                "(--model.algorithm.init_args.direction)."
+            )
+        self.direction = direction
+
+    def _rows(self, split: Split) -> Split:
+        """The sequences that carry the loss: ``split``'s own, or its channel sequences."""
+        return split if self.direction == "direct" else channel_sequences(split, "MultiTask(direction='channel')")
+
+    def adapt_steps(
+        self, learner: Learner, support: Split, steps: int | None = None, *, parallel: bool = False
+    ) -> Iterator[FastWeights]:
+        return super().adapt_steps(learner, self._rows(support), steps, parallel=parallel)
 
     def task_loss(
         self, learner: Learner, episode: Episode, *, parallel: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = joint_loss(learner, episode.support, episode.query)
+        loss = joint_loss(learner, self._rows(episode.support), self._rows(episode.query))
         if not self.report_query:
             return loss, {}
         # A second, gradient-free forward on the query alone: the logged figures stay comparable with
         # the other algorithms' query_* (the joint loss mixes in the support).
         with torch.no_grad():
-            _, metrics = learner.loss(episode.query)
+            _, metrics = learner.loss(self._rows(episode.query))
         return loss, {f"query_{name}": value for name, value in metrics.items()}
 
 

@@ -198,7 +198,7 @@ EXTRA = {
             *(["--model.algorithm.init_args.eval_inner_steps=1"]  # not 5 adaptation steps of 135M parameters
               if (method, model) == ("fomaml_lora", "smollm2") else []),  # fmt: skip
         ]
-        for method, model in [(m, "tiny") for m in ("metaicl", "fomaml_lora", "multitask")]
+        for method, model in [(m, "tiny") for m in ("metaicl", "channel_metaicl", "fomaml_lora", "multitask")]
         + [(m, "smollm2") for m in ("metaicl", "fomaml_lora")]
     },
 }

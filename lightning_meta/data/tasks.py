@@ -64,6 +64,19 @@ MASK_FIELDS = tuple(TOKEN_FIELDS)
 PAD_TO_MULTIPLE_OF = 8
 
 
+def channel_sequences(split: Mapping[str, Tensor], who: str) -> dict[str, Tensor]:
+    """``split`` with its channel sequences (:data:`CHANNEL_SEQUENCE_FIELDS`) as its ``input_ids``,
+    ``attention_mask`` and ``labels``: what ``who`` (an algorithm with ``direction="channel"``) trains on; an
+    error naming the datamodule's flag when the split has none."""
+    if CHANNEL_SEQUENCE_FIELDS[0] not in split:
+        raise ValueError(
+            f"{who} needs the channel sequences that TextToTextTasksDataModule writes with channel=true: set "
+            "--data.init_args.channel=true."
+        )
+    fields = zip(("input_ids", "attention_mask", "labels"), CHANNEL_SEQUENCE_FIELDS, strict=True)
+    return dict(split) | {name: split[field] for name, field in fields}
+
+
 def padded_length(longest: int, limit: int | None = None) -> int:
     """``longest`` rounded up to a multiple of :data:`PAD_TO_MULTIPLE_OF` (at least one), at most ``limit``."""
     length = -(-max(longest, 1) // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF

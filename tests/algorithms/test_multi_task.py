@@ -128,3 +128,38 @@ def test_adapts_with_sgd_steps_like_maml_and_is_found_by_name(mlp_learner):
 def test_bad_options_name_the_value():
     with pytest.raises(ValueError, match="inner_steps must be an integer >= 1, got 0"):
         MultiTask(inner_steps=0)
+
+
+def test_channel_multitask_trains_and_adapts_on_the_channel_sequences():
+    """``MultiTask(direction="channel")``: the joint loss over the channel sequences (output, then input, the loss on
+    the input), and evaluation adapts on the support's channel sequences; without them, one line naming the flag."""
+    from lightning_meta.data.tasks import CHANNEL_SEQUENCE_FIELDS, Episode
+
+    torch.manual_seed(0)
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, "resid_pdrop": 0.0,
+              "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    model = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", dtype="float64")
+
+    def rows(tokens: list[list[int]], starts: list[int]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([row + [0] * (8 - len(row)) for row in tokens])
+        mask = torch.tensor([[1] * len(row) + [0] * (8 - len(row)) for row in tokens])
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        labels[torch.arange(8)[None] < torch.tensor(starts)[:, None]] = IGNORE_INDEX
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    direct = [rows([[11, 12, 21, 2], [13, 22, 23, 2]], [2, 1]), rows([[14, 15, 16, 24, 2]], [3])]
+    channel = [rows([[21, 9, 11, 12, 2], [22, 23, 9, 13, 2]], [2, 3]), rows([[24, 9, 14, 15, 16, 2]], [2])]
+    support, query = (split | {name: rows_[key] for name, key in
+                               zip(CHANNEL_SEQUENCE_FIELDS, ("input_ids", "attention_mask", "labels"), strict=True)}
+                      for split, rows_ in zip(direct, channel, strict=True))  # fmt: skip
+    episode = Episode(support, query)
+    loss = MultiTask(direction="channel").meta_loss(model, TaskBatch.stack([episode])).loss
+    torch.testing.assert_close(loss, joint_loss(model, *channel), rtol=1e-12, atol=1e-12)
+    assert not torch.isclose(loss, MultiTask().meta_loss(model, TaskBatch.stack([episode])).loss)
+    adapted = list(MultiTask(direction="channel", inner_lr=0.5).adapt_steps(model, support, 1))[0]
+    expected = list(MultiTask(inner_lr=0.5).adapt_steps(model, channel[0], 1))[0]
+    for name, weight in adapted.items():
+        torch.testing.assert_close(weight, expected[name])
+    with pytest.raises(ValueError, match=r"MultiTask\(direction='channel'\) needs the channel sequences .* "
+                                         r"--data.init_args.channel=true"):  # fmt: skip
+        MultiTask(direction="channel").meta_loss(model, TaskBatch.stack([Episode(*direct)]))
