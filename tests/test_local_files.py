@@ -293,3 +293,20 @@ def test_the_partial_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path)
     finally:
         alive.kill()
         alive.wait(10)
+
+
+def test_a_killed_folder_write_leaves_staging_that_the_next_write_removes_but_an_only_copy_stays(tmp_path):
+    from lightning_meta.data import local_files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = local_files._owner_tag().split("-")[1]
+    staging = tmp_path / f".export.partial-{dead.stdout.strip()}-{host}-abc123"  # killed while writing
+    retired = tmp_path / f".model.old-{dead.stdout.strip()}-{host}-def456"  # killed between the two renames
+    for folder in (staging, retired):
+        folder.mkdir()
+        (folder / "weights").write_text("x")
+    local_files.write_folder_atomically(tmp_path / "export", lambda new: (new / "a").write_text("a"))
+    assert not staging.exists() and retired.exists()  # the earlier model's only copy: kept
+    local_files.write_folder_atomically(tmp_path / "model", lambda new: (new / "a").write_text("a"))
+    local_files.write_folder_atomically(tmp_path / "other", lambda new: (new / "a").write_text("a"))
+    assert not retired.exists()  # a new model has taken its name: the old copy is stale now

@@ -225,7 +225,7 @@ def disk_full_error(path: Path, what: str, kept: bool, remedy: str = "") -> OSEr
 
 #: A staging name: ``.NAME.partial-PID-HOST`` (files) or ``.NAME.partial-PID-HOST-RANDOM`` (folders), and
 #: ``.NAME.old-PID-HOST-RANDOM`` for a folder being replaced. PID and HOST say whose it is.
-_PARTIAL = re.compile(r"\..+\.(?:partial|old)-(\d+)-([0-9a-f]{8})(?:-[^/]*)?")
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})(?:-[^/]*)?")
 
 
 def _owner_tag() -> str:
@@ -240,7 +240,8 @@ def _partial_prefix(path: Path) -> str:
 
 def remove_stale_partials(folder: Path) -> list[Path]:
     """Remove the staging files and folders in ``folder`` that a process of this host left when it was killed
-    (SIGKILL, a crash, a power cut) while writing; those of live processes and of other hosts stay. Returns the
+    (SIGKILL, a crash, a power cut) while writing; those of live processes and of other hosts stay, and so does
+    a folder being replaced (``.old-``) while nothing has taken its name: it is then the only copy. Returns the
     paths removed."""
     host = _owner_tag().split("-")[1]
     removed = []
@@ -250,7 +251,9 @@ def remove_stale_partials(folder: Path) -> list[Path]:
         return removed
     for name in names:
         match = _PARTIAL.fullmatch(name)
-        if match is None or match.group(2) != host or _process_alive(int(match.group(1))):
+        if match is None or match["host"] != host or _process_alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not (folder / match["name"]).exists():
             continue
         path = folder / name
         if path.is_dir() and not path.is_symlink():
