@@ -36,6 +36,8 @@ DEFAULT_CONFIG = "quickstart.yaml"
 _RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: Subcommands that ``main`` runs before LightningCLI's parser (which knows only the run subcommands).
 _HANDOFF_SUBCOMMANDS = ("export", "pretrain")
+#: Runs lm-evaluation-harness's own command line with this package's model (``lightning-meta lm-eval --help``).
+_LM_EVAL_SUBCOMMAND = "lm-eval"
 #: Set to 1 to see the full traceback of the errors this command otherwise prints as one message.
 TRACEBACK_VARIABLE = "LIGHTNING_META_TRACEBACK"
 #: torch threads of a run unless OMP_NUM_THREADS or MKL_NUM_THREADS is set. torch's own default, a
@@ -100,9 +102,9 @@ class MetaArgumentParser(LightningArgumentParser):
         given = _compat.unknown_subcommand(message) if self.exit_on_error else None
         if given is not None:  # the parser lists only the run subcommands
             problem = f"{given!r} is not a subcommand" if given else "no subcommand given"
+            subcommands = ", ".join((*_RUN_SUBCOMMANDS, *_HANDOFF_SUBCOMMANDS, _LM_EVAL_SUBCOMMAND))
             sys.stderr.write(
-                f"lightning-meta: error: {problem}; the subcommands are "
-                f"{', '.join((*_RUN_SUBCOMMANDS, *_HANDOFF_SUBCOMMANDS))} (lightning-meta --help).\n"
+                f"lightning-meta: error: {problem}; the subcommands are {subcommands} (lightning-meta --help).\n"
             )
             self.exit(2)
         if _is_unknown_algorithm(message):
@@ -510,7 +512,7 @@ def main(args: list[str] | None = None) -> None:
     if given and given[0] in _HANDOFF_SUBCOMMANDS:
         _run_handled(lambda: _handoff(given[0], given[1:]))
         return
-    if given[:1] == ["lm-eval"]:
+    if given[:1] == [_LM_EVAL_SUBCOMMAND]:
         _run_handled(lambda: _lm_eval(given[1:]))
         return
     if args is None:

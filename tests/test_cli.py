@@ -353,7 +353,7 @@ def test_a_mistyped_or_missing_subcommand_lists_every_subcommand(args, capsys):
     error = capsys.readouterr().err.strip()
     problem = "'fitt' is not a subcommand" if args else "no subcommand given"
     assert error == (f"lightning-meta: error: {problem}; the subcommands are fit, validate, test, predict, export, "
-                     "pretrain (lightning-meta --help).")  # fmt: skip
+                     "pretrain, lm-eval (lightning-meta --help).")  # fmt: skip
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
