@@ -13,13 +13,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Hashable, Sequence
-from typing import NamedTuple
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+
+from lightning_meta.data.tasks import CEILING, CHANCE
 
 Z_95 = 1.96
 
@@ -235,3 +237,19 @@ class EpisodeStatistics(Metric):
         distinct = int(tasks.unique().numel())
         groups = tasks if distinct > 1 else None
         return EpisodeSummary(*mean_and_ci95(values, groups=groups), values.numel(), distinct)
+
+
+def control_figures(figures: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Per episode of control tasks (metadata with a ``ceiling``): ``ceiling``, ``chance`` and, beside each
+    ``accuracy_*`` figure, its ``control_gap_*`` = (accuracy - chance) / (ceiling - chance): 0 at chance, 1 at
+    the best any reader of the support can do. ``{}`` for episodes without a ceiling."""
+    if CEILING not in metadata:
+        return {}
+    ceiling, chance = (torch.as_tensor(metadata[name], dtype=torch.float64) for name in (CEILING, CHANCE))
+    gaps = {
+        "control_gap" + name.removeprefix("accuracy"): (values - chance.to(values)) / (ceiling - chance).to(values)
+        for name, values in figures.items()
+        # accuracy itself (the primary rule), not each rule's accuracy_<rule>_* beside it
+        if name == "accuracy_pre" or name == "accuracy_post" or name.startswith("accuracy_step")
+    }
+    return {"ceiling": ceiling, "chance": chance} | gaps

@@ -37,7 +37,7 @@ from lightning_meta.training.checkpoints import (
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.inner_loop import check_step_count
 from lightning_meta.training.meta_batch import MetaBatch, check_mode, evaluate_episodes
-from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, task_ids
+from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, control_figures, task_ids
 from lightning_meta.training.plots import curve_points
 
 _EVAL_STAGES = ("val", "test")
@@ -182,6 +182,12 @@ class MetaLearningModule(LightningModule):
                 for name in learner.metric_names
                 for step in self._curve_steps
             }
+            | {  # control tasks' figures (metrics.control_figures), counted only where episodes carry a ceiling
+                f"{stage}_{name}": EpisodeStatistics()
+                for stage in _EVAL_STAGES
+                for name in ("ceiling", "chance", "control_gap_pre", "control_gap_post",
+                             *(f"control_gap_step{step}" for step in self._curve_steps))
+            }  # fmt: skip
         )
 
     def _save_hyperparameters(self, algorithm: MetaAlgorithm) -> None:
@@ -359,6 +365,7 @@ class MetaLearningModule(LightningModule):
                 figures = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
         if batch.metadata.get(PADDING_KEY):
             return  # evaluated only to join the other ranks' collectives (FSDP); its figures are not counted
+        figures |= control_figures(figures, batch.metadata)
         if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
             raise FloatingPointError(self._describe_bad_evaluation(figures, stage))
         tasks = task_ids(batch.metadata[TASK_KEY]) if TASK_KEY in batch.metadata else None
