@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,6 +25,17 @@ from lightning_meta import MLP, ClassificationLearner, RegressionLearner, TaskBa
 torch.set_num_threads(1)
 # Tokenizers the tests train go to a fresh cache (inherited by CLI subprocesses): hermetic runs.
 os.environ.setdefault("LIGHTNING_META_CACHE", tempfile.mkdtemp(prefix="lightning-meta-cache-"))
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>/run.py`` as a module (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_run", BENCHMARKS / name / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def regression_batch(

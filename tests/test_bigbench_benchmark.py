@@ -3,7 +3,6 @@ tiny random GPT-2): every arm writes its result files, and a rerun skips the fin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 import torch
 
 from lightning_meta.training.metrics import mean_and_ci95
+
+from conftest import load_benchmark
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "bigbench" / "run.py"
 ARMS = ["base-seed0", "multitask-seed0", "metaicl-seed0", "fomaml_lora-seed0"]
@@ -68,18 +69,10 @@ def test_smoke_run_writes_every_arm_and_a_rerun_skips_them(tmp_path):
     assert json.loads(evaluation.read_text())["complete"]
 
 
-def _load_run():
-    spec = importlib.util.spec_from_file_location("bigbench_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
     """Made-up results (2 tasks x 2 episodes; base with one seed, MultiTask with two): every cell's CI is
     over the task means with the seed variance, and an unseeded arm is paired with each seed of the other."""
-    run = _load_run()
+    run = load_benchmark("bigbench")
     accuracy = {"base": {0: [0.5, 0.6, 0.1, 0.3]}, "multitask": {0: [0.4, 0.5, 0.2, 0.2], 1: [0.3, 0.5, 0.0, 0.2]}}
     for method, seeds in accuracy.items():
         for seed, values in seeds.items():

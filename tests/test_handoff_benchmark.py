@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load_run():
-    spec = importlib.util.spec_from_file_location("handoff_run", BENCHMARKS / "handoff" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_report_has_domains_and_seeds_as_the_units(tmp_path, capsys):
-    run = _load_run()
+    run = load_benchmark("handoff")
     import common
 
     tasks = ["email", "email", "html", "html", "html", "tomllib"]

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load_run():
-    spec = importlib.util.spec_from_file_location("lm_adaptation_run", BENCHMARKS / "lm_adaptation" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_tables_and_plot_have_the_domains_as_the_units(tmp_path):
-    run = _load_run()
+    run = load_benchmark("lm_adaptation")
     import common
 
     domains = ["email", "email", "email", "html", "html", "tomllib"]

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load_run():
-    spec = importlib.util.spec_from_file_location("task_gym_run", BENCHMARKS / "task_gym" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
-    run = _load_run()
+    run = load_benchmark("task_gym")
     import common
 
     tasks = ["rule/1", "rule/1", "title/2", "title/3"]
