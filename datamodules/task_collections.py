@@ -7,7 +7,8 @@ Both become the text-to-text datamodule's table rows, one per example: ``task``,
 into a table cached under :func:`~lightning_meta.data.local_files.cache_dir` (``task_collections/``), so
 a second run starts in seconds. Nothing is downloaded.
 
-**BIG-bench** (``pip download --no-deps bigbench==1.0.0`` gives the source archive): the
+**BIG-bench** (a source tarball of the google/BIG-bench repository, or the ``bigbench`` 1.0.0 source
+archive the package index once served): the
 ``dataset`` is the ``.tar.gz`` itself (read as a stream, never extracted), the extracted source
 folder, or any folder laid out like ``bigbench/benchmark_tasks`` (``NAME/task.json``, and
 ``NAME/SUBTASK/task.json`` for a task with subtasks, named ``NAME:SUBTASK``; as in BIG-bench, only a
@@ -579,7 +580,7 @@ def _archive_members(archive: Path) -> Iterator[tuple[tuple[str, ...], Callable[
         raise ValueError(
             f"{archive} holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive"
             + (natural_instructions if holds_ni_files else "")
-            + ". Give bigbench-1.0.0.tar.gz (pip download --no-deps bigbench==1.0.0) or a folder of task folders."
+            + ". Give a BIG-bench source archive (a google/BIG-bench source tarball) or a folder of task folders."
         )
 
 
@@ -611,7 +612,7 @@ def _missing_target(target: str) -> bytes:
 def _unreadable_archive(archive: Path, error: BaseException) -> ValueError:
     return ValueError(
         f"Cannot read {archive} as a .tar.gz archive ({error}; a download cut short?). Download it again "
-        "(pip download --no-deps bigbench==1.0.0), or give the extracted folder."
+        "(a google/BIG-bench source tarball), or give the extracted folder."
     )
 
 
