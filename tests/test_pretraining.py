@@ -318,6 +318,19 @@ def test_model_folders_transformers_cannot_load_get_one_line_errors(tmp_path, mo
     assert not (tmp_path / "code-ran").exists()
 
 
+def test_a_learner_model_folder_with_its_own_code_names_the_fit_option(tmp_path, monkeypatch):
+    import io
+
+    from lightning_meta.learners import CausalLMLearner
+
+    folder, _ = bad_model_folders(tmp_path)["custom"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 5))
+    # fit reads the learner's option under model.learner.init_args, not pretrain's model.trust_remote_code.
+    with pytest.raises(ValueError, match=r"fit: --model\.learner\.init_args\.trust_remote_code=true; pretrain: "):
+        CausalLMLearner(pretrained=str(folder))
+    assert not (tmp_path / "code-ran").exists()
+
+
 def test_one_tokenizer_under_two_names_names_the_fix(tmp_path, capsys):
     from lightning_meta import cli
     from lightning_meta.data.tokenization import load_tokenizer

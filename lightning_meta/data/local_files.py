@@ -288,7 +288,8 @@ def load_pretrained(loader: Any, folder: Path, trust_remote_code: bool = False, 
         if "trust_remote_code" in text:
             problem = (
                 "holds its own model code (auto_map in config.json), which is never run unless asked. If you trust "
-                "that code, set trust_remote_code: true for this model (--model.trust_remote_code=true)"
+                "that code, set trust_remote_code: true for this model (fit: "
+                "--model.learner.init_args.trust_remote_code=true; pretrain: --model.trust_remote_code=true)"
             )
         elif "not a valid JSON file" in text:
             problem = "has a config.json that is not valid JSON (damaged or cut short). Re-export or re-save the model"
