@@ -141,8 +141,9 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             first, then its prompt and the end token, the loss on the prompt (every split; what
             ``MetaICL(direction="channel")`` trains on), and in evaluation episodes each option followed by
             the prompt, scored on the prompt's tokens (``accuracy_channel``: log p(input | option)).
-            Evaluation episodes always carry each option after the content-free prompt (the template with an
-            empty input) for ``accuracy_calibrated``.
+        calibration: evaluation episodes carry each option after the content-free prompt (the template with an
+            empty input), for ``accuracy_calibrated`` (``CausalLMLearner(scoring="calibrated")``). Scoring them is
+            one more prompt and every option again per example; ``false`` leaves them out, and that figure with them.
         gym_families: the gym's families to load (default: every family available here).
         val_tasks: validation tasks by name (overrides ``val_families``); a task with subtasks stands
             for all of them (BIG-bench's ``NAME`` for ``NAME:SUBTASK``); or a preset's name:
@@ -193,6 +194,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         template: str = "Input: {input}\nOutput:",
         template_column: str = "template",
         channel: bool = False,
+        calibration: bool = True,
         gym_families: list[str] | None = None,
         val_tasks: list[str] | str | None = None,
         test_tasks: list[str] | str | None = None,
@@ -237,6 +239,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.template = template
         self.template_column = template_column
         self.channel = channel
+        self.calibration = calibration
         self.gym_families = gym_families
         self.val_tasks = val_tasks
         self.test_tasks = test_tasks
@@ -273,7 +276,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     @functools.cached_property
     def _control_encoder(self) -> _Encoder:
         return _Encoder(load_tokenizer(self.tokenizer), self.max_length, self.truncate_inputs, memo=True,
-                        channel=self.channel)  # fmt: skip
+                        channel=self.channel, calibration=self.calibration)  # fmt: skip
 
     @functools.cached_property
     def examples(self) -> dict[str, dict[str, Any]]:
@@ -301,10 +304,11 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         if self.dataset is None:
             families = tuple(self.gym_families) if self.gym_families is not None else None
             tasks = _tokenized_gym(self.tokenizer, families, self.max_length, self.truncate_inputs,
-                                   self.max_examples_per_task, self.skip_long_examples, self.channel)  # fmt: skip
+                                   self.max_examples_per_task, self.skip_long_examples, self.channel,
+                                   self.calibration)  # fmt: skip
         else:
             tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs,
-                              self.skip_long_examples, self.channel)  # fmt: skip
+                              self.skip_long_examples, self.channel, self.calibration)  # fmt: skip
         needed = self._examples_needed
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
         # A few names, smallest first: a user's table can have thousands of such tasks.
@@ -517,7 +521,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         else:
             chosen = torch.randperm(len(task), generator=generator)[:needed]
         support, query = (
-            _rows(task, rows, options, self.channel) for rows in (chosen[: self.shots], chosen[self.shots :])
+            _rows(task, rows, options, self.channel, self.calibration)
+            for rows in (chosen[: self.shots], chosen[self.shots :])
         )
         metadata = {"task": task.name, "family": task.family or "", "example_ids": chosen}
         if task.ceiling is not None:
@@ -649,9 +654,10 @@ def _tokenized_gym(
     limit: int | None,
     skip_long_examples: bool,
     channel: bool = False,
+    calibration: bool = True,
 ) -> dict[str, TextTask]:
     examples = _gym_examples(list(families) if families is not None else None, limit)
-    return _tokenize(examples, tokenizer, max_length, truncate_inputs, skip_long_examples, channel)
+    return _tokenize(examples, tokenizer, max_length, truncate_inputs, skip_long_examples, channel, calibration)
 
 
 def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, dict[str, Any]]:
@@ -676,13 +682,16 @@ def _tokenize(
     truncate_inputs: bool,
     skip_long_examples: bool = False,
     channel: bool = False,
+    calibration: bool = True,
 ) -> dict[str, TextTask]:
     """Every task's examples as tensors; with ``skip_long_examples`` those that do not fit are left out
-    (a task none of whose examples fits, too), with one log line; with ``channel`` also channel-style."""
+    (a task none of whose examples fits, too), with one log line; with ``channel`` also channel-style; with
+    ``calibration`` the options after the content-free prompt."""
     tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"Tokenizer {tokenizer_name!r} has no end-of-text token to end each output with.")
-    encoder = _Encoder(tokenizer, max_length, truncate_inputs, skip_long_examples, channel=channel)
+    encoder = _Encoder(tokenizer, max_length, truncate_inputs, skip_long_examples, channel=channel,
+                       calibration=calibration)
     tasks = {name: encoder.encode(name, task) for name, task in examples.items()}
     if encoder.skipped:
         rank_zero_info(
@@ -754,9 +763,11 @@ class _Encoder:
         skip_long: bool = False,
         memo: bool = False,
         channel: bool = False,
+        calibration: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.channel = channel
+        self.calibration = calibration
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
         self.skip_long = skip_long
@@ -848,19 +859,22 @@ class _Encoder:
             result.characters = torch.tensor(
                 [[float(len(text)) for text in rows] + [0.0] * (width - len(rows)) for rows in choices]
             )
-            # The content-free prompt: the example's template with an empty input (Holtzman et al.'s domain premise
-            # "Answer:" is the template's text around the input); its end is kept where an option leaves no room.
-            templates = list(dict.fromkeys(task["templates"]))
-            free = dict(zip(templates, self.ids(["".join(template_parts(text)) for text in templates]), strict=True))
-            free_rows = [
-                (free[template], ids) for template, rows in zip(task["templates"], choice_ids, strict=True)
-                for ids in rows + [[]] * (width - len(rows))
-            ]  # fmt: skip
-            result.calibration = torch.stack(self._rows(
-                [prompt[max(0, len(prompt) + len(ids) - self.max_length) :] if ids else []
-                 for prompt, ids in free_rows],
-                [ids for _, ids in free_rows],
-            ), 1).view(len(prompt_ids), width, 3, self.max_length).transpose(1, 2)  # fmt: skip
+            if self.calibration:
+                # The content-free prompt: the example's template with an empty input (Holtzman et al.'s domain
+                # premise "Answer:" is the template's text around the input); its end is kept where an option leaves
+                # no room.
+                templates = list(dict.fromkeys(task["templates"]))
+                free = dict(zip(templates, self.ids(["".join(template_parts(text)) for text in templates]),
+                                strict=True))  # fmt: skip
+                free_rows = [
+                    (free[template], ids) for template, rows in zip(task["templates"], choice_ids, strict=True)
+                    for ids in rows + [[]] * (width - len(rows))
+                ]  # fmt: skip
+                result.calibration = torch.stack(self._rows(
+                    [prompt[max(0, len(prompt) + len(ids) - self.max_length) :] if ids else []
+                     for prompt, ids in free_rows],
+                    [ids for _, ids in free_rows],
+                ), 1).view(len(prompt_ids), width, 3, self.max_length).transpose(1, 2)  # fmt: skip
             if self.channel:  # each option (without an end token), the separator, then the prompt (labelled)
                 result.channel = torch.stack(self._rows(
                     [(ids[:-1] if ids[-1] == eos[0] else ids) + separator if ids else [] for _, ids in pairs],
@@ -935,12 +949,14 @@ class _Encoder:
                      for rows in (ids, mask, labels))  # fmt: skip
 
 
-def _rows(task: TextTask, rows: Tensor, options: int, channel: bool = False) -> dict[str, Tensor]:
+def _rows(
+    task: TextTask, rows: Tensor, options: int, channel: bool = False, calibration: bool = True
+) -> dict[str, Tensor]:
     """The split of ``rows``; with ``options`` > 0 its choice rows padded to ``options`` (padding rows have no
     labels; a task without options gets none listed), so that episodes of a split's tasks stack. Padded here,
     per episode: tasks keep their own option count (a few tasks with a hundred options would otherwise
-    multiply every task's memory). The calibration rows come with the choice rows, and with ``channel`` the
-    channel option rows too; the channel sequences come in every split."""
+    multiply every task's memory). With ``calibration`` the calibration rows come with the choice rows, and with
+    ``channel`` the channel option rows too; the channel sequences come in every split."""
     split = {
         "input_ids": task.input_ids[rows],
         "attention_mask": task.attention_mask[rows],
@@ -950,7 +966,11 @@ def _rows(task: TextTask, rows: Tensor, options: int, channel: bool = False) -> 
         split |= dict(zip(CHANNEL_SEQUENCE_FIELDS, task.channel_sequence[rows].unbind(1), strict=True))
     if not options:
         return split
-    groups = (CALIBRATION_FIELDS, *([CHANNEL_FIELDS] if channel else []))
+    groups: dict[tuple[str, str, str], Tensor | None] = {}
+    if calibration:
+        groups[CALIBRATION_FIELDS] = task.calibration
+    if channel:
+        groups[CHANNEL_FIELDS] = task.channel
     if task.answer is None:
         ids = torch.zeros((len(rows), options, task.input_ids.shape[1]), dtype=torch.long)
         for fields in groups:
@@ -966,7 +986,7 @@ def _rows(task: TextTask, rows: Tensor, options: int, channel: bool = False) -> 
         }
     padding = options - task.choice_input_ids.shape[1]
     pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
-    for fields, stacked in zip(groups, (task.calibration, task.channel), strict=False):
+    for fields, stacked in groups.items():
         values = (0, 0, IGNORE_INDEX)
         split |= {name: pad(tensor, value=value) for name, tensor, value in zip(fields, stacked[rows].unbind(1), values,
                                                                                 strict=True)}  # fmt: skip

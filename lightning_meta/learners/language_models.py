@@ -45,8 +45,10 @@ from lightning_meta.learners.base import DataCheck, Learner
 #: 2021) and channel (log p(input | option), the option written first: the noisy channel, Min et al. 2022).
 SCORING_RULES = ("sum", "per_token", "per_char", "calibrated", "channel")
 #: The split fields each rule needs beside the choice rows, and the datamodule setting that provides them.
-_RULE_ROWS = {"calibrated": (CALIBRATION_FIELDS, "evaluation splits with options"),
-              "channel": (CHANNEL_FIELDS, "--data.init_args.channel=true")}  # fmt: skip
+_RULE_ROWS = {
+    "calibrated": (CALIBRATION_FIELDS, "evaluation splits with options and --data.init_args.calibration=true"),
+    "channel": (CHANNEL_FIELDS, "--data.init_args.channel=true"),
+}
 #: The parameter dtypes a model may be built in, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # peft's target modules where its defaults don't fit: GPT-2 keeps its projections in Conv1D.

@@ -531,3 +531,28 @@ def test_calibration_and_channel_rows_are_written_as_the_rules_define_them(tmp_p
                                                                                               prompt)  # fmt: skip
                 checked += 1
     assert checked
+
+
+def test_calibration_false_leaves_out_the_calibration_rows_and_their_figure(tmp_path):
+    """Runs that do not ask for ``calibrated`` need not pay for its rows (one more prompt and every option again per
+    example): ``calibration=False`` writes none, so evaluation reports every figure but ``accuracy_calibrated``."""
+    from lightning_meta import CausalLMLearner
+    from lightning_meta.data.tasks import CALIBRATION_FIELDS
+
+    path = write_tasks(tmp_path)
+    splits = {"val_families": ["f1"], "test_families": ["f2"]}
+    with_rows = datamodule(path, **splits).eval_batches("val")[0].query
+    without = datamodule(path, calibration=False, **splits).eval_batches("val")[0].query
+    assert CALIBRATION_FIELDS[0] in with_rows and not set(CALIBRATION_FIELDS) & set(without)
+    assert set(with_rows) - set(without) == set(CALIBRATION_FIELDS)
+    for name in without:
+        assert torch.equal(with_rows[name], without[name]), name  # everything else is as before
+    torch.manual_seed(0)
+    model = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
+                            tokenizer=TOKENIZER).eval()  # fmt: skip
+    episode = next(datamodule(path, calibration=False, **splits).eval_batches("val")[0].episodes())
+    figures = model.evaluation_metrics(episode.query)
+    assert "accuracy_calibrated" not in figures and "accuracy_per_char" in figures
+    with pytest.raises(ValueError, match=r"--data.init_args.calibration=true"):
+        CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
+                        tokenizer=TOKENIZER, scoring="calibrated").evaluation_metrics(episode.query)  # fmt: skip
