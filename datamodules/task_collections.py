@@ -25,10 +25,27 @@ kept when its options carry it (``append_choices_to_input: false``). A task's fa
 ``canary`` field is never read into a prompt. Tasks with a ``task.py`` and no ``task.json``
 (programmatic tasks) are skipped and counted.
 
+**BIG-bench as its hub mirrors ship it** (``tasksource/bigbench``, ``google/bigbench``: columns ``inputs``, the
+whole prompt, ``targets``, ``multiple_choice_targets``, ``multiple_choice_scores``, ``idx``): a folder holding one
+folder or table file per task, as ``huggingface-cli download --repo-type dataset tasksource/bigbench`` lays it out
+(``NAME/train-00000-of-00001.parquet``, ``NAME/validation-...``), or as ``load_dataset(MIRROR, NAME)
+.save_to_disk(FOLDER/NAME)`` writes it, or ``NAME.parquet``/``NAME.jsonl``. A task's split files (beside each
+other, or in ``train/``, ``validation/``, ``test/``, ``default/`` folders) are one task, an example in two
+splits once; another folder inside a task's folder, holding no tables of its own, is a subtask
+(``NAME:SUBTASK``). The text every prompt of a task starts and ends with (cut at whitespace: mostly ``Q: `` and
+``\nA:``) becomes its template, the rest its input, so that a long input is cut between them; the options and
+scores are read as from ``target_scores`` (the mirrors' scores are whole numbers: no partial credit). The mirrors
+carry no keywords, so every task's family is ``"other"`` (hold tasks out by name), and no BIG-bench Lite list: the
+preset is :data:`BIGBENCH_LITE_TASKS`.
+
 **Natural-Instructions v2**: a folder of ``taskNNN_name.json`` files (or its parent, holding
 ``tasks/``). The prompt is the ``Definition`` and the first ``positive_examples`` of the
 ``Positive Examples``; ``Instances`` give the inputs and their outputs (an instance without a text
-input and output is dropped, and counted); the family is the first of the ``Categories``.
+input and output is dropped, and counted); the family is the first of the ``Categories``. Or as its hub mirror
+ships it (``Muennighoff/natural-instructions``: one row per instance and output, columns ``task_name``,
+``definition``, ``inputs``, ``targets``, ``id``): its ``train/``/``test/`` JSON-lines files, or a ``save_to_disk``
+folder; the mirror has no positive examples and no categories, so the prompt is the definition alone and the
+family ``"other"``.
 
 A task's own text goes into its template literally: a ``{word}`` in it is text, never a placeholder
 (its braces are doubled, :func:`~lightning_meta.datamodules.text_to_text.literal_template_text`).
@@ -43,6 +60,7 @@ import ast
 import functools
 import hashlib
 import json
+import os
 import posixpath
 import random
 import re
@@ -57,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_meta.data.local_files import CACHE_FULL_REMEDY, cache_entry, write_folder_atomically
+from lightning_meta.data.tables import TABLE_FORMATS, column_names, is_saved_dataset, read_table, table_columns
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -82,6 +101,16 @@ FAMILY_KEYWORDS: tuple[str, ...] = (
 OTHER_FAMILY = "other"
 #: The preset naming BIG-bench Lite's tasks, read from the source's ``bigbench/bbseqio/bigbench_lite.py``.
 BIGBENCH_LITE = "bigbench_lite"
+#: BIG-bench Lite's 24 tasks (the last list of ``bigbench/bbseqio/bigbench_lite.py``), for the hub mirrors, which
+#: do not carry the list; a source archive or folder gives its own.
+BIGBENCH_LITE_TASKS: tuple[str, ...] = (
+    "auto_debugging", "bbq_lite_json", "code_line_description", "conceptual_combinations", "conlang_translation",
+    "emoji_movie", "formal_fallacies_syllogisms_negation", "hindu_knowledge", "known_unknowns",
+    "language_identification", "linguistics_puzzles", "logic_grid_puzzle", "logical_deduction",
+    "misconceptions_russian", "novel_concepts", "operators", "parsinlu_reading_comprehension",
+    "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories", "strategyqa", "symbol_interpretation",
+    "vitaminc_fact_verification", "winowhy",
+)  # fmt: skip
 #: BIG-bench tasks made from one another's examples (a translation, a reformatting): while one of a group is held
 #: out, the others stay out of training, which would see its questions under another name and another wording (so
 #: that the split's check of equal inputs misses them).
@@ -102,6 +131,14 @@ _LITE_FILE = "bbseqio/bigbench_lite.py"
 _NI_FILE = re.compile(r"task\d+_.*\.json")
 #: How many of a folder's first task files are opened to recognise Natural-Instructions (one may be broken).
 _NI_FILES_PROBED = 3
+#: The columns of BIG-bench's hub mirrors (``tasksource/bigbench``, ``google/bigbench``); ``inputs`` is the prompt.
+BIGBENCH_MIRROR_COLUMNS = ("inputs", "targets", "multiple_choice_targets", "multiple_choice_scores")
+#: The columns of Natural-Instructions' hub mirror (``Muennighoff/natural-instructions``), one row per output.
+NI_MIRROR_COLUMNS = ("task_name", "definition", "inputs", "targets")
+#: A mirror's split folders: their tables belong to the task whose folder holds them.
+_SPLIT_FOLDERS = frozenset({"train", "validation", "test", "default"})
+#: How many of a folder's first tables are opened to recognise a mirror (a stray table may come first).
+_MIRROR_TABLES_PROBED = 3
 #: ``scores``: each option's BIG-bench ``target_scores`` value (the grade for choosing it), else ``None``.
 COLUMNS = ("task", "family", "input", "output", "options", "template", "scores")
 
@@ -124,7 +161,7 @@ def collection_kind(path: Path) -> str | None:
         return None
     if _bigbench_root(path) is not None:
         return "bigbench"
-    return "natural_instructions" if _ni_files(path) else None
+    return "natural_instructions" if _ni_files(path) else _mirror_kind(path)
 
 
 def read_task_collection(
@@ -170,8 +207,6 @@ def read_task_collection(
             (staging / "collection.json").write_text(json.dumps(summary), encoding="utf-8")
 
         write_folder_atomically(cached, write, what="the collection's cache", remedy=CACHE_FULL_REMEDY)
-    from lightning_meta.data.tables import read_table
-
     summary = json.loads((cached / "collection.json").read_text(encoding="utf-8"))
     for problem in summary["problems"]:  # also from the cache: the data is still bad
         rank_zero_warn(problem)
@@ -240,6 +275,42 @@ def _names_of(tasks: Collection[str]) -> dict[str, list[str]]:
         if parent != task:
             names.setdefault(task, []).append(task)
     return names
+
+
+def _mirror_kind(folder: Path) -> str | None:
+    """``"natural_instructions"`` or ``"bigbench"`` when ``folder`` holds a collection as its hub mirrors ship it
+    (recognised by the columns of one of its first tables), else ``None``."""
+    for table in _mirror_tables(folder):
+        columns = set(column_names(table))
+        if columns >= set(NI_MIRROR_COLUMNS):
+            return "natural_instructions"
+        if columns >= set(BIGBENCH_MIRROR_COLUMNS):
+            if table == folder:
+                raise ValueError(
+                    f"{folder} is one BIG-bench task as its mirrors ship it; give the folder that holds one folder or "
+                    "file per task (load_dataset(MIRROR, NAME).save_to_disk(FOLDER/NAME) for each task)."
+                )
+            return "bigbench"
+    return None
+
+
+def _mirror_tables(folder: Path) -> Iterator[Path]:
+    """The first few tables in ``folder``: itself when ``save_to_disk`` wrote it, else its first ``save_to_disk``
+    folders and table files (dot files left out)."""
+    if is_saved_dataset(folder):
+        yield folder
+        return
+    found = 0
+    for entry in sorted(folder.rglob("*")):
+        if found == _MIRROR_TABLES_PROBED:
+            return
+        if _hidden(entry.relative_to(folder).parts):
+            continue
+        if (entry.is_dir() and is_saved_dataset(entry)) or (
+            entry.is_file() and entry.suffix.lower() in TABLE_FORMATS and not is_saved_dataset(entry.parent)
+        ):
+            found += 1
+            yield entry
 
 
 def _cache_key(path: Path, settings: tuple) -> str:
@@ -326,6 +397,8 @@ class _BigBenchReader:
 
     def read(self, path: Path) -> tuple[dict[str, list[Any]], dict[str, Any]]:
         """Rows and a summary (``message``, ``problems``, ``presets``) of the archive or folder at ``path``."""
+        if path.is_dir() and _bigbench_root(path) is None:
+            return self._read_mirror(path)
         files: set[tuple[str, ...]] = set()  # every file under the task root, as path parts
         tasks: dict[tuple[str, ...], _TaskFile] = {}
         lite: list[str] | None = None
@@ -350,16 +423,83 @@ class _BigBenchReader:
                 if task is not None:
                     tasks[parts[:-1]] = task
         programmatic = self._assemble(files, tasks, path)
+        presets = {BIGBENCH_LITE: lite} if lite is not None else {}
+        return self._summary(path, f"; skipped {programmatic} programmatic tasks (task.py, no task.json),", presets)
+
+    def _summary(self, path: Path, skipped: str, presets: dict[str, list[str]]) -> tuple[dict[str, list[Any]], dict]:
         task_count = len(set(self.rows.columns["task"]))
         message = (
             f"BIG-bench: {task_count} tasks, {len(self.rows.columns['task'])} examples from {path}"
             + (f" (at most {self.cap} per task)" if self.cap is not None else "")
-            + f"; skipped {programmatic} programmatic tasks (task.py, no task.json)"
-            + f", {len(self.rows.problems)} files with bad data (warned above)"
+            + f"{skipped} {len(self.rows.problems)} files with bad data (warned above)"
             + f" and {self.rows.dropped} examples with an empty target, or an empty input and no options"
         )
-        presets = {BIGBENCH_LITE: lite} if lite is not None else {}
         return self.rows.columns, {"message": message, "problems": self.rows.problems, "presets": presets}
+
+    def _read_mirror(self, root: Path) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+        """The rows of a folder of tasks as BIG-bench's hub mirrors ship them (see the module's docstring)."""
+        sources: dict[tuple[str, ...], list[Path]] = {}
+        for entry in sorted(root.iterdir()):
+            if _hidden((entry.name,)):
+                continue
+            if entry.is_dir():
+                self._mirror_folder(entry, (entry.name,), sources)
+            elif entry.suffix.lower() in TABLE_FORMATS:
+                sources[(entry.name[: -len(entry.suffix)],)] = [entry]
+        for parts, tables in sorted(sources.items()):
+            rows: list[dict[str, Any]] = []
+            for table in tables:
+                try:
+                    read = read_table(str(table))
+                except (ValueError, FileNotFoundError) as error:
+                    self._bad(f"{table}", f"cannot be read ({error})", "fix or remove it")
+                    continue
+                missing = [column for column in BIGBENCH_MIRROR_COLUMNS if column not in read.column_names]
+                if missing:
+                    self._bad(f"{table}", f"lacks the column(s) {missing} of BIG-bench's mirrors",
+                              f"give it {list(BIGBENCH_MIRROR_COLUMNS)}, or move it out of {root}")  # fmt: skip
+                    continue
+                columns = table_columns(read, list(BIGBENCH_MIRROR_COLUMNS))
+                rows += [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+            prefix, suffix = _shared_ends([row["inputs"] for row in rows if isinstance(row["inputs"], str)])
+            task = {"task_prefix": prefix, "example_input_prefix": "", "example_output_prefix": suffix,
+                    "append_choices_to_input": False, "examples": rows}  # fmt: skip
+            where = f"{root}: {'/'.join(parts)}"
+            convert = functools.partial(_from_mirror, start=len(prefix), end=len(suffix))
+            read_task = self._task_data(":".join(parts), task, where, convert) if rows else None
+            if read_task is not None:
+                self.rows.add(":".join(parts), OTHER_FAMILY, read_task.template, read_task.examples)
+        return self._summary(root, ";", {BIGBENCH_LITE: list(BIGBENCH_LITE_TASKS)})
+
+    def _mirror_folder(self, folder: Path, parts: tuple[str, ...], sources: dict[tuple[str, ...], list[Path]]) -> None:
+        """Record the tables of the task in ``folder`` (its own and its split folders'), or of its subtasks."""
+        if is_saved_dataset(folder):
+            sources[parts] = [folder]
+            return
+        own: list[Path] = []
+        subtasks: list[Path] = []
+        for entry in sorted(folder.iterdir()):
+            if _hidden((entry.name,)):
+                continue
+            if entry.is_file() and entry.suffix.lower() in TABLE_FORMATS:
+                own.append(entry)
+            elif entry.is_dir() and entry.name in _SPLIT_FOLDERS:
+                own += [entry] if is_saved_dataset(entry) else sorted(
+                    file for file in entry.rglob("*") if file.is_file() and file.suffix.lower() in TABLE_FORMATS
+                    and not _hidden(file.relative_to(entry).parts))  # fmt: skip
+            elif entry.is_dir():
+                subtasks.append(entry)
+        if own:
+            sources[parts] = own
+            if subtasks:
+                self.rows.problem(
+                    f"{folder} holds tables of its own, so its folders {[sub.name for sub in subtasks]} are left out "
+                    f"(a task's folder holds its tables, or its subtasks' folders). To use them, move {parts[-1]}'s "
+                    "tables into a subtask folder of their own."
+                )
+        elif len(parts) == 1:
+            for subtask in subtasks:
+                self._mirror_folder(subtask, (*parts, subtask.name), sources)
 
     def _assemble(self, files: set[tuple[str, ...]], tasks: dict[tuple[str, ...], _TaskFile], path: Path) -> int:
         """Add each task's rows; report subtask folders without ``task.json``; count programmatic tasks."""
@@ -430,6 +570,18 @@ class _BigBenchReader:
             return _TaskFile(keywords, "", None) if len(parts) == 2 else self._bad(
                 where, "has no 'examples'", 'add them: [{"input": ..., "target": ...}, ...]'
             )  # fmt: skip
+        return self._task_data(":".join(parts[:-1]), data, where, keywords=keywords)
+
+    def _task_data(
+        self,
+        name: str,
+        data: dict[str, Any],
+        where: str,
+        convert: Callable[[Any], Any] | None = None,
+        keywords: list[str] | None = None,
+    ) -> _TaskFile | None:
+        """The task ``name`` whose ``task.json`` fields are ``data`` (with ``examples``; each example as ``convert``
+        makes it, when given, raising :class:`_BadExample` for a bad one), or ``None`` after reporting what is wrong."""
         texts = {key: data.get(key, default) for key, default in (
             ("task_prefix", ""), ("example_input_prefix", BIGBENCH_INPUT_PREFIX),
             ("example_output_prefix", BIGBENCH_OUTPUT_PREFIX), ("choice_prefix", BIGBENCH_CHOICE_PREFIX))}  # fmt: skip
@@ -442,13 +594,13 @@ class _BigBenchReader:
 
         template = (literal_template_text(texts["task_prefix"] + texts["example_input_prefix"]) + "{input}"
                     + literal_template_text(texts["example_output_prefix"])).rstrip(" ")  # fmt: skip
-        name = ":".join(parts[:-1])
         append_choices = data.get("append_choices_to_input", True)
         examples: list[_Example] = []
         seen: set[tuple[str, tuple[str, ...] | None]] = set()
         bad: list[tuple[int, _BadExample]] = []
         for index, example in enumerate(data["examples"]):
             try:
+                example = convert(example) if convert is not None else example
                 converted = self._example(example, append_choices, texts["choice_prefix"])
             except _BadExample as error:
                 bad.append((index, error))
@@ -472,7 +624,7 @@ class _BigBenchReader:
         if not examples:
             return None
         kept = _sample(len(examples), self.cap, self.seed, name)
-        return _TaskFile(keywords, template, [examples[index] for index in kept])
+        return _TaskFile(keywords or [], template, [examples[index] for index in kept])
 
     def _example(
         self, example: Any, append_choices: bool, choice_prefix: str
@@ -633,6 +785,37 @@ def _hidden(parts: tuple[str, ...]) -> bool:
     return any(part.startswith((".", "__")) for part in parts)
 
 
+def _shared_ends(texts: list[str]) -> tuple[str, str]:
+    """The text that every one of ``texts`` starts with, and ends with, each cut at whitespace so that no word is
+    split, and dropped where a text would keep no non-blank middle; empty for fewer than two distinct texts."""
+    if len(set(texts)) < 2:
+        return "", ""
+    start = os.path.commonprefix(texts)
+    start = start[: len(start) - len(re.search(r"\S*$", start).group())]
+    end = os.path.commonprefix([text[::-1] for text in texts])[::-1]
+    end = end[len(re.match(r"\S*", end).group()) :]
+    for prefix, suffix in ((start, end), (start, ""), ("", end)):
+        if all(len(prefix) + len(suffix) <= len(text) and text[len(prefix) : len(text) - len(suffix)].strip()
+               for text in texts):  # fmt: skip
+            return prefix, suffix
+    return "", ""
+
+
+def _from_mirror(row: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    """A BIG-bench mirror's row as a ``task.json`` example: its prompt without the task's shared ``start`` and
+    ``end`` characters, its targets, and its options with their scores as ``target_scores``."""
+    text, options, scores = row["inputs"], row["multiple_choice_targets"] or [], row["multiple_choice_scores"] or []
+    if not isinstance(text, str):
+        raise _BadExample("has no text 'inputs'", 'give every row an "inputs" string, or delete those rows')
+    if not isinstance(options, list) or not isinstance(scores, list) or len(options) != len(scores):
+        raise _BadExample("has 'multiple_choice_targets' and 'multiple_choice_scores' of different lengths",
+                          "give each option its score (1 for a correct option, 0 for the others)")  # fmt: skip
+    example = {"input": text[start : len(text) - end], "target": row["targets"] or []}
+    if options:
+        example["target_scores"] = dict(zip(options, scores, strict=True))
+    return example
+
+
 # Natural-Instructions v2
 
 
@@ -668,6 +851,8 @@ def _read_natural_instructions(
         problem = _ni_task(file, rows, cap, seed, positive_examples)
         if problem is not None:
             rows.problem(f"Skipped {file}: {problem}.")
+    if not files:
+        _read_ni_mirror(folder, rows, cap, seed, positive_examples)
     message = (
         f"Natural Instructions: {len(set(rows.columns['task']))} tasks, {len(rows.columns['task'])} examples from "
         f"{folder}"
@@ -681,14 +866,46 @@ def _read_natural_instructions(
 def _ni_task(file: Path, rows: _Rows, cap: int | None, seed: int, positive_examples: int) -> str | None:
     """Add the task in ``file`` to ``rows`` (its instances without a text input and output dropped and counted);
     or what is wrong with it and the fix."""
-    from lightning_meta.datamodules.text_to_text import literal_template_text  # (it imports this module)
-
     try:
         data = json.loads(file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return f"it is not valid JSON ({error}). Fix the file"
     if not isinstance(data, dict):
         return "it is not a JSON object. Write one object with Definition, Positive Examples, Instances"
+    return _ni_data(file.stem, data, rows, cap, seed, positive_examples)
+
+
+def _read_ni_mirror(folder: Path, rows: _Rows, cap: int | None, seed: int, positive_examples: int) -> None:
+    """Add the tasks of Natural-Instructions' hub mirror in ``folder`` (a ``save_to_disk`` folder, or its JSON-lines
+    files in any of its folders) to ``rows``: one row per instance and output, gathered into the task's data."""
+    first = next(_mirror_tables(folder))
+    table = read_table(str(first if first == folder else folder / "**" / f"*{first.suffix}"))
+    missing = [column for column in NI_MIRROR_COLUMNS if column not in table.column_names]
+    if missing:
+        raise ValueError(f"{folder}: a table of it lacks the column(s) {missing} of Natural-Instructions' mirror; "
+                         f"give every table {list(NI_MIRROR_COLUMNS)}.")  # fmt: skip
+    tasks: dict[str, dict[str, Any]] = {}
+    instances: dict[str, dict[str, list[Any]]] = {}  # task -> input -> its outputs, in order
+    columns = table_columns(table, list(NI_MIRROR_COLUMNS))
+    for name, definition, text, target in zip(*columns.values(), strict=True):
+        if not isinstance(name, str) or not name.strip():
+            rows.dropped += 1
+            continue
+        tasks.setdefault(name, {"Definition": definition})
+        outputs = instances.setdefault(name, {}).setdefault(text if isinstance(text, str) else "", [])
+        outputs += target if isinstance(target, list) else [target]
+    for name, data in tasks.items():
+        data["Instances"] = [{"input": text, "output": outputs} for text, outputs in instances[name].items()]
+        problem = _ni_data(name, data, rows, cap, seed, positive_examples)
+        if problem is not None:
+            rows.problem(f"Skipped task {name} of {folder}: {problem}.")
+
+
+def _ni_data(name: str, data: dict[str, Any], rows: _Rows, cap: int | None, seed: int, positive_examples: int
+             ) -> str | None:  # fmt: skip
+    """Add the task ``name`` whose fields are ``data`` (a task file's) to ``rows``; or what is wrong with it."""
+    from lightning_meta.datamodules.text_to_text import literal_template_text  # (it imports this module)
+
     definition = data.get("Definition")
     definition = [definition] if isinstance(definition, str) else definition
     if not isinstance(definition, list) or not definition or not all(isinstance(part, str) for part in definition):
@@ -722,6 +939,5 @@ def _ni_task(file: Path, rows: _Rows, cap: int | None, seed: int, positive_examp
         return 'none of its "Instances" has a text "input" and "output". Fix them: {"input": "...", "output": ["..."]}'
     categories = data.get("Categories")
     family = str(categories[0]) if isinstance(categories, list) and categories else OTHER_FAMILY
-    name = file.stem
     rows.add(name, family, template, [examples[index] for index in _sample(len(examples), cap, seed, name)])
     return None

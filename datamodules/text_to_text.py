@@ -120,7 +120,9 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             folder) with one row per example; a folder holding one table per task (the task is
             the file name); or a task collection (:mod:`lightning_meta.datamodules.task_collections`): BIG-bench's
             source archive (``bigbench-1.0.0.tar.gz``, not extracted) or a folder of its JSON tasks, or a
-            Natural-Instructions ``tasks`` folder; read once and cached. ``control``: the control families
+            Natural-Instructions ``tasks`` folder, or either as its hub mirrors ship it (a folder of
+            ``tasksource/bigbench`` tasks, ``Muennighoff/natural-instructions`` files or ``save_to_disk`` folders);
+            read once and cached. ``control``: the control families
             (:mod:`lightning_meta.datamodules.control_tasks`), a fresh task per episode, drawn with replacement.
         task_column: column naming each row's task (not needed for a folder of one table per task).
         input_column: column holding the input text.

@@ -112,6 +112,31 @@ def claim_name(claimed: dict[str, Path], name: str, source: Path, what: str, fix
     claimed[name] = source
 
 
+def column_names(path: Path) -> list[str]:
+    """The column names of one table (a data file or a ``save_to_disk`` folder), read without its rows; ``[]`` when
+    they cannot be read (reading the table then says why)."""
+    try:
+        if path.is_dir():
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))  # memory-mapped: no row is read
+            return list(next(iter(loaded.values())).column_names if isinstance(loaded, datasets.DatasetDict)
+                        else loaded.column_names)  # fmt: skip
+        builder = TABLE_FORMATS.get(path.suffix.lower())
+        if builder == "parquet":
+            import pyarrow.parquet
+
+            return list(pyarrow.parquet.read_schema(path).names)
+        with path.open(encoding="utf-8", newline="") as handle:
+            if builder == "csv":
+                return next((row for row in csv.reader(handle) if row), [])
+            first = next((line for line in handle if line.strip()), "")
+            row = json.loads(first) if builder == "json" else None  # JSON lines: the first row's keys
+            return list(row) if isinstance(row, dict) else []
+    except (OSError, ValueError):  # unreadable (pyarrow's and json's errors are ValueErrors): not recognised here
+        return []
+
+
 def is_saved_dataset(folder: Path) -> bool:
     """Whether ``folder`` was written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from lightning_meta.datamodules import TextToTextTasksDataModule, task_collections
-from lightning_meta.datamodules.task_collections import read_task_collection
+from lightning_meta.datamodules.task_collections import BIGBENCH_LITE_TASKS, read_task_collection
+from lightning_meta.datamodules.text_to_text import template_parts
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "MADE-UP CANARY: this test data must not appear in training corpora. guid 0000"
@@ -575,3 +577,161 @@ def test_graded_target_scores_give_bigbench_partial_credit(tmp_path):
     assert (query[ANSWER] >= 0).all()
     assert float(figures["accuracy"]) == pytest.approx(sum(expected) / len(expected))
     assert len(set(expected)) > 1 or expected[0] not in (0, 1)  # partial credit is exercised, not only 0 and 1
+
+
+# Issue 30 item 7: the collections as their hub mirrors ship them (made-up rows in the mirrors' schemas).
+
+
+def mirror_rows(examples: list[dict], task_prefix: str = "") -> list[dict]:
+    """``examples`` (task.json's) as BIG-bench's mirrors write them: the whole zero-shot prompt in ``inputs`` (choices
+    in their order, BIG-bench's default prefixes, stripped), the options and whole-number scores beside it."""
+    rows = []
+    for index, example in enumerate(examples):
+        scores = example.get("target_scores", {})
+        choices = "".join(f"\n  choice: {option}" for option in scores)
+        prompt = f"{task_prefix}\nQ: {example['input']}{choices}\nA:".strip()
+        target = example.get("target", [option for option, score in scores.items() if score == max(scores.values())])
+        rows.append({"idx": index, "inputs": prompt, "targets": target if isinstance(target, list) else [target],
+                     "multiple_choice_targets": list(scores), "multiple_choice_scores": list(scores.values())})
+    return rows
+
+
+def save_splits(folder: Path, rows: list[dict], layout: str) -> None:
+    """One task's rows, split 80/20 into train and validation, in one of the mirrors' layouts."""
+    from datasets import Dataset, DatasetDict
+
+    cut = len(rows) * 4 // 5
+    splits = {"train": Dataset.from_list(rows[:cut]), "validation": Dataset.from_list(rows[cut:])}
+    if layout == "save_to_disk":  # load_dataset("tasksource/bigbench", NAME).save_to_disk(FOLDER / NAME)
+        DatasetDict(splits).save_to_disk(str(folder))
+    elif layout == "hub files":  # huggingface-cli download tasksource/bigbench: NAME/train-00000-of-00001.parquet
+        folder.mkdir(parents=True)
+        for split, table in splits.items():
+            table.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    elif layout == "split folders with default":  # google/bigbench's parquet: NAME/{default,train,validation}/
+        for split, table in {"default": Dataset.from_list(rows), **splits}.items():
+            (folder / split).mkdir(parents=True)
+            table.to_parquet(str(folder / split / "0000.parquet"))
+
+
+def write_bigbench_mirror(root: Path, layout: str = "hub files") -> Path:
+    save_splits(root / "gen_task", mirror_rows(generative(10), task_prefix="Name the next."), layout)
+    save_splits(root / "mc_task", mirror_rows(multiple_choice(10)), layout)
+    save_splits(root / "parent" / "sub_a", mirror_rows(generative(8, offset=20)), layout)
+    save_splits(root / "parent" / "sub_b", mirror_rows(generative(8, offset=50)), layout)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "list_task.jsonl").write_text("\n".join(json.dumps(row) for row in mirror_rows(
+        [{"input": f"say {w}", "target": [w, w.upper()]} for w in WORDS[:8]])))  # fmt: skip
+    (root / "README.md").write_text("made up")
+    (root / ".gitattributes").write_text("*.parquet filter=lfs")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["hub files", "save_to_disk", "split folders with default"])
+def test_bigbench_mirror_rows_match_the_json_tasks_and_rebuild_the_mirrors_prompts(tmp_path, layout):
+    mirror = write_bigbench_mirror(tmp_path / "bigbench", layout)
+    collection = read_task_collection(str(mirror))
+    assert collection.kind == "bigbench" and collection.presets == {"bigbench_lite": list(BIGBENCH_LITE_TASKS)}
+    by_task: dict[str, list[dict]] = {}
+    for row in rows(collection):
+        by_task.setdefault(row["task"], []).append(row)
+    assert sorted(by_task) == ["gen_task", "list_task", "mc_task", "parent:sub_a", "parent:sub_b"]
+    assert {row["family"] for row in rows(collection)} == {"other"}  # the mirrors carry no keywords
+    # Every example once (google/bigbench's default split repeats train + validation), in the mirror's order.
+    assert [row["input"] for row in by_task["gen_task"]] == [f"{WORDS[i % 12]} {i}" for i in range(10)]
+    # The text every prompt starts and ends with is the template, so that a long input is cut between them;
+    # the template around the input gives back the mirror's prompt exactly.
+    assert by_task["gen_task"][0]["template"] == "Name the next.\nQ: {input}\nA:"
+    assert by_task["gen_task"][0]["output"] == ["blue"]
+    cases = [("mc_task", multiple_choice(10), ""), ("gen_task", generative(10), "Name the next.")]
+    for task, examples, prefix in cases:
+        for row, mirrored in zip(by_task[task], mirror_rows(examples, prefix), strict=True):
+            before, after = template_parts(row["template"])
+            assert before + row["input"] + after == mirrored["inputs"]
+    for row, example in zip(by_task["mc_task"], multiple_choice(10), strict=True):
+        scores = example["target_scores"]
+        assert row["options"] == list(scores) and row["scores"] == [float(score) for score in scores.values()]
+        assert row["output"] == [option for option, score in scores.items() if score == 1]
+    assert by_task["list_task"][0]["output"] == ["red", "RED"]
+
+
+def test_a_bigbench_mirror_trains_held_out_by_task_and_knows_bigbench_lite(tmp_path, logged):
+    mirror = write_bigbench_mirror(tmp_path / "bigbench")
+    save_splits(mirror / "emoji_movie", mirror_rows(generative(6, offset=80)), "save_to_disk")  # a Lite task's name
+    module = datamodule(mirror, val_tasks=["list_task"], test_tasks="bigbench_lite")
+    assert module.split_tasks["test"] == ["emoji_movie"]
+    assert "bigbench_lite: 23 of its tasks are not in the data" in "\n".join(logged)
+    module = datamodule(mirror, val_tasks=["list_task"], test_tasks=["parent"])
+    assert module.split_tasks == {"train": ["emoji_movie", "gen_task", "mc_task"], "val": ["list_task"],
+                                  "test": ["parent:sub_a", "parent:sub_b"]}  # fmt: skip
+    batch = next(iter(module.train_dataloader()))
+    assert batch.support["input_ids"].shape[0] == module.meta_batch_size
+
+
+def test_bad_mirror_rows_and_tables_are_named_with_the_fix_and_the_rest_loads(tmp_path, logged):
+    mirror = write_bigbench_mirror(tmp_path / "bigbench")
+    bad = mirror_rows(multiple_choice(10))
+    bad[3]["multiple_choice_scores"] = [1]
+    (mirror / "mc_task" / "train-00000-of-00001.parquet").unlink()
+    (mirror / "mc_task" / "validation-00000-of-00001.parquet").unlink()
+    (mirror / "mc_task.jsonl").write_text("\n".join(map(json.dumps, bad)))
+    (mirror / "notes.jsonl").write_text(json.dumps({"text": "not a task"}))
+    (mirror / "parent" / "own.jsonl").write_text("\n".join(map(json.dumps, mirror_rows(generative(6)))))
+    with pytest.warns(UserWarning) as warned:
+        collection = read_task_collection(str(mirror))
+    messages = "\n".join(str(warning.message) for warning in warned)
+    assert re.search(r"mc_task: skipped 1 of its 10 examples: example 3 has 'multiple_choice_targets' and "
+                     r"'multiple_choice_scores' of different lengths\. To use it, give each option its score", messages)
+    assert re.search(r"notes\.jsonl: it lacks the column\(s\) \['inputs', .*To use it, give it", messages)
+    assert re.search(r"parent holds tables of its own, so its folders \['sub_a', 'sub_b'\] are left out", messages)
+    assert task_names(collection) == ["gen_task", "list_task", "mc_task", "parent"]
+    assert len([task for task in collection.table["task"] if task == "mc_task"]) == 9
+
+
+def test_one_saved_bigbench_task_is_refused_with_the_layout(tmp_path):
+    save_splits(tmp_path / "emoji_task", mirror_rows(generative(10)), "save_to_disk")
+    with pytest.raises(ValueError, match=r"emoji_task is one BIG-bench task as its mirrors ship it; give the folder "
+                                         r"that holds one folder or file per task"):  # fmt: skip
+        read_task_collection(str(tmp_path / "emoji_task"))
+
+
+def ni_mirror_rows() -> list[dict]:
+    """Natural-Instructions' mirror: one row per instance and output; task 2's first input has two outputs."""
+    found = []
+    for number in (1, 2, 3):
+        for i in range(6):
+            outputs = [WORDS[i], "any"] if number == 2 and i == 0 else [WORDS[i]]
+            found += [{"task_name": f"task{number:03}_made_up", "id": f"task{number:03}-{i}",
+                       "definition": f"Answer task {number} {{briefly}}.", "inputs": f"{WORDS[i]} {number}{i}",
+                       "targets": output} for output in outputs]  # fmt: skip
+    return found
+
+
+@pytest.mark.parametrize("layout", ["jsonl files", "save_to_disk"])
+def test_natural_instructions_mirror_gives_the_definition_prompt_and_every_output(tmp_path, layout):
+    from datasets import Dataset, DatasetDict
+
+    found = ni_mirror_rows()
+    mirror = tmp_path / "natural-instructions"
+    if layout == "jsonl files":  # huggingface-cli download Muennighoff/natural-instructions: train/, test/
+        for split, tasks in {"train": ("task001_made_up", "task002_made_up"), "test": ("task003_made_up",)}.items():
+            (mirror / split).mkdir(parents=True)
+            for task in tasks:
+                (mirror / split / f"{task}_{split}.jsonl").write_text(
+                    "\n".join(json.dumps(row) for row in found if row["task_name"] == task))
+        (mirror / "get_ni.py").write_text("# made up\n")
+    else:  # load_dataset("Muennighoff/natural-instructions").save_to_disk(FOLDER)
+        DatasetDict({"train": Dataset.from_list(found[:12]), "test": Dataset.from_list(found[12:])}).save_to_disk(
+            str(mirror))
+    collection = read_task_collection(str(mirror), positive_examples=2)
+    assert collection.kind == "natural_instructions"
+    assert task_names(collection) == ["task001_made_up", "task002_made_up", "task003_made_up"]
+    first = [row for row in rows(collection) if row["task"] == "task002_made_up"][0]
+    assert first == {
+        "task": "task002_made_up", "family": "other", "input": "red 20", "output": ["red", "any"], "options": None,
+        "scores": None, "template": "Definition: Answer task 2 {{briefly}}.\n\nNow complete the following example -\n"
+                                    "Input: {input}\nOutput:",
+    }  # fmt: skip
+    assert len(rows(collection)) == 18
+    module = datamodule(mirror, max_length=96, val_tasks=["task002_made_up"], test_tasks=["task003_made_up"])
+    assert module.split_tasks["train"] == ["task001_made_up"]
