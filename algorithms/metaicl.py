@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_meta.data.tasks import (
@@ -17,6 +18,9 @@ from lightning_meta.data.tasks import (
     CORRECT,
     CREDIT,
     IGNORE_INDEX,
+    LABEL_WEIGHTS,
+    POSITION_IDS,
+    SEGMENT_IDS,
     Episode,
     Split,
     TaskBatch,
@@ -25,6 +29,7 @@ from lightning_meta.data.tasks import (
     padding_fraction,
 )
 from lightning_meta.learners.base import FastWeights, Learner
+from lightning_meta.learners.language_models import CausalLMLearner, Prefix
 from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatch, MetaLoss
 
 #: Field of a query split whose sequences already carry their demonstrations: how many each query dropped.
@@ -63,6 +68,15 @@ class MetaICL(MetaAlgorithm):
             the direct and calibration rows after the demonstrations written directly, the channel rows
             (``accuracy_channel``; ``CausalLMLearner(scoring="channel")`` makes it ``accuracy``) after the
             demonstrations written channel-style, as MetaICL's code conditions each method.
+        encode_demonstrations_once: run an episode's demonstrations once for all its queries, where that is exact
+            (every query keeps every demonstration): in training, one packed row per episode (the demonstrations,
+            then each query after them, each query attending to the demonstrations and to itself only, its positions
+            counted on from the demonstrations; a demonstration's label, under ``demonstration_loss``, weighs as
+            many queries as read it, as it counts once per query's sequence); in evaluation, the demonstrations'
+            keys and values, computed once and continued by every query, option and calibration row. The loss,
+            its gradient and every figure equal those of one sequence per query (tested in float64). Elsewhere,
+            and with ``False``, one sequence per query; a model that cannot take the block mask
+            (:meth:`~lightning_meta.CausalLMLearner.block_mask_refusal`) trains that way, the reason logged once.
 
     Example::
 
@@ -77,6 +91,7 @@ class MetaICL(MetaAlgorithm):
         max_length: int | None = None,
         demonstration_loss: bool = False,
         direction: Literal["direct", "channel"] = "direct",
+        encode_demonstrations_once: bool = True,
     ) -> None:
         super().__init__()
         if max_length is not None and max_length < 2:
@@ -89,6 +104,8 @@ class MetaICL(MetaAlgorithm):
         self.direction = direction
         self.max_length = max_length
         self.demonstration_loss = demonstration_loss
+        self.encode_demonstrations_once = encode_demonstrations_once
+        self._packing_refusals: set[str] = set()  # reasons logged once
 
     def check_learner(self, learner: Learner) -> None:
         if learner.task_type != "language_modeling":
@@ -98,10 +115,8 @@ class MetaICL(MetaAlgorithm):
             )
 
     def context_length(self, learner: Learner) -> int:
-        """Tokens a sequence may hold: ``max_length``, at most the model's context."""
-        model_context = getattr(getattr(learner, "transformer", None), "config", None)
-        model_context = getattr(model_context, "max_position_embeddings", None)
-        limits = [limit for limit in (self.max_length, model_context) if limit is not None]
+        """Tokens a sequence may hold: ``max_length``, at most the model's context (``learner.max_positions``)."""
+        limits = [limit for limit in (self.max_length, learner.max_positions) if limit is not None]
         if not limits:
             raise ValueError(
                 f"MetaICL cannot tell the context length of {type(learner).__name__}: set max_length "
@@ -112,11 +127,17 @@ class MetaICL(MetaAlgorithm):
     def meta_loss(self, learner: Learner, batch: TaskBatch, *, meta_batch: MetaBatch = "auto") -> MetaLoss:
         """:meth:`MetaAlgorithm.meta_loss` on the batch's in-context sequences, built first for all episodes.
 
-        Every sequence is as long as the batch's longest real concatenation (rounded up to a
+        With ``encode_demonstrations_once``, one packed row per episode where exact (:meth:`packed_queries`);
+        otherwise every sequence is as long as the batch's longest real concatenation (rounded up to a
         multiple of 8), not ``(shots + 1)`` padded examples: finding it is the batch's one host sync.
         """
         self.check_learner(learner)
-        length = self.sequence_length(learner, self.loss_rows(batch.support), self.loss_rows(batch.query))
+        support, query = self.loss_rows(batch.support), self.loss_rows(batch.query)
+        packed = self.packed_queries(learner, support, query) if self.encode_demonstrations_once else None
+        if packed is not None:
+            batch = TaskBatch(batch.support, packed, batch.ways, batch.shots, batch.metadata)
+            return super().meta_loss(learner, batch, meta_batch=meta_batch)
+        length = self.sequence_length(learner, support, query)
         episodes = [
             Episode(episode.support,
                     self.conditioned(learner, episode.support, episode.query, False, length,
@@ -125,6 +146,77 @@ class MetaICL(MetaAlgorithm):
             for episode in batch.episodes()
         ]  # fmt: skip
         return super().meta_loss(learner, TaskBatch.stack(episodes), meta_batch=meta_batch)
+
+    def packing_refusal(self, learner: Learner) -> str | None:
+        """Why ``learner`` cannot train on packed rows (one sequence per query then), or ``None``."""
+        if not isinstance(learner, CausalLMLearner):
+            return f"{type(learner).__name__} is not a CausalLMLearner, whose model_inputs build the block mask"
+        return learner.block_mask_refusal()
+
+    def packed_queries(self, learner: Learner, support: Split, query: Split) -> dict[str, Tensor] | None:
+        """A meta-batch's query split as one packed row per episode, each query after the demonstrations once,
+        or ``None`` where packing would not be exact (some query drops a demonstration, the packed row outgrows
+        the context, a support without tokens) or the learner cannot take it (:meth:`packing_refusal`, logged
+        once). ``support`` and ``query`` are :meth:`loss_rows` of the meta-batch's splits; one host sync.
+
+        Row layout: the demonstrations' real tokens but the last (segment 0, read by every query), then for each
+        query q (segment q + 1) the last demonstration token (the original for the first query, a copy for the
+        others, at the same position: its outputs predict each query's first token) and the query's real tokens,
+        at positions counted on from the demonstrations; :data:`SEGMENT_IDS`, :data:`POSITION_IDS` and, with
+        ``demonstration_loss``, :data:`LABEL_WEIGHTS` (a demonstration's label weighs the number of queries, as it
+        counts once in each query's sequence) tell the learner.
+        """
+        refusal = self.packing_refusal(learner)
+        if refusal is not None:
+            if refusal not in self._packing_refusals:
+                self._packing_refusals.add(refusal)
+                rank_zero_info(f"MetaICL: one sequence per query ({refusal}).")
+            return None
+        context = self.context_length(learner)
+        demo_mask = support["attention_mask"].bool().flatten(-2)  # (episodes, demonstration tokens)
+        query_mask = query["attention_mask"].bool()  # (episodes, queries, tokens)
+        episodes, queries, _ = query_mask.shape
+        demo_lengths, query_lengths = demo_mask.sum(-1), query_mask.sum(-1)
+        row_lengths = demo_lengths - 1 + queries + query_lengths.sum(-1)
+        longest_row, fitting, shortest_demonstrations = torch.stack([
+            row_lengths.max(), (demo_lengths + query_lengths.amax(-1) <= context).all().long(), demo_lengths.min()
+        ]).tolist()  # fmt: skip
+        if not fitting or shortest_demonstrations < 1 or longest_row > context:
+            return None
+        demo_positions = demo_mask.cumsum(-1) - 1
+        last = demo_mask & (demo_positions == (demo_lengths - 1)[:, None])  # the last demonstration token
+        last_ids = (support["input_ids"].flatten(-2) * last).sum(-1)
+        if self.demonstration_loss:
+            demo_labels = support["labels"].flatten(-2)
+        else:
+            demo_labels = torch.full_like(demo_mask, IGNORE_INDEX, dtype=query["labels"].dtype)
+        per_query = (episodes, queries, 1)
+        first_column = torch.arange(queries, device=query_mask.device)[None, :, None].expand(per_query)
+        pieces = {  # (demonstrations' tokens, queries' tokens) of each field, every query led by the last demo token
+            "input_ids": (support["input_ids"].flatten(-2), torch.cat([last_ids[:, None, None].expand(per_query),
+                                                                        query["input_ids"]], -1)),
+            "attention_mask": (demo_mask, torch.cat([first_column > 0, query_mask], -1)),
+            "labels": (demo_labels, F.pad(query["labels"], (1, 0), value=IGNORE_INDEX)),
+            POSITION_IDS: (demo_positions, (demo_lengths - 1)[:, None, None] + F.pad(query_mask.cumsum(-1), (1, 0))),
+            SEGMENT_IDS: (last.long(), (first_column + 1).expand(-1, -1, query_mask.shape[-1] + 1)),
+            LABEL_WEIGHTS: (torch.full(demo_mask.shape, float(queries), device=demo_mask.device),
+                            torch.ones(query_mask.shape[:-1] + (query_mask.shape[-1] + 1,), device=demo_mask.device)),
+        }  # fmt: skip
+        if not self.demonstration_loss:  # every weight 1: a plain mean
+            del pieces[LABEL_WEIGHTS]
+        joined = {name: torch.cat([demo, queried.flatten(-2)], -1) for name, (demo, queried) in pieces.items()}
+        kept = joined["attention_mask"]
+        length = padded_length(longest_row, context)
+        # A stable sort on "dropped" moves the kept tokens to the front, in order (as with_demonstrations does).
+        order = torch.argsort((~kept).to(torch.uint8), dim=-1, stable=True)[:, :length]
+        kept = kept.gather(-1, order)
+        padding = {"input_ids": 0, "attention_mask": False, "labels": IGNORE_INDEX, POSITION_IDS: 0, SEGMENT_IDS: -1,
+                   LABEL_WEIGHTS: 0.0}  # fmt: skip
+        packed = {name: tensor.gather(-1, order).masked_fill(~kept, padding[name])[:, None]
+                  for name, tensor in joined.items()}  # fmt: skip
+        packed["attention_mask"] = packed["attention_mask"].to(query["attention_mask"].dtype)
+        packed[DROPPED] = torch.zeros(episodes, 1, dtype=torch.long, device=kept.device)
+        return packed
 
     def sequence_length(self, learner: Learner, support: Split, query: Split, options: bool = False) -> int:
         """Tokens per in-context sequence: the longest real concatenation of the query (or, with
@@ -222,14 +314,70 @@ class MetaICL(MetaAlgorithm):
         return {name: weight.detach() for name, weight in learner.fast_parameters().items()}
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
-        """Query figures zero-shot (``*_pre``) and conditioned on the support (``*_post``)."""
+        """Query figures zero-shot (``*_pre``) and conditioned on the support (``*_post``); with
+        ``encode_demonstrations_once``, from the demonstrations' keys and values where exact
+        (:meth:`after_demonstrations`)."""
         self.check_learner(learner)
         before = learner.evaluation_metrics(self.loss_rows(episode.query))
-        query, _ = self.conditioned(learner, episode.support, episode.query)
-        after = learner.evaluation_metrics(query)
+        shared = self.after_demonstrations(learner, episode.support, episode.query)
+        if shared is not None:
+            after = learner.evaluation_metrics(shared[0], prefixes=shared[1])
+        else:
+            query, _ = self.conditioned(learner, episode.support, episode.query)
+            after = learner.evaluation_metrics(query)
         return {f"{name}_pre": value for name, value in before.items()} | {
             f"{name}_post": value for name, value in after.items()
         }
+
+    def after_demonstrations(
+        self, learner: Learner, support: Split, query: Split
+    ) -> tuple[dict[str, Tensor], dict[str, Prefix]] | None:
+        """The query split's rows (its sequences, options, calibration and channel rows) to be continued after the
+        demonstrations, and the demonstrations run once for them (their keys and values: the ``prefixes`` of
+        :meth:`CausalLMLearner.evaluation_metrics`, by mask field); ``None`` where that is not exact (a row would
+        drop a demonstration; fewer than two demonstration tokens) or ``encode_demonstrations_once`` is off.
+
+        Each row is led by the last demonstration token (the prefix holds the others), so that its outputs
+        predict the row's first token as in the sequence written out. The demonstrations are :meth:`conditioned`'s:
+        :meth:`loss_rows`' for the sequences, the support's for the options and calibration rows, its channel
+        sequences for the channel rows. One host sync.
+        """
+        if not self.encode_demonstrations_once or not isinstance(learner, CausalLMLearner):
+            return None
+        query_rows = self.loss_rows(query)
+        # By mask field: the rows' fields, their demonstrations, and the mask of the rows they must fit beside (the
+        # longest option, for the options and calibration rows, as conditioned chooses their demonstrations).
+        rows = {"attention_mask": (("input_ids", "attention_mask", "labels"), self.direction,
+                                   query_rows["attention_mask"])}  # fmt: skip
+        if CHOICE_FIELDS[0] in query:
+            rows[CHOICE_FIELDS[1]] = (CHOICE_FIELDS, "direct", query[CHOICE_FIELDS[1]])
+            if CALIBRATION_FIELDS[0] in query:
+                rows[CALIBRATION_FIELDS[1]] = (CALIBRATION_FIELDS, "direct", query[CHOICE_FIELDS[1]])
+            if CHANNEL_FIELDS[0] in query:
+                rows[CHANNEL_FIELDS[1]] = (CHANNEL_FIELDS, "channel", query[CHANNEL_FIELDS[1]])
+        directions = {direction for _, direction, _ in rows.values()}
+        demonstrations = {
+            direction: channel_sequences(support, "Scoring in context") if direction == "channel" else support
+            for direction in directions
+        }
+        # Nothing is dropped when all the demonstrations fit beside the longest row of each kind.
+        lengths = {direction: split["attention_mask"].sum() for direction, split in demonstrations.items()}
+        needed = [lengths[direction] + fit.sum(-1).max() for _, direction, fit in rows.values()]
+        longest, shortest = torch.stack([torch.stack(needed).max(), torch.stack(list(lengths.values())).min()]).tolist()
+        if longest > self.context_length(learner) or shortest < 2:
+            return None
+        prefixes, last = {}, {}
+        for direction, split in demonstrations.items():
+            tokens = split["input_ids"][split["attention_mask"].bool()]
+            prefixes[direction], last[direction] = learner.encode_prefix(tokens[:-1]), tokens[-1:]
+        built = dict(query) | {name: query_rows[name] for name in ("input_ids", "attention_mask", "labels")}
+        for fields, direction, _ in rows.values():
+            ids, attention, labels = (built[name] for name in fields)
+            lead = last[direction].expand(ids.shape[:-1] + (1,))
+            built |= dict(zip(fields, (torch.cat([lead, ids], -1),
+                                       F.pad(attention, (1, 0), value=1),
+                                       F.pad(labels, (1, 0), value=IGNORE_INDEX)), strict=True))  # fmt: skip
+        return built, {mask: prefixes[direction] for mask, (_, direction, _) in rows.items()}
 
     def predict(self, learner: Learner, episode: Episode, steps: int | None = None) -> Tensor:
         """Logits of the query examples conditioned on the support (positions of the built sequences)."""

@@ -47,6 +47,18 @@ CHANNEL_FIELDS = ("channel_input_ids", "channel_attention_mask", "channel_labels
 #: Fields of a split (every split, with the datamodule's ``channel``) holding each example's channel training
 #: sequence ``(examples, tokens)``: its output, then its prompt and the end token, labels on the prompt and end token.
 CHANNEL_SEQUENCE_FIELDS = ("channel_sequence_input_ids", "channel_sequence_attention_mask", "channel_sequence_labels")
+#: Fields of a packed split (MetaICL's one row per episode: several sequences sharing their first tokens), shaped
+#: like its ``input_ids``: each token's position in its own sequence; its segment (0: the shared tokens, which every
+#: segment reads; s > 0: one sequence's own tokens, read only by that segment; -1: padding); and each label's weight
+#: in the loss (how many of the sequences hold that token: a shared label counts once per sequence).
+POSITION_IDS, SEGMENT_IDS, LABEL_WEIGHTS = "position_ids", "segment_ids", "label_weights"
+#: Fields of an evaluation split (the datamodule's ``demonstrations="bigbench"``) holding each example written as a
+#: BIG-bench demonstration ``(examples, tokens)``: its prompt without the task prefix, its output and the task's
+#: example separator, no end token (``bigbench/api/json_task.py``). MetaICL's evaluation writes the support so.
+DEMONSTRATION_FIELDS = ("demonstration_input_ids", "demonstration_attention_mask")
+#: ``(examples,)``: how many of the first tokens of each row (its sequence, options and calibration rows) are the
+#: task prefix, which BIG-bench writes once, before the demonstrations (with :data:`DEMONSTRATION_FIELDS`).
+TASK_PREFIX_LENGTH = "task_prefix_length"
 #: The token-aligned fields of a split, by name, grouped under the mask they share positions with, each with
 #: the value its padding positions hold (no token, no attention, no loss). :func:`without_padding` cuts and
 #: :func:`padded` pads exactly these fields, where shaped like their mask: other fields are never cut, even
@@ -56,6 +68,7 @@ TOKEN_FIELDS: dict[str, dict[str, int]] = {
     CHOICE_ATTENTION_MASK: {CHOICE_INPUT_IDS: 0, CHOICE_ATTENTION_MASK: 0, CHOICE_LABELS: IGNORE_INDEX},
     **{fields[1]: dict(zip(fields, (0, 0, IGNORE_INDEX), strict=True))
        for fields in (CALIBRATION_FIELDS, CHANNEL_FIELDS, CHANNEL_SEQUENCE_FIELDS)},  # fmt: skip
+    DEMONSTRATION_FIELDS[1]: dict(zip(DEMONSTRATION_FIELDS, (0, 0), strict=True)),
 }
 #: Mask fields of a split (the keys of :data:`TOKEN_FIELDS`).
 MASK_FIELDS = tuple(TOKEN_FIELDS)

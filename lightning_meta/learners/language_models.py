@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, PreTrainedModel
 
 from lightning_meta._compat import attention_implementation, reparametrized, set_block_checkpoint_function
 from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
@@ -27,6 +27,7 @@ from lightning_meta.data.tasks import (
     ANSWER,
     CALIBRATION_FIELDS,
     CHANNEL_FIELDS,
+    CHOICE_ATTENTION_MASK,
     CHOICE_CHARACTERS,
     CHOICE_FIELDS,
     CHOICE_INPUT_IDS,
@@ -34,6 +35,9 @@ from lightning_meta.data.tasks import (
     CORRECT,
     CREDIT,
     IGNORE_INDEX,
+    LABEL_WEIGHTS,
+    POSITION_IDS,
+    SEGMENT_IDS,
     Split,
 )
 from lightning_meta.data.tokenization import load_tokenizer
@@ -53,6 +57,9 @@ _RULE_ROWS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # peft's target modules where its defaults don't fit: GPT-2 keeps its projections in Conv1D.
 _LORA_TARGETS = {"gpt2": (["c_attn", "c_proj"], True)}
+#: Model types tested to run a packed split's block mask exactly (transformers takes a 4D mask as it is; a model
+#: that derives more from the 2D mask, ALiBi's positions or a sliding window, would not see the blocks).
+BLOCK_MASK_MODEL_TYPES = ("gpt2", "llama")
 
 
 @dataclass
@@ -71,6 +78,26 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Tokens that every row of a split continues from (MetaICL's demonstrations), run once: their cached keys and
+    values (one row) and their count. Made by :meth:`CausalLMLearner.encode_prefix`."""
+
+    cache: Cache
+    length: int
+
+    def continued(self, attention_mask: Tensor) -> dict[str, Any]:
+        """The model's extra inputs for rows (``attention_mask`` ``(rows, tokens)``, real tokens first) that continue
+        after the prefix: a copy of its cache for every row (a forward appends to the cache it is given), the mask
+        with the prefix's tokens in front, and positions counted on from the prefix."""
+        rows = attention_mask.shape[0]
+        cache = DynamicCache([(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                              for keys, values, *_ in self.cache])  # fmt: skip
+        seen = attention_mask.new_ones(attention_mask.shape[0], self.length)
+        positions = self.length + (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return {"cache": cache, "attention_mask": torch.cat([seen, attention_mask], 1), "position_ids": positions}
 
 
 class CausalLMLearner(Learner):
@@ -180,9 +207,57 @@ class CausalLMLearner(Learner):
         """The model's ``max_position_embeddings`` (GPT-2: ``n_positions``)."""
         return getattr(self.transformer.config, "max_position_embeddings", None)
 
-    def predict(self, split: Split, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Logits ``(sequences, tokens, vocabulary)``."""
-        return self(input_ids=split["input_ids"], attention_mask=split.get("attention_mask"), params=params).logits
+    def predict(
+        self, split: Split, params: Mapping[str, Tensor] | None = None, prefix: Prefix | None = None
+    ) -> Tensor:
+        """Logits ``(sequences, tokens, vocabulary)``; with ``prefix``, of rows that continue after it."""
+        inputs = self.model_inputs(split)
+        if prefix is not None:
+            inputs |= prefix.continued(inputs["attention_mask"])
+        return self(**inputs, params=params).logits
+
+    def model_inputs(self, split: Split) -> dict[str, Tensor | None]:
+        """The model's inputs for ``split``: its tokens and padding mask; for a packed split (:data:`SEGMENT_IDS`:
+        several sequences in one row, sharing their first tokens) each token's position in its own sequence and a
+        block mask in place of the padding mask: a token attends to the earlier tokens of its own segment and of
+        segment 0 (the shared tokens), never to another segment's, so each segment's outputs are its sequence's
+        run alone (:meth:`block_mask_refusal` says where the model cannot take it)."""
+        inputs = {"input_ids": split["input_ids"], "attention_mask": split.get("attention_mask")}
+        if SEGMENT_IDS not in split:
+            return inputs
+        segments = split[SEGMENT_IDS]
+        order = torch.arange(segments.shape[-1], device=segments.device)
+        key, query = segments[..., None, :], segments[..., :, None]
+        allowed = (order[:, None] >= order[None, :]) & (key >= 0) & ((key == 0) | (key == query))
+        # A padding row attends to itself: no row without keys (a softmax over nothing is NaN).
+        allowed = (allowed | (order[:, None] == order[None, :]))[..., None, :, :]
+        if attention_implementation(self.transformer) != "sdpa":  # eager adds the mask to the scores
+            dtype = self.transformer.dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return inputs | {"attention_mask": allowed, "position_ids": split[POSITION_IDS]}
+
+    def block_mask_refusal(self) -> str | None:
+        """Why this model cannot run a packed split's block mask (:meth:`model_inputs`) exactly, or ``None``."""
+        model_type = self.transformer.config.model_type
+        if model_type not in BLOCK_MASK_MODEL_TYPES:
+            return (
+                f"{model_type!r} models are not tested with a block (4D) attention mask "
+                f"(tested: {', '.join(BLOCK_MASK_MODEL_TYPES)})"
+            )
+        if (implementation := attention_implementation(self.transformer)) not in ("eager", "sdpa"):
+            return f"{implementation!r} attention takes no block (4D) attention mask (eager and sdpa do)"
+        return None
+
+    def encode_prefix(self, input_ids: Tensor, params: Mapping[str, Tensor] | None = None) -> Prefix:
+        """Run ``input_ids`` ``(tokens,)``, every one real, once: a :class:`Prefix` for rows that continue after
+        them (:meth:`evaluation_metrics`' ``prefixes``), without gradients (it serves scoring)."""
+        ids = input_ids[None]
+        with torch.no_grad():
+            cache = self(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                         params=params).cache  # fmt: skip
+        return Prefix(cache, ids.shape[1])
 
     def data_checks(self, split_name: str, split: Split) -> list[DataCheck]:
         """Token ids and labels (of the options too) inside the model's vocabulary (labels may be -100: ignored)."""
@@ -215,13 +290,22 @@ class CausalLMLearner(Learner):
 
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.predict(split, params)
-        loss = F.cross_entropy(
-            _float32(logits)[:, :-1].flatten(0, 1), _labels(split)[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        targets = _labels(split)[:, 1:].flatten()
+        weights = split.get(LABEL_WEIGHTS)
+        loss = F.cross_entropy(_float32(logits)[:, :-1].flatten(0, 1), targets, ignore_index=IGNORE_INDEX,
+                               reduction="mean" if weights is None else "none")  # fmt: skip
+        if weights is not None:  # a packed split: a label its sequences share counts once per sequence
+            weights = weights[:, 1:].flatten() * (targets != IGNORE_INDEX)
+            loss = (loss * weights).sum() / weights.sum()
         return loss, {"loss": loss.detach()}
 
     def evaluation_metrics(
-        self, split: Split, params: Mapping[str, Tensor] | None = None, *, parallel: bool = False
+        self,
+        split: Split,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        parallel: bool = False,
+        prefixes: Mapping[str, Prefix] | None = None,
     ) -> dict[str, Tensor]:
         """The loss; with ``labels`` (supervised outputs) also ``exact_match``, and ``accuracy``.
 
@@ -243,10 +327,13 @@ class CausalLMLearner(Learner):
         (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them
         (and its end token); a multiple-choice example, when greedy decoding writes a correct option's tokens.
         ``parallel``: under ``torch.func.vmap`` the options are scored without host syncs
-        (:meth:`option_scores`).
+        (:meth:`option_scores`). ``prefixes``: the rows of a mask field (``attention_mask``, or an option field's
+        mask, :data:`CHOICE_ATTENTION_MASK`, ...) continue after ``prefixes[mask]``, run once for them all
+        (MetaICL's demonstrations): the same figures as the rows written after its tokens.
         """
+        prefixes = prefixes or {}
         with torch.no_grad():
-            logits = _float32(self.predict(split, params))
+            logits = _float32(self.predict(split, params, prefixes.get("attention_mask")))
             labels = _labels(split)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
             figures = {"loss": loss}
@@ -256,7 +343,7 @@ class CausalLMLearner(Learner):
             targets = labels[:, 1:]
             exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
             if CHOICE_INPUT_IDS in split:
-                grades, writes_correct = self._choices(split, params, parallel)
+                grades, writes_correct = self._choices(split, params, parallel, prefixes)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
                 grades = {("correct_" if rule == "probability" else "accuracy_") + rule: grade
@@ -268,7 +355,7 @@ class CausalLMLearner(Learner):
             return figures
 
     def _choices(
-        self, split: Split, params: Mapping[str, Tensor] | None, parallel: bool
+        self, split: Split, params: Mapping[str, Tensor] | None, parallel: bool, prefixes: Mapping[str, Prefix]
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Per example: the grade of the option each scoring rule chooses (``sum``: the highest summed
         log-probability; ``per_token``: the highest per token), and whether greedy decoding writes a
@@ -292,6 +379,8 @@ class CausalLMLearner(Learner):
         if characters is None:  # a split built without the lengths: per character reads as per token
             characters = (split[CHOICE_LABELS] != IGNORE_INDEX).sum(-1).float()
         rule_rows = {rule: fields for rule, (fields, _) in _RULE_ROWS.items() if fields[0] in split}
+        rule_prefixes = {rule: prefixes.get(fields[1]) for rule, fields in rule_rows.items()}
+        rule_prefixes["sum"] = prefixes.get(CHOICE_ATTENTION_MASK)
         if self.scoring in _RULE_ROWS and self.scoring not in rule_rows:
             fields, source = _RULE_ROWS[self.scoring]
             raise ValueError(
@@ -301,14 +390,14 @@ class CausalLMLearner(Learner):
         if parallel:
             others = {rule: tuple(split[name] for name in fields) for rule, fields in rule_rows.items()}
             return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, credit, characters,
-                                      params, parallel, others)  # fmt: skip
+                                      params, parallel, others, rule_prefixes)  # fmt: skip
         listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
         # Without any, row 0 runs (its correct row is all false, so are its flags).
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
         others = {rule: tuple(split[name][rows] for name in fields) for rule, fields in rule_rows.items()}
         grades, writes_correct = self._choice_flags(*(split[name][rows] for name in CHOICE_FIELDS),
                                                     correct_rows[rows], credit[rows], characters[rows],
-                                                    params, others=others)  # fmt: skip
+                                                    params, others=others, prefixes=rule_prefixes)  # fmt: skip
         # Examples not scored (no correct row) grade 0, as an unscored parallel example does.
         grades = {rule: grade.new_zeros(answer.shape).index_put((rows,), grade) for rule, grade in grades.items()}
         return grades, torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), writes_correct)
@@ -324,18 +413,21 @@ class CausalLMLearner(Learner):
         params: Mapping[str, Tensor] | None,
         parallel: bool = False,
         others: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+        prefixes: Mapping[str, Prefix | None] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """:meth:`_choices`' grades (and ``probability``) and greedy flags for the examples of ``ids``, ``mask``,
         ``labels``, ``correct``, ``credit`` and ``characters``; ``others``: the rows of the ``calibrated`` and
-        ``channel`` rules, by rule (ids, mask and labels shaped like ``ids``), where the split has them."""
-        scores, greedy = self.option_scores(ids, mask, labels, params, parallel=parallel)
+        ``channel`` rules, by rule (ids, mask and labels shaped like ``ids``), where the split has them;
+        ``prefixes``: the :class:`Prefix` each rule's rows continue after (``sum``: the options'), by rule."""
+        prefixes = prefixes or {}
+        scores, greedy = self.option_scores(ids, mask, labels, params, parallel=parallel, prefix=prefixes.get("sum"))
         rules = {  # padding options stay -inf under every rule
             "sum": scores,
             "per_token": scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1),
             "per_char": scores / characters.clamp_min(1),
         }
         for rule, rows in (others or {}).items():
-            other, _ = self.option_scores(*rows, params, parallel=parallel)
+            other, _ = self.option_scores(*rows, params, parallel=parallel, prefix=prefixes.get(rule))
             # calibrated: log p(option | prompt) - log p(option | content-free prompt); channel: log p(prompt | option)
             rules[rule] = torch.where(scores.isfinite(), scores - other, scores) if rule == "calibrated" else other
         grades = {rule: credit.gather(1, values.argmax(1, keepdim=True))[:, 0] for rule, values in rules.items()}
@@ -352,6 +444,7 @@ class CausalLMLearner(Learner):
         params: Mapping[str, Tensor] | None = None,
         *,
         parallel: bool = False,
+        prefix: Prefix | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per option of each example: the summed log-probability of its labelled tokens, and whether
         greedy decoding writes them.
@@ -366,7 +459,7 @@ class CausalLMLearner(Learner):
         ``parallel``: the call runs under ``torch.func.vmap`` (the episodes of an evaluation batch
         together), where shapes cannot depend on the data: each option then runs its whole row
         (one full forward per option: the same figures, no host sync, at ``options`` times the
-        prompt's cost).
+        prompt's cost). ``prefix``: every row continues after it (:meth:`evaluation_metrics`).
         """
         examples, options, tokens = input_ids.shape
         # What follows reads each row as prompt-then-option from position 0 (right padding). A stable sort on
@@ -378,9 +471,10 @@ class CausalLMLearner(Learner):
         valid = labelled.any(-1)
         if parallel:
             ids, mask, targets = input_ids.flatten(0, 1), attention_mask.flatten(0, 1), labels.flatten(0, 1)[:, 1:]
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = {} if prefix is None else prefix.continued(mask)
+            mask = extra.pop("attention_mask", mask)
         else:
-            ids, mask, targets, extra = self._continuations(input_ids, attention_mask, labels, params)
+            ids, mask, targets, extra = self._continuations(input_ids, attention_mask, labels, params, prefix)
         logits = _float32(self(input_ids=ids, attention_mask=mask, params=params, **extra).logits)
         token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
         ignored = targets == IGNORE_INDEX
@@ -389,10 +483,16 @@ class CausalLMLearner(Learner):
         return scores, greedy
 
     def _continuations(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, params: Mapping[str, Tensor] | None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        params: Mapping[str, Tensor] | None,
+        prefix: Prefix | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
         """The options' rows past the tokens each example's options share, with the shared tokens' cached keys and
-        values: :meth:`option_scores`' forward without ``parallel`` (one host sync, for the widths)."""
+        values (after ``prefix``'s): :meth:`option_scores`' forward without ``parallel`` (one host sync, for the
+        widths)."""
         examples, options, tokens = input_ids.shape
         labelled = labels != IGNORE_INDEX
         valid = labelled.any(-1)
@@ -406,7 +506,7 @@ class CausalLMLearner(Learner):
         # The last shared token runs with the options: its logits predict their first token.
         prefix_lengths = (shared - 1).clamp_min(0).masked_fill(~valid.any(1), 0)
         continuation_lengths = (attention_mask.sum(-1) - prefix_lengths[:, None]).clamp_min(0)
-        prefix, width = torch.stack([prefix_lengths.max(), continuation_lengths.max()]).tolist()
+        shared_width, width = torch.stack([prefix_lengths.max(), continuation_lengths.max()]).tolist()
         positions = prefix_lengths[:, None, None] + torch.arange(max(width, 1), device=input_ids.device)
         positions = positions.expand(examples, options, -1)
         taken = positions.clamp_max(tokens - 1)
@@ -415,16 +515,22 @@ class CausalLMLearner(Learner):
         targets = labels.gather(-1, taken).masked_fill(~continuation_mask, IGNORE_INDEX).flatten(0, 1)[:, 1:]
         mask = continuation_mask.flatten(0, 1).to(attention_mask.dtype)
         extra: dict[str, Any] = {}
-        if prefix:
-            seen = (torch.arange(prefix, device=input_ids.device) < prefix_lengths[:, None]).to(mask.dtype)
+        if shared_width:
+            seen = (torch.arange(shared_width, device=input_ids.device) < prefix_lengths[:, None]).to(mask.dtype)
             # An empty prefix attends to one position in its own forward, so that nothing it caches is NaN.
             prefix_mask = seen.clone()
             prefix_mask[:, 0] = 1
-            cache = self(input_ids=reference_ids[:, :prefix], attention_mask=prefix_mask, use_cache=True,
-                         logits_to_keep=1, params=params).cache  # fmt: skip
+            before = {} if prefix is None else prefix.continued(prefix_mask)
+            cache = self(input_ids=reference_ids[:, :shared_width], **({"attention_mask": prefix_mask} | before),
+                         use_cache=True, logits_to_keep=1, params=params).cache  # fmt: skip
             cache.batch_repeat_interleave(options)
             mask = torch.cat([seen.repeat_interleave(options, 0), mask], 1)
             extra = {"cache": cache, "position_ids": positions.flatten(0, 1)}
+        if prefix is not None:  # the tokens before the rows: in the cache, seen by every row, positions after them
+            if not shared_width:
+                extra = {"cache": prefix.continued(mask)["cache"], "position_ids": positions.flatten(0, 1)}
+            mask = torch.cat([mask.new_ones(mask.shape[0], prefix.length), mask], 1)
+            extra["position_ids"] = extra["position_ids"] + prefix.length
         return ids, mask, targets, extra
 
     def vmap_refusal(self) -> str | None:

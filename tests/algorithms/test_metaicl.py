@@ -107,11 +107,12 @@ def test_demonstrations_that_overflow_the_context_are_dropped_from_the_front_nev
     assert MetaICL(max_length=20).context_length(learner(n_positions=12)) == 12
 
 
-def test_gradient_is_the_hand_built_sequence_loss_gradient():
+@pytest.mark.parametrize("packed", [True, False])
+def test_gradient_is_the_hand_built_sequence_loss_gradient(packed):
     model = learner()
     other_support = [example([17, 18], [25, 2]), example([19], [26, 27, 2]), example([20, 21, 22], [28, 2])]
     episodes = [Episode(split(SUPPORT), split(QUERY)), Episode(split(other_support), split(QUERY[::-1]))]
-    out = MetaICL().meta_loss(model, TaskBatch.stack(episodes))
+    out = MetaICL(encode_demonstrations_once=packed).meta_loss(model, TaskBatch.stack(episodes))
     gradient = torch.autograd.grad(out.loss, list(model.parameters()))
     expected_loss = sum(model.loss(hand_built(s, q, 4 * WIDTH))[0] for s, q in
                         [(SUPPORT, QUERY), (other_support, QUERY[::-1])]) / 2  # fmt: skip
@@ -120,6 +121,9 @@ def test_gradient_is_the_hand_built_sequence_loss_gradient():
     for got, want in zip(gradient, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert out.metrics["dropped_demonstrations"] == 0
+    if packed:  # one row per episode: 12 demonstration tokens, then each query led by the last one (2 + 6 + 4)
+        assert out.metrics["padding_fraction"] == 0
+        return
     # Built to the batch's longest concatenation (13 + 6 tokens, rounded up to 24), not 4 examples' width.
     real = sum(len(tokens) for s, q in [(SUPPORT, QUERY), (other_support, QUERY[::-1])] for tokens, _ in q) + 4 * 13
     assert out.metrics["padding_fraction"] == pytest.approx(1 - real / (2 * 2 * BUILT))
@@ -268,3 +272,120 @@ def test_calibration_rows_get_the_options_demonstrations_and_channel_rows_the_ch
         assert channel.tolist() == CHANNEL_SUPPORT[2][0] + option + [9] + prompt
         labels = built[CHANNEL_FIELDS[2]][0, column]
         assert labels[labels != IGNORE_INDEX].tolist() == prompt
+
+
+# Encoding the demonstrations once (issue 28): packed training rows and evaluation from their cached keys and values.
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}  # fmt: skip
+OTHER_SUPPORT = [example([17, 18], [25, 2]), example([19], [26, 27, 2]), example([20, 21, 22], [28, 2])]
+OTHER_CHANNEL_SUPPORT = [example([25, 9], [17, 18, 2]), example([26, 27, 9], [19, 2]),
+                         example([28, 9], [20, 21, 22, 2])]
+# A third query whose first token carries the loss (an empty prompt): the last demonstration token predicts it.
+QUERIES = QUERY + [example([], [44, 45, 2])]
+CHANNEL_QUERIES = CHANNEL_QUERY + [example([], [36, 2])]
+
+
+def tolerance(kind: str) -> dict[str, float]:
+    """Float64 agreement: GPT-2 to rounding; Llama computes RMSNorm, RoPE and eager attention's softmax in float32
+    even in a float64 model, so a row's figures move by float32 rounding when the row holds other keys."""
+    return {"rtol": 1e-10, "atol": 1e-12} if kind.startswith("gpt2") else {"rtol": 1e-5, "atol": 1e-8}
+
+
+def tiny(kind: str) -> CausalLMLearner:
+    """A float64 tiny model, ``"<model type>-<attention>"``."""
+    model_type, attention = kind.split("-")
+    torch.manual_seed(0)
+    config = TINY_GPT2 if model_type == "gpt2" else TINY_LLAMA
+    return CausalLMLearner(model_config=config, tokenizer=TOKENIZER, dtype="float64", attn_implementation=attention)
+
+
+def two_episodes() -> TaskBatch:
+    return TaskBatch.stack([
+        Episode(channel_split(SUPPORT, CHANNEL_SUPPORT), channel_split(QUERIES, CHANNEL_QUERIES)),
+        Episode(channel_split(OTHER_SUPPORT, OTHER_CHANNEL_SUPPORT),
+                channel_split(QUERIES[::-1], CHANNEL_QUERIES[::-1])),
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["gpt2-eager", "gpt2-sdpa", "llama-eager", "llama-sdpa"])
+@pytest.mark.parametrize("direction", ["direct", "channel"])
+@pytest.mark.parametrize("demonstration_loss", [False, True])
+def test_packed_rows_equal_one_sequence_per_query_in_loss_and_gradient(kind, direction, demonstration_loss):
+    """One row per episode (demonstrations once, each query after them under a block mask) gives the loss and
+    meta-gradient of one sequence per query, in float64; under demonstration_loss a demonstration's label still
+    counts once per query, as in the separate sequences."""
+    model, batch = tiny(kind), two_episodes()
+    packed = MetaICL(direction=direction, demonstration_loss=demonstration_loss)
+    separate = MetaICL(direction=direction, demonstration_loss=demonstration_loss, encode_demonstrations_once=False)
+    rows = packed.packed_queries(model, packed.loss_rows(batch.support), packed.loss_rows(batch.query))
+    assert rows is not None and rows["input_ids"].shape[:2] == (2, 1)  # one row per episode
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for algorithm in (packed, separate):
+        out = algorithm.meta_loss(model, batch)
+        results.append((out.loss.detach(), torch.autograd.grad(out.loss, parameters)))
+    (loss, gradient), (expected_loss, expected) = results
+    torch.testing.assert_close(loss, expected_loss, **tolerance(kind))
+    for got, want in zip(gradient, expected, strict=True):
+        torch.testing.assert_close(got, want, **tolerance(kind))
+
+
+def test_packing_falls_back_where_a_query_would_drop_a_demonstration_or_the_model_takes_no_block_mask():
+    model, batch = tiny("gpt2-eager"), two_episodes()
+    short = MetaICL(max_length=14)  # beside a 6-token query only the last two demonstrations fit
+    assert short.packed_queries(model, batch.support, batch.query) is None
+    separate = MetaICL(max_length=14, encode_demonstrations_once=False)
+    torch.testing.assert_close(short.meta_loss(model, batch).loss, separate.meta_loss(model, batch).loss)
+    torch.manual_seed(0)
+    neox = CausalLMLearner(model_config={"model_type": "gpt_neox", "hidden_size": 16, "intermediate_size": 32,
+                                         "num_hidden_layers": 1, "num_attention_heads": 2,
+                                         "max_position_embeddings": 64}, tokenizer=TOKENIZER)  # fmt: skip
+    assert MetaICL().packing_refusal(neox) == "'gpt_neox' models are not tested with a block (4D) attention mask " \
+        "(tested: gpt2, llama)"
+    assert MetaICL().packed_queries(neox, batch.support, batch.query) is None
+
+
+def scored_query() -> dict[str, torch.Tensor]:
+    """QUERY's two examples with three options each, their calibration rows and channel rows."""
+    from lightning_meta.data.tasks import CALIBRATION_FIELDS, CHANNEL_FIELDS
+
+    prompts, options, free = [[31, 32, 33, 34], [35]], [[41, 2], [42, 43, 2], [44, 2]], [31]
+    kinds = {
+        (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS): lambda prompt, option: example(prompt, option),
+        CALIBRATION_FIELDS: lambda prompt, option: example(free, option),
+        CHANNEL_FIELDS: lambda prompt, option: example(option[:-1] + [9], prompt + [2]),
+    }
+    query = channel_split(QUERY, CHANNEL_QUERY) | {ANSWER: torch.tensor([0, 2])}
+    for names, row in kinds.items():
+        rows = [split([row(prompt, option) for option in options]) for prompt in prompts]
+        query |= {name: torch.stack([r[key] for r in rows])
+                  for name, key in zip(names, ("input_ids", "attention_mask", "labels"), strict=True)}  # fmt: skip
+    return query
+
+
+@pytest.mark.parametrize("kind", ["gpt2-sdpa", "llama-eager"])
+@pytest.mark.parametrize("direction", ["direct", "channel"])
+def test_evaluation_from_the_demonstrations_keys_and_values_equals_the_sequences_written_out(kind, direction):
+    """Evaluation runs the demonstrations once and continues every query, option, calibration and channel row from
+    their cached keys and values: every figure and every option score equal the written-out sequences' (float64)."""
+    from lightning_meta.data.tasks import CALIBRATION_FIELDS, CHANNEL_FIELDS
+
+    model = tiny(kind)
+    support, query = channel_split(SUPPORT, CHANNEL_SUPPORT), scored_query()
+    fast, plain = MetaICL(direction=direction), MetaICL(direction=direction, encode_demonstrations_once=False)
+    got, want = (algorithm.evaluate(model, Episode(support, query)) for algorithm in (fast, plain))
+    assert set(got) == set(want) and {"accuracy_calibrated_post", "correct_probability_post"} <= set(got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tolerance(kind), msg=name)
+    built, prefixes = fast.after_demonstrations(model, support, query)
+    written, _ = plain.conditioned(model, support, query)
+    for fields in ((CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS), CALIBRATION_FIELDS, CHANNEL_FIELDS):
+        with torch.no_grad():
+            expected, expected_greedy = model.option_scores(*(written[name] for name in fields))
+            for parallel in (False, True):
+                scores, greedy = model.option_scores(*(built[name] for name in fields), parallel=parallel,
+                                                     prefix=prefixes[fields[1]])  # fmt: skip
+                torch.testing.assert_close(scores, expected, **tolerance(kind))
+                assert torch.equal(greedy, expected_greedy)
+    # A demonstration the context cannot hold beside some row: the sequences are written out, as before.
+    assert MetaICL(max_length=14).after_demonstrations(model, support, query) is None
