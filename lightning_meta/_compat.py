@@ -166,6 +166,19 @@ def text_option_given_mapping(message: str) -> tuple[str, str] | None:
     return None if match is None else (match.group(1), match.group(2))
 
 
+#: jsonargparse's (4.53) wording for a class name that is not an importable dotted path.
+_UNRESOLVED_NAME = re.compile(r"Expected a dot import path string: ([A-Za-z_]\w*)\s*$", re.MULTILINE)
+
+
+def unresolved_class_name(message: str) -> str | None:
+    """The plain class name (no dots) that a jsonargparse error ``message`` says did not resolve, else ``None``.
+
+    Why here: as for :func:`is_unresolved_class_error`, only jsonargparse's wording holds it.
+    """
+    match = _UNRESOLVED_NAME.search(message)
+    return None if match is None else match.group(1)
+
+
 #: argparse's wording (Python 3.11-3.13, through jsonargparse 4.53) for a subcommand it does not know, or none.
 _SUBCOMMAND_CHOICE = re.compile(
     r"argument subcommand: invalid choice: '(?P<given>[^']*)'|expected \"subcommand\" to be one of"

@@ -94,6 +94,12 @@ class MetaArgumentParser(LightningArgumentParser):
         super().__init__(*args, **kwargs)
         self.command_line = command_line or []
 
+    def add_subcommands(self, required: bool = True, dest: str = "subcommand", **kwargs: Any) -> Any:
+        """LightningCLI's run subcommands; the usage line names the ones ``main`` runs before this parser too."""
+        every = (*_RUN_SUBCOMMANDS, *_HANDOFF_SUBCOMMANDS, _LM_EVAL_SUBCOMMAND)
+        kwargs.setdefault("metavar", "{" + ",".join(every) + "}")
+        return super().add_subcommands(required=required, dest=dest, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 (NoReturn in the base)
         text_as_mapping = _text_read_as_mapping(message, self.command_line) if self.exit_on_error else None
         if text_as_mapping is not None:
@@ -107,18 +113,24 @@ class MetaArgumentParser(LightningArgumentParser):
                 f"lightning-meta: error: {problem}; the subcommands are {subcommands} (lightning-meta --help).\n"
             )
             self.exit(2)
-        if _is_unknown_algorithm(message):
-            names = sorted({cls.__name__ for cls in algorithms.available().values()})
-            message += (
-                f"\nKnown algorithms: {', '.join(names)}. Give one of these class names, or a dotted path to "
-                "your own MetaAlgorithm subclass (--model.algorithm=my_pkg.algos.MyAlgo)."
-            )
+        kind = _unknown_class_kind(message) if self.exit_on_error else None
+        given = _compat.unresolved_class_name(message)
+        if kind is not None and given is not None:  # a name from a config file (the command line's: main)
+            known = known_algorithms() if kind == "algorithm" else known_datamodules()
+            sys.stderr.write(f"lightning-meta: error: {unknown_name_message(kind, given, known)}\n")
+            self.exit(2)
         super().error(message, ex)
 
 
-def _is_unknown_algorithm(message: str) -> bool:
-    about_algorithm = 'key "model.algorithm"' in message or "MetaAlgorithm" in message
-    return about_algorithm and _compat.is_unresolved_class_error(message)
+def _unknown_class_kind(message: str) -> str | None:
+    """``"algorithm"`` or ``"datamodule"`` when a parser error says that option's class did not resolve."""
+    if not _compat.is_unresolved_class_error(message):
+        return None
+    if 'key "model.algorithm"' in message or "MetaAlgorithm" in message:
+        return "algorithm"
+    if 'key "data"' in message:
+        return "datamodule"
+    return None
 
 
 def _text_read_as_mapping(message: str, command_line: list[str]) -> str | None:
@@ -488,6 +500,76 @@ class PretrainCLI(MetaCLI):
         return init_from
 
 
+class UnknownNameError(ValueError):
+    """An algorithm or datamodule name that matches no known class, even ignoring case."""
+
+
+#: The options that take a class by name, by the kind of class they take.
+_NAMED_OPTIONS = {
+    "algorithm": ("--model.algorithm", "--model.algorithm.class_path"),
+    "datamodule": ("--data", "--data.class_path"),
+}
+#: How a user gives a class of their own, by kind.
+_OWN_CLASS = {
+    "algorithm": "a dotted path to your own MetaAlgorithm subclass (--model.algorithm=my_pkg.algos.MyAlgo)",
+    "datamodule": "a dotted path to your own LightningDataModule subclass (--data=my_pkg.data.MyData)",
+}
+
+
+def known_algorithms() -> list[str]:
+    """The algorithms' class names: built-ins and entry-point plugins."""
+    return sorted({cls.__name__ for cls in algorithms.available().values()})
+
+
+def known_datamodules() -> list[str]:
+    """The class names of the datamodules this package ships (``lightning_meta.datamodules``), the abstract
+    base left out."""
+    from inspect import isabstract
+
+    module = lightning_meta.datamodules
+    return sorted(name for name in module.__all__ if not isabstract(getattr(module, name)))
+
+
+def unknown_name_message(kind: str, given: str, known: list[str]) -> str:
+    """Two lines: the unknown ``given`` name of a ``kind`` with the closest known names, then every known name."""
+    from difflib import get_close_matches
+
+    by_lower = {name.lower(): name for name in known}
+    close = [by_lower[name] for name in get_close_matches(given.lower(), list(by_lower), n=3, cutoff=0.6)]
+    guess = f"; did you mean {' or '.join(close)}?" if close else "."
+    return (
+        f"unknown {kind} {given!r}{guess}\n"
+        f"Known {kind}s: {', '.join(known)} (any case on the command line); or {_OWN_CLASS[kind]}."
+    )
+
+
+def with_class_names(args: list[str], known: dict[str, list[str]]) -> list[str]:
+    """``args`` with each algorithm and datamodule name typed in any case replaced by its class name
+    (``--model.algorithm=reptile`` -> ``Reptile``), as the Python registry (``algorithms.get``) accepts it.
+
+    Raises :class:`UnknownNameError` (two lines: did you mean, and the known names) for a plain name that
+    matches none; dotted paths and YAML values are left to the parser.
+    """
+    named = list(args)
+    for kind, options in _NAMED_OPTIONS.items():
+        by_lower = {name.lower(): name for name in known[kind]}
+        for index, arg in enumerate(named):
+            option, equals, value = arg.partition("=")
+            if option not in options:
+                continue
+            value_at = index if equals else index + 1
+            if not equals:
+                if index + 1 >= len(named):
+                    continue
+                value = named[index + 1]
+            if not re.fullmatch(r"[A-Za-z_]\w*", value) or value in known[kind]:
+                continue
+            if value.lower() not in by_lower:
+                raise UnknownNameError(unknown_name_message(kind, value, known[kind]))
+            named[value_at] = f"{option}={by_lower[value.lower()]}" if equals else by_lower[value.lower()]
+    return named
+
+
 def with_default_config(args: list[str]) -> list[str]:
     """Put the embedded default config first when a run subcommand is given no ``--config``.
 
@@ -502,12 +584,20 @@ def with_default_config(args: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning-meta`` and ``python -m lightning_meta``."""
+    """The ``lightning-meta`` command (``lightning_meta.__main__.main`` answers ``--version`` first)."""
     known = algorithms.available()  # imports plugin algorithms, so their class names resolve
     given = list(sys.argv[1:] if args is None else args)
-    if given[:1] == ["--version"]:
-        print(f"lightning-meta {VERSION}")
-        return
+    try:
+        named = with_class_names(given, {"algorithm": known_algorithms(), "datamodule": known_datamodules()})
+    except UnknownNameError as error:
+        sys.stderr.write(f"lightning-meta: error: {error}\n")
+        sys.exit(2)
+    if named != given:
+        given = named
+        if args is None:
+            sys.argv[1:] = named
+        else:
+            args = named
     quiet_framework_noise()
     if given and given[0] in _HANDOFF_SUBCOMMANDS:
         _run_handled(lambda: _handoff(given[0], given[1:]))

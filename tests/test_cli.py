@@ -52,7 +52,7 @@ def saved_config(root: Path) -> dict:
     return yaml.safe_load(config.read_text())
 
 
-@pytest.mark.parametrize("name, cls", [("MAML", MAML), ("FOMAML", FOMAML), ("Reptile", Reptile)])
+@pytest.mark.parametrize("name, cls", [("MAML", MAML), ("FOMAML", FOMAML), ("reptile", Reptile)])  # any case
 def test_algorithm_swaps_by_class_name(tmp_path, name, cls):
     result = run(
         "fit",
@@ -65,7 +65,7 @@ def test_algorithm_swaps_by_class_name(tmp_path, name, cls):
         cwd=tmp_path,
     )
     algorithm = saved_config(tmp_path)["model"]["algorithm"]
-    assert algorithm["class_path"] == f"{cls.__module__.rsplit('.', 1)[0]}.{name}"
+    assert algorithm["class_path"] == f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"
     assert algorithm["init_args"]["inner_lr"] == 0.02
     assert "test/query_loss_post = " in result.stdout + result.stderr  # fit ends by testing
     (checkpoint,) = tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
@@ -149,13 +149,52 @@ def test_python_dash_m(tmp_path):
     assert config["data"]["class_path"].endswith(".LanguageModelingTasksDataModule")
 
 
-def test_unknown_algorithm_lists_known_names(tmp_path):
+def test_unknown_algorithm_gets_two_lines_with_did_you_mean_not_the_usage(tmp_path):
     result = run("fit", *SINUSOID, "--model.algorithm=MAMLL", cwd=tmp_path, check=False)
-    assert result.returncode != 0
-    assert (
-        "Known algorithms: ANIL, FOMAML, MAML, MAMLPlusPlus, MetaICL, MetaSGD, MultiTask, ProtoNet, Reptile"
-        in result.stderr
+    assert result.returncode == 2
+    first, known = result.stderr.strip().splitlines()
+    assert first == "lightning-meta: error: unknown algorithm 'MAMLL'; did you mean MAML or FOMAML?"
+    assert known.startswith(
+        "Known algorithms: ANIL, FOMAML, MAML, MAMLPlusPlus, MetaICL, MetaSGD, MultiTask, ProtoNet, Reptile "
+        "(any case on the command line)"
     )
+    config = tmp_path / "typo.yaml"  # a name in a config file: the parser's error, the same two lines
+    config.write_text("data:\n  class_path: SinusoidDataModul\n")
+    result = run("fit", *SINUSOID, "--config", str(config), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "usage:" not in result.stderr
+    first, known = result.stderr.strip().splitlines()
+    assert first == "lightning-meta: error: unknown datamodule 'SinusoidDataModul'; did you mean SinusoidDataModule?"
+    assert known.startswith("Known datamodules: ") and "TextToTextTasksDataModule" in known
+
+
+def test_algorithm_and_datamodule_names_in_any_case_become_class_names():
+    known = {"algorithm": cli.known_algorithms(), "datamodule": cli.known_datamodules()}
+    given = ["fit", "--model.algorithm=reptile", "--data", "sinusoiddatamodule", "--data.init_args.ways=5"]
+    assert cli.with_class_names(given, known) == [
+        "fit", "--model.algorithm=Reptile", "--data", "SinusoidDataModule", "--data.init_args.ways=5"
+    ]
+    dotted = ["fit", "--model.algorithm=my_pkg.algos.MyAlgo", "--data={class_path: x}"]
+    assert cli.with_class_names(dotted, known) == dotted  # left to the parser
+    with pytest.raises(cli.UnknownNameError, match="did you mean ProtoNet"):
+        cli.with_class_names(["fit", "--model.algorithm", "protonett"], known)
+
+
+def test_usage_line_names_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "{fit,validate,test,predict,export,pretrain,lm-eval}" in usage
+
+
+def test_version_imports_neither_torch_nor_lightning():
+    """``lightning-meta --version`` took 20 s: it imported the package, hence torch and Lightning."""
+    check = (
+        "import sys; from lightning_meta.__main__ import main; main(['--version']); "
+        "heavy = sorted({'torch', 'lightning', 'transformers'} & set(sys.modules)); assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"lightning-meta {lightning_meta.__version__}\n"
 
 
 def test_bad_inner_steps_names_the_fix(tmp_path):

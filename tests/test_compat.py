@@ -136,6 +136,10 @@ def test_unresolved_class_wording_is_jsonargparse_s():
         message = _jsonargparse_error(parser, [f"--module={value}"])
         assert _compat.is_unresolved_class_error(message), message
     assert not _compat.is_unresolved_class_error("Problem with given class_path 'x': Expected a dot import path string")
+    assert _compat.unresolved_class_name(_jsonargparse_error(parser, ["--module=NoSuchModule"])) == "NoSuchModule"
+    in_a_mapping = _jsonargparse_error(parser, ["--module={class_path: NoSuchModule}"])
+    assert _compat.unresolved_class_name(in_a_mapping) == "NoSuchModule", in_a_mapping
+    assert _compat.unresolved_class_name("Parser key \"module\": invalid choice") is None
 
 
 def test_text_given_a_mapping_wording_is_jsonargparse_s():
