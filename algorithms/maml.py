@@ -7,7 +7,7 @@ from torch import Tensor
 
 from lightning_meta.data.tasks import Episode
 from lightning_meta.learners.base import Learner
-from lightning_meta.training.inner_loop import InnerLoopAlgorithm, inner_loop
+from lightning_meta.training.inner_loop import InnerLoopAlgorithm, inner_loop_and_start_loss
 
 
 class MAML(InnerLoopAlgorithm):
@@ -31,7 +31,8 @@ class MAML(InnerLoopAlgorithm):
 
     Figures: ``query_loss`` (and the learner's other query figures), and while ``report_query``
     is on (the host's logging steps) ``support_loss_pre`` / ``support_loss_post``, the support
-    loss before and after the inner loop, at the cost of two forwards without a graph.
+    loss before and after the inner loop: the first from the inner loop's first step, the second at
+    the cost of one forward without a graph.
 
     Example::
 
@@ -67,7 +68,7 @@ class MAML(InnerLoopAlgorithm):
         # First order: the inner gradients are constants, so θ' = θ − α Σ g has the identity as its
         # derivative in θ (FOMAML: ∇L_query(θ')), while a learned α still gets −Σ g.
         fast_weights = self.fast_weights(learner)
-        adapted = inner_loop(
+        adapted, support_loss_pre = inner_loop_and_start_loss(
             learner,
             fast_weights,
             episode.support,
@@ -78,8 +79,8 @@ class MAML(InnerLoopAlgorithm):
         )
         loss, metrics = learner.loss(episode.query, adapted)
         figures = {f"query_{name}": value for name, value in metrics.items()}
-        if self.report_query:  # on the steps the host logs: did the inner loop fit the support? Two forwards.
+        if self.report_query:  # on the steps the host logs: did the inner loop fit the support? One more forward.
+            figures["support_loss_pre"] = support_loss_pre  # the inner loop's first step computed it
             with torch.no_grad():
-                figures["support_loss_pre"] = learner.loss(episode.support, fast_weights)[0]
                 figures["support_loss_post"] = learner.loss(episode.support, adapted)[0]
         return loss, figures

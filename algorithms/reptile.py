@@ -20,7 +20,7 @@ class Reptile(InnerLoopAlgorithm):
     meta-optimizer with learning rate ε (``torch.optim.SGD(lr=ε)``, no momentum) therefore performs
     Nichol et al.'s update exactly; Adam on the same gradient is the common variant. The query
     split is not used for the update; its post-adaptation loss is reported as ``query_loss`` (only
-    while ``report_query`` is on: the host turns it off on the steps it does not log, saving a
+    while ``report_query`` is on: the host turns it on for the steps it logs; off by default, saving a
     forward per task).
 
     Args:

@@ -33,14 +33,22 @@ def test_support_loss_before_and_after_the_inner_loop_on_logging_steps(algorithm
     torch.manual_seed(0)
     learner = RegressionLearner(MLP(1, [8], 1))
     batch = SinusoidDataModule(meta_batch_size=3).eval_batches("val")[0]
+    forwards = []
+    learner.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    # Off unless asked (a caller outside the host): per task the 2 inner steps and the query, nothing more.
+    assert set(algorithm.meta_loss(learner, batch, meta_batch="task_by_task").metrics) == {"query_loss"}
+    assert len(forwards) == 3 * 3
+    algorithm.report_query = True  # the host's logging steps
+    forwards.clear()
     figures = algorithm.meta_loss(learner, batch, meta_batch="task_by_task").metrics
+    assert len(forwards) == 3 * 4  # support_loss_pre is the inner loop's first step; support_loss_post one forward
     before = [learner.loss(episode.support)[0] for episode in batch.episodes()]
     after = [learner.loss(episode.support, algorithm.adapt(learner, episode.support, steps=2))[0]
              for episode in batch.episodes()]  # fmt: skip
     assert figures["support_loss_pre"] == pytest.approx(torch.stack(before).mean().item(), rel=1e-5)
     assert figures["support_loss_post"] == pytest.approx(torch.stack(after).mean().item(), rel=1e-5)
-    algorithm.report_query = False  # the steps the host does not log: no extra forwards
-    assert set(algorithm.meta_loss(learner, batch, meta_batch="task_by_task").metrics) == {"query_loss"}
+    vmapped = algorithm.meta_loss(learner, batch, meta_batch="vmap").metrics  # the first step's loss under vmap too
+    assert vmapped["support_loss_pre"] == pytest.approx(figures["support_loss_pre"].item(), rel=1e-5)
 
 
 def test_one_bar_for_the_whole_run_across_epochs():

@@ -52,9 +52,10 @@ class MetaAlgorithm(nn.Module, ABC):
         super().__init__()
         #: The meta-training step, set by the host before each meta-loss; schedules read it.
         self.outer_step = 0
-        #: Whether :meth:`task_loss` reports the query figures when they cost extra work (Reptile's
-        #: and MultiTask's query forward); the host turns it off on steps it does not log.
-        self.report_query = True
+        #: Whether :meth:`task_loss` reports the figures that cost extra forwards (Reptile's and MultiTask's
+        #: query loss, the MAML family's support loss after adaptation). Off unless asked: the host turns it on
+        #: for the steps it logs; a caller of :meth:`meta_loss` outside the host sets it when it reads them.
+        self.report_query = False
         # meta_batch="auto" (lightning_meta.training.meta_batch): per (learner, fast weights, derivative
         # order, training mode, meta-loss or evaluation), "" once vmap was checked exact, else why not.
         self._vmap_verdicts: dict[tuple[int, tuple[str, ...], bool, bool, str], str] = {}

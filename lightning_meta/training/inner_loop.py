@@ -75,16 +75,31 @@ def inner_step(
     learned α it is −g (first-order Meta-SGD). With ``parallel=True`` (inside ``torch.func.vmap``)
     the gradient is taken with ``torch.func.grad`` (zeros, not ``None``, for unreached weights).
     """
+    return _step_and_loss(learner, weights, support, update=update, step=step, create_graph=create_graph,
+                          parallel=parallel)[0]  # fmt: skip
+
+
+def _step_and_loss(
+    learner: Learner,
+    weights: Mapping[str, Tensor],
+    support: Split,
+    *,
+    update: InnerUpdate,
+    step: int,
+    create_graph: bool,
+    parallel: bool = False,
+) -> tuple[FastWeights, Tensor]:
+    """:func:`inner_step` and the support loss at ``weights`` it differentiated (detached)."""
     if parallel:
-        gradients = torch.func.grad(_support_loss)(dict(weights), learner, support)
+        gradients, loss = torch.func.grad(_support_loss, has_aux=True)(dict(weights), learner, support)
         if not create_graph:
             gradients = {name: gradient.detach() for name, gradient in gradients.items()}
         if "parallel" in inspect.signature(update).parameters:  # traced once per step for all the tasks
-            return update(step, dict(weights), gradients, parallel=True)
-        return update(step, dict(weights), gradients)
+            return update(step, dict(weights), gradients, parallel=True), loss
+        return update(step, dict(weights), gradients), loss
     loss, _ = learner.loss(support, weights)
     gradients = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
-    return update(step, dict(weights), dict(zip(weights, gradients, strict=True)))
+    return update(step, dict(weights), dict(zip(weights, gradients, strict=True))), loss.detach()
 
 
 def inner_steps(
@@ -105,11 +120,8 @@ def inner_steps(
     checks its loss: that would cost a host sync per step. The data are checked once per batch
     (:meth:`Learner.check_data`) and the host module checks the meta-loss once per batch.
     """
-    update = _rule(update, inner_lr)
-    weights = dict(fast_weights)
-    for step in range(steps):
-        weights = inner_step(learner, weights, support, update=update, step=step, create_graph=create_graph,
-                             parallel=parallel)  # fmt: skip
+    for weights, _ in _trajectory(learner, fast_weights, support, steps=steps, create_graph=create_graph,
+                                  update=update, inner_lr=inner_lr, parallel=parallel):  # fmt: skip
         yield weights
 
 
@@ -131,11 +143,51 @@ def inner_loop(
     to ``fast_weights`` through the gradients too (second-order MAML); otherwise the gradients
     are constants (first order).
     """
+    return inner_loop_and_start_loss(learner, fast_weights, support, steps=steps, create_graph=create_graph,
+                                     update=update, inner_lr=inner_lr, parallel=parallel)[0]  # fmt: skip
+
+
+def inner_loop_and_start_loss(
+    learner: Learner,
+    fast_weights: Mapping[str, Tensor],
+    support: Split,
+    *,
+    steps: int,
+    create_graph: bool,
+    update: InnerUpdate | None = None,
+    inner_lr: float | None = None,
+    parallel: bool = False,
+) -> tuple[FastWeights, Tensor]:
+    """:func:`inner_loop`'s adapted weights and the support loss at ``fast_weights`` (detached): the loss its
+    first step differentiates anyway, so a logged ``support_loss_pre`` costs no forward of its own."""
+    weights, start_loss = dict(fast_weights), None
+    for weights, loss in _trajectory(learner, fast_weights, support, steps=steps,  # noqa: B007
+                                     create_graph=create_graph, update=update, inner_lr=inner_lr,
+                                     parallel=parallel):  # fmt: skip
+        start_loss = loss if start_loss is None else start_loss
+    if start_loss is None:  # no step ran
+        start_loss = learner.loss(support, weights)[0].detach()
+    return weights, start_loss
+
+
+def _trajectory(
+    learner: Learner,
+    fast_weights: Mapping[str, Tensor],
+    support: Split,
+    *,
+    steps: int,
+    create_graph: bool,
+    update: InnerUpdate | None,
+    inner_lr: float | None,
+    parallel: bool,
+) -> Iterator[tuple[FastWeights, Tensor]]:
+    """Each inner step's weights and the support loss at the weights before it: the one shared loop."""
+    update = _rule(update, inner_lr)
     weights = dict(fast_weights)
-    for weights in inner_steps(learner, fast_weights, support, steps=steps, create_graph=create_graph,  # noqa: B007
-                               update=update, inner_lr=inner_lr, parallel=parallel):  # fmt: skip
-        pass
-    return weights
+    for step in range(steps):
+        weights, loss = _step_and_loss(learner, weights, support, update=update, step=step,
+                                       create_graph=create_graph, parallel=parallel)  # fmt: skip
+        yield weights, loss
 
 
 def detached_start(weights: Learner | Mapping[str, Tensor], *, parallel: bool = False) -> FastWeights:
@@ -150,9 +202,9 @@ def detached_start(weights: Learner | Mapping[str, Tensor], *, parallel: bool = 
     return {name: weight.detach().requires_grad_() for name, weight in weights.items()}
 
 
-def _support_loss(weights: FastWeights, learner: Learner, support: Split) -> Tensor:
+def _support_loss(weights: FastWeights, learner: Learner, support: Split) -> tuple[Tensor, Tensor]:
     loss, _ = learner.loss(support, weights)
-    return loss
+    return loss, loss.detach()
 
 
 def _rule(update: InnerUpdate | None, inner_lr: float | None) -> InnerUpdate:

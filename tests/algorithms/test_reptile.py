@@ -45,6 +45,9 @@ def test_sgd_step_is_nichol_update(mlp_learner):
 
 def test_reports_post_adaptation_query_loss(mlp_learner):
     episode = regression_batch(meta_batch_size=1).episode(0)
-    _, metrics = Reptile(inner_lr=0.05, inner_steps=3).task_loss(mlp_learner, episode)
+    reptile = Reptile(inner_lr=0.05, inner_steps=3)
+    assert reptile.task_loss(mlp_learner, episode)[1] == {}  # off unless asked: no query forward
+    reptile.report_query = True  # as the host sets it on the steps it logs
+    _, metrics = reptile.task_loss(mlp_learner, episode)
     expected, _ = mlp_learner.loss(episode.query, adapted_by_hand(mlp_learner, episode.support, 0.05, 3))
     torch.testing.assert_close(metrics["query_loss"], expected.detach())
