@@ -10,6 +10,7 @@ module calls :func:`evaluate_episodes`. The algorithms themselves only say how o
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -99,17 +100,24 @@ def evaluate_episodes(
     verdict = algorithm._vmap_verdicts.get(key)
     if verdict is not None:
         return vmapped() if verdict == "" else looped()
-    reason = static = _refusal(algorithm, learner, _trainable(algorithm, learner))
-    if reason is None:
-        try:
-            parallel = vmapped()
-        except (RuntimeError, NotImplementedError) as error:  # no batching rule, a host sync in the figures
-            reason = f"torch.func.vmap cannot run the evaluation ({str(error).splitlines()[0]})"
-    figures = looped()
-    if reason is None:
-        reason = _figures_disagreement(parallel, figures)
+    parameters = _trainable(algorithm, learner)
+    reason = static = _refusal(algorithm, learner, parameters)
+    checking, low_precision = _in_float32(learner)
+    parallel = figures = None
+    with checking:
+        if reason is None:
+            try:
+                parallel = vmapped()
+            except (RuntimeError, NotImplementedError) as error:  # no batching rule, a host sync in the figures
+                reason = f"torch.func.vmap cannot run the evaluation ({str(error).splitlines()[0]})"
+        if reason is None or not low_precision:
+            figures = looped()
+        if reason is None:
+            reason = _figures_disagreement(parallel, figures)
     _log_fallback(algorithm, reason, static=static is not None, evaluation=True)
     algorithm._vmap_verdicts[key] = reason or ""
+    if low_precision:  # checked in float32: the figures at the caller's precision
+        return looped() if reason else vmapped()
     return figures if reason else parallel
 
 
@@ -197,17 +205,36 @@ def _auto(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, paramete
     if verdict is not None:
         return _loop(algorithm, learner, batch, parameters)
     reason = static = _refusal(algorithm, learner, parameters)
-    if reason is None:
-        try:
-            vmapped = _vmapped(algorithm, learner, batch, parameters)
-        except (RuntimeError, NotImplementedError) as error:  # no batching rule, data-dependent control flow
-            reason = f"torch.func.vmap cannot run the task loss ({str(error).splitlines()[0]})"
-    looped = _loop(algorithm, learner, batch, parameters)
-    if reason is None:
-        reason = _disagreement(vmapped.loss, looped.loss, parameters)
+    checking, low_precision = _in_float32(learner)
+    with checking:
+        if reason is None:
+            try:
+                vmapped = _vmapped(algorithm, learner, batch, parameters)
+            except (RuntimeError, NotImplementedError) as error:  # no batching rule, data-dependent control flow
+                reason = f"torch.func.vmap cannot run the task loss ({str(error).splitlines()[0]})"
+        if reason is None or not low_precision:
+            looped = _loop(algorithm, learner, batch, parameters)
+        if reason is None:
+            reason = _disagreement(vmapped.loss, looped.loss, parameters)
     _log_fallback(algorithm, reason, static=static is not None, evaluation=False)
     algorithm._vmap_verdicts[key] = reason or ""
+    if low_precision:  # checked in float32: the meta-step at the caller's precision
+        return (_loop if reason else _vmapped)(algorithm, learner, batch, parameters)
     return looped if reason else vmapped
+
+
+def _in_float32(learner: Learner) -> tuple[AbstractContextManager, bool]:
+    """Where ``"auto"`` compares vmap with the loop: with low-precision autocast off (and whether it was on).
+
+    The verdict is about exactness, and its tolerance is rounding in the parameters' dtype: under
+    ``bf16-mixed`` two correct computations differ by bf16 rounding (3e-2 to 6e-2 relative on
+    meta-gradients), which would refuse vmap everywhere. So the check runs once in float32 and the
+    step (or evaluation) then runs again at the caller's precision on the path it chose.
+    """
+    device_type = next(learner.parameters()).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return nullcontext(), False
+    return torch.autocast(device_type, enabled=False), True
 
 
 def _surrogate(
