@@ -45,6 +45,7 @@ step, then the resident set's high-water mark over one step above the resident s
     python benchmarks/speed/run.py            # everything, ~5 minutes on one core
     python benchmarks/speed/run.py --quick    # a smoke run: W1 + W2 FOMAML, 3 steps, no memory
     python benchmarks/speed/run.py --w3       # W2-LoRA and W3 only (SmolLM2), 1 + 2 steps, ~20 minutes
+    python benchmarks/speed/run.py --w3-metaicl   # W3's MetaICL: demonstrations once vs one sequence per query
 """
 
 from __future__ import annotations
@@ -418,11 +419,11 @@ _LM_FIELDS = ("input_ids", "attention_mask", "labels")
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16}
 
 
-def w3_data(count: int) -> tuple[list[TaskBatch], Episode]:
-    """``count`` task-gym meta-batches (2 tasks x 4 support + 4 query, padded to their longest) and the first
-    held-out episode (a classification task), as the datamodule collates them, cut to ``W3_OPTIONS`` options."""
+def w3_data(count: int, queries: int = 4) -> tuple[list[TaskBatch], Episode]:
+    """``count`` task-gym meta-batches (2 tasks x 4 support + ``queries`` query, padded to their longest) and the
+    first held-out episode (a classification task), as the datamodule collates them, cut to ``W3_OPTIONS`` options."""
     common.quiet_lightning()
-    data = TextToTextTasksDataModule(tokenizer=W3_LEARNER["tokenizer"], shots=W3_SHOTS, queries=4,
+    data = TextToTextTasksDataModule(tokenizer=W3_LEARNER["tokenizer"], shots=W3_SHOTS, queries=queries,
                                      max_length=W3_MAX_LENGTH, truncate_inputs=True, meta_batch_size=2,
                                      num_val_tasks=16, num_test_tasks=2, eval_meta_batch_size=1)  # fmt: skip
     data.setup("fit")
@@ -509,7 +510,7 @@ def w3_runners(
     """The W3 implementations at one precision, each a step on batch ``index``; with ``old``, today's code too."""
     optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=1e-4)
     fomaml, multitask = FOMAML(inner_lr=0.05, inner_steps=2), MultiTask()
-    metaicl, old_metaicl = MetaICL(), PaddedMetaICL()
+    metaicl, old_metaicl = MetaICL(), PaddedMetaICL(encode_demonstrations_once=False)
     for algorithm in (fomaml, multitask, metaicl, old_metaicl):
         algorithm.report_query = False
     new_scores = learner.option_scores
@@ -647,6 +648,60 @@ def w3(warmup: int, steps: int) -> None:
         )
 
 
+def w3_metaicl(warmup: int, steps: int) -> None:
+    """W3's MetaICL (issue 28) at bf16-mixed: a training step on one packed row per episode (the demonstrations
+    once) against one sequence per query, and a 5-option evaluation episode (K = 4, 8 queries) from the
+    demonstrations' keys and values against the sequences written out; alternated step by step in one process."""
+    count = warmup + steps
+    batches, _ = w3_data(count)
+    _, episode = w3_data(1, queries=8)
+    learner = CausalLMLearner(**W3_LEARNER, lora=LoraSettings(r=8, alpha=16))
+    optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=1e-4)
+    once, separate = MetaICL(), MetaICL(encode_demonstrations_once=False)
+    sequences = []
+    for batch in batches:
+        length = separate.sequence_length(learner, batch.support, batch.query)
+        built = [separate.conditioned(learner, e.support, e.query, False, length)[0] for e in batch.episodes()]
+        sequences.append({name: torch.cat([split[name] for split in built]) for name in _LM_FIELDS})
+    packed = [once.packed_queries(learner, batch.support, batch.query) for batch in batches]
+    tokens = {"separate": statistics.mean(real_tokens(split["attention_mask"]) for split in sequences),
+              "packed": statistics.mean(real_tokens(split["attention_mask"]) for split in packed)}  # fmt: skip
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+
+    def train(algorithm: MetaICL) -> Callable[[int], None]:
+        def step(index: int) -> None:
+            with autocast():
+                loss = algorithm.meta_loss(learner, batches[index]).loss
+            _step(loss, optimizer)
+
+        return step
+
+    def evaluate(algorithm: MetaICL) -> Callable[[int], None]:
+        def step(index: int) -> None:
+            with autocast(), torch.no_grad():
+                algorithm.evaluate(learner, episode)
+
+        return step
+
+    def floor(index: int) -> None:  # today's MetaICL floor: a plain LoRA step on one sequence per query
+        with autocast():
+            plain_lora_step(learner, optimizer, sequences[index])
+
+    print(f"W3 MetaICL (bf16-mixed): {len(batches[0])} episodes x (4 demonstrations + 4 queries) per meta-batch, "
+          f"{tokens['separate']:.0f} real tokens in one sequence per query, {tokens['packed']:.0f} packed; "
+          f"evaluation: {episode.query[CHOICE_INPUT_IDS].shape[0]} queries x {W3_OPTIONS} options",
+          flush=True)  # fmt: skip
+    t = alternate({"floor (one sequence per query)": floor, "MetaICL, one sequence per query": train(separate),
+                   "MetaICL, demonstrations once": train(once),
+                   "evaluation, sequences written out": evaluate(separate),
+                   "evaluation, demonstrations once": evaluate(once)}, count, warmup, steps)  # fmt: skip
+    for name, seconds in t.items():
+        print(f"  {name:36s} {seconds:6.2f} s CPU per step", flush=True)
+    print(f"MetaICL per episode {t['MetaICL, one sequence per query'] / t['MetaICL, demonstrations once']:.2f}x "
+          f"faster ({t['floor (one sequence per query)'] / t['MetaICL, demonstrations once']:.2f}x the old floor); "
+          f"evaluation {t['evaluation, sequences written out'] / t['evaluation, demonstrations once']:.2f}x faster")
+
+
 def w2_lora(warmup: int, steps: int) -> None:
     """W2 with LoRA fast weights (r 8 on c_attn and c_proj, base frozen): FOMAML with the tasks' adapters
     batched (vmap), task by task, and the floor (one plain LoRA step on all support and query)."""
@@ -686,9 +741,17 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the second-order peak-memory processes")
     parser.add_argument("--pass-costs", action="store_true", help="only W2's cost per forward/backward pass by shape")
     parser.add_argument("--w3", action="store_true", help="only W2-LoRA and W3 (SmolLM2-135M; ~20 min on one core)")
+    parser.add_argument("--w3-metaicl", action="store_true",
+                        help="only W3's MetaICL: demonstrations once against one sequence per query (~15 min)")
     parser.add_argument("--memory-one", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.w3_metaicl:
+        warmup, steps = (1, 1) if args.quick else (1, 3)
+        print(f"torch {torch.__version__}, 1 thread, {steps} measured steps after {warmup} warm-up; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)  # fmt: skip
+        w3_metaicl(warmup, steps)
+        return
     if args.w3:
         warmup, steps = (1, 1) if args.quick else (1, 2)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured steps after {warmup} "
