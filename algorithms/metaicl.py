@@ -335,7 +335,8 @@ class MetaICL(MetaAlgorithm):
         """The query split's rows (its sequences, options, calibration and channel rows) to be continued after the
         demonstrations, and the demonstrations run once for them (their keys and values: the ``prefixes`` of
         :meth:`CausalLMLearner.evaluation_metrics`, by mask field); ``None`` where that is not exact (a row would
-        drop a demonstration; fewer than two demonstration tokens) or ``encode_demonstrations_once`` is off.
+        drop a demonstration; fewer than two demonstration tokens; an FSDP-sharded model, whose ranks must run the
+        same forwards whatever their episodes' lengths) or ``encode_demonstrations_once`` is off.
 
         Each row is led by the last demonstration token (the prefix holds the others), so that its outputs
         predict the row's first token as in the sequence written out. The demonstrations are :meth:`conditioned`'s:
@@ -343,6 +344,10 @@ class MetaICL(MetaAlgorithm):
         sequences for the channel rows. One host sync.
         """
         if not self.encode_demonstrations_once or not isinstance(learner, CausalLMLearner):
+            return None
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(weight, DTensor) for weight in learner.parameters()):
             return None
         query_rows = self.loss_rows(query)
         # By mask field: the rows' fields, their demonstrations, and the mask of the rows they must fit beside (the
