@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import load_benchmark
+from conftest import BENCHMARKS, load_benchmark
 
 
 def test_report_has_domains_and_seeds_as_the_units(tmp_path, capsys):
@@ -29,3 +29,47 @@ def test_report_has_domains_and_seeds_as_the_units(tmp_path, capsys):
     difference = torch.stack([r["losses"]["after"]["d"][10] - r["losses"]["after"]["e"][10] for r in runs])
     assert common.seed_spread(difference, signed=True, tasks=tasks) in printed
     assert "3 held-out domains (the tasks: 6 episodes" in printed and (tmp_path / "handoff.png").exists()
+
+
+def load_control_run():
+    """``benchmarks/handoff/control_run.py`` as a module (it imports ``run.py`` beside it as ``run``)."""
+    import importlib.util
+    import sys
+
+    load_benchmark("handoff")  # puts benchmarks/ on the path (common.py)
+    folder = BENCHMARKS / "handoff"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("handoff_control_run", folder / "control_run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_control_handoff_arms_run_count_tokens_and_are_skipped_once_saved(tmp_path, capsys, monkeypatch):
+    # The arms in a shortened form: 1 stage-1 step, N = 1,500 tokens, 4 held-out control tasks, little text.
+    run = load_control_run()
+    monkeypatch.setattr(run.handoff, "PRETRAIN_TOKENS_PER_DOMAIN", 10_000)  # 3 held-out blocks a domain
+    monkeypatch.setattr(run.handoff, "PRETRAIN_BATCH", 2)
+    argv = ["--seeds", "0", "--tokens", "1500", "--meta_steps", "1", "--eval_points", "--final_inner_lrs", "10",
+            "--test_tasks", "4", "--text_blocks", "8", "--out", str(tmp_path)]  # fmt: skip
+    run.main(argv)
+    saved = {arm: torch.load(tmp_path / "seed0" / f"{arm}.pt") for arm in "abc"}
+    for arm, record in saved.items():
+        stages = [point["stage"] for point in record["points"]]
+        assert stages[0] == ("random init" if arm == "a" else "after stage 1") and stages[-1] == "after stage 2"
+        for point in record["points"]:
+            assert point["lm_loss"].shape == (8,) and torch.isfinite(point["lm_loss"]).all()
+            assert set(point["control_gap"]) == {0, *run.ADAPT_STEPS} and len(point["control_gap"][0]) == 4
+        assert "control_gap@10" in record["points"][-1] and "control_gap@10" not in record["points"][0]
+        last = record["points"][-1]
+        # N in all: the meta-training's real tokens (3 a label-mapping example) come out of the pretraining.
+        spent = last["meta_tokens"] + last["pretrain_tokens"]
+        assert spent <= 1500 < spent + 2 * 64  # whole pretraining steps of 2 blocks of 64 tokens
+    # MAML and MultiTask ran as many steps on the same tasks: the same tokens (16 episodes x 12 examples x 3 tokens).
+    assert saved["b"]["points"][0]["meta_tokens"] == saved["c"]["points"][0]["meta_tokens"] == 16 * 12 * 3
+    # A rerun skips every finished arm and reports them.
+    capsys.readouterr()
+    run.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count("saved already, skipped") == 3 and "| (b) MAML, then pretraining | after stage 2 |" in printed

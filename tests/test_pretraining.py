@@ -348,3 +348,20 @@ def test_one_tokenizer_under_two_names_names_the_fix(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "the same token ids under two names" in error and "--data.init_args.tokenizer=embedded-bpe-4096" in error
     assert "Traceback" not in error and "merging hparams" not in error
+
+
+def test_an_untied_head_survives_export_pretrain_export(tmp_path):
+    # configs/control_maml_tiny.yaml adapts an output head of its own (tie_word_embeddings false): the hand-off
+    # must start pretraining from that head, train it apart from the input embeddings, and export it so.
+    untied = dict(TINY, tie_word_embeddings=False)
+    checkpoint, learner = meta_checkpoint(tmp_path, model_config=untied, fast_weights="head")
+    folder = export(str(checkpoint), str(tmp_path / "export"))
+    _, module, trainer = pretrain(tmp_path / "corpus", tmp_path / "pre", 2, init_from=str(folder))
+    model = module.model
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    trainer.save_checkpoint(tmp_path / "pre.ckpt")
+    again = AutoModelForCausalLM.from_pretrained(export(str(tmp_path / "pre.ckpt"), str(tmp_path / "export2")))
+    assert not again.config.tie_word_embeddings
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight.detach())
+    assert not torch.equal(again.lm_head.weight, again.get_input_embeddings().weight)
+    assert not torch.equal(again.lm_head.weight, learner.model.lm_head.weight.detach())  # pretraining moved it

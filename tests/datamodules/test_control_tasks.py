@@ -136,6 +136,19 @@ def test_control_tasks_are_fresh_deterministic_and_evaluation_uses_held_out_word
         assert used and used <= words
 
 
+def test_control_settings_reach_the_checkpoint_as_plain_data(tmp_path):
+    # A ControlSettings object in the datamodule's hyper-parameters made every checkpoint of a control run
+    # unloadable with weights_only=True, so `lightning-meta export` refused it.
+    module = control(["arithmetic"], meta_batch_size=2)
+    torch.save({"datamodule_hyper_parameters": dict(module.hparams)}, tmp_path / "x.ckpt")
+    saved = torch.load(tmp_path / "x.ckpt", weights_only=True)["datamodule_hyper_parameters"]
+    assert saved["control"]["families"] == ["arithmetic"]
+    again = TextToTextTasksDataModule(**saved)  # what Lightning does with them
+    again.setup("fit")
+    assert again.control == module.control
+    assert torch.equal(again.train_batch(0).support["input_ids"], module.train_batch(0).support["input_ids"])
+
+
 def test_a_tables_ceiling_column_is_reported_with_chance_and_tasks_may_be_drawn_with_replacement(tmp_path):
     rows = [{"task": f"t{task}", "family": f"f{task % 3}", "input": word, "output": label, "options": labels,
              "ceiling": 0.9}
