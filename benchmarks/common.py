@@ -134,18 +134,21 @@ class RealTokenBudget(lightning.Callback):
 
     Per step: ``support_passes`` times the support's real tokens plus ``query_passes`` times the
     query's (FOMAML with 2 inner steps: 2 and 1; MetaICL: each query runs after the whole support, so
-    ``queries`` and 1). Counted from the batch's attention masks after each step (one host sync per step).
+    ``queries`` and 1). Counted from the batch's attention masks after each step (one host sync per step);
+    ``rows``: the rows the method trains on, by field prefix (``"channel_sequence_"`` for the channel
+    direction, whose rows are longer than the direct ones).
     """
 
-    def __init__(self, budget: int, support_passes: int, query_passes: int) -> None:
+    def __init__(self, budget: int, support_passes: int, query_passes: int, rows: str = "") -> None:
         self.budget, self.support_passes, self.query_passes = budget, support_passes, query_passes
+        self.mask = f"{rows}attention_mask"
         self.tokens = 0
 
     def on_train_batch_end(  # noqa: D102
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any, batch: TaskBatch,
         batch_idx: int,
     ) -> None:  # fmt: skip
-        support, query = (int(split["attention_mask"].sum()) for split in (batch.support, batch.query))
+        support, query = (int(split[self.mask].sum()) for split in (batch.support, batch.query))
         self.tokens += self.support_passes * support + self.query_passes * query
         trainer.should_stop = self.tokens >= self.budget
 
@@ -187,11 +190,38 @@ def adaptation_curves(
     names: Sequence[str],
     **module_options: Any,
 ) -> dict[str, dict[int, Tensor]]:
-    """:func:`adaptation_curve` of several figures from one test pass (``names``: e.g. ``accuracy``,
-    ``control_gap``); ``module_options`` go to ``MetaLearningModule`` (``meta_batch="vmap"``)."""
+    """:func:`adaptation_curve` of several figures from one test pass (``names``: e.g. ``query_accuracy``,
+    ``query_control_gap``); ``module_options`` go to ``MetaLearningModule`` (``meta_batch="vmap"``)."""
     curve = [0, *steps]
     figures = _EpisodeFigures(names, curve)
     module = MetaLearningModule(learner, algorithm, eval_curve=curve, **module_options)
+    loader = DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    benchmark_trainer(callbacks=[figures]).test(module, loader, verbose=False)
+    return figures.values
+
+
+class _AllEpisodeFigures(lightning.Callback):
+    """Keeps every per-episode figure the module's test collected (those with values), before it reduces them."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Tensor] = {}
+
+    def on_test_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self.values = {
+            key.removeprefix("test_"): torch.cat(statistic.values)
+            for key, statistic in pl_module.episode_stats.items()
+            if key.startswith("test_") and statistic.values
+        }
+
+
+def episode_figures(
+    learner: Learner, algorithm: MetaAlgorithm, batches: Sequence[TaskBatch], **module_options: Any
+) -> dict[str, Tensor]:
+    """Every per-episode figure ``trainer.test`` of ``MetaLearningModule(learner, algorithm, **module_options)``
+    collects on ``batches``, by name without the stage (``accuracy_pre``, ``accuracy_step3``, control tasks'
+    ``ceiling``, ``chance``, ``control_gap_post``, ...), episodes in batch order (float64)."""
+    figures = _AllEpisodeFigures()
+    module = MetaLearningModule(learner, algorithm, **module_options)
     loader = DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
     benchmark_trainer(callbacks=[figures]).test(module, loader, verbose=False)
     return figures.values

@@ -462,8 +462,9 @@ class _BigBenchReader:
                 columns = table_columns(read, list(BIGBENCH_MIRROR_COLUMNS))
                 rows += [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
             prefix, suffix = _shared_ends([row["inputs"] for row in rows if isinstance(row["inputs"], str)])
-            task = {"task_prefix": prefix, "example_input_prefix": "", "example_output_prefix": suffix,
-                    "append_choices_to_input": False, "examples": rows}  # fmt: skip
+            # The shared start is no task_prefix: the mirror's prompts cannot tell the task's prefix from the input's.
+            task = {"example_input_prefix": prefix, "example_output_prefix": suffix, "append_choices_to_input": False,
+                    "examples": rows}  # fmt: skip
             where = f"{root}: {'/'.join(parts)}"
             convert = functools.partial(_from_mirror, start=len(prefix), end=len(suffix))
             read_task = self._task_data(":".join(parts), task, where, convert) if rows else None

@@ -38,12 +38,18 @@ from lightning_meta.data.tasks import (
     CHOICE_LABELS,
     CORRECT,
     CREDIT,
+    DEMONSTRATION_FIELDS,
     IGNORE_INDEX,
+    TASK_PREFIX_LENGTH,
     Episode,
 )
 from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
 from lightning_meta.datamodules.control_tasks import CONTROL, ControlSettings, ControlTasks
 from lightning_meta.datamodules.task_collections import (
+    BIGBENCH_EXAMPLE_SEPARATOR,
+    EXAMPLE_SEPARATOR,
+    TASK_FIELDS,
+    TASK_PREFIX,
     TaskCollection,
     near_duplicates,
     read_task_collection,
@@ -58,6 +64,8 @@ INPUT_FIELD = "{input}"
 #: and ``{name}`` (a placeholder: only ``{input}`` is one). Other braces, as in ``{"a": 1}``, are text.
 _TEMPLATE_PIECE = re.compile(r"\{\{|\}\}|\{[A-Za-z_]\w*\}")
 _SPLITS = ("val", "test")
+#: How evaluation episodes write in-context demonstrations (``TextToTextTasksDataModule(demonstrations=...)``).
+DEMONSTRATION_LAYOUTS = ("metaicl", "bigbench")
 
 
 @dataclass
@@ -80,6 +88,9 @@ class TextTask:
     calibration: Tensor | None = None
     channel: Tensor | None = None  # (examples, 3, options, max_length): each option, then the prompt (labelled)
     channel_sequence: Tensor | None = None  # (examples, 3, max_length): the output, then the prompt (labelled)
+    # (examples, 2, max_length): ids and mask of each example as a BIG-bench demonstration (demonstrations="bigbench")
+    demonstration: Tensor | None = None
+    task_prefix_length: Tensor | None = None  # (examples,): the task prefix's tokens at the start of each prompt
     inputs: list[str] = field(default_factory=list)  # each example's input text, for the held-out overlap check
     ceiling: float | None = None  # the best accuracy a reader of the support can reach (a control task's)
 
@@ -98,7 +109,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     """Episodes of text-to-text tasks (classification, QA, summarization, ...) for causal LMs.
 
     A task is a set of (input, output) examples and a prompt template; an example becomes the
-    sequence ``template(input) + " " + output + end token``, and the loss covers the output tokens
+    sequence ``template(input) + " " + output + end token`` (no space after a prompt that ends in whitespace,
+    as BIG-bench writes the output right after its output prefix), and the loss covers the output tokens
     and the end token only (``labels`` are ``-100`` on the prompt and the padding). An episode
     draws a family, one of its tasks, and ``shots + queries`` distinct examples of it: the support (what adaptation,
     or MetaICL's demonstrations, see) and the query. Tasks whose table lists ``options`` (a
@@ -143,6 +155,13 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             first, then its prompt and the end token, the loss on the prompt (every split; what
             ``MetaICL(direction="channel")`` trains on), and in evaluation episodes each option followed by
             the prompt, scored on the prompt's tokens (``accuracy_channel``: log p(input | option)).
+        demonstrations: how MetaICL's evaluation writes the support before a query: ``"metaicl"``, each example
+            as it trains (its whole prompt, output and end token; MetaICL's layout), or ``"bigbench"``, BIG-bench's
+            K-shot layout (``bigbench/api/json_task.py``): the task prefix once, then each example's prompt without
+            it and its output, separated by the task's example separator, then the query. A table gives them in
+            the columns ``task_prefix`` (text every prompt of the task starts with; default none) and
+            ``few_shot_example_separator`` (default ``"\n"``), as the BIG-bench reader writes them. Training
+            keeps MetaICL's layout.
         calibration: evaluation episodes carry each option after the content-free prompt (the template with an
             empty input), for ``accuracy_calibrated`` (``CausalLMLearner(scoring="calibrated")``). Scoring them is
             one more prompt and every option again per example; ``false`` leaves them out, and that figure with them.
@@ -197,6 +216,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         template_column: str = "template",
         channel: bool = False,
         calibration: bool = True,
+        demonstrations: str = "metaicl",
         gym_families: list[str] | None = None,
         val_tasks: list[str] | str | None = None,
         test_tasks: list[str] | str | None = None,
@@ -230,6 +250,11 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         if shots < 1 or queries < 1 or max_length < 4:
             raise ValueError(f"Need shots >= 1, queries >= 1, max_length >= 4; got {shots}, {queries}, {max_length}.")
         check_template(template)
+        if demonstrations not in DEMONSTRATION_LAYOUTS:
+            raise ValueError(
+                f"demonstrations={demonstrations!r} is not a layout: use one of {', '.join(DEMONSTRATION_LAYOUTS)} "
+                "(--data.init_args.demonstrations)."
+            )
         self.tokenizer = required_tokenizer(tokenizer, type(self).__name__)
         self.dataset = dataset
         self.task_column = task_column
@@ -242,6 +267,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.template_column = template_column
         self.channel = channel
         self.calibration = calibration
+        self.demonstrations = demonstrations
         self.gym_families = gym_families
         self.val_tasks = val_tasks
         self.test_tasks = test_tasks
@@ -284,7 +310,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
     @functools.cached_property
     def _control_encoder(self) -> _Encoder:
         return _Encoder(load_tokenizer(self.tokenizer), self.max_length, self.truncate_inputs, memo=True,
-                        channel=self.channel, calibration=self.calibration)  # fmt: skip
+                        channel=self.channel, calibration=self.calibration,
+                        demonstrations=self.demonstrations)  # fmt: skip
 
     @functools.cached_property
     def examples(self) -> dict[str, dict[str, Any]]:
@@ -313,10 +340,11 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             families = tuple(self.gym_families) if self.gym_families is not None else None
             tasks = _tokenized_gym(self.tokenizer, families, self.max_length, self.truncate_inputs,
                                    self.max_examples_per_task, self.skip_long_examples, self.channel,
-                                   self.calibration)  # fmt: skip
+                                   self.calibration, self.demonstrations)  # fmt: skip
         else:
             tasks = _tokenize(self.examples, self.tokenizer, self.max_length, self.truncate_inputs,
-                              self.skip_long_examples, self.channel, self.calibration)  # fmt: skip
+                              self.skip_long_examples, self.channel, self.calibration,
+                              self.demonstrations)  # fmt: skip
         needed = self._examples_needed
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
         # A few names, smallest first: a user's table can have thousands of such tasks.
@@ -529,7 +557,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         else:
             chosen = torch.randperm(len(task), generator=generator)[:needed]
         support, query = (
-            _rows(task, rows, options, self.channel, self.calibration)
+            _rows(task, rows, options, self.channel, self.calibration, demonstrations=split != "train")
             for rows in (chosen[: self.shots], chosen[self.shots :])
         )
         metadata = {"task": task.name, "family": task.family or "", "example_ids": chosen}
@@ -552,6 +580,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             "options": self.options_column,
             "ceiling": self.ceiling_column,
             "scores": self.scores_column,
+            **{name: name for name in TASK_FIELDS},
         }
         cells = table_columns(table, [column for column in dict.fromkeys([*required, *optional.values()])
                                        if column in table.column_names])  # fmt: skip
@@ -574,8 +603,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         for row, (name, text_input, text_output) in enumerate(
             zip(cells[self.task_column], cells[self.input_column], cells[self.output_column], strict=True)
         ):
-            family, template, options, ceiling, scores = (None if values is None else values[row]
-                                                          for values in columns.values())  # fmt: skip
+            family, template, options, ceiling, scores, *task_fields = (None if values is None else values[row]
+                                                                        for values in columns.values())  # fmt: skip
             task = tasks.setdefault(
                 str(name),
                 {"family": None, "ceiling": None, "templates": [], "inputs": [], "outputs": [], "options": [],
@@ -585,6 +614,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                 task["family"] = str(family)
             if ceiling is not None and not is_missing(ceiling):
                 task["ceiling"] = _ceiling(ceiling, f"{source}, row {row}")
+            for key, value in zip(TASK_FIELDS, task_fields, strict=True):
+                # A task's: its first row's. Whitespace is a value here (a separator "\n\n"), only None is none.
+                if isinstance(value, str) and key not in task:
+                    task[key] = value
             outputs = _outputs(text_output, f"{source}, row {row}")
             text_input, options = str(text_input), _options(options)
             # A repeated example could land in both the support and the query; one input with other options is
@@ -663,9 +696,11 @@ def _tokenized_gym(
     skip_long_examples: bool,
     channel: bool = False,
     calibration: bool = True,
+    demonstrations: str = "metaicl",
 ) -> dict[str, TextTask]:
     examples = _gym_examples(list(families) if families is not None else None, limit)
-    return _tokenize(examples, tokenizer, max_length, truncate_inputs, skip_long_examples, channel, calibration)
+    return _tokenize(examples, tokenizer, max_length, truncate_inputs, skip_long_examples, channel, calibration,
+                     demonstrations)  # fmt: skip
 
 
 def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, dict[str, Any]]:
@@ -691,15 +726,17 @@ def _tokenize(
     skip_long_examples: bool = False,
     channel: bool = False,
     calibration: bool = True,
+    demonstrations: str = "metaicl",
 ) -> dict[str, TextTask]:
     """Every task's examples as tensors; with ``skip_long_examples`` those that do not fit are left out
     (a task none of whose examples fits, too), with one log line; with ``channel`` also channel-style; with
-    ``calibration`` the options after the content-free prompt."""
+    ``calibration`` the options after the content-free prompt; with ``demonstrations="bigbench"`` each example as a
+    BIG-bench demonstration too."""
     tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"Tokenizer {tokenizer_name!r} has no end-of-text token to end each output with.")
     encoder = _Encoder(tokenizer, max_length, truncate_inputs, skip_long_examples, channel=channel,
-                       calibration=calibration)
+                       calibration=calibration, demonstrations=demonstrations)
     tasks = {name: encoder.encode(name, task) for name, task in examples.items()}
     if encoder.skipped:
         rank_zero_info(
@@ -754,6 +791,23 @@ def template_parts(template: str) -> tuple[str, str]:
     return "".join(prefix), "".join(suffix)
 
 
+def output_joint(prompt: str) -> tuple[str, str]:
+    """``prompt`` as written before an output, and the text between them: one space, but none after a prompt that
+    ends in whitespace (as BIG-bench writes an output right after its output prefix, ``"\nA: "``). A trailing space
+    is written with the output instead (``"A:"``, ``" yes"``: the same text, and the output's first token carries
+    its space, as tokenizers split words)."""
+    if prompt.endswith(" "):
+        return prompt[:-1], " "
+    return prompt, "" if prompt[-1:].isspace() else " "
+
+
+def written_template_parts(template: str) -> tuple[str, str]:
+    """:func:`template_parts` with the suffix as :func:`output_joint` writes it (a trailing space moves to the
+    output), for a template whose prompts end with its suffix."""
+    prefix, suffix = template_parts(template)
+    return prefix, suffix[:-1] if suffix.endswith(" ") else suffix
+
+
 #: Characters per token of the first prefix that :meth:`_Encoder._leading_ids` tokenizes.
 _CHARS_PER_TOKEN = 8
 #: Tokens at the end of a prefix's tokens that may differ from the whole text's: a word or a merge cut in two.
@@ -772,10 +826,12 @@ class _Encoder:
         memo: bool = False,
         channel: bool = False,
         calibration: bool = True,
+        demonstrations: str = "metaicl",
     ) -> None:
         self.tokenizer = tokenizer
         self.channel = channel
         self.calibration = calibration
+        self.demonstrations = demonstrations
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
         self.skip_long = skip_long
@@ -796,14 +852,29 @@ class _Encoder:
     def encode(self, name: str, task: dict[str, Any]) -> TextTask | None:
         """The task's examples as tensors; ``None`` when none fits and long examples are skipped."""
         ceiling = task.get("ceiling")
-        prompts = [
-            prefix + text + suffix
+        prompts, joints = zip(*(
+            output_joint(prefix + text + suffix)
             for (prefix, suffix), text in zip(map(template_parts, task["templates"]), task["inputs"], strict=True)
-        ]
+        ), strict=True)  # fmt: skip
+        # BIG-bench's demonstrations: the task prefix, tokenized on its own, leads every prompt (written once before
+        # the demonstrations by MetaICL's evaluation); each example is also written as a demonstration.
+        bigbench = self.demonstrations == "bigbench"
+        lead = task.get(TASK_PREFIX, "") if bigbench else ""
+        if lead:
+            starts = [template_parts(template)[0] for template in dict.fromkeys(task["templates"])]
+            if not all(start.startswith(lead) for start in starts):
+                raise ValueError(
+                    f"Task {name!r} gives the task_prefix {lead[:40]!r}, but its template starts {starts[0][:40]!r}: "
+                    "the task prefix is the text every prompt of the task starts with. Fix the task_prefix column, or "
+                    "leave it empty."
+                )
+        lead_ids = self.ids([lead])[0] if lead else []
+        example_separator = self.ids([task.get(EXAMPLE_SEPARATOR, BIGBENCH_EXAMPLE_SEPARATOR)])[0] if bigbench else []
         eos = [self.tokenizer.eos_token_id]
         # Channel rows write the output, then this separator (MetaICL's code writes "\n" there), then the prompt.
         separator = self.ids(["\n"])[0] if self.channel else []
-        outputs = [[ids + eos for ids in self.ids([" " + text for text in texts])] for texts in task["outputs"]]
+        outputs = [[ids + eos for ids in self.ids([joint + text for text in texts])]
+                   for joint, texts in zip(joints, task["outputs"], strict=True)]  # fmt: skip
         # Written after each prompt and scored: the example's options, else its correct outputs when it has several.
         choices = [
             list(options) if options else texts if len(texts) > 1 else []
@@ -813,21 +884,26 @@ class _Encoder:
         # the several correct outputs of an example without options keep the end token: exact match asks greedy
         # decoding to write one of them and stop, as the training row's labels do.
         choice_ids = [
-            [ids + ([] if options else eos) for ids in self.ids([" " + text for text in texts])]
-            for texts, options in zip(choices, task["options"], strict=True)
+            [ids + ([] if options else eos) for ids in self.ids([joint + text for text in texts])]
+            for joint, texts, options in zip(joints, choices, task["options"], strict=True)
         ]
+        # A demonstration is the prompt without the task prefix, the output and the example separator (no end token).
+        demonstration_extra = [len(answers[0]) - 1 + len(example_separator) - len(lead_ids) if bigbench else 0
+                               for answers in outputs]  # fmt: skip
         prompt_ids = [
-            self._fit(name, row, prompt, task, max(len(ids) for ids in [*answers, *rows]) + len(separator))
-            for row, (prompt, answers, rows) in enumerate(
-                zip(self._prompt_ids(prompts, task["inputs"]), outputs, choice_ids, strict=True)
-            )
-        ]
+            self._fit(name, row, prompt, task, max(max(len(ids) for ids in [*answers, *rows]) + len(separator), extra),
+                      lead_ids)
+            for row, (prompt, answers, rows, extra) in enumerate(zip(
+                self._prompt_ids([prompt[len(lead):] for prompt in prompts], task["inputs"], lead_ids), outputs,
+                choice_ids, demonstration_extra, strict=True,
+            ))
+        ]  # fmt: skip
         kept = [row for row, ids in enumerate(prompt_ids) if ids is not None]
         if len(kept) < len(prompt_ids):
             self.skipped[name] = len(prompt_ids) - len(kept)
             if not kept:
                 return None
-            task = {"family": task["family"]} | {
+            task = dict(task) | {
                 key: [task[key][row] for row in kept]
                 for key in ("templates", "inputs", "outputs", "options", "scores") if key in task
             }
@@ -837,6 +913,11 @@ class _Encoder:
         input_ids, attention_mask, labels = self._rows(prompt_ids, [answers[0] for answers in outputs])
         result = TextTask(name, task["family"], input_ids, attention_mask, labels, inputs=list(task["inputs"]),
                           ceiling=ceiling)  # fmt: skip
+        if bigbench:
+            ids, mask, _ = self._rows([prompt[len(lead_ids) :] for prompt in prompt_ids],
+                                      [answers[0][:-1] + example_separator for answers in outputs])  # fmt: skip
+            result.demonstration = torch.stack([ids, mask], 1)
+            result.task_prefix_length = torch.full((len(prompt_ids),), len(lead_ids))
         if self.channel:  # the output without its end token, the separator, the prompt and the end token (labelled)
             result.channel_sequence = torch.stack(self._rows(
                 [answers[0][:-1] + separator for answers in outputs], [prompt + eos for prompt in prompt_ids]
@@ -872,8 +953,9 @@ class _Encoder:
                 # premise "Answer:" is the template's text around the input); its end is kept where an option leaves
                 # no room.
                 templates = list(dict.fromkeys(task["templates"]))
-                free = dict(zip(templates, self.ids(["".join(template_parts(text)) for text in templates]),
-                                strict=True))  # fmt: skip
+                free_texts = ["".join(written_template_parts(text))[len(lead) :] for text in templates]
+                free = {template: lead_ids + ids
+                        for template, ids in zip(templates, self.ids(free_texts), strict=True)}  # fmt: skip
                 free_rows = [
                     (free[template], ids) for template, rows in zip(task["templates"], choice_ids, strict=True)
                     for ids in rows + [[]] * (width - len(rows))
@@ -890,12 +972,13 @@ class _Encoder:
                 ), 1).view(len(prompt_ids), width, 3, self.max_length).transpose(1, 2)  # fmt: skip
         return result
 
-    def _prompt_ids(self, prompts: list[str], inputs: list[str]) -> list[list[int] | None]:
-        """Each prompt's token ids; ``None`` for a prompt whose input alone has more than ``max_length`` tokens
-        (:meth:`_leading_ids`): it cannot fit, and is cut or refused without being tokenized whole."""
+    def _prompt_ids(self, prompts: list[str], inputs: list[str], lead: list[int]) -> list[list[int] | None]:
+        """Each prompt's token ids after ``lead`` (the task prefix's); ``None`` for a prompt whose input alone has more
+        than ``max_length`` tokens (:meth:`_leading_ids`): it cannot fit, and is cut or refused without being
+        tokenized whole."""
         long = {row for row, text in enumerate(inputs) if self._leading_ids(text) is not None}
         whole = iter(self.ids([prompt for row, prompt in enumerate(prompts) if row not in long]))
-        return [None if row in long else next(whole) for row in range(len(prompts))]
+        return [None if row in long else lead + next(whole) for row in range(len(prompts))]
 
     def _leading_ids(self, text: str) -> list[int] | None:
         """More than ``max_length`` of the first token ids of ``text``, read from a prefix of it, or ``None`` when
@@ -916,16 +999,25 @@ class _Encoder:
         return None
 
     def _fit(
-        self, name: str, row: int, prompt: list[int] | None, task: dict[str, Any], answer_length: int
+        self,
+        name: str,
+        row: int,
+        prompt: list[int] | None,
+        task: dict[str, Any],
+        answer_length: int,
+        lead: list[int] | None = None,
     ) -> list[int] | None:
         """The prompt's ids, with the input shortened when allowed and needed to leave room for the answer
         (``None``: it does not fit, and long examples are skipped). ``prompt`` is ``None`` for an input longer
-        than ``max_length`` tokens by itself (:meth:`_prompt_ids`)."""
+        than ``max_length`` tokens by itself (:meth:`_prompt_ids`); ``lead``: the task prefix's ids, which
+        the template's start begins with, tokenized on their own."""
         room = self.max_length - answer_length
         if prompt is not None and len(prompt) <= room:
             return prompt
-        template = task["templates"][row]
-        prefix, suffix = (self.ids([part])[0] for part in template_parts(template))
+        lead = lead or []
+        start, end = written_template_parts(task["templates"][row])
+        lead_text = task.get(TASK_PREFIX, "") if lead else ""
+        prefix, suffix = lead + self.ids([start[len(lead_text) :]])[0], self.ids([end])[0]
         text = self._leading_ids(task["inputs"][row]) or self.ids([task["inputs"][row]])[0]
         budget = room - len(prefix) - len(suffix)
         if not self.truncate_inputs or budget < 1:
@@ -958,13 +1050,19 @@ class _Encoder:
 
 
 def _rows(
-    task: TextTask, rows: Tensor, options: int, channel: bool = False, calibration: bool = True
+    task: TextTask,
+    rows: Tensor,
+    options: int,
+    channel: bool = False,
+    calibration: bool = True,
+    demonstrations: bool = False,
 ) -> dict[str, Tensor]:
     """The split of ``rows``; with ``options`` > 0 its choice rows padded to ``options`` (padding rows have no
     labels; a task without options gets none listed), so that episodes of a split's tasks stack. Padded here,
     per episode: tasks keep their own option count (a few tasks with a hundred options would otherwise
     multiply every task's memory). With ``calibration`` the calibration rows come with the choice rows, and with
-    ``channel`` the channel option rows too; the channel sequences come in every split."""
+    ``channel`` the channel option rows too; the channel sequences come in every split; with ``demonstrations``
+    each example as a BIG-bench demonstration and its task prefix's length, where the task has them."""
     split = {
         "input_ids": task.input_ids[rows],
         "attention_mask": task.attention_mask[rows],
@@ -972,6 +1070,9 @@ def _rows(
     }
     if channel:
         split |= dict(zip(CHANNEL_SEQUENCE_FIELDS, task.channel_sequence[rows].unbind(1), strict=True))
+    if demonstrations and task.demonstration is not None:
+        split |= dict(zip(DEMONSTRATION_FIELDS, task.demonstration[rows].unbind(1), strict=True))
+        split[TASK_PREFIX_LENGTH] = task.task_prefix_length[rows]
     if not options:
         return split
     groups: dict[tuple[str, str, str], Tensor | None] = {}

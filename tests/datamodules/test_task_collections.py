@@ -727,7 +727,7 @@ def test_natural_instructions_mirror_gives_the_definition_prompt_and_every_outpu
     assert collection.kind == "natural_instructions"
     assert task_names(collection) == ["task001_made_up", "task002_made_up", "task003_made_up"]
     first = [row for row in rows(collection) if row["task"] == "task002_made_up"][0]
-    assert first == {
+    assert {column: first[column] for column in task_collections.COLUMNS[:7]} == {
         "task": "task002_made_up", "family": "other", "input": "red 20", "output": ["red", "any"], "options": None,
         "scores": None, "template": "Definition: Answer task 2 {{briefly}}.\n\nNow complete the following example -\n"
                                     "Input: {input}\nOutput:",
