@@ -190,8 +190,8 @@ def adaptation_curves(
     names: Sequence[str],
     **module_options: Any,
 ) -> dict[str, dict[int, Tensor]]:
-    """:func:`adaptation_curve` of several figures from one test pass (``names``: e.g. ``query_accuracy``,
-    ``query_control_gap``); ``module_options`` go to ``MetaLearningModule`` (``meta_batch="vmap"``)."""
+    """:func:`adaptation_curve` of several figures from one test pass (``names``: e.g. ``accuracy``,
+    ``control_gap``); ``module_options`` go to ``MetaLearningModule`` (``meta_batch="vmap"``)."""
     curve = [0, *steps]
     figures = _EpisodeFigures(names, curve)
     module = MetaLearningModule(learner, algorithm, eval_curve=curve, **module_options)

@@ -1,7 +1,9 @@
-"""benchmarks/handoff/run.py's report: the held-out domains and the seeds are the units of its CIs."""
+"""benchmarks/handoff/: run.py's report (the held-out domains and the seeds are the units of its CIs), and
+control_run.py's arms in a shortened form."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import BENCHMARKS, load_benchmark
@@ -46,6 +48,7 @@ def load_control_run():
     return module
 
 
+@pytest.mark.slow  # ~40 CPU-seconds: 2 meta-training runs, 3 pretraining runs, 6 evaluations
 def test_control_handoff_arms_run_count_tokens_and_are_skipped_once_saved(tmp_path, capsys, monkeypatch):
     # The arms in a shortened form: 1 stage-1 step, N = 1,500 tokens, 4 held-out control tasks, little text.
     run = load_control_run()
