@@ -17,10 +17,12 @@ from lightning_meta.data.tasks import (
     CHOICE_FIELDS,
     CORRECT,
     CREDIT,
+    DEMONSTRATION_FIELDS,
     IGNORE_INDEX,
     LABEL_WEIGHTS,
     POSITION_IDS,
     SEGMENT_IDS,
+    TASK_PREFIX_LENGTH,
     Episode,
     Split,
     TaskBatch,
@@ -68,6 +70,12 @@ class MetaICL(MetaAlgorithm):
             the direct and calibration rows after the demonstrations written directly, the channel rows
             (``accuracy_channel``; ``CausalLMLearner(scoring="channel")`` makes it ``accuracy``) after the
             demonstrations written channel-style, as MetaICL's code conditions each method.
+
+    Evaluation writes the demonstrations as training does, unless the evaluation splits carry BIG-bench's
+    (``TextToTextTasksDataModule(demonstrations="bigbench")``): the direct and calibration rows are then written in
+    BIG-bench's K-shot layout (``bigbench/api/json_task.py``): the task prefix once, each demonstration as
+    the task's input and output prefixes around its input and output, separated by the task's example separator
+    (``"\n"``), then the query without the task prefix. Training keeps the paper's layout.
         encode_demonstrations_once: run an episode's demonstrations once for all its queries, where that is exact
             (every query keeps every demonstration): in training, one packed row per episode (the demonstrations,
             then each query after them, each query attending to the demonstrations and to itself only, its positions
@@ -272,26 +280,39 @@ class MetaICL(MetaAlgorithm):
             return dict(query), query[DROPPED]
         context = self.context_length(learner)
         support_rows, query_rows = self.loss_rows(support), self.loss_rows(query)
+        # In evaluation, BIG-bench's layout where the splits carry it: the support as BIG-bench demonstrations, and
+        # each direct row's task prefix (its first TASK_PREFIX_LENGTH tokens) moved before them.
+        demonstrations, lead = dict(support), None
+        if options and DEMONSTRATION_FIELDS[0] in support:
+            demonstrations = dict(zip(("input_ids", "attention_mask"), (support[name] for name in DEMONSTRATION_FIELDS),
+                                      strict=True))  # fmt: skip
+            lead = query[TASK_PREFIX_LENGTH]
+        direct_lead = lead if self.direction == "direct" else None
+        if direct_lead is not None:
+            support_rows = demonstrations
         if length is None:
             length = self.sequence_length(learner, support_rows, query_rows)
         fields = (query_rows[name] for name in ("input_ids", "attention_mask", "labels"))
         conditioned, dropped = with_demonstrations(support_rows, *fields, context, length,
-                                                   demonstration_labels=demonstration_labels)  # fmt: skip
+                                                   demonstration_labels=demonstration_labels,
+                                                   lead_lengths=direct_lead)  # fmt: skip
         built = dict(zip(("input_ids", "attention_mask", "labels"), conditioned, strict=True))
         built[DROPPED] = dropped
         if options and CHOICE_FIELDS[0] in query:
             ids, mask, labels = (query[name] for name in CHOICE_FIELDS)
             examples, count, _ = ids.shape
             longest = mask.sum(-1).amax(-1, keepdim=True).expand(examples, count).flatten()
-            choice_length = self.sequence_length(learner, support, query, options=True)
-            choices, _ = with_demonstrations(support, ids.flatten(0, 1), mask.flatten(0, 1), labels.flatten(0, 1),
-                                             context, choice_length, longest)  # fmt: skip
+            choice_length = self.sequence_length(learner, demonstrations, query, options=True)
+            choice_lead = None if lead is None else lead[:, None].expand(examples, count).flatten()
+            choices, _ = with_demonstrations(demonstrations, ids.flatten(0, 1), mask.flatten(0, 1),
+                                             labels.flatten(0, 1), context, choice_length, longest,
+                                             lead_lengths=choice_lead)  # fmt: skip
             built |= {
                 name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
             }
             built |= {name: query[name] for name in (ANSWER, CORRECT, CREDIT, CHOICE_CHARACTERS) if name in query}
             if CALIBRATION_FIELDS[0] in query:
-                built |= _option_rows(support, query, CALIBRATION_FIELDS, CHOICE_FIELDS, context)
+                built |= _option_rows(demonstrations, query, CALIBRATION_FIELDS, CHOICE_FIELDS, context, lead)
             if CHANNEL_FIELDS[0] in query:
                 channel_support = channel_sequences(support, "Scoring the channel rows in context")
                 built |= _option_rows(channel_support, query, CHANNEL_FIELDS, CHANNEL_FIELDS, context)
@@ -349,6 +370,8 @@ class MetaICL(MetaAlgorithm):
 
         if any(isinstance(weight, DTensor) for weight in learner.parameters()):
             return None
+        if DEMONSTRATION_FIELDS[0] in support:  # BIG-bench's layout puts each row's task prefix first: conditioned
+            return None
         query_rows = self.loss_rows(query)
         # By mask field: the rows' fields, their demonstrations, and the mask of the rows they must fit beside (the
         # longest option, for the options and calibration rows, as conditioned chooses their demonstrations).
@@ -392,18 +415,25 @@ class MetaICL(MetaAlgorithm):
 
 
 def _option_rows(
-    support: Split, query: Split, fields: tuple[str, str, str], fit_fields: tuple[str, str, str], context: int
+    support: Split,
+    query: Split,
+    fields: tuple[str, str, str],
+    fit_fields: tuple[str, str, str],
+    context: int,
+    lead_lengths: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The ``fields`` option rows of ``query`` ``(examples, options, tokens)``, each after the demonstrations of
     ``support`` that fit beside its example's longest ``fit_fields`` row (every row of an example shares them), as
-    long as the longest such sequence (rounded up to a multiple of 8). One host sync."""
+    long as the longest such sequence (rounded up to a multiple of 8); ``lead_lengths`` ``(examples,)``: see
+    :func:`with_demonstrations`. One host sync."""
     ids, mask, labels = (query[name] for name in fields)
     examples, count, _ = ids.shape
     longest = query[fit_fields[1]].sum(-1).amax(-1, keepdim=True).expand(examples, count).flatten()
     kept, _ = demonstrations_kept(support["attention_mask"], longest, context)
     real = (kept * support["attention_mask"].sum(-1)).sum(-1) + mask.sum(-1).flatten()
+    lead = None if lead_lengths is None else lead_lengths[:, None].expand(examples, count).flatten()
     rows, _ = with_demonstrations(support, ids.flatten(0, 1), mask.flatten(0, 1), labels.flatten(0, 1), context,
-                                  padded_length(int(real.max())), longest)  # fmt: skip
+                                  padded_length(int(real.max())), longest, lead_lengths=lead)  # fmt: skip
     return {name: tensor.view(examples, count, -1) for name, tensor in zip(fields, rows, strict=True)}
 
 
@@ -429,6 +459,7 @@ def with_demonstrations(
     length: int,
     fit_lengths: Tensor | None = None,
     demonstration_labels: bool = False,
+    lead_lengths: Tensor | None = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
     """Each query sequence preceded by the support's sequences: ``(ids, mask, labels)`` and dropped counts.
 
@@ -438,7 +469,9 @@ def with_demonstrations(
     row); labels only on the query's labelled tokens (with ``demonstration_labels`` also on the kept
     demonstrations' labelled tokens, the support's ``labels``). Demonstrations that would overflow
     ``context`` beside a query of ``fit_lengths`` tokens (default: the query's own length) are
-    dropped from the front. Runs on the device without host syncs.
+    dropped from the front. ``lead_lengths`` ``(queries,)``: how many of each query's first tokens go before the
+    demonstrations instead (BIG-bench's task prefix, written once ahead of them). Runs on the device without host
+    syncs.
     """
     demo_ids, demo_mask = support["input_ids"], support["attention_mask"].bool()
     shots, demo_tokens = demo_ids.shape
@@ -456,8 +489,13 @@ def with_demonstrations(
         extra = length - ids.shape[1]
         token_kept, ids = F.pad(token_kept, (0, extra)), F.pad(ids, (0, extra))
         all_labels = F.pad(all_labels, (0, extra), value=IGNORE_INDEX)
-    # A stable sort on "dropped" moves the kept tokens to the front, in order.
-    order = torch.argsort((~token_kept).to(torch.uint8), dim=1, stable=True)[:, :length]
+    # A stable sort on "dropped" moves the kept tokens to the front, in order; a query's leading tokens go first.
+    rank = (~token_kept).to(torch.uint8)
+    if lead_lengths is not None:
+        position = torch.arange(token_kept.shape[1], device=token_kept.device) - shots * demo_tokens
+        leading = (position >= 0) & (position[None] < lead_lengths[:, None])
+        rank = torch.where(token_kept, (~leading).to(torch.uint8), 2)
+    order = torch.argsort(rank, dim=1, stable=True)[:, :length]
     mask = token_kept.gather(1, order)
     built_ids = ids.gather(1, order).masked_fill(~mask, 0)
     return (built_ids, mask.to(attention_mask.dtype), all_labels.gather(1, order)), (~kept).sum(1)

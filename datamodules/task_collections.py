@@ -15,8 +15,11 @@ folder, or any folder laid out like ``bigbench/benchmark_tasks`` (``NAME/task.js
 ``NAME/task.json`` without examples has subtasks). A linked ``task.json`` is read as its target, from
 a folder and an archive alike. Prompts follow ``bigbench/api/json_task.py``: ``task_prefix +
 example_input_prefix + input [+ choices] + example_output_prefix``, with its defaults (``"\\nQ: "``,
-``"\\nA: "``, choices after ``"\\n  choice: "`` in a seeded order); the datamodule writes one space
-between the prompt and the output, so the prompt's trailing spaces are dropped. ``target`` (a string
+``"\\nA: "``, choices after ``"\\n  choice: "`` in a seeded order); the output follows the output prefix
+directly, as in BIG-bench (the datamodule writes a space only after a prompt that does not end in
+whitespace). The rows also carry the task's ``task_prefix``, ``few_shot_example_separator``,
+``stop_string`` and ``output_regex`` (:data:`TASK_FIELDS`, where the task gives them): the datamodule writes
+BIG-bench's K-shot prompts (``demonstrations="bigbench"``) and cuts generated outputs with them. ``target`` (a string
 or a list) gives the outputs; ``target_scores`` gives the options (its keys, per example) and the
 outputs (the options with the highest score, whatever its sign), and ``scores`` each option's score (the
 grade for choosing it: BIG-bench's partial credit); an example with an empty input is
@@ -84,6 +87,14 @@ if TYPE_CHECKING:
 BIGBENCH_INPUT_PREFIX = "\nQ: "
 BIGBENCH_OUTPUT_PREFIX = "\nA: "
 BIGBENCH_CHOICE_PREFIX = "\n  choice: "
+BIGBENCH_EXAMPLE_SEPARATOR = "\n"
+#: BIG-bench's task-level fields that a text-to-text table carries as columns of the same names: the text every
+#: prompt of the task starts with (written once before in-context demonstrations), the text between demonstrations
+#: (default :data:`BIGBENCH_EXAMPLE_SEPARATOR`), and the stop string and regular expression that cut a generated
+#: output before it is compared (``bigbench/api/json_task.py``, ``model_utils.postprocess_output``).
+TASK_FIELDS = TASK_PREFIX, EXAMPLE_SEPARATOR, STOP_STRING, OUTPUT_REGEX = (
+    "task_prefix", "few_shot_example_separator", "stop_string", "output_regex"
+)  # fmt: skip
 
 #: BIG-bench keywords that name a task's family, in order of precedence: a task's family is the
 #: first of these among its keywords. They say what skill a task tests; format keywords
@@ -123,7 +134,7 @@ NI_EXAMPLE = "Positive Example {number} -\nInput: {input}\nOutput: {output}\n\n"
 NI_QUERY = "Now complete the following example -\nInput: {input}\nOutput:"
 
 #: Part of the cache key: raise it when the rows a reader makes change.
-_CACHE_VERSION = 3  # 3: the scores column
+_CACHE_VERSION = 4  # 3: the scores column; 4: BIG-bench's task fields (TASK_FIELDS)
 _TASK_FILE = "task.json"
 _PROGRAMMATIC_FILE = "task.py"
 _TASK_FILES = (_TASK_FILE, _PROGRAMMATIC_FILE)
@@ -140,7 +151,7 @@ _SPLIT_FOLDERS = frozenset({"train", "validation", "test", "default"})
 #: How many of a folder's first tables are opened to recognise a mirror (a stray table may come first).
 _MIRROR_TABLES_PROBED = 3
 #: ``scores``: each option's BIG-bench ``target_scores`` value (the grade for choosing it), else ``None``.
-COLUMNS = ("task", "family", "input", "output", "options", "template", "scores")
+COLUMNS = ("task", "family", "input", "output", "options", "template", "scores", *TASK_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -345,10 +356,13 @@ class _Rows:
         self.dropped = 0  # examples without the text they need (an empty input or target), left out
 
     def add(
-        self, task: str, family: str, template: str, examples: list[_Example]
+        self, task: str, family: str, template: str, examples: list[_Example], fields: dict[str, str] | None = None
     ) -> None:
+        """One row per example; ``fields``: the task's :data:`TASK_FIELDS` that it gives."""
+        task_values = tuple((fields or {}).get(name) for name in TASK_FIELDS)
         for text, outputs, options, scores in examples:
-            for column, value in zip(COLUMNS, (task, family, text, outputs, options, template, scores), strict=True):
+            values = (task, family, text, outputs, options, template, scores, *task_values)
+            for column, value in zip(COLUMNS, values, strict=True):
                 self.columns[column].append(value)
 
     def problem(self, message: str) -> None:
@@ -386,6 +400,7 @@ class _TaskFile:
     keywords: list[str]
     template: str
     examples: list[_Example] | None  # None: a parent of subtasks
+    fields: dict[str, str] = field(default_factory=dict)  # the TASK_FIELDS it gives
 
 
 class _BigBenchReader:
@@ -539,7 +554,7 @@ class _BigBenchReader:
                 continue
             keywords = parent.keywords if parent is not None else task.keywords
             family = next((keyword for keyword in self.family_keywords if keyword in keywords), OTHER_FAMILY)
-            self.rows.add(name, family, task.template, task.examples)
+            self.rows.add(name, family, task.template, task.examples, task.fields)
         for name, subtasks in sorted(ignored.items()):
             self.rows.problem(
                 f"{path}: {name}/{_TASK_FILE} has 'examples', so its subtask folders {subtasks} are left out, as "
@@ -584,8 +599,9 @@ class _BigBenchReader:
         """The task ``name`` whose ``task.json`` fields are ``data`` (with ``examples``; each example as ``convert``
         makes it, when given, raising :class:`_BadExample` for a bad one), or ``None`` after reporting what is wrong."""
         texts = {key: data.get(key, default) for key, default in (
-            ("task_prefix", ""), ("example_input_prefix", BIGBENCH_INPUT_PREFIX),
-            ("example_output_prefix", BIGBENCH_OUTPUT_PREFIX), ("choice_prefix", BIGBENCH_CHOICE_PREFIX))}  # fmt: skip
+            (TASK_PREFIX, ""), ("example_input_prefix", BIGBENCH_INPUT_PREFIX),
+            ("example_output_prefix", BIGBENCH_OUTPUT_PREFIX), ("choice_prefix", BIGBENCH_CHOICE_PREFIX),
+            (EXAMPLE_SEPARATOR, BIGBENCH_EXAMPLE_SEPARATOR), (STOP_STRING, ""), (OUTPUT_REGEX, ""))}  # fmt: skip
         not_text = [key for key, value in texts.items() if not isinstance(value, str)]
         if not_text or not isinstance(data["examples"], list):
             field_name = not_text[0] if not_text else "examples"
@@ -594,7 +610,7 @@ class _BigBenchReader:
         from lightning_meta.datamodules.text_to_text import literal_template_text  # (it imports this module)
 
         template = (literal_template_text(texts["task_prefix"] + texts["example_input_prefix"]) + "{input}"
-                    + literal_template_text(texts["example_output_prefix"])).rstrip(" ")  # fmt: skip
+                    + literal_template_text(texts["example_output_prefix"]))  # fmt: skip
         append_choices = data.get("append_choices_to_input", True)
         examples: list[_Example] = []
         seen: set[tuple[str, tuple[str, ...] | None]] = set()
@@ -625,7 +641,8 @@ class _BigBenchReader:
         if not examples:
             return None
         kept = _sample(len(examples), self.cap, self.seed, name)
-        return _TaskFile(keywords or [], template, [examples[index] for index in kept])
+        fields = {name: texts[name] for name in TASK_FIELDS if name in data}
+        return _TaskFile(keywords or [], template, [examples[index] for index in kept], fields)
 
     def _example(
         self, example: Any, append_choices: bool, choice_prefix: str

@@ -389,3 +389,83 @@ def test_evaluation_from_the_demonstrations_keys_and_values_equals_the_sequences
                 assert torch.equal(greedy, expected_greedy)
     # A demonstration the context cannot hold beside some row: the sequences are written out, as before.
     assert MetaICL(max_length=14).after_demonstrations(model, support, query) is None
+
+
+def test_bigbench_demonstrations_are_written_in_bigbench_k_shot_layout(tmp_path, monkeypatch):
+    """``TextToTextTasksDataModule(demonstrations="bigbench")``: MetaICL's evaluation writes each row as BIG-bench's
+    ``json_task.py`` writes a K-shot prompt: ``task_prefix`` once, then each shot as ``default_format_fn`` formats it
+    (``example_input_prefix + input + example_output_prefix``) followed by its target, the shots and the query joined
+    by ``few_shot_example_separator`` (``make_nshot_dataset``), the option right after the output prefix (no space
+    after one ending in whitespace). The zero-shot rows are ``task_prefix + formatted query + option``."""
+    import json
+
+    from lightning_meta.data.tasks import CALIBRATION_FIELDS
+    from lightning_meta.data.tokenization import load_tokenizer
+    from lightning_meta.datamodules import TextToTextTasksDataModule
+
+    monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path / "cache"))
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+    layouts = {  # task.json fields: one task with its own prefixes (the output prefix ends in a newline), one with
+        # BIG-bench's defaults ("\nQ: ", "\nA: ", "\n" between shots) and a task prefix
+        "own": {"task_prefix": "Decide.\n", "example_input_prefix": "Question: ", "example_output_prefix": "\nAns:\n",
+                "few_shot_example_separator": "\n\n"},
+        "plain": {"task_prefix": "Pick one."},
+        "tested": {},  # the test split's
+    }  # fmt: skip
+    for name, fields in layouts.items():
+        examples = [{"input": f"is {words[i % 8]} {i} odd", "target_scores": {"no": 1 - i % 2, "yes": i % 2}}
+                    for i in range(8)]  # fmt: skip
+        folder = tmp_path / "bigbench" / name
+        folder.mkdir(parents=True)
+        (folder / "task.json").write_text(json.dumps({"keywords": ["logical reasoning"], "examples": examples,
+                                                      "append_choices_to_input": False, **fields}))  # fmt: skip
+    (tmp_path / "bigbench" / "train").mkdir()  # a training task, which the split needs
+    (tmp_path / "bigbench" / "train" / "task.json").write_text(json.dumps({"examples": [
+        {"input": f"copy {word}", "target": word} for word in words]}))  # fmt: skip
+    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(tmp_path / "bigbench"), shots=2, queries=2,
+                                       max_length=48, val_tasks=["own", "plain"], test_tasks=["tested"],
+                                       num_val_tasks=4, demonstrations="bigbench")  # fmt: skip
+    module.setup("fit")
+    model = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
+                                          "n_positions": 256}, tokenizer=TOKENIZER)  # fmt: skip
+    decode = load_tokenizer(TOKENIZER).decode
+    checked = set()
+    for batch in module.eval_batches("val"):
+        for episode in batch.episodes():
+            name = episode.metadata["task"]
+            task, fields = module.examples[name], {"example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
+                                                   "few_shot_example_separator": "\n"} | layouts[name]  # fmt: skip
+
+            def formatted(text: str, fields=fields) -> str:  # json_task.py's default_format_fn
+                return fields["example_input_prefix"] + text + fields["example_output_prefix"]
+
+            rows = episode.metadata["example_ids"].tolist()
+            shots = [formatted(task["inputs"][row]) + task["outputs"][row][0] for row in rows[:2]]
+            context = fields["task_prefix"] + fields["few_shot_example_separator"].join(shots)
+            built, _ = MetaICL(encode_demonstrations_once=False).conditioned(model, episode.support, episode.query)
+            for position, row in enumerate(rows[2:]):
+                for option, text in enumerate(task["options"][row]):
+                    ids, mask = (tensor[position, option] for tensor in (built[CHOICE_INPUT_IDS],
+                                                                         built[CHOICE_ATTENTION_MASK]))  # fmt: skip
+                    k_shot = context + fields["few_shot_example_separator"] + formatted(task["inputs"][row]) + text
+                    assert decode(ids[mask.bool()].tolist()) == k_shot
+                    zero = (episode.query[CHOICE_INPUT_IDS][position, option],
+                            episode.query[CHOICE_ATTENTION_MASK][position, option])
+                    assert decode(zero[0][zero[1].bool()].tolist()) == fields["task_prefix"] + formatted(
+                        task["inputs"][row]) + text
+                    ids, mask = (built[field][position, option] for field in CALIBRATION_FIELDS[:2])
+                    assert decode(ids[mask.bool()].tolist()) == (context + fields["few_shot_example_separator"]
+                                                                 + formatted("") + text)  # fmt: skip
+                checked.add(name)
+    assert checked == {"own", "plain"}
+    # One written out by hand: examples 0 and 1 of "plain" as the shots, example 2 as the query, its option "no".
+    from lightning_meta.datamodules.text_to_text import _rows
+
+    task = module.tasks["plain"]
+    support, query = (_rows(task, torch.tensor(rows), 2, demonstrations=True) for rows in ([0, 1], [2]))
+    built, _ = MetaICL(encode_demonstrations_once=False).conditioned(model, support, query)
+    ids, mask = built[CHOICE_INPUT_IDS][0, 0], built[CHOICE_ATTENTION_MASK][0, 0]
+    assert decode(ids[mask.bool()].tolist()) == (
+        "Pick one.\nQ: is red 0 odd\nA: no\n\nQ: is blue 1 odd\nA: yes\n\nQ: is green 2 odd\nA: no"
+    )
+    assert MetaICL().after_demonstrations(model, support, query) is None  # the cached prefix would misplace it

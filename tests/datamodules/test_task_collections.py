@@ -102,18 +102,21 @@ def test_bigbench_rows_follow_bigbench_json_task_format(tmp_path):
     for row in rows(collection):
         by_task.setdefault(row["task"], []).append(row)
     assert sorted(by_task) == ["gen_task", "list_task", "mc_task", "parent:sub_a", "parent:sub_b"]
-    # Generative: the task's own prefixes; the datamodule writes the space before the output.
+    # Generative: the task's own prefixes, as given (the output follows the output prefix's space), and the task
+    # fields it gives (BIG-bench's defaults for the others are the datamodule's).
     first = by_task["gen_task"][0]
     assert first | {"family": None} == {"task": "gen_task", "family": None, "input": "red 0", "output": ["blue"],
-                                        "options": None, "template": "Name the next.\nIn: {input} Out:",
-                                        "scores": None}  # fmt: skip
+                                        "options": None, "template": "Name the next.\nIn: {input} Out: ",
+                                        "scores": None, "task_prefix": "Name the next.\n",
+                                        "few_shot_example_separator": None, "stop_string": None,
+                                        "output_regex": None}  # fmt: skip
     assert {row["family"] for row in by_task["gen_task"]} == {"arithmetic"}  # the first family keyword present
     # A list target: every target is correct, the first trains.
     assert by_task["list_task"][0]["output"] == ["red", "RED"]
     # Multiple choice: BIG-bench's default prefixes; options per example; correct = highest score.
     for index, (row, example) in enumerate(zip(by_task["mc_task"], multiple_choice(10), strict=True)):
         scores = example["target_scores"]
-        assert row["template"] == "\nQ: {input}\nA:"
+        assert row["template"] == "\nQ: {input}\nA: "
         assert row["options"] == list(scores) and row["scores"] == list(scores.values())
         assert row["output"] == [option for option, score in scores.items() if score == 1]
         question, *choices = row["input"].split("\n  choice: ")
@@ -188,7 +191,7 @@ def test_natural_instructions_definition_and_positive_examples_form_the_prompt(t
     first = rows(collection)[0]
     assert first == {
         "task": "task001_made_up", "family": "Sentiment Analysis", "input": "red 0", "output": ["red", "any"],
-        "options": None, "scores": None,
+        "options": None, "scores": None, **dict.fromkeys(task_collections.TASK_FIELDS),
         "template": "Definition: Answer task 1. Be brief.\n\nPositive Example 1 -\nInput: a cat\nOutput: cat\n\n"
                     "Now complete the following example -\nInput: {input}\nOutput:",
     }  # fmt: skip
