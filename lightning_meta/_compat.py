@@ -91,6 +91,16 @@ def foreach_add(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: floa
     return list(torch._foreach_add(list(tensors), list(others), alpha=alpha))
 
 
+def under_function_transform(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.func`` transform's wrapper (inside ``vmap``: its shapes cannot depend on
+    its values, so nothing may be gathered at data-dependent positions).
+
+    Why private: ``torch.func`` has no public test for its wrapped tensors; ``torch._C._functorch`` is where
+    ``vmap`` and ``grad`` keep it.
+    """
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
 def attention_implementation(model: nn.Module) -> str:
     """The attention kernel a transformers model runs (``"eager"``, ``"sdpa"``, ...).
 

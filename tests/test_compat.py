@@ -270,3 +270,8 @@ def private_framework_access() -> dict[str, list[str]]:
 
 def test_no_private_framework_access_outside_compat():
     assert private_framework_access() == {}
+
+def test_under_function_transform_sees_vmaps_tensors_and_not_plain_ones():
+    seen = []
+    torch.func.vmap(lambda row: seen.append(_compat.under_function_transform(row)) or row)(torch.ones(2, 3))
+    assert seen == [True] and not _compat.under_function_transform(torch.ones(3))

@@ -234,3 +234,42 @@ def test_gradient_checkpointing_with_every_fast_weight_choice(fast_weights, monk
     assert gradients[1].keys() == gradients[0].keys() and gradients[0]
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32}  # fmt: skip
+
+
+@pytest.mark.parametrize("config, lora", [(TINY_GPT2, None), (TINY_LLAMA, LoraSettings(r=2))])
+def test_logits_run_only_where_read_and_equal_the_full_logits_there(config, lora):
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=config, tokenizer=TOKENIZER, dtype="float64", lora=lora)
+    ids = torch.randint(0, 512, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # padding
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:] = ids[0, 6:]  # outputs at the end of a row (MetaICL, MultiTask), none in row 1
+    labels[2, 3:5] = ids[2, 3:5]
+    split = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    rows = []
+    learner.transformer.get_output_embeddings().register_forward_hook(lambda m, i, out: rows.append(out.shape[-2]))
+    weights = [p for p in learner.parameters() if p.requires_grad]
+
+    full = learner.predict(split)[:, :-1]  # the plain computation: every position, then read
+    read = labels[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(full[read], labels[:, 1:][read])
+    expected_gradients = torch.autograd.grad(expected, weights)
+    found, _ = learner.loss(split)
+    found_gradients = torch.autograd.grad(found, weights)
+    assert rows[-1] == int(read.sum()) == 6  # the head ran on the 6 read positions, not on 3 x 10
+
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-14)
+    for gradient, reference in zip(found_gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(gradient, reference, rtol=1e-10, atol=1e-13)
+    gathered = learner.read_logits(learner.model_inputs(split), labels[:, 1:])
+    torch.testing.assert_close(gathered.logits, full[read].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gathered.logits.log_softmax(-1), full[read].log_softmax(-1).detach())
+    figures = learner.evaluation_metrics(split)
+    greedy = (full.argmax(-1) == labels[:, 1:]) | ~read
+    assert figures["exact_match"] == greedy.all(1).float().mean()
+    torch.testing.assert_close(figures["loss"], expected.detach())

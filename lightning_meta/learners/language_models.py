@@ -9,8 +9,9 @@ only the adapters and the outer loop meta-learns their initialization (and, with
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +22,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, PreTrainedModel
 
-from lightning_meta._compat import attention_implementation, reparametrized, set_block_checkpoint_function
+from lightning_meta._compat import (
+    attention_implementation,
+    reparametrized,
+    set_block_checkpoint_function,
+    under_function_transform,
+)
 from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
 from lightning_meta.data.tasks import (
     ANSWER,
@@ -211,10 +217,12 @@ class CausalLMLearner(Learner):
         self, split: Split, params: Mapping[str, Tensor] | None = None, prefix: Prefix | None = None
     ) -> Tensor:
         """Logits ``(sequences, tokens, vocabulary)``; with ``prefix``, of rows that continue after it."""
+        return self(**self._inputs_after(split, prefix), params=params).logits
+
+    def _inputs_after(self, split: Split, prefix: Prefix | None) -> dict[str, Any]:
+        """:meth:`model_inputs`, continuing after ``prefix`` where given."""
         inputs = self.model_inputs(split)
-        if prefix is not None:
-            inputs |= prefix.continued(inputs["attention_mask"])
-        return self(**inputs, params=params).logits
+        return inputs if prefix is None else inputs | prefix.continued(inputs["attention_mask"])
 
     def model_inputs(self, split: Split) -> dict[str, Tensor | None]:
         """The model's inputs for ``split``: its tokens and padding mask; for a packed split (:data:`SEGMENT_IDS`:
@@ -289,15 +297,34 @@ class CausalLMLearner(Learner):
         return checks
 
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.predict(split, params)
-        targets = _labels(split)[:, 1:].flatten()
+        read = self.read_logits(self.model_inputs(split), _labels(split)[:, 1:], params)
         weights = split.get(LABEL_WEIGHTS)
-        loss = F.cross_entropy(_float32(logits)[:, :-1].flatten(0, 1), targets, ignore_index=IGNORE_INDEX,
+        loss = F.cross_entropy(read.logits, read.targets, ignore_index=IGNORE_INDEX,
                                reduction="mean" if weights is None else "none")  # fmt: skip
         if weights is not None:  # a packed split: a label its sequences share counts once per sequence
-            weights = weights[:, 1:].flatten() * (targets != IGNORE_INDEX)
+            weights = read.at(weights[:, 1:]) * (read.targets != IGNORE_INDEX)
             loss = (loss * weights).sum() / weights.sum()
         return loss, {"loss": loss.detach()}
+
+    def read_logits(
+        self, inputs: Mapping[str, Any], targets: Tensor, params: Mapping[str, Tensor] | None = None
+    ) -> ReadLogits:
+        """The float32 logits of the positions whose next token is read (``targets[:, t]``, the token after
+        position ``t``, is not ``-100``), with those targets (:class:`ReadLogits`); ``inputs``: the model's.
+
+        The hidden states are gathered at those positions before the output embeddings, so the LM head
+        (SmolLM2: a fifth of a forward's FLOPs) and the float32 log-softmax run only where a loss or a score
+        reads them (MetaICL and MultiTask: the outputs; option scoring: the options): the same figures and
+        gradients as full logits read there. One host sync (the positions' count). Under a ``torch.func``
+        transform (``vmap``), where shapes cannot depend on the data, every position runs.
+        """
+        if under_function_transform(inputs["input_ids"]):
+            logits = self(**inputs, params=params).logits[:, : targets.shape[1]]
+            return ReadLogits(_float32(logits).flatten(0, 1), targets.flatten(), None, None)
+        rows, positions = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
+        with _head_reads(self.transformer.get_output_embeddings(), rows, positions):
+            logits = self(**inputs, params=params).logits[0]
+        return ReadLogits(_float32(logits), targets[rows, positions], rows, positions)
 
     def evaluation_metrics(
         self,
@@ -333,15 +360,13 @@ class CausalLMLearner(Learner):
         """
         prefixes = prefixes or {}
         with torch.no_grad():
-            logits = _float32(self.predict(split, params, prefixes.get("attention_mask")))
             labels = _labels(split)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            read = self.read_logits(self._inputs_after(split, prefixes.get("attention_mask")), labels[:, 1:], params)
+            loss = F.cross_entropy(read.logits, read.targets, ignore_index=IGNORE_INDEX)
             figures = {"loss": loss}
             if "labels" not in split:
                 return figures
-            predicted = logits[:, :-1].argmax(-1)
-            targets = labels[:, 1:]
-            exact = ((predicted == targets) | (targets == IGNORE_INDEX)).all(1)
+            exact = read.greedy(len(labels))
             if CHOICE_INPUT_IDS in split:
                 grades, writes_correct = self._choices(split, params, parallel, prefixes)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
@@ -475,11 +500,11 @@ class CausalLMLearner(Learner):
             mask = extra.pop("attention_mask", mask)
         else:
             ids, mask, targets, extra = self._continuations(input_ids, attention_mask, labels, params, prefix)
-        logits = _float32(self(input_ids=ids, attention_mask=mask, params=params, **extra).logits)
-        token_log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-        ignored = targets == IGNORE_INDEX
-        scores = token_log_probs.masked_fill(ignored, 0).sum(1).view(examples, options).masked_fill(~valid, -torch.inf)
-        greedy = ((logits[:, :-1].argmax(-1) == targets) | ignored).all(1).view(examples, options) & valid
+        read = self.read_logits({"input_ids": ids, "attention_mask": mask} | extra, targets, params)
+        token_log_probs = torch.log_softmax(read.logits, -1).gather(-1, read.targets.clamp_min(0)[:, None])[:, 0]
+        scores = read.per_row(token_log_probs.masked_fill(read.targets == IGNORE_INDEX, 0), len(ids))
+        scores = scores.view(examples, options).masked_fill(~valid, -torch.inf)
+        greedy = read.greedy(len(ids)).view(examples, options) & valid
         return scores, greedy
 
     def _continuations(
@@ -552,6 +577,51 @@ class CausalLMLearner(Learner):
                 "have no double backward). Use FOMAML or first_order=True to keep fused attention."
             )
             self.transformer.set_attn_implementation("eager")
+
+
+@dataclass
+class ReadLogits:
+    """:meth:`CausalLMLearner.read_logits`: float32 ``logits`` ``(read positions, vocabulary)`` and their
+    ``targets``; ``rows`` and ``positions``: where each was read (``None``: every position of every sequence, in
+    order, the targets ``-100`` where not read)."""
+
+    logits: Tensor
+    targets: Tensor
+    rows: Tensor | None
+    positions: Tensor | None
+
+    def at(self, values: Tensor) -> Tensor:
+        """``values`` ``(sequences, positions)`` (aligned with the targets) at the read positions."""
+        return values.flatten() if self.rows is None else values[self.rows, self.positions]
+
+    def per_row(self, values: Tensor, sequences: int) -> Tensor:
+        """``values`` (one per read position) summed per sequence."""
+        if self.rows is None:
+            return values.view(sequences, -1).sum(1)
+        return values.new_zeros(sequences).index_add(0, self.rows, values)
+
+    def greedy(self, sequences: int) -> Tensor:
+        """Per sequence: whether greedy decoding writes every read target (each the most likely next token)."""
+        wrong = (self.logits.argmax(-1) != self.targets) & (self.targets != IGNORE_INDEX)
+        return self.per_row(wrong.float(), sequences) == 0
+
+
+@contextlib.contextmanager
+def _head_reads(head: nn.Module, rows: Tensor, positions: Tensor) -> Iterator[None]:
+    """Inside: the output embeddings run only on the hidden states at ``(rows, positions)``, as one sequence.
+
+    A pre-hook on the head rather than a head applied here: whatever the model does after its head (a logit
+    scale, soft-capping) still applies, to the gathered logits.
+    """
+
+    def gather(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][rows, positions][None], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _float32(logits: Tensor) -> Tensor:
