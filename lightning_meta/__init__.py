@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     )
     from lightning_meta.training.module import MetaLearningModule
     from lightning_meta.training.scaling import FSDP2Strategy
+    from lightning_meta.training.trainer import Trainer
 
 __version__ = VERSION
 
@@ -43,6 +44,7 @@ _PUBLIC = {
     "RegressionLearner": "lightning_meta.learners",
     "MetaLearningModule": "lightning_meta.training.module",
     "FSDP2Strategy": "lightning_meta.training.scaling",
+    "Trainer": "lightning_meta.training.trainer",
 }
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "MetaLearningModule",
     "RegressionLearner",
     "TaskBatch",
+    "Trainer",
 ]
 
 

@@ -111,13 +111,26 @@ def attention_implementation(model: nn.Module) -> str:
     return model.config._attn_implementation
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers ``model``'s blocks, by transformers' current name.
+
+    Why here: transformers 5.25 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns that it goes in v6); the releases before have only the old name.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def set_block_checkpoint_function(model: nn.Module, function: Callable[..., Any]) -> list[nn.Module]:
     """Make each checkpointed block of ``model`` recompute through ``function(partial_forward, *args)``.
 
-    Call after ``model.gradient_checkpointing_enable(...)``; returns the modules it changed (the blocks, and
+    Call after :func:`enable_activation_checkpointing`; returns the modules it changed (the blocks, and
     modules that hold the attribute without using it). Why private:
     transformers keeps each block's checkpoint function in ``_gradient_checkpointing_func`` (the
-    public ``gradient_checkpointing_enable`` only chooses torch's ``checkpoint`` options) and has no
+    public ``activation_checkpointing_enable`` only chooses torch's ``checkpoint`` options) and has no
     hook to recompute with other weights, which fast weights need.
     """
     blocks = [module for module in model.modules() if hasattr(module, "_gradient_checkpointing_func")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -14,7 +13,6 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -29,7 +27,7 @@ from lightning_meta.training.checkpoints import (
     take_out_remote_code,
 )
 from lightning_meta.training.module import MetaLearningModule, upgrade_hyperparameters
-from lightning_meta.training.progress import MetaProgressBar
+from lightning_meta.training.trainer import quiet_framework_noise, with_progress_bar
 from lightning_meta.version import VERSION
 
 DEFAULT_CONFIG = "quickstart.yaml"
@@ -211,8 +209,7 @@ class MetaCLI(_compat.CLIWithoutCheckpointMerge):
         config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
         chosen = kwargs.get("callbacks", config.get("callbacks")) or []
         chosen = list(chosen) if isinstance(chosen, list) else [chosen]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
-            kwargs["callbacks"] = [*chosen, MetaProgressBar()]
+        kwargs["callbacks"] = with_progress_bar(chosen, config.get("enable_progress_bar"))
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as error:  # a bad --trainer option: Lightning's message says which
@@ -308,9 +305,14 @@ class MetaCLI(_compat.CLIWithoutCheckpointMerge):
         _dataclass_values_as_dicts(base)
         return base, remote_code
 
+    def test(self, **kwargs: Any) -> Any:
+        """``Trainer.test`` without Lightning's table, which repeats the module's printed figures (mean ± 95% CI
+        with episode counts) as bare 15-digit floats."""
+        return self.trainer.test(**kwargs | {"verbose": False})
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and self.trainer.state.finished:
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            self.test(model=self.model, datamodule=self.datamodule)
 
 
 def link_data_tokenizer(config: Namespace, tokenizer: str | None) -> None:
@@ -398,29 +400,6 @@ def _is_plain(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return len(value) <= 8 and all(isinstance(item, int | float | str) for item in value)
     return value is None or isinstance(value, bool | int | float | str)
-
-
-#: Framework messages a user of this command cannot act on, each matched by logger, source file and
-#: wording (Lightning 2.6): the cloud-logger advertisement, and the accelerator lines that
-#: :func:`announce_run`'s device line replaces. Nothing else from Lightning is hidden.
-_FRAMEWORK_LINES = (
-    ("trainer/connectors/logger_connector/logger_connector.py", re.compile(r"💡 Tip: For seamless cloud logging")),
-    ("trainer/setup.py", re.compile(r"(GPU|TPU|HPU) available: ")),
-)
-
-
-def _drop_framework_lines(record: logging.LogRecord) -> bool:
-    source = Path(record.pathname).as_posix()
-    message = record.getMessage()
-    return not any(source.endswith(f"lightning/pytorch/{path}") and pattern.match(message)
-                   for path, pattern in _FRAMEWORK_LINES)  # fmt: skip
-
-
-def quiet_framework_noise() -> None:
-    """Hide, for this command only, the framework messages listed in ``_FRAMEWORK_LINES`` and the
-    ``LeafSpec`` deprecation that torch raises inside Lightning's own code (not the user's)."""
-    _compat.hide_lightning_pytree_deprecation()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_framework_lines)
 
 
 def _argument_value(args: list[str], name: str) -> str | None:

@@ -19,13 +19,11 @@ EXPECTED = [
     r"num_val_tasks=2, num_test_tasks=2\)",
     r"device: cpu x 1 per node x 1 node, strategy SingleDeviceStrategy, precision 32-true; torch threads: 1 .*",
     r"LM tasks: 20 training domains; validation \[.*\]; test \[.*\]\.",
-    r"meta_batch='auto': FOMAML runs the tasks of a meta-batch one by one .*",
     r"`Trainer\.fit` stopped: `max_steps=4` reached\.",
     r"Post-adaptation results \(mean ± 95% CI over episodes, or over tasks where episodes share them\):",
     r"test/query_loss_(pre|post) = \d+\.\d+ ± \d+\.\d+ \(2 episodes, (1 task|2 tasks)\)",  # a task: a domain
     r"Saved the results to .*results\.json",
-    # Lightning's test table (rich) and the progress bars (tqdm)
-    r"[┏┡└].*|[┃│].*[┃│]",
+    # the progress bars (tqdm); not Lightning's test table, which repeated the figures above as 15-digit floats
     r"(Sanity Checking|Training|Validation|Testing)( DataLoader 0)?: .*",
     r"Meta-training: +\d+%\|.*\| [0-4]/4 .*",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -230,9 +231,17 @@ def test_attention_implementation_reads_what_set_attn_implementation_set():
     assert _compat.attention_implementation(model) == "eager"
 
 
+def test_activation_checkpointing_is_enabled_by_transformers_current_name_without_its_warning():
+    model = tiny_llama().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gradient_checkpointing_enable warns that it goes in transformers v6
+        _compat.enable_activation_checkpointing(model)
+    assert model.is_gradient_checkpointing
+
+
 def test_block_checkpoint_function_is_what_each_checkpointed_block_recomputes_through():
     model = tiny_llama().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _compat.enable_activation_checkpointing(model)
     calls = []
 
     def recording(function, *args):
@@ -270,6 +279,7 @@ def private_framework_access() -> dict[str, list[str]]:
 
 def test_no_private_framework_access_outside_compat():
     assert private_framework_access() == {}
+
 
 def test_under_function_transform_sees_vmaps_tensors_and_not_plain_ones():
     seen = []

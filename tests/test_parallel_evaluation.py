@@ -71,7 +71,7 @@ def test_parallel_evaluation_gives_the_loop_s_figures(make, make_algorithm, eval
 
 def test_auto_evaluates_episode_by_episode_where_vmap_cannot_run_and_says_why(monkeypatch):
     logged = []
-    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_debug", logged.append)
     learner, batch = _sinusoid()
     algorithm = MAML(inner_lr=0.3, inner_steps=2)
     monkeypatch.setattr(execution, "VMAP_MAX_PARAMETERS", 10)

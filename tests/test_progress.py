@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
 from unittest import mock
 
 import pytest
 import torch
+from lightning import Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_meta import MLP, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.training.progress import MetaProgressBar
+from lightning_meta.training.progress import LOGGER, MetaProgressBar
 
 CASES = [(300, mock.Mock(spec=[]), "Meta-training"), (-1, mock.Mock(spec=[]), "Epoch 0"),
          (300, mock.Mock(progress_label="Pretraining"), "Pretraining")]  # fmt: skip
@@ -70,3 +76,26 @@ def test_pretraining_names_its_run_on_the_bar():
     from lightning_meta.handoff.pretraining import CausalLMPretraining
 
     assert CausalLMPretraining.progress_label == "Pretraining"
+
+
+class _Noting(BoringModel):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            rank_zero_info("a note written while the bar is open")
+        return super().training_step(batch, batch_idx)
+
+
+def test_lines_logged_while_the_bar_is_open_are_not_glued_to_it(capsys):
+    handler = logging.StreamHandler(sys.stdout)  # where Lightning's own handler writes, as on a terminal
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(handler)
+    try:
+        trainer = Trainer(max_steps=3, callbacks=[MetaProgressBar()], logger=False, enable_checkpointing=False,
+                          enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        trainer.fit(_Noting())
+    finally:
+        logger.removeHandler(handler)
+    output = capsys.readouterr().out
+    (segment,) = [part for part in re.split(r"[\r\n]", output) if "a note" in part]
+    assert segment.strip() == "a note written while the bar is open", repr(segment)
+    assert handler in logger.handlers or not any(type(h).__name__ == "_ThroughTheBars" for h in logger.handlers)

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_meta._compat import attached_trainer, cli_hyperparameters
+from lightning_meta._compat import attached_trainer, cli_hyperparameters, enable_activation_checkpointing
 from lightning_meta.data.local_files import dequantized_gguf, is_hub_id, resolve_local_path
 from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
@@ -111,7 +111,7 @@ class CausalLMPretraining(LightningModule):
         self.model.train()  # from_pretrained gives a model in eval mode (dropout off)
         if gradient_checkpointing:
             # No functional inner loop here, so Hugging Face's own (non-reentrant) checkpointing is exact.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.val_loss = MeanMetric()
         self._last_step_time: float | None = None
 

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, 
 
 from lightning_meta._compat import (
     attention_implementation,
+    enable_activation_checkpointing,
     reparametrized,
     set_block_checkpoint_function,
     under_function_transform,
@@ -646,7 +647,7 @@ def enable_functional_checkpointing(model: PreTrainedModel) -> None:
     Here each checkpointed block records the weights it ran with and recomputes with those.
     Reentrant checkpointing does not compose with ``torch.autograd.grad`` at all.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     for block in set_block_checkpoint_function(model, _checkpoint_with_current_weights):
         block._fast_weight_names = [name for name, _ in block.named_parameters()]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch import Tensor
 
 from lightning_meta.data.tasks import Episode, Split, TaskBatch
@@ -154,7 +154,8 @@ def _log_fallback(algorithm: MetaAlgorithm, reason: str | None, *, static: bool,
         what = "adapts the episodes of an evaluation batch one by one,"
     else:
         what = "runs the tasks of a meta-batch one by one (task_by_task),"
-    rank_zero_info(f"meta_batch='auto': {type(algorithm).__name__} {what} not in parallel with vmap: {reason}.")
+    # Debug level: an implementation note (same figures, only slower), nothing a user can act on.
+    rank_zero_debug(f"meta_batch='auto': {type(algorithm).__name__} {what} not in parallel with vmap: {reason}.")
 
 
 def _over_episodes(batch: TaskBatch, function: Callable[[Episode], Tensor | dict]) -> Tensor | dict:

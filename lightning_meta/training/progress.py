@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+#: The logger whose lines (Lightning's and this package's ``rank_zero_info``) go through the bars while they are open.
+LOGGER = "lightning.pytorch"
 
 
 class MetaProgressBar(TQDMProgressBar):
@@ -18,10 +23,32 @@ class MetaProgressBar(TQDMProgressBar):
     Lightning logs, ``support_loss_pre`` / ``support_loss_post`` (the support loss before and after
     the inner loop). A run bounded by epochs keeps Lightning's per-epoch count.
 
+    Lines logged while a bar is open (Lightning's and this package's messages) are written through
+    the bars (``tqdm.write``: the bars are cleared, the line written, the bars drawn again), so no
+    message is glued to a bar on a terminal.
+
     Example::
 
         trainer = Trainer(max_steps=300, callbacks=[MetaProgressBar()])
     """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        logger = logging.getLogger(LOGGER)
+        self._replaced = [
+            (index, handler) for index, handler in enumerate(logger.handlers)
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        ]  # fmt: skip
+        for index, handler in self._replaced:
+            logger.handlers[index] = _ThroughTheBars(handler)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        logger = logging.getLogger(LOGGER)
+        for index, handler in getattr(self, "_replaced", []):
+            if index < len(logger.handlers) and isinstance(logger.handlers[index], _ThroughTheBars):
+                logger.handlers[index] = handler
+        self._replaced = []
+        super().teardown(trainer, pl_module, stage)
 
     def on_train_start(self, *args: Any) -> None:
         super().on_train_start(*args)
@@ -55,6 +82,21 @@ class MetaProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return {name.removeprefix("train/"): value for name, value in metrics.items()}
+
+
+class _ThroughTheBars(logging.Handler):
+    """A stream handler's lines, written with ``tqdm.write`` (which clears and redraws the open bars)."""
+
+    def __init__(self, handler: logging.StreamHandler) -> None:
+        super().__init__(handler.level)
+        self.handler = handler
+        self.filters = handler.filters
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            Tqdm.write(self.handler.format(record), file=self.handler.stream)
+        except Exception:  # noqa: BLE001 (logging's own convention: report, never raise)
+            self.handleError(record)
 
 
 def _bounded_by_steps(trainer: Trainer) -> bool:
