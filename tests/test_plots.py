@@ -37,6 +37,8 @@ def test_results_json_and_the_curve_image_in_tensorboard(tmp_path):
         assert figure["episodes"] == 4
     assert [point["steps"] for point in results["curve"]["loss"]] == [0, 1, 3]
     assert results["curve"]["loss"][2]["mean"] == pytest.approx(logged["test/query_loss_step3"])
+    assert results["curve_png"] == "test_adaptation_curve.png"  # one file: the module's, reused by the callback
+    assert (tmp_path / "lightning_logs/version_0/test_adaptation_curve.png").read_bytes().startswith(b"\x89PNG")
 
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
@@ -74,3 +76,31 @@ def test_a_full_disk_leaves_the_earlier_results_json_whole_and_says_so(tmp_path,
         test_once()
     assert path.read_text() == earlier and json.loads(earlier)["stage"] == "test"
     assert sorted(p.name for p in path.parent.iterdir() if "results" in p.name) == ["results.json"]
+
+
+def test_results_json_describes_the_run_and_test_ckpt_path_reports_the_checkpoints_step(tmp_path):
+    """``results.json`` said ``global_step: 0`` after ``test --ckpt_path`` of a trained checkpoint, and named
+    no algorithm, config, seed, checkpoint, time or version; no config wrote the curve PNG without a callback."""
+    pytest.importorskip("matplotlib")
+    L.seed_everything(3)
+
+    def module() -> MetaLearningModule:
+        return MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01), eval_curve=[0, 2])
+
+    data = SinusoidDataModule(shots=5, meta_batch_size=2, num_val_tasks=2, num_test_tasks=4, eval_meta_batch_size=2)
+    options = {"enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path}
+    L.Trainer(max_steps=3, limit_val_batches=0, **options).fit(module(), data)
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    tested = module()
+    L.Trainer(**options).test(tested, data, ckpt_path=checkpoint, verbose=False)
+
+    results = json.loads((tmp_path / "lightning_logs/version_1/results.json").read_text())
+    assert results["global_step"] == 3 and results["checkpoint"] == str(checkpoint)
+    assert results["algorithm"]["class_path"].endswith(".MAML")
+    assert results["algorithm"]["init_args"]["inner_lr"] == 0.01
+    assert results["data"]["class_path"] == "SinusoidDataModule" and results["data"]["init_args"]["shots"] == 5
+    assert results["seed"] == 3 and results["time"]["evaluation_seconds"] >= 0
+    assert results["versions"]["torch"] == torch.__version__
+    assert results["figures"]["test/query_loss_post"]["episodes"] == 4
+    assert tested.curve_figure.get_suptitle() == "MAML, K = 5 shots, 3 steps trained, 4 test episodes"
+    assert (tmp_path / "lightning_logs/version_1" / results["curve_png"]).is_file()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import platform
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,7 +42,7 @@ from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.inner_loop import check_step_count
 from lightning_meta.training.meta_batch import MetaBatch, check_mode, evaluate_episodes
 from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, control_figures, task_ids
-from lightning_meta.training.plots import curve_points
+from lightning_meta.training.plots import curve_figure, curve_points, save_curve
 
 _EVAL_STAGES = ("val", "test")
 #: The most adaptation steps ``eval_curve`` may ask for: each is a forward and backward on every
@@ -166,6 +170,16 @@ class MetaLearningModule(LightningModule):
         self._replicated: list[nn.Parameter] = []
         #: parameters the step's meta-gradient does not reach, tied into the loss for DDP only.
         self._unreached: tuple[Tensor, ...] = ()
+        #: frozen weights kept in bf16 while a bf16-mixed trainer runs, with their own dtypes.
+        self._frozen_dtypes: dict[str, torch.dtype] = {}
+        #: the training step of the checkpoint loaded last (Lightning restores no step for test/validate).
+        self._checkpoint_step: int | None = None
+        #: when this process's training and the current evaluation started (``time.perf_counter``).
+        self._started: dict[str, float] = {}
+        #: the adaptation-curve PNG written by the last test (``None`` before, or without matplotlib).
+        self.curve_path: Path | None = None
+        #: that PNG's figure (``AdaptationCurvePlot`` adds it to TensorBoard).
+        self.curve_figure: Any = None
         algorithm.check_learner(learner)
         fingerprint_rebuilt_weights(learner)  # as built: the trainer may cast it to another precision
         self._save_hyperparameters(algorithm)
@@ -226,6 +240,15 @@ class MetaLearningModule(LightningModule):
             length = getattr(datamodule, setting, None)
             if isinstance(length, int):
                 check_sequence_length(length, self.learner.max_positions, setting, f"lower --data.init_args.{setting}")
+        # A frozen base in bf16 under bf16-mixed (scaling.keep_frozen_linear_weights_in): one process, unsharded.
+        if self.trainer.precision == "bf16-mixed" and self.trainer.world_size == 1 and not self._frozen_dtypes:
+            self._frozen_dtypes = scaling.keep_frozen_linear_weights_in(self.learner, torch.bfloat16)
+
+    def teardown(self, stage: str) -> None:
+        """Give a frozen base kept in bf16 its own dtype back: outside autocast its layers need it (the values
+        stay bf16-rounded; checkpoints and exports hold the learner's dtype)."""
+        scaling.restore_dtypes(self.learner, self._frozen_dtypes)
+        self._frozen_dtypes = {}
 
     def configure_model(self) -> None:
         """Under FSDP2 (``ModelParallelStrategy``): shard the model except its fast weights."""
@@ -439,12 +462,17 @@ class MetaLearningModule(LightningModule):
         tokenizer = getattr(self.learner, "tokenizer", None)
         if isinstance(tokenizer, str):
             checkpoint["lightning_meta"] = {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+        state = checkpoint.get("state_dict", {})
+        for name, dtype in self._frozen_dtypes.items():  # a frozen base kept in bf16: saved in its own dtype
+            if LEARNER_PREFIX + name in state:
+                state[LEARNER_PREFIX + name] = state[LEARNER_PREFIX + name].to(dtype)
         if self.device_mesh is None:
             leave_out_rebuilt_weights(checkpoint, self.learner, LEARNER_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lightning_meta", {})
         tokenizer = getattr(self.learner, "tokenizer", None)
+        self._checkpoint_step = checkpoint.get("global_step")
         if isinstance(tokenizer, str) and "tokenizer_fingerprint" in saved:
             check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], tokenizer, "The checkpoint's learner")
         if "state_dict" in checkpoint:  # a sharded checkpoint's weights were loaded by the strategy (never left out)
@@ -501,6 +529,15 @@ class MetaLearningModule(LightningModule):
 
     def _log_episode_stats(self, stage: str) -> None:
         summary = []
+    def on_train_start(self) -> None:
+        self._started["fit"] = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self._started["fit_seconds"] = time.perf_counter() - self._started.get("fit", time.perf_counter())
+
+    def on_test_start(self) -> None:
+        self._started["test"] = time.perf_counter()
+
         figures: dict[str, dict[str, float | int]] = {}
         for key, statistic in self.episode_stats.items():
             if not key.startswith(f"{stage}_") or statistic.update_count == 0:
@@ -536,9 +573,13 @@ class MetaLearningModule(LightningModule):
             name: [{"steps": step, "mean": mean, "ci95": ci95} for step, (mean, ci95) in sorted(points.items())]
             for name, points in curve_points(flat, stage).items()
         }
-        results = {"stage": stage, "global_step": self.global_step, "figures": figures, "curve": curve}
+        steps = self.trained_steps
+        results = {"stage": stage, **self._run_description(folder), "global_step": steps, "figures": figures,
+                   "curve": curve}  # fmt: skip
+        if curve:
+            results["curve_png"] = self._write_curve(flat, stage, folder, steps, figures)
         path = folder / "results.json"
-        text = json.dumps(results, indent=2) + "\n"
+        text = json.dumps(results, indent=2, default=str) + "\n"
         # Atomic: a full disk leaves no empty results.json (nor replaces an earlier one), and says so.
         write_file_atomically(path, lambda partial: partial.write_text(text), "the results file",
                               "; the figures printed above are what it would hold")  # fmt: skip
@@ -546,6 +587,67 @@ class MetaLearningModule(LightningModule):
 
 
 def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str, Any]:
+    @property
+    def trained_steps(self) -> int:
+        """Optimizer steps the evaluated weights were trained for: this run's, or the loaded checkpoint's (after
+        ``test --ckpt_path``, where Lightning restores the weights but leaves ``global_step`` at 0)."""
+        return max(self.global_step, self._checkpoint_step or 0)
+
+    def _run_description(self, folder: Path) -> dict[str, Any]:
+        """What ran, for ``results.json``: the algorithm and its options, the learner and data, the config, seed,
+        checkpoint, times and versions."""
+        import lightning
+        import transformers
+
+        from lightning_meta.version import VERSION
+
+        def described(component: Any) -> Any:
+            try:
+                return to_config(component)
+            except NotConfigurable:
+                return {"class_path": f"{type(component).__module__}.{type(component).__qualname__}"}
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        config = folder / "config.yaml"
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by Lightning's seed_everything (and the CLI's seed_everything)
+        now = time.perf_counter()
+        return {
+            "algorithm": described(self.algorithm),
+            "learner": type(self.learner).__name__,
+            "data": None if datamodule is None else {"class_path": type(datamodule).__name__,
+                                                     "init_args": dict(getattr(datamodule, "hparams", {}))},
+            "config": str(config) if config.is_file() else None,
+            "seed": None if seed is None else int(seed),
+            "checkpoint": None if self.trainer.ckpt_path is None else str(self.trainer.ckpt_path),
+            "time": {
+                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                "training_seconds": round(self._started["fit_seconds"], 1) if "fit_seconds" in self._started else None,
+                "evaluation_seconds": round(now - self._started["test"], 1) if "test" in self._started else None,
+            },
+            "versions": {"lightning_meta": VERSION, "torch": torch.__version__, "lightning": lightning.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+        }  # fmt: skip
+
+    def _write_curve(
+        self, flat: dict[str, float], stage: str, folder: Path, steps: int, figures: dict[str, dict[str, float | int]]
+    ) -> str | None:
+        """The adaptation curve as ``{stage}_adaptation_curve.png``, titled with what it shows; its file name
+        (``None`` without matplotlib, which draws it)."""
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            rank_zero_info("The adaptation curve is in results.json; pip install matplotlib to have it drawn too.")
+            return None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        shots = dict(getattr(datamodule, "hparams", {})).get("shots")
+        episodes = max(int(values["episodes"]) for values in figures.values())
+        title = ", ".join(part for part in (
+            type(self.algorithm).__name__, None if shots is None else f"K = {shots} shots",
+            f"{steps} steps trained", f"{episodes} {stage} episodes") if part)  # fmt: skip
+        self.curve_figure = curve_figure(flat, stage, title=title)
+        self.curve_path = save_curve(self.curve_figure, stage, folder)
+        return self.curve_path.name
+
     """``hparams`` saved by an earlier version, with renamed options under today's names (a one-line notice each)."""
     upgraded = _current_class_paths(dict(hparams))
     for old, (new, values) in _RENAMED.items():

@@ -46,10 +46,13 @@ class AdaptationCurvePlot(Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a collective call
         if not trainer.is_global_zero:
             return
-        figure = curve_figure(trainer.callback_metrics, "test")
+        # MetaLearningModule draws the curve itself where it writes results.json; reuse that figure and file.
+        figure, self.path = getattr(pl_module, "curve_figure", None), getattr(pl_module, "curve_path", None)
         if figure is None:
-            return
-        self.path = save_curve(figure, "test", folder)
+            figure = curve_figure(trainer.callback_metrics, "test")
+            if figure is None:
+                return
+            self.path = save_curve(figure, "test", folder)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("test/adaptation_curve", figure, global_step=trainer.global_step)
@@ -67,8 +70,9 @@ def curve_points(metrics: dict, stage: str) -> dict[str, dict[int, tuple[float, 
     return curves
 
 
-def curve_figure(metrics: dict, stage: str) -> Figure | None:
-    """The adaptation curve of ``metrics`` as a matplotlib figure; ``None`` when they hold no curve."""
+def curve_figure(metrics: dict, stage: str, title: str | None = None) -> Figure | None:
+    """The adaptation curve of ``metrics`` as a matplotlib figure, with ``title`` above its panels (what ran:
+    algorithm, K, steps trained, episodes); ``None`` when they hold no curve."""
     from matplotlib.figure import Figure  # without pyplot: no global backend or figure state
 
     curves = curve_points(metrics, stage)
@@ -85,6 +89,8 @@ def curve_figure(metrics: dict, stage: str) -> Figure | None:
         ax.set_ylabel(f"query {name} (mean ± 95% CI over episodes)")
         ax.set_title(f"{stage}: query {name} along the adaptation trajectory")
         ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     return figure
 
