@@ -470,9 +470,9 @@ class MetaLearningModule(LightningModule):
             leave_out_rebuilt_weights(checkpoint, self.learner, LEARNER_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_step = checkpoint.get("global_step")
         saved = checkpoint.get("lightning_meta", {})
         tokenizer = getattr(self.learner, "tokenizer", None)
-        self._checkpoint_step = checkpoint.get("global_step")
         if isinstance(tokenizer, str) and "tokenizer_fingerprint" in saved:
             check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], tokenizer, "The checkpoint's learner")
         if "state_dict" in checkpoint:  # a sharded checkpoint's weights were loaded by the strategy (never left out)
@@ -527,8 +527,6 @@ class MetaLearningModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_episode_stats("test")
 
-    def _log_episode_stats(self, stage: str) -> None:
-        summary = []
     def on_train_start(self) -> None:
         self._started["fit"] = time.perf_counter()
 
@@ -538,6 +536,8 @@ class MetaLearningModule(LightningModule):
     def on_test_start(self) -> None:
         self._started["test"] = time.perf_counter()
 
+    def _log_episode_stats(self, stage: str) -> None:
+        summary = []
         figures: dict[str, dict[str, float | int]] = {}
         for key, statistic in self.episode_stats.items():
             if not key.startswith(f"{stage}_") or statistic.update_count == 0:
@@ -585,8 +585,6 @@ class MetaLearningModule(LightningModule):
                               "; the figures printed above are what it would hold")  # fmt: skip
         rank_zero_info(f"Saved the results to {path}")
 
-
-def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str, Any]:
     @property
     def trained_steps(self) -> int:
         """Optimizer steps the evaluated weights were trained for: this run's, or the loaded checkpoint's (after
@@ -648,6 +646,8 @@ def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str
         self.curve_path = save_curve(self.curve_figure, stage, folder)
         return self.curve_path.name
 
+
+def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``hparams`` saved by an earlier version, with renamed options under today's names (a one-line notice each)."""
     upgraded = _current_class_paths(dict(hparams))
     for old, (new, values) in _RENAMED.items():
