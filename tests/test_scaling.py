@@ -209,3 +209,72 @@ def test_strategies_that_would_shard_fast_weights_are_refused():
     check_strategy(fsdp, ClassificationLearner(Blocks(blocks=2)), ProtoNet())  # no inner loop: shard everything
     with pytest.raises(UnsupportedSetupError, match=r"fast_weights='all': every weight is a fast weight.*lora, head"):
         check_strategy(fsdp, ClassificationLearner(Blocks(blocks=2)), FOMAML())
+
+
+def _lora_llama(**options) -> CausalLMLearner:
+    config = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 32}  # fmt: skip
+    torch.manual_seed(0)
+    return CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
+                           attn_implementation="eager", **options)  # fmt: skip
+
+
+def _token_task_batch():
+    from lightning_meta import TaskBatch
+
+    ids = torch.randint(0, 500, (2, 4, 10), generator=torch.Generator().manual_seed(0))
+    split = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return TaskBatch(support=split, query={name: tensor.flip(1) for name, tensor in split.items()})
+
+
+@pytest.mark.parametrize("meta_batch", ["task_by_task", "vmap"])
+def test_a_frozen_base_kept_in_bf16_gives_the_adapters_the_float32_bases_gradients(meta_batch):
+    from lightning_meta.training.scaling import keep_frozen_linear_weights_in, restore_dtypes
+
+    learner, batch = _lora_llama(), _token_task_batch()
+    lora = {name: p for name, p in learner.named_parameters() if p.requires_grad}
+
+    def adapters_gradients():
+        learner.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            FOMAML(inner_lr=0.1, inner_steps=2).meta_loss(learner, batch, meta_batch=meta_batch).loss.backward()
+        return {name: p.grad.clone() for name, p in lora.items()}
+
+    expected = adapters_gradients()  # the float32 base, cast by autocast at every use
+    float32_bytes = sum(p.numel() * p.element_size() for p in learner.parameters())
+    former = keep_frozen_linear_weights_in(learner, torch.bfloat16)
+    found = adapters_gradients()
+
+    frozen_linear = {name for name, module in learner.named_modules() if isinstance(module, nn.Linear)
+                     for weight, p in module.named_parameters(recurse=False) if not p.requires_grad}  # fmt: skip
+    assert frozen_linear and set(former) == {f"{name}.weight" for name in frozen_linear}  # no float32 copy left
+    weights = dict(learner.named_parameters())
+    assert all(weights[name].dtype == torch.bfloat16 for name in former)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora.values())  # adapters
+    assert sum(p.numel() * p.element_size() for p in learner.parameters()) < float32_bytes
+    for name, gradient in expected.items():  # autocast cast the same weights to the same values
+        torch.testing.assert_close(found[name], gradient, rtol=1.6e-2, atol=1e-5, msg=name)
+    restore_dtypes(learner, former)
+    assert all(p.dtype == torch.float32 for p in learner.parameters())
+
+
+def test_the_host_keeps_a_frozen_base_in_bf16_under_bf16_mixed_and_saves_it_in_its_own_dtype(tmp_path):
+    learner = _lora_llama()
+    module = MetaLearningModule(learner, FOMAML(inner_lr=0.1, inner_steps=1), meta_batch="task_by_task")
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append({p.dtype for p in pl_module.learner.parameters() if not p.requires_grad})
+
+    batch = _token_task_batch()
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Spy()],
+                        limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch, batch], batch_size=None))
+    assert seen and all(torch.bfloat16 in dtypes for dtypes in seen)  # the linear layers' frozen weights
+    assert all(p.dtype == torch.float32 for p in learner.parameters())  # given back when fit ends
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert {tensor.dtype for tensor in checkpoint["state_dict"].values() if tensor.is_floating_point()} == {
+        torch.float32
+    }

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch import Tensor
 
-from lightning_meta.data.tasks import Episode, Split, TaskBatch
+from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
 from lightning_meta.learners.base import Learner
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ def evaluate_episodes(
     def looped() -> dict[str, Tensor]:
         episodes = [figures_of(episode, False) for episode in batch.episodes()]
         return {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
+
+    if any(generation_rule(episode.metadata) is not None for episode in batch.episodes()):
+        return looped()  # a generated output is decoded token by token on the host: never under vmap
 
     def vmapped() -> dict[str, Tensor]:
         return _over_episodes(batch, lambda episode: figures_of(episode, True))
@@ -230,10 +233,13 @@ def _in_float32(learner: Learner) -> tuple[AbstractContextManager, bool]:
     The verdict is about exactness, and its tolerance is rounding in the parameters' dtype: under
     ``bf16-mixed`` two correct computations differ by bf16 rounding (3e-2 to 6e-2 relative on
     meta-gradients), which would refuse vmap everywhere. So the check runs once in float32 and the
-    step (or evaluation) then runs again at the caller's precision on the path it chose.
+    step (or evaluation) then runs again at the caller's precision on the path it chose. A learner holding
+    bfloat16 weights (a frozen base kept in bf16: ``scaling.keep_frozen_linear_weights_in``) cannot run
+    without autocast: its check stays at the caller's precision (and mostly keeps the loop).
     """
     device_type = next(learner.parameters()).device.type
-    if not torch.is_autocast_enabled(device_type):
+    low_weights = any(p.dtype in (torch.bfloat16, torch.float16) for p in learner.parameters())
+    if low_weights or not torch.is_autocast_enabled(device_type):
         return nullcontext(), False
     return torch.autocast(device_type, enabled=False), True
 
