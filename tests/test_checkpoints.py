@@ -274,3 +274,42 @@ def test_resuming_removes_the_partial_file_a_killed_save_left_beside_the_checkpo
                         enable_model_summary=False, default_root_dir=tmp_path / "resumed")  # fmt: skip
     trainer.fit(module, sinusoid(), ckpt_path=good)  # saves into resumed/: the start itself removed it
     assert not [path for path in tmp_path.iterdir() if ".partial-" in path.name]
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+#: Sharded (FSDP2) checkpoints are folders; a link to one is not tested here, so that config keeps a copy.
+SHARDED = {"lm_fomaml_fsdp.yaml"}
+
+
+def checkpoint_callbacks(config: Path) -> list[dict]:
+    import yaml
+
+    callbacks = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("callbacks") or []
+    return [callback.get("init_args") or {} for callback in callbacks
+            if callback["class_path"].endswith("ModelCheckpoint")]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [config for config in CONFIGS if config.name not in SHARDED], ids=lambda c: c.name)
+def test_shipped_configs_keep_last_as_a_link_not_a_copy(config):
+    """The quick start left three identical 11 MB files at its last step: the best, last.ckpt and latest-step."""
+    saving_last = [options for options in checkpoint_callbacks(config) if options.get("save_last")]
+    assert len(saving_last) <= 1, "two callbacks would each write a last.ckpt"
+    assert all(options["save_last"] == "link" for options in saving_last)
+    assert all("monitor" not in options for options in saving_last), "last would link to the best, not the newest"
+
+
+def test_last_is_a_link_to_the_newest_file_and_loads(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (best, newest) = checkpoint_callbacks(CONFIGS[[config.name for config in CONFIGS].index("sinusoid.yaml")])
+    callbacks = [ModelCheckpoint(**best), ModelCheckpoint(**newest | {"every_n_train_steps": 2})]
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, default_root_dir=tmp_path,
+                        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+    trainer.fit(module, sinusoid())
+    folder = tmp_path / "lightning_logs/version_0/checkpoints"
+    last = folder / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == (folder / "latest-step4.ckpt").resolve()
+    assert sorted(path.name for path in folder.iterdir() if not path.is_symlink())[-1] == "latest-step4.ckpt"
+    assert MetaLearningModule.load_from_checkpoint(last).algorithm.inner_lr == 0.01
+    assert load_checkpoint_file(last)["global_step"] == 4

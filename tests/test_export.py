@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
 from lightning_meta.algorithms import FOMAML, MetaICL
+from lightning_meta.data.local_files import current_umask
 from lightning_meta.data.tokenization import fingerprint_of, load_tokenizer
 from lightning_meta.datamodules import LanguageModelingTasksDataModule, TextToTextTasksDataModule
 from lightning_meta.handoff.export import PROVENANCE_FILE, ExportCallback, export
@@ -89,6 +90,10 @@ def test_round_trip_gives_identical_logits_and_provenance(plain, tmp_path):
         path.name for path in output.iterdir()
     }
     assert not any(name.startswith(("learner.", "model.")) for name in model.state_dict())
+    umask = current_umask()  # model.safetensors was 0o600 (safetensors' own temporary file) beside 0o644 files
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in [output, *output.iterdir()]} == {
+        path.name: oct((0o777 if path.is_dir() else 0o666) & ~umask) for path in [output, *output.iterdir()]
+    }
     assert load_tokenizer(str(output)).get_vocab() == load_tokenizer("embedded-bpe-4096").get_vocab()
     provenance = json.loads((output / PROVENANCE_FILE).read_text())
     assert provenance["algorithm"]["class_path"].endswith("FOMAML")

@@ -157,7 +157,7 @@ def write_folder_atomically(
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{_partial_prefix(folder)}-"))
     try:
         write(staging)
-        staging.chmod(0o755)  # mkdtemp's 0o700 would hide the folder from other users
+        modes_as_umask_gives(staging)  # mkdtemp's 0o700 (and safetensors' 0o600 files) would hide them from others
         if replace and folder.exists():
             retired = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-{_owner_tag()}-"))
             folder.rename(retired / folder.name)
@@ -190,12 +190,32 @@ def write_file_atomically(
     partial = path.with_name(_partial_prefix(path))
     try:
         write(partial)
+        modes_as_umask_gives(partial)
         os.replace(partial, path)
     except BaseException as error:  # Ctrl-C and SIGTERM too: no partial file is left
         partial.unlink(missing_ok=True)
         if is_disk_full(error):
             raise disk_full_error(path, what, True, remedy) from None
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (``os.umask`` can only be read by setting it: set back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def modes_as_umask_gives(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open``/``mkdir`` would under the
+    user's umask: writers that go through temporary files (``mkdtemp``, safetensors' ``save_file``) leave 0o700
+    folders and 0o600 files, which other users of a shared folder cannot read. Links are left alone."""
+    umask = current_umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for each in paths:
+        if each.is_symlink():
+            continue
+        each.chmod((0o777 if each.is_dir() else 0o666) & ~umask)
 
 
 def is_disk_full(error: BaseException) -> bool:
