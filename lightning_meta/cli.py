@@ -46,7 +46,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 DESCRIPTION = """\
 lightning-meta: meta-learning ({algorithms}) for language models
 with PyTorch Lightning. `lightning-meta fit` without --config runs the embedded quick start (first-order MAML
-on a tiny GPT-2 over text domains of Python's standard library, ~3 min on a CPU); `--config configs/X.yaml`
+on a tiny GPT-2 over text domains of Python's standard library, ~4½ min on a CPU); `--config configs/X.yaml`
 runs a use case; `lightning-meta fit --print_config` prints the full config to copy and edit. With
 --ckpt_path, options typed on the command line or in --config win over the checkpoint's, which win over
 the defaults. Runs use one torch thread unless OMP_NUM_THREADS is set (`OMP_NUM_THREADS=4 lightning-meta
