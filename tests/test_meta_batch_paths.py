@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import runpy
 import sys
 from pathlib import Path
@@ -302,3 +303,9 @@ def test_the_speed_benchmarks_reproduction_of_todays_code_gives_the_same_figures
     padded = bench["padded_to"](split, 40)
     assert padded["input_ids"].shape == (3, 40) and bool((padded["labels"][:, 16:] == -100).all())
     torch.testing.assert_close(learner.loss(padded)[0], learner.loss(split)[0])
+    plain = copy.deepcopy(learner)  # the roofline's "before": logits at every position, read afterwards
+    plain.read_logits = bench["full_logits"](plain)
+    torch.testing.assert_close(plain.loss(split)[0], learner.loss(split)[0])
+    for value, reference in zip(plain.option_scores(ids, mask, labels), expected, strict=True):
+        torch.testing.assert_close(value, reference)
+    assert bench["matmul_peak"](torch.float32, repeats=1) > 0

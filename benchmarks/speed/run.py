@@ -24,8 +24,8 @@ Algorithms: second-order MAML, FOMAML, Reptile (and ProtoNet on W2); Adam outer 
 Implementations, each with its own copy of the same initial model and its own Adam:
 
 - ``library``: the public API, what ``MetaLearningModule.training_step`` does: ``meta_loss`` with
-  the default ``meta_batch="auto"``, the finite-loss check, ``backward``, Adam. Reptile runs with
-  ``report_query=False``, as the host sets it on the steps it does not log.
+  the default ``meta_batch="auto"``, the finite-loss check, ``backward``, Adam; ``report_query`` at
+  its default (off: no diagnostic forwards, as on the steps the host does not log).
 - ``library-loop``: the same with ``meta_batch="task_by_task"`` (shown where auto picks vmap).
 - ``plain-loop``: a plain ``torch.func.functional_call`` loop written here: per task the inner
   steps with ``torch.autograd.grad``, the query losses summed, one ``backward`` (every task's graph
@@ -46,6 +46,7 @@ step, then the resident set's high-water mark over one step above the resident s
     python benchmarks/speed/run.py --quick    # a smoke run: W1 + W2 FOMAML, 3 steps, no memory
     python benchmarks/speed/run.py --w3       # W2-LoRA and W3 only (SmolLM2), 1 + 2 steps, ~20 minutes
     python benchmarks/speed/run.py --w3-metaicl   # W3's MetaICL: demonstrations once vs one sequence per query
+    python benchmarks/speed/run.py --roofline   # W3 against this machine's matmul peak, before/after issue 28
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, MetaICL, Mult
 from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CORRECT, IGNORE_INDEX, MASK_FIELDS
 from lightning_meta.datamodules import TextToTextTasksDataModule
 from lightning_meta.learners.base import Learner
-from lightning_meta.learners.language_models import LoraSettings
+from lightning_meta.learners.language_models import LoraSettings, ReadLogits
+from lightning_meta.training.scaling import keep_frozen_linear_weights_in
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import common  # noqa: E402
@@ -188,7 +190,6 @@ def _step(loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
 def library(case: Setup, meta_batch: str = "auto") -> Callable[[TaskBatch], None]:
     learner, algorithm = case.make_learner(), case.make_algorithm()
     algorithm.bind(learner)
-    algorithm.report_query = False  # as the host sets it on the steps it does not log
     optimizer = torch.optim.Adam([p for m in (learner, algorithm) for p in m.parameters() if p.requires_grad])
 
     def step(batch: TaskBatch) -> None:
@@ -340,7 +341,6 @@ def gradient_check(case: Setup) -> float:
     parameters, on the first batch from the same initial weights (per parameter it would be
     noise where a gradient is zero, as ProtoNet's for the final LayerNorm bias)."""
     learner, algorithm = case.make_learner(), case.make_algorithm()
-    algorithm.report_query = False
     algorithm.meta_loss(learner, case.batches[0]).loss.backward()
     plain = PlainLoop(case)
     plain.meta_gradient(case.batches[0])
@@ -702,6 +702,134 @@ def w3_metaicl(warmup: int, steps: int) -> None:
           f"evaluation {t['evaluation, sequences written out'] / t['evaluation, demonstrations once']:.2f}x faster")
 
 
+def matmul_peak(dtype: torch.dtype, repeats: int = 9) -> float:
+    """This machine's matmul rate in GFLOP/s on one thread: ``torch.matmul`` of SmolLM2-shaped matrices
+    (512 x 576 by 576 x 1536: 512 tokens through its MLP's up projection) in ``dtype``, median of ``repeats``."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(512, 576, generator=generator).to(dtype)
+    right = torch.randn(576, 1536, generator=generator).to(dtype)
+    for _ in range(3):
+        torch.matmul(left, right)
+    times = []
+    for _ in range(repeats):
+        started = time.thread_time()
+        for _ in range(10):
+            torch.matmul(left, right)
+        times.append((time.thread_time() - started) / 10)
+    return 2 * 512 * 576 * 1536 / statistics.median(times) / 1e9
+
+
+def full_logits(learner: CausalLMLearner) -> Callable[..., ReadLogits]:
+    """The code before issue 28's gather: logits at every position, read afterwards (as under vmap)."""
+
+    def read(inputs: dict, targets: Tensor, params: dict[str, Tensor] | None = None) -> ReadLogits:
+        logits = learner(**inputs, params=params).logits[:, : targets.shape[1]]
+        logits = logits.float() if logits.dtype == torch.bfloat16 else logits
+        return ReadLogits(logits.flatten(0, 1), targets.flatten(), None, None)
+
+    return read
+
+
+def roofline(warmup: int, steps: int, memory: bool = True) -> None:
+    """W3 against this machine's own matmul peak, at its faster precision (``bf16-mixed`` where its bf16 matmul
+    is faster than float32, else ``32-true``): tokens/s, GFLOP/s, % of that peak and peak RSS per algorithm,
+    with the code before issue 28 (logits at every position, MetaICL's demonstrations once per query, under
+    bf16 a float32 frozen base cast by autocast at every use) beside the code now (logits only where read, the
+    demonstrations once per episode, under bf16 the base kept in bf16), alternated step by step in one process.
+
+    Work is counted as 2 N FLOPs per token forward and 2 N backward (activations only: the base is frozen),
+    N = the base's parameters (SmolLM2-135M: 134.5 M, the tied head once); attention scores are left out
+    (~2% here). The evaluation episode is timed only (its forward tokens depend on the cache)."""
+    peaks = {name: matmul_peak(dtype) for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16))}
+    precision = "bf16" if peaks["bf16"] > peaks["float32"] else "float32"
+    print("matmul peak, one thread (512 x 576 x 1536, median of 9): "
+          + ", ".join(f"{name} {value:.1f} GFLOP/s" for name, value in peaks.items())
+          + f"; running W3 at {'bf16-mixed' if precision == 'bf16' else '32-true'}", flush=True)  # fmt: skip
+    count = warmup + steps
+    batches, episode = w3_data(count)
+    before = CausalLMLearner(**W3_LEARNER, lora=LoraSettings(r=8, alpha=16))
+    before.read_logits = full_logits(before)
+    after = copy.deepcopy(before)
+    del after.read_logits  # the instance attribute: back to the class's gather
+    if precision == "bf16":
+        keep_frozen_linear_weights_in(after, torch.bfloat16)
+    base = sum(p.numel() for name, p in before.named_parameters() if "lora_" not in name)
+    once, separate = MetaICL(), MetaICL(encode_demonstrations_once=False)
+    sequences, packed = [], [once.packed_queries(after, b.support, b.query) for b in batches]
+    for batch in batches:
+        length = separate.sequence_length(before, batch.support, batch.query)
+        built = [separate.conditioned(before, e.support, e.query, False, length)[0] for e in batch.episodes()]
+        sequences.append({name: torch.cat([split[name] for split in built]) for name in _LM_FIELDS})
+
+    def mean_tokens(splits: list[dict[str, Tensor]]) -> float:
+        return statistics.mean(real_tokens(split["attention_mask"]) for split in splits)
+
+    supports = mean_tokens([b.support for b in batches])
+    queries = mean_tokens([b.query for b in batches])
+    trained = {"floor": supports + queries, "FOMAML": 2 * supports + queries, "MultiTask": supports + queries,
+               "MetaICL": None}  # fmt: skip
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def runners(learner: CausalLMLearner, metaicl: MetaICL) -> dict[str, Callable[[int], None]]:
+        optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=1e-4)
+        fomaml, multitask = FOMAML(inner_lr=0.05, inner_steps=2), MultiTask()
+
+        def meta_step(algorithm: MetaAlgorithm) -> Callable[[int], None]:
+            def step(index: int) -> None:
+                with autocast():
+                    loss = algorithm.meta_loss(learner, batches[index], meta_batch="task_by_task").loss
+                _step(loss, optimizer)
+
+            return step
+
+        def floor(index: int) -> None:
+            batch = batches[index]
+            length = max(batch.support["input_ids"].shape[-1], batch.query["input_ids"].shape[-1])
+            splits = [padded_to(split, length) for split in (batch.support, batch.query)]
+            both = {name: torch.cat([split[name] for split in splits], 1).flatten(0, 1) for name in _LM_FIELDS}
+            with autocast():
+                plain_lora_step(learner, optimizer, both)
+
+        def evaluate(index: int) -> None:
+            with autocast(), torch.no_grad():
+                metaicl.evaluate(learner, episode)
+
+        return {"floor": floor, "FOMAML": meta_step(fomaml), "MultiTask": meta_step(multitask),
+                "MetaICL": meta_step(metaicl), "evaluation": evaluate}  # fmt: skip
+
+    named = {f"{name}, before": run for name, run in runners(before, separate).items()}
+    named |= {f"{name}, now": run for name, run in runners(after, once).items()}
+    print(f"W3 roofline: {len(batches[0])} tasks x (4 + 4), {supports + queries:.0f} real tokens per "
+          f"meta-batch (MetaICL: {mean_tokens(sequences):.0f} in one sequence per query, {mean_tokens(packed):.0f} "
+          f"packed); N = {base / 1e6:.1f} M; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+          flush=True)  # fmt: skip
+    seconds = alternate(named, count, warmup, steps)
+    print("median CPU seconds:", json.dumps({name: round(value, 3) for name, value in seconds.items()}), flush=True)
+    rss = {name: common.peak_rss_mib(functools.partial(run, 0)) for name, run in named.items()} if memory else {}
+    print("peak RSS of a step, MiB:", json.dumps({name: round(value, 1) for name, value in rss.items()}), flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}\n")
+    weights = {code: sum(p.numel() * p.element_size() for p in learner.parameters()) / 2**20
+               for code, learner in (("before", before), ("now", after))}  # fmt: skip
+    print(f"model weights in memory: before {weights['before']:.0f} MiB, now {weights['now']:.0f} MiB")
+    print(f"| algorithm | code | CPU s per step | real tokens/s | GFLOP/s | % of {precision} peak "
+          "| peak RSS of a step, MiB | now vs before |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation"):
+        for code in ("before", "now"):
+            key = f"{name}, {code}"
+            time_s = seconds[key]
+            tokens = trained.get(name)
+            if name == "MetaICL":
+                tokens = mean_tokens(sequences if code == "before" else packed)
+            flops = 4 * base * tokens if tokens is not None else None
+            cells = [f"{time_s:.2f}", f"{(supports + queries) / time_s:.0f}" if name != "evaluation" else "—",
+                     f"{flops / time_s / 1e9:.0f}" if flops else "—",
+                     f"{100 * flops / time_s / 1e9 / peaks[precision]:.0f}%" if flops else "—",
+                     f"{rss[key]:.0f}" if key in rss else "—",
+                     f"{seconds[f'{name}, before'] / time_s:.2f}x faster" if code == "now" else ""]  # fmt: skip
+            print(f"| {name} | {code} | " + " | ".join(cells) + " |", flush=True)
+
+
 def w2_lora(warmup: int, steps: int) -> None:
     """W2 with LoRA fast weights (r 8 on c_attn and c_proj, base frozen): FOMAML with the tasks' adapters
     batched (vmap), task by task, and the floor (one plain LoRA step on all support and query)."""
@@ -709,7 +837,6 @@ def w2_lora(warmup: int, steps: int) -> None:
     learner = CausalLMLearner(model_config=_GPT2, lora=LoraSettings(r=8, alpha=16))
     batches = token_batches(max(2, min(steps, 8)))
     algorithm = FOMAML(inner_lr=INNER["W2"][0], inner_steps=INNER["W2"][1])
-    algorithm.report_query = False
     optimizer = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad])
 
     def meta_step(meta_batch: str) -> Callable[[int], None]:
@@ -743,9 +870,17 @@ def main() -> None:
     parser.add_argument("--w3", action="store_true", help="only W2-LoRA and W3 (SmolLM2-135M; ~20 min on one core)")
     parser.add_argument("--w3-metaicl", action="store_true",
                         help="only W3's MetaICL: demonstrations once against one sequence per query (~15 min)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="only W3 at bf16-mixed against this machine's matmul peak, before/after issue 28")
     parser.add_argument("--memory-one", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.roofline:
+        warmup, steps = (0, 1) if args.quick else (1, 2)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured steps after {warmup} "
+              "warm-up, implementations alternated step by step", flush=True)  # fmt: skip
+        roofline(warmup, steps, memory=not args.quick)
+        return
     if args.w3_metaicl:
         warmup, steps = (1, 1) if args.quick else (1, 3)
         print(f"torch {torch.__version__}, 1 thread, {steps} measured steps after {warmup} warm-up; load average "
