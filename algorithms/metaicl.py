@@ -27,6 +27,7 @@ from lightning_meta.data.tasks import (
     Split,
     TaskBatch,
     channel_sequences,
+    generation_rule,
     padded_length,
     padding_fraction,
 )
@@ -339,13 +340,16 @@ class MetaICL(MetaAlgorithm):
         ``encode_demonstrations_once``, from the demonstrations' keys and values where exact
         (:meth:`after_demonstrations`)."""
         self.check_learner(learner)
-        before = learner.evaluation_metrics(self.loss_rows(episode.query))
-        shared = self.after_demonstrations(learner, episode.support, episode.query)
+        # Generated outputs are read after direct prompts only (a channel row's labels are its input).
+        rule = generation_rule(episode.metadata) if self.direction == "direct" else None
+        before = learner.evaluation_metrics(self.loss_rows(episode.query), generation=rule)
+        # A generated output is decoded after the whole written prompt: no shared prefix then.
+        shared = None if rule is not None else self.after_demonstrations(learner, episode.support, episode.query)
         if shared is not None:
             after = learner.evaluation_metrics(shared[0], prefixes=shared[1])
         else:
             query, _ = self.conditioned(learner, episode.support, episode.query)
-            after = learner.evaluation_metrics(query)
+            after = learner.evaluation_metrics(query, generation=rule)
         return {f"{name}_pre": value for name, value in before.items()} | {
             f"{name}_post": value for name, value in after.items()
         }

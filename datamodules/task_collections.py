@@ -79,6 +79,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_meta.data.local_files import CACHE_FULL_REMEDY, cache_entry, write_folder_atomically
 from lightning_meta.data.tables import TABLE_FORMATS, column_names, is_saved_dataset, read_table, table_columns
+from lightning_meta.data.tasks import OUTPUT_REGEX, STOP_STRING
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -92,9 +93,8 @@ BIGBENCH_EXAMPLE_SEPARATOR = "\n"
 #: prompt of the task starts with (written once before in-context demonstrations), the text between demonstrations
 #: (default :data:`BIGBENCH_EXAMPLE_SEPARATOR`), and the stop string and regular expression that cut a generated
 #: output before it is compared (``bigbench/api/json_task.py``, ``model_utils.postprocess_output``).
-TASK_FIELDS = TASK_PREFIX, EXAMPLE_SEPARATOR, STOP_STRING, OUTPUT_REGEX = (
-    "task_prefix", "few_shot_example_separator", "stop_string", "output_regex"
-)  # fmt: skip
+TASK_PREFIX, EXAMPLE_SEPARATOR = "task_prefix", "few_shot_example_separator"
+TASK_FIELDS = (TASK_PREFIX, EXAMPLE_SEPARATOR, STOP_STRING, OUTPUT_REGEX)
 
 #: BIG-bench keywords that name a task's family, in order of precedence: a task's family is the
 #: first of these among its keywords. They say what skill a task tests; format keywords

@@ -40,8 +40,11 @@ from lightning_meta.data.tasks import (
     CREDIT,
     DEMONSTRATION_FIELDS,
     IGNORE_INDEX,
+    OUTPUT_REGEX,
+    STOP_STRING,
     TASK_PREFIX_LENGTH,
     Episode,
+    GenerationRule,
 )
 from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
 from lightning_meta.datamodules.control_tasks import CONTROL, ControlSettings, ControlTasks
@@ -91,6 +94,8 @@ class TextTask:
     # (examples, 2, max_length): ids and mask of each example as a BIG-bench demonstration (demonstrations="bigbench")
     demonstration: Tensor | None = None
     task_prefix_length: Tensor | None = None  # (examples,): the task prefix's tokens at the start of each prompt
+    stop_string: str | None = None  # the task's, cutting generated outputs (GenerationRule)
+    output_regex: str | None = None
     inputs: list[str] = field(default_factory=list)  # each example's input text, for the held-out overlap check
     ceiling: float | None = None  # the best accuracy a reader of the support can reach (a control task's)
 
@@ -561,6 +566,8 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             for rows in (chosen[: self.shots], chosen[self.shots :])
         )
         metadata = {"task": task.name, "family": task.family or "", "example_ids": chosen}
+        if split != "train":  # how evaluation cuts generated outputs (every episode has both: they stack)
+            metadata |= {STOP_STRING: task.stop_string or "", OUTPUT_REGEX: task.output_regex or ""}
         if task.ceiling is not None:
             ceiling = torch.tensor(task.ceiling, dtype=torch.float64)
             metadata |= {CEILING: ceiling, CHANCE: _chance(task, chosen[self.shots :])}
@@ -911,8 +918,12 @@ class _Encoder:
                 [values[row] for row in kept] for values in (prompt_ids, outputs, choices, choice_ids)
             )
         input_ids, attention_mask, labels = self._rows(prompt_ids, [answers[0] for answers in outputs])
+        try:
+            rule = GenerationRule(task.get(STOP_STRING) or None, task.get(OUTPUT_REGEX) or None)
+        except ValueError as error:
+            raise ValueError(f"Task {name!r}: {error}") from None
         result = TextTask(name, task["family"], input_ids, attention_mask, labels, inputs=list(task["inputs"]),
-                          ceiling=ceiling)  # fmt: skip
+                          ceiling=ceiling, stop_string=rule.stop_string, output_regex=rule.output_regex)  # fmt: skip
         if bigbench:
             ids, mask, _ = self._rows([prompt[len(lead_ids) :] for prompt in prompt_ids],
                                       [answers[0][:-1] + example_separator for answers in outputs])  # fmt: skip

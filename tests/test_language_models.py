@@ -273,3 +273,18 @@ def test_logits_run_only_where_read_and_equal_the_full_logits_there(config, lora
     greedy = (full.argmax(-1) == labels[:, 1:]) | ~read
     assert figures["exact_match"] == greedy.all(1).float().mean()
     torch.testing.assert_close(figures["loss"], expected.detach())
+
+
+def test_generate_is_greedy_decoding_as_transformers_generates_it():
+    """CausalLMLearner.generate (at the learner's own weights, through its functional forward) writes the tokens
+    transformers' greedy ``generate`` writes, stopping at the end token (left out) or the token budget."""
+    torch.manual_seed(0)
+    learner = CausalLMLearner(model_config=TINY_GPT2 | {"n_positions": 64}, tokenizer=TOKENIZER, dtype="float64").eval()
+    for prompt in ([5, 17, 3], [40, 2, 9, 11, 30]):
+        expected = learner.transformer.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=12,
+            do_sample=False, pad_token_id=learner.transformer.config.eos_token_id,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+        eos = learner.transformer.config.eos_token_id
+        expected = expected[: expected.index(eos)] if eos in expected else expected
+        assert learner.generate(torch.tensor(prompt), None, 12) == expected

@@ -69,3 +69,33 @@ def test_splits_join_at_one_width_and_refuse_other_shape_differences():
     assert not both["attention_mask"][:2, 8:].any() and (both["labels"][:2, 8:] == IGNORE_INDEX).all()
     with pytest.raises(ValueError, match=r"field 'x' is shaped \(2, 3\) in one and \(2, 4\) in the other"):
         joined(narrow, wide | {"x": torch.zeros(2, 4)})
+
+
+@pytest.mark.parametrize(
+    ("stop_string", "output_regex", "written", "cut"),
+    [
+        # BIG-bench's own examples (model_utils.postprocess_output's docstring)
+        (".", None, "The apple is on the ground. What is", "The apple is on the ground."),
+        (None, r"\d+", "= 42. 7*7 = 49. 7*8 =", "42"),
+        ("\n", None, "\nblue", "\nblue"),  # a stop string at the very start cuts nothing, as in BIG-bench
+        ("\n", r"[a-z]+", "blue cat\nred", "blue"),  # cut at the stop string (kept), then the first match
+        ("\n", r"(\d+) apples", "I see 3 apples and 4 apples\n", "3"),  # one group: its text
+        (None, r"\d+", "no digits", ""),  # no match: empty, as BIG-bench
+    ],
+)
+def test_a_generation_rule_cuts_as_bigbench_postprocess_output(stop_string, output_regex, written, cut):
+    from lightning_meta.data.tasks import GenerationRule
+
+    assert GenerationRule(stop_string, output_regex).apply(written) == cut
+
+
+def test_a_generation_rule_is_read_from_episode_metadata_and_refuses_a_regex_of_several_groups():
+    from lightning_meta.data.tasks import GenerationRule, generation_rule
+
+    assert generation_rule({"stop_string": "", "output_regex": ""}) is None
+    assert generation_rule({}) is None
+    assert generation_rule({"stop_string": "\n", "output_regex": ""}) == GenerationRule("\n", None)
+    with pytest.raises(ValueError, match=r"output_regex '\(a\)\(b\)' has 2 capturing groups.*\(\?:"):
+        GenerationRule(None, "(a)(b)")
+    with pytest.raises(ValueError, match=r"output_regex '\(' is not a regular expression"):
+        GenerationRule(None, "(")

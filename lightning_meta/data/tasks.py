@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,60 @@ DEMONSTRATION_FIELDS = ("demonstration_input_ids", "demonstration_attention_mask
 #: ``(examples,)``: how many of the first tokens of each row (its sequence, options and calibration rows) are the
 #: task prefix, which BIG-bench writes once, before the demonstrations (with :data:`DEMONSTRATION_FIELDS`).
 TASK_PREFIX_LENGTH = "task_prefix_length"
+#: Episode metadata of an evaluation episode (text): its task's stop string and output regular expression, ``""``
+#: where the task gives none (BIG-bench's ``stop_string`` and ``output_regex``; :func:`generation_rule` reads them).
+STOP_STRING, OUTPUT_REGEX = "stop_string", "output_regex"
+
+
+@dataclass(frozen=True)
+class GenerationRule:
+    """How a generated output is cut before it is compared with the correct outputs, as BIG-bench's
+    ``postprocess_output`` (``bigbench/models/model_utils.py``) cuts it: at the first ``stop_string`` found past
+    the output's first character, keeping the stop string, then to the first match of ``output_regex`` (``""``
+    without one). An exact match then asks only that the cut text be a correct output, not that the end token follow.
+    """
+
+    stop_string: str | None = None
+    output_regex: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.output_regex:
+            try:
+                groups = re.compile(self.output_regex).groups
+            except re.error as error:
+                raise ValueError(f"output_regex {self.output_regex!r} is not a regular expression ({error}).") from None
+            if groups > 1:
+                raise ValueError(
+                    f"output_regex {self.output_regex!r} has {groups} capturing groups, so its match is not one text: "
+                    "make the others non-capturing ((?:...)), as BIG-bench asks."
+                )
+
+    @property
+    def cuts(self) -> bool:
+        """Whether the rule changes anything (without either part, a generated output is compared as it is)."""
+        return bool(self.stop_string or self.output_regex)
+
+    def apply(self, text: str) -> str:
+        """``text`` cut by the rule (BIG-bench's ``postprocess_output`` without ``max_length``)."""
+        if self.stop_string:
+            index = text.find(self.stop_string)
+            if index > 0:  # BIG-bench's test: a stop string at the very start cuts nothing
+                text = text[: index + len(self.stop_string)]
+        if self.output_regex:
+            text = next(iter(re.findall(self.output_regex, text)), "")
+        return text
+
+
+def generation_rule(metadata: Mapping[str, Any]) -> GenerationRule | None:
+    """The :class:`GenerationRule` of an episode's metadata (:data:`STOP_STRING`, :data:`OUTPUT_REGEX`), or ``None``
+    where it gives none."""
+    stop, regex = (metadata.get(name) for name in (STOP_STRING, OUTPUT_REGEX))
+    # One episode's values are texts (a stacked batch holds lists of them: no one rule).
+    rule = GenerationRule(stop if isinstance(stop, str) and stop else None,
+                          regex if isinstance(regex, str) and regex else None)  # fmt: skip
+    return rule if rule.cuts else None
+
+
 #: The token-aligned fields of a split, by name, grouped under the mask they share positions with, each with
 #: the value its padding positions hold (no token, no attention, no loss). :func:`without_padding` cuts and
 #: :func:`padded` pads exactly these fields, where shaped like their mask: other fields are never cut, even

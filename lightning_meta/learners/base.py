@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_meta.data.tasks import Split, TaskBatch
+from lightning_meta.data.tasks import GenerationRule, Split, TaskBatch
 
 FastWeights = dict[str, Tensor]
 
@@ -189,7 +189,12 @@ class Learner(nn.Module, ABC):
         """Mean loss over the split, and detached per-episode figures (``metric_names``)."""
 
     def evaluation_metrics(
-        self, split: Split, params: Mapping[str, Tensor] | None = None, *, parallel: bool = False
+        self,
+        split: Split,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        parallel: bool = False,
+        generation: GenerationRule | None = None,
     ) -> dict[str, Tensor]:
         """Detached figures of a split at evaluation (no gradient): :meth:`loss`'s by default.
 
@@ -197,6 +202,8 @@ class Learner(nn.Module, ABC):
         a classification task's options); evaluation and adaptation curves read this.
         ``parallel=True``: the call runs under ``torch.func.vmap`` (the episodes of an evaluation
         batch together), so the figures must come without host syncs or shapes that depend on the data.
+        ``generation``: how the episode's task cuts generated outputs (its metadata, :func:`generation_rule`); a
+        learner that generates nothing ignores it.
         """
         with torch.no_grad():
             return self.loss(split, params)[1]

@@ -45,6 +45,7 @@ from lightning_meta.data.tasks import (
     LABEL_WEIGHTS,
     POSITION_IDS,
     SEGMENT_IDS,
+    GenerationRule,
     Split,
 )
 from lightning_meta.data.tokenization import load_tokenizer
@@ -60,6 +61,10 @@ _RULE_ROWS = {
     "calibrated": (CALIBRATION_FIELDS, "evaluation splits with options and --data.init_args.calibration=true"),
     "channel": (CHANNEL_FIELDS, "--data.init_args.channel=true"),
 }
+#: Tokens decoded past an example's longest correct output before its generated output is cut and compared
+#: (:meth:`CausalLMLearner.evaluation_metrics` with a ``generation`` rule): room for the stop string and for text
+#: around a regular expression's match.
+GENERATED_TOKENS_PAST_TARGET = 16
 #: The parameter dtypes a model may be built in, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # peft's target modules where its defaults don't fit: GPT-2 keeps its projections in Conv1D.
@@ -334,6 +339,7 @@ class CausalLMLearner(Learner):
         *,
         parallel: bool = False,
         prefixes: Mapping[str, Prefix] | None = None,
+        generation: GenerationRule | None = None,
     ) -> dict[str, Tensor]:
         """The loss; with ``labels`` (supervised outputs) also ``exact_match``, and ``accuracy``.
 
@@ -357,7 +363,11 @@ class CausalLMLearner(Learner):
         ``parallel``: under ``torch.func.vmap`` the options are scored without host syncs
         (:meth:`option_scores`). ``prefixes``: the rows of a mask field (``attention_mask``, or an option field's
         mask, :data:`CHOICE_ATTENTION_MASK`, ...) continue after ``prefixes[mask]``, run once for them all
-        (MetaICL's demonstrations): the same figures as the rows written after its tokens.
+        (MetaICL's demonstrations): the same figures as the rows written after its tokens. ``generation``: the
+        task's :class:`~lightning_meta.data.tasks.GenerationRule` (BIG-bench's ``stop_string`` and ``output_regex``):
+        an example without options is then an exact match when its greedily generated output (:meth:`generate`), cut
+        by the rule, is one of its correct outputs, whatever follows the cut (no end token asked); not under
+        ``parallel`` (``vmap``, where decoding cannot run) nor with ``prefixes``, where the check above stays.
         """
         prefixes = prefixes or {}
         with torch.no_grad():
@@ -368,6 +378,8 @@ class CausalLMLearner(Learner):
             if "labels" not in split:
                 return figures
             exact = read.greedy(len(labels))
+            if generation is not None and generation.cuts and not parallel and not prefixes:
+                exact = self._generated_matches(split, params, generation, exact)
             if CHOICE_INPUT_IDS in split:
                 grades, writes_correct = self._choices(split, params, parallel, prefixes)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
@@ -379,6 +391,54 @@ class CausalLMLearner(Learner):
                     figures[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
             figures["exact_match"] = exact.float().mean()
             return figures
+
+    def generate(self, prompt: Tensor, params: Mapping[str, Tensor] | None, max_new_tokens: int) -> list[int]:
+        """Greedy decoding after ``prompt`` (1-D token ids) at ``params``: up to ``max_new_tokens`` tokens (fewer
+        at the model's context), the end token ending it (and left out). One forward per token (evaluation only)."""
+        tokens = prompt.tolist()
+        generated: list[int] = []
+        eos = self.transformer.config.eos_token_id
+        limit = min(max_new_tokens, (self.max_positions or len(tokens) + max_new_tokens) - len(tokens))
+        for _ in range(limit):
+            ids = torch.tensor([tokens + generated], device=prompt.device)
+            logits = self.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, params)
+            token = int(logits[0, -1].argmax())
+            if token == eos:
+                break
+            generated.append(token)
+        return generated
+
+    def _generated_matches(
+        self, split: Split, params: Mapping[str, Tensor] | None, rule: GenerationRule, exact: Tensor
+    ) -> Tensor:
+        """``exact`` with each example without options (``answer`` -1, or every example of a split without them)
+        judged by its generated output, cut by ``rule``, against its correct outputs (its ``labels``' output and, with
+        several, its :data:`CORRECT` choice rows), as BIG-bench's ``exact_str_match`` compares them. The text between
+        prompt and output (a space, or none after a prompt ending in whitespace) is not part of either. Decodes up to
+        :data:`GENERATED_TOKENS_PAST_TARGET` tokens past the longest correct output."""
+        tokenizer = load_tokenizer(self.tokenizer)
+        labels = split["labels"]
+        answer = split.get(ANSWER)
+        rows = range(len(labels)) if answer is None else torch.nonzero(answer < 0).flatten().tolist()
+        matches = exact.clone()
+        for row in rows:
+            labelled = torch.nonzero(labels[row] != IGNORE_INDEX).flatten()
+            if not len(labelled):
+                continue
+            targets = [labels[row, labelled].tolist()]
+            if CORRECT in split:
+                for option in torch.nonzero(split[CORRECT][row]).flatten().tolist():
+                    row_labels = split[CHOICE_LABELS][row, option]
+                    targets.append(row_labels[row_labels != IGNORE_INDEX].tolist())
+            eos = self.transformer.config.eos_token_id
+            texts = [tokenizer.decode(target[:-1] if target and target[-1] == eos else target) for target in targets]
+            joint = " " if texts[0].startswith(" ") else ""
+            prompt = split["input_ids"][row, : int(labelled[0])]
+            longest = max(map(len, targets))
+            written = tokenizer.decode(self.generate(prompt, params, longest + GENERATED_TOKENS_PAST_TARGET))
+            response = rule.apply(written.removeprefix(joint))
+            matches[row] = response in {text.removeprefix(joint) for text in texts}
+        return matches
 
     def _choices(
         self, split: Split, params: Mapping[str, Tensor] | None, parallel: bool, prefixes: Mapping[str, Prefix]

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.data.tasks import Episode, Split, TaskBatch
+from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
 from lightning_meta.learners.base import DataCheck, FastWeights, Learner, is_normalization
 from lightning_meta.training import meta_batch as execution
 from lightning_meta.training.meta_batch import MetaBatch, MetaLoss
@@ -179,9 +179,10 @@ class MetaAlgorithm(nn.Module, ABC):
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
         """Query figures before (``*_pre``) and after (``*_post``) adaptation to the support."""
         self.check_learner(learner)
-        before = learner.evaluation_metrics(episode.query)
+        rule = generation_rule(episode.metadata)
+        before = learner.evaluation_metrics(episode.query, generation=rule)
         adapted = self.adapt(learner, episode.support, steps)
-        after = learner.evaluation_metrics(episode.query, adapted)
+        after = learner.evaluation_metrics(episode.query, adapted, generation=rule)
         return {f"{name}_pre": value for name, value in before.items()} | {
             f"{name}_post": value for name, value in after.items()
         }

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch import Tensor
 
-from lightning_meta.data.tasks import Episode, Split, TaskBatch
+from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
 from lightning_meta.learners.base import Learner
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ def evaluate_episodes(
     def looped() -> dict[str, Tensor]:
         episodes = [figures_of(episode, False) for episode in batch.episodes()]
         return {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
+
+    if any(generation_rule(episode.metadata) is not None for episode in batch.episodes()):
+        return looped()  # a generated output is decoded token by token on the host: never under vmap
 
     def vmapped() -> dict[str, Tensor]:
         return _over_episodes(batch, lambda episode: figures_of(episode, True))

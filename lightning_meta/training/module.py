@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
 from lightning_meta.data.local_files import write_file_atomically
-from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch
+from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch, generation_rule
 from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 from lightning_meta.learners.base import Learner, check_sequence_length
 from lightning_meta.training import scaling
@@ -408,7 +408,8 @@ class MetaLearningModule(LightningModule):
         self.algorithm.check_learner(learner)
         post_steps = self.algorithm.evaluation_steps() if steps is None else steps
         wanted = {post_steps, *self._curve_steps}
-        before = learner.evaluation_metrics(episode.query, parallel=parallel)
+        rule = None if parallel else generation_rule(episode.metadata)  # vmap cannot decode
+        before = learner.evaluation_metrics(episode.query, parallel=parallel, generation=rule)
         figures_at = {0: before}
         trajectory = self.algorithm.adapt_steps(learner, episode.support, max(wanted), parallel=parallel)
         for step, adapted in enumerate(trajectory, start=1):
@@ -416,7 +417,8 @@ class MetaLearningModule(LightningModule):
             if (trainer := attached_trainer(self)) is not None and trainer.received_sigterm:
                 raise SIGTERMException
             if step in wanted:
-                figures_at[step] = learner.evaluation_metrics(episode.query, adapted, parallel=parallel)
+                figures_at[step] = learner.evaluation_metrics(episode.query, adapted, parallel=parallel,
+                                                              generation=rule)  # fmt: skip
         figures = {f"{name}_pre": value for name, value in before.items()}
         figures |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
         return figures | {

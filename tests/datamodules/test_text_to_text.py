@@ -306,7 +306,7 @@ def test_a_list_of_outputs_trains_on_the_first_and_exact_match_accepts_any(tmp_p
 
     learner.predict = writes_azure  # the training sequence: greedy writes "azure" where "blue" is labelled
     # Its options, scored with the prompt cached: "azure" is the likelier row, and greedy decoding writes it.
-    learner.option_scores = lambda *split, params=None, parallel=False: (
+    learner.option_scores = lambda *split, params=None, parallel=False, prefix=None: (
         torch.tensor([[-2.0, -1.0]]),
         torch.tensor([[False, True]]),
     )
@@ -556,3 +556,61 @@ def test_calibration_false_leaves_out_the_calibration_rows_and_their_figure(tmp_
     with pytest.raises(ValueError, match=r"--data.init_args.calibration=true"):
         CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
                         tokenizer=TOKENIZER, scoring="calibrated").evaluation_metrics(episode.query)  # fmt: skip
+
+
+def test_generated_outputs_are_cut_by_the_tasks_output_regex_before_exact_match(tmp_path):
+    """A task's ``output_regex`` (and ``stop_string``), BIG-bench's, cut the greedily generated output before it
+    is compared: an example whose output is the cut text is an exact match whatever the model writes after it (no
+    end token asked), in the episode metadata's path through an algorithm's evaluation; without the rule exact
+    match asks for the output and then the end token."""
+    from lightning_meta import CausalLMLearner
+    from lightning_meta.algorithms import MetaICL
+    from lightning_meta.data.tasks import GenerationRule, generation_rule
+
+    torch.manual_seed(0)
+    model = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
+                                          "n_positions": 128}, tokenizer=TOKENIZER).eval()  # fmt: skip
+    tokenizer = load_tokenizer(TOKENIZER)
+    regex = r"\S{1,6}"
+    rows = []
+    for task in range(3):
+        for example in range(6):
+            text = f"{WORDS[(task + example) % 8]} {task} {example}"
+            # What the model writes after this prompt, read first: the output is the rule's cut of it.
+            prompt = torch.tensor(tokenizer(f"Input: {text}\nOutput:", add_special_tokens=False)["input_ids"])
+            written = tokenizer.decode(model.generate(prompt, None, 24))
+            output = GenerationRule(None, regex).apply(written.removeprefix(" "))
+            assert output, written
+            rows.append({"task": f"t{task}", "family": f"f{task}", "input": text, "output": output,
+                         "output_regex": regex})  # fmt: skip
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    module = datamodule(path, val_tasks=["t0"], test_tasks=["t1"], shots=2, queries=3, max_length=48)
+    episode = next(module.eval_batches("val")[0].episodes())
+    assert generation_rule(episode.metadata) == GenerationRule(None, regex)
+    figures = MetaICL().evaluate(model, episode)
+    assert float(figures["exact_match_pre"]) == 1.0  # every query: its cut generated output is its output
+    assert float(model.evaluation_metrics(episode.query)["exact_match"]) == 0.0  # the end token does not follow
+    # Decoding runs on the host: an evaluation batch whose tasks cut generated outputs never runs under vmap.
+    from lightning_meta.training.meta_batch import evaluate_episodes
+
+    parallel_calls: list[bool] = []
+    evaluate_episodes(MetaICL(), model, module.eval_batches("val")[0], "vmap",
+                      lambda episode, parallel: parallel_calls.append(parallel) or {"x": torch.zeros(())})  # fmt: skip
+    assert parallel_calls and not any(parallel_calls)
+
+
+@pytest.mark.parametrize(
+    ("columns", "options", "message"),
+    [
+        ({"output_regex": "(a)(b)"}, {}, r"Task 't': output_regex '\(a\)\(b\)' has 2 capturing groups.*\(\?:\.\.\.\)"),
+        ({"task_prefix": "Other."}, {"template": "Say.\nQ: {input}\nA:", "demonstrations": "bigbench"},
+         r"Task 't' gives the task_prefix 'Other\.', but its template starts 'Say\.\\nQ: '.*task_prefix column"),
+        ({}, {"demonstrations": "paper"}, r"demonstrations='paper' is not a layout: use one of metaicl, bigbench"),
+    ],
+)
+def test_bad_task_fields_and_an_unknown_layout_are_refused_naming_the_fix(tmp_path, columns, options, message):
+    rows = [{"input": f"word {index}", "output": WORDS[index % 8], **columns} for index in range(8)]
+    path = write_rows(tmp_path, rows)
+    with pytest.raises(ValueError, match=message):
+        TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(path), max_length=40, **options).setup("fit")
