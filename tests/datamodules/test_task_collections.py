@@ -738,3 +738,18 @@ def test_natural_instructions_mirror_gives_the_definition_prompt_and_every_outpu
     assert len(rows(collection)) == 18
     module = datamodule(mirror, max_length=96, val_tasks=["task002_made_up"], test_tasks=["task003_made_up"])
     assert module.split_tasks["train"] == ["task001_made_up"]
+
+
+def test_a_bigbench_tasks_stop_string_and_output_regex_reach_its_evaluation_episodes(tmp_path):
+    """BIG-bench's ``stop_string`` and ``output_regex`` (task.json fields) travel with the task's rows into its
+    evaluation episodes' metadata, where evaluation cuts generated outputs with them."""
+    from lightning_meta.data.tasks import GenerationRule, generation_rule
+
+    tasks = tmp_path / "bigbench"
+    for name, fields in {"cut": {"stop_string": "\n", "output_regex": "[a-z]+"}, "plain": {}, "other": {}}.items():
+        (tasks / name).mkdir(parents=True)
+        (tasks / name / "task.json").write_text(task_json(["arithmetic"], generative(8), **fields))
+    module = datamodule(tasks, val_tasks=["cut"], test_tasks=["plain"])
+    episode = next(module.eval_batches("val")[0].episodes())
+    assert generation_rule(episode.metadata) == GenerationRule("\n", "[a-z]+")
+    assert generation_rule(next(module.eval_batches("test")[0].episodes()).metadata) is None
