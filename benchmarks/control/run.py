@@ -281,11 +281,12 @@ def report(out: Path) -> str:
         lines += [f"\n### {figure} against K\n"]
         rows = []
         for name, runs in results.items():
-            zero = common.seed_spread(per_seed(runs, shots_all[0], f"{figure}_pre"), tasks=tasks[shots_all[0]])
+            zero = common.seed_spread(per_seed(runs, k, f"{figure}_pre"), tasks=tasks[k])  # K's queries, no support
             cells = [common.seed_spread(per_seed(runs, s, adapted_key(runs[0], figure, steps)), tasks=tasks[s])
                      for s in shots_all]  # fmt: skip
             rows.append([names[name].label, str(len(runs)), zero, *cells])
-        lines += common.markdown_table(["method", "seeds", "zero-shot", *(f"K={s}" for s in shots_all)], rows)
+        header = ["method", "seeds", f"zero-shot (K={k}'s tasks)", *(f"K={s}" for s in shots_all)]
+        lines += common.markdown_table(header, rows)
     curved = {name: runs for name, runs in results.items() if not names[name].in_context}
     if curved:
         step_range = range(settings.eval_steps + 1)
@@ -297,7 +298,7 @@ def report(out: Path) -> str:
         ]  # fmt: skip
         lines += common.markdown_table(["method", *(f"{s} steps" for s in step_range)], rows)
     if "anil" in results:
-        lines += [f"\n### control_gap − ANIL at K = {k}, paired by task and seed (bold: the CI excludes 0)\n"]
+        lines += ["\n### control_gap − ANIL, paired by task and seed (bold: the CI excludes 0)\n"]
         rows = []
         for name, runs in results.items():
             if name != "anil":
