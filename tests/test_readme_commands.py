@@ -17,7 +17,7 @@ from readme_commands import ROOT, Command, python_files, readme_commands, run_sh
 #: Programs other than ``lightning-meta`` and why a test does not run them.
 OTHER_PROGRAMS = {
     "pip": "installs packages (the tests run in the environment the README's install gives)",
-    "python": "the test suite itself, or a download from the Hugging Face hub",
+    "python": "the test suite itself, a download from the Hugging Face hub, or a data preparation step",
     "torchrun": "several nodes with GPUs",
     "srun": "a SLURM allocation of several nodes with GPUs",
 }
@@ -65,6 +65,8 @@ def paths_read(command: Command) -> list[str]:
 
 def why_skipped(command: Command) -> str | None:
     """Why a test cannot run this command (``None``: it runs)."""
+    if command.argv[:3] == ("python", "-m", "lightning_meta.datamodules.litdata_text"):
+        return "prepares a LitData corpus: run as written by tests/datamodules/test_litdata_text.py (needs [stream])"
     if command.subcommand is None:
         return f"{command.argv[0]}: {OTHER_PROGRAMS.get(command.argv[0], 'not lightning-meta')}"
     if command.section.startswith("Hand-off"):
@@ -80,6 +82,8 @@ def why_skipped(command: Command) -> str | None:
     for key, (module, install) in OPTIONAL_MODULES.items():
         if key in text and "gguf_file=null" not in text and importlib.util.find_spec(module) is None:
             return f"needs {module} ({install})"
+    if "LitDataTextDataModule" in config_text(command):
+        return "reads the LitData corpus the command before it prepares: run so by tests/test_cli.py (every config)"
     for path in paths_read(command):
         if path == FIT_CHECKPOINT:
             continue
