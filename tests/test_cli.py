@@ -212,6 +212,8 @@ def _config_case(config: Path):
         marks.append(pytest.mark.skip(reason="run on a tiny archive by tests/datamodules/test_task_collections.py"))
     elif missing:
         marks.append(pytest.mark.skip(reason=f"needs the data package(s) {missing}"))
+    elif "LitDataTextDataModule" in config.read_text() and importlib.util.find_spec("litdata") is None:
+        marks.append(pytest.mark.skip(reason='needs litdata (the [stream] extra: pip install -e ".[stream]")'))
     return pytest.param(config, id=config.name, marks=marks)
 
 
@@ -261,6 +263,12 @@ def test_every_config_runs(tmp_path, config):
 
         checkpoint, _ = meta_checkpoint(tmp_path / "meta", model_config=dict(TINY, n_positions=128))
         export(str(checkpoint), str(tmp_path / "exports" / "quickstart"))
+    if config.name == "pretrain_litdata_tiny.yaml":  # it reads the LitData corpus its comment prepares
+        from lightning_meta.datamodules.litdata_text import prepare_litdata_corpus
+
+        corpus = str(tmp_path / "data" / "litdata_corpus")
+        prepare_litdata_corpus(corpus, max_tokens_per_domain=2000, start_method="fork")
+        quick = [option for option in quick if "max_tokens_per_domain" not in option]  # read when prepared
     # Clipping on: the divergence message advises it, and under FSDP it meets sharded and replicated gradients.
     run(subcommand, "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *quick, *extra,
         "--trainer.gradient_clip_val=1.0", cwd=tmp_path, timeout=900)  # fmt: skip
