@@ -57,6 +57,12 @@ class MetaICL(MetaAlgorithm):
     keep their own tokens (output included, end token as separator) and carry no loss, unless
     ``demonstration_loss``.
 
+    Evaluation writes the demonstrations as training does, unless the evaluation splits carry BIG-bench's
+    (``TextToTextTasksDataModule(demonstrations="bigbench")``): the direct and calibration rows are then written in
+    BIG-bench's K-shot layout (``bigbench/api/json_task.py``): the task prefix once, each demonstration as
+    the task's input and output prefixes around its input and output, separated by the task's example separator
+    (``"\\n"``), then the query without the task prefix. Training keeps the paper's layout.
+
     Args:
         max_length: longest sequence, in tokens; ``None``: the learner's context
             (``max_position_embeddings``).
@@ -72,11 +78,6 @@ class MetaICL(MetaAlgorithm):
             (``accuracy_channel``; ``CausalLMLearner(scoring="channel")`` makes it ``accuracy``) after the
             demonstrations written channel-style, as MetaICL's code conditions each method.
 
-    Evaluation writes the demonstrations as training does, unless the evaluation splits carry BIG-bench's
-    (``TextToTextTasksDataModule(demonstrations="bigbench")``): the direct and calibration rows are then written in
-    BIG-bench's K-shot layout (``bigbench/api/json_task.py``): the task prefix once, each demonstration as
-    the task's input and output prefixes around its input and output, separated by the task's example separator
-    (``"\n"``), then the query without the task prefix. Training keeps the paper's layout.
         encode_demonstrations_once: run an episode's demonstrations once for all its queries, where that is exact
             (every query keeps every demonstration): in training, one packed row per episode (the demonstrations,
             then each query after them, each query attending to the demonstrations and to itself only, its positions

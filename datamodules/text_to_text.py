@@ -8,7 +8,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -165,7 +165,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             K-shot layout (``bigbench/api/json_task.py``): the task prefix once, then each example's prompt without
             it and its output, separated by the task's example separator, then the query. A table gives them in
             the columns ``task_prefix`` (text every prompt of the task starts with; default none) and
-            ``few_shot_example_separator`` (default ``"\n"``), as the BIG-bench reader writes them. Training
+            ``few_shot_example_separator`` (default ``"\\n"``), as the BIG-bench reader writes them. Training
             keeps MetaICL's layout.
         calibration: evaluation episodes carry each option after the content-free prompt (the template with an
             empty input), for ``accuracy_calibrated`` (``CausalLMLearner(scoring="calibrated")``). Scoring them is
@@ -221,7 +221,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         template_column: str = "template",
         channel: bool = False,
         calibration: bool = True,
-        demonstrations: str = "metaicl",
+        demonstrations: Literal["metaicl", "bigbench"] = "metaicl",
         gym_families: list[str] | None = None,
         val_tasks: list[str] | str | None = None,
         test_tasks: list[str] | str | None = None,

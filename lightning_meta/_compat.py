@@ -204,7 +204,7 @@ def unresolved_class_name(message: str) -> str | None:
 
 #: argparse's wording (Python 3.11-3.13, through jsonargparse 4.53) for a subcommand it does not know, or none.
 _SUBCOMMAND_CHOICE = re.compile(
-    r"argument subcommand: invalid choice: '(?P<given>[^']*)'|expected \"subcommand\" to be one of"
+    r"argument (?:subcommand|\{[^}]*\}): invalid choice: '(?P<given>[^']*)'|expected \"subcommand\" to be one of"
 )
 
 

@@ -79,7 +79,7 @@ def test_batched_adapters_meta_learn_the_unbatched_base_second_order():
 
 def test_auto_batches_the_adapters_second_order(monkeypatch):
     logged, vmapped = [], []
-    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_debug", logged.append)
     vmap = torch.func.vmap
     monkeypatch.setattr(torch.func, "vmap", lambda *args, **kwargs: vmapped.append(1) or vmap(*args, **kwargs))
     learner, algorithm = _lora_learner("gpt2"), MAML(inner_lr=0.5)

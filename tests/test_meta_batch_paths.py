@@ -99,7 +99,7 @@ def test_auto_checks_vmap_against_the_loop_and_falls_back_where_they_differ(monk
     # vmap's known-wrong case (second order through LayerNorm), with the refusal rule switched off:
     # the self-check on the first batch must catch it.
     logged = []
-    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_debug", logged.append)
     monkeypatch.setattr(MetaAlgorithm, "vmap_refusal", lambda self, learner: None)
     learner = _layer_norm_learner()
     algorithm = MAML(inner_lr=0.5, inner_steps=2)
@@ -111,7 +111,7 @@ def test_auto_checks_vmap_against_the_loop_and_falls_back_where_they_differ(monk
 
 def test_auto_uses_vmap_for_small_models_and_logs_why_it_does_not(monkeypatch):
     logged, vmapped = [], []
-    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_debug", logged.append)
     vmap = torch.func.vmap
     monkeypatch.setattr(torch.func, "vmap", lambda *args, **kwargs: vmapped.append(1) or vmap(*args, **kwargs))
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_auto_decides_in_float32_under_bf16_autocast_and_runs_the_step_in_bf16(m
     # bf16 rounding alone makes vmap and the loop differ by 3e-2 relative (a float32 tolerance refused vmap
     # always): the verdict is taken with autocast off, then the step runs on vmap at the caller's precision.
     logged = []
-    monkeypatch.setattr(execution, "rank_zero_info", logged.append)
+    monkeypatch.setattr(execution, "rank_zero_debug", logged.append)
     torch.manual_seed(0)
     learner = RegressionLearner(MLP(1, [40, 40], 1))
     batch = SinusoidDataModule(meta_batch_size=5).eval_batches("val")[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lightning_meta import MLP, RegressionLearner
 from lightning_meta.algorithms import FOMAML, MAML
@@ -85,9 +85,16 @@ class _Noting(BoringModel):
         return super().training_step(batch, batch_idx)
 
 
-def test_lines_logged_while_the_bar_is_open_are_not_glued_to_it(capsys):
+def test_lines_logged_while_the_bar_is_open_are_not_glued_to_it(capsys, monkeypatch):
     handler = logging.StreamHandler(sys.stdout)  # where Lightning's own handler writes, as on a terminal
     logger = logging.getLogger(LOGGER)
+    # Process-wide state an earlier test of the same worker may have changed (seen once in CI: no line at all):
+    # the rank rank_zero_info writes on, and whether the loggers let INFO through.
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    for name in (LOGGER, "lightning.pytorch.utilities.rank_zero"):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    monkeypatch.setattr(logger, "level", logging.INFO)
     logger.addHandler(handler)
     try:
         trainer = Trainer(max_steps=3, callbacks=[MetaProgressBar()], logger=False, enable_checkpointing=False,

