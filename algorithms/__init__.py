@@ -24,7 +24,14 @@ from lightning_meta.algorithms.multi_task import MultiTask
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.reptile import Reptile
 from lightning_meta.training.algorithm import MetaAlgorithm, MetaLoss
-from lightning_meta.training.inner_loop import SGD, InnerLoopAlgorithm, InnerUpdate, inner_loop, inner_steps
+from lightning_meta.training.inner_loop import (
+    SGD,
+    InnerLoopAlgorithm,
+    InnerUpdate,
+    LearnedRates,
+    inner_loop,
+    inner_steps,
+)
 
 ENTRY_POINT_GROUP = "lightning_meta.algorithms"
 
@@ -97,6 +104,7 @@ __all__ = [
     "SGD",
     "InnerLoopAlgorithm",
     "InnerUpdate",
+    "LearnedRates",
     "MetaAlgorithm",
     "MetaLoss",
     "ProtoNet",

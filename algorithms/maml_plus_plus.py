@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.maml import MAML
-from lightning_meta.algorithms.meta_sgd import rate_key
+from lightning_meta.algorithms.meta_sgd import rate_key, weight_name
 from lightning_meta.data.tasks import Episode
-from lightning_meta.learners.base import FastWeights, Learner
-from lightning_meta.training.inner_loop import SGD, InnerUpdate, inner_steps
+from lightning_meta.learners.base import Learner
+from lightning_meta.training.inner_loop import SGD, InnerUpdate, LearnedRates, inner_steps
 
 
 class MAMLPlusPlus(MAML):
@@ -93,12 +92,7 @@ class MAMLPlusPlus(MAML):
             return SGD(self.inner_lr)
         if not len(self.log_lrs):
             raise RuntimeError("MAMLPlusPlus has no learning rates yet: call algorithm.bind(learner) first.")
-        return self._update
-
-    def _update(self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None]) -> FastWeights:
-        index = min(step, self.inner_steps - 1)
-        rates = {name: self.log_lrs[rate_key(name)][index].exp() for name in weights}
-        return {name: w if (g := gradients[name]) is None else w - rates[name] * g for name, w in weights.items()}
+        return LearnedRates({weight_name(key): log_lrs for key, log_lrs in self.log_lrs.items()}, per_step=True)
 
     def msl_weights(self) -> Tensor:
         """The MSL importance of each inner step's query loss at the current outer step (sums to 1)."""

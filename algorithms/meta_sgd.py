@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.maml import MAML
-from lightning_meta.learners.base import FastWeights, Learner
-from lightning_meta.training.inner_loop import InnerUpdate
+from lightning_meta.learners.base import Learner
+from lightning_meta.training.inner_loop import InnerUpdate, LearnedRates
 
 
 class MetaSGD(MAML):
@@ -66,13 +65,7 @@ class MetaSGD(MAML):
     def inner_update(self, training: bool = True) -> InnerUpdate:
         if not len(self.log_lrs):
             raise RuntimeError("MetaSGD has no learning rates yet: call algorithm.bind(learner) first.")
-        return self._update
-
-    def _update(self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None]) -> FastWeights:
-        return {
-            name: w if gradients[name] is None else w - self.log_lrs[rate_key(name)].exp() * gradients[name]
-            for name, w in weights.items()
-        }
+        return LearnedRates({weight_name(key): log_lr for key, log_lr in self.log_lrs.items()})
 
 
 def rate_key(name: str) -> str:

@@ -495,7 +495,7 @@ def test_plugin_algorithm_with_its_own_meta_parameters_trains_by_dotted_path(tmp
         import torch
         from torch import nn
 
-        from lightning_meta.algorithms import MAML
+        from lightning_meta.algorithms import MAML, LearnedRates
 
 
         class LearnedStepMAML(MAML):
@@ -506,10 +506,7 @@ def test_plugin_algorithm_with_its_own_meta_parameters_trains_by_dotted_path(tmp
                 self.log_lr = nn.Parameter(torch.tensor(math.log(inner_lr)))
 
             def inner_update(self, training: bool = True):
-                rate = self.log_lr.exp()
-                return lambda step, weights, grads: {
-                    name: w if grads[name] is None else w - rate * grads[name] for name, w in weights.items()
-                }
+                return LearnedRates(self.log_lr)
     """)
     )
     run("fit", *SINUSOID, "--model.algorithm=step_algos.LearnedStepMAML", "--model.algorithm.inner_lr=0.02",

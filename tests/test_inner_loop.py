@@ -1,5 +1,6 @@
-"""The shared inner loop: its mode is an argument, SGD is a component of the algorithms that adapt, user rules keep
-the three-argument protocol."""
+"""The shared inner loop: its mode is an argument, SGD and LearnedRates are the components of the algorithms that
+adapt, every rule is given the mode (the InnerUpdate protocol), and rules of the earlier three-argument form still
+run, with a DeprecationWarning."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ import pytest
 import torch
 
 from lightning_meta import MLP, RegressionLearner
-from lightning_meta.algorithms import MAML, SGD, InnerLoopAlgorithm, MetaAlgorithm, MetaICL, MultiTask, ProtoNet
+from lightning_meta.algorithms import (
+    MAML,
+    SGD,
+    InnerLoopAlgorithm,
+    LearnedRates,
+    MAMLPlusPlus,
+    MetaAlgorithm,
+    MetaICL,
+    MetaSGD,
+    MultiTask,
+    ProtoNet,
+)
 from lightning_meta.learners.base import Learner
 from lightning_meta.training.inner_loop import check_step_count, check_step_size, inner_loop
 
@@ -57,10 +69,69 @@ def test_a_three_argument_rule_runs_under_vmap_with_the_loop_meta_gradient():
     gradients = {}
     for mode in ("vmap", "task_by_task"):
         learner.zero_grad(set_to_none=True)
-        ThreeArgumentMAML(inner_lr=0.3, inner_steps=2).meta_loss(learner, batch, meta_batch=mode).loss.backward()
+        with pytest.warns(DeprecationWarning, match="takes no `parallel` keyword.*InnerUpdate protocol"):
+            ThreeArgumentMAML(inner_lr=0.3, inner_steps=2).meta_loss(learner, batch, meta_batch=mode).loss.backward()
         gradients[mode] = [p.grad.clone() for p in learner.parameters()]
     for found, expected in zip(gradients["vmap"], gradients["task_by_task"], strict=True):
         torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-13)
+
+
+class ModeRecordingMAML(MAML):
+    """A rule in the protocol's form, ``parallel`` keyword-only and without a default: it must always be given."""
+
+    seen: list[bool] = []
+
+    def inner_update(self, training: bool = True):  # noqa: ANN201
+        sgd = SGD(self.inner_lr)
+
+        def rule(step, weights, gradients, *, parallel):  # noqa: ANN001, ANN202
+            ModeRecordingMAML.seen.append(parallel)
+            return sgd(step, weights, gradients, parallel=parallel)
+
+        return rule
+
+
+def test_every_rule_is_given_the_mode_in_training_and_evaluation_without_a_warning(recwarn):
+    learner = RegressionLearner(MLP(1, [8], 1)).double()
+    algorithm = ModeRecordingMAML(inner_lr=0.3, inner_steps=2)
+    for mode, parallel in (("vmap", True), ("task_by_task", False)):
+        ModeRecordingMAML.seen.clear()
+        algorithm.meta_loss(learner, regression_batch(meta_batch_size=3), meta_batch=mode)
+        assert ModeRecordingMAML.seen and set(ModeRecordingMAML.seen) == {parallel}, mode
+    ModeRecordingMAML.seen.clear()
+    algorithm.evaluate(learner, regression_batch().episode(0))
+    assert ModeRecordingMAML.seen == [False, False]
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning) and "parallel" in str(w.message)]
+
+
+def test_learned_rates_shared_per_weight_and_per_step_against_hand_updates():
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(3, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    gradients = {"a": torch.randn(3, dtype=torch.float64), "b": None}
+    shared = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    for parallel in (False, True):
+        updated = LearnedRates(shared)(0, weights, gradients, parallel=parallel)
+        torch.testing.assert_close(updated["a"], weights["a"] - shared.exp() * gradients["a"])
+        assert updated["b"] is weights["b"]
+    (gradient,) = torch.autograd.grad(LearnedRates(shared)(0, weights, gradients)["a"].sum(), shared)
+    torch.testing.assert_close(gradient, -(shared.exp() * gradients["a"]).sum())  # the meta-gradient reaches log α
+    per_element = {"a": torch.randn(3, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    updated = LearnedRates(per_element)(4, weights, gradients)
+    torch.testing.assert_close(updated["a"], weights["a"] - per_element["a"].exp() * gradients["a"])
+    per_step = {"a": torch.tensor([-1.0, -2.0], dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    for step, index in ((0, 0), (1, 1), (5, 1)):  # past the last entry, the last rate
+        updated = LearnedRates(per_step, per_step=True)(step, weights, gradients)
+        torch.testing.assert_close(updated["a"], weights["a"] - per_step["a"][index].exp() * gradients["a"])
+
+
+def test_meta_sgd_and_maml_plus_plus_adapt_with_the_one_learned_rates_rule():
+    learner = RegressionLearner(MLP(1, [8], 1)).double()
+    meta_sgd, maml_plus_plus = MetaSGD(inner_lr=0.05), MAMLPlusPlus(inner_lr=0.05, inner_steps=3)
+    for algorithm in (meta_sgd, maml_plus_plus):
+        algorithm.bind(learner)
+        rule = algorithm.inner_update()
+        assert isinstance(rule, LearnedRates) and set(rule.log_rates) == set(learner.fast_parameters())
+    assert maml_plus_plus.inner_update().per_step and not meta_sgd.inner_update().per_step
 
 
 class NoModeMAML(MAML):

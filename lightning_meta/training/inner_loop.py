@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -29,16 +30,20 @@ from lightning_meta.data.tasks import Split
 from lightning_meta.learners.base import FastWeights, Learner
 from lightning_meta.training.algorithm import MetaAlgorithm
 
-InnerUpdate = Callable[[int, FastWeights, Mapping[str, "Tensor | None"]], FastWeights]
-"""An inner update rule: ``(step, weights, gradients) -> new weights``, ``step`` counting from 0.
 
-Gradients are ``None`` for weights the support loss does not reach (zeros when the tasks run in
-parallel). The rule may use tensors that require grad (learned learning rates): the meta-gradient
-then reaches them. A rule that computes differently when the tasks run in parallel under
-``torch.func.vmap`` declares a keyword argument ``parallel: bool`` and is given the mode (as
-:class:`SGD` does: its fused kernel has no vmap rule); other rules are called with the three
-arguments only. A rule that delegates to :class:`SGD` declares ``parallel`` and passes it on.
-"""
+class InnerUpdate(Protocol):
+    """An inner update rule: ``(step, weights, gradients, *, parallel) -> new weights``, ``step`` counting from 0.
+
+    Gradients are ``None`` for weights the support loss does not reach (zeros when the tasks run in
+    parallel). The rule may use tensors that require grad (learned learning rates): the meta-gradient
+    then reaches them. ``parallel`` is always given: ``True`` when the tasks run together under
+    ``torch.func.vmap`` (a rule that computes differently there, as :class:`SGD`'s fused kernel, which has no
+    vmap rule, reads it; others ignore it). :class:`SGD` and :class:`LearnedRates` are the package's rules.
+    """
+
+    def __call__(
+        self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None], *, parallel: bool
+    ) -> FastWeights: ...
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class SGD:
     lr: float
 
     def __call__(
-        self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None], parallel: bool = False
+        self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None], *, parallel: bool = False
     ) -> FastWeights:
         if parallel:  # fused list kernels have no vmap batching rule
             return {name: w if (g := gradients[name]) is None else w - self.lr * g for name, w in weights.items()}
@@ -56,6 +61,68 @@ class SGD:
         names = [name for name, gradient in gradients.items() if gradient is not None]
         updated = foreach_add([weights[name] for name in names], [gradients[name] for name in names], alpha=-self.lr)
         return weights | dict(zip(names, updated, strict=True))
+
+
+@dataclass(frozen=True)
+class LearnedRates:
+    """θ ← θ − exp(log α) ⊙ g with meta-learned log-rates: the rule of Meta-SGD, MAML++ and a learned step size.
+
+    ``log_rates``: one tensor, the log α of every fast weight (one learned step size), or a mapping from each fast
+    weight's name to its own: a tensor that broadcasts against the weight (one rate per element or per tensor),
+    or, with ``per_step=True``, one such rate per inner step stacked on a first dimension (MAML++'s LSLR: step
+    ``k`` uses entry ``min(k, steps - 1)``). Learning log α keeps α positive; the meta-gradient reaches the
+    log-rates through the update.
+
+    Example::
+
+        self.log_lr = nn.Parameter(torch.tensor(math.log(0.01)))   # in an algorithm's __init__
+        def inner_update(self, training=True):
+            return LearnedRates(self.log_lr)
+    """
+
+    log_rates: Tensor | Mapping[str, Tensor]
+    per_step: bool = False
+
+    def __call__(
+        self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None], *, parallel: bool = False
+    ) -> FastWeights:
+        rates = {name: self._log_rate(name, step).exp() for name, gradient in gradients.items() if gradient is not None}
+        return {name: w if (g := gradients[name]) is None else w - rates[name] * g for name, w in weights.items()}
+
+    def _log_rate(self, name: str, step: int) -> Tensor:
+        log_rate = self.log_rates if isinstance(self.log_rates, Tensor) else self.log_rates[name]
+        return log_rate[min(step, log_rate.shape[0] - 1)] if self.per_step else log_rate
+
+
+def as_inner_update(rule: Callable[..., FastWeights]) -> InnerUpdate:
+    """``rule`` as an :class:`InnerUpdate`: itself, or, for a rule of earlier versions that takes no ``parallel``
+    (``(step, weights, gradients)``), the rule called without it, with a ``DeprecationWarning``. Checked once per
+    trajectory where a rule enters the inner loop, never per step."""
+    if isinstance(rule, SGD | LearnedRates):
+        return rule
+    try:
+        parameters = inspect.signature(rule).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: taken as the protocol
+        return rule
+    if "parallel" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return rule
+    warnings.warn(
+        f"The inner update rule {rule!r} takes no `parallel` keyword; give it `*, parallel: bool = False` (the "
+        "InnerUpdate protocol: every rule is called with it). Called without it for now.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return _WithoutParallel(rule)
+
+
+@dataclass(frozen=True)
+class _WithoutParallel:
+    rule: Callable[[int, FastWeights, Mapping[str, Tensor | None]], FastWeights]
+
+    def __call__(
+        self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None], *, parallel: bool = False
+    ) -> FastWeights:
+        return self.rule(step, weights, gradients)
 
 
 def inner_step(
@@ -94,12 +161,10 @@ def _step_and_loss(
         gradients, loss = torch.func.grad(_support_loss, has_aux=True)(dict(weights), learner, support)
         if not create_graph:
             gradients = {name: gradient.detach() for name, gradient in gradients.items()}
-        if "parallel" in inspect.signature(update).parameters:  # traced once per step for all the tasks
-            return update(step, dict(weights), gradients, parallel=True), loss
-        return update(step, dict(weights), gradients), loss
+        return update(step, dict(weights), gradients, parallel=True), loss  # traced once per step for all tasks
     loss, _ = learner.loss(support, weights)
     gradients = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
-    return update(step, dict(weights), dict(zip(weights, gradients, strict=True))), loss.detach()
+    return update(step, dict(weights), dict(zip(weights, gradients, strict=True)), parallel=False), loss.detach()
 
 
 def inner_steps(
@@ -210,7 +275,7 @@ def _support_loss(weights: FastWeights, learner: Learner, support: Split) -> tup
 def _rule(update: InnerUpdate | None, inner_lr: float | None) -> InnerUpdate:
     if (update is None) == (inner_lr is None):
         raise ValueError("Give the inner loop exactly one of update (a rule) or inner_lr (plain SGD).")
-    return update if update is not None else SGD(inner_lr)
+    return as_inner_update(update) if update is not None else SGD(inner_lr)
 
 
 def check_step_size(name: str, value: float | None, default: str | None = None) -> None:
@@ -282,7 +347,7 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         ``torch.func.vmap`` (see :func:`inner_step`).
         """
         steps = self.evaluation_steps() if steps is None else steps
-        update = self.inner_update(training=False)
+        update = as_inner_update(self.inner_update(training=False))
         with torch.inference_mode(False):
             support = {name: tensor.clone() if tensor.is_inference() else tensor for name, tensor in support.items()}
             weights = detached_start(self.fast_weights(learner), parallel=parallel)
