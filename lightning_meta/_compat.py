@@ -264,3 +264,14 @@ def hide_lightning_pytree_deprecation() -> None:
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (oneDNN's bf16 kernels: AVX-512 BF16 or AMX).
+
+    Why private: torch has no public query for it (``torch.backends.cpu.get_cpu_capability`` names the vector
+    width, not bfloat16 support); ``torch.ops.mkldnn._is_mkldnn_bf16_supported`` is what torch's own tests use.
+    Where the op is missing, the answer is ``True`` (no warning rather than a wrong one).
+    """
+    query = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if query is None else bool(query())

@@ -285,3 +285,9 @@ def test_under_function_transform_sees_vmaps_tensors_and_not_plain_ones():
     seen = []
     torch.func.vmap(lambda row: seen.append(_compat.under_function_transform(row)) or row)(torch.ones(2, 3))
     assert seen == [True] and not _compat.under_function_transform(torch.ones(3))
+
+
+def test_the_native_bf16_query_is_torchs_own_op_and_answers_a_bool():
+    # Fails when torch renames or drops the private op: cpu_has_native_bf16 would then always say True.
+    assert hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    assert _compat.cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -89,3 +89,29 @@ def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
     mean, ci95 = mean_and_ci95(difference.flatten(), groups=tasks * 2, seeds=[0] * 3 + [1] * 3)
     assert f"| MetaICL | **{mean:+.3f} ± {ci95:.3f}** [" in report
     assert (tmp_path / "control.png").exists()
+
+
+def test_the_user_table_script_writes_a_table_the_recipe_reads_with_its_ceiling(tmp_path):
+    """``write_table.py``'s table through the datamodule with the README's options: held-out words at test,
+    the table's ceiling and chance in every episode."""
+    import importlib.util
+
+    from lightning_meta.data.tasks import CEILING, CHANCE
+    from lightning_meta.datamodules import TextToTextTasksDataModule
+
+    script = Path(__file__).parents[1] / "benchmarks" / "control" / "write_table.py"
+    spec = importlib.util.spec_from_file_location("write_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "tasks.jsonl"
+    assert module.write_table(path, {"train": 20, "val": 4, "test": 4}) == 28 * 4  # 4 inputs a task
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    words = {split: {row["input"] for row in rows if row["family"] == split} for split in ("train", "test")}
+    assert words["train"] and words["test"] and not words["train"] & words["test"]
+    data = TextToTextTasksDataModule("embedded-bpe-4096", str(path), template="{input}", replacement=True,
+                                     val_families=["val"], test_families=["test"], shots=8, queries=4,
+                                     max_length=64, meta_batch_size=2, num_val_tasks=2, num_test_tasks=2)  # fmt: skip
+    data.setup("fit")
+    episode = data.sample_episode(torch.Generator().manual_seed(0), "train")
+    assert float(episode.metadata[CEILING]) == pytest.approx(label_mapping_ceiling(4, 8), abs=1e-4)
+    assert float(episode.metadata[CHANCE]) == 0.25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import lightning as L
 import pytest
@@ -14,6 +15,7 @@ from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, LoraSett
 from lightning_meta.algorithms import FOMAML, MAML, ProtoNet, Reptile
 from lightning_meta.datamodules import SinusoidDataModule
 from lightning_meta.learners.base import RegressionLearner
+from lightning_meta.training import scaling
 from lightning_meta.training.scaling import UnsupportedSetupError, check_precision, check_strategy
 
 from conftest import Blocks, classification_batch, regression_batch
@@ -278,3 +280,22 @@ def test_the_host_keeps_a_frozen_base_in_bf16_under_bf16_mixed_and_saves_it_in_i
     assert {tensor.dtype for tensor in checkpoint["state_dict"].values() if tensor.is_floating_point()} == {
         torch.float32
     }
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bfloat16_warns_with_the_fix_once_at_setup(native, monkeypatch):
+    monkeypatch.setattr(scaling, "cpu_has_native_bf16", lambda: native)
+    assert scaling.slow_bf16_message("32-true", "cpu") is None
+    assert scaling.slow_bf16_message("bf16-mixed", "cuda") is None
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
+    trainer = L.Trainer(max_steps=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, SinusoidDataModule(meta_batch_size=2, batches_per_epoch=2))
+    slow = [str(w.message) for w in caught if "without native bfloat16" in str(w.message)]
+    if native:
+        assert slow == []
+    else:
+        assert len(slow) == 1 and "precision='bf16-mixed'" in slow[0] and "--trainer.precision=32-true" in slow[0]

@@ -35,6 +35,7 @@ from lightning_meta.training.checkpoints import (
     take_out_remote_code,
 )
 from lightning_meta.training.config import NotConfigurable, to_config
+from lightning_meta.training.scaling import slow_bf16_message
 
 
 class CausalLMPretraining(LightningModule):
@@ -155,6 +156,8 @@ class CausalLMPretraining(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Refuse data the model cannot read (other token ids, longer blocks than its positions) before any step."""
+        if message := slow_bf16_message(self.trainer.precision, self.device.type):
+            rank_zero_warn(message)
         block_size = getattr(self.trainer.datamodule, "block_size", None)
         if isinstance(block_size, int):
             positions = getattr(self.model.config, "max_position_embeddings", None)

@@ -234,6 +234,8 @@ class MetaLearningModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse, before any step, a strategy or precision that cannot run this algorithm exactly."""
         scaling.check_precision(self.trainer.precision, self.algorithm)
+        if message := scaling.slow_bf16_message(self.trainer.precision, self.device.type):
+            rank_zero_warn(message)
         scaling.check_strategy(self.trainer.strategy, self.learner, self.algorithm)
         datamodule = getattr(self.trainer, "datamodule", None)
         for setting in ("max_length", "block_size"):
