@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,8 +25,12 @@ from lightning_meta import MLP, ClassificationLearner, RegressionLearner, TaskBa
 # Tiny models: one thread is faster, and two threads contending with another process on this
 # 2-core machine slow the suite down by an order of magnitude.
 torch.set_num_threads(1)
-# Tokenizers the tests train go to a fresh cache (inherited by CLI subprocesses): hermetic runs.
-os.environ.setdefault("LIGHTNING_META_CACHE", tempfile.mkdtemp(prefix="lightning-meta-cache-"))
+# Tokenizers the tests train go to a fresh cache (inherited by CLI subprocesses and pytest-xdist's workers):
+# hermetic runs. The process that made it removes it when it exits (each run left ~10 MB, and 520 MB where a
+# real model was dequantized into it).
+if "LIGHTNING_META_CACHE" not in os.environ:
+    os.environ["LIGHTNING_META_CACHE"] = tempfile.mkdtemp(prefix="lightning-meta-cache-")
+    atexit.register(shutil.rmtree, os.environ["LIGHTNING_META_CACHE"], ignore_errors=True)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
