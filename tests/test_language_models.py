@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_meta import CausalLMLearner, LoraSettings, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, inner_loop
-from lightning_meta.learners.base import DataError
+from lightning_meta.learners.base import DataError, adapter_parameter_names, resolve_fast_weights
 
 TOKENIZER = "embedded-bpe-512"
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
@@ -83,6 +84,18 @@ def test_lora_inner_loop_adapts_only_adapters():
         if "lora_" not in name:
             assert torch.equal(parameter, base_before[name]), name  # bitwise
             assert not parameter.requires_grad
+
+
+def test_lora_fast_weights_are_the_adapters_peft_declares_not_names_containing_lora():
+    learner = tiny_learner(lora=LoraSettings(r=2, alpha=4))
+    declared = adapter_parameter_names(learner.model)
+    assert declared and set(learner.fast_weight_names) == declared
+    assert all(".lora_A." in name or ".lora_B." in name for name in declared)
+    # A trainable base parameter whose name merely contains "lora_" is not an adapter.
+    impostor = nn.Parameter(torch.zeros(2))
+    learner.model.base_model.model.transformer.register_parameter("lora_scale", impostor)
+    assert "base_model.model.transformer.lora_scale" not in adapter_parameter_names(learner.model)
+    assert "base_model.model.transformer.lora_scale" not in resolve_fast_weights(learner.model, "lora")
 
 
 def test_lora_second_order_matches_finite_differences():

@@ -65,6 +65,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -747,6 +748,45 @@ def roofline(warmup: int, steps: int, memory: bool = True) -> None:
           + ", ".join(f"{name} {value:.1f} GFLOP/s" for name, value in peaks.items())
           + f"; running W3 at {'bf16-mixed' if precision == 'bf16' else '32-true'}", flush=True)  # fmt: skip
     count = warmup + steps
+    built = roofline_setup(count, precision)
+    named, batches, sequences, packed = built["named"], built["batches"], built["sequences"], built["packed"]
+    supports, queries, trained, base = built["supports"], built["queries"], built["trained"], built["base"]
+    before, after, mean_tokens = built["before"], built["after"], built["mean_tokens"]
+    print(f"W3 roofline: {len(batches[0])} tasks x (4 + 4), {supports + queries:.0f} real tokens per "
+          f"meta-batch (MetaICL: {mean_tokens(sequences):.0f} in one sequence per query, {mean_tokens(packed):.0f} "
+          f"packed); N = {base / 1e6:.1f} M; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+          flush=True)  # fmt: skip
+    seconds = alternate(named, count, warmup, steps)
+    print("median CPU seconds:", json.dumps({name: round(value, 3) for name, value in seconds.items()}), flush=True)
+    rss = roofline_memory(list(named), precision) if memory else {}
+    print("peak RSS of a step above the set-up, MiB (a fresh process each):",
+          json.dumps({name: round(value, 1) for name, value in rss.items()}), flush=True)  # fmt: skip
+    print(f"load average after: {os.getloadavg()[0]:.1f}\n")
+    weights = {code: sum(p.numel() * p.element_size() for p in learner.parameters()) / 2**20
+               for code, learner in (("before", before), ("now", after))}  # fmt: skip
+    print(f"model weights in memory: before {weights['before']:.0f} MiB, now {weights['now']:.0f} MiB")
+    print(f"| algorithm | code | CPU s per step | real tokens/s | GFLOP/s | % of {precision} peak "
+          "| peak RSS of a step, MiB | now vs before |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation"):
+        for code in ("before", "now"):
+            key = f"{name}, {code}"
+            time_s = seconds[key]
+            tokens = trained.get(name)
+            if name == "MetaICL":
+                tokens = mean_tokens(sequences if code == "before" else packed)
+            flops = 4 * base * tokens if tokens is not None else None
+            cells = [f"{time_s:.2f}", f"{(supports + queries) / time_s:.0f}" if name != "evaluation" else "—",
+                     f"{flops / time_s / 1e9:.0f}" if flops else "—",
+                     f"{100 * flops / time_s / 1e9 / peaks[precision]:.0f}%" if flops else "—",
+                     f"{rss[key]:.0f}" if key in rss else "—",
+                     f"{seconds[f'{name}, before'] / time_s:.2f}x faster" if code == "now" else ""]  # fmt: skip
+            print(f"| {name} | {code} | " + " | ".join(cells) + " |", flush=True)
+
+
+def roofline_setup(count: int, precision: str) -> dict[str, Any]:
+    """The roofline's learners, data and step functions (``"<name>, before"`` / ``"<name>, now"``), built the same
+    way in the measuring process and in each memory process."""
     batches, episode = w3_data(count)
     before = CausalLMLearner(**W3_LEARNER, lora=LoraSettings(r=8, alpha=16))
     before.read_logits = full_logits(before)
@@ -800,35 +840,29 @@ def roofline(warmup: int, steps: int, memory: bool = True) -> None:
 
     named = {f"{name}, before": run for name, run in runners(before, separate).items()}
     named |= {f"{name}, now": run for name, run in runners(after, once).items()}
-    print(f"W3 roofline: {len(batches[0])} tasks x (4 + 4), {supports + queries:.0f} real tokens per "
-          f"meta-batch (MetaICL: {mean_tokens(sequences):.0f} in one sequence per query, {mean_tokens(packed):.0f} "
-          f"packed); N = {base / 1e6:.1f} M; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
-          flush=True)  # fmt: skip
-    seconds = alternate(named, count, warmup, steps)
-    print("median CPU seconds:", json.dumps({name: round(value, 3) for name, value in seconds.items()}), flush=True)
-    rss = {name: common.peak_rss_mib(functools.partial(run, 0)) for name, run in named.items()} if memory else {}
-    print("peak RSS of a step, MiB:", json.dumps({name: round(value, 1) for name, value in rss.items()}), flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.1f}\n")
-    weights = {code: sum(p.numel() * p.element_size() for p in learner.parameters()) / 2**20
-               for code, learner in (("before", before), ("now", after))}  # fmt: skip
-    print(f"model weights in memory: before {weights['before']:.0f} MiB, now {weights['now']:.0f} MiB")
-    print(f"| algorithm | code | CPU s per step | real tokens/s | GFLOP/s | % of {precision} peak "
-          "| peak RSS of a step, MiB | now vs before |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation"):
-        for code in ("before", "now"):
-            key = f"{name}, {code}"
-            time_s = seconds[key]
-            tokens = trained.get(name)
-            if name == "MetaICL":
-                tokens = mean_tokens(sequences if code == "before" else packed)
-            flops = 4 * base * tokens if tokens is not None else None
-            cells = [f"{time_s:.2f}", f"{(supports + queries) / time_s:.0f}" if name != "evaluation" else "—",
-                     f"{flops / time_s / 1e9:.0f}" if flops else "—",
-                     f"{100 * flops / time_s / 1e9 / peaks[precision]:.0f}%" if flops else "—",
-                     f"{rss[key]:.0f}" if key in rss else "—",
-                     f"{seconds[f'{name}, before'] / time_s:.2f}x faster" if code == "now" else ""]  # fmt: skip
-            print(f"| {name} | {code} | " + " | ".join(cells) + " |", flush=True)
+    return {"named": named, "batches": batches, "sequences": sequences, "packed": packed, "supports": supports,
+            "queries": queries, "trained": trained, "base": base, "before": before, "after": after,
+            "mean_tokens": mean_tokens}  # fmt: skip
+
+
+def roofline_memory(names: list[str], precision: str) -> dict[str, float]:
+    """Each step's peak resident memory above the set-up's, in a fresh process per step (after one warm-up step
+    of it, freed memory returned to the system: ``common.MALLOC_ENV``): measured in the timing process, a step
+    reuses pages an earlier one left resident and reads 0."""
+    environment = common.MALLOC_ENV | {"OMP_NUM_THREADS": "1"}
+    peaks = {}
+    for name in names:
+        command = [sys.executable, __file__, "--roofline-rss", name, precision]
+        output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
+        peaks[name] = json.loads(output.strip().splitlines()[-1])
+    return peaks
+
+
+def roofline_rss(name: str, precision: str) -> float:
+    """``--roofline-rss``: one step's peak above the resident set after the set-up and a warm-up step."""
+    run = roofline_setup(2, precision)["named"][name]
+    run(0)
+    return common.peak_rss_mib(lambda: run(1))
 
 
 def w2_lora(warmup: int, steps: int) -> None:
@@ -874,8 +908,24 @@ def main() -> None:
     parser.add_argument("--roofline", action="store_true",
                         help="only W3 at bf16-mixed against this machine's matmul peak, before/after issue 28")
     parser.add_argument("--memory-one", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--roofline-rss", nargs=2, help=argparse.SUPPRESS)  # internal: one roofline memory figure
+    parser.add_argument("--roofline-memory", choices=["float32", "bf16"],
+                        help="only the roofline's peak memory per step, at this precision (a fresh process each)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.roofline_rss:
+        print(json.dumps(roofline_rss(*args.roofline_rss)))
+        return
+    if args.roofline_memory:
+        names = [f"{name}, {code}" for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation")
+                 for code in ("before", "now")]  # fmt: skip
+        rss = roofline_memory(names, args.roofline_memory)
+        print("| algorithm | peak RSS of a step above the set-up, before issue 28 (MiB) | now (MiB) | now vs before |")
+        print("|---|---|---|---|")
+        for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation"):
+            old, new = rss[f"{name}, before"], rss[f"{name}, now"]
+            print(f"| {name} | {old:.0f} | {new:.0f} | {100 * (new - old) / old:+.0f}% |", flush=True)
+        return
     if args.roofline:
         warmup, steps = (0, 1) if args.quick else (1, 1)  # SmolLM2 steps cost seconds of CPU time each, stably
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured step after {warmup} "

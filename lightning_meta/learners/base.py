@@ -256,6 +256,26 @@ def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[st
 _SELECTORS = ("all", "head", "biases_norms", "lora")
 
 
+def adapter_parameter_names(model: nn.Module) -> set[str]:
+    """The names of ``model``'s adapter weights, as peft declares them: in each of its tuner layers
+    (``BaseTunerLayer``, LoRA's among them), the parameters under the layer's ``adapter_layer_names``
+    (``lora_A``, ``lora_B``, ``lora_embedding_A``, ...), not a name convention. Empty without peft."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover (peft is a dependency)
+        return set()
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attribute in module.adapter_layer_names:
+            holder = getattr(module, attribute, None)
+            if isinstance(holder, nn.Module):
+                prefix = f"{module_name}.{attribute}".removeprefix(".")
+                names.update(f"{prefix}.{name}" for name, _ in holder.named_parameters())
+    return names
+
+
 def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str | None = None) -> list[str]:
     """Names of the trainable parameters of ``model`` selected by ``spec`` (see :class:`Learner`).
 
@@ -288,7 +308,8 @@ def resolve_fast_weights(model: nn.Module, spec: str | Sequence[str], head: str 
         norm_names = set(_names_of(model, (p for module in norms for p in module.parameters(recurse=False))))
         selected = [name for name in trainable if name.endswith("bias") or name in norm_names]
     elif spec == "lora":
-        selected = [name for name in trainable if "lora_" in name]
+        adapters = adapter_parameter_names(model)
+        selected = [name for name in trainable if name in adapters]
         if not selected:
             raise ValueError("fast_weights='lora' but the model has no trainable LoRA adapters: set lora=... too.")
     elif spec.startswith("last_blocks:"):

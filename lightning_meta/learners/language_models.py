@@ -49,7 +49,7 @@ from lightning_meta.data.tasks import (
     Split,
 )
 from lightning_meta.data.tokenization import load_tokenizer
-from lightning_meta.learners.base import DataCheck, Learner
+from lightning_meta.learners.base import DataCheck, Learner, adapter_parameter_names
 
 #: The rules that choose an option, by name (:meth:`CausalLMLearner.evaluation_metrics`): its summed
 #: log-probability (BIG-bench's grade, lm-eval's ``acc``), per token, per character (lm-eval's ``acc_norm``),
@@ -769,7 +769,8 @@ def _add_lora(model: PreTrainedModel, lora: LoraSettings, meta_learn_base: bool)
     )
     peft_model = get_peft_model(model, config)
     if meta_learn_base:
+        adapters = adapter_parameter_names(peft_model)
         for name, parameter in peft_model.named_parameters():
-            if "lora_" not in name:
+            if name not in adapters:
                 parameter.requires_grad_(True)
     return peft_model
