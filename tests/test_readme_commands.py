@@ -15,6 +15,8 @@ import yaml
 from readme_commands import ROOT, Command, python_files, readme_commands, run_shortened
 from real_models import real_model_skip_reason
 
+from lightning_meta import _compat
+
 #: Programs other than ``lightning-meta`` and why a test does not run them.
 OTHER_PROGRAMS = {
     "pip": "installs packages (the tests run in the environment the README's install gives)",
@@ -76,6 +78,8 @@ def why_skipped(command: Command) -> str | None:
         return "the harness downloads the task's data or reads your own task folder (tests/handoff test lm-eval)"
     if command.subcommand == "fit" and len(command.argv) == 4 and command.argv[2] == "--config" and not command.env:
         return "a config as shipped: run, shortened alike, by tests/test_cli.py::test_every_config_runs"
+    if any(arg.startswith("--trainer.precision=bf16") for arg in command.argv) and not _compat.cpu_has_native_bf16():
+        return "bfloat16 on a CPU without native bfloat16 (emulated, tens of times slower): the README says so"
     if "--trainer.accelerator=gpu" in command.argv and not torch.cuda.is_available():
         return "needs GPUs"
     text = config_text(command) + " ".join(command.argv)
