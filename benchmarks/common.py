@@ -250,3 +250,31 @@ def peak_rss_mib(step: Callable[[], None]) -> float:
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     step()
     return (kib("VmHWM:") - before) / 1024
+
+
+def run_arm_processes(
+    arms: Sequence[tuple[str, int]],
+    command: Callable[[str, int], list[str]],
+    workers: int,
+    label: Callable[[str, int], str] = lambda method, seed: f"{method} seed {seed}",
+    poll_seconds: float = 1.0,
+) -> None:
+    """Run each ``(method, seed)`` arm as its own process (``command(method, seed)``), ``workers`` at a time, one
+    torch thread each, in order; stops with the failing command when an arm fails (its finished arms stay saved)."""
+    import subprocess
+    import time
+
+    todo = list(arms)
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    running: list[subprocess.Popen] = []
+    start = time.perf_counter()
+    while todo or running:
+        while todo and len(running) < workers:
+            method, seed = todo.pop(0)
+            print(f"[{time.perf_counter() - start:6.0f} s] start {label(method, seed)}", flush=True)
+            running.append(subprocess.Popen(command(method, seed), env=environment))
+        time.sleep(poll_seconds)
+        for process in [p for p in running if p.poll() is not None]:
+            running.remove(process)
+            if process.returncode:
+                raise SystemExit(f"An arm failed: {' '.join(process.args)}")

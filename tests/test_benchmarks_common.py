@@ -129,3 +129,19 @@ def test_sinusoid_benchmark_runs_below_fifty_steps(tmp_path, capsys) -> None:
         loss = float(printed.split(f"{method}: 3 steps")[1].split("last train query_loss ")[1].split(",")[0])
         assert math.isfinite(loss)
     assert (tmp_path / "adaptation.png").exists()
+
+
+def test_arms_run_as_processes_a_worker_count_at_a_time_and_a_failure_names_its_command(tmp_path, capsys):
+    def command(method: str, seed: int) -> list[str]:
+        out = tmp_path / f"{method}-{seed}"
+        code = f"import pathlib, os; pathlib.Path({str(out)!r}).write_text(os.environ['OMP_NUM_THREADS'])"
+        return [sys.executable, "-c", code]
+
+    common.run_arm_processes([("a", 0), ("b", 0), ("a", 1)], command, workers=2, poll_seconds=0.05)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-0", "a-1", "b-0"]
+    assert {path.read_text() for path in tmp_path.iterdir()} == {"1"}  # one torch thread per arm
+    assert [line.split("] ")[1] for line in capsys.readouterr().out.splitlines()] == [
+        "start a seed 0", "start b seed 0", "start a seed 1"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"An arm failed: .*exit\(3\)"):
+        common.run_arm_processes([("x", 0)], lambda method, seed: [sys.executable, "-c", "exit(3)"], workers=1,
+                                 poll_seconds=0.05)  # fmt: skip

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -588,21 +586,10 @@ def run_all(args: argparse.Namespace, settings: Settings, dataset: str, work: Pa
         *map(str, settings.eval_shots),
     ]
     options += ["--smoke"] * args.smoke
-    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    running: list[subprocess.Popen] = []
-    start = time.perf_counter()
-    while todo or running:
-        while todo and len(running) < args.workers:
-            method, seed = todo.pop(0)
-            print(f"[{time.perf_counter() - start:6.0f} s] start {arm_name(method, seed)}", flush=True)
-            command = [sys.executable, __file__, *options, "--one", method, str(seed)]
-            running.append(subprocess.Popen(command, env=environment))
-        time.sleep(2)
-        for process in [p for p in running if p.poll() is not None]:
-            running.remove(process)
-            if process.returncode:
-                raise SystemExit(f"An arm failed: {' '.join(process.args)}")
+    def command(method: str, seed: int) -> list[str]:
+        return [sys.executable, __file__, *options, "--one", method, str(seed)]
 
+    common.run_arm_processes(todo, command, args.workers, arm_name, poll_seconds=2)
 
 if __name__ == "__main__":
     main()

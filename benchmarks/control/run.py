@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -431,21 +429,10 @@ def run_all(args: argparse.Namespace, settings: Settings) -> None:
         return
     options = ["--out", str(args.out), "--budget", str(settings.budget), "--test-tasks", str(settings.test_tasks)]
     options += ["--smoke"] * args.smoke
-    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    running: list[subprocess.Popen] = []
-    start = time.perf_counter()
-    while todo or running:
-        while todo and len(running) < args.workers:
-            method, seed = todo.pop(0)
-            print(f"[{time.perf_counter() - start:6.0f} s] start {arm_name(method, seed)}", flush=True)
-            command = [sys.executable, __file__, *options, "--one", method, str(seed)]
-            running.append(subprocess.Popen(command, env=environment))
-        time.sleep(1)
-        for process in [p for p in running if p.poll() is not None]:
-            running.remove(process)
-            if process.returncode:
-                raise SystemExit(f"An arm failed: {' '.join(process.args)}")
+    def command(method: str, seed: int) -> list[str]:
+        return [sys.executable, __file__, *options, "--one", method, str(seed)]
 
+    common.run_arm_processes(todo, command, args.workers, arm_name)
 
 if __name__ == "__main__":
     main()

@@ -38,8 +38,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -358,21 +356,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     jobs = [(m, s) for s in args.seeds for m in args.methods if not (out / f"{m}-seed{s}.json").exists()]
     jobs = [(m, s) for m, s in jobs if not (m == "base" and s != args.seeds[0])]  # the base model has no seed
-    running: list[subprocess.Popen] = []
-    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    while jobs or running:
-        while jobs and len(running) < args.workers:
-            method, seed = jobs.pop(0)
-            command = [sys.executable, __file__, "--model", args.model, "--budget", str(args.budget), "--out",
-                       str(args.out), "--eval-shots", *map(str, args.eval_shots), "--test-episodes",
-                       str(args.test_episodes), "--one", method, str(seed)]  # fmt: skip
-            print(f"[{time.perf_counter() - start:6.0f} s] start {method} seed {seed}", flush=True)
-            running.append(subprocess.Popen(command, env=environment))
-        time.sleep(2)
-        for process in [p for p in running if p.poll() is not None]:
-            running.remove(process)
-            if process.returncode:
-                raise SystemExit(f"A worker failed: {' '.join(process.args)}")
+    common.run_arm_processes(
+        jobs,
+        lambda method, seed: [sys.executable, __file__, "--model", args.model, "--budget", str(args.budget), "--out",
+                              str(args.out), "--eval-shots", *map(str, args.eval_shots), "--test-episodes",
+                              str(args.test_episodes), "--one", method, str(seed)],
+        args.workers,
+        poll_seconds=2,
+    )  # fmt: skip
     print(f"\n## Task gym, {args.model}, budget {args.budget:,} tokens per run\n")
     print(report(out, args.methods))
     print(f"\nWall time: {time.perf_counter() - start:.0f} s")
