@@ -65,7 +65,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -383,14 +382,20 @@ def peak_memory(workload: str, implementation: str) -> float:
 
 def memory_table(workloads: list[str]) -> dict[tuple[str, str], float]:
     peaks = {}
-    environment = common.MALLOC_ENV | {"OMP_NUM_THREADS": "1"}
     for workload in workloads:
         case = setup(workload, "maml", 1)
         for name in implementations(case):
-            command = [sys.executable, __file__, "--memory-one", workload, name]
-            output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
-            peaks[workload, name] = json.loads(output.strip().splitlines()[-1])
+            peaks[workload, name] = in_fresh_process("--memory-one", workload, name)
     return peaks
+
+
+def in_fresh_process(*options: str) -> float:
+    """The figure this script prints last when run with ``options`` in a new process, one thread, freed memory
+    returned to the system (``common.MALLOC_ENV``): how every peak-memory figure here is measured."""
+    environment = common.MALLOC_ENV | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, __file__, *options]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def pass_costs(repeats: int = 12) -> dict[str, float]:
@@ -732,6 +737,10 @@ def full_logits(learner: CausalLMLearner) -> Callable[..., ReadLogits]:
     return read
 
 
+#: The roofline's rows, each timed as the code before issue 28 ("<name>, before") and today ("<name>, now").
+ROOFLINE_STEPS = ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation")
+
+
 def roofline(warmup: int, steps: int, memory: bool = True) -> None:
     """W3 against this machine's own matmul peak, at its faster precision (``bf16-mixed`` where its bf16 matmul
     is faster than float32, else ``32-true``): tokens/s, GFLOP/s, % of that peak and peak RSS per algorithm,
@@ -749,12 +758,13 @@ def roofline(warmup: int, steps: int, memory: bool = True) -> None:
           + f"; running W3 at {'bf16-mixed' if precision == 'bf16' else '32-true'}", flush=True)  # fmt: skip
     count = warmup + steps
     built = roofline_setup(count, precision)
-    named, batches, sequences, packed = built["named"], built["batches"], built["sequences"], built["packed"]
-    supports, queries, trained, base = built["supports"], built["queries"], built["trained"], built["base"]
-    before, after, mean_tokens = built["before"], built["after"], built["mean_tokens"]
+    named, batches, sequences, packed = built.named, built.batches, built.sequences, built.packed
+    supports, queries, trained, base = built.supports, built.queries, built.trained, built.base
+    before, after = built.before, built.after
     print(f"W3 roofline: {len(batches[0])} tasks x (4 + 4), {supports + queries:.0f} real tokens per "
-          f"meta-batch (MetaICL: {mean_tokens(sequences):.0f} in one sequence per query, {mean_tokens(packed):.0f} "
-          f"packed); N = {base / 1e6:.1f} M; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+          f"meta-batch (MetaICL: {mean_real_tokens(sequences):.0f} in one sequence per query, "
+          f"{mean_real_tokens(packed):.0f} packed); N = {base / 1e6:.1f} M; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores",
           flush=True)  # fmt: skip
     seconds = alternate(named, count, warmup, steps)
     print("median CPU seconds:", json.dumps({name: round(value, 3) for name, value in seconds.items()}), flush=True)
@@ -768,13 +778,13 @@ def roofline(warmup: int, steps: int, memory: bool = True) -> None:
     print(f"| algorithm | code | CPU s per step | real tokens/s | GFLOP/s | % of {precision} peak "
           "| peak RSS of a step, MiB | now vs before |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation"):
+    for name in ROOFLINE_STEPS:
         for code in ("before", "now"):
             key = f"{name}, {code}"
             time_s = seconds[key]
             tokens = trained.get(name)
             if name == "MetaICL":
-                tokens = mean_tokens(sequences if code == "before" else packed)
+                tokens = mean_real_tokens(sequences if code == "before" else packed)
             flops = 4 * base * tokens if tokens is not None else None
             cells = [f"{time_s:.2f}", f"{(supports + queries) / time_s:.0f}" if name != "evaluation" else "—",
                      f"{flops / time_s / 1e9:.0f}" if flops else "—",
@@ -784,9 +794,32 @@ def roofline(warmup: int, steps: int, memory: bool = True) -> None:
             print(f"| {name} | {code} | " + " | ".join(cells) + " |", flush=True)
 
 
-def roofline_setup(count: int, precision: str) -> dict[str, Any]:
-    """The roofline's learners, data and step functions (``"<name>, before"`` / ``"<name>, now"``), built the same
-    way in the measuring process and in each memory process."""
+@dataclass
+class Roofline:
+    """What :func:`roofline_setup` builds: the step functions by ``"<name>, before"`` / ``"<name>, now"``, the
+    batches and MetaICL's sequences (one per query before, packed now), real tokens per meta-batch (support,
+    query, and what each algorithm trains on), the base's parameter count and both learners."""
+
+    named: dict[str, Callable[[int], None]]
+    batches: list[TaskBatch]
+    sequences: list[dict[str, Tensor]]
+    packed: list[dict[str, Tensor]]
+    supports: float
+    queries: float
+    trained: dict[str, float | None]
+    base: int
+    before: CausalLMLearner
+    after: CausalLMLearner
+
+
+def mean_real_tokens(splits: list[dict[str, Tensor]]) -> float:
+    """Mean real (unpadded) tokens of ``splits``."""
+    return statistics.mean(real_tokens(split["attention_mask"]) for split in splits)
+
+
+def roofline_setup(count: int, precision: str) -> Roofline:
+    """The roofline's learners, data and step functions, built the same way in the measuring process and in each
+    memory process."""
     batches, episode = w3_data(count)
     before = CausalLMLearner(**W3_LEARNER, lora=LoraSettings(r=8, alpha=16))
     before.read_logits = full_logits(before)
@@ -802,11 +835,8 @@ def roofline_setup(count: int, precision: str) -> dict[str, Any]:
         built = [separate.conditioned(before, e.support, e.query, False, length)[0] for e in batch.episodes()]
         sequences.append({name: torch.cat([split[name] for split in built]) for name in _LM_FIELDS})
 
-    def mean_tokens(splits: list[dict[str, Tensor]]) -> float:
-        return statistics.mean(real_tokens(split["attention_mask"]) for split in splits)
-
-    supports = mean_tokens([b.support for b in batches])
-    queries = mean_tokens([b.query for b in batches])
+    supports = mean_real_tokens([b.support for b in batches])
+    queries = mean_real_tokens([b.query for b in batches])
     trained = {"floor": supports + queries, "FOMAML": 2 * supports + queries, "MultiTask": supports + queries,
                "MetaICL": None}  # fmt: skip
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -840,27 +870,30 @@ def roofline_setup(count: int, precision: str) -> dict[str, Any]:
 
     named = {f"{name}, before": run for name, run in runners(before, separate).items()}
     named |= {f"{name}, now": run for name, run in runners(after, once).items()}
-    return {"named": named, "batches": batches, "sequences": sequences, "packed": packed, "supports": supports,
-            "queries": queries, "trained": trained, "base": base, "before": before, "after": after,
-            "mean_tokens": mean_tokens}  # fmt: skip
+    return Roofline(named, batches, sequences, packed, supports, queries, trained, base, before, after)
 
 
 def roofline_memory(names: list[str], precision: str) -> dict[str, float]:
     """Each step's peak resident memory above the set-up's, in a fresh process per step (after one warm-up step
     of it, freed memory returned to the system: ``common.MALLOC_ENV``): measured in the timing process, a step
     reuses pages an earlier one left resident and reads 0."""
-    environment = common.MALLOC_ENV | {"OMP_NUM_THREADS": "1"}
-    peaks = {}
-    for name in names:
-        command = [sys.executable, __file__, "--roofline-rss", name, precision]
-        output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
-        peaks[name] = json.loads(output.strip().splitlines()[-1])
-    return peaks
+    return {name: in_fresh_process("--roofline-rss", name, precision) for name in names}
+
+
+def roofline_profile(name: str, precision: str, rows: int = 18) -> None:
+    """``--roofline-profile``: where one step's CPU time goes (``torch.profiler``, after a warm-up step), by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = roofline_setup(2, precision).named[name]
+    run(0)
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        run(1)
+    print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def roofline_rss(name: str, precision: str) -> float:
     """``--roofline-rss``: one step's peak above the resident set after the set-up and a warm-up step."""
-    run = roofline_setup(2, precision)["named"][name]
+    run = roofline_setup(2, precision).named[name]
     run(0)
     return common.peak_rss_mib(lambda: run(1))
 
@@ -906,9 +939,12 @@ def main() -> None:
     parser.add_argument("--w3-metaicl", action="store_true",
                         help="only W3's MetaICL: demonstrations once against one sequence per query (~15 min)")
     parser.add_argument("--roofline", action="store_true",
-                        help="only W3 at bf16-mixed against this machine's matmul peak, before/after issue 28")
+                        help="only W3 against this machine's matmul peak (at bf16-mixed where bf16 is the faster), "
+                        "before/after issue 28")
     parser.add_argument("--memory-one", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--roofline-rss", nargs=2, help=argparse.SUPPRESS)  # internal: one roofline memory figure
+    parser.add_argument("--roofline-profile", nargs=2, metavar=("STEP", "PRECISION"),
+                        help="only a torch.profiler table of one roofline step, e.g. 'evaluation, now' float32")
     parser.add_argument("--roofline-memory", choices=["float32", "bf16"],
                         help="only the roofline's peak memory per step, at this precision (a fresh process each)")
     args = parser.parse_args()
@@ -916,13 +952,15 @@ def main() -> None:
     if args.roofline_rss:
         print(json.dumps(roofline_rss(*args.roofline_rss)))
         return
+    if args.roofline_profile:
+        roofline_profile(*args.roofline_profile)
+        return
     if args.roofline_memory:
-        names = [f"{name}, {code}" for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation")
-                 for code in ("before", "now")]  # fmt: skip
+        names = [f"{name}, {code}" for name in ROOFLINE_STEPS for code in ("before", "now")]
         rss = roofline_memory(names, args.roofline_memory)
         print("| algorithm | peak RSS of a step above the set-up, before issue 28 (MiB) | now (MiB) | now vs before |")
         print("|---|---|---|---|")
-        for name in ("floor", "FOMAML", "MultiTask", "MetaICL", "evaluation"):
+        for name in ROOFLINE_STEPS:
             old, new = rss[f"{name}, before"], rss[f"{name}, now"]
             print(f"| {name} | {old:.0f} | {new:.0f} | {100 * (new - old) / old:+.0f}% |", flush=True)
         return

@@ -86,8 +86,8 @@ class LearnedRates:
     def __call__(
         self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None], *, parallel: bool = False
     ) -> FastWeights:
-        rates = {name: self._log_rate(name, step).exp() for name, gradient in gradients.items() if gradient is not None}
-        return {name: w if (g := gradients[name]) is None else w - rates[name] * g for name, w in weights.items()}
+        return {name: w if (g := gradients[name]) is None else w - self._log_rate(name, step).exp() * g
+                for name, w in weights.items()}  # fmt: skip
 
     def _log_rate(self, name: str, step: int) -> Tensor:
         log_rate = self.log_rates if isinstance(self.log_rates, Tensor) else self.log_rates[name]
