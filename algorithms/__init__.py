@@ -23,7 +23,7 @@ from lightning_meta.algorithms.metaicl import MetaICL
 from lightning_meta.algorithms.multi_task import MultiTask
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.reptile import Reptile
-from lightning_meta.training.algorithm import MetaAlgorithm, MetaLoss
+from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatchRunner, MetaLoss
 from lightning_meta.training.inner_loop import (
     SGD,
     InnerLoopAlgorithm,
@@ -106,6 +106,7 @@ __all__ = [
     "InnerUpdate",
     "LearnedRates",
     "MetaAlgorithm",
+    "MetaBatchRunner",
     "MetaLoss",
     "ProtoNet",
     "Reptile",

@@ -33,7 +33,7 @@ from lightning_meta.data.tasks import (
 )
 from lightning_meta.learners.base import FastWeights, Learner
 from lightning_meta.learners.language_models import CausalLMLearner, Prefix
-from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatch, MetaLoss
+from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatch, MetaBatchRunner, MetaLoss
 
 #: Field of a query split whose sequences already carry their demonstrations: how many each query dropped.
 DROPPED = "dropped_demonstrations"
@@ -134,19 +134,30 @@ class MetaICL(MetaAlgorithm):
             )
         return min(limits)
 
-    def meta_loss(self, learner: Learner, batch: TaskBatch, *, meta_batch: MetaBatch = "auto") -> MetaLoss:
+    def meta_loss(
+        self,
+        learner: Learner,
+        batch: TaskBatch,
+        *,
+        meta_batch: MetaBatch | MetaBatchRunner = "auto",
+        outer_step: int | None = None,
+        report_query: bool | None = None,
+    ) -> MetaLoss:
         """:meth:`MetaAlgorithm.meta_loss` on the batch's in-context sequences, built first for all episodes.
 
-        With ``encode_demonstrations_once``, one packed row per episode where exact (:meth:`packed_queries`);
-        otherwise every sequence is as long as the batch's longest real concatenation (rounded up to a
-        multiple of 8), not ``(shots + 1)`` padded examples: finding it is the batch's one host sync.
+        The one algorithm that changes the batch before the runner runs its task loss (ARCHITECTURE.md, "The
+        meta-step"). With ``encode_demonstrations_once``, one packed row per episode where exact
+        (:meth:`packed_queries`); otherwise every sequence is as long as the batch's longest real concatenation
+        (rounded up to a multiple of 8), not ``(shots + 1)`` padded examples. Either way finding the length is
+        one host sync per batch, besides the data check's.
         """
         self.check_learner(learner)
+        step = {"meta_batch": meta_batch, "outer_step": outer_step, "report_query": report_query}
         support, query = self.loss_rows(batch.support), self.loss_rows(batch.query)
         packed = self.packed_queries(learner, support, query) if self.encode_demonstrations_once else None
         if packed is not None:
-            batch = TaskBatch(batch.support, packed, batch.ways, batch.shots, batch.metadata)
-            return super().meta_loss(learner, batch, meta_batch=meta_batch)
+            return super().meta_loss(learner, TaskBatch(batch.support, packed, batch.ways, batch.shots, batch.metadata),
+                                     **step)  # fmt: skip
         length = self.sequence_length(learner, support, query)
         episodes = [
             Episode(episode.support,
@@ -155,7 +166,7 @@ class MetaICL(MetaAlgorithm):
                     episode.ways, episode.shots, episode.metadata)
             for episode in batch.episodes()
         ]  # fmt: skip
-        return super().meta_loss(learner, TaskBatch.stack(episodes), meta_batch=meta_batch)
+        return super().meta_loss(learner, TaskBatch.stack(episodes), **step)
 
     def packing_refusal(self, learner: Learner) -> str | None:
         """Why ``learner`` cannot train on packed rows (one sequence per query then), or ``None``."""

@@ -11,6 +11,7 @@ import lightning_meta.training.meta_batch as execution
 from lightning_meta import CausalLMLearner, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
 from lightning_meta.learners.language_models import LoraSettings
+from lightning_meta.training.meta_batch import MetaBatchRunner
 
 CONFIGS = {
     "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32,
@@ -57,7 +58,8 @@ def _meta_gradient(learner: CausalLMLearner, algorithm: MetaAlgorithm, batch: Ta
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_batched_adapters_give_the_loops_meta_gradient(family, name):
     learner, algorithm, batch = _lora_learner(family), ALGORITHMS[name](), _padded_batch()
-    assert algorithm.vmap_refusal(learner) is None  # second order too: the norms belong to the shared base
+    # Second order too: the norms belong to the shared base.
+    assert MetaBatchRunner().refusal(algorithm, learner) is None
     expected_out, expected = _meta_gradient(learner, algorithm, batch, "task_by_task")
     found_out, found = _meta_gradient(learner, algorithm, batch, "vmap")
     torch.testing.assert_close(found_out.loss, expected_out.loss.detach(), rtol=1e-12, atol=1e-14)
@@ -92,7 +94,7 @@ def test_a_normalization_weight_as_fast_weight_is_still_refused_second_order():
     learner = _lora_learner("llama")
     learner.fast_weight_names = [*learner.fast_weight_names, "base_model.model.model.norm.weight"]
     learner.model.base_model.model.model.norm.weight.requires_grad_(True)
-    assert FOMAML().vmap_refusal(learner) is None
+    assert MetaBatchRunner().refusal(FOMAML(), learner) is None
     with pytest.raises(ValueError, match=r"normalization layer's weight as a fast weight \(.*model\.norm\.weight\)"):
         MAML(inner_lr=0.5).meta_loss(learner, _padded_batch(), meta_batch="vmap")
 
@@ -102,4 +104,4 @@ def test_lora_dropout_is_refused_by_name_in_training_mode_only():
     with pytest.raises(ValueError, match=r"lora_dropout.*Dropout, p=0\.1.*Use meta_batch='task_by_task'"):
         FOMAML().meta_loss(learner, _padded_batch(), meta_batch="vmap")
     learner.eval()
-    assert FOMAML().vmap_refusal(learner) is None
+    assert MetaBatchRunner().refusal(FOMAML(), learner) is None

@@ -100,7 +100,7 @@ def test_auto_checks_vmap_against_the_loop_and_falls_back_where_they_differ(monk
     # the self-check on the first batch must catch it.
     logged = []
     monkeypatch.setattr(execution, "rank_zero_debug", logged.append)
-    monkeypatch.setattr(MetaAlgorithm, "vmap_refusal", lambda self, learner: None)
+    monkeypatch.setattr(execution.MetaBatchRunner, "refusal", lambda self, algorithm, learner: None)
     learner = _layer_norm_learner()
     algorithm = MAML(inner_lr=0.5, inner_steps=2)
     batch = regression_batch(meta_batch_size=3)
@@ -141,7 +141,7 @@ def test_auto_decides_in_float32_under_bf16_autocast_and_runs_the_step_in_bf16(m
         found_out, found = _meta_gradient(learner, algorithm, batch, "auto")
         expected_out, expected = _meta_gradient(learner, algorithm, batch, "vmap")
         _, looped = _meta_gradient(learner, algorithm, batch, "task_by_task")
-    assert list(algorithm._vmap_verdicts.values()) == [""] and logged == []
+    assert list(algorithm._runners["auto"].verdicts.values()) == [""] and logged == []
     for name, gradient in expected.items():  # the bf16 step itself, not the float32 check's
         torch.testing.assert_close(found[name], gradient, rtol=0, atol=0, msg=name)
     difference = torch.cat([(found[name] - looped[name]).flatten() for name in looped])
@@ -152,8 +152,8 @@ def test_auto_decides_in_float32_under_bf16_autocast_and_runs_the_step_in_bf16(m
         return learner.evaluation_metrics(episode.query, adapted, parallel=parallel)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation's own verdict, the same way
-        figures = execution.evaluate_episodes(algorithm, learner, batch, "auto", figures_of)
-    assert list(algorithm._vmap_verdicts.values()) == ["", ""] and figures["loss"].shape == (5,)
+        figures = algorithm._runners["auto"].evaluate(algorithm, learner, batch, figures_of)
+    assert list(algorithm._runners["auto"].verdicts.values()) == ["", ""] and figures["loss"].shape == (5,)
 
 
 @pytest.mark.parametrize(
@@ -181,6 +181,8 @@ def test_an_unknown_meta_batch_is_refused(mlp_learner):
 def test_reptile_skips_the_query_when_not_reporting_it(mlp_learner):
     algorithm = Reptile(inner_lr=0.3, inner_steps=2)
     batch = regression_batch()
+    reported = algorithm.meta_loss(mlp_learner, batch, meta_batch="task_by_task", report_query=True)
+    assert set(reported.metrics) == {"query_loss"}  # asked for as an argument
     algorithm.report_query = True
     _, expected = _meta_gradient(mlp_learner, algorithm, batch, "task_by_task")
     algorithm.report_query = False
@@ -219,9 +221,11 @@ def test_the_host_passes_meta_batch_and_reports_reptile_query_only_on_logging_st
     calls = []
     meta_loss = algorithm.meta_loss
 
-    def spy(learner, batch, *, meta_batch):
-        out = meta_loss(learner, batch, meta_batch=meta_batch)
-        calls.append((meta_batch, sorted(out.metrics)))
+    def spy(learner, batch, **step):
+        out = meta_loss(learner, batch, **step)
+        runner = step["meta_batch"]  # the host's own runner, which keeps its verdicts
+        calls.append((runner is module.runner and runner.mode, step["outer_step"], step["report_query"],
+                      sorted(out.metrics)))  # fmt: skip
         return out
 
     monkeypatch.setattr(algorithm, "meta_loss", spy)
@@ -229,7 +233,8 @@ def test_the_host_passes_meta_batch_and_reports_reptile_query_only_on_logging_st
     options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = L.Trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=0, **options)
     trainer.fit(module, SinusoidDataModule(meta_batch_size=4, batches_per_epoch=5))
-    assert calls == [("vmap", []), ("vmap", ["query_loss"])] * 2
+    assert calls == [("vmap", 0, False, []), ("vmap", 1, True, ["query_loss"]),
+                     ("vmap", 2, False, []), ("vmap", 3, True, ["query_loss"])]  # fmt: skip
 
 
 def test_the_speed_benchmark_runs_and_its_gradient_check_passes(monkeypatch, capsys):

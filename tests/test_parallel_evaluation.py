@@ -78,11 +78,12 @@ def test_auto_evaluates_episode_by_episode_where_vmap_cannot_run_and_says_why(mo
     module = MetaLearningModule(learner, algorithm, meta_batch="auto")
     first, second = _figures(module, batch), _figures(module, batch)
     assert first.keys() == second.keys() and len(logged) == 1, logged
-    assert "runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation batch" in (
-        logged[0]
+    assert (
+        "runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation batch"
+        in (logged[0])
     )
     assert "more than VMAP_MAX_PARAMETERS=10" in logged[0]
-    algorithm.meta_loss(learner, regression_batch())  # training, for the same reason: said once already
+    algorithm.meta_loss(learner, regression_batch(), meta_batch=module.runner)  # training: said once already
     assert len(logged) == 1, logged
 
 
@@ -117,13 +118,13 @@ def test_text_to_text_episodes_with_options_evaluate_under_vmap_as_in_the_loop(t
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
     learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", dtype="float64",
                               attn_implementation="eager").eval()  # fmt: skip
-    figures, algorithms = {}, {}
+    figures, modules = {}, {}
     for meta_batch in ("task_by_task", "vmap", "auto"):
-        algorithms[meta_batch] = FOMAML(inner_lr=0.1, inner_steps=2)
-        module = MetaLearningModule(learner, algorithms[meta_batch], meta_batch=meta_batch, eval_curve=[0, 1, 2])
-        figures[meta_batch] = _figures(module, batch)
+        algorithm = FOMAML(inner_lr=0.1, inner_steps=2)
+        modules[meta_batch] = MetaLearningModule(learner, algorithm, meta_batch=meta_batch, eval_curve=[0, 1, 2])
+        figures[meta_batch] = _figures(modules[meta_batch], batch)
     assert "val_accuracy_post" in figures["task_by_task"]
-    assert list(algorithms["auto"]._vmap_verdicts.values()) == [""]  # auto runs the evaluation under vmap too
+    assert list(modules["auto"].runner.verdicts.values()) == [""]  # auto runs the evaluation under vmap too
     for meta_batch in ("vmap", "auto"):
         assert figures[meta_batch].keys() == figures["task_by_task"].keys()
         for key, (mean, _, count) in figures["task_by_task"].items():

@@ -7,12 +7,11 @@ accumulation, clipping, AMP scaling and DDP gradient sync then work unchanged.
 The inner loop (and :class:`~lightning_meta.training.inner_loop.InnerLoopAlgorithm`, the base of
 the algorithms that adapt weights with it) lives in :mod:`lightning_meta.training.inner_loop`; how
 the tasks of a meta-batch run (vmap, task by task, all at once) in
-:mod:`lightning_meta.training.meta_batch`.
+:mod:`lightning_meta.training.meta_batch` (:class:`MetaBatchRunner`, which imports nothing from here).
 """
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import ClassVar
@@ -21,11 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
-from lightning_meta.learners.base import DataCheck, FastWeights, Learner, is_normalization
-from lightning_meta.training import meta_batch as execution
-from lightning_meta.training.meta_batch import MetaBatch, MetaLoss
+from lightning_meta.learners.base import DataCheck, FastWeights, Learner
+from lightning_meta.training.meta_batch import MetaBatch, MetaBatchRunner, MetaLoss, check_mode
 
-__all__ = ["MetaAlgorithm", "MetaBatch", "MetaLoss"]
+__all__ = ["MetaAlgorithm", "MetaBatch", "MetaBatchRunner", "MetaLoss"]
 
 
 class MetaAlgorithm(nn.Module, ABC):
@@ -50,15 +48,15 @@ class MetaAlgorithm(nn.Module, ABC):
 
     def __init__(self) -> None:
         super().__init__()
-        #: The meta-training step, set by the host before each meta-loss; schedules read it.
+        #: The meta-training step of the meta-loss being computed (schedules such as MAML++'s annealing read it):
+        #: :meth:`meta_loss` sets it from its ``outer_step`` argument.
         self.outer_step = 0
         #: Whether :meth:`task_loss` reports the figures that cost extra forwards (Reptile's and MultiTask's
-        #: query loss, the MAML family's support loss after adaptation). Off unless asked: the host turns it on
-        #: for the steps it logs; a caller of :meth:`meta_loss` outside the host sets it when it reads them.
+        #: query loss, the MAML family's support loss after adaptation): :meth:`meta_loss` sets it from its
+        #: ``report_query`` argument. The host asks for them on the steps it logs.
         self.report_query = False
-        # meta_batch="auto" (lightning_meta.training.meta_batch): per (learner, fast weights, derivative
-        # order, training mode, meta-loss or evaluation), "" once vmap was checked exact, else why not.
-        self._vmap_verdicts: dict[tuple[int, tuple[str, ...], bool, bool, str], str] = {}
+        # Runners for callers of meta_loss(meta_batch="auto" | ...) outside a host (which passes its own).
+        self._runners: dict[str, MetaBatchRunner] = {}
 
     @abstractmethod
     def task_loss(
@@ -117,47 +115,39 @@ class MetaAlgorithm(nn.Module, ABC):
         return False
 
     def vmap_refusal(self, learner: Learner) -> str | None:
-        """Why the tasks cannot run in parallel under ``torch.func.vmap`` with ``learner``; ``None`` if they can.
+        """Why this algorithm's task loss cannot run under ``torch.func.vmap`` with ``learner``; ``None`` if it can.
 
-        vmap is exact only for learners without in-place buffer updates, random operations or
-        data-dependent control flow (:meth:`Learner.vmap_refusal`). Second-order meta-gradients
-        are refused when a normalization layer's weight is a fast weight: vmap gets them wrong
-        (LayerNorm; torch 2.13 and 2.14, float64 too). Normalization layers of the shared base
-        (LoRA or a head as the fast weights) are exact: there only the fast weights and the
-        activations carry the task dimension. Algorithms whose task loss cannot run under vmap
-        override this; one whose :meth:`task_loss` takes no ``parallel`` argument is refused.
+        Only the algorithm's own reasons (ProtoNet's ``bincount``): :meth:`MetaBatchRunner.refusal` adds the
+        learner's and the rule on second-order meta-gradients through normalization layers.
         """
-        if "parallel" not in inspect.signature(self.task_loss).parameters:
-            return f"{type(self).__name__}.task_loss takes no parallel argument (the inner loop's mode under vmap)"
-        reason = learner.vmap_refusal()
-        if reason is None and self.second_order():
-            fast = set(self.fast_weights(learner))
-            norms = [(name, module) for name, module in learner.model.named_modules() if is_normalization(module)]
-            normalized = [f"{name}.{weight}".removeprefix(".") for name, module in norms
-                          for weight, _ in module.named_parameters(recurse=False)]  # fmt: skip
-            adapted = [name for name in normalized if name in fast]
-            if adapted:
-                reason = (
-                    f"second-order meta-gradients with a normalization layer's weight as a fast weight ({adapted[0]}) "
-                    "come out wrong under vmap"
-                )
-        return reason
+        return None
 
-    def meta_loss(self, learner: Learner, batch: TaskBatch, *, meta_batch: MetaBatch = "auto") -> MetaLoss:
+    def meta_loss(
+        self,
+        learner: Learner,
+        batch: TaskBatch,
+        *,
+        meta_batch: MetaBatch | MetaBatchRunner = "auto",
+        outer_step: int | None = None,
+        report_query: bool | None = None,
+    ) -> MetaLoss:
         """Average surrogate over the episodes of ``batch``; its gradient is the meta-gradient.
 
-        ``meta_batch`` says how the tasks run; every way gives the same meta-gradient:
+        ``outer_step``: the meta-training step (schedules read it as :attr:`outer_step`); ``report_query``:
+        whether to compute the figures that cost extra forwards. ``None`` keeps the current value (0 and off
+        unless set). ``meta_batch`` says how the tasks run, a mode or the :class:`MetaBatchRunner` that keeps
+        the ``"auto"`` verdicts (the host module's); every way gives the same meta-gradient:
 
         - ``"vmap"``: all tasks at once, in parallel with ``torch.func.vmap`` (inner gradients by
           ``torch.func.grad``). Fastest for small models; memory grows with the meta-batch. Only
-          where exact (:meth:`vmap_refusal`); forcing it elsewhere raises ``ValueError``.
+          where exact (:meth:`MetaBatchRunner.refusal`); forcing it elsewhere raises ``ValueError``.
         - ``"task_by_task"``: each task's meta-gradient is taken with ``torch.autograd.grad`` and
           its graph freed before the next task starts, so memory stays flat in the meta-batch size.
         - ``"all_at_once"``: every task's graph is kept until the caller's ``backward``: needed
           where ``autograd.grad`` cannot reach the parameters (FSDP-sharded ones, float16 loss
           scaling). Also what runs without autograd (``torch.no_grad``).
-        - ``"auto"`` (default): ``"vmap"`` when :meth:`vmap_refusal` has no objection, the model
-          has at most :data:`~lightning_meta.training.meta_batch.VMAP_MAX_PARAMETERS` trainable
+        - ``"auto"`` (default): ``"vmap"`` when :meth:`MetaBatchRunner.refusal` has no objection, the
+          model has at most :data:`~lightning_meta.training.meta_batch.VMAP_MAX_PARAMETERS` trainable
           parameters, and, on the first batch of each (learner, fast weights, derivative order,
           training mode), vmap's meta-gradient equals the task-by-task loop's; otherwise
           ``"task_by_task"``, with the reason logged once.
@@ -171,10 +161,16 @@ class MetaAlgorithm(nn.Module, ABC):
 
         Checks the batch's data first (:meth:`check_data`: one host sync for the batch).
         """
-        execution.check_mode(meta_batch)
+        if isinstance(meta_batch, str):
+            check_mode(meta_batch)
+            meta_batch = self._runners.setdefault(meta_batch, MetaBatchRunner(meta_batch))
+        if outer_step is not None:
+            self.outer_step = outer_step
+        if report_query is not None:
+            self.report_query = report_query
         self.check_learner(learner)
         self.check_data(learner, batch)
-        return execution.run(self, learner, batch, meta_batch)
+        return meta_batch.meta_loss(self, learner, batch)
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
         """Query figures before (``*_pre``) and after (``*_post``) adaptation to the support."""

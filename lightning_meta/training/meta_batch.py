@@ -1,37 +1,54 @@
 """Meta-batch execution: how the tasks of a meta-batch (and the episodes of an evaluation batch) run.
 
-Every way gives the same meta-gradient (and the same figures): all tasks at once in parallel under
-``torch.func.vmap``, task by task with each task's graph freed before the next, or every task's
-graph kept until one ``backward``. :meth:`MetaAlgorithm.meta_loss` calls :func:`run`; the host
-module calls :func:`evaluate_episodes`. The algorithms themselves only say how one task runs
-(``task_loss``, with ``parallel`` when the tasks run under vmap).
+One owner, :class:`MetaBatchRunner`: every way it runs a meta-batch gives the same meta-gradient (and the
+same figures): all tasks at once in parallel under ``torch.func.vmap``, task by task with each task's graph
+freed before the next, or every task's graph kept until one ``backward``. It holds the one rule for where
+vmap is exact (:meth:`MetaBatchRunner.refusal`, asking the algorithm and the learner for their own refusals)
+and the ``"auto"`` verdicts. :meth:`MetaAlgorithm.meta_loss` runs the algorithm's task loss through a runner
+(the host module's, or one the algorithm keeps for callers of its plain API); the host module evaluates
+through its runner too. The algorithms only say how one task runs (``task_loss``, with ``parallel`` when the
+tasks run under vmap). This module asks no more of an algorithm than :class:`TaskLossAlgorithm`, and imports
+none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, get_args
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
-from lightning_meta.learners.base import Learner
-
-if TYPE_CHECKING:
-    from lightning_meta.training.algorithm import MetaAlgorithm
+from lightning_meta.learners.base import FastWeights, Learner, is_normalization
 
 MetaBatch = Literal["auto", "vmap", "task_by_task", "all_at_once"]
-"""How :meth:`MetaAlgorithm.meta_loss` runs the tasks of a meta-batch (all give the same meta-gradient)."""
+"""How a :class:`MetaBatchRunner` runs the tasks of a meta-batch (all give the same meta-gradient)."""
 
 #: ``meta_batch="auto"`` runs the tasks with ``vmap`` only for models with at most this many trainable
 #: parameters. There vmap batches many tiny kernels into a few (the sinusoid MLP's meta-step runs
 #: several times faster); on larger models each task's kernels already keep the processor busy, and
 #: vmap would only add memory (every task's graph at once, against one task's task by task).
 VMAP_MAX_PARAMETERS = 2**17
+
+
+class TaskLossAlgorithm(Protocol):
+    """What a runner asks of an algorithm (:class:`~lightning_meta.training.algorithm.MetaAlgorithm` has it all)."""
+
+    def task_loss(
+        self, learner: Learner, episode: Episode, *, parallel: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def vmap_refusal(self, learner: Learner) -> str | None: ...
+
+    def second_order(self) -> bool: ...
+
+    def fast_weights(self, learner: Learner) -> FastWeights: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
 
 
 @dataclass
@@ -54,111 +71,185 @@ def check_mode(meta_batch: str) -> None:
         raise ValueError(f"meta_batch must be one of {get_args(MetaBatch)}, got {meta_batch!r}.")
 
 
-def run(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, meta_batch: MetaBatch) -> MetaLoss:
-    """The mean surrogate of ``batch``'s tasks run as ``meta_batch`` says (see :meth:`MetaAlgorithm.meta_loss`)."""
-    check_mode(meta_batch)
-    parameters = _trainable(algorithm, learner)
-    if meta_batch == "all_at_once" or not (torch.is_grad_enabled() and parameters):
-        return _loop(algorithm, learner, batch, None)
-    if meta_batch == "vmap":
-        _refuse_vmap_where_inexact(algorithm, learner)
-        return _vmapped(algorithm, learner, batch, parameters)
-    if meta_batch == "auto":
-        return _auto(algorithm, learner, batch, parameters)
-    return _loop(algorithm, learner, batch, parameters)
+VerdictKey = tuple[int, tuple[str, ...], bool, bool, str]
 
 
-def evaluate_episodes(
-    algorithm: MetaAlgorithm,
-    learner: Learner,
-    batch: TaskBatch,
-    meta_batch: MetaBatch,
-    figures_of: Callable[[Episode, bool], dict[str, Tensor]],
-) -> dict[str, Tensor]:
-    """``figures_of(episode, parallel)`` for every episode of ``batch``, stacked along the episodes.
+@dataclass
+class MetaBatchRunner:
+    """Runs meta-batches and evaluation batches as ``mode`` says, and owns the ``"auto"`` verdicts.
 
-    Where ``meta_batch`` resolves to vmap for this learner and algorithm (as for training, with its
-    own verdict for evaluation: ``"auto"`` checks the first batch's figures against the loop's),
-    all the episodes run together in one vmapped call with ``parallel=True``; otherwise one after
-    the other. The figures are the same either way.
+    ``verdicts``: per (learner, fast weights, derivative order, training mode, ``"meta_loss"`` or
+    ``"evaluate"``), ``""`` once vmap was checked exact on a first batch, else why it is not used.
     """
-    check_mode(meta_batch)
 
-    def looped() -> dict[str, Tensor]:
-        episodes = [figures_of(episode, False) for episode in batch.episodes()]
-        return {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
+    mode: MetaBatch = "auto"
+    verdicts: dict[VerdictKey, str] = field(default_factory=dict)
 
-    if any(generation_rule(episode.metadata) is not None for episode in batch.episodes()):
-        return looped()  # a generated output is decoded token by token on the host: never under vmap
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
 
-    def vmapped() -> dict[str, Tensor]:
-        return _over_episodes(batch, lambda episode: figures_of(episode, True))
+    def refusal(self, algorithm: TaskLossAlgorithm, learner: Learner) -> str | None:
+        """Why the tasks cannot run in parallel under ``torch.func.vmap`` exactly; ``None`` if they can.
 
-    if meta_batch in ("task_by_task", "all_at_once"):
-        return looped()
-    if meta_batch == "vmap":
-        _refuse_vmap_where_inexact(algorithm, learner)
-        return vmapped()
-    key = (id(learner), tuple(learner.fast_weight_names), False, learner.training, "evaluate")
-    verdict = algorithm._vmap_verdicts.get(key)
-    if verdict is not None:
-        return vmapped() if verdict == "" else looped()
-    parameters = _trainable(algorithm, learner)
-    reason = static = _refusal(algorithm, learner, parameters)
-    checking, low_precision = _in_float32(learner)
-    parallel = figures = None
-    with checking:
-        if reason is None:
+        The one exactness rule: the algorithm's own refusal (:meth:`MetaAlgorithm.vmap_refusal`), the learner's
+        (:meth:`Learner.vmap_refusal`: in-place buffer updates, random operations, data-dependent control flow),
+        and second-order meta-gradients with a normalization layer's weight as a fast weight, which vmap gets
+        wrong (LayerNorm; torch 2.13 and 2.14, float64 too). Normalization layers of the shared base (LoRA or a
+        head as the fast weights) are exact: there only the fast weights and the activations carry the task
+        dimension.
+        """
+        reason = algorithm.vmap_refusal(learner) or learner.vmap_refusal()
+        if reason is None and algorithm.second_order():
+            fast = set(algorithm.fast_weights(learner))
+            norms = [(name, module) for name, module in learner.model.named_modules() if is_normalization(module)]
+            normalized = [f"{name}.{weight}".removeprefix(".") for name, module in norms
+                          for weight, _ in module.named_parameters(recurse=False)]  # fmt: skip
+            adapted = [name for name in normalized if name in fast]
+            if adapted:
+                reason = (
+                    f"second-order meta-gradients with a normalization layer's weight as a fast weight ({adapted[0]}) "
+                    "come out wrong under vmap"
+                )
+        return reason
+
+    def meta_loss(self, algorithm: TaskLossAlgorithm, learner: Learner, batch: TaskBatch) -> MetaLoss:
+        """The mean surrogate of ``batch``'s tasks (see :meth:`MetaAlgorithm.meta_loss` for the modes)."""
+        parameters = _trainable(algorithm, learner)
+        if self.mode == "all_at_once" or not (torch.is_grad_enabled() and parameters):
+            return _loop(algorithm, learner, batch, None)
+        if self.mode == "vmap":
+            self._refuse_vmap_where_inexact(algorithm, learner)
             try:
-                parallel = vmapped()
-            except (RuntimeError, NotImplementedError) as error:  # no batching rule, a host sync in the figures
-                reason = f"torch.func.vmap cannot run the evaluation ({str(error).splitlines()[0]})"
-        if reason is None or not low_precision:
-            figures = looped()
-        if reason is None:
-            reason = _figures_disagreement(parallel, figures)
-    _log_fallback(algorithm, reason, static=static is not None, evaluation=True)
-    algorithm._vmap_verdicts[key] = reason or ""
-    if low_precision:  # checked in float32: the figures at the caller's precision
-        return looped() if reason else vmapped()
-    return figures if reason else parallel
+                return _vmapped(algorithm, learner, batch, parameters)
+            except TypeError as error:  # a task_loss written before its parallel argument
+                if "'parallel'" not in str(error):
+                    raise
+                self._refuse_vmap_where_inexact(algorithm, learner, f"{type(algorithm).__name__}.task_loss takes "
+                                                "no parallel argument (the inner loop's mode under vmap)")  # fmt: skip
+        if self.mode == "auto":
+            return self._auto(algorithm, learner, batch, parameters)
+        return _loop(algorithm, learner, batch, parameters)
+
+    def evaluate(
+        self,
+        algorithm: TaskLossAlgorithm,
+        learner: Learner,
+        batch: TaskBatch,
+        figures_of: Callable[[Episode, bool], dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """``figures_of(episode, parallel)`` for every episode of ``batch``, stacked along the episodes.
+
+        Where the mode resolves to vmap for this learner and algorithm (as for training, with its own verdict
+        for evaluation: ``"auto"`` checks the first batch's figures against the loop's), all the episodes run
+        together in one vmapped call with ``parallel=True``; otherwise one after the other. The figures are
+        the same either way.
+        """
+
+        def looped() -> dict[str, Tensor]:
+            episodes = [figures_of(episode, False) for episode in batch.episodes()]
+            return {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
+
+        if any(generation_rule(episode.metadata) is not None for episode in batch.episodes()):
+            return looped()  # a generated output is decoded token by token on the host: never under vmap
+
+        def vmapped() -> dict[str, Tensor]:
+            return _over_episodes(batch, lambda episode: figures_of(episode, True))
+
+        if self.mode in ("task_by_task", "all_at_once"):
+            return looped()
+        if self.mode == "vmap":
+            self._refuse_vmap_where_inexact(algorithm, learner)
+            return vmapped()
+        key = (id(learner), tuple(learner.fast_weight_names), False, learner.training, "evaluate")
+        verdict = self.verdicts.get(key)
+        if verdict is not None:
+            return vmapped() if verdict == "" else looped()
+        reason = static = self._static_refusal(algorithm, learner, _trainable(algorithm, learner))
+        checking, low_precision = _in_float32(learner)
+        parallel = figures = None
+        with checking:
+            if reason is None:
+                try:
+                    parallel = vmapped()
+                except (RuntimeError, NotImplementedError) as error:  # no batching rule, a host sync in the figures
+                    reason = f"torch.func.vmap cannot run the evaluation ({str(error).splitlines()[0]})"
+            if reason is None or not low_precision:
+                figures = looped()
+            if reason is None:
+                reason = _figures_disagreement(parallel, figures)
+        self._record(key, algorithm, reason, static=static is not None, evaluation=True)
+        if low_precision:  # checked in float32: the figures at the caller's precision
+            return looped() if reason else vmapped()
+        return figures if reason else parallel
+
+    def _auto(
+        self, algorithm: TaskLossAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor]
+    ) -> MetaLoss:
+        # Per mode too: dropout and batch-norm statistics, which vmap cannot run, act in training mode only.
+        key = (id(learner), tuple(learner.fast_weight_names), algorithm.second_order(), learner.training, "meta_loss")
+        verdict = self.verdicts.get(key)
+        if verdict == "":
+            return _vmapped(algorithm, learner, batch, parameters)
+        if verdict is not None:
+            return _loop(algorithm, learner, batch, parameters)
+        reason = static = self._static_refusal(algorithm, learner, parameters)
+        checking, low_precision = _in_float32(learner)
+        with checking:
+            if reason is None:
+                try:
+                    vmapped = _vmapped(algorithm, learner, batch, parameters)
+                except (RuntimeError, NotImplementedError, TypeError) as error:  # no batching rule, data-dependent
+                    # control flow, a task_loss written before its parallel argument
+                    reason = f"torch.func.vmap cannot run the task loss ({str(error).splitlines()[0]})"
+            if reason is None or not low_precision:
+                looped = _loop(algorithm, learner, batch, parameters)
+            if reason is None:
+                reason = _disagreement(vmapped.loss, looped.loss, parameters)
+        self._record(key, algorithm, reason, static=static is not None, evaluation=False)
+        if low_precision:  # checked in float32: the meta-step at the caller's precision
+            return (_loop if reason else _vmapped)(algorithm, learner, batch, parameters)
+        return looped if reason else vmapped
+
+    def _refuse_vmap_where_inexact(
+        self, algorithm: TaskLossAlgorithm, learner: Learner, reason: str | None = None
+    ) -> None:
+        reason = reason or self.refusal(algorithm, learner)
+        if reason is not None:
+            raise ValueError(
+                f"meta_batch='vmap' cannot run {type(algorithm).__name__} with this {type(learner).__name__}: "
+                f"{reason}. Use meta_batch='task_by_task' (the same meta-gradient, memory flat in the "
+                "meta-batch size) or 'auto'."
+            )
+
+    def _static_refusal(self, algorithm: TaskLossAlgorithm, learner: Learner, parameters: list[Tensor]) -> str | None:
+        """Why ``"auto"`` does not try vmap: :meth:`refusal`, or a model too large to gain from it."""
+        reason = self.refusal(algorithm, learner)
+        size = sum(p.numel() for p in parameters)
+        if reason is None and size > VMAP_MAX_PARAMETERS:
+            reason = f"{size:,} trainable parameters, more than VMAP_MAX_PARAMETERS={VMAP_MAX_PARAMETERS:,}"
+        return reason
+
+    def _record(
+        self, key: VerdictKey, algorithm: TaskLossAlgorithm, reason: str | None, *, static: bool, evaluation: bool
+    ) -> None:
+        """Keep the verdict; log why ``"auto"`` does not run in parallel, once per reason (training and evaluation
+        share the static ones)."""
+        if reason and reason not in self.verdicts.values():
+            if static:  # known before trying: it holds for training and evaluation alike
+                what = ("runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation "
+                        "batch,")  # fmt: skip
+            elif evaluation:
+                what = "adapts the episodes of an evaluation batch one by one,"
+            else:
+                what = "runs the tasks of a meta-batch one by one (task_by_task),"
+            # Debug level: an implementation note (same figures, only slower), nothing a user can act on.
+            name = type(algorithm).__name__
+            rank_zero_debug(f"meta_batch='auto': {name} {what} not in parallel with vmap: {reason}.")
+        self.verdicts[key] = reason or ""
 
 
-def _trainable(algorithm: MetaAlgorithm, learner: Learner) -> list[Tensor]:
+def _trainable(algorithm: TaskLossAlgorithm, learner: Learner) -> list[Tensor]:
     return [p for module in (learner, algorithm) for p in module.parameters() if p.requires_grad]
-
-
-def _refuse_vmap_where_inexact(algorithm: MetaAlgorithm, learner: Learner) -> None:
-    reason = algorithm.vmap_refusal(learner)
-    if reason is not None:
-        raise ValueError(
-            f"meta_batch='vmap' cannot run {type(algorithm).__name__} with this {type(learner).__name__}: "
-            f"{reason}. Use meta_batch='task_by_task' (the same meta-gradient, memory flat in the "
-            "meta-batch size) or 'auto'."
-        )
-
-
-def _refusal(algorithm: MetaAlgorithm, learner: Learner, parameters: list[Tensor]) -> str | None:
-    """Why ``"auto"`` does not try vmap: the algorithm's refusal, or a model too large to gain from it."""
-    reason = algorithm.vmap_refusal(learner)
-    size = sum(p.numel() for p in parameters)
-    if reason is None and size > VMAP_MAX_PARAMETERS:
-        reason = f"{size:,} trainable parameters, more than VMAP_MAX_PARAMETERS={VMAP_MAX_PARAMETERS:,}"
-    return reason
-
-
-def _log_fallback(algorithm: MetaAlgorithm, reason: str | None, *, static: bool, evaluation: bool) -> None:
-    """Log why ``"auto"`` does not run in parallel, once per reason (training and evaluation share the static ones)."""
-    if not reason or reason in algorithm._vmap_verdicts.values():
-        return
-    if static:  # known before trying: it holds for training and evaluation alike
-        what = "runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation batch,"
-    elif evaluation:
-        what = "adapts the episodes of an evaluation batch one by one,"
-    else:
-        what = "runs the tasks of a meta-batch one by one (task_by_task),"
-    # Debug level: an implementation note (same figures, only slower), nothing a user can act on.
-    rank_zero_debug(f"meta_batch='auto': {type(algorithm).__name__} {what} not in parallel with vmap: {reason}.")
 
 
 def _over_episodes(batch: TaskBatch, function: Callable[[Episode], Tensor | dict]) -> Tensor | dict:
@@ -172,7 +263,9 @@ def _over_episodes(batch: TaskBatch, function: Callable[[Episode], Tensor | dict
     return torch.func.vmap(one)(batch.support, batch.query, metadata)
 
 
-def _loop(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor] | None) -> MetaLoss:
+def _loop(
+    algorithm: TaskLossAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor] | None
+) -> MetaLoss:
     """The tasks one after the other: task by task given ``parameters``, else all at once."""
     count = len(batch)
     losses: list[Tensor] = []
@@ -192,39 +285,12 @@ def _loop(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, paramete
     return MetaLoss(mean, metrics) if parameters is None else _surrogate(parameters, gradients, mean, metrics)
 
 
-def _vmapped(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
+def _vmapped(algorithm: TaskLossAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
     """All tasks in parallel under ``torch.func.vmap``; the meta-gradient taken at once."""
     losses, metrics = _over_episodes(batch, lambda episode: algorithm.task_loss(learner, episode, parallel=True))
     mean = losses.mean()
     gradients = list(torch.autograd.grad(mean, parameters, allow_unused=True))
     return _surrogate(parameters, gradients, mean.detach(), {name: value.mean() for name, value in metrics.items()})
-
-
-def _auto(algorithm: MetaAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor]) -> MetaLoss:
-    # Per mode too: dropout and batch-norm statistics, which vmap cannot run, act in training mode only.
-    key = (id(learner), tuple(learner.fast_weight_names), algorithm.second_order(), learner.training, "meta_loss")
-    verdict = algorithm._vmap_verdicts.get(key)
-    if verdict == "":
-        return _vmapped(algorithm, learner, batch, parameters)
-    if verdict is not None:
-        return _loop(algorithm, learner, batch, parameters)
-    reason = static = _refusal(algorithm, learner, parameters)
-    checking, low_precision = _in_float32(learner)
-    with checking:
-        if reason is None:
-            try:
-                vmapped = _vmapped(algorithm, learner, batch, parameters)
-            except (RuntimeError, NotImplementedError) as error:  # no batching rule, data-dependent control flow
-                reason = f"torch.func.vmap cannot run the task loss ({str(error).splitlines()[0]})"
-        if reason is None or not low_precision:
-            looped = _loop(algorithm, learner, batch, parameters)
-        if reason is None:
-            reason = _disagreement(vmapped.loss, looped.loss, parameters)
-    _log_fallback(algorithm, reason, static=static is not None, evaluation=False)
-    algorithm._vmap_verdicts[key] = reason or ""
-    if low_precision:  # checked in float32: the meta-step at the caller's precision
-        return (_loop if reason else _vmapped)(algorithm, learner, batch, parameters)
-    return looped if reason else vmapped
 
 
 def _in_float32(learner: Learner) -> tuple[AbstractContextManager, bool]:

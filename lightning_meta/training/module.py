@@ -40,7 +40,7 @@ from lightning_meta.training.checkpoints import (
 )
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.inner_loop import check_step_count
-from lightning_meta.training.meta_batch import MetaBatch, check_mode, evaluate_episodes
+from lightning_meta.training.meta_batch import MetaBatch, MetaBatchRunner
 from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, control_figures, task_ids
 from lightning_meta.training.plots import curve_figure, curve_points, save_curve
 
@@ -87,8 +87,12 @@ def current_class_path(class_path: str) -> str:
 
 def _current_class_paths(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {key: current_class_path(item) if key in ("class_path", "_class_path") and isinstance(item, str)
-                else _current_class_paths(item) for key, item in value.items()}
+        return {
+            key: current_class_path(item)
+            if key in ("class_path", "_class_path") and isinstance(item, str)
+            else _current_class_paths(item)
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         return [_current_class_paths(item) for item in value]
     return value
@@ -153,7 +157,8 @@ class MetaLearningModule(LightningModule):
 
             algorithm = MAML()
         check_step_count("eval_inner_steps", eval_inner_steps, default="the algorithm's")
-        check_mode(meta_batch)
+        #: Runs the meta-batches and evaluation batches as ``meta_batch`` says, keeping the ``"auto"`` verdicts.
+        self.runner = MetaBatchRunner(meta_batch)
         _check_eval_curve(eval_curve, algorithm)
         self.learner = learner
         self.algorithm = algorithm
@@ -199,8 +204,13 @@ class MetaLearningModule(LightningModule):
             | {  # control tasks' figures (metrics.control_figures), counted only where episodes carry a ceiling
                 f"{stage}_{name}": EpisodeStatistics()
                 for stage in _EVAL_STAGES
-                for name in ("ceiling", "chance", "control_gap_pre", "control_gap_post",
-                             *(f"control_gap_step{step}" for step in self._curve_steps))
+                for name in (
+                    "ceiling",
+                    "chance",
+                    "control_gap_pre",
+                    "control_gap_post",
+                    *(f"control_gap_step{step}" for step in self._curve_steps),
+                )
             }  # fmt: skip
         )
 
@@ -307,12 +317,12 @@ class MetaLearningModule(LightningModule):
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         # autograd.grad cannot reach FSDP-sharded weights, and float16 needs Lightning's loss scaling.
         sharded_or_scaled = self.device_mesh is not None or self.trainer.precision.startswith("16")
-        self.algorithm.outer_step = self.global_step  # schedules (MAML++'s annealing) read it
         # Lightning writes a step's logs every log_every_n_steps steps: query figures that cost extra only then.
         every = self.trainer.log_every_n_steps
-        self.algorithm.report_query = every > 0 and (self.global_step + 1) % every == 0
-        meta_batch = "all_at_once" if sharded_or_scaled else self.meta_batch
-        out = self.algorithm.meta_loss(self.learner, batch, meta_batch=meta_batch)
+        out = self.algorithm.meta_loss(
+            self.learner, batch, meta_batch=MetaBatchRunner("all_at_once") if sharded_or_scaled else self.runner,
+            outer_step=self.global_step, report_query=every > 0 and (self.global_step + 1) % every == 0,
+        )  # fmt: skip
         if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
             raise FloatingPointError(
                 f"The meta-loss is {out.loss.item()} at step {self.global_step}: {self._diagnose_divergence(batch)} "
@@ -377,9 +387,9 @@ class MetaLearningModule(LightningModule):
             if self.algorithm.adapts_weights:
                 # Along the trajectory (it stops between inner steps on SIGTERM), all the episodes in one vmapped
                 # trajectory where the meta_batch mode resolves to vmap (never over sharded weights).
-                meta_batch = "task_by_task" if self.device_mesh is not None else self.meta_batch
-                figures = evaluate_episodes(
-                    self.algorithm, self.learner, batch, meta_batch,
+                runner = MetaBatchRunner("task_by_task") if self.device_mesh is not None else self.runner
+                figures = runner.evaluate(
+                    self.algorithm, self.learner, batch,
                     lambda episode, parallel: self._evaluate_along_curve(
                         self.learner, episode, self.eval_inner_steps, parallel=parallel
                     ),

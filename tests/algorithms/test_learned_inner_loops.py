@@ -56,8 +56,10 @@ def test_meta_sgd_gradient_for_weights_and_learning_rates_matches_finite_differe
         def reference():
             return _first_order_meta_sgd_loss(learner, algorithm, batch)
     else:
+
         def reference():
             return algorithm.meta_loss(learner, batch, meta_batch="all_at_once").loss
+
     numeric = _finite_differences(reference, parameters) if not first_order else None
     if first_order:
         expected = torch.autograd.grad(reference(), parameters)
@@ -66,7 +68,7 @@ def test_meta_sgd_gradient_for_weights_and_learning_rates_matches_finite_differe
     else:
         for got, want in zip(analytic, numeric, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert all(g.abs().sum() > 0 for g in analytic[-len(list(algorithm.parameters())):])  # the rates learn
+    assert all(g.abs().sum() > 0 for g in analytic[-len(list(algorithm.parameters())) :])  # the rates learn
 
 
 def _first_order_meta_sgd_loss(learner, algorithm, batch):
@@ -137,8 +139,10 @@ def test_multi_step_loss_is_the_weighted_sum_of_every_steps_query_loss():
     episode = batch.episode(0)
     trajectory = list(inner_steps(learner, learner.fast_parameters(), episode.support, inner_lr=0.05, steps=3,
                                   create_graph=True))  # fmt: skip
-    expected = sum(w * learner.loss(episode.query, weights)[0] for w, weights in zip(algorithm.msl_weights(),
-                                                                                     trajectory, strict=True))
+    expected = sum(
+        w * learner.loss(episode.query, weights)[0]
+        for w, weights in zip(algorithm.msl_weights(), trajectory, strict=True)
+    )
     loss, metrics = algorithm.task_loss(learner, episode)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(metrics["query_loss"], learner.loss(episode.query, trajectory[-1])[0].detach())
@@ -239,3 +243,23 @@ def test_meta_sgd_learns_rates_for_lora_adapters():
     # LoRA's B starts at zero, so A's support gradient (and its rate's meta-gradient) is zero at first; B's is not.
     assert all(rate.grad is not None for rate in algorithm.log_lrs.values())
     assert all(rate.grad.abs() > 0 for name, rate in algorithm.log_lrs.items() if "lora_B" in name)
+
+
+def test_the_outer_step_is_an_argument_of_the_meta_loss():
+    # MAML++'s derivative-order schedule reads the step meta_loss is given, not one the caller set beforehand.
+    batch = regression_batch()
+
+    def gradient(algorithm, **step):
+        learner = _learner()
+        algorithm.double().bind(learner)
+        algorithm.meta_loss(learner, batch, **step).loss.backward()
+        return torch.cat([p.grad.flatten() for p in learner.parameters()])
+
+    first = gradient(MAML(inner_lr=0.05, inner_steps=2, first_order=True))
+    second = gradient(MAML(inner_lr=0.05, inner_steps=2))
+    annealed = MAMLPlusPlus(inner_lr=0.05, inner_steps=2, learn_inner_lrs=False, multi_step_loss=False,
+                            first_order_steps=10)  # fmt: skip
+    torch.testing.assert_close(gradient(annealed, outer_step=9), first, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gradient(annealed, outer_step=10), second, rtol=1e-12, atol=1e-14)
+    assert annealed.outer_step == 10
+    torch.testing.assert_close(gradient(annealed), second, rtol=1e-12, atol=1e-14)  # None keeps the step given last

@@ -248,7 +248,6 @@ def test_the_log_says_which_split_was_made_and_why(tmp_path, monkeypatch):
     assert "Held out by task" not in message
 
 
-
 @pytest.mark.parametrize("seed", range(6))
 def test_named_test_tasks_win_over_a_validation_family_that_holds_them(tmp_path, monkeypatch, seed):
     """BIG-bench's config: ``test_tasks`` by name (the Lite preset), validation a default draw of families. Tasks
@@ -592,11 +591,15 @@ def test_generated_outputs_are_cut_by_the_tasks_output_regex_before_exact_match(
     assert float(figures["exact_match_pre"]) == 1.0  # every query: its cut generated output is its output
     assert float(model.evaluation_metrics(episode.query)["exact_match"]) == 0.0  # the end token does not follow
     # Decoding runs on the host: an evaluation batch whose tasks cut generated outputs never runs under vmap.
-    from lightning_meta.training.meta_batch import evaluate_episodes
+    from lightning_meta.training.meta_batch import MetaBatchRunner
 
     parallel_calls: list[bool] = []
-    evaluate_episodes(MetaICL(), model, module.eval_batches("val")[0], "vmap",
-                      lambda episode, parallel: parallel_calls.append(parallel) or {"x": torch.zeros(())})  # fmt: skip
+
+    def figures_of(episode, parallel):  # noqa: ANN001, ANN202
+        parallel_calls.append(parallel)
+        return {"x": torch.zeros(())}
+
+    MetaBatchRunner("vmap").evaluate(MetaICL(), model, module.eval_batches("val")[0], figures_of)
     assert parallel_calls and not any(parallel_calls)
 
 
@@ -604,8 +607,11 @@ def test_generated_outputs_are_cut_by_the_tasks_output_regex_before_exact_match(
     ("columns", "options", "message"),
     [
         ({"output_regex": "(a)(b)"}, {}, r"Task 't': output_regex '\(a\)\(b\)' has 2 capturing groups.*\(\?:\.\.\.\)"),
-        ({"task_prefix": "Other."}, {"template": "Say.\nQ: {input}\nA:", "demonstrations": "bigbench"},
-         r"Task 't' gives the task_prefix 'Other\.', but its template starts 'Say\.\\nQ: '.*task_prefix column"),
+        (
+            {"task_prefix": "Other."},
+            {"template": "Say.\nQ: {input}\nA:", "demonstrations": "bigbench"},
+            r"Task 't' gives the task_prefix 'Other\.', but its template starts 'Say\.\\nQ: '.*task_prefix column",
+        ),
         ({}, {"demonstrations": "paper"}, r"demonstrations='paper' is not a layout: use one of metaicl, bigbench"),
     ],
 )

@@ -1,0 +1,150 @@
+"""MetaICL's learning curve on the control families past the 15-minute recipe (issue 27 section 2).
+
+Trains ``configs/control_metaicl_tiny.yaml`` for ``--steps`` steps (its one-cycle schedule stretched to them,
+everything else as shipped unless ``--words`` changes the word pools), keeps a checkpoint every ``--every``
+steps, and tests each one in context at K = 8 on two sets of fixed test tasks: fresh mappings of the
+training words, and mappings of words no training task used (``held_out_words``). Each point records
+accuracy and control_gap with their 95% CIs (tasks as units) and the training CPU seconds so far.
+
+The run is resumable: training restarts from the newest checkpoint, and tested checkpoints are skipped, so
+the script can be stopped and run again; ``curve.json`` under ``--out`` is rewritten after every test.
+
+    python benchmarks/control/curve.py --out benchmarks/control/results/curve-w16   # 2 CPU-hours (32,000 steps)
+    python benchmarks/control/curve.py --out DIR --report                            # the table so far
+    python benchmarks/control/curve.py --out DIR --smoke                             # end to end in a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "control_metaicl_tiny.yaml"
+TEST_SETS = {"training words": False, "held-out words": True}  # name -> held_out_words
+
+
+def curve_config(steps: int, every: int, words: int | None, smoke: bool) -> dict[str, Any]:
+    """The shipped recipe, stretched to ``steps`` with a checkpoint every ``every`` steps."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["trainer"].update(
+        max_steps=steps, val_check_interval=every, limit_val_batches=0 if smoke else None,
+        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": every, "save_top_k": -1, "filename": "{step}",
+                                  "save_last": True}}],
+    )  # fmt: skip
+    config["model"]["lr_scheduler"]["init_args"]["total_steps"] = steps
+    config["data"]["init_args"]["control"]["words"] = words
+    if smoke:
+        config["model"]["learner"]["init_args"]["model_config"].update(n_layer=1, n_embd=32, n_head=2)
+        config["data"]["init_args"].update(meta_batch_size=4, num_val_tasks=4, num_test_tasks=4)
+    return config
+
+
+def run(command: list[str]) -> float:
+    """Runs a CLI command on one thread; returns its CPU seconds (user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def checkpoints(out: Path) -> dict[int, Path]:
+    """Saved checkpoints by step (``step=N.ckpt``)."""
+    found = (out / "train").glob("lightning_logs/version_*/checkpoints/step=*.ckpt")
+    return {int(path.stem.removeprefix("step=")): path for path in found}
+
+
+def train(out: Path, config_path: Path, state: dict[str, Any]) -> None:
+    """Fits to the configured steps, from the newest checkpoint when there is one (no test after it)."""
+    command = ["lightning-meta", "fit", f"--config={config_path}", f"--trainer.default_root_dir={out / 'train'}"]
+    last = sorted((out / "train").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    if last:
+        command.append(f"--ckpt_path={last[-1]}")
+    state["train_cpu_s"] = state.get("train_cpu_s", 0.0) + run([*command, "--test_after_fit=false"])
+    state["train_steps"] = max(checkpoints(out), default=0)
+
+
+def test(out: Path, config_path: Path, step: int, checkpoint: Path, held_out_words: bool, tasks: int) -> dict:
+    """Tests one checkpoint in context at K = 8; returns its accuracy and control_gap with CIs."""
+    folder = out / "test" / f"step{step}-{'held' if held_out_words else 'train'}"
+    run(["lightning-meta", "test", f"--config={config_path}", f"--ckpt_path={checkpoint}",
+         f"--trainer.default_root_dir={folder}", f"--data.init_args.num_test_tasks={tasks}",
+         f"--data.init_args.control.held_out_words={str(held_out_words).lower()}"])  # fmt: skip
+    results = json.loads(max(folder.glob("lightning_logs/version_*/results.json")).read_text())["figures"]
+    return {name: results[f"test/query_{name}_post"] for name in ("accuracy", "control_gap")}
+
+
+def report(curve: dict[str, Any]) -> str:
+    """The curve as a markdown table (mean ± 95% CI over test tasks)."""
+    lines = [
+        f"Training CPU: {curve.get('train_cpu_s', 0) / 60:.0f} min for {curve.get('train_steps', 0):,} steps "
+        f"(one thread; {curve.get('train_cpu_s', 0) / max(curve.get('train_steps', 1), 1):.3f} CPU s a step)",
+        "",
+        "| step | CPU min | "
+        + " | ".join(f"control_gap, {name}" for name in TEST_SETS)
+        + " | accuracy, training words |",
+        "|---|---|" + "---|" * (len(TEST_SETS) + 1),
+    ]
+    per_step = curve.get("train_cpu_s", 0) / max(curve.get("train_steps", 1), 1)
+    for step in sorted(curve["points"], key=int):
+        point = curve["points"][step]
+        cells = [f"{point[name]['control_gap']['mean']:.2f} ± {point[name]['control_gap']['ci95']:.2f}"
+                 if name in point else "—" for name in TEST_SETS]  # fmt: skip
+        accuracy = point.get("training words", {}).get("accuracy")
+        last = f"{accuracy['mean']:.2f} ± {accuracy['ci95']:.2f}" if accuracy else "—"
+        lines.append(f"| {int(step):,} | {int(step) * per_step / 60:.0f} | {' | '.join(cells)} | {last} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=32_000, help="training steps (0.22 CPU s each: 2 CPU-hours)")
+    parser.add_argument("--every", type=int, default=2_000, help="steps between tested checkpoints")
+    parser.add_argument("--words", type=int, default=16, help="input and label words per split (shipped: 16)")
+    parser.add_argument("--test_tasks", type=int, default=256)
+    parser.add_argument("--report", action="store_true", help="print the table so far and stop")
+    parser.add_argument("--smoke", action="store_true", help="a 1-layer model, 8 steps: checks the pipeline")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.every, args.test_tasks = 8, 4, 4
+    args.out.mkdir(parents=True, exist_ok=True)
+    curve_path = args.out / "curve.json"
+    settings = {"steps": args.steps, "every": args.every, "words": args.words, "test_tasks": args.test_tasks,
+                "smoke": args.smoke, "config": str(CONFIG.relative_to(ROOT))}  # fmt: skip
+    curve = json.loads(curve_path.read_text()) if curve_path.exists() else {"settings": settings, "points": {}}
+    if curve["settings"] != settings:
+        raise SystemExit(f"{curve_path} holds a curve of other settings ({curve['settings']}): use another --out.")
+    if args.report:
+        print(report(curve))
+        return
+    config_path = args.out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(curve_config(args.steps, args.every, args.words, args.smoke)))
+    if max(checkpoints(args.out), default=0) < args.steps:
+        train(args.out, config_path, curve)
+        write_json(curve_path, curve)
+    for step, checkpoint in sorted(checkpoints(args.out).items()):
+        point = curve["points"].setdefault(str(step), {})
+        for name, held_out in TEST_SETS.items():
+            if name not in point:
+                point[name] = test(args.out, config_path, step, checkpoint, held_out, args.test_tasks)
+                write_json(curve_path, curve)
+                print(f"step {step:,} {name}: control_gap {point[name]['control_gap']['mean']:.2f}", flush=True)
+    print(report(curve))
+
+
+if __name__ == "__main__":
+    main()
