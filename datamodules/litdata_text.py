@@ -28,7 +28,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_meta.data import stream
 from lightning_meta.data.local_files import write_folder_atomically
-from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of, required_tokenizer
+from lightning_meta.data.tokenization import (
+    check_tokenizer,
+    check_tokenizer_record,
+    fingerprint_of,
+    required_tokenizer,
+    tokenizer_record,
+)
 
 #: What :func:`prepare_litdata_corpus` records beside ``train/`` and ``val/``: the tokenizer and block size.
 CORPUS_FILE = "lightning_meta_corpus.json"
@@ -275,7 +281,7 @@ class LitDataTextDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The block size and the fingerprints of the tokenizer and of the corpus (the loader's position is saved
         by Lightning's fit loop, from :class:`_ResumableMixin`'s ``state_dict``)."""
-        state: dict[str, Any] = stream.tokenizer_state(self.tokenizer) | {"block_size": self.block_size}
+        state: dict[str, Any] = tokenizer_record(self.tokenizer) | {"block_size": self.block_size}
         if self.trainer is not None:
             state |= stream.data_state(self._data_fingerprint)
         return state
@@ -283,7 +289,7 @@ class LitDataTextDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse a checkpoint trained on another tokenizer's token ids, another block size, or (unless
         ``allow_data_change``) another corpus."""
-        stream.check_saved_tokenizer(state_dict, self.tokenizer)
+        check_tokenizer_record(state_dict, self.tokenizer, "The checkpoint's data")
         saved = state_dict.get("block_size", self.block_size)
         if saved != self.block_size:
             raise ValueError(

@@ -24,7 +24,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_meta.data import stream
 from lightning_meta.data.tables import is_saved_dataset, read_table
-from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
+from lightning_meta.data.tokenization import (
+    check_tokenizer_record,
+    load_tokenizer,
+    required_tokenizer,
+    tokenizer_record,
+)
 from lightning_meta.datamodules.language_modeling import (
     EMBEDDED_TEST_DOMAINS,
     EMBEDDED_VAL_DOMAINS,
@@ -235,7 +240,7 @@ class PackedTextDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The position of the next training batch, the block size, and the fingerprints of the tokenizer and of
         the data read."""
-        state: dict[str, Any] = stream.tokenizer_state(self.tokenizer) | {"block_size": self.block_size}
+        state: dict[str, Any] = tokenizer_record(self.tokenizer) | {"block_size": self.block_size}
         if self.trainer is None:
             return state | self._resume
         state |= stream.data_state(self._data_fingerprint)
@@ -250,7 +255,7 @@ class PackedTextDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the stream; refuse a checkpoint trained on another tokenizer's token ids or block size, or on
         other data unless ``allow_data_change``."""
-        stream.check_saved_tokenizer(state_dict, self.tokenizer)
+        check_tokenizer_record(state_dict, self.tokenizer, "The checkpoint's data")
         saved_block_size = state_dict.get("block_size", self.block_size)
         if saved_block_size != self.block_size:
             raise ValueError(

@@ -26,7 +26,8 @@ from lightning_meta.training.checkpoints import (
     refuse_remote_code,
     take_out_remote_code,
 )
-from lightning_meta.training.module import MetaLearningModule, upgrade_hyperparameters
+from lightning_meta.training.migrations import upgrade_hyperparameters
+from lightning_meta.training.module import MetaLearningModule
 from lightning_meta.training.trainer import quiet_framework_noise, with_progress_bar
 from lightning_meta.version import VERSION
 

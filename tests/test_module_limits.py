@@ -10,11 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import lightning_meta.training.module as module_file
+import lightning_meta.training.migrations as migrations
 from lightning_meta import MLP, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import MAML, SGD
 from lightning_meta.datamodules import SinusoidDataModule
-from lightning_meta.training.module import MAX_EVAL_CURVE_STEPS
+from lightning_meta.training.evaluation import MAX_EVAL_CURVE_STEPS
 
 
 def sinusoid_module(**options) -> MetaLearningModule:
@@ -66,7 +66,7 @@ def test_sigterm_stops_evaluation_between_inner_steps(tmp_path, eval_curve):
 
 def test_a_checkpoint_with_the_old_task_by_task_option_loads_with_a_notice(tmp_path, monkeypatch):
     notices = []
-    monkeypatch.setattr(module_file, "rank_zero_info", notices.append)
+    monkeypatch.setattr(migrations, "rank_zero_info", notices.append)
     module = sinusoid_module()
     run = trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False)
     run.fit(module, SinusoidDataModule(meta_batch_size=2, batches_per_epoch=2))

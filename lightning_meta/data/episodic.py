@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_meta.data import stream
 from lightning_meta.data.stream import PADDING
 from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch
+from lightning_meta.data.tokenization import check_tokenizer_record, tokenizer_record
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -160,7 +161,7 @@ class EpisodicDataModule(LightningDataModule, ABC):
         )
         tokenizer = getattr(self, "tokenizer", None)
         if isinstance(tokenizer, str):
-            state |= stream.tokenizer_state(tokenizer)
+            state |= tokenizer_record(tokenizer)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -168,7 +169,7 @@ class EpisodicDataModule(LightningDataModule, ABC):
         on other data unless ``allow_data_change``."""
         tokenizer = getattr(self, "tokenizer", None)
         if isinstance(tokenizer, str):
-            stream.check_saved_tokenizer(state_dict, tokenizer)
+            check_tokenizer_record(state_dict, tokenizer, "The checkpoint's data")
         stream.check_saved_data(self, state_dict, lambda: self._data_fingerprint, self.allow_data_change)
         self._resume_from = int(state_dict["next_train_batch"])
 

@@ -23,7 +23,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
 from lightning_meta._compat import batches_consumed
-from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
 
 #: The index of a padding batch in a process's share (:func:`rank_share` with ``pad=True``).
 PADDING = -1
@@ -50,17 +49,6 @@ def next_train_batch(datamodule: LightningDataModule, resumed: int) -> int:
     epochs, and Lightning fetches batches ahead of the one it runs.
     """
     return resumed if datamodule.trainer is None else batches_consumed(datamodule.trainer)
-
-
-def tokenizer_state(tokenizer: str) -> dict[str, str]:
-    """What a checkpoint records of the tokenizer the data was tokenized with."""
-    return {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
-
-
-def check_saved_tokenizer(state: Mapping[str, Any], tokenizer: str) -> None:
-    """Refuse a checkpoint whose data came from another tokenizer's token ids (:func:`tokenizer_state`)."""
-    if "tokenizer_fingerprint" in state:
-        check_tokenizer(state["tokenizer"], state["tokenizer_fingerprint"], tokenizer, "The checkpoint's data")
 
 
 def data_fingerprint(*parts: Any) -> str:

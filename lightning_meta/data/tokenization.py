@@ -25,7 +25,9 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -135,6 +137,17 @@ def check_tokenizer(trained_with: str, fingerprint: str, tokenizer: str, who: st
             "Give the tokenizer folder it was trained with (save_pretrained a copy next to the checkpoint), or "
             "train the embedded tokenizer on the same Python version."
         )
+
+
+def tokenizer_record(tokenizer: str) -> dict[str, str]:
+    """What a checkpoint records of the tokenizer its model or data used: the name and its fingerprint."""
+    return {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+
+
+def check_tokenizer_record(record: Mapping[str, Any], tokenizer: str, who: str) -> None:
+    """:func:`check_tokenizer` against a checkpoint's :func:`tokenizer_record` (nothing to check without one)."""
+    if "tokenizer_fingerprint" in record:
+        check_tokenizer(record["tokenizer"], record["tokenizer_fingerprint"], tokenizer, who)
 
 
 def write_shipped_tokenizers(folder: Path | str = _SHIPPED_DIR) -> None:

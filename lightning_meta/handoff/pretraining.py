@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters, enable_activation_checkpointing
 from lightning_meta.data.local_files import dequantized_gguf, is_hub_id, resolve_local_path
-from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
+from lightning_meta.data.tokenization import check_tokenizer, check_tokenizer_record, fingerprint_of, tokenizer_record
 from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
 from lightning_meta.learners.base import check_sequence_length
 from lightning_meta.learners.language_models import DTYPES, build_model
@@ -237,20 +237,18 @@ class CausalLMPretraining(LightningModule):
         return [PreemptionCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A local folder by its absolute path: the export may run from another folder.
+        tokenizer = str(Path(self.tokenizer).resolve()) if Path(self.tokenizer).is_dir() else self.tokenizer
         checkpoint["lightning_meta"] = {
             "module": "pretraining",
             "hf_config": self.model.config.to_dict(),
-            # A local folder by its absolute path: the export may run from another folder.
-            "tokenizer": str(Path(self.tokenizer).resolve()) if Path(self.tokenizer).is_dir() else self.tokenizer,
-            "tokenizer_fingerprint": fingerprint_of(self.tokenizer),
+            **tokenizer_record(tokenizer),
             "init_from": None if self.init_from is None else str(Path(self.init_from).expanduser().resolve()),
             "initial_provenance": self.initial_provenance,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("lightning_meta") or {}
-        if "tokenizer_fingerprint" in saved:
-            check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], self.tokenizer, "The checkpoint")
+        check_tokenizer_record(checkpoint.get("lightning_meta") or {}, self.tokenizer, "The checkpoint")
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import platform
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,13 +13,11 @@ from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
-from lightning_meta.data.local_files import write_file_atomically
-from lightning_meta.data.tasks import PADDING_KEY, Episode, TaskBatch, generation_rule
-from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of
+from lightning_meta.data.tasks import PADDING_KEY, TaskBatch
+from lightning_meta.data.tokenization import check_tokenizer_record, tokenizer_record
 from lightning_meta.learners.base import Learner, check_sequence_length
 from lightning_meta.training import scaling
 from lightning_meta.training.algorithm import MetaAlgorithm
@@ -39,63 +33,19 @@ from lightning_meta.training.checkpoints import (
     take_out_remote_code,
 )
 from lightning_meta.training.config import NotConfigurable, to_config
+from lightning_meta.training.evaluation import (
+    along_curve,
+    check_eval_curve,
+    describe_bad_evaluation,
+    diagnose_divergence,
+)
 from lightning_meta.training.inner_loop import check_step_count
 from lightning_meta.training.meta_batch import MetaBatch, MetaBatchRunner
 from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, control_figures, task_ids
-from lightning_meta.training.plots import curve_figure, curve_points, save_curve
+from lightning_meta.training.migrations import needs_upgrade, upgrade_hyperparameters
+from lightning_meta.training.results import write_results
 
 _EVAL_STAGES = ("val", "test")
-#: The most adaptation steps ``eval_curve`` may ask for: each is a forward and backward on every
-#: evaluation episode, at every validation.
-MAX_EVAL_CURVE_STEPS = 1000
-#: Hyper-parameters of earlier versions, by their name today: ``task_by_task: bool`` became ``meta_batch``.
-_RENAMED = {"task_by_task": ("meta_batch", {True: "task_by_task", False: "all_at_once"})}
-
-#: Modules moved when the core was grouped into sub-packages (0.1.0 → today): old checkpoints name
-#: their classes (``class_path``) by the old module.
-MOVED_MODULES = {
-    "lightning_meta.tasks": "lightning_meta.data.tasks",
-    "lightning_meta.tables": "lightning_meta.data.tables",
-    "lightning_meta.corpus": "lightning_meta.data.corpus",
-    "lightning_meta.tokenization": "lightning_meta.data.tokenization",
-    "lightning_meta.local_files": "lightning_meta.data.local_files",
-    "lightning_meta.datamodules.base": "lightning_meta.data.episodic",
-    "lightning_meta.stream": "lightning_meta.data.stream",
-    "lightning_meta.language_models": "lightning_meta.learners.language_models",
-    "lightning_meta.encoders": "lightning_meta.learners.encoders",
-    "lightning_meta.models": "lightning_meta.learners.models",
-    "lightning_meta.algorithms.base": "lightning_meta.training.algorithm",
-    "lightning_meta.module": "lightning_meta.training.module",
-    "lightning_meta.scaling": "lightning_meta.training.scaling",
-    "lightning_meta.checkpoints": "lightning_meta.training.checkpoints",
-    "lightning_meta.metrics": "lightning_meta.training.metrics",
-    "lightning_meta.plots": "lightning_meta.training.plots",
-    "lightning_meta.progress": "lightning_meta.training.progress",
-    "lightning_meta.config": "lightning_meta.training.config",
-    "lightning_meta.export": "lightning_meta.handoff.export",
-    "lightning_meta.pretraining": "lightning_meta.handoff.pretraining",
-    "lightning_meta.task_gym": "lightning_meta.datamodules.task_gym",
-    "lightning_meta.task_collections": "lightning_meta.datamodules.task_collections",
-}
-
-
-def current_class_path(class_path: str) -> str:
-    """``class_path`` under today's module layout (unchanged unless its module moved)."""
-    module, _, name = class_path.rpartition(".")
-    return f"{MOVED_MODULES.get(module, module)}.{name}" if module else class_path
-
-
-def _current_class_paths(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {
-            key: current_class_path(item)
-            if key in ("class_path", "_class_path") and isinstance(item, str)
-            else _current_class_paths(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [_current_class_paths(item) for item in value]
-    return value
 
 
 class MetaLearningModule(LightningModule):
@@ -159,7 +109,7 @@ class MetaLearningModule(LightningModule):
         check_step_count("eval_inner_steps", eval_inner_steps, default="the algorithm's")
         #: Runs the meta-batches and evaluation batches as ``meta_batch`` says, keeping the ``"auto"`` verdicts.
         self.runner = MetaBatchRunner(meta_batch)
-        _check_eval_curve(eval_curve, algorithm)
+        check_eval_curve(eval_curve, algorithm)
         self.learner = learner
         self.algorithm = algorithm
         self.optimizer = optimizer
@@ -324,8 +274,9 @@ class MetaLearningModule(LightningModule):
             outer_step=self.global_step, report_query=every > 0 and (self.global_step + 1) % every == 0,
         )  # fmt: skip
         if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
+            cause = diagnose_divergence(self.algorithm, self.learner, batch)
             raise FloatingPointError(
-                f"The meta-loss is {out.loss.item()} at step {self.global_step}: {self._diagnose_divergence(batch)} "
+                f"The meta-loss is {out.loss.item()} at step {self.global_step}: {cause} "
                 "Checkpoints already saved are untouched."
             )
         metrics = dict(out.metrics)
@@ -340,27 +291,6 @@ class MetaLearningModule(LightningModule):
             self._unreached = out.unreached
             return out.loss + torch.stack([p.sum() for p in out.unreached]).sum() * 0
         return out.loss
-
-    def _diagnose_divergence(self, batch: TaskBatch) -> str:
-        """Which side diverged: the meta-parameters (outputs before adaptation) or the inner loop."""
-        parameters_finite = all(bool(torch.isfinite(p).all()) for p in self.learner.parameters())
-        with torch.no_grad():
-            outputs_finite = parameters_finite and all(
-                bool(torch.isfinite(self.learner.predict(episode.support)).all()) for episode in batch.episodes()
-            )
-        if not outputs_finite:
-            return (
-                "the meta-parameters diverged (the model's outputs are not finite even before adaptation). Lower "
-                "the meta learning rate (--model.optimizer.init_args.lr), enable gradient clipping "
-                "(--trainer.gradient_clip_val=1.0), or resume from an earlier checkpoint."
-            )
-        inner_lr = getattr(self.algorithm, "inner_lr", None)
-        if inner_lr is None:
-            return f"the model is finite before adaptation, so {type(self.algorithm).__name__}'s loss diverged."
-        return (
-            f"the model is finite before adaptation, so the inner loop diverged: lower inner_lr (now {inner_lr}) "
-            "or inner_steps (--model.algorithm.init_args.inner_lr=...)."
-        )
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -378,6 +308,11 @@ class MetaLearningModule(LightningModule):
             outputs = [self.algorithm.predict(self.learner, episode, steps) for episode in batch.episodes()]
         return [] if padding else outputs  # a padding batch runs only to join the other ranks' collectives
 
+    def _sigterm_received(self) -> bool:
+        # Lightning checks the signal only between batches, and one batch may adapt for minutes.
+        trainer = attached_trainer(self)
+        return trainer is not None and trainer.received_sigterm
+
     def _evaluate(self, batch: TaskBatch, stage: str) -> None:
         # Lightning evaluates under inference_mode; the inner loop needs autograd and ordinary
         # (non-inference) tensors, so leave inference mode and copy the batch.
@@ -390,8 +325,9 @@ class MetaLearningModule(LightningModule):
                 runner = MetaBatchRunner("task_by_task") if self.device_mesh is not None else self.runner
                 figures = runner.evaluate(
                     self.algorithm, self.learner, batch,
-                    lambda episode, parallel: self._evaluate_along_curve(
-                        self.learner, episode, self.eval_inner_steps, parallel=parallel
+                    lambda episode, parallel: along_curve(
+                        self.algorithm, self.learner, episode, self.eval_inner_steps, self._curve_steps,
+                        parallel=parallel, stop_requested=self._sigterm_received,
                     ),
                 )  # fmt: skip
             else:  # scored episode by episode (MetaICL's options: a host sync per episode)
@@ -402,61 +338,11 @@ class MetaLearningModule(LightningModule):
             return  # evaluated only to join the other ranks' collectives (FSDP); its figures are not counted
         figures |= control_figures(figures, batch.metadata)
         if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
-            raise FloatingPointError(self._describe_bad_evaluation(figures, stage))
+            raise FloatingPointError(describe_bad_evaluation(figures, stage, self._curve_steps))
         tasks = task_ids(batch.metadata[TASK_KEY]) if TASK_KEY in batch.metadata else None
         for key, values in figures.items():
             for episode, value in enumerate(values):
                 self.episode_stats[f"{stage}_{key}"].update(value, None if tasks is None else tasks[episode])
-
-    def _evaluate_along_curve(
-        self, learner: Learner, episode: Episode, steps: int | None, *, parallel: bool = False
-    ) -> dict[str, Tensor]:
-        """:meth:`MetaAlgorithm.evaluate`'s figures plus ``{name}_step{k}`` for each ``eval_curve`` step count.
-
-        Everything comes from one trajectory: the ``*_post`` figures are those at the evaluation
-        steps, so they equal ``evaluate``'s. ``parallel``: the episodes of the batch run together
-        under ``torch.func.vmap``.
-        """
-        self.algorithm.check_learner(learner)
-        post_steps = self.algorithm.evaluation_steps() if steps is None else steps
-        wanted = {post_steps, *self._curve_steps}
-        rule = None if parallel else generation_rule(episode.metadata)  # vmap cannot decode
-        before = learner.evaluation_metrics(episode.query, parallel=parallel, generation=rule)
-        figures_at = {0: before}
-        trajectory = self.algorithm.adapt_steps(learner, episode.support, max(wanted), parallel=parallel)
-        for step, adapted in enumerate(trajectory, start=1):
-            # Lightning checks the signal only between batches, and one batch may adapt for minutes.
-            if (trainer := attached_trainer(self)) is not None and trainer.received_sigterm:
-                raise SIGTERMException
-            if step in wanted:
-                figures_at[step] = learner.evaluation_metrics(episode.query, adapted, parallel=parallel,
-                                                              generation=rule)  # fmt: skip
-        figures = {f"{name}_pre": value for name, value in before.items()}
-        figures |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
-        return figures | {
-            f"{name}_step{step}": value for step in self._curve_steps for name, value in figures_at[step].items()
-        }
-
-    def _describe_bad_evaluation(self, figures: dict[str, Tensor], stage: str) -> str:
-        before = torch.isfinite(figures["loss_pre"]) if "loss_pre" in figures else torch.ones((), dtype=torch.bool)
-        if not bool(before.all()):
-            episode = int(torch.nonzero(~before)[0])
-            return (
-                f"{stage}: the query loss before adaptation is not finite on episode {episode} of the batch: the "
-                "meta-parameters diverged. Resume from an earlier checkpoint with a lower meta learning rate."
-            )
-        # The earliest adapted figure that is not finite names the episode (curve points come in step order).
-        adapted = [f"loss_step{step}" for step in self._curve_steps if step > 0] + ["loss_post"]
-        finite = {key: torch.isfinite(figures[key]) for key in adapted if key in figures}
-        diverged = next((key for key, values in finite.items() if not bool(values.all())), None)
-        episode = int(torch.nonzero(~finite[diverged])[0]) if diverged else 0
-        step = int(diverged.removeprefix("loss_step")) if diverged and diverged.startswith("loss_step") else None
-        when = "after" if step is None else f"after {step} step{'s' * (step != 1)}"
-        return (
-            f"{stage}: adaptation diverged on episode {episode} of the batch (the query loss is finite before "
-            f"adaptation, not {when}). Lower the evaluation step size (--model.algorithm.init_args.eval_inner_lr) "
-            "or the evaluation steps (--model.eval_inner_steps)."
-        )
 
     def configure_callbacks(self) -> list[Callback]:
         """A resumable checkpoint on SIGTERM or Ctrl-C during fit, unless checkpointing is off or the
@@ -475,7 +361,7 @@ class MetaLearningModule(LightningModule):
         (not under FSDP2, whose strategy loads the state itself, before :meth:`on_load_checkpoint`)."""
         tokenizer = getattr(self.learner, "tokenizer", None)
         if isinstance(tokenizer, str):
-            checkpoint["lightning_meta"] = {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
+            checkpoint["lightning_meta"] = tokenizer_record(tokenizer)
         state = checkpoint.get("state_dict", {})
         for name, dtype in self._frozen_dtypes.items():  # a frozen base kept in bf16: saved in its own dtype
             if LEARNER_PREFIX + name in state:
@@ -487,8 +373,8 @@ class MetaLearningModule(LightningModule):
         self._checkpoint_step = checkpoint.get("global_step")
         saved = checkpoint.get("lightning_meta", {})
         tokenizer = getattr(self.learner, "tokenizer", None)
-        if isinstance(tokenizer, str) and "tokenizer_fingerprint" in saved:
-            check_tokenizer(saved["tokenizer"], saved["tokenizer_fingerprint"], tokenizer, "The checkpoint's learner")
+        if isinstance(tokenizer, str):
+            check_tokenizer_record(saved, tokenizer, "The checkpoint's learner")
         if "state_dict" in checkpoint:  # a sharded checkpoint's weights were loaded by the strategy (never left out)
             restore_rebuilt_weights(checkpoint["state_dict"], saved, self.learner, LEARNER_PREFIX)
 
@@ -520,7 +406,7 @@ class MetaLearningModule(LightningModule):
         if not trust_remote_code:  # what the caller passes (learner=...) is the caller's, not the file's
             asked = take_out_remote_code({key: value for key, value in saved.items() if key not in kwargs})[1]
             refuse_remote_code(asked, source, "MetaLearningModule.load_from_checkpoint(..., trust_remote_code=True)")
-        hparams = upgrade_hyperparameters(saved, str(checkpoint_path)) if _needs_upgrade(saved) else saved
+        hparams = upgrade_hyperparameters(saved, str(checkpoint_path)) if needs_upgrade(saved) else saved
         base = rebuilt_base(checkpoint)
         if base is not None and isinstance(hparams.get("learner"), Mapping) and "learner" not in kwargs:
             hparams["learner"] = dict(hparams["learner"])
@@ -570,134 +456,13 @@ class MetaLearningModule(LightningModule):
             heading = "Post-adaptation results (mean ± 95% CI over episodes, or over tasks where episodes share them):"
             rank_zero_info(heading + "\n  " + "\n  ".join(summary))
             if self.trainer.loggers:
-                self._write_results(stage, figures)
-
-    def _write_results(self, stage: str, figures: dict[str, dict[str, float | int]]) -> None:
-        """The printed results as ``results.json`` in the run's log folder, for scripts.
-
-        ``figures``: ``{name: {mean, ci95, episodes}}``; ``curve``: ``{figure: [{steps, mean, ci95}]}``
-        from the ``eval_curve`` figures.
-        """
-        folder = Path(self.trainer.log_dir)  # on every rank: log_dir is a collective call
-        if not self.trainer.is_global_zero:
-            return
-        flat = {name: values["mean"] for name, values in figures.items()}
-        flat |= {f"{name}_ci95": values["ci95"] for name, values in figures.items()}
-        curve = {
-            name: [{"steps": step, "mean": mean, "ci95": ci95} for step, (mean, ci95) in sorted(points.items())]
-            for name, points in curve_points(flat, stage).items()
-        }
-        steps = self.trained_steps
-        results = {"stage": stage, **self._run_description(folder), "global_step": steps, "figures": figures,
-                   "curve": curve}  # fmt: skip
-        if curve:
-            results["curve_png"] = self._write_curve(flat, stage, folder, steps, figures)
-        path = folder / "results.json"
-        text = json.dumps(results, indent=2, default=str) + "\n"
-        # Atomic: a full disk leaves no empty results.json (nor replaces an earlier one), and says so.
-        write_file_atomically(path, lambda partial: partial.write_text(text), "the results file",
-                              "; the figures printed above are what it would hold")  # fmt: skip
-        rank_zero_info(f"Saved the results to {path}")
+                write_results(self, stage, figures)
 
     @property
     def trained_steps(self) -> int:
         """Optimizer steps the evaluated weights were trained for: this run's, or the loaded checkpoint's (after
         ``test --ckpt_path``, where Lightning restores the weights but leaves ``global_step`` at 0)."""
         return max(self.global_step, self._checkpoint_step or 0)
-
-    def _run_description(self, folder: Path) -> dict[str, Any]:
-        """What ran, for ``results.json``: the algorithm and its options, the learner and data, the config, seed,
-        checkpoint, times and versions."""
-        import lightning
-        import transformers
-
-        from lightning_meta.version import VERSION
-
-        def described(component: Any) -> Any:
-            try:
-                return to_config(component)
-            except NotConfigurable:
-                return {"class_path": f"{type(component).__module__}.{type(component).__qualname__}"}
-
-        datamodule = getattr(self.trainer, "datamodule", None)
-        config = folder / "config.yaml"
-        seed = os.environ.get("PL_GLOBAL_SEED")  # set by Lightning's seed_everything (and the CLI's seed_everything)
-        now = time.perf_counter()
-        return {
-            "algorithm": described(self.algorithm),
-            "learner": type(self.learner).__name__,
-            "data": None if datamodule is None else {"class_path": type(datamodule).__name__,
-                                                     "init_args": dict(getattr(datamodule, "hparams", {}))},
-            "config": str(config) if config.is_file() else None,
-            "seed": None if seed is None else int(seed),
-            "checkpoint": None if self.trainer.ckpt_path is None else str(self.trainer.ckpt_path),
-            "time": {
-                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                "training_seconds": round(self._started["fit_seconds"], 1) if "fit_seconds" in self._started else None,
-                "evaluation_seconds": round(now - self._started["test"], 1) if "test" in self._started else None,
-            },
-            "versions": {"lightning_meta": VERSION, "torch": torch.__version__, "lightning": lightning.__version__,
-                         "transformers": transformers.__version__, "python": platform.python_version()},
-        }  # fmt: skip
-
-    def _write_curve(
-        self, flat: dict[str, float], stage: str, folder: Path, steps: int, figures: dict[str, dict[str, float | int]]
-    ) -> str | None:
-        """The adaptation curve as ``{stage}_adaptation_curve.png``, titled with what it shows; its file name
-        (``None`` without matplotlib, which draws it)."""
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            rank_zero_info("The adaptation curve is in results.json; pip install matplotlib to have it drawn too.")
-            return None
-        datamodule = getattr(self.trainer, "datamodule", None)
-        shots = dict(getattr(datamodule, "hparams", {})).get("shots")
-        episodes = max(int(values["episodes"]) for values in figures.values())
-        title = ", ".join(part for part in (
-            type(self.algorithm).__name__, None if shots is None else f"K = {shots} shots",
-            f"{steps} steps trained", f"{episodes} {stage} episodes") if part)  # fmt: skip
-        self.curve_figure = curve_figure(flat, stage, title=title)
-        self.curve_path = save_curve(self.curve_figure, stage, folder)
-        return self.curve_path.name
-
-
-def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """``hparams`` saved by an earlier version, with renamed options under today's names (a one-line notice each)."""
-    upgraded = _current_class_paths(dict(hparams))
-    for old, (new, values) in _RENAMED.items():
-        if old in upgraded:
-            value = upgraded.pop(old)
-            upgraded.setdefault(new, values.get(value, value))
-            rank_zero_info(
-                f"{source}: {old}={value!r} (an earlier version's option) is read as {new}={upgraded[new]!r}."
-            )
-    return upgraded
-
-
-def _needs_upgrade(hparams: Mapping[str, Any]) -> bool:
-    """Whether ``hparams`` use an earlier version's option names or module paths (:func:`upgrade_hyperparameters`)."""
-    return bool(_RENAMED.keys() & set(hparams)) or _current_class_paths(dict(hparams)) != dict(hparams)
-
-
-def _check_eval_curve(eval_curve: list[int] | None, algorithm: MetaAlgorithm) -> None:
-    if eval_curve is None:
-        return
-    if not eval_curve or any(isinstance(step, bool) or not isinstance(step, int) or step < 0 for step in eval_curve):
-        raise ValueError(
-            f"eval_curve must be a non-empty list of step counts >= 0 (0 = before adaptation), got {eval_curve!r}; "
-            "e.g. --model.eval_curve=[0,1,5,10], or leave it unset."
-        )
-    if max(eval_curve) > MAX_EVAL_CURVE_STEPS:
-        raise ValueError(
-            f"eval_curve={eval_curve!r} asks for {max(eval_curve)} adaptation steps per evaluation episode, more "
-            f"than {MAX_EVAL_CURVE_STEPS} (each is a forward and backward on every episode, at every validation): "
-            "list step counts up to that, e.g. --model.eval_curve=[0,1,5,10]."
-        )
-    if not algorithm.adapts_weights:
-        raise ValueError(
-            f"eval_curve={eval_curve!r} needs an algorithm that adapts weights; {type(algorithm).__name__} has no "
-            "adaptation steps. Leave eval_curve unset."
-        )
 
 
 def _is_sharded(learner: Learner) -> bool:

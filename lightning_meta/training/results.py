@@ -1,0 +1,112 @@
+"""What a test run leaves for scripts and readers: ``results.json`` (what ran, the figures, the curve) and the
+adaptation-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_meta.data.local_files import write_file_atomically
+from lightning_meta.training.config import NotConfigurable, to_config
+from lightning_meta.training.plots import curve_figure, curve_points, save_curve
+
+if TYPE_CHECKING:
+    from lightning_meta.training.module import MetaLearningModule
+
+
+def write_results(module: MetaLearningModule, stage: str, figures: dict[str, dict[str, float | int]]) -> None:
+    """The printed results as ``results.json`` in the run's log folder, for scripts.
+
+    ``figures``: ``{name: {mean, ci95, episodes}}``; ``curve``: ``{figure: [{steps, mean, ci95}]}``
+    from the ``eval_curve`` figures.
+    """
+    folder = Path(module.trainer.log_dir)  # on every rank: log_dir is a collective call
+    if not module.trainer.is_global_zero:
+        return
+    flat = {name: values["mean"] for name, values in figures.items()}
+    flat |= {f"{name}_ci95": values["ci95"] for name, values in figures.items()}
+    curve = {
+        name: [{"steps": step, "mean": mean, "ci95": ci95} for step, (mean, ci95) in sorted(points.items())]
+        for name, points in curve_points(flat, stage).items()
+    }
+    steps = module.trained_steps
+    results = {"stage": stage, **run_description(module, folder), "global_step": steps, "figures": figures,
+               "curve": curve}  # fmt: skip
+    if curve:
+        results["curve_png"] = write_curve(module, flat, stage, folder, steps, figures)
+    path = folder / "results.json"
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    # Atomic: a full disk leaves no empty results.json (nor replaces an earlier one), and says so.
+    write_file_atomically(path, lambda partial: partial.write_text(text), "the results file",
+                          "; the figures printed above are what it would hold")  # fmt: skip
+    rank_zero_info(f"Saved the results to {path}")
+
+
+def run_description(module: MetaLearningModule, folder: Path) -> dict[str, Any]:
+    """What ran, for ``results.json``: the algorithm and its options, the learner and data, the config, seed,
+    checkpoint, times and versions."""
+    import lightning
+    import transformers
+
+    from lightning_meta.version import VERSION
+
+    def described(component: Any) -> Any:
+        try:
+            return to_config(component)
+        except NotConfigurable:
+            return {"class_path": f"{type(component).__module__}.{type(component).__qualname__}"}
+
+    datamodule = getattr(module.trainer, "datamodule", None)
+    config = folder / "config.yaml"
+    seed = os.environ.get("PL_GLOBAL_SEED")  # set by Lightning's seed_everything (and the CLI's seed_everything)
+    now = time.perf_counter()
+    return {
+        "algorithm": described(module.algorithm),
+        "learner": type(module.learner).__name__,
+        "data": None if datamodule is None else {"class_path": type(datamodule).__name__,
+                                                 "init_args": dict(getattr(datamodule, "hparams", {}))},
+        "config": str(config) if config.is_file() else None,
+        "seed": None if seed is None else int(seed),
+        "checkpoint": None if module.trainer.ckpt_path is None else str(module.trainer.ckpt_path),
+        "time": {
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "training_seconds": round(module._started["fit_seconds"], 1) if "fit_seconds" in module._started else None,
+            "evaluation_seconds": round(now - module._started["test"], 1) if "test" in module._started else None,
+        },
+        "versions": {"lightning_meta": VERSION, "torch": torch.__version__, "lightning": lightning.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+    }  # fmt: skip
+
+
+def write_curve(
+    module: MetaLearningModule,
+    flat: dict[str, float],
+    stage: str,
+    folder: Path,
+    steps: int,
+    figures: dict[str, dict[str, float | int]],
+) -> str | None:
+    """The adaptation curve as ``{stage}_adaptation_curve.png``, titled with what it shows; its file name
+    (``None`` without matplotlib, which draws it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        rank_zero_info("The adaptation curve is in results.json; pip install matplotlib to have it drawn too.")
+        return None
+    datamodule = getattr(module.trainer, "datamodule", None)
+    shots = dict(getattr(datamodule, "hparams", {})).get("shots")
+    episodes = max(int(values["episodes"]) for values in figures.values())
+    title = ", ".join(part for part in (
+        type(module.algorithm).__name__, None if shots is None else f"K = {shots} shots",
+        f"{steps} steps trained", f"{episodes} {stage} episodes") if part)  # fmt: skip
+    module.curve_figure = curve_figure(flat, stage, title=title)
+    module.curve_path = save_curve(module.curve_figure, stage, folder)
+    return module.curve_path.name
