@@ -19,7 +19,7 @@ import yaml
 from real_models import real_model_skip_reason
 
 import lightning_meta
-from lightning_meta import MetaLearningModule, cli
+from lightning_meta import MetaLearningModule, cli, cli_messages
 from lightning_meta.algorithms import FOMAML, MAML, Reptile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,15 +171,15 @@ def test_unknown_algorithm_gets_two_lines_with_did_you_mean_not_the_usage(tmp_pa
 
 
 def test_algorithm_and_datamodule_names_in_any_case_become_class_names():
-    known = {"algorithm": cli.known_algorithms(), "datamodule": cli.known_datamodules()}
+    known = {"algorithm": cli_messages.known_algorithms(), "datamodule": cli_messages.known_datamodules()}
     given = ["fit", "--model.algorithm=reptile", "--data", "sinusoiddatamodule", "--data.init_args.ways=5"]
-    assert cli.with_class_names(given, known) == [
+    assert cli_messages.with_class_names(given, known) == [
         "fit", "--model.algorithm=Reptile", "--data", "SinusoidDataModule", "--data.init_args.ways=5"
     ]
     dotted = ["fit", "--model.algorithm=my_pkg.algos.MyAlgo", "--data={class_path: x}"]
-    assert cli.with_class_names(dotted, known) == dotted  # left to the parser
-    with pytest.raises(cli.UnknownNameError, match="did you mean ProtoNet"):
-        cli.with_class_names(["fit", "--model.algorithm", "protonett"], known)
+    assert cli_messages.with_class_names(dotted, known) == dotted  # left to the parser
+    with pytest.raises(cli_messages.UnknownNameError, match="did you mean ProtoNet"):
+        cli_messages.with_class_names(["fit", "--model.algorithm", "protonett"], known)
 
 
 def test_usage_line_names_every_subcommand(capsys):
