@@ -138,15 +138,18 @@ def python_files(markdown: str | None = None) -> dict[str, str]:
     return files
 
 
-def run_shortened(command: Command, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a ``lightning-meta`` command with its ``SHORT`` options in ``cwd`` (one torch thread); fails with the
-    command and the end of its output when it exits with an error."""
+def run_shortened(
+    command: Command, cwd: Path, timeout: int | None = 600, short: bool = True
+) -> subprocess.CompletedProcess:
+    """Run a ``lightning-meta`` command with its ``SHORT`` options (as written with ``short=False``) in ``cwd``,
+    one torch thread unless the command sets ``OMP_NUM_THREADS``; fails with the command and the end of its
+    output when it exits with an error."""
     assert command.subcommand in SHORT, command.text
     env = dict(os.environ, OMP_NUM_THREADS="1", **command.env)
     if "PYTHONPATH" in command.env:  # the README's relative PYTHONPATH=. means the folder it runs in
         env["PYTHONPATH"] = os.pathsep.join(str(cwd / path) for path in command.env["PYTHONPATH"].split(os.pathsep))
     program = ["lightning-meta"] if command.program == ("lightning-meta",) else [sys.executable, "-m", "lightning_meta"]
-    argv = [*program, command.subcommand, *command.options, *SHORT[command.subcommand]]
+    argv = [*program, command.subcommand, *command.options, *(SHORT[command.subcommand] if short else [])]
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(
