@@ -1,7 +1,7 @@
 """How long each README command takes, as written (issue 30: one time figure per command, measured).
 
 Runs every ``lightning-meta`` command of the README in full, each in a fresh folder holding the repository's
-``configs/`` and the README's own Python files (as ``tests/test_readme_commands.py`` runs them shortened), and
+``configs/`` and the README's own Python files (as ``tests/cli/test_readme_commands.py`` runs them shortened), and
 records its CPU seconds (user + system of the command's processes) and wall seconds. Commands run with one
 torch thread (the command's default) unless they set ``OMP_NUM_THREADS``, so the CPU time is what the command
 takes on one idle core; wall time depends on what else the machine runs. A command that evaluates a fit's
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))  # the README's commands as the tests read them: one extraction
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "cli")]  # the README's commands as the tests read them
 from readme_commands import Command, python_files, readme_commands, run_shortened  # noqa: E402
 from real_models import real_model_skip_reason  # noqa: E402
 from test_readme_commands import FIT_CHECKPOINT, config_text, paths_read, why_skipped  # noqa: E402

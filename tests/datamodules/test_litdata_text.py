@@ -23,12 +23,12 @@ from lightning_meta.datamodules.litdata_text import CORPUS_FILE, prepare_litdata
 from lightning_meta.handoff.pretraining import CausalLMPretraining  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[1] / "handoff"))
 from test_export import TINY, quiet_trainer  # noqa: E402
 from test_packed_text import write_corpus  # noqa: E402
 
 TOKENIZER = "embedded-bpe-4096"  # the tiny model's (CausalLMPretraining's default for model_config)
-WORKER = Path(__file__).with_name("litdata_worker.py")
+WORKER = Path(__file__).parents[1] / "workers" / "litdata_worker.py"
 
 
 @pytest.fixture(scope="module")

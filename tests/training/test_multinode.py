@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "workers"))
 import multinode_worker as worker  # noqa: E402
 from test_distributed import TOLERANCE, reference  # noqa: E402
 

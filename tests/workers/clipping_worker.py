@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) for test_gradient_clipping.py: ``python tests/clipping_worker.py {fsdp,ddp} OUT``.
+"""Two CPU processes (gloo) for test_gradient_clipping.py: ``python tests/workers/clipping_worker.py {fsdp,ddp} OUT``.
 
 ``fsdp``: each case of :data:`FSDP_CASES` trained with ``gradient_clip_val`` under FSDP2 (sharded backbone
 gradients are DTensors, the replicated fast weights' plain tensors). ``ddp``: Reptile on a subset of the

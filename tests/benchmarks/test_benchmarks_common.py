@@ -14,7 +14,7 @@ from lightning_meta.algorithms import FOMAML
 from lightning_meta.datamodules import SinusoidDataModule
 from lightning_meta.training.metrics import Z_95, mean_and_ci95, student_t_quantile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import common  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def test_peak_rss_mib_sees_an_allocation() -> None:
 def test_sinusoid_benchmark_runs_below_fifty_steps(tmp_path, capsys) -> None:
     """It read the last training loss from a logging step, and Lightning logs every 50 steps by default: a run
     of fewer steps stopped with ``KeyError: 'train/query_loss'`` (Reptile's query is computed only then)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "sinusoid"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "sinusoid"))
     try:
         import run as sinusoid_benchmark
     finally:

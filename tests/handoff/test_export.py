@@ -24,7 +24,7 @@ from lightning_meta.datamodules import LanguageModelingTasksDataModule, TextToTe
 from lightning_meta.handoff.export import PROVENANCE_FILE, ExportCallback, export
 from lightning_meta.training.checkpoints import REBUILT_WEIGHTS, CheckpointError
 
-sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "datamodules"))
 from test_batch_padding import write_tasks  # noqa: E402
 from test_packed_text import write_corpus  # noqa: E402
 

@@ -144,7 +144,7 @@ def _clusters():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "workers"))
     from distributed_worker import Clusters
 
     return Clusters(features=4)

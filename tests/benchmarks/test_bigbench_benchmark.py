@@ -15,7 +15,7 @@ from lightning_meta.training.metrics import mean_and_ci95
 
 from conftest import load_benchmark
 
-RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "bigbench" / "run.py"
+RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "bigbench" / "run.py"
 ARMS = ["base-seed0", "multitask-seed0", "metaicl-seed0", "fomaml_lora-seed0"]
 
 

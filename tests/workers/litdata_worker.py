@@ -1,6 +1,6 @@
 """Pretraining on a LitData corpus under DDP on two CPU processes (gloo), run by test_litdata_text.py.
 
-``python tests/datamodules/litdata_worker.py CORPUS OUT`` trains for 6 steps, saving a checkpoint at step 3, then
+``python tests/workers/litdata_worker.py CORPUS OUT`` trains for 6 steps, saving a checkpoint at step 3, then
 resumes from it; each rank writes the token blocks of every step of both runs to ``OUT/{full,resumed}-rankR.json``.
 Lightning's launcher re-runs this script for rank 1, hence the ``__main__`` guard.
 """
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[1] / "handoff"))
 from test_export import TINY  # noqa: E402
 
 from lightning_meta.datamodules import LitDataTextDataModule  # noqa: E402

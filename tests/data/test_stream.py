@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler
 from lightning_meta.data import stream
 from lightning_meta.datamodules.packed_text import _BlockBatchSampler
 
-sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "datamodules"))
 from test_packed_text import TOKENIZER, write_corpus  # noqa: E402
 
 

@@ -22,7 +22,7 @@ import lightning_meta
 from lightning_meta import MetaLearningModule, cli, cli_messages
 from lightning_meta.algorithms import FOMAML, MAML, Reptile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SINUSOID = ["--config", str(ROOT / "configs/sinusoid.yaml")]
 QUICK = [
@@ -262,6 +262,7 @@ def test_every_config_runs(tmp_path, config):
     extra = EXTRA.get(config.name, [])
     subcommand, quick = ("pretrain", PRETRAIN_QUICK) if config.name.startswith("pretrain_") else ("fit", QUICK)
     if config.name == "pretrain_from_meta.yaml":  # it starts from the quick start's export, in exports/quickstart
+        sys.path.insert(0, str(ROOT / "tests" / "handoff"))
         from test_export import TINY, meta_checkpoint
 
         from lightning_meta.handoff.export import export

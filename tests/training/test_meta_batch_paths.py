@@ -238,7 +238,7 @@ def test_the_host_passes_meta_batch_and_reports_reptile_query_only_on_logging_st
 
 
 def test_the_speed_benchmark_runs_and_its_gradient_check_passes(monkeypatch, capsys):
-    script = Path(__file__).parents[1] / "benchmarks" / "speed" / "run.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "speed" / "run.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--workloads", "W1", "--algorithms", "maml", "reptile"])
     runpy.run_path(str(script), run_name="__main__")  # exits with an error if a gradient check fails
     printed = capsys.readouterr().out
@@ -294,9 +294,10 @@ def test_auto_decides_again_when_the_training_mode_changes():
 def test_the_speed_benchmarks_reproduction_of_todays_code_gives_the_same_figures():
     """W3 times today's code by padding back to max_length and scoring each option by a full forward:
     the same scores and losses as the library's, so only the cost differs."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "learners"))
     from test_option_scoring import MODELS, TOKENIZER, choices
 
-    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "speed" / "run.py"), run_name="bench")
+    bench = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "speed" / "run.py"), run_name="bench")
     torch.manual_seed(0)
     learner = CausalLMLearner(model_config=MODELS["llama"], tokenizer=TOKENIZER, dtype="float64")
     ids, mask, labels = choices()

@@ -155,7 +155,7 @@ def test_disk_full_while_saving_leaves_no_truncated_checkpoint_and_says_so(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch_io, "_atomic_save", disk_fills_up)
-    config = Path(__file__).resolve().parents[1] / "configs" / "sinusoid.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "sinusoid.yaml"
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.val_check_interval=1",
                   "--trainer.enable_progress_bar=false", "--data.init_args.num_val_tasks=2",
@@ -263,7 +263,7 @@ def test_resuming_removes_the_partial_file_a_killed_save_left_beside_the_checkpo
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
     from test_local_files import kill_while_saving
 
     good = fitted_checkpoint(tmp_path)
@@ -276,7 +276,7 @@ def test_resuming_removes_the_partial_file_a_killed_save_left_beside_the_checkpo
     assert not [path for path in tmp_path.iterdir() if ".partial-" in path.name]
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 #: Sharded (FSDP2) checkpoints are folders; a link to one is not tested here, so that config keeps a copy.
 SHARDED = {"lm_fomaml_fsdp.yaml"}
 

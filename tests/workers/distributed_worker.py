@@ -1,6 +1,6 @@
 """Meta-training and evaluation under DDP or FSDP2 on two CPU processes (gloo), run by test_distributed.py.
 
-``python tests/distributed_worker.py {ddp,fsdp} OUT`` trains every case of :data:`CASES` for
+``python tests/workers/distributed_worker.py {ddp,fsdp} OUT`` trains every case of :data:`CASES` for
 :data:`STEPS` steps, then validates, and rank 0 writes the full (unsharded) weights and the
 validation figures to ``OUT/<case>.pt``; ``fsdp-resume OUT`` checks a sharded checkpoint's
 resume (:func:`resume`). Lightning's launcher for these strategies re-runs this

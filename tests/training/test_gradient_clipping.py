@@ -18,7 +18,7 @@ import torch
 
 from lightning_meta import TaskBatch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "workers"))
 import clipping_worker  # noqa: E402
 import distributed_worker as worker  # noqa: E402
 

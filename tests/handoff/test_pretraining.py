@@ -23,7 +23,7 @@ from lightning_meta.handoff.pretraining import CausalLMPretraining
 from lightning_meta.training.checkpoints import CheckpointError
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "datamodules"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "datamodules"))
 from test_export import TINY, meta_checkpoint, quiet_trainer, tokens  # noqa: E402
 from test_packed_text import write_corpus  # noqa: E402
 

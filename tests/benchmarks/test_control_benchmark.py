@@ -99,7 +99,7 @@ def test_the_user_table_script_writes_a_table_the_recipe_reads_with_its_ceiling(
     from lightning_meta.data.tasks import CEILING, CHANCE
     from lightning_meta.datamodules import TextToTextTasksDataModule
 
-    script = Path(__file__).parents[1] / "benchmarks" / "control" / "write_table.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "control" / "write_table.py"
     spec = importlib.util.spec_from_file_location("write_table", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -11,7 +11,7 @@ from lightning_meta import MetaLearningModule, cli
 from lightning_meta.learners.models import MLP
 from lightning_meta.training.migrations import MOVED_MODULES, current_class_path, upgrade_hyperparameters
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "sinusoid.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "sinusoid.yaml")
 
 
 def test_every_moved_module_resolves_to_an_importable_one():

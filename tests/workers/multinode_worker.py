@@ -1,6 +1,6 @@
 """One node of a two-node DDP run (one CPU process per node, gloo), launched by torchrun from test_multinode.py.
 
-``torchrun --nnodes=2 --nproc-per-node=1 --node-rank=N ... tests/multinode_worker.py OUT`` trains each case
+``torchrun --nnodes=2 --nproc-per-node=1 --node-rank=N ... tests/workers/multinode_worker.py OUT`` trains each case
 of :data:`CASES` (the cases and data of ``distributed_worker.py``) for its ``STEPS`` steps through
 ``Trainer(num_nodes=2, devices=1, strategy="ddp")``, then validates; rank 0 writes the weights and the
 validation figures to ``OUT/<case>.pt``, in the format ``test_distributed.py`` compares.
