@@ -50,7 +50,8 @@ class Learn2LearnDataModule(EpisodicDataModule):
         queries: query examples per class; ``None``: all examples after the support (must then be
             the same number for every class).
         others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
-            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``, ``allow_data_change``: see
+            :class:`EpisodicDataModule`.
 
     Example::
 
@@ -75,9 +76,11 @@ class Learn2LearnDataModule(EpisodicDataModule):
         eval_meta_batch_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers
+            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            allow_data_change,
         )
         for name, taskset in (("train", train), ("validation", validation), ("test", test)):
             if taskset is not None and not callable(getattr(taskset, "sample", None)):

@@ -22,7 +22,8 @@ class SinusoidDataModule(EpisodicDataModule):
         queries: query points per task.
         amplitude_range, phase_range, x_range: the task distribution.
         others: ``meta_batch_size``, ``batches_per_epoch``, ``num_val_tasks``, ``num_test_tasks``,
-            ``eval_meta_batch_size``, ``seed``, ``num_workers``: see :class:`EpisodicDataModule`.
+            ``eval_meta_batch_size``, ``seed``, ``num_workers``, ``allow_data_change``: see
+            :class:`EpisodicDataModule`.
     """
 
     def __init__(
@@ -36,12 +37,14 @@ class SinusoidDataModule(EpisodicDataModule):
         eval_meta_batch_size: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        allow_data_change: bool = False,
         amplitude_range: tuple[float, float] = (0.1, 5.0),
         phase_range: tuple[float, float] = (0.0, math.pi),
         x_range: tuple[float, float] = (-5.0, 5.0),
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers
+            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            allow_data_change,
         )
         if shots < 1 or queries < 1:
             raise ValueError(f"shots and queries must be >= 1, got shots={shots}, queries={queries}.")

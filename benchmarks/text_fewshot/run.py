@@ -116,7 +116,7 @@ def run_one(job: dict) -> dict:
     train_seconds = 0.0
     if method != "centroid":
         folder = tempfile.mkdtemp(prefix="text-fewshot-")
-        checkpoint = ModelCheckpoint(dirpath=folder, monitor="val/query_acc_post", mode="max")
+        checkpoint = ModelCheckpoint(dirpath=folder, monitor="val/query_accuracy_post", mode="max")
         trainer = common.benchmark_trainer(
             job["steps"],
             val_check_interval=job["val_every"],
@@ -138,7 +138,7 @@ def run_one(job: dict) -> dict:
         dm = datamodule(job["dataset"], tokenizer, shots, job["test_episodes"])
         episodes = [episode for batch in dm.eval_batches("test") for episode in batch.episodes()]
         if method in HEAD_ALGORITHMS:
-            accuracy = [module.algorithm.evaluate(module.learner, e)["acc_post"] for e in episodes]
+            accuracy = [module.algorithm.evaluate(module.learner, e)["accuracy_post"] for e in episodes]
         else:
             accuracy = centroid_accuracies(module.learner, episodes)
         mean, ci95 = mean_and_ci95(torch.stack(accuracy))
@@ -179,7 +179,7 @@ def centroid_accuracies(learner, episodes: list) -> list:
         accuracies.append((predicted == episode.query["labels"]).double().mean())
         if number < 3:
             with torch.no_grad():
-                expected = ProtoNet().evaluate(learner, episode)["acc_post"]
+                expected = ProtoNet().evaluate(learner, episode)["accuracy_post"]
             assert abs(expected.item() - accuracies[-1].item()) < 1e-6, (expected, accuracies[-1])
     return accuracies
 

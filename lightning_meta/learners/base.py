@@ -227,7 +227,7 @@ class ClassificationLearner(Learner):
     """
 
     task_type = "classification"
-    metric_names = ("loss", "acc")
+    metric_names = ("loss", "accuracy")
 
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.predict(split, params)
@@ -250,7 +250,7 @@ def classification_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[st
     """Cross-entropy and accuracy of ``logits`` (examples, classes) against integer ``labels``."""
     loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
-    return loss, {"loss": loss.detach(), "acc": accuracy.detach()}
+    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
 
 
 _SELECTORS = ("all", "head", "biases_norms", "lora")

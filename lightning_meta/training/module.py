@@ -73,10 +73,10 @@ class MetaLearningModule(LightningModule):
             ``None``: only before and after. SIGTERM stops evaluation between adaptation steps.
 
     Logs ``train/query_loss`` on the steps Lightning logs (``log_every_n_steps``) and, for validation
-    and test, ``{stage}/query_loss_pre`` and ``{stage}/query_loss_post`` (plus ``_acc_`` for
+    and test, ``{stage}/query_loss_pre`` and ``{stage}/query_loss_post`` (plus ``_accuracy_`` for
     classification), each with a ``_ci95`` half-width over episodes, or over tasks where episodes share
     their ``metadata["task"]`` (:class:`~lightning_meta.training.metrics.EpisodeStatistics`); with
-    ``eval_curve``, also ``{stage}/query_loss_step{k}`` (and ``query_acc_step{k}``) for each listed
+    ``eval_curve``, also ``{stage}/query_loss_step{k}`` (and ``query_accuracy_step{k}``) for each listed
     ``k``, with ``_ci95``.
     ``test`` also writes these figures to ``results.json`` in the run's log folder (when the trainer
     has a logger). Adaptation works in ``validate``/``test``/``predict`` under Lightning's default

@@ -44,7 +44,7 @@ def test_gradient_is_the_plain_loss_gradient_over_support_and_query(kind, meta_b
         torch.testing.assert_close(parameter.grad, gradient, rtol=1e-12, atol=1e-12)
     query_losses = [learner.loss(episode.query)[0] for episode in batch.episodes()]
     torch.testing.assert_close(out.metrics["query_loss"], torch.stack(query_losses).mean().detach())
-    assert ("query_acc" in out.metrics) == (kind == "classification")
+    assert ("query_accuracy" in out.metrics) == (kind == "classification")
 
 
 LANGUAGE_MODELS = {

@@ -48,12 +48,12 @@ def test_meta_loss_is_query_cross_entropy_and_learns(classifier):
         optimizer.step()
     last = protonet.meta_loss(classifier, batch)
     assert last.loss < first.loss
-    assert last.metrics["query_acc"] == 1.0
+    assert last.metrics["query_accuracy"] == 1.0
 
 
 def test_evaluate_reports_post_only(classifier):
     figures = ProtoNet().evaluate(classifier, classification_batch().episode(0))
-    assert set(figures) == {"loss_post", "acc_post"}
+    assert set(figures) == {"loss_post", "accuracy_post"}
 
 
 def test_refuses_regression(mlp_learner):

@@ -103,7 +103,7 @@ def test_meta_trains_through_the_host_module(algorithm):
     options = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     L.Trainer(max_steps=3, **options).fit(module, dm)  # no validation taskset: validation is skipped
     (results,) = L.Trainer(**options).test(module, dm, verbose=False)
-    assert 0 <= results["test/query_acc_post"] <= 1 and "test/query_acc_post_ci95" in results
+    assert 0 <= results["test/query_accuracy_post"] <= 1 and "test/query_accuracy_post_ci95" in results
 
 
 def test_bad_tasksets_name_the_fix():

@@ -100,7 +100,7 @@ def test_causal_lm_tokenizer_and_prototype_head(corpus):
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, dm)
     (results,) = trainer.test(module, dm, verbose=False)
-    assert 0 <= results["test/query_acc_post"] <= 1
+    assert 0 <= results["test/query_accuracy_post"] <= 1
 
 
 def test_too_small_corpus_is_a_clear_error(tmp_path):

@@ -141,13 +141,13 @@ def test_own_data_file_through_the_cli_then_test_prints_accuracy_with_ci(tmp_pat
         cwd=tmp_path,
     )
     output = result.stdout + result.stderr
-    assert re.search(r"test/query_acc_post = \d\.\d{4} ± \d\.\d{4} \(6 episodes\)", output), output[-2000:]
+    assert re.search(r"test/query_accuracy_post = \d\.\d{4} ± \d\.\d{4} \(6 episodes\)", output), output[-2000:]
 
 
 @pytest.mark.parametrize("algorithm", ["Reptile", "ProtoNet"])
 def test_text_maml_config_swaps_algorithm(tmp_path, algorithm):
     config = ["--config", str(ROOT / "configs/text_maml.yaml"), TINY_ENCODER]
     result = run("fit", *config, f"--model.algorithm={algorithm}", *QUICK, cwd=tmp_path)
-    assert "test/query_acc_post = " in result.stdout + result.stderr
+    assert "test/query_accuracy_post = " in result.stdout + result.stderr
     saved = (tmp_path / "lightning_logs/version_0/config.yaml").read_text()
     assert f"algorithm:\n    class_path: lightning_meta.algorithms.{algorithm}" in saved

@@ -95,7 +95,7 @@ def test_adaptation_is_functional_and_second_order_reaches_the_backbone():
 
 @pytest.mark.parametrize("algorithm", [ProtoNet(), MAML(inner_lr=0.1), FOMAML(inner_lr=0.1), Reptile(inner_lr=0.1)])
 def test_every_algorithm_trains_and_reports_accuracy_with_ci(algorithm):
-    """Through the host module: `test/query_acc_post` and its CI equal a hand computation over episodes."""
+    """Through the host module: `test/query_accuracy_post` and its CI equal a hand computation over episodes."""
     torch.manual_seed(0)
     ways = None if isinstance(algorithm, ProtoNet) else 3
     tiny = TINY | {"vocab_size": 4096}
@@ -112,14 +112,14 @@ def test_every_algorithm_trains_and_reports_accuracy_with_ci(algorithm):
     (results,) = L.Trainer(**options).test(module, dm, verbose=False)
     module.learner.eval()
     accuracies = [
-        module.algorithm.evaluate(module.learner, episode)["acc_post"]
+        module.algorithm.evaluate(module.learner, episode)["accuracy_post"]
         for batch in dm.eval_batches("test")
         for episode in batch.episodes()
     ]
     mean, ci95 = mean_and_ci95(torch.stack(accuracies))
-    assert results["test/query_acc_post"] == pytest.approx(mean.item(), abs=1e-6)
-    assert results["test/query_acc_post_ci95"] == pytest.approx(ci95.item(), abs=1e-6)
-    assert ("test/query_acc_pre" in results) == (ways is not None)
+    assert results["test/query_accuracy_post"] == pytest.approx(mean.item(), abs=1e-6)
+    assert results["test/query_accuracy_post_ci95"] == pytest.approx(ci95.item(), abs=1e-6)
+    assert ("test/query_accuracy_pre" in results) == (ways is not None)
 
 
 def test_misuse_errors_name_the_fix():
@@ -167,6 +167,6 @@ def test_pretrained_minilm_separates_unseen_classes_without_training():
     assert learner.model.encoder.config.hidden_size == 384
     dm = TextClassificationDataModule(tokenizer=MINILM, ways=5, shots=1, queries=3, max_length=32, num_eval_episodes=8)
     accuracy = torch.stack(
-        [ProtoNet().evaluate(learner, e)["acc_post"] for batch in dm.eval_batches("test") for e in batch.episodes()]
+        [ProtoNet().evaluate(learner, e)["accuracy_post"] for batch in dm.eval_batches("test") for e in batch.episodes()]
     ).mean()
     assert accuracy > 0.35  # 5-way chance is 0.2

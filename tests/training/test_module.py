@@ -126,8 +126,8 @@ def test_classification_logs_accuracy(algorithm):
     datamodule = GaussianClusters(meta_batch_size=2, batches_per_epoch=5, num_val_tasks=4, num_test_tasks=8)
     trainer(max_steps=5, limit_val_batches=0).fit(module, datamodule)
     (results,) = trainer().test(module, datamodule, verbose=False)
-    assert 0.0 <= results["test/query_acc_post"] <= 1.0 and "test/query_acc_post_ci95" in results
-    assert ("test/query_acc_pre" in results) == (not isinstance(algorithm, ProtoNet))
+    assert 0.0 <= results["test/query_accuracy_post"] <= 1.0 and "test/query_accuracy_post_ci95" in results
+    assert ("test/query_accuracy_pre" in results) == (not isinstance(algorithm, ProtoNet))
 
 
 def test_predict_returns_adapted_query_outputs():
@@ -306,8 +306,8 @@ def test_adaptation_curve_logs_accuracy_for_classification():
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     module = MetaLearningModule(ClassificationLearner(model), MAML(inner_lr=0.5), eval_curve=[0, 2])
     (results,) = trainer().test(module, GaussianClusters(num_test_tasks=4, eval_meta_batch_size=4), verbose=False)
-    assert {"test/query_acc_step0", "test/query_acc_step2_ci95", "test/query_loss_step2"} <= set(results)
-    assert results["test/query_acc_step0"] == results["test/query_acc_pre"]
+    assert {"test/query_accuracy_step0", "test/query_accuracy_step2_ci95", "test/query_loss_step2"} <= set(results)
+    assert results["test/query_accuracy_step0"] == results["test/query_accuracy_pre"]
 
 
 @pytest.mark.parametrize("steps", [0, 2.5, True, "3"])
