@@ -9,8 +9,8 @@ checkpoint first gets that fit (not counted); the hand-off section runs in order
 would. Commands a test cannot run (the user's own files, GPUs, downloads, optional packages) are listed with the
 reason, not timed.
 
-Each command writes ``results/L{line}.json``; a rerun skips measured commands (a changed command is measured
-again), so the script can be stopped and resumed.
+Each command writes its result to ``results/`` (named by the command's text); a rerun skips measured commands (a
+changed command is measured again), so the script can be stopped and resumed.
 
     python benchmarks/readme_times/run.py [--only TEXT ...]   # measure (TEXT: a part of the command)
     python benchmarks/readme_times/run.py --report            # the table, for README.md here
@@ -19,6 +19,7 @@ again), so the script can be stopped and resumed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import resource
@@ -76,12 +77,18 @@ def prepared_folder(parent: Path) -> Path:
 
 
 def result_path(command: Command) -> Path:
-    return RESULTS / f"L{command.line}.json"
+    """A command's result file, named by its text (the same command written twice is measured once)."""
+    return RESULTS / f"{hashlib.sha1(command.text.encode()).hexdigest()[:12]}.json"
+
+
+def results() -> dict[str, dict]:
+    """Every measured command's result, by the command's text."""
+    found = (json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json")))
+    return {result["command"]: result for result in found}
 
 
 def measured(command: Command) -> bool:
-    path = result_path(command)
-    return path.exists() and json.loads(path.read_text())["command"] == command.text
+    return command.text in results()
 
 
 def run(only: list[str]) -> None:
@@ -111,6 +118,7 @@ def duration(seconds: float) -> str:
 
 def report() -> str:
     lines = ["| line | command | CPU (one core) | wall |", "|---|---|---|---|"]
+    measured_results = results() if RESULTS.is_dir() else {}
     for command in readme_commands():
         if not command.subcommand:
             continue
@@ -118,8 +126,8 @@ def report() -> str:
         reason = reason_not_timed(command)
         if reason is not None:
             lines.append(f"| {command.line} | `{text}` | not timed: {reason} | |")
-        elif measured(command):
-            result = json.loads(result_path(command).read_text())
+        elif command.text in measured_results:
+            result = measured_results[command.text]
             lines.append(f"| {command.line} | `{text}` | {duration(result['cpu_s'])} | {duration(result['wall_s'])} |")
         else:
             lines.append(f"| {command.line} | `{text}` | not measured yet | |")
