@@ -51,7 +51,7 @@ folder; the mirror has no positive examples and no categories, so the prompt is 
 family ``"other"``.
 
 A task's own text goes into its template literally: a ``{word}`` in it is text, never a placeholder
-(its braces are doubled, :func:`~lightning_meta.datamodules.text_to_text.literal_template_text`).
+(its braces are doubled, :func:`~lightning_meta.datamodules.templates.literal_template_text`).
 
 A file with bad data is skipped with one warning naming the file and the fix; the rest loads, and
 the count of skipped files is logged.
@@ -80,6 +80,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_meta.data.local_files import CACHE_FULL_REMEDY, cache_entry, write_folder_atomically
 from lightning_meta.data.tables import TABLE_FORMATS, column_names, is_saved_dataset, read_table, table_columns
 from lightning_meta.data.tasks import OUTPUT_REGEX, STOP_STRING
+from lightning_meta.datamodules.templates import literal_template_text
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -607,8 +608,6 @@ class _BigBenchReader:
             field_name = not_text[0] if not_text else "examples"
             return self._bad(where, f"has a {field_name!r} that is not {'text' if not_text else 'a list'}",
                              f"make {field_name!r} a {'string' if not_text else 'list of examples'}")  # fmt: skip
-        from lightning_meta.datamodules.text_to_text import literal_template_text  # (it imports this module)
-
         template = (literal_template_text(texts["task_prefix"] + texts["example_input_prefix"]) + "{input}"
                     + literal_template_text(texts["example_output_prefix"]))  # fmt: skip
         append_choices = data.get("append_choices_to_input", True)
@@ -922,8 +921,6 @@ def _read_ni_mirror(folder: Path, rows: _Rows, cap: int | None, seed: int, posit
 def _ni_data(name: str, data: dict[str, Any], rows: _Rows, cap: int | None, seed: int, positive_examples: int
              ) -> str | None:  # fmt: skip
     """Add the task ``name`` whose fields are ``data`` (a task file's) to ``rows``; or what is wrong with it."""
-    from lightning_meta.datamodules.text_to_text import literal_template_text  # (it imports this module)
-
     definition = data.get("Definition")
     definition = [definition] if isinstance(definition, str) else definition
     if not isinstance(definition, list) or not definition or not all(isinstance(part, str) for part in definition):

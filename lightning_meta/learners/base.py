@@ -233,6 +233,27 @@ class ClassificationLearner(Learner):
         logits = self.predict(split, params)
         return classification_loss(logits, split[self.target_key])
 
+    def data_checks(self, split_name: str, split: Split) -> list[DataCheck]:
+        """Finite values, and class labels that are integers >= 0 (cross-entropy would skip a label of -100 without
+        a word, and fail on other negatives inside the loss). How many classes the model has is its own: the head's
+        width (:class:`EncoderLearner` checks it) or, for ProtoNet, the episode's ways (ProtoNet checks those)."""
+        checks = super().data_checks(split_name, split)
+        labels = split.get(self.target_key)
+        if labels is not None:
+            if labels.is_floating_point():
+                passed = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+            else:
+                passed = (labels >= 0).flatten(1).all(1)
+            checks.append(
+                DataCheck(
+                    passed,
+                    f"{split_name}[{self.target_key!r}] holds class labels that are not integers >= 0",
+                    "give each example its class as an integer 0..ways-1 (the episodic datamodules number the "
+                    "classes of each episode so)",
+                )
+            )
+        return checks
+
 
 def check_sequence_length(length: int, positions: int | None, setting: str, fix: str) -> None:
     """Refuse sequences longer than the model has positions for (an ``IndexError`` deep inside it otherwise).

@@ -130,7 +130,7 @@ class MetaLearningModule(LightningModule):
         #: the training step of the checkpoint loaded last (Lightning restores no step for test/validate).
         self._checkpoint_step: int | None = None
         #: when this process's training and the current evaluation started (``time.perf_counter``).
-        self._started: dict[str, float] = {}
+        self.timings: dict[str, float] = {}
         #: the adaptation-curve PNG written by the last test (``None`` before, or without matplotlib).
         self.curve_path: Path | None = None
         #: that PNG's figure (``AdaptationCurvePlot`` adds it to TensorBoard).
@@ -428,13 +428,13 @@ class MetaLearningModule(LightningModule):
         self._log_episode_stats("test")
 
     def on_train_start(self) -> None:
-        self._started["fit"] = time.perf_counter()
+        self.timings["fit"] = time.perf_counter()
 
     def on_train_end(self) -> None:
-        self._started["fit_seconds"] = time.perf_counter() - self._started.get("fit", time.perf_counter())
+        self.timings["fit_seconds"] = time.perf_counter() - self.timings.get("fit", time.perf_counter())
 
     def on_test_start(self) -> None:
-        self._started["test"] = time.perf_counter()
+        self.timings["test"] = time.perf_counter()
 
     def _log_episode_stats(self, stage: str) -> None:
         summary = []

@@ -78,8 +78,8 @@ def run_description(module: MetaLearningModule, folder: Path) -> dict[str, Any]:
         "checkpoint": None if module.trainer.ckpt_path is None else str(module.trainer.ckpt_path),
         "time": {
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "training_seconds": round(module._started["fit_seconds"], 1) if "fit_seconds" in module._started else None,
-            "evaluation_seconds": round(now - module._started["test"], 1) if "test" in module._started else None,
+            "training_seconds": round(module.timings["fit_seconds"], 1) if "fit_seconds" in module.timings else None,
+            "evaluation_seconds": round(now - module.timings["test"], 1) if "test" in module.timings else None,
         },
         "versions": {"lightning_meta": VERSION, "torch": torch.__version__, "lightning": lightning.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},

@@ -459,7 +459,7 @@ def test_bigbench_demonstrations_are_written_in_bigbench_k_shot_layout(tmp_path,
                 checked.add(name)
     assert checked == {"own", "plain"}
     # One written out by hand: examples 0 and 1 of "plain" as the shots, example 2 as the query, its option "no".
-    from lightning_meta.datamodules.text_to_text import _rows
+    from lightning_meta.datamodules.text_encoding import example_rows as _rows
 
     task = module.tasks["plain"]
     support, query = (_rows(task, torch.tensor(rows), 2, demonstrations=True) for rows in ([0, 1], [2]))

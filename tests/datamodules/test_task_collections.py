@@ -15,7 +15,7 @@ import pytest
 
 from lightning_meta.datamodules import TextToTextTasksDataModule, task_collections
 from lightning_meta.datamodules.task_collections import BIGBENCH_LITE_TASKS, read_task_collection
-from lightning_meta.datamodules.text_to_text import template_parts
+from lightning_meta.datamodules.templates import template_parts
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "MADE-UP CANARY: this test data must not appear in training corpora. guid 0000"
@@ -483,7 +483,7 @@ def test_braces_in_task_text_are_text(tmp_path):
     data["Positive Examples"][0] |= {"input": "a {cat}", "output": "{cat}"}
     file.write_text(json.dumps(data))
     collection = read_task_collection(str(folder), positive_examples=1)
-    from lightning_meta.datamodules.text_to_text import template_parts
+    from lightning_meta.datamodules.templates import template_parts
 
     prefix, suffix = template_parts(rows(collection)[0]["template"])
     assert prefix == ("Definition: Replace {name} in the {input}.\n\nPositive Example 1 -\nInput: a {cat}\n"

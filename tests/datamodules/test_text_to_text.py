@@ -11,7 +11,7 @@ import torch
 
 from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, CORRECT, IGNORE_INDEX
 from lightning_meta.data.tokenization import load_tokenizer
-from lightning_meta.datamodules import TextToTextTasksDataModule, text_to_text
+from lightning_meta.datamodules import TextToTextTasksDataModule, templates, text_encoding, text_to_text
 
 TOKENIZER = "embedded-bpe-512"
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
@@ -219,12 +219,12 @@ def test_a_template_with_another_placeholder_is_refused(tmp_path, template):
 
 def test_doubled_braces_in_a_template_are_text():
     """As in str.format: the task collections write a task's own {word} so, and it must never abort."""
-    parts = text_to_text.template_parts("Fill {{blank}} of {{input}}: {input}\nA:")
+    parts = templates.template_parts("Fill {{blank}} of {{input}}: {input}\nA:")
     assert parts == ("Fill {blank} of {input}: ", "\nA:")
-    assert text_to_text.template_parts('{"a": {{{input}}}}') == ('{"a": {', "}}")
-    assert text_to_text.check_template(text_to_text.literal_template_text("{x} {input}") + "{input}")
+    assert templates.template_parts('{"a": {{{input}}}}') == ('{"a": {', "}}")
+    assert templates.check_template(templates.literal_template_text("{x} {input}") + "{input}")
     with pytest.raises(ValueError, match=r"must contain \{input\} exactly once.*write \{\{input\}\} for the text"):
-        text_to_text.check_template("{{input}}")
+        templates.check_template("{{input}}")
 
 
 def test_the_log_says_which_split_was_made_and_why(tmp_path, monkeypatch):
@@ -355,7 +355,8 @@ def test_repeated_inputs_with_other_outputs_are_kept_as_several_correct_outputs_
 
 def test_skip_long_examples_leaves_out_what_does_not_fit_and_logs_it(tmp_path, monkeypatch):
     logged = []
-    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    for module in (text_encoding, text_to_text):  # examples left out as encoded; tasks left out as split
+        monkeypatch.setattr(module, "rank_zero_info", logged.append)
     # A fixed prompt longer than max_length cannot be cut to fit: an error, or with the option left out.
     long = {"template": "Read this long instruction first. " * 4 + "{input}"}
     # Examples 0 and 1 of task t1 (rows 12, 13) and every example of t2 (rows 24-35) get the long prompt.
@@ -411,7 +412,7 @@ def test_a_scores_column_grades_each_option_and_a_wrong_count_is_refused(tmp_pat
     task = module.tasks["t"]
     assert task.credit[0].tolist() == [0.5, 1.0, 0.0]
     assert task.credit[1].tolist()[:2] == [0.0, 1.0]  # a row without scores: 1 for its correct option
-    split = text_to_text._rows(task, torch.tensor([0, 1]), 4)
+    split = text_encoding.example_rows(task, torch.tensor([0, 1]), 4)
     assert split[CREDIT].tolist() == [[0.5, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
     rows[0]["scores"] = [1, 0]
     module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(write_rows(tmp_path, rows)), max_length=40)
@@ -481,8 +482,8 @@ def test_a_very_long_input_is_cut_as_before_without_tokenizing_it_whole(tmp_path
     long_input = " ".join(f"{WORDS[i % 8]}{i % 13}," for i in range(40_000))
     path = write_tasks(tmp_path, row1={"input": long_input})
     tokenized = []
-    ids = text_to_text._Encoder.ids
-    monkeypatch.setattr(text_to_text._Encoder, "ids",
+    ids = text_encoding.TaskEncoder.ids
+    monkeypatch.setattr(text_encoding.TaskEncoder, "ids",
                         lambda self, texts: tokenized.extend(map(len, texts)) or ids(self, texts))  # fmt: skip
     module = datamodule(path, truncate_inputs=True, max_length=64)
     assert len(long_input) > 200_000 and max(tokenized) < 10_000

@@ -8,9 +8,9 @@ from torch import nn
 
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, EncoderLearner, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import inner_loop
-from lightning_meta.learners.base import Learner, resolve_fast_weights
+from lightning_meta.learners.base import DataError, Learner, resolve_fast_weights
 
-from conftest import Blocks, host_syncs_from_the_package
+from conftest import Blocks, classification_batch, host_syncs_from_the_package
 
 
 def test_fast_weight_choices():
@@ -135,3 +135,18 @@ def test_batch_norms_are_normalizations_and_refuse_vmap_by_public_class():
     assert all(is_normalization(norm) for norm in (nn.BatchNorm1d(2), nn.SyncBatchNorm(2), nn.LazyBatchNorm2d()))
     learner = RegressionLearner(nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2), nn.Linear(2, 1)))
     assert "updates its running statistics in place" in learner.vmap_refusal()
+
+
+@pytest.mark.parametrize("label", [-100, -1])
+def test_a_classification_learner_refuses_negative_labels_naming_the_episode(label):
+    # cross_entropy skips a label of -100 without a word: the batch check says so before any loss.
+    batch = classification_batch(meta_batch_size=3)
+    batch.query["y"][2, 1] = label
+    learner = ClassificationLearner(nn.Linear(4, 3)).double()
+    with pytest.raises(DataError, match=r"Episode 2 of the batch .*query\['y'\] holds class labels that are not"):
+        learner.check_data(batch)
+    learner.check_data(classification_batch(meta_batch_size=3))  # integer labels 0..ways-1 pass
+    floats = classification_batch()
+    floats.support["y"] = floats.support["y"].double()
+    with pytest.raises(DataError, match="not integers >= 0"):
+        learner.check_data(floats)
