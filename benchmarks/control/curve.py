@@ -11,6 +11,7 @@ the script can be stopped and run again; ``curve.json`` under ``--out`` is rewri
 
     python benchmarks/control/curve.py --out benchmarks/control/results/curve-w16   # 2 CPU-hours (32,000 steps)
     python benchmarks/control/curve.py --out DIR --report                            # the table so far
+    python benchmarks/control/curve.py --out DIR --test_only   # test the checkpoints so far (beside training)
     python benchmarks/control/curve.py --out DIR --smoke                             # end to end in a minute
 """
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test_tasks", type=int, default=256)
     parser.add_argument("--report", action="store_true", help="print the table so far and stop")
     parser.add_argument("--smoke", action="store_true", help="a 1-layer model, 8 steps: checks the pipeline")
+    parser.add_argument("--test_only", action="store_true", help="test the checkpoints saved so far, train no further")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.every, args.test_tasks = 8, 4, 4
@@ -132,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         print(report(curve))
         return
     config_path = args.out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(curve_config(args.steps, args.every, args.words, args.smoke)))
-    if max(checkpoints(args.out), default=0) < args.steps:
+    config = yaml.safe_dump(curve_config(args.steps, args.every, args.words, args.smoke))
+    if not config_path.exists() or config_path.read_text() != config:  # a training run reads it: left alone
+        config_path.write_text(config)
+    if max(checkpoints(args.out), default=0) < args.steps and not args.test_only:
         train(args.out, config_path, curve)
         write_json(curve_path, curve)
     for step, checkpoint in sorted(checkpoints(args.out).items()):
