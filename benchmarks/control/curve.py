@@ -88,18 +88,29 @@ def test(out: Path, config_path: Path, step: int, checkpoint: Path, held_out_wor
     return {name: results[f"test/query_{name}_post"] for name in ("accuracy", "control_gap")}
 
 
-def report(curve: dict[str, Any]) -> str:
-    """The curve as a markdown table (mean ± 95% CI over test tasks)."""
+def training_cpu(out: Path, curve: dict[str, Any]) -> tuple[float, int]:
+    """(CPU seconds, steps) of training: as :func:`train` measured them, or else the last sample of
+    ``train_cpu.log`` (lines ``unix-time cpu-seconds`` written every 20 s beside a training process whose parent
+    was stopped) and the newest checkpoint's step."""
+    if curve.get("train_cpu_s"):
+        return curve["train_cpu_s"], curve["train_steps"]
+    log = out / "train_cpu.log"
+    samples = [line.split() for line in log.read_text().splitlines() if len(line.split()) == 2] if log.exists() else []
+    return (float(samples[-1][1]), max(checkpoints(out), default=0)) if samples else (0.0, 0)
+
+
+def report(curve: dict[str, Any], cpu_s: float = 0.0, trained: int = 0) -> str:
+    """The curve as a markdown table (mean ± 95% CI over test tasks); ``cpu_s`` and ``trained``: training's CPU
+    seconds and steps (:func:`training_cpu`)."""
+    per_step = cpu_s / max(trained, 1)
     lines = [
-        f"Training CPU: {curve.get('train_cpu_s', 0) / 60:.0f} min for {curve.get('train_steps', 0):,} steps "
-        f"(one thread; {curve.get('train_cpu_s', 0) / max(curve.get('train_steps', 1), 1):.3f} CPU s a step)",
+        f"Training CPU: {cpu_s / 60:.0f} min for {trained:,} steps (one thread; {per_step:.3f} CPU s a step)",
         "",
         "| step | CPU min | "
         + " | ".join(f"control_gap, {name}" for name in TEST_SETS)
         + " | accuracy, training words |",
         "|---|---|" + "---|" * (len(TEST_SETS) + 1),
     ]
-    per_step = curve.get("train_cpu_s", 0) / max(curve.get("train_steps", 1), 1)
     for step in sorted(curve["points"], key=int):
         point = curve["points"][step]
         cells = [f"{point[name]['control_gap']['mean']:.2f} ± {point[name]['control_gap']['ci95']:.2f}"
@@ -108,6 +119,31 @@ def report(curve: dict[str, Any]) -> str:
         last = f"{accuracy['mean']:.2f} ± {accuracy['ci95']:.2f}" if accuracy else "—"
         lines.append(f"| {int(step):,} | {int(step) * per_step / 60:.0f} | {' | '.join(cells)} | {last} |")
     return "\n".join(lines)
+
+
+def plot(curve: dict[str, Any], path: Path) -> None:
+    """control_gap against training steps for both test sets, with 95% CIs, chance (0) and the ceiling (1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9.0, 4.0))
+    steps = sorted(curve["points"], key=int)
+    for name in TEST_SETS:
+        shown = [step for step in steps if name in curve["points"][step]]
+        gaps = [curve["points"][step][name]["control_gap"] for step in shown]
+        axis.errorbar([int(step) for step in shown], [gap["mean"] for gap in gaps],
+                      yerr=[gap["ci95"] for gap in gaps], marker="o", capsize=3, label=name)  # fmt: skip
+    axis.axhline(0.0, color="grey", linestyle=":", label="chance")
+    axis.axhline(1.0, color="black", linestyle="--", label="ceiling (Bayes-optimal reader of K = 8)")
+    axis.axhline(0.7, color="tab:green", linestyle="-.", linewidth=0.8, label="issue 27 target (0.7)")
+    settings = curve["settings"]
+    title = f"MetaICL on label_mapping, {settings['words']} words, one-cycle over {settings['steps']:,} steps"
+    axis.set(xlabel="training steps (32 episodes each)", ylabel="control_gap (in context, K = 8)", title=title)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside the data, not over it
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     if curve["settings"] != settings:
         raise SystemExit(f"{curve_path} holds a curve of other settings ({curve['settings']}): use another --out.")
     if args.report:
-        print(report(curve))
+        print(report(curve, *training_cpu(args.out, curve)))
+        if curve["points"]:
+            plot(curve, args.out / "curve.png")
         return
     config_path = args.out / "config.yaml"
     config = yaml.safe_dump(curve_config(args.steps, args.every, args.words, args.smoke))
@@ -147,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                 point[name] = test(args.out, config_path, step, checkpoint, held_out, args.test_tasks)
                 write_json(curve_path, curve)
                 print(f"step {step:,} {name}: control_gap {point[name]['control_gap']['mean']:.2f}", flush=True)
-    print(report(curve))
+    print(report(curve, *training_cpu(args.out, curve)))
 
 
 if __name__ == "__main__":
