@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,8 @@ def params() -> list:
     for command in COMMANDS:
         reason = why_skipped(command)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if FIT_CHECKPOINT in paths_read(command):  # one worker: they share one fit per config (``fitted``)
+            marks.append(pytest.mark.xdist_group("readme-fits"))
         if "sinusoid" not in command.text:  # a language model or an encoder: tens of seconds each
             marks.append(pytest.mark.slow)
         found.append(pytest.param(command, marks=marks, id=f"L{command.line}-{command.text[:80]}"))
@@ -125,13 +129,29 @@ def test_the_readme_has_commands_and_reads_them_whole():
     assert all("#" not in shlex.join(command.argv) for command in COMMANDS if command.subcommand)
 
 
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The log folder of one shortened ``fit --config CONFIG`` per config, shared by the README commands that
+    evaluate its checkpoint (``FIT_CHECKPOINT``): a copy of it starts each such command's folder."""
+    folders: dict[str, Path] = {}
+
+    def fit(config: str) -> Path:
+        if config not in folders:
+            folder = tmp_path_factory.mktemp("fit")
+            (folder / "configs").symlink_to(ROOT / "configs")
+            command = ("lightning-meta", "fit", "--config", config, "--test_after_fit=false")
+            run_shortened(Command(0, "fit for the README's evaluation commands", command), folder)
+            folders[config] = folder / "lightning_logs"
+        return folders[config]
+
+    return fit
+
+
 @pytest.mark.parametrize("command", params())
-def test_readme_command_runs(command: Command, tmp_path: Path) -> None:
+def test_readme_command_runs(command: Command, tmp_path: Path, fitted: Callable[[str], Path]) -> None:
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     for name, text in python_files().items():
         (tmp_path / name).write_text(text)
     if FIT_CHECKPOINT in paths_read(command):
-        config = command.argv[command.argv.index("--config") + 1]
-        fit = ("lightning-meta", "fit", "--config", config, "--test_after_fit=false")
-        run_shortened(Command(command.line, command.section, fit), tmp_path)
+        shutil.copytree(fitted(command.argv[command.argv.index("--config") + 1]), tmp_path / "lightning_logs")
     run_shortened(command, tmp_path)
