@@ -33,7 +33,7 @@ from lightning_meta.data.tasks import (
 )
 from lightning_meta.learners.base import FastWeights, Learner
 from lightning_meta.learners.language_models import CausalLMLearner, Prefix
-from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatch, MetaBatchRunner, MetaLoss
+from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatchMode, MetaBatchRunner, MetaLoss
 
 #: Field of a query split whose sequences already carry their demonstrations: how many each query dropped.
 DROPPED = "dropped_demonstrations"
@@ -139,7 +139,7 @@ class MetaICL(MetaAlgorithm):
         learner: Learner,
         batch: TaskBatch,
         *,
-        meta_batch: MetaBatch | MetaBatchRunner = "auto",
+        meta_batch: MetaBatchMode | MetaBatchRunner = "auto",
         outer_step: int | None = None,
         report_query: bool | None = None,
     ) -> MetaLoss:

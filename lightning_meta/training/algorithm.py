@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
 from lightning_meta.learners.base import DataCheck, FastWeights, Learner
-from lightning_meta.training.meta_batch import MetaBatch, MetaBatchRunner, MetaLoss, check_mode
+from lightning_meta.training.meta_batch import MetaBatch, MetaBatchMode, MetaBatchRunner, MetaLoss, check_mode
 
-__all__ = ["MetaAlgorithm", "MetaBatch", "MetaBatchRunner", "MetaLoss"]
+__all__ = ["MetaAlgorithm", "MetaBatch", "MetaBatchMode", "MetaBatchRunner", "MetaLoss"]
 
 
 class MetaAlgorithm(nn.Module, ABC):
@@ -127,7 +127,7 @@ class MetaAlgorithm(nn.Module, ABC):
         learner: Learner,
         batch: TaskBatch,
         *,
-        meta_batch: MetaBatch | MetaBatchRunner = "auto",
+        meta_batch: MetaBatchMode | MetaBatchRunner = "auto",
         outer_step: int | None = None,
         report_query: bool | None = None,
     ) -> MetaLoss:

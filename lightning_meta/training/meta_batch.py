@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
 from lightning_meta.learners.base import FastWeights, Learner, is_normalization
 
-MetaBatch = Literal["auto", "vmap", "task_by_task", "all_at_once"]
+MetaBatchMode = Literal["auto", "vmap", "task_by_task", "all_at_once"]
 """How a :class:`MetaBatchRunner` runs the tasks of a meta-batch (all give the same meta-gradient)."""
+#: The earlier name of :data:`MetaBatchMode` (a mode, not a batch), kept for code that imports it.
+MetaBatch = MetaBatchMode
 
 #: ``meta_batch="auto"`` runs the tasks with ``vmap`` only for models with at most this many trainable
 #: parameters. There vmap batches many tiny kernels into a few (the sinusoid MLP's meta-step runs
@@ -66,9 +68,9 @@ class MetaLoss:
 
 
 def check_mode(meta_batch: str) -> None:
-    """Raise a clear error for a ``meta_batch`` that is not one of :data:`MetaBatch`."""
-    if meta_batch not in get_args(MetaBatch):
-        raise ValueError(f"meta_batch must be one of {get_args(MetaBatch)}, got {meta_batch!r}.")
+    """Raise a clear error for a ``meta_batch`` that is not one of :data:`MetaBatchMode`."""
+    if meta_batch not in get_args(MetaBatchMode):
+        raise ValueError(f"meta_batch must be one of {get_args(MetaBatchMode)}, got {meta_batch!r}.")
 
 
 VerdictKey = tuple[int, tuple[str, ...], bool, bool, str]
@@ -82,7 +84,7 @@ class MetaBatchRunner:
     ``"evaluate"``), ``""`` once vmap was checked exact on a first batch, else why it is not used.
     """
 
-    mode: MetaBatch = "auto"
+    mode: MetaBatchMode = "auto"
     verdicts: dict[VerdictKey, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -40,7 +40,7 @@ from lightning_meta.training.evaluation import (
     diagnose_divergence,
 )
 from lightning_meta.training.inner_loop import check_step_count
-from lightning_meta.training.meta_batch import MetaBatch, MetaBatchRunner
+from lightning_meta.training.meta_batch import MetaBatchMode, MetaBatchRunner
 from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, control_figures, task_ids
 from lightning_meta.training.migrations import needs_upgrade, upgrade_hyperparameters
 from lightning_meta.training.results import write_results
@@ -95,7 +95,7 @@ class MetaLearningModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_inner_steps: int | None = None,
-        meta_batch: MetaBatch = "auto",
+        meta_batch: MetaBatchMode = "auto",
         algorithm_lr: float | None = None,
         eval_curve: list[int] | None = None,
     ) -> None:
