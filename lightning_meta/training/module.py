@@ -265,12 +265,10 @@ class MetaLearningModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        # autograd.grad cannot reach FSDP-sharded weights, and float16 needs Lightning's loss scaling.
-        sharded_or_scaled = self.device_mesh is not None or self.trainer.precision.startswith("16")
         # Lightning writes a step's logs every log_every_n_steps steps: query figures that cost extra only then.
         every = self.trainer.log_every_n_steps
         out = self.algorithm.meta_loss(
-            self.learner, batch, meta_batch=MetaBatchRunner("all_at_once") if sharded_or_scaled else self.runner,
+            self.learner, batch, meta_batch=self._runner_for(evaluation=False),
             outer_step=self.global_step, report_query=every > 0 and (self.global_step + 1) % every == 0,
         )  # fmt: skip
         if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
@@ -308,6 +306,12 @@ class MetaLearningModule(LightningModule):
             outputs = [self.algorithm.predict(self.learner, episode, steps) for episode in batch.episodes()]
         return [] if padding else outputs  # a padding batch runs only to join the other ranks' collectives
 
+    def _runner_for(self, *, evaluation: bool) -> MetaBatchRunner:
+        """This module's runner, or one of the mode the strategy or precision requires (``scaling``)."""
+        precision = self.trainer.precision if attached_trainer(self) is not None else ""
+        required = scaling.required_meta_batch_mode(self.device_mesh is not None, precision, evaluation=evaluation)
+        return self.runner if required is None else MetaBatchRunner(required)
+
     def _sigterm_received(self) -> bool:
         # Lightning checks the signal only between batches, and one batch may adapt for minutes.
         trainer = attached_trainer(self)
@@ -322,7 +326,7 @@ class MetaLearningModule(LightningModule):
             if self.algorithm.adapts_weights:
                 # Along the trajectory (it stops between inner steps on SIGTERM), all the episodes in one vmapped
                 # trajectory where the meta_batch mode resolves to vmap (never over sharded weights).
-                runner = MetaBatchRunner("task_by_task") if self.device_mesh is not None else self.runner
+                runner = self._runner_for(evaluation=True)
                 figures = runner.evaluate(
                     self.algorithm, self.learner, batch,
                     lambda episode, parallel: along_curve(

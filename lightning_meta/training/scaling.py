@@ -25,6 +25,7 @@ from torch import nn
 from lightning_meta._compat import cpu_has_native_bf16, set_data_parallel_degree
 from lightning_meta.learners.base import Learner, blocks_of
 from lightning_meta.training.algorithm import MetaAlgorithm
+from lightning_meta.training.meta_batch import MetaBatchMode
 
 #: Precisions the inner loop runs in: weights (and so fast weights and the inner SGD update) in
 #: float32/float64; ``bf16-mixed`` autocasts only the matmuls.
@@ -77,6 +78,18 @@ def check_precision(precision: str, algorithm: MetaAlgorithm) -> None:
         "and the inner SGD update, would be in low precision (an update smaller than the weight's resolution "
         "is lost). Use --trainer.precision=bf16-mixed, which keeps weights in float32 and computes in bfloat16."
     )
+
+
+def required_meta_batch_mode(sharded: bool, precision: str, *, evaluation: bool = False) -> MetaBatchMode | None:
+    """The meta-batch mode a strategy or precision requires, or ``None`` where the configured one runs.
+
+    Training: ``all_at_once`` over FSDP-sharded weights (``autograd.grad`` cannot reach them) and under ``16-*``
+    precision (Lightning's loss scaling needs the one ``backward``). Evaluation: ``task_by_task`` over sharded
+    weights (never vmap over them).
+    """
+    if evaluation:
+        return "task_by_task" if sharded else None
+    return "all_at_once" if sharded or precision.startswith("16") else None
 
 
 def slow_bf16_message(precision: str, device_type: str) -> str | None:

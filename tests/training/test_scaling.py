@@ -299,3 +299,14 @@ def test_bf16_on_a_cpu_without_native_bfloat16_warns_with_the_fix_once_at_setup(
         assert slow == []
     else:
         assert len(slow) == 1 and "precision='bf16-mixed'" in slow[0] and "--trainer.precision=32-true" in slow[0]
+
+
+def test_the_meta_batch_mode_a_strategy_or_precision_requires():
+    from lightning_meta.training.scaling import required_meta_batch_mode
+
+    assert required_meta_batch_mode(False, "32-true") is None  # the configured mode runs
+    assert required_meta_batch_mode(False, "bf16-mixed") is None
+    assert required_meta_batch_mode(False, "16-mixed") == "all_at_once"  # loss scaling needs the one backward
+    assert required_meta_batch_mode(True, "32-true") == "all_at_once"  # autograd.grad cannot reach shards
+    assert required_meta_batch_mode(True, "32-true", evaluation=True) == "task_by_task"
+    assert required_meta_batch_mode(False, "16-mixed", evaluation=True) is None
