@@ -63,9 +63,15 @@ def measure(command: Command, folder: Path) -> dict:
         fit = ("lightning-meta", "fit", "--config", config, "--test_after_fit=false")
         run_shortened(Command(command.line, command.section, fit), folder, timeout=None, short=False)
     cpu, wall = cpu_seconds(), time.perf_counter()
-    run_shortened(command, folder, timeout=None, short=False)
+    failure = None
+    try:
+        run_shortened(command, folder, timeout=None, short=False)
+    except AssertionError as error:  # the command failed as written: a finding, kept with its last error line
+        lines = [line for line in str(error).splitlines() if line.startswith("lightning-meta: error:")]
+        failure = lines[-1] if lines else str(error).splitlines()[0]
     cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
-    return {"command": command.text, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
+    result = {"command": command.text, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
+    return result if failure is None else result | {"failed": failure}
 
 
 def prepared_folder(parent: Path) -> Path:
@@ -107,7 +113,8 @@ def run(only: list[str]) -> None:
             print(f"README line {command.line}: {command.text}", flush=True)
             result = measure(command, folder)
             result_path(command).write_text(json.dumps(result, indent=1) + "\n")
-            print(f"  {result['cpu_s']:.0f} CPU s, {result['wall_s']:.0f} s wall", flush=True)
+            failed = result.get("failed", "")
+            print(f"  {result['cpu_s']:.0f} CPU s, {result['wall_s']:.0f} s wall {failed}", flush=True)
             if not in_pipeline:
                 shutil.rmtree(folder)
 
@@ -128,6 +135,10 @@ def report() -> str:
             lines.append(f"| {command.line} | `{text}` | not timed: {reason} | |")
         elif command.text in measured_results:
             result = measured_results[command.text]
+            if "failed" in result:
+                lines.append(f"| {command.line} | `{text}` | **failed** after {duration(result['cpu_s'])}: "
+                             f"{result['failed']} | |")  # fmt: skip
+                continue
             lines.append(f"| {command.line} | `{text}` | {duration(result['cpu_s'])} | {duration(result['wall_s'])} |")
         else:
             lines.append(f"| {command.line} | `{text}` | not measured yet | |")
