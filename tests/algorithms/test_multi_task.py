@@ -12,7 +12,7 @@ from lightning_meta.algorithms import MultiTask, get
 from lightning_meta.algorithms.multi_task import joint_loss
 from lightning_meta.data.tasks import IGNORE_INDEX, padded
 
-from conftest import classification_batch, regression_batch
+from conftest import classification_batch, regression_batch, tiny_language_models
 
 
 def _plain_gradient(learner, batch: TaskBatch, loss_of) -> list[torch.Tensor]:
@@ -47,12 +47,7 @@ def test_gradient_is_the_plain_loss_gradient_over_support_and_query(kind, meta_b
     assert ("query_accuracy" in out.metrics) == (kind == "classification")
 
 
-LANGUAGE_MODELS = {
-    "gpt2": {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-    "llama": {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64},
-}  # fmt: skip
+LANGUAGE_MODELS = tiny_language_models(layers=1, positions=64)
 
 
 def _text_split(lengths: list[list[int]], outputs: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

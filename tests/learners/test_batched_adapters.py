@@ -13,12 +13,9 @@ from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, Reptile
 from lightning_meta.learners.language_models import LoraSettings
 from lightning_meta.training.meta_batch import MetaBatchRunner
 
-CONFIGS = {
-    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-    "llama": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 32},
-}  # fmt: skip
+from conftest import tiny_language_models
+
+CONFIGS = tiny_language_models(layers=2, positions=32)
 ALGORITHMS = {
     "maml": lambda: MAML(inner_lr=0.5, inner_steps=2),
     "fomaml": lambda: FOMAML(inner_lr=0.5, inner_steps=2),

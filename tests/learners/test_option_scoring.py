@@ -10,13 +10,10 @@ import torch
 from lightning_meta import CausalLMLearner, LoraSettings
 from lightning_meta.data.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
 
+from conftest import tiny_language_models
+
 TOKENIZER = "embedded-bpe-512"
-MODELS = {
-    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 64,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-    "llama": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64},
-}  # fmt: skip
+MODELS = tiny_language_models(layers=2, positions=64)
 PROMPTS = [[11, 12, 13, 14, 15], [16], [17, 18, 19]]  # one prompt of a single token: nothing to share
 OPTIONS = [[[21, 2], [22, 23, 24, 2], [25, 26, 2]], [[27, 2], [28, 29, 2], []], [[30, 31, 32, 33, 34, 2], [35, 2], []]]
 WIDTH = 16
