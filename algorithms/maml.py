@@ -29,7 +29,7 @@ class MAML(InnerLoopAlgorithm):
         first_order: drop the second-order terms.
         eval_inner_lr: step size used to adapt at validation/test time (default: ``inner_lr``).
 
-    Figures: ``query_loss`` (and the learner's other query figures), and while ``report_query``
+    Metrics: ``query_loss`` (and the learner's other query metrics), and while ``report_query``
     is on (the host's logging steps) ``support_loss_pre`` / ``support_loss_post``, the support
     loss before and after the inner loop: the first from the inner loop's first step, the second at
     the cost of one forward without a graph.
@@ -77,10 +77,10 @@ class MAML(InnerLoopAlgorithm):
             create_graph=self.second_order() and torch.is_grad_enabled(),
             parallel=parallel,
         )
-        loss, metrics = learner.loss(episode.query, adapted)
-        figures = {f"query_{name}": value for name, value in metrics.items()}
+        loss, query = learner.loss(episode.query, adapted)
+        metrics = {f"query_{name}": value for name, value in query.items()}
         if self.report_query:  # on the steps the host logs: did the inner loop fit the support? One more forward.
-            figures["support_loss_pre"] = support_loss_pre  # the inner loop's first step computed it
+            metrics["support_loss_pre"] = support_loss_pre  # the inner loop's first step computed it
             with torch.no_grad():
-                figures["support_loss_post"] = learner.loss(episode.support, adapted)[0]
-        return loss, figures
+                metrics["support_loss_post"] = learner.loss(episode.support, adapted)[0]
+        return loss, metrics

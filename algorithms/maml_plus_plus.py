@@ -122,4 +122,4 @@ class MAMLPlusPlus(MAML):
             loss, metrics = learner.loss(episode.query, adapted)
             weighted = importance[step].to(loss.dtype) * loss
             total = weighted if total is None else total + weighted
-        return total, {f"query_{name}": value for name, value in metrics.items()}  # the last step's figures
+        return total, {f"query_{name}": value for name, value in metrics.items()}  # the last step's metrics

@@ -45,8 +45,8 @@ class MetaICL(MetaAlgorithm):
     No inner loop. Each query example is preceded, in one sequence, by the task's support
     examples (the demonstrations, in their episode order); the loss is the query's output
     tokens' cross-entropy, so training is ordinary LM training on in-context episodes. Adapting
-    to a task at evaluation is conditioning on its support: ``*_pre`` figures are zero-shot (the
-    query alone), ``*_post`` figures K-shot.
+    to a task at evaluation is conditioning on its support: ``*_pre`` metrics are zero-shot (the
+    query alone), ``*_post`` metrics K-shot.
 
     The sequences respect the context: when the demonstrations and the query do not fit in
     ``max_length`` tokens (by default the model's context), the demonstrations farthest from
@@ -69,7 +69,7 @@ class MetaICL(MetaAlgorithm):
         demonstration_loss: in training, also take the loss on each demonstration's output (predicted from
             the demonstrations before it), as Garg et al. (2022) and Chan et al. (2022) train in-context
             learners: a sequence of K demonstrations then teaches 0- to K-shot prediction at once, K + 1
-            outputs instead of one. Evaluation's figures stay the query's.
+            outputs instead of one. Evaluation's metrics stay the query's.
         direction: ``"direct"``: the loss is on each query's output after the demonstrations; ``"channel"``
             (Channel MetaICL, Min et al. 2022): demonstrations and queries are written output-then-input
             (the datamodule's channel sequences, ``TextToTextTasksDataModule(channel=True)``) and the loss is
@@ -93,7 +93,7 @@ class MetaICL(MetaAlgorithm):
         from lightning_meta.algorithms import MetaICL
         metaicl = MetaICL()
         metaicl.meta_loss(learner, task_batch).loss.backward()   # loss on the query outputs
-        figures = metaicl.evaluate(learner, episode)              # zero-shot (_pre), K-shot (_post)
+        metrics = metaicl.evaluate(learner, episode)              # zero-shot (_pre), K-shot (_post)
     """
 
     def __init__(
@@ -336,9 +336,9 @@ class MetaICL(MetaAlgorithm):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         query, dropped = self.conditioned(learner, episode.support, episode.query, options=False,
                                           demonstration_labels=self.demonstration_loss)  # fmt: skip
-        loss, metrics = learner.loss(query)
-        figures = {f"query_{name}": value for name, value in metrics.items()}
-        return loss, figures | {
+        loss, found = learner.loss(query)
+        metrics = {f"query_{name}": value for name, value in found.items()}
+        return loss, metrics | {
             "dropped_demonstrations": dropped.float().mean(),
             "padding_fraction": padding_fraction(query["attention_mask"]),
         }
@@ -348,7 +348,7 @@ class MetaICL(MetaAlgorithm):
         return {name: weight.detach() for name, weight in learner.fast_parameters().items()}
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
-        """Query figures zero-shot (``*_pre``) and conditioned on the support (``*_post``); with
+        """Query metrics zero-shot (``*_pre``) and conditioned on the support (``*_post``); with
         ``encode_demonstrations_once``, from the demonstrations' keys and values where exact
         (:meth:`after_demonstrations`)."""
         self.check_learner(learner)

@@ -27,7 +27,7 @@ class MultiTask(InnerLoopAlgorithm):
     splits were collated at. Fields only one split has are left out of the joint split.
 
     At evaluation it adapts like the MAML family, with SGD steps on the support from the trained
-    weights, so it is scored on the same footing. ``train/query_*`` reports the query figures at
+    weights, so it is scored on the same footing. ``train/query_*`` reports the query metrics at
     the current weights (on the steps the host logs: ``report_query``).
 
     Args:
@@ -79,7 +79,7 @@ class MultiTask(InnerLoopAlgorithm):
         loss = joint_loss(learner, self._rows(episode.support), self._rows(episode.query))
         if not self.report_query:
             return loss, {}
-        # A second, gradient-free forward on the query alone: the logged figures stay comparable with
+        # A second, gradient-free forward on the query alone: the logged metrics stay comparable with
         # the other algorithms' query_* (the joint loss mixes in the support).
         with torch.no_grad():
             _, metrics = learner.loss(self._rows(episode.query))

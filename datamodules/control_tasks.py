@@ -110,7 +110,7 @@ def word_pools(split: str, held_out_words: bool = True, words: int | None = None
 
 @dataclass(frozen=True)
 class ControlTask:
-    """One task: its distinct (input, output) examples, each example's options, and the task's figures.
+    """One task: its distinct (input, output) examples, each example's options, and the task's metrics.
 
     An episode draws its support and its queries from ``examples`` uniformly *with replacement*
     (:meth:`ControlFamily.ceiling` assumes it).

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_meta.datamodules  # noqa: F401  (imported so short class names resolve)
 from lightning_meta import _compat, algorithms
+from lightning_meta.cli_checkpoint import check_config_against_checkpoint, checkpoint_config
 from lightning_meta.cli_messages import (
     UnknownNameError,
     announce_run,
@@ -29,14 +30,7 @@ from lightning_meta.cli_messages import (
     unknown_name_message,
     with_class_names,
 )
-from lightning_meta.training.checkpoints import (
-    check_local_checkpoint_path,
-    load_checkpoint_file,
-    rebuilt_base,
-    refuse_remote_code,
-    take_out_remote_code,
-)
-from lightning_meta.training.migrations import upgrade_hyperparameters
+from lightning_meta.training.checkpoints import load_checkpoint_file
 from lightning_meta.training.module import MetaLearningModule
 from lightning_meta.training.trainer import quiet_framework_noise, with_progress_bar
 
@@ -203,59 +197,13 @@ class MetaCLI(_compat.CLIWithoutCheckpointMerge):
         if subcommand is None:
             self.config = parser.parse_args(args)
             return
-        base, remote_code = self._checkpoint_config(parser, subcommand, ckpt_path)
+        base, remote_code = checkpoint_config(parser, subcommand, ckpt_path)
         self.config = parser.parse_args(args, namespace=base)
         if base is not None:
-            _check_same_learner(base[subcommand], self.config[subcommand], ckpt_path)
-            # Only the command line or the user's own config may switch a model folder's code on.
-            not_allowed = [key for key in remote_code if _value_at(self.config[subcommand], key) is not True]
-            if not_allowed:
-                refuse_remote_code(not_allowed, f"The checkpoint {ckpt_path}", f"--{not_allowed[0]}=true")
-
-    def _checkpoint_config(
-        self, parser: LightningArgumentParser, subcommand: str, ckpt_path: str
-    ) -> tuple[Namespace | None, list[str]]:
-        """The checkpoint's model and datamodule options over the defaults (``None``: nothing saved), and the
-        options that asked to run a model folder's own code (``trust_remote_code``), which are switched off here."""
-        if ckpt_path in ("last", "best", "hpc", "registry"):  # Lightning's names, resolved by the trainer
-            return None, []
-        if Path(ckpt_path).expanduser().is_dir():
-            check_local_checkpoint_path(ckpt_path)
-            return None, []
-        checkpoint = load_checkpoint_file(ckpt_path)
-        saved = {}
-        remote_code = []
-        for key, hparams in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
-            values = dict(checkpoint.get(hparams) or {})
-            if key == "model":
-                values = upgrade_hyperparameters(values, ckpt_path)
-                base = rebuilt_base(checkpoint)  # a relative path read from another folder
-                if base is not None and isinstance(values.get("learner"), dict):
-                    values["learner"] = values["learner"] | {
-                        "init_args": dict(values["learner"].get("init_args") or {}) | {"pretrained": base}
-                    }
-            values.pop("_instantiator", None)
-            if "_class_path" in values:
-                values = {"class_path": values.pop("_class_path"), "init_args": values}
-            values, asked = take_out_remote_code(values)
-            remote_code += [f"{key}.{path}" for path in asked]
-            if values:
-                saved[key] = values
-        if not saved:
-            return None, remote_code
-        try:
-            base = _compat.parse_object_unvalidated(parser, {"subcommand": subcommand, subcommand: saved})
-        except SystemExit:
-            sys.stderr.write(
-                f"The hyper-parameters saved in {ckpt_path} do not fit this version's options (above). Give the "
-                "config the checkpoint was trained with: --config config.yaml from its run folder.\n"
-            )
-            raise
-        _dataclass_values_as_dicts(base)
-        return base, remote_code
+            check_config_against_checkpoint(base[subcommand], self.config[subcommand], ckpt_path, remote_code)
 
     def test(self, **kwargs: Any) -> Any:
-        """``Trainer.test`` without Lightning's table, which repeats the module's printed figures (mean ± 95% CI
+        """``Trainer.test`` without Lightning's table, which repeats the module's printed metrics (mean ± 95% CI
         with episode counts) as bare 15-digit floats."""
         return self.trainer.test(**kwargs | {"verbose": False})
 
@@ -288,51 +236,6 @@ def use_cli_threads() -> str:
     else:
         source = f"from {chosen_by}"
     return f"torch threads: {torch.get_num_threads()} ({source})"
-
-
-def _dataclass_values_as_dicts(config: Namespace, in_init_args: bool = False) -> None:
-    """Turn the options of a class's ``init_args`` that are dataclasses (``lora: LoraSettings``) into plain dicts.
-
-    jsonargparse (4.53) cannot merge a later value (a ``--config`` file's ``lora: {r: 8}``) into an optional
-    dataclass option that the base namespace holds as a namespace ("Not a valid subclass of LoraSettings"); a
-    dict there merges as the config gives it.
-    """
-    for name, value in vars(config).items():
-        if not isinstance(value, Namespace):
-            continue
-        if in_init_args and "class_path" not in value:
-            config[name] = value.as_dict()
-        else:
-            _dataclass_values_as_dicts(value, in_init_args=name == "init_args")
-
-
-def _value_at(config: Namespace, dotted: str) -> Any:
-    """The value at ``dotted`` in ``config``, through namespaces and dicts (``None`` where it is missing)."""
-    value: Any = config
-    for part in dotted.split("."):
-        if not isinstance(value, Namespace | dict):
-            return None
-        value = value.get(part)
-    return value
-
-
-def _check_same_learner(saved: Namespace, chosen: Namespace, ckpt_path: str) -> None:
-    """Refuse a config whose learner (or model inside it) is another class than the checkpoint's."""
-    for key in ("learner", "learner.init_args.model"):
-        before, after = saved.get(f"model.{key}"), chosen.get(f"model.{key}")
-        if isinstance(before, Namespace) and isinstance(after, Namespace) and before.class_path != after.class_path:
-            raise ValueError(
-                f"The checkpoint {ckpt_path} holds a {key.split('.')[-1]} of class {before.class_path}, but the "
-                f"config asks for {after.class_path}. Give the config it was trained with (config.yaml in its run "
-                "folder), or leave the learner out of the command line and config so the checkpoint's is used."
-            )
-    before = saved.get("model.learner.init_args.model_config") or {}
-    after = chosen.get("model.learner.init_args.model_config") or {}
-    if before.get("model_type") and after.get("model_type") and before["model_type"] != after["model_type"]:
-        raise ValueError(
-            f"The checkpoint {ckpt_path} holds a {before['model_type']!r} model, but the config asks for "
-            f"{after['model_type']!r}. Give the config it was trained with (config.yaml in its run folder)."
-        )
 
 
 class PretrainCLI(MetaCLI):

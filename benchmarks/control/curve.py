@@ -84,7 +84,8 @@ def test(out: Path, config_path: Path, step: int, checkpoint: Path, held_out_wor
     run(["lightning-meta", "test", f"--config={config_path}", f"--ckpt_path={checkpoint}",
          f"--trainer.default_root_dir={folder}", f"--data.init_args.num_test_tasks={tasks}",
          f"--data.init_args.control.held_out_words={str(held_out_words).lower()}"])  # fmt: skip
-    results = json.loads(max(folder.glob("lightning_logs/version_*/results.json")).read_text())["figures"]
+    results = json.loads(max(folder.glob("lightning_logs/version_*/results.json")).read_text())
+    results = results.get("metrics") or results["figures"]  # "figures" before the vocabulary became "metrics"
     return {name: results[f"test/query_{name}_post"] for name in ("accuracy", "control_gap")}
 
 

@@ -17,7 +17,7 @@ for every arm, at K = 1, 2, 4, 8, 16 support examples:
 The gradient-based arms are evaluated after 0..``eval_steps`` steps of their own inner update on the support
 (``eval_curve``; step 0 is zero-shot), the MetaICL arms zero-shot and in context. Figures per test task:
 accuracy and control_gap = (accuracy - chance) / (ceiling - chance), with the analytic ceiling and chance
-of the task's K (``training/metrics.py`` ``control_figures``); tables give the mean over tasks ± 95% CI with
+of the task's K (``training/metrics.py`` ``control_metrics``); tables give the mean over tasks ± 95% CI with
 tasks and seeds as the units, [lowest, highest seed mean], and differences to ANIL paired by task and seed.
 
 Each (method, seed) arm runs in its own process (one thread) and writes ``{arm}.json`` under ``--out``;

@@ -139,7 +139,7 @@ class EpisodicDataModule(LightningDataModule, ABC):
         rank, world = stream.rank_and_world(self)
         # Each episode is evaluated by exactly one rank (repeats would skew the mean and CI); the
         # statistics are then gathered over all ranks. Ranks with one batch fewer run a padding batch
-        # whose figures are dropped.
+        # whose metrics are dropped.
         share = stream.rank_share(
             len(batches), rank, world, pad=True, what=f"{split} batches",
             fix=f"Raise num_{split}_tasks or lower eval_meta_batch_size (now {self.eval_meta_batch_size}).",

@@ -12,7 +12,7 @@ from torch import Tensor
 
 Split = Mapping[str, Tensor]
 #: Metadata key of an evaluation batch that a rank runs only to match the other ranks' batch count
-#: (FSDP forwards are collective); the host module does not count its figures.
+#: (FSDP forwards are collective); the host module does not count its metrics.
 PADDING_KEY = "evaluation_padding"
 #: Labels a loss ignores (prompt tokens of a text-to-text example, padding).
 IGNORE_INDEX = -100

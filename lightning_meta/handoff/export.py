@@ -2,7 +2,7 @@
 
 ``export(ckpt_path, output_dir)`` writes safetensors weights with no wrapper prefixes,
 ``config.json``, the tokenizer, ``generation_config.json`` and ``meta_learning.json`` (where the
-weights come from: algorithm and options, fast weights, steps, final validation figures, source
+weights come from: algorithm and options, fast weights, steps, final validation metrics, source
 checkpoint and its sha256, tokenizer fingerprint). ``AutoModelForCausalLM.from_pretrained`` then
 gives the logits the learner in the checkpoint gives. It reads single-file checkpoints of
 :class:`~lightning_meta.MetaLearningModule` (causal-LM learners) and of
@@ -30,15 +30,13 @@ from torch import Tensor, nn
 
 from lightning_meta.data.local_files import write_folder_atomically
 from lightning_meta.data.tokenization import check_tokenizer, fingerprint_of, load_tokenizer
+from lightning_meta.training.checkpoint_loading import saved_hyperparameters
 from lightning_meta.training.checkpoints import (
     LEARNER_PREFIX,
     CheckpointError,
     check_local_checkpoint_path,
     load_checkpoint_file,
-    rebuilt_base,
-    refuse_remote_code,
     restore_rebuilt_weights,
-    take_out_remote_code,
 )
 from lightning_meta.version import VERSION
 
@@ -184,18 +182,15 @@ def model_from_checkpoint(
     if saved.get("module") == "pretraining":
         model, provenance = _pretrained_model(saved, state)
     elif isinstance(hparams.get("learner"), Mapping) and "class_path" in hparams["learner"]:
-        if not trust_remote_code:  # only the caller switches a model folder's own code on, never the file
-            asked = take_out_remote_code({"learner": hparams["learner"]})[1]
-            refuse_remote_code(asked, "The checkpoint", _REMOTE_CODE_OPTIONS)
-        init_args = hparams["learner"].get("init_args") or {}
-        if pretrained is not None and init_args.get("pretrained") is None:
+        if pretrained is not None and (hparams["learner"].get("init_args") or {}).get("pretrained") is None:
             raise ValueError(
                 f"pretrained={pretrained!r}: this checkpoint's learner loads no pretrained model (it is built from "
                 "its model_config, whose weights the checkpoint holds). Leave --pretrained out."
             )
-        base = rebuilt_base(checkpoint, pretrained)
-        if base is not None:
-            init_args["pretrained"] = base
+        # Only the caller switches a model folder's own code on, never the file.
+        hparams = saved_hyperparameters({**checkpoint, "hyper_parameters": hparams}, "The checkpoint",
+                                        pretrained=pretrained, trust_remote_code=trust_remote_code,
+                                        allow=_REMOTE_CODE_OPTIONS)[0]  # fmt: skip
         model, provenance = _meta_learned_model(hparams, saved, state, tokenizer, adapter_dir)
     else:
         raise CheckpointError(
@@ -213,7 +208,7 @@ def model_from_checkpoint(
     provenance |= {
         "steps_trained": int(checkpoint.get("global_step", 0)),
         "epochs": int(checkpoint.get("epoch", 0)),
-        "validation": provenance.get("validation") or _validation_figures(checkpoint),
+        "validation": provenance.get("validation") or _validation_metrics(checkpoint),
     }
     return model, provenance
 
@@ -425,17 +420,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _validation_figures(checkpoint: Mapping[str, Any]) -> dict[str, float]:
-    """The monitored figures of the checkpoint's ``ModelCheckpoint`` callbacks (latest and best)."""
-    figures = {}
+def _validation_metrics(checkpoint: Mapping[str, Any]) -> dict[str, float]:
+    """The monitored metrics of the checkpoint's ``ModelCheckpoint`` callbacks (latest and best)."""
+    metrics = {}
     for state in (checkpoint.get("callbacks") or {}).values():
         monitor = state.get("monitor") if isinstance(state, Mapping) else None
         if not monitor:
             continue
         for key, name in (("current_score", monitor), ("best_model_score", f"best {monitor}")):
             if isinstance(state.get(key), Tensor | float):
-                figures[name] = float(state[key])
-    return figures
+                metrics[name] = float(state[key])
+    return metrics
 
 
 def _sha256(path: Path) -> str:
@@ -509,10 +504,10 @@ class ExportCallback(Callback):
             checkpoint = {"state_dict": state, "hyper_parameters": dict(pl_module.hparams),
                           "global_step": trainer.global_step, "epoch": trainer.current_epoch}  # fmt: skip
             pl_module.on_save_checkpoint(checkpoint)  # the tokenizer and, for pretraining, the model config
-            figures = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             # The run's own options, which built the learner this run trains: trusted as the run trusts them.
             model, provenance = model_from_checkpoint(checkpoint, trust_remote_code=True)
-            provenance |= {"validation": figures, "source_checkpoint": None, "exported_during": "fit"}
+            provenance |= {"validation": metrics, "source_checkpoint": None, "exported_during": "fit"}
             write_export(model, provenance, output, overwrite=self.overwrite or output in self._written)
             self._written.add(output)
             rank_zero_info(f"Exported the model at step {trainer.global_step} to {output}.")

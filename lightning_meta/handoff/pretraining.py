@@ -27,12 +27,11 @@ from lightning_meta.data.tokenization import check_tokenizer, check_tokenizer_re
 from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
 from lightning_meta.learners.base import check_sequence_length
 from lightning_meta.learners.language_models import DTYPES, build_model
+from lightning_meta.training.checkpoint_loading import saved_hyperparameters
 from lightning_meta.training.checkpoints import (
     PreemptionCheckpoint,
     check_local_checkpoint_path,
     load_checkpoint_file,
-    refuse_remote_code,
-    take_out_remote_code,
 )
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.scaling import slow_bf16_message
@@ -262,10 +261,9 @@ class CausalLMPretraining(LightningModule):
         """Lightning's ``load_from_checkpoint``, for local files only and with ``weights_only=True``. A checkpoint
         whose saved ``trust_remote_code`` is true is refused unless the caller passes ``trust_remote_code=True``:
         the file never decides that its ``init_from`` folder's own code runs."""
-        saved = load_checkpoint_file(checkpoint_path).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-        asked = take_out_remote_code({key: value for key, value in saved.items() if key not in kwargs})[1]
         option = "CausalLMPretraining.load_from_checkpoint(..., trust_remote_code=True)"
-        refuse_remote_code(asked, f"The checkpoint {checkpoint_path}", option)
+        saved_hyperparameters(load_checkpoint_file(checkpoint_path), f"The checkpoint {checkpoint_path}", given=kwargs,
+                              allow=option)  # fmt: skip
         return super().load_from_checkpoint(
             checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
             **kwargs,

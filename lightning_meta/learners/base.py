@@ -69,7 +69,7 @@ class Learner(nn.Module, ABC):
     #: (:class:`~lightning_meta.CausalLMLearner`); algorithms check it (ProtoNet needs classes,
     #: MetaICL a language model).
     task_type: ClassVar[str]
-    #: per-episode figures :meth:`loss` and :meth:`evaluation_metrics` may report (``loss`` first);
+    #: per-episode metrics :meth:`loss` and :meth:`evaluation_metrics` may report (``loss`` first);
     #: evaluation keeps statistics of each one a split reports.
     metric_names: ClassVar[tuple[str, ...]] = ("loss",)
 
@@ -186,7 +186,7 @@ class Learner(nn.Module, ABC):
 
     @abstractmethod
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean loss over the split, and detached per-episode figures (``metric_names``)."""
+        """Mean loss over the split, and detached per-episode metrics (``metric_names``)."""
 
     def evaluation_metrics(
         self,
@@ -196,12 +196,12 @@ class Learner(nn.Module, ABC):
         parallel: bool = False,
         generation: GenerationRule | None = None,
     ) -> dict[str, Tensor]:
-        """Detached figures of a split at evaluation (no gradient): :meth:`loss`'s by default.
+        """Detached metrics of a split at evaluation (no gradient): :meth:`loss`'s by default.
 
-        Learners add here the figures that cost more than the loss needs (exact match, scoring
+        Learners add here the metrics that cost more than the loss needs (exact match, scoring
         a classification task's options); evaluation and adaptation curves read this.
         ``parallel=True``: the call runs under ``torch.func.vmap`` (the episodes of an evaluation
-        batch together), so the figures must come without host syncs or shapes that depend on the data.
+        batch together), so the metrics must come without host syncs or shapes that depend on the data.
         ``generation``: how the episode's task cuts generated outputs (its metadata, :func:`generation_rule`); a
         learner that generates nothing ignores it.
         """

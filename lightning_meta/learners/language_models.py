@@ -320,7 +320,7 @@ class CausalLMLearner(Learner):
 
         The hidden states are gathered at those positions before the output embeddings, so the LM head
         (SmolLM2: a fifth of a forward's FLOPs) and the float32 log-softmax run only where a loss or a score
-        reads them (MetaICL and MultiTask: the outputs; option scoring: the options): the same figures and
+        reads them (MetaICL and MultiTask: the outputs; option scoring: the options): the same metrics and
         gradients as full logits read there. One host sync (the positions' count). Under a ``torch.func``
         transform (``vmap``), where shapes cannot depend on the data, every position runs.
         """
@@ -363,7 +363,7 @@ class CausalLMLearner(Learner):
         ``parallel``: under ``torch.func.vmap`` the options are scored without host syncs
         (:meth:`option_scores`). ``prefixes``: the rows of a mask field (``attention_mask``, or an option field's
         mask, :data:`CHOICE_ATTENTION_MASK`, ...) continue after ``prefixes[mask]``, run once for them all
-        (MetaICL's demonstrations): the same figures as the rows written after its tokens. ``generation``: the
+        (MetaICL's demonstrations): the same metrics as the rows written after its tokens. ``generation``: the
         task's :class:`~lightning_meta.data.tasks.GenerationRule` (BIG-bench's ``stop_string`` and ``output_regex``):
         an example without options is then an exact match when its greedily generated output (:meth:`generate`), cut
         by the rule, is one of its correct outputs, whatever follows the cut (no end token asked); not under
@@ -374,9 +374,9 @@ class CausalLMLearner(Learner):
             labels = _labels(split)
             read = self.read_logits(self._inputs_after(split, prefixes.get("attention_mask")), labels[:, 1:], params)
             loss = F.cross_entropy(read.logits, read.targets, ignore_index=IGNORE_INDEX)
-            figures = {"loss": loss}
+            metrics = {"loss": loss}
             if "labels" not in split:
-                return figures
+                return metrics
             exact = read.greedy(len(labels))
             if generation is not None and generation.cuts and not parallel and not prefixes:
                 exact = self._generated_matches(split, params, generation, exact)
@@ -388,9 +388,9 @@ class CausalLMLearner(Learner):
                           for rule, grade in grades.items()}  # fmt: skip
                 grades = {"accuracy": grades[f"accuracy_{self.scoring}"]} | grades  # _choices checks it is there
                 for name, grade in grades.items():
-                    figures[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
-            figures["exact_match"] = exact.float().mean()
-            return figures
+                    metrics[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
+            metrics["exact_match"] = exact.float().mean()
+            return metrics
 
     def generate(self, prompt: Tensor, params: Mapping[str, Tensor] | None, max_new_tokens: int) -> list[int]:
         """Greedy decoding after ``prompt`` (1-D token ids) at ``params``: up to ``max_new_tokens`` tokens (fewer
@@ -539,12 +539,12 @@ class CausalLMLearner(Learner):
         prompt (:data:`CHOICE_FIELDS`), right- or left-padded; options without labels (padding) score
         ``-inf``. The tokens every option of an example shares (its prompt; under MetaICL with the
         demonstrations) run once, and the options continue from their cached keys and values,
-        expanded over the options: the same figures as one full forward per option, at the cost
+        expanded over the options: the same metrics as one full forward per option, at the cost
         of one prompt. Works with ``params`` (fast weights) and LoRA. One host sync.
 
         ``parallel``: the call runs under ``torch.func.vmap`` (the episodes of an evaluation batch
         together), where shapes cannot depend on the data: each option then runs its whole row
-        (one full forward per option: the same figures, no host sync, at ``options`` times the
+        (one full forward per option: the same metrics, no host sync, at ``options`` times the
         prompt's cost). ``prefix``: every row continues after it (:meth:`evaluation_metrics`).
         """
         examples, options, tokens = input_ids.shape

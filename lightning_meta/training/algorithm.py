@@ -51,7 +51,7 @@ class MetaAlgorithm(nn.Module, ABC):
         #: The meta-training step of the meta-loss being computed (schedules such as MAML++'s annealing read it):
         #: :meth:`meta_loss` sets it from its ``outer_step`` argument.
         self.outer_step = 0
-        #: Whether :meth:`task_loss` reports the figures that cost extra forwards (Reptile's and MultiTask's
+        #: Whether :meth:`task_loss` reports the metrics that cost extra forwards (Reptile's and MultiTask's
         #: query loss, the MAML family's support loss after adaptation): :meth:`meta_loss` sets it from its
         #: ``report_query`` argument. The host asks for them on the steps it logs.
         self.report_query = False
@@ -62,7 +62,7 @@ class MetaAlgorithm(nn.Module, ABC):
     def task_loss(
         self, learner: Learner, episode: Episode, *, parallel: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Surrogate loss of one episode and its detached figures (at least ``query_loss``).
+        """Surrogate loss of one episode and its detached metrics (at least ``query_loss``).
 
         ``parallel=True``: the tasks of the meta-batch run together under ``torch.func.vmap``
         (``meta_batch="vmap"``); pass it on to the inner loop.
@@ -134,7 +134,7 @@ class MetaAlgorithm(nn.Module, ABC):
         """Average surrogate over the episodes of ``batch``; its gradient is the meta-gradient.
 
         ``outer_step``: the meta-training step (schedules read it as :attr:`outer_step`); ``report_query``:
-        whether to compute the figures that cost extra forwards. ``None`` keeps the current value (0 and off
+        whether to compute the metrics that cost extra forwards. ``None`` keeps the current value (0 and off
         unless set). ``meta_batch`` says how the tasks run, a mode or the :class:`MetaBatchRunner` that keeps
         the ``"auto"`` verdicts (the host module's); every way gives the same meta-gradient:
 
@@ -173,7 +173,7 @@ class MetaAlgorithm(nn.Module, ABC):
         return meta_batch.meta_loss(self, learner, batch)
 
     def evaluate(self, learner: Learner, episode: Episode, steps: int | None = None) -> dict[str, Tensor]:
-        """Query figures before (``*_pre``) and after (``*_post``) adaptation to the support."""
+        """Query metrics before (``*_pre``) and after (``*_post``) adaptation to the support."""
         self.check_learner(learner)
         rule = generation_rule(episode.metadata)
         before = learner.evaluation_metrics(episode.query, generation=rule)

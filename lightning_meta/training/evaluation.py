@@ -27,9 +27,9 @@ def along_curve(
     parallel: bool = False,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict[str, Tensor]:
-    """:meth:`MetaAlgorithm.evaluate`'s figures plus ``{name}_step{k}`` for each ``eval_curve`` step count.
+    """:meth:`MetaAlgorithm.evaluate`'s metrics plus ``{name}_step{k}`` for each ``eval_curve`` step count.
 
-    Everything comes from one trajectory: the ``*_post`` figures are those at the evaluation
+    Everything comes from one trajectory: the ``*_post`` metrics are those at the evaluation
     steps, so they equal ``evaluate``'s. ``parallel``: the episodes of the batch run together
     under ``torch.func.vmap``.
     """
@@ -47,14 +47,14 @@ def along_curve(
         if step in wanted:
             figures_at[step] = learner.evaluation_metrics(episode.query, adapted, parallel=parallel,
                                                           generation=rule)  # fmt: skip
-    figures = {f"{name}_pre": value for name, value in before.items()}
-    figures |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
-    return figures | {f"{name}_step{step}": value for step in curve_steps for name, value in figures_at[step].items()}
+    metrics = {f"{name}_pre": value for name, value in before.items()}
+    metrics |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
+    return metrics | {f"{name}_step{step}": value for step in curve_steps for name, value in figures_at[step].items()}
 
 
-def describe_bad_evaluation(figures: dict[str, Tensor], stage: str, curve_steps: list[int]) -> str:
+def describe_bad_evaluation(metrics: dict[str, Tensor], stage: str, curve_steps: list[int]) -> str:
     """Which evaluation figure is not finite, on which episode, and what to change."""
-    before = torch.isfinite(figures["loss_pre"]) if "loss_pre" in figures else torch.ones((), dtype=torch.bool)
+    before = torch.isfinite(metrics["loss_pre"]) if "loss_pre" in metrics else torch.ones((), dtype=torch.bool)
     if not bool(before.all()):
         episode = int(torch.nonzero(~before)[0])
         return (
@@ -63,7 +63,7 @@ def describe_bad_evaluation(figures: dict[str, Tensor], stage: str, curve_steps:
         )
     # The earliest adapted figure that is not finite names the episode (curve points come in step order).
     adapted = [f"loss_step{step}" for step in curve_steps if step > 0] + ["loss_post"]
-    finite = {key: torch.isfinite(figures[key]) for key in adapted if key in figures}
+    finite = {key: torch.isfinite(metrics[key]) for key in adapted if key in metrics}
     diverged = next((key for key, values in finite.items() if not bool(values.all())), None)
     episode = int(torch.nonzero(~finite[diverged])[0]) if diverged else 0
     step = int(diverged.removeprefix("loss_step")) if diverged and diverged.startswith("loss_step") else None

@@ -1,7 +1,7 @@
 """Meta-batch execution: how the tasks of a meta-batch (and the episodes of an evaluation batch) run.
 
 One owner, :class:`MetaBatchRunner`: every way it runs a meta-batch gives the same meta-gradient (and the
-same figures): all tasks at once in parallel under ``torch.func.vmap``, task by task with each task's graph
+same metrics): all tasks at once in parallel under ``torch.func.vmap``, task by task with each task's graph
 freed before the next, or every task's graph kept until one ``backward``. It holds the one rule for where
 vmap is exact (:meth:`MetaBatchRunner.refusal`, asking the algorithm and the learner for their own refusals)
 and the ``"auto"`` verdicts. :meth:`MetaAlgorithm.meta_loss` runs the algorithm's task loss through a runner
@@ -142,8 +142,8 @@ class MetaBatchRunner:
         """``figures_of(episode, parallel)`` for every episode of ``batch``, stacked along the episodes.
 
         Where the mode resolves to vmap for this learner and algorithm (as for training, with its own verdict
-        for evaluation: ``"auto"`` checks the first batch's figures against the loop's), all the episodes run
-        together in one vmapped call with ``parallel=True``; otherwise one after the other. The figures are
+        for evaluation: ``"auto"`` checks the first batch's metrics against the loop's), all the episodes run
+        together in one vmapped call with ``parallel=True``; otherwise one after the other. The metrics are
         the same either way.
         """
 
@@ -168,21 +168,21 @@ class MetaBatchRunner:
             return vmapped() if verdict == "" else looped()
         reason = static = self._static_refusal(algorithm, learner, _trainable(algorithm, learner))
         checking, low_precision = _in_float32(learner)
-        parallel = figures = None
+        parallel = metrics = None
         with checking:
             if reason is None:
                 try:
                     parallel = vmapped()
-                except (RuntimeError, NotImplementedError) as error:  # no batching rule, a host sync in the figures
+                except (RuntimeError, NotImplementedError) as error:  # no batching rule, a host sync in the metrics
                     reason = f"torch.func.vmap cannot run the evaluation ({str(error).splitlines()[0]})"
             if reason is None or not low_precision:
-                figures = looped()
+                metrics = looped()
             if reason is None:
-                reason = _figures_disagreement(parallel, figures)
+                reason = _metrics_disagreement(parallel, metrics)
         self._record(key, algorithm, reason, static=static is not None, evaluation=True)
-        if low_precision:  # checked in float32: the figures at the caller's precision
+        if low_precision:  # checked in float32: the metrics at the caller's precision
             return looped() if reason else vmapped()
-        return figures if reason else parallel
+        return metrics if reason else parallel
 
     def _auto(
         self, algorithm: TaskLossAlgorithm, learner: Learner, batch: TaskBatch, parameters: list[Tensor]
@@ -244,7 +244,7 @@ class MetaBatchRunner:
                 what = "adapts the episodes of an evaluation batch one by one,"
             else:
                 what = "runs the tasks of a meta-batch one by one (task_by_task),"
-            # Debug level: an implementation note (same figures, only slower), nothing a user can act on.
+            # Debug level: an implementation note (same metrics, only slower), nothing a user can act on.
             name = type(algorithm).__name__
             rank_zero_debug(f"meta_batch='auto': {name} {what} not in parallel with vmap: {reason}.")
         self.verdicts[key] = reason or ""
@@ -337,12 +337,12 @@ def _disagreement(found: Tensor, expected: Tensor, parameters: list[Tensor]) -> 
     return f"its meta-gradient differs from the task-by-task loop's on the first batch (relative: {relative:.1e})"
 
 
-def _figures_disagreement(found: dict[str, Tensor], expected: dict[str, Tensor]) -> str | None:
-    """Whether vmapped evaluation figures differ from the loop's beyond rounding (one host sync)."""
+def _metrics_disagreement(found: dict[str, Tensor], expected: dict[str, Tensor]) -> str | None:
+    """Whether vmapped evaluation metrics differ from the loop's beyond rounding (one host sync)."""
     relative = _relative_difference([found[key] for key in expected], list(expected.values()))
     if relative is None:
         return None
-    return f"its figures differ from the loop's on the first batch (relative: {relative:.1e})"
+    return f"its metrics differ from the loop's on the first batch (relative: {relative:.1e})"
 
 
 def _relative_difference(found: list[Tensor], expected: list[Tensor]) -> float | None:

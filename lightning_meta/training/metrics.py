@@ -1,4 +1,4 @@
-"""Few-shot evaluation figures: mean ± 95% confidence interval over episodes, or over tasks (and seeds).
+"""Few-shot evaluation metrics: mean ± 95% confidence interval over episodes, or over tasks (and seeds).
 
 Episodes of the same task are not independent draws (a hard task is hard in each of its episodes),
 and models trained with different seeds differ. Where episodes share tasks, the unit of the interval
@@ -239,7 +239,7 @@ class EpisodeStatistics(Metric):
         return EpisodeSummary(*mean_and_ci95(values, groups=groups), values.numel(), distinct)
 
 
-def control_figures(figures: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> dict[str, Tensor]:
+def control_metrics(metrics: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> dict[str, Tensor]:
     """Per episode of control tasks (metadata with a ``ceiling``): ``ceiling``, ``chance`` and, beside each
     ``accuracy_*`` figure, its ``control_gap_*`` = (accuracy - chance) / (ceiling - chance): 0 at chance, 1 at
     the best any reader of the support can do. ``{}`` for episodes without a ceiling."""
@@ -248,7 +248,7 @@ def control_figures(figures: Mapping[str, Tensor], metadata: Mapping[str, Any]) 
     ceiling, chance = (torch.as_tensor(metadata[name], dtype=torch.float64) for name in (CEILING, CHANCE))
     gaps = {
         "control_gap" + name.removeprefix("accuracy"): (values - chance.to(values)) / (ceiling - chance).to(values)
-        for name, values in figures.items()
+        for name, values in metrics.items()
         # accuracy itself (the primary rule), not each rule's accuracy_<rule>_* beside it
         if name == "accuracy_pre" or name == "accuracy_post" or name.startswith("accuracy_step")
     }

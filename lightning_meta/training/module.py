@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -12,7 +11,7 @@ import torch
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
@@ -21,16 +20,14 @@ from lightning_meta.data.tokenization import check_tokenizer_record, tokenizer_r
 from lightning_meta.learners.base import Learner, check_sequence_length
 from lightning_meta.training import scaling
 from lightning_meta.training.algorithm import MetaAlgorithm
+from lightning_meta.training.checkpoint_loading import saved_hyperparameters
 from lightning_meta.training.checkpoints import (
     LEARNER_PREFIX,
     PreemptionCheckpoint,
     fingerprint_rebuilt_weights,
     leave_out_rebuilt_weights,
     load_checkpoint_file,
-    rebuilt_base,
-    refuse_remote_code,
     restore_rebuilt_weights,
-    take_out_remote_code,
 )
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.evaluation import (
@@ -41,9 +38,8 @@ from lightning_meta.training.evaluation import (
 )
 from lightning_meta.training.inner_loop import check_step_count
 from lightning_meta.training.meta_batch import MetaBatchMode, MetaBatchRunner
-from lightning_meta.training.metrics import TASK_KEY, EpisodeStatistics, control_figures, task_ids
-from lightning_meta.training.migrations import needs_upgrade, upgrade_hyperparameters
-from lightning_meta.training.results import write_results
+from lightning_meta.training.metrics import TASK_KEY, control_metrics, task_ids
+from lightning_meta.training.results import episode_statistics, log_episode_statistics
 
 _EVAL_STAGES = ("val", "test")
 
@@ -68,7 +64,7 @@ class MetaLearningModule(LightningModule):
             Evaluation follows it: where it resolves to vmap (``"auto"``: checked on the first
             evaluation batch), the episodes of an evaluation batch adapt in one vmapped trajectory.
         eval_curve: adaptation curve: step counts (0 = before adaptation), e.g. ``[0, 1, 5, 10]``,
-            at which validation/test also log the query figures, all read off one adaptation
+            at which validation/test also log the query metrics, all read off one adaptation
             trajectory per episode (``algorithm.adapt_steps``), at most :data:`MAX_EVAL_CURVE_STEPS`;
             ``None``: only before and after. SIGTERM stops evaluation between adaptation steps.
 
@@ -78,7 +74,7 @@ class MetaLearningModule(LightningModule):
     their ``metadata["task"]`` (:class:`~lightning_meta.training.metrics.EpisodeStatistics`); with
     ``eval_curve``, also ``{stage}/query_loss_step{k}`` (and ``query_accuracy_step{k}``) for each listed
     ``k``, with ``_ci95``.
-    ``test`` also writes these figures to ``results.json`` in the run's log folder (when the trainer
+    ``test`` also writes these metrics to ``results.json`` in the run's log folder (when the trainer
     has a logger). Adaptation works in ``validate``/``test``/``predict`` under Lightning's default
     ``inference_mode``.
 
@@ -138,31 +134,8 @@ class MetaLearningModule(LightningModule):
         algorithm.check_learner(learner)
         fingerprint_rebuilt_weights(learner)  # as built: the trainer may cast it to another precision
         self._save_hyperparameters(algorithm)
-        self.episode_stats = nn.ModuleDict(
-            {
-                f"{stage}_{name}_{when}": EpisodeStatistics()
-                for stage in _EVAL_STAGES
-                for name in learner.metric_names
-                for when in ("pre", "post")
-            }
-            | {
-                f"{stage}_{name}_step{step}": EpisodeStatistics()
-                for stage in _EVAL_STAGES
-                for name in learner.metric_names
-                for step in self._curve_steps
-            }
-            | {  # control tasks' figures (metrics.control_figures), counted only where episodes carry a ceiling
-                f"{stage}_{name}": EpisodeStatistics()
-                for stage in _EVAL_STAGES
-                for name in (
-                    "ceiling",
-                    "chance",
-                    "control_gap_pre",
-                    "control_gap_post",
-                    *(f"control_gap_step{step}" for step in self._curve_steps),
-                )
-            }  # fmt: skip
-        )
+        #: per-episode metrics of validation and test, by ``{stage}_{name}_{pre|post|step<k>}``, until logged
+        self.episode_stats = episode_statistics(_EVAL_STAGES, learner.metric_names, self._curve_steps)
 
     def _save_hyperparameters(self, algorithm: MetaAlgorithm) -> None:
         if cli_hyperparameters() is not None:  # LightningCLI hands over the config it parsed
@@ -265,7 +238,7 @@ class MetaLearningModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        # Lightning writes a step's logs every log_every_n_steps steps: query figures that cost extra only then.
+        # Lightning writes a step's logs every log_every_n_steps steps: query metrics that cost extra only then.
         every = self.trainer.log_every_n_steps
         out = self.algorithm.meta_loss(
             self.learner, batch, meta_batch=self._runner_for(evaluation=False),
@@ -327,7 +300,7 @@ class MetaLearningModule(LightningModule):
                 # Along the trajectory (it stops between inner steps on SIGTERM), all the episodes in one vmapped
                 # trajectory where the meta_batch mode resolves to vmap (never over sharded weights).
                 runner = self._runner_for(evaluation=True)
-                figures = runner.evaluate(
+                metrics = runner.evaluate(
                     self.algorithm, self.learner, batch,
                     lambda episode, parallel: along_curve(
                         self.algorithm, self.learner, episode, self.eval_inner_steps, self._curve_steps,
@@ -337,14 +310,14 @@ class MetaLearningModule(LightningModule):
             else:  # scored episode by episode (MetaICL's options: a host sync per episode)
                 episodes = [self.algorithm.evaluate(self.learner, episode, self.eval_inner_steps)
                             for episode in batch.episodes()]  # fmt: skip
-                figures = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
+                metrics = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
         if batch.metadata.get(PADDING_KEY):
-            return  # evaluated only to join the other ranks' collectives (FSDP); its figures are not counted
-        figures |= control_figures(figures, batch.metadata)
-        if not bool(torch.stack([torch.isfinite(values).all() for values in figures.values()]).all()):
-            raise FloatingPointError(describe_bad_evaluation(figures, stage, self._curve_steps))
+            return  # evaluated only to join the other ranks' collectives (FSDP); its metrics are not counted
+        metrics |= control_metrics(metrics, batch.metadata)
+        if not bool(torch.stack([torch.isfinite(values).all() for values in metrics.values()]).all()):
+            raise FloatingPointError(describe_bad_evaluation(metrics, stage, self._curve_steps))
         tasks = task_ids(batch.metadata[TASK_KEY]) if TASK_KEY in batch.metadata else None
-        for key, values in figures.items():
+        for key, values in metrics.items():
             for episode, value in enumerate(values):
                 self.episode_stats[f"{stage}_{key}"].update(value, None if tasks is None else tasks[episode])
 
@@ -406,16 +379,11 @@ class MetaLearningModule(LightningModule):
         else:  # a file object: read here, so that its hyper-parameters are checked like a file's
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             source = "The checkpoint"
-        saved = dict(checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
-        if not trust_remote_code:  # what the caller passes (learner=...) is the caller's, not the file's
-            asked = take_out_remote_code({key: value for key, value in saved.items() if key not in kwargs})[1]
-            refuse_remote_code(asked, source, "MetaLearningModule.load_from_checkpoint(..., trust_remote_code=True)")
-        hparams = upgrade_hyperparameters(saved, str(checkpoint_path)) if needs_upgrade(saved) else saved
-        base = rebuilt_base(checkpoint)
-        if base is not None and isinstance(hparams.get("learner"), Mapping) and "learner" not in kwargs:
-            hparams["learner"] = dict(hparams["learner"])
-            hparams["learner"]["init_args"] = dict(hparams["learner"].get("init_args") or {}) | {"pretrained": base}
-        if hparams is not saved or base is not None or not isinstance(checkpoint_path, str | Path):
+        saved = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        allow = "MetaLearningModule.load_from_checkpoint(..., trust_remote_code=True)"
+        hparams, _ = saved_hyperparameters(checkpoint, source, given=kwargs, trust_remote_code=trust_remote_code,
+                                           allow=allow)  # fmt: skip
+        if hparams != saved or not isinstance(checkpoint_path, str | Path):
             checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = hparams
             checkpoint_path = io.BytesIO()
             torch.save(checkpoint, checkpoint_path)
@@ -426,10 +394,10 @@ class MetaLearningModule(LightningModule):
         )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
-        self._log_episode_stats("val")
+        log_episode_statistics(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_episode_stats("test")
+        log_episode_statistics(self, "test")
 
     def on_train_start(self) -> None:
         self.timings["fit"] = time.perf_counter()
@@ -439,28 +407,6 @@ class MetaLearningModule(LightningModule):
 
     def on_test_start(self) -> None:
         self.timings["test"] = time.perf_counter()
-
-    def _log_episode_stats(self, stage: str) -> None:
-        summary = []
-        figures: dict[str, dict[str, float | int]] = {}
-        for key, statistic in self.episode_stats.items():
-            if not key.startswith(f"{stage}_") or statistic.update_count == 0:
-                continue
-            mean, ci95, episodes, tasks = statistic.compute()
-            name = f"{stage}/query_{key.removeprefix(f'{stage}_')}"
-            self.log(name, mean.float(), sync_dist=False)
-            self.log(f"{name}_ci95", ci95.float(), sync_dist=False)
-            figures[name] = {"mean": mean.item(), "ci95": ci95.item(), "episodes": episodes}
-            if tasks is not None:
-                figures[name]["tasks"] = tasks
-            counted = f"{episodes} episodes" + (f", {tasks} task{'s' * (tasks != 1)}" if tasks is not None else "")
-            summary.append(f"{name} = {mean.item():.4f} ± {ci95.item():.4f} ({counted})")
-            statistic.reset()
-        if summary and stage == "test" and not self.trainer.sanity_checking:
-            heading = "Post-adaptation results (mean ± 95% CI over episodes, or over tasks where episodes share them):"
-            rank_zero_info(heading + "\n  " + "\n  ".join(summary))
-            if self.trainer.loggers:
-                write_results(self, stage, figures)
 
     @property
     def trained_steps(self) -> int:

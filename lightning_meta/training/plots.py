@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 
 class AdaptationCurvePlot(Callback):
-    """Writes ``test_adaptation_curve.png`` (query figures vs adaptation steps, 95% CI bars) into the log dir.
+    """Writes ``test_adaptation_curve.png`` (query metrics vs adaptation steps, 95% CI bars) into the log dir.
 
-    Reads the ``test/query_{name}_step{k}`` figures that ``MetaLearningModule(eval_curve=[...])`` logs,
+    Reads the ``test/query_{name}_step{k}`` metrics that ``MetaLearningModule(eval_curve=[...])`` logs,
     at the end of ``test`` (rank 0 only), one panel per figure (loss, and accuracy where the
     learner reports it), and adds the same figure as the image ``test/adaptation_curve`` to each
     TensorBoard logger of the trainer. Needs matplotlib (``pip install matplotlib``, part of the
@@ -59,7 +59,7 @@ class AdaptationCurvePlot(Callback):
 
 
 def curve_points(metrics: dict, stage: str) -> dict[str, dict[int, tuple[float, float]]]:
-    """``{name: {k: (mean, ci95)}}`` from the ``{stage}/query_{name}_step{k}`` figures and their ``_ci95``."""
+    """``{name: {k: (mean, ci95)}}`` from the ``{stage}/query_{name}_step{k}`` metrics and their ``_ci95``."""
     pattern = re.compile(rf"{re.escape(stage)}/query_(\w+?)_step(\d+)")
     curves: dict[str, dict[int, tuple[float, float]]] = {}
     for key, value in metrics.items():

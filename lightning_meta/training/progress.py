@@ -1,4 +1,4 @@
-"""The training progress bar: meta-training steps out of ``max_steps``, with the step's figures."""
+"""The training progress bar: meta-training steps out of ``max_steps``, with the step's metrics."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class MetaProgressBar(TQDMProgressBar):
 
     Lightning's own bar counts the batches of an epoch and reads ``Epoch 2/-2`` for a run bounded
     by ``max_steps``. This one reads ``Meta-training: 120/300`` (a module's ``progress_label`` instead, if
-    it has one: ``Pretraining`` under ``lightning-meta pretrain``) and shows the figures the module puts
+    it has one: ``Pretraining`` under ``lightning-meta pretrain``) and shows the metrics the module puts
     on the bar without their ``train/`` prefix: ``query_loss`` and, for the MAML family on the steps
     Lightning logs, ``support_loss_pre`` / ``support_loss_post`` (the support loss before and after
     the inner loop). A run bounded by epochs keeps Lightning's per-epoch count.
@@ -78,7 +78,7 @@ class MetaProgressBar(TQDMProgressBar):
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
-        """The module's progress-bar figures, ``train/`` prefix dropped; no logger version number."""
+        """The module's progress-bar metrics, ``train/`` prefix dropped; no logger version number."""
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return {name.removeprefix("train/"): value for name, value in metrics.items()}

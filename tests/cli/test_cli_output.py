@@ -53,9 +53,9 @@ def test_a_short_fit_prints_only_the_expected_lines(tmp_path):
     (version,) = tmp_path.glob("lightning_logs/version_*")
     assert list(version.glob("events.out.tfevents.*")), "TensorBoard is the default logger"
     results = json.loads((version / "results.json").read_text())
-    assert results["figures"]["test/query_loss_post"]["episodes"] == 2
+    assert results["metrics"]["test/query_loss_post"]["episodes"] == 2
     printed = re.search(r"test/query_loss_post = (\d+\.\d+)", output).group(1)
-    assert f"{results['figures']['test/query_loss_post']['mean']:.4f}" == printed
+    assert f"{results['metrics']['test/query_loss_post']['mean']:.4f}" == printed
 
 
 def test_version(tmp_path):

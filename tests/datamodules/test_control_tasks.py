@@ -19,7 +19,7 @@ from lightning_meta.datamodules.control_tasks import (
     label_mapping_ceiling,
     word_pools,
 )
-from lightning_meta.training.metrics import control_figures
+from lightning_meta.training.metrics import control_metrics
 
 TOKENIZER = "embedded-bpe-4096"
 
@@ -171,11 +171,11 @@ def test_a_tables_ceiling_column_is_reported_with_chance_and_tasks_may_be_drawn_
             bad.setup("fit")
 
 
-def test_control_figures_put_chance_at_zero_and_the_ceiling_at_one():
+def test_control_metrics_put_chance_at_zero_and_the_ceiling_at_one():
     figures = {"accuracy_pre": torch.tensor([0.25, 0.25]), "accuracy_post": torch.tensor([1.0, 0.625]),
                "accuracy_per_token_post": torch.tensor([1.0, 1.0]), "loss_post": torch.tensor([1.0, 2.0])}  # fmt: skip
     metadata = {CEILING: torch.tensor([1.0, 1.0]), CHANCE: torch.tensor([0.25, 0.25])}
-    result = control_figures(figures, metadata)
+    result = control_metrics(figures, metadata)
     assert set(result) == {"ceiling", "chance", "control_gap_pre", "control_gap_post"}
     assert result["control_gap_pre"].tolist() == [0.0, 0.0] and result["control_gap_post"].tolist() == [1.0, 0.5]
-    assert control_figures(figures, {}) == {}
+    assert control_metrics(figures, {}) == {}

@@ -173,9 +173,9 @@ def test_control_gaps_are_taken_of_the_primary_accuracy_only():
     """Every scoring rule's accuracy_<rule>_* is logged beside accuracy; the control gap is the primary one's, so that
     each gap has its statistic (a gap per rule would name figures nothing collects)."""
     from lightning_meta.data.tasks import CEILING, CHANCE
-    from lightning_meta.training.metrics import control_figures
+    from lightning_meta.training.metrics import control_metrics
 
     figures = {name: torch.tensor([0.5]) for name in ("accuracy_pre", "accuracy_post", "accuracy_step2",
                "accuracy_sum_post", "accuracy_per_char_pre", "accuracy_per_token_step2", "correct_probability_post")}
-    result = control_figures(figures, {CEILING: torch.tensor([1.0]), CHANCE: torch.tensor([0.0])})
+    result = control_metrics(figures, {CEILING: torch.tensor([1.0]), CHANCE: torch.tensor([0.0])})
     assert set(result) == {"ceiling", "chance", "control_gap_pre", "control_gap_post", "control_gap_step2"}

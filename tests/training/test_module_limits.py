@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import lightning_meta.training.migrations as migrations
+import lightning_meta.training.checkpoint_loading as migrations
 from lightning_meta import MLP, MetaLearningModule, RegressionLearner
 from lightning_meta.algorithms import MAML, SGD
 from lightning_meta.datamodules import SinusoidDataModule

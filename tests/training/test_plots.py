@@ -32,7 +32,7 @@ def test_results_json_and_the_curve_image_in_tensorboard(tmp_path):
 
     results = json.loads((tmp_path / "lightning_logs/version_0/results.json").read_text())
     assert results["stage"] == "test"
-    for name, figure in results["figures"].items():
+    for name, figure in results["metrics"].items():
         assert figure["mean"] == pytest.approx(logged[name]) and figure["ci95"] == pytest.approx(logged[f"{name}_ci95"])
         assert figure["episodes"] == 4
     assert [point["steps"] for point in results["curve"]["loss"]] == [0, 1, 3]
@@ -101,6 +101,6 @@ def test_results_json_describes_the_run_and_test_ckpt_path_reports_the_checkpoin
     assert results["data"]["class_path"] == "SinusoidDataModule" and results["data"]["init_args"]["shots"] == 5
     assert results["seed"] == 3 and results["time"]["evaluation_seconds"] >= 0
     assert results["versions"]["torch"] == torch.__version__
-    assert results["figures"]["test/query_loss_post"]["episodes"] == 4
+    assert results["metrics"]["test/query_loss_post"]["episodes"] == 4
     assert tested.curve_figure.get_suptitle() == "MAML, K = 5 shots, 3 steps trained, 4 test episodes"
     assert (tmp_path / "lightning_logs/version_1" / results["curve_png"]).is_file()

@@ -1,14 +1,21 @@
-"""Checkpoints of earlier versions read today: renamed options and moved modules (one notice each).
+"""A checkpoint's saved hyper-parameters as this version reads them: the one reader every loader uses
+(:meth:`MetaLearningModule.load_from_checkpoint`, ``CausalLMPretraining.load_from_checkpoint``, the CLI's
+``--ckpt_path``, ``export``).
 
-Used where checkpoints are loaded (:meth:`MetaLearningModule.load_from_checkpoint`, the CLI's ``--ckpt_path``).
+What it does to them, in one place: earlier versions' renamed options and moved modules are read under today's
+names (one notice each); a slim checkpoint's pretrained model is looked up where it was found at training
+(:func:`~lightning_meta.training.checkpoints.rebuilt_base`); and no option saved in the file switches a model
+folder's own code on (``trust_remote_code``): only the caller may.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_meta.training.checkpoints import rebuilt_base, refuse_remote_code, take_out_remote_code
 
 #: Hyper-parameters of earlier versions, by their name today: ``task_by_task: bool`` became ``meta_batch``.
 _RENAMED = {"task_by_task": ("meta_batch", {True: "task_by_task", False: "all_at_once"})}
@@ -76,3 +83,39 @@ def upgrade_hyperparameters(hparams: Mapping[str, Any], source: str) -> dict[str
 def needs_upgrade(hparams: Mapping[str, Any]) -> bool:
     """Whether ``hparams`` use an earlier version's option names or module paths (:func:`upgrade_hyperparameters`)."""
     return bool(_RENAMED.keys() & set(hparams)) or _current_class_paths(dict(hparams)) != dict(hparams)
+
+
+def saved_hyperparameters(
+    checkpoint: Mapping[str, Any],
+    source: str,
+    *,
+    key: str = "hyper_parameters",
+    given: Iterable[str] = (),
+    pretrained: str | None = None,
+    trust_remote_code: bool = False,
+    allow: str | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """The hyper-parameters ``checkpoint`` saved under ``key``, as today's version reads them, and the dotted keys
+    that asked to run a model folder's own code.
+
+    Earlier versions' options and module paths are upgraded (:func:`upgrade_hyperparameters`, a notice each,
+    naming ``source``); the learner's ``pretrained`` becomes the folder a slim checkpoint's frozen weights are
+    rebuilt from (``pretrained``: the caller's choice; see :func:`rebuilt_base`); ``given``: the options the
+    caller passes itself, which the file's values do not decide. Unless ``trust_remote_code``, every saved
+    ``trust_remote_code`` is switched off and listed; with ``allow`` (how the caller allows it), such a
+    checkpoint is refused instead (:func:`refuse_remote_code`).
+    """
+    given = set(given)
+    hparams = dict(checkpoint.get(key) or {})
+    if needs_upgrade(hparams):
+        hparams = upgrade_hyperparameters(hparams, source)
+    base = rebuilt_base(checkpoint, pretrained) if key == "hyper_parameters" else None
+    if base is not None and isinstance(hparams.get("learner"), Mapping) and "learner" not in given:
+        init_args = dict(hparams["learner"].get("init_args") or {}) | {"pretrained": base}
+        hparams["learner"] = dict(hparams["learner"]) | {"init_args": init_args}
+    if trust_remote_code:
+        return hparams, []
+    cleaned, asked = take_out_remote_code({name: value for name, value in hparams.items() if name not in given})
+    if allow is not None:
+        refuse_remote_code(asked, source, allow)
+    return hparams | cleaned, asked

@@ -9,7 +9,7 @@ import torch
 
 from lightning_meta import MetaLearningModule, cli
 from lightning_meta.learners.models import MLP
-from lightning_meta.training.migrations import MOVED_MODULES, current_class_path, upgrade_hyperparameters
+from lightning_meta.training.checkpoint_loading import MOVED_MODULES, current_class_path, upgrade_hyperparameters
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "sinusoid.yaml")
 
