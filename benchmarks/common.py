@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,15 @@ def paired_rows(
 
 
 # ---------------------------------------------------------------------------------- trainer
+
+
+def quiet_benchmark_process() -> None:
+    """One torch thread; Lightning's and the package's info logs and Python's warnings off (a benchmark's
+    process, whose output is its own progress lines and tables)."""
+    torch.set_num_threads(1)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_meta"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
 
 
 def quiet_lightning() -> None:

@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
 import tempfile
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning
@@ -201,26 +200,64 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
             folder, meta_tokens, seconds["stage 1"] = stage1("maml" if arm == "b" else "multitask",
                                                              args.meta_steps, seed, work / "stage1")  # fmt: skip
             score("after stage 1", folder, meta_tokens, 0)
-        total = max(0, args.tokens - meta_tokens) // block_tokens  # this arm's pretraining steps: N in all
-        marks = sorted({min(point, total) for point in args.eval_points} | {total})
-        checkpoint = None
-        for mark in marks:
-            checkpoint, seconds[f"pretrain to {mark}"] = handoff.pretrain(
-                {"init_from": str(folder)}, mark, seed, work / "pretrain", resume=checkpoint
-            )
-            exported = export(str(checkpoint), str(work / f"pretrained-{mark}"))
-            end = mark == total
-            score("after stage 2" if end else f"pretraining step {mark}", exported, meta_tokens, mark,
-                  tuple(args.final_inner_lrs) if end else ())  # fmt: skip
+        end_lrs = tuple(args.final_inner_lrs)
+        seconds |= pretrain_and_score(
+            folder,
+            meta_tokens,
+            args,
+            seed,
+            work,
+            lambda stage, exported, mark: score(
+                stage, exported, meta_tokens, mark, end_lrs if stage == "after stage 2" else ()
+            ),
+        )
     seconds["total"] = time.perf_counter() - started
     names = ("tokens", "meta_steps", "eval_points", "final_inner_lrs", "test_tasks", "text_blocks")
     settings = {key: getattr(args, key) for key in names}
     record = {"points": points, "seconds": seconds, "settings": settings,
                      "text_domains": heldout_text()[1][: args.text_blocks]}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    # Written whole or not at all: a killed run leaves no half file that a rerun would take as finished.
-    write_file_atomically(out / f"{arm}.pt", lambda partial: torch.save(record, partial), f"arm {arm}'s result")
+    save_arm(out, arm, record)
     print(f"seed {seed} {ARMS[arm]}: {seconds}", flush=True)
+
+
+def pretrain_and_score(
+    folder: Path,
+    meta_tokens: int,
+    args: argparse.Namespace,
+    seed: int,
+    work: Path,
+    score: Callable[[str, Path, int], None],
+) -> dict[str, float]:
+    """Stage 2 from the exported ``folder`` for the rest of ``args.tokens`` after ``meta_tokens``, resumed from one
+    ``args.eval_points`` mark to the next; ``score(stage, exported folder, pretraining steps)`` at each mark (the
+    last: ``after stage 2``). Returns the seconds of each pretraining leg."""
+    block_tokens = handoff.PRETRAIN_BATCH * handoff.lm.BLOCK_SIZE
+    total = max(0, args.tokens - meta_tokens) // block_tokens  # this arm's pretraining steps: N in all
+    marks = sorted({min(point, total) for point in args.eval_points} | {total})
+    checkpoint, seconds = None, {}
+    for mark in marks:
+        checkpoint, seconds[f"pretrain to {mark}"] = handoff.pretrain(
+            {"init_from": str(folder)}, mark, seed, work / "pretrain", resume=checkpoint
+        )
+        exported = Path(export(str(checkpoint), str(work / f"pretrained-{mark}")))
+        score("after stage 2" if mark == total else f"pretraining step {mark}", exported, mark)
+    return seconds
+
+
+def save_arm(out: Path, arm: str, record: dict) -> None:
+    """``out/<arm>.pt``, written whole or not at all: a killed run leaves no half file a rerun would take as done."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(out / f"{arm}.pt", lambda partial: torch.save(record, partial), f"arm {arm}'s result")
+
+
+def run_missing_arms(args: argparse.Namespace, arms: dict[str, str], run_arm: Callable) -> None:
+    """``run_arm(arm, seed, args, out)`` for each of ``args.seeds`` and ``args.arms`` without a saved result."""
+    for seed in args.seeds:
+        for arm in args.arms:
+            if (args.out / f"seed{seed}" / f"{arm}.pt").exists():
+                print(f"seed {seed} {arms[arm]}: saved already, skipped", flush=True)
+                continue
+            run_arm(arm, seed, args, args.out / f"seed{seed}")
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -262,8 +299,10 @@ def report(out: Path) -> None:
             rows.append([ARMS[arm], point["stage"], tokens, cell([p["lm_loss"] for p in at], groups=domains),
                          *(cell([p["control_gap"][k] for p in at]) for k in (0, *ADAPT_STEPS)),
                          cell([p["accuracy"][max(ADAPT_STEPS)] for p in at])])  # fmt: skip
-    print("\nPer arm and stage: mean ± 95% CI (LM loss: the text domains as units, each domain's blocks averaged "
-          "first; control: the held-out tasks as units), seeds as units too [lowest, highest seed mean]:\n")
+    print(
+        "\nPer arm and stage: mean ± 95% CI (LM loss: the text domains as units, each domain's blocks averaged "
+        "first; control: the held-out tasks as units), seeds as units too [lowest, highest seed mean]:\n"
+    )
     print("\n".join(common.markdown_table(header, rows)))
 
     lrs = first["settings"].get("final_inner_lrs", [])
@@ -307,8 +346,10 @@ def report(out: Path) -> None:
             rows.append([f"{ARMS[arm]}: end − after stage 1",
                          *(cell([difference(a, b, k) for a, b in zip(ends, starts, strict=True)], signed=True)
                            for k in steps), cell(lm, signed=True, groups=domains)])  # fmt: skip
-    print("\nPaired differences (same held-out tasks and text blocks): control_gap (step size 1.0) and LM loss; "
-          "bold where the 95% CI excludes 0:\n")
+    print(
+        "\nPaired differences (same held-out tasks and text blocks): control_gap (step size 1.0) and LM loss; "
+        "bold where the 95% CI excludes 0:\n"
+    )
     header = ["difference", *(f"control_gap {common.steps_label(k)}" for k in steps), "LM loss"]
     print("\n".join(common.markdown_table(header, rows)))
     spent = sum(run[arm]["seconds"]["total"] for run in runs.values() for arm in run)
@@ -323,24 +364,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meta_steps", type=int, default=300, help="stage-1 steps of (b) and (c)")
     parser.add_argument("--eval_points", type=int, nargs="*", default=[50, 200],
                         help="pretraining steps after the hand-off scored besides the end")  # fmt: skip
-    parser.add_argument("--final_inner_lrs", type=float, nargs="*", default=[0.1, 10.0],
-                        help="other head step sizes scored at the end (is a lost adaptation a step-size mismatch?)")
+    parser.add_argument(
+        "--final_inner_lrs",
+        type=float,
+        nargs="*",
+        default=[0.1, 10.0],
+        help="other head step sizes scored at the end (is a lost adaptation a step-size mismatch?)",
+    )
     parser.add_argument("--test_tasks", type=int, default=CONTROL_TEST_TASKS, help="held-out control tasks")
     parser.add_argument("--text_blocks", type=int, default=None, help="only the first N held-out text blocks (tests)")
     parser.add_argument("--out", type=Path, default=HERE / "results_control")
     parser.add_argument("--report", action="store_true", help="only print the tables of the saved results")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_meta"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    common.quiet_benchmark_process()
     if not args.report:
-        for seed in args.seeds:
-            for arm in args.arms:
-                if (args.out / f"seed{seed}" / f"{arm}.pt").exists():
-                    print(f"seed {seed} {ARMS[arm]}: saved already, skipped", flush=True)
-                    continue
-                run_arm(arm, seed, args, args.out / f"seed{seed}")
+        run_missing_arms(args, ARMS, run_arm)
     report(args.out)
 
 

@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import logging
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -51,7 +49,6 @@ from torch import Tensor
 
 from lightning_meta import CausalLMLearner, LoraSettings, MetaLearningModule
 from lightning_meta.algorithms import FOMAML, MAML, MultiTask
-from lightning_meta.data.local_files import write_file_atomically
 from lightning_meta.handoff.export import export
 
 HERE = Path(__file__).resolve().parent
@@ -181,23 +178,19 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
             score("after stage 1, own adapters", module.learner, meta_tokens, 0)
             del module
             score("after stage 1", learner(folder), meta_tokens, 0)
-        total = max(0, args.tokens - meta_tokens) // block_tokens  # this arm's pretraining steps: N in all
-        marks = sorted({min(point, total) for point in args.eval_points} | {total})
-        checkpoint = None
-        for mark in marks:
-            checkpoint, seconds[f"pretrain to {mark}"] = handoff.pretrain(
-                {"init_from": str(folder)}, mark, seed, work / "pretrain", resume=checkpoint
-            )
-            exported = Path(export(str(checkpoint), str(work / f"pretrained-{mark}")))
-            score("after stage 2" if mark == total else f"pretraining step {mark}", learner(exported), meta_tokens,
-                  mark)  # fmt: skip
+        seconds |= control.pretrain_and_score(
+            folder,
+            meta_tokens,
+            args,
+            seed,
+            work,
+            lambda stage, exported, mark: score(stage, learner(exported), meta_tokens, mark),
+        )
     seconds["total"] = time.perf_counter() - started
     settings = {key: getattr(args, key) for key in ("tokens", "meta_tokens", "eval_points", "text_blocks")}
     record = {"points": points, "seconds": seconds, "settings": settings | {"meta_steps": meta_steps},
               "text_domains": control.heldout_text()[1][: args.text_blocks], "tasks": episodes("test")[1]}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    # Written whole or not at all: a killed run leaves no half file that a rerun would take as finished.
-    write_file_atomically(out / f"{arm}.pt", lambda partial: torch.save(record, partial), f"arm {arm}'s result")
+    control.save_arm(out, arm, record)
     print(f"seed {seed} {ARMS[arm]}: {seconds}", flush=True)
 
 
@@ -279,17 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results_gym")
     parser.add_argument("--report", action="store_true", help="only print the tables of the saved results")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_meta"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    common.quiet_benchmark_process()
     if not args.report:
-        for seed in args.seeds:
-            for arm in args.arms:
-                if (args.out / f"seed{seed}" / f"{arm}.pt").exists():
-                    print(f"seed {seed} {ARMS[arm]}: saved already, skipped", flush=True)
-                    continue
-                run_arm(arm, seed, args, args.out / f"seed{seed}")
+        control.run_missing_arms(args, ARMS, run_arm)
     report(args.out)
 
 

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import lightning
@@ -309,10 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test_batches", type=int, default=None, help="only the first N test batches (smoke test)")
     parser.add_argument("--report", action="store_true", help="only print the tables and plot the saved results")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_meta"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    common.quiet_benchmark_process()
     if not args.report:
         for seed in args.seeds:
             run_seed(seed, args.budget, args.pretrain_steps, args.step_size, args.out, args.test_batches)

@@ -76,3 +76,54 @@ def test_control_handoff_arms_run_count_tokens_and_are_skipped_once_saved(tmp_pa
     run.main(argv)
     printed = capsys.readouterr().out
     assert printed.count("saved already, skipped") == 3 and "| (b) MAML, then pretraining | after stage 2 |" in printed
+
+
+def load_gym_run():
+    """``benchmarks/handoff/gym_run.py`` as a module (it imports ``run.py`` and ``control_run.py`` beside it)."""
+    import importlib.util
+    import sys
+
+    load_control_run()  # benchmarks/ and benchmarks/handoff/ on the path
+    spec = importlib.util.spec_from_file_location("handoff_gym_run", BENCHMARKS / "handoff" / "gym_run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # ~60 CPU-seconds: 2 gym trainings, 3 pretraining runs, 8 evaluations on 2 episodes
+def test_gym_handoff_arms_run_count_tokens_and_are_skipped_once_saved(tmp_path, capsys, monkeypatch):
+    # Shortened: N = 3,000 tokens, 1,000 of them on the gym, 2 validation and 2 test episodes, little text.
+    run = load_gym_run()
+    monkeypatch.setattr(run.handoff, "PRETRAIN_TOKENS_PER_DOMAIN", 10_000)
+    monkeypatch.setattr(run.handoff, "PRETRAIN_BATCH", 2)
+    monkeypatch.setattr(run.gym, "SGD_GRID", (0.3, 1.0))
+    full = run.episodes
+    monkeypatch.setattr(run, "episodes", lambda split: tuple(part[:2] for part in full(split)))
+    argv = ["--seeds", "0", "--tokens", "3000", "--meta_tokens", "1000", "--eval_points", "--text_blocks", "8",
+            "--out", str(tmp_path)]  # fmt: skip
+    run.main(argv)
+    saved = {arm: torch.load(tmp_path / "seed0" / f"{arm}.pt") for arm in "abc"}
+    for arm, record in saved.items():
+        stages = [point["stage"] for point in record["points"]]
+        first = ["random init"] if arm == "a" else ["after stage 1, own adapters", "after stage 1"]
+        assert stages == [*first, "after stage 2"]
+        for point in record["points"]:
+            assert point["lm_loss"].shape == (8,) and torch.isfinite(point["lm_loss"]).all()
+            assert set(point["loss"]) == {0, *run.ADAPT_STEPS} and len(point["loss"][0]) == 2
+            assert point["step_size"] in (0.3, 1.0) and set(point["val_loss_by_step_size"]) == {0.3, 1.0}
+        last = record["points"][-1]
+        spent = last["meta_tokens"] + last["pretrain_tokens"]
+        assert spent <= 3000 < spent + 2 * 64  # N in all, in whole pretraining steps of 2 blocks of 64 tokens
+    # The export merges the adapters and the scoring adds fresh ones (B = 0): the same model before adaptation.
+    for arm in "bc":
+        own, fresh = saved[arm]["points"][:2]
+        torch.testing.assert_close(own["loss"][0], fresh["loss"][0], rtol=1e-4, atol=1e-4)
+        assert saved[arm]["points"][0]["meta_tokens"] >= 1000  # the budget stops after the step that reached it
+    capsys.readouterr()
+    run.main(argv)
+    printed = capsys.readouterr().out
+    assert (
+        printed.count("saved already, skipped") == 3
+        and "| (b) MAML-LoRA, then pretraining | after stage 2 |" in printed
+    )
