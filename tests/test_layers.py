@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 #: Each layer and the layers it may import at import time (its own included). The application
-#: layer (the facade ``lightning_meta/__init__``, ``cli``, ``cli_messages``, ``__main__``) may import anything.
+#: layer (the facade ``lightning_meta/__init__``, ``cli``, ``cli_messages``, ``cli_checkpoint``, ``__main__``) may
+#: import anything.
 ALLOWED = {
     "_compat": {"_compat"},
     "version": {"version"},
@@ -26,7 +27,8 @@ FOLDERS = {"algorithms": ROOT / "algorithms", "datamodules": ROOT / "datamodules
 def layer_of(module: str) -> str | None:
     """``lightning_meta.data.tasks`` -> ``data``; the application layer -> ``None``."""
     parts = module.split(".")
-    if parts[0] != "lightning_meta" or len(parts) == 1 or parts[1] in ("cli", "cli_messages", "__main__", "configs"):
+    application = ("cli", "cli_messages", "cli_checkpoint", "__main__", "configs")
+    if parts[0] != "lightning_meta" or len(parts) == 1 or parts[1] in application:
         return None
     return parts[1]
 

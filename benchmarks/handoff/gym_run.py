@@ -53,22 +53,25 @@ from lightning_meta.handoff.export import export
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: common.py
-sys.path.insert(0, str(HERE))  # run.py (pretraining), control_run.py (held-out text, LM loss, reports)
+sys.path.insert(0, str(HERE))  # run.py: the pretraining stage and its data
 import common  # noqa: E402
-import control_run as control  # noqa: E402
 import run as handoff  # noqa: E402
 
 
-def _task_gym() -> ModuleType:
-    """``benchmarks/task_gym/run.py`` (the task gym's model, data and recipe), under a name of its own."""
-    spec = importlib.util.spec_from_file_location("task_gym_run", HERE.parent / "task_gym" / "run.py")
+def _script(path: Path, name: str) -> ModuleType:
+    """A benchmark script as a module under a name of its own (``benchmarks/*/run.py`` share their file names,
+    and the tests load ``benchmarks/control/run.py`` as ``control_run``); loaded once."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-gym = _task_gym()
+gym = _script(HERE.parent / "task_gym" / "run.py", "task_gym_run")  # the task gym's model, data and recipe
+control = _script(HERE / "control_run.py", "handoff_control_run")  # held-out text, LM loss, the arm loop
 
 MODEL = "tiny"
 TOKENIZER = gym.MODELS[MODEL]["tokenizer"]
