@@ -250,6 +250,30 @@ def save_arm(out: Path, arm: str, record: dict) -> None:
     write_file_atomically(out / f"{arm}.pt", lambda partial: torch.save(record, partial), f"arm {arm}'s result")
 
 
+def arm_parser(description: str, *, tokens: int, eval_points: list[int], out: Path) -> argparse.ArgumentParser:
+    """The options every hand-off script shares (seeds, arms, N, scored pretraining steps, text blocks, results
+    folder, ``--report``), with that script's defaults; the script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[], help="training seeds to run")
+    parser.add_argument("--arms", default="abc", help="which arms to run (a, b, c)")
+    parser.add_argument("--tokens", type=int, default=tokens, help="N: tokens of every arm, meta-training included")
+    parser.add_argument("--eval_points", type=int, nargs="*", default=eval_points,
+                        help="pretraining steps after the hand-off scored besides the end")  # fmt: skip
+    parser.add_argument("--text_blocks", type=int, default=None, help="only the first N held-out text blocks (tests)")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--report", action="store_true", help="only print the tables of the saved results")
+    return parser
+
+
+def run_and_report(args: argparse.Namespace, arms: dict[str, str], run_arm: Callable,
+                   report: Callable[[Path], None]) -> None:  # fmt: skip
+    """Run the missing arms of ``args.seeds`` (unless ``--report``), then print the report of what is saved."""
+    common.quiet_benchmark_process()
+    if not args.report:
+        run_missing_arms(args, arms, run_arm)
+    report(args.out)
+
+
 def run_missing_arms(args: argparse.Namespace, arms: dict[str, str], run_arm: Callable) -> None:
     """``run_arm(arm, seed, args, out)`` for each of ``args.seeds`` and ``args.arms`` without a saved result."""
     for seed in args.seeds:
@@ -357,30 +381,12 @@ def report(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="*", default=[], help="training seeds to run")
-    parser.add_argument("--arms", default="abc", help="which arms to run (a, b, c)")
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="N: tokens of every arm, meta-training included")
+    parser = arm_parser(__doc__.split("\n\n")[0], tokens=1_000_000, eval_points=[50, 200], out=HERE / "results_control")
     parser.add_argument("--meta_steps", type=int, default=300, help="stage-1 steps of (b) and (c)")
-    parser.add_argument("--eval_points", type=int, nargs="*", default=[50, 200],
-                        help="pretraining steps after the hand-off scored besides the end")  # fmt: skip
-    parser.add_argument(
-        "--final_inner_lrs",
-        type=float,
-        nargs="*",
-        default=[0.1, 10.0],
-        help="other head step sizes scored at the end (is a lost adaptation a step-size mismatch?)",
-    )
+    parser.add_argument("--final_inner_lrs", type=float, nargs="*", default=[0.1, 10.0],
+                        help="other head step sizes scored at the end (is a lost adaptation a step-size mismatch?)")
     parser.add_argument("--test_tasks", type=int, default=CONTROL_TEST_TASKS, help="held-out control tasks")
-    parser.add_argument("--text_blocks", type=int, default=None, help="only the first N held-out text blocks (tests)")
-    parser.add_argument("--out", type=Path, default=HERE / "results_control")
-    parser.add_argument("--report", action="store_true", help="only print the tables of the saved results")
-    args = parser.parse_args(argv)
-    common.quiet_benchmark_process()
-    if not args.report:
-        run_missing_arms(args, ARMS, run_arm)
-    report(args.out)
-
+    run_and_report(parser.parse_args(argv), ARMS, run_arm, report)
 
 if __name__ == "__main__":
     main()

@@ -264,22 +264,9 @@ def report(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="*", default=[], help="training seeds to run")
-    parser.add_argument("--arms", default="abc", help="which arms to run (a, b, c)")
-    parser.add_argument("--tokens", type=int, default=600_000, help="N: tokens of every arm, meta-training included")
+    parser = control.arm_parser(__doc__.split("\n\n")[0], tokens=600_000, eval_points=[50], out=HERE / "results_gym")
     parser.add_argument("--meta_tokens", type=int, default=300_000, help="stage-1 real tokens of (b) and (c)")
-    parser.add_argument("--eval_points", type=int, nargs="*", default=[50],
-                        help="pretraining steps after the hand-off scored besides the end")  # fmt: skip
-    parser.add_argument("--text_blocks", type=int, default=None, help="only the first N held-out text blocks (tests)")
-    parser.add_argument("--out", type=Path, default=HERE / "results_gym")
-    parser.add_argument("--report", action="store_true", help="only print the tables of the saved results")
-    args = parser.parse_args(argv)
-    common.quiet_benchmark_process()
-    if not args.report:
-        control.run_missing_arms(args, ARMS, run_arm)
-    report(args.out)
-
+    control.run_and_report(parser.parse_args(argv), ARMS, run_arm, report)
 
 if __name__ == "__main__":
     main()
