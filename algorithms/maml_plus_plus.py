@@ -116,8 +116,15 @@ class MAMLPlusPlus(MAML):
         importance = self.msl_weights()
         total: Tensor | None = None
         for step, adapted in enumerate(
-            inner_steps(learner, self.fast_weights(learner), episode.support, update=self.inner_update(),
-                        steps=self.inner_steps, create_graph=self.second_order(), parallel=parallel)  # fmt: skip
+            inner_steps(
+                learner,
+                self.fast_weights(learner),
+                episode.support,
+                update=self.inner_update(),
+                steps=self.inner_steps,
+                create_graph=self.second_order(),
+                parallel=parallel,
+            )
         ):
             loss, metrics = learner.loss(episode.query, adapted)
             weighted = importance[step].to(loss.dtype) * loss

@@ -156,16 +156,20 @@ class MetaICL(MetaAlgorithm):
         support, query = self.loss_rows(batch.support), self.loss_rows(batch.query)
         packed = self.packed_queries(learner, support, query) if self.encode_demonstrations_once else None
         if packed is not None:
-            return super().meta_loss(learner, TaskBatch(batch.support, packed, batch.ways, batch.shots, batch.metadata),
-                                     **step)  # fmt: skip
+            return super().meta_loss(
+                learner, TaskBatch(batch.support, packed, batch.ways, batch.shots, batch.metadata), **step
+            )
         length = self.sequence_length(learner, support, query)
         episodes = [
-            Episode(episode.support,
-                    self.conditioned(learner, episode.support, episode.query, False, length,
-                                     self.demonstration_loss)[0],
-                    episode.ways, episode.shots, episode.metadata)
+            Episode(
+                episode.support,
+                self.conditioned(learner, episode.support, episode.query, False, length, self.demonstration_loss)[0],
+                episode.ways,
+                episode.shots,
+                episode.metadata,
+            )
             for episode in batch.episodes()
-        ]  # fmt: skip
+        ]
         return super().meta_loss(learner, TaskBatch.stack(episodes), **step)
 
     def packing_refusal(self, learner: Learner) -> str | None:
@@ -199,9 +203,9 @@ class MetaICL(MetaAlgorithm):
         episodes, queries, _ = query_mask.shape
         demo_lengths, query_lengths = demo_mask.sum(-1), query_mask.sum(-1)
         row_lengths = demo_lengths - 1 + queries + query_lengths.sum(-1)
-        longest_row, fitting, shortest_demonstrations = torch.stack([
-            row_lengths.max(), (demo_lengths + query_lengths.amax(-1) <= context).all().long(), demo_lengths.min()
-        ]).tolist()  # fmt: skip
+        longest_row, fitting, shortest_demonstrations = torch.stack(
+            [row_lengths.max(), (demo_lengths + query_lengths.amax(-1) <= context).all().long(), demo_lengths.min()]
+        ).tolist()
         if not fitting or shortest_demonstrations < 1 or longest_row > context:
             return None
         demo_positions = demo_mask.cumsum(-1) - 1
@@ -214,15 +218,19 @@ class MetaICL(MetaAlgorithm):
         per_query = (episodes, queries, 1)
         first_column = torch.arange(queries, device=query_mask.device)[None, :, None].expand(per_query)
         pieces = {  # (demonstrations' tokens, queries' tokens) of each field, every query led by the last demo token
-            "input_ids": (support["input_ids"].flatten(-2), torch.cat([last_ids[:, None, None].expand(per_query),
-                                                                        query["input_ids"]], -1)),
+            "input_ids": (
+                support["input_ids"].flatten(-2),
+                torch.cat([last_ids[:, None, None].expand(per_query), query["input_ids"]], -1),
+            ),
             "attention_mask": (demo_mask, torch.cat([first_column > 0, query_mask], -1)),
             "labels": (demo_labels, F.pad(query["labels"], (1, 0), value=IGNORE_INDEX)),
             POSITION_IDS: (demo_positions, (demo_lengths - 1)[:, None, None] + F.pad(query_mask.cumsum(-1), (1, 0))),
             SEGMENT_IDS: (last.long(), (first_column + 1).expand(-1, -1, query_mask.shape[-1] + 1)),
-            LABEL_WEIGHTS: (torch.full(demo_mask.shape, float(queries), device=demo_mask.device),
-                            torch.ones(query_mask.shape[:-1] + (query_mask.shape[-1] + 1,), device=demo_mask.device)),
-        }  # fmt: skip
+            LABEL_WEIGHTS: (
+                torch.full(demo_mask.shape, float(queries), device=demo_mask.device),
+                torch.ones(query_mask.shape[:-1] + (query_mask.shape[-1] + 1,), device=demo_mask.device),
+            ),
+        }
         if not self.demonstration_loss:  # every weight 1: a plain mean
             del pieces[LABEL_WEIGHTS]
         joined = {name: torch.cat([demo, queried.flatten(-2)], -1) for name, (demo, queried) in pieces.items()}
@@ -231,10 +239,17 @@ class MetaICL(MetaAlgorithm):
         # A stable sort on "dropped" moves the kept tokens to the front, in order (as with_demonstrations does).
         order = torch.argsort((~kept).to(torch.uint8), dim=-1, stable=True)[:, :length]
         kept = kept.gather(-1, order)
-        padding = {"input_ids": 0, "attention_mask": False, "labels": IGNORE_INDEX, POSITION_IDS: 0, SEGMENT_IDS: -1,
-                   LABEL_WEIGHTS: 0.0}  # fmt: skip
-        packed = {name: tensor.gather(-1, order).masked_fill(~kept, padding[name])[:, None]
-                  for name, tensor in joined.items()}  # fmt: skip
+        padding = {
+            "input_ids": 0,
+            "attention_mask": False,
+            "labels": IGNORE_INDEX,
+            POSITION_IDS: 0,
+            SEGMENT_IDS: -1,
+            LABEL_WEIGHTS: 0.0,
+        }
+        packed = {
+            name: tensor.gather(-1, order).masked_fill(~kept, padding[name])[:, None] for name, tensor in joined.items()
+        }
         packed["attention_mask"] = packed["attention_mask"].to(query["attention_mask"].dtype)
         packed[DROPPED] = torch.zeros(episodes, 1, dtype=torch.long, device=kept.device)
         return packed
@@ -297,8 +312,9 @@ class MetaICL(MetaAlgorithm):
         # each direct row's task prefix (its first TASK_PREFIX_LENGTH tokens) moved before them.
         demonstrations, lead = dict(support), None
         if options and DEMONSTRATION_FIELDS[0] in support:
-            demonstrations = dict(zip(("input_ids", "attention_mask"), (support[name] for name in DEMONSTRATION_FIELDS),
-                                      strict=True))  # fmt: skip
+            demonstrations = dict(
+                zip(("input_ids", "attention_mask"), (support[name] for name in DEMONSTRATION_FIELDS), strict=True)
+            )
             lead = query[TASK_PREFIX_LENGTH]
         direct_lead = lead if self.direction == "direct" else None
         if direct_lead is not None:
@@ -306,9 +322,9 @@ class MetaICL(MetaAlgorithm):
         if length is None:
             length = self.sequence_length(learner, support_rows, query_rows)
         fields = (query_rows[name] for name in ("input_ids", "attention_mask", "labels"))
-        conditioned, dropped = with_demonstrations(support_rows, *fields, context, length,
-                                                   demonstration_labels=demonstration_labels,
-                                                   lead_lengths=direct_lead)  # fmt: skip
+        conditioned, dropped = with_demonstrations(
+            support_rows, *fields, context, length, demonstration_labels=demonstration_labels, lead_lengths=direct_lead
+        )
         built = dict(zip(("input_ids", "attention_mask", "labels"), conditioned, strict=True))
         built[DROPPED] = dropped
         if options and CHOICE_FIELDS[0] in query:
@@ -317,9 +333,16 @@ class MetaICL(MetaAlgorithm):
             longest = mask.sum(-1).amax(-1, keepdim=True).expand(examples, count).flatten()
             choice_length = self.sequence_length(learner, demonstrations, query, options=True)
             choice_lead = None if lead is None else lead[:, None].expand(examples, count).flatten()
-            choices, _ = with_demonstrations(demonstrations, ids.flatten(0, 1), mask.flatten(0, 1),
-                                             labels.flatten(0, 1), context, choice_length, longest,
-                                             lead_lengths=choice_lead)  # fmt: skip
+            choices, _ = with_demonstrations(
+                demonstrations,
+                ids.flatten(0, 1),
+                mask.flatten(0, 1),
+                labels.flatten(0, 1),
+                context,
+                choice_length,
+                longest,
+                lead_lengths=choice_lead,
+            )
             built |= {
                 name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
             }
@@ -334,8 +357,9 @@ class MetaICL(MetaAlgorithm):
     def task_loss(
         self, learner: Learner, episode: Episode, *, parallel: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        query, dropped = self.conditioned(learner, episode.support, episode.query, options=False,
-                                          demonstration_labels=self.demonstration_loss)  # fmt: skip
+        query, dropped = self.conditioned(
+            learner, episode.support, episode.query, options=False, demonstration_labels=self.demonstration_loss
+        )
         loss, found = learner.loss(query)
         metrics = {f"query_{name}": value for name, value in found.items()}
         return loss, metrics | {
@@ -391,8 +415,9 @@ class MetaICL(MetaAlgorithm):
         query_rows = self.loss_rows(query)
         # By mask field: the rows' fields, their demonstrations, and the mask of the rows they must fit beside (the
         # longest option, for the options and calibration rows, as conditioned chooses their demonstrations).
-        rows = {"attention_mask": (("input_ids", "attention_mask", "labels"), self.direction,
-                                   query_rows["attention_mask"])}  # fmt: skip
+        rows = {
+            "attention_mask": (("input_ids", "attention_mask", "labels"), self.direction, query_rows["attention_mask"])
+        }
         if CHOICE_FIELDS[0] in query:
             rows[CHOICE_FIELDS[1]] = (CHOICE_FIELDS, "direct", query[CHOICE_FIELDS[1]])
             if CALIBRATION_FIELDS[0] in query:
@@ -418,9 +443,17 @@ class MetaICL(MetaAlgorithm):
         for fields, direction, _ in rows.values():
             ids, attention, labels = (built[name] for name in fields)
             lead = last[direction].expand(ids.shape[:-1] + (1,))
-            built |= dict(zip(fields, (torch.cat([lead, ids], -1),
-                                       F.pad(attention, (1, 0), value=1),
-                                       F.pad(labels, (1, 0), value=IGNORE_INDEX)), strict=True))  # fmt: skip
+            built |= dict(
+                zip(
+                    fields,
+                    (
+                        torch.cat([lead, ids], -1),
+                        F.pad(attention, (1, 0), value=1),
+                        F.pad(labels, (1, 0), value=IGNORE_INDEX),
+                    ),
+                    strict=True,
+                )
+            )
         return built, {mask: prefixes[direction] for mask, (_, direction, _) in rows.items()}
 
     def predict(self, learner: Learner, episode: Episode, steps: int | None = None) -> Tensor:
@@ -448,8 +481,16 @@ def _option_rows(
     kept, _ = demonstrations_kept(support["attention_mask"], longest, context)
     real = (kept * support["attention_mask"].sum(-1)).sum(-1) + mask.sum(-1).flatten()
     lead = None if lead_lengths is None else lead_lengths[:, None].expand(examples, count).flatten()
-    rows, _ = with_demonstrations(support, ids.flatten(0, 1), mask.flatten(0, 1), labels.flatten(0, 1), context,
-                                  padded_length(int(real.max())), longest, lead_lengths=lead)  # fmt: skip
+    rows, _ = with_demonstrations(
+        support,
+        ids.flatten(0, 1),
+        mask.flatten(0, 1),
+        labels.flatten(0, 1),
+        context,
+        padded_length(int(real.max())),
+        longest,
+        lead_lengths=lead,
+    )
     return {name: tensor.view(examples, count, -1) for name, tensor in zip(fields, rows, strict=True)}
 
 

@@ -155,9 +155,13 @@ class RealTokenBudget(lightning.Callback):
         self.tokens = 0
 
     def on_train_batch_end(  # noqa: D102
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, outputs: Any, batch: TaskBatch,
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        outputs: Any,
+        batch: TaskBatch,
         batch_idx: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         support, query = (int(split[self.mask].sum()) for split in (batch.support, batch.query))
         self.tokens += self.support_passes * support + self.query_passes * query
         trainer.should_stop = self.tokens >= self.budget
@@ -176,8 +180,9 @@ class _EpisodeFigures(lightning.Callback):
     def on_test_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         # Callbacks run before the module's own on_test_epoch_end, which logs and resets the statistics.
         stats = pl_module.episode_stats
-        self.values = {name: {k: torch.cat(stats[key].values) for k, key in keys.items()}
-                       for name, keys in self.keys.items()}  # fmt: skip
+        self.values = {
+            name: {k: torch.cat(stats[key].values) for k, key in keys.items()} for name, keys in self.keys.items()
+        }
 
 
 def adaptation_curve(

@@ -173,8 +173,14 @@ class LabelMapping(ControlFamily):
     def draw(self, generator: torch.Generator, words: WordPools, shots: int, name: str) -> ControlTask:
         inputs, labels = _sample(generator, words.inputs, self.classes), _sample(generator, words.labels, self.classes)
         options = tuple(sorted(labels))
-        return ControlTask(name, self.name, tuple(zip(inputs, labels, strict=True)), (options,) * self.classes,
-                           self.ceiling(shots), self.chance())  # fmt: skip
+        return ControlTask(
+            name,
+            self.name,
+            tuple(zip(inputs, labels, strict=True)),
+            (options,) * self.classes,
+            self.ceiling(shots),
+            self.chance(),
+        )
 
     def ceiling(self, shots: int) -> float:
         return label_mapping_ceiling(self.classes, shots)
@@ -295,8 +301,11 @@ class ControlTasks:
                 f"classes={settings.classes} or length={settings.length} is more than the {len(pools.labels)} words "
                 "a split's tasks draw from: lower it, or raise words."
             )
-        sizes = {"label_mapping": {"classes": settings.classes}, "arithmetic": {"modulus": settings.modulus},
-                 "selection": {"length": settings.length}}  # fmt: skip
+        sizes = {
+            "label_mapping": {"classes": settings.classes},
+            "arithmetic": {"modulus": settings.modulus},
+            "selection": {"length": settings.length},
+        }
         self.families: list[ControlFamily] = [known[name](**sizes[name]) for name in dict.fromkeys(settings.families)]
         self.settings = settings
         self.shots = shots

@@ -86,9 +86,15 @@ class LanguageModelingTasksDataModule(EpisodicDataModule):
         allow_data_change: bool = False,
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            meta_batch_size,
+            batches_per_epoch,
+            num_val_tasks,
+            num_test_tasks,
+            eval_meta_batch_size,
+            seed,
+            num_workers,
             allow_data_change,
-        )  # fmt: skip
+        )
         if block_size < 2 or shots < 1 or queries < 1:
             raise ValueError(f"Need block_size >= 2, shots >= 1, queries >= 1; got {block_size}, {shots}, {queries}.")
         self.tokenizer = required_tokenizer(tokenizer, type(self).__name__)

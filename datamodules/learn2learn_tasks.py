@@ -79,7 +79,13 @@ class Learn2LearnDataModule(EpisodicDataModule):
         allow_data_change: bool = False,
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            meta_batch_size,
+            batches_per_epoch,
+            num_val_tasks,
+            num_test_tasks,
+            eval_meta_batch_size,
+            seed,
+            num_workers,
             allow_data_change,
         )
         for name, taskset in (("train", train), ("validation", validation), ("test", test)):

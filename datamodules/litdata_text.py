@@ -95,9 +95,16 @@ def prepare_litdata_corpus(
     if output.exists():
         raise FileExistsError(f"output_dir={output_dir!r} exists: give a new folder (a prepared corpus is kept).")
     packed = PackedTextDataModule(
-        tokenizer=tokenizer, corpus=corpus, text_column=text_column, domain_column=domain_column, domains=domains,
-        val_fraction=val_fraction, block_size=block_size, batch_size=1, max_tokens_per_domain=max_tokens_per_domain,
-    )  # fmt: skip
+        tokenizer=tokenizer,
+        corpus=corpus,
+        text_column=text_column,
+        domain_column=domain_column,
+        domains=domains,
+        val_fraction=val_fraction,
+        block_size=block_size,
+        batch_size=1,
+        max_tokens_per_domain=max_tokens_per_domain,
+    )
     blocks = packed.blocks
     per_input = max(1, blocks_per_chunk)
 
@@ -109,13 +116,23 @@ def prepare_litdata_corpus(
             starts = range(0, len(split_blocks), per_input)
             inputs = [split_blocks[start : start + per_input].clone() for start in starts]
             litdata.optimize(
-                fn=_blocks_of, inputs=inputs, output_dir=str(folder / split), chunk_size=block_size * per_input,
-                item_loader=litdata.TokensLoader(), num_workers=num_workers, start_method=start_method,
-                reorder_files=False, verbose=False,
+                fn=_blocks_of,
+                inputs=inputs,
+                output_dir=str(folder / split),
+                chunk_size=block_size * per_input,
+                item_loader=litdata.TokensLoader(),
+                num_workers=num_workers,
+                start_method=start_method,
+                reorder_files=False,
+                verbose=False,
                 keep_data_ordered=True,
-            )  # fmt: skip
-        record = {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer),
-                  "block_size": block_size, "blocks": {split: len(part) for split, part in blocks.items()}}  # fmt: skip
+            )
+        record = {
+            "tokenizer": tokenizer,
+            "tokenizer_fingerprint": fingerprint_of(tokenizer),
+            "block_size": block_size,
+            "blocks": {split: len(part) for split, part in blocks.items()},
+        }
         (folder / CORPUS_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
     write_folder_atomically(output, write, what="the LitData corpus")
@@ -192,8 +209,12 @@ class LitDataTextDataModule(LightningDataModule):
         record_file = root / CORPUS_FILE
         if record_file.is_file():
             record = json.loads(record_file.read_text())
-            check_tokenizer(record["tokenizer"], record["tokenizer_fingerprint"], self.tokenizer,
-                            f"The LitData corpus {self.corpus}")  # fmt: skip
+            check_tokenizer(
+                record["tokenizer"],
+                record["tokenizer_fingerprint"],
+                self.tokenizer,
+                f"The LitData corpus {self.corpus}",
+            )
 
     def _check_optimized(self, split: str, folder: Path) -> None:
         option = "corpus" if split == "train" else "val_corpus"
@@ -228,9 +249,13 @@ class LitDataTextDataModule(LightningDataModule):
     def _dataset(self, split: str) -> Any:
         litdata = _litdata()
         return litdata.StreamingDataset(
-            self.folders[split], item_loader=litdata.TokensLoader(block_size=self.block_size),
-            shuffle=self.shuffle and split == "train", seed=self.seed, drop_last=True, cache_dir=self.cache_dir,
-        )  # fmt: skip
+            self.folders[split],
+            item_loader=litdata.TokensLoader(block_size=self.block_size),
+            shuffle=self.shuffle and split == "train",
+            seed=self.seed,
+            drop_last=True,
+            cache_dir=self.cache_dir,
+        )
 
     def setup(self, stage: str) -> None:
         """Check the folders (errors about the data surface here, before any step)."""
@@ -257,8 +282,13 @@ class LitDataTextDataModule(LightningDataModule):
             return []
         litdata = _litdata()
         # drop_last: every process runs as many batches (under FSDP each forward is a collective).
-        return litdata.StreamingDataLoader(self._dataset("val"), batch_size=self.batch_size, collate_fn=_collate,
-                                           num_workers=self.num_workers, drop_last=True)  # fmt: skip
+        return litdata.StreamingDataLoader(
+            self._dataset("val"),
+            batch_size=self.batch_size,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
 
     def _next_batch(self) -> int | None:
         return None if self.trainer is None else stream.next_train_batch(self, 0)
@@ -313,8 +343,7 @@ class _ResumableMixin:
     """
 
     def __init__(self, dataset: Any, batch_size: int, num_workers: int, position: Callable[[], int | None]) -> None:
-        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                         drop_last=True)  # fmt: skip
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, drop_last=True)
         self._position = position
         self._yielded = 0
         self._states: dict[int, dict[str, Any] | None] = {0: None}

@@ -144,8 +144,10 @@ class MaskedWordTasksDataModule(EpisodicClassificationDataModule):
                 containing[word].append(index)
         needed = self.shots + self.queries
         limit = self.max_word_frequency * len(sentences)
-        eligible = sorted((w for w, rows in containing.items() if needed <= len(rows) <= limit),
-                          key=lambda w: (-len(containing[w]), w))[: self.max_words]  # fmt: skip
+        eligible = sorted(
+            (w for w, rows in containing.items() if needed <= len(rows) <= limit),
+            key=lambda w: (-len(containing[w]), w),
+        )[: self.max_words]
         if len(eligible) < 3 * self.ways:
             raise ValueError(
                 f"Only {len(eligible)} words occur in at least shots + queries = {needed} sentences (and in at most "

@@ -191,11 +191,14 @@ class PackedTextDataModule(LightningDataModule):
             return DataLoader(self._stream, batch_size=None, num_workers=0)
         sampler = _BlockBatchSampler(
             len(self.blocks["train"]), self.batch_size, rank, world_size, self.seed, self.shuffle, self._next_batch
-        )  # fmt: skip
+        )
         return DataLoader(
-            _Blocks(self.blocks["train"]), batch_size=None, sampler=sampler, num_workers=self.num_workers,
+            _Blocks(self.blocks["train"]),
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
+        )
 
     def val_dataloader(self) -> DataLoader:
         if self.streaming and self.val_corpus is None:
@@ -204,9 +207,13 @@ class PackedTextDataModule(LightningDataModule):
         rank, world_size = stream.rank_and_world(self)
         # The blocks are dealt out in turn, as many to every rank (the last world_size - 1 at most are left out).
         mine = stream.rank_share(
-            len(blocks), rank, world_size, pad=False, what="validation blocks",
+            len(blocks),
+            rank,
+            world_size,
+            pad=False,
+            what="validation blocks",
             fix="Raise val_fraction, give a larger val_corpus, or lower block_size.",
-        )  # fmt: skip
+        )
         batches = [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
         sampler = stream.IndexSampler(list(range(len(batches))), rank, world_size)
         return DataLoader(_Blocks(blocks, batches), batch_size=None, sampler=sampler)
@@ -299,9 +306,15 @@ class _BlockBatchSampler(stream.RankSampler):
     """
 
     def __init__(
-        self, blocks: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool,
+        self,
+        blocks: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle: bool,
         position: Callable[[], int],
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(-(-(blocks // world) // batch_size), rank, world)  # the last batch may be smaller
         self.blocks, self.batch_size, self.world = blocks, batch_size, world
         self.seed, self.shuffle, self.position = seed, shuffle, position
@@ -334,8 +347,10 @@ class _PackedStream(IterableDataset):
     def __init__(self, datamodule: PackedTextDataModule, rank: int, world: int, start: dict | None) -> None:
         table = read_table(datamodule.corpus)
         if datamodule.text_column not in table.column_names:
-            raise ValueError(f"text_column={datamodule.text_column!r} is not a column of {datamodule.corpus!r}; "
-                             f"its columns are {table.column_names}.")  # fmt: skip
+            raise ValueError(
+                f"text_column={datamodule.text_column!r} is not a column of {datamodule.corpus!r}; "
+                f"its columns are {table.column_names}."
+            )
         self.table = table.select_columns([datamodule.text_column])
         self.rank, self.world = rank, world
         self.datamodule = datamodule

@@ -43,7 +43,13 @@ class SinusoidDataModule(EpisodicDataModule):
         x_range: tuple[float, float] = (-5.0, 5.0),
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            meta_batch_size,
+            batches_per_epoch,
+            num_val_tasks,
+            num_test_tasks,
+            eval_meta_batch_size,
+            seed,
+            num_workers,
             allow_data_change,
         )
         if shots < 1 or queries < 1:

@@ -101,14 +101,38 @@ TASK_FIELDS = (TASK_PREFIX, EXAMPLE_SEPARATOR, STOP_STRING, OUTPUT_REGEX)
 #: first of these among its keywords. They say what skill a task tests; format keywords
 #: (``multiple choice``, ``zero-shot``, ...) are left out, since they would put most tasks in one family.
 FAMILY_KEYWORDS: tuple[str, ...] = (
-    "translation", "summarization", "computer code", "algorithms", "arithmetic", "mathematics",
-    "logical reasoning", "reading comprehension", "contextual question-answering",
-    "context-free question answering", "common sense", "causal reasoning", "physical reasoning",
-    "analogical reasoning", "social reasoning", "emotional understanding", "theory of mind",
-    "word sense disambiguation", "paraphrase", "linguistics", "morphology", "multilingual",
-    "writing style", "creativity", "visual reasoning", "memorization", "truthfulness",
-    "social bias", "gender bias", "racial bias", "religious bias",
-)  # fmt: skip
+    "translation",
+    "summarization",
+    "computer code",
+    "algorithms",
+    "arithmetic",
+    "mathematics",
+    "logical reasoning",
+    "reading comprehension",
+    "contextual question-answering",
+    "context-free question answering",
+    "common sense",
+    "causal reasoning",
+    "physical reasoning",
+    "analogical reasoning",
+    "social reasoning",
+    "emotional understanding",
+    "theory of mind",
+    "word sense disambiguation",
+    "paraphrase",
+    "linguistics",
+    "morphology",
+    "multilingual",
+    "writing style",
+    "creativity",
+    "visual reasoning",
+    "memorization",
+    "truthfulness",
+    "social bias",
+    "gender bias",
+    "racial bias",
+    "religious bias",
+)
 #: The family of a BIG-bench task with none of the family keywords.
 OTHER_FAMILY = "other"
 #: The preset naming BIG-bench Lite's tasks, read from the source's ``bigbench/bbseqio/bigbench_lite.py``.
@@ -116,13 +140,31 @@ BIGBENCH_LITE = "bigbench_lite"
 #: BIG-bench Lite's 24 tasks (the last list of ``bigbench/bbseqio/bigbench_lite.py``), for the hub mirrors, which
 #: do not carry the list; a source archive or folder gives its own.
 BIGBENCH_LITE_TASKS: tuple[str, ...] = (
-    "auto_debugging", "bbq_lite_json", "code_line_description", "conceptual_combinations", "conlang_translation",
-    "emoji_movie", "formal_fallacies_syllogisms_negation", "hindu_knowledge", "known_unknowns",
-    "language_identification", "linguistics_puzzles", "logic_grid_puzzle", "logical_deduction",
-    "misconceptions_russian", "novel_concepts", "operators", "parsinlu_reading_comprehension",
-    "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories", "strategyqa", "symbol_interpretation",
-    "vitaminc_fact_verification", "winowhy",
-)  # fmt: skip
+    "auto_debugging",
+    "bbq_lite_json",
+    "code_line_description",
+    "conceptual_combinations",
+    "conlang_translation",
+    "emoji_movie",
+    "formal_fallacies_syllogisms_negation",
+    "hindu_knowledge",
+    "known_unknowns",
+    "language_identification",
+    "linguistics_puzzles",
+    "logic_grid_puzzle",
+    "logical_deduction",
+    "misconceptions_russian",
+    "novel_concepts",
+    "operators",
+    "parsinlu_reading_comprehension",
+    "play_dialog_same_or_different",
+    "repeat_copy_logic",
+    "strange_stories",
+    "strategyqa",
+    "symbol_interpretation",
+    "vitaminc_fact_verification",
+    "winowhy",
+)
 #: BIG-bench tasks made from one another's examples (a translation, a reformatting): while one of a group is held
 #: out, the others stay out of training, which would see its questions under another name and another wording (so
 #: that the split's check of equal inputs misses them).
@@ -198,8 +240,9 @@ def read_task_collection(
     if max_examples_per_task is not None and max_examples_per_task < 1:
         raise ValueError(f"max_examples_per_task must be at least 1 or null; got {max_examples_per_task}.")
     if positive_examples < 0:  # a slice would read -1 as "all but the last"
-        raise ValueError(f"positive_examples must be 0 or more (a task's positive examples in each prompt); "
-                         f"got {positive_examples}.")  # fmt: skip
+        raise ValueError(
+            f"positive_examples must be 0 or more (a task's positive examples in each prompt); got {positive_examples}."
+        )
     keywords = tuple(FAMILY_KEYWORDS if family_keywords is None else family_keywords)
     settings = (kind, max_examples_per_task, seed, keywords if kind == "bigbench" else positive_examples)
     cached = cache_entry("task_collections", path.name, _cache_key(path, settings))
@@ -331,8 +374,11 @@ def _cache_key(path: Path, settings: tuple) -> str:
     if resolved.is_file():
         stats = [(str(resolved), resolved.stat().st_size, resolved.stat().st_mtime_ns)]
     else:
-        stats = [(str(file), file.stat().st_size, file.stat().st_mtime_ns)
-                 for file in sorted(resolved.rglob("*")) if file.is_file()]  # fmt: skip
+        stats = [
+            (str(file), file.stat().st_size, file.stat().st_mtime_ns)
+            for file in sorted(resolved.rglob("*"))
+            if file.is_file()
+        ]
     text = json.dumps([stats, settings, _CACHE_VERSION])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -427,8 +473,12 @@ class _BigBenchReader:
             if parts[-1] == _TASK_FILE and len(parts) in (2, 3):
                 where = f"{path}: {'/'.join(parts)}"
                 if any(":" in part for part in parts[:-1]):  # else NAME:SUB and NAME/SUB would be one task
-                    self._bad(where, "is in a folder whose name holds ':', which separates a task from its subtask "
-                              "(NAME:SUBTASK is NAME/SUBTASK/task.json)", "rename the folder without ':'")  # fmt: skip
+                    self._bad(
+                        where,
+                        "is in a folder whose name holds ':', which separates a task from its subtask "
+                        "(NAME:SUBTASK is NAME/SUBTASK/task.json)",
+                        "rename the folder without ':'",
+                    )
                     continue
                 try:
                     raw = read()
@@ -472,15 +522,22 @@ class _BigBenchReader:
                     continue
                 missing = [column for column in BIGBENCH_MIRROR_COLUMNS if column not in read.column_names]
                 if missing:
-                    self._bad(f"{table}", f"lacks the column(s) {missing} of BIG-bench's mirrors",
-                              f"give it {list(BIGBENCH_MIRROR_COLUMNS)}, or move it out of {root}")  # fmt: skip
+                    self._bad(
+                        f"{table}",
+                        f"lacks the column(s) {missing} of BIG-bench's mirrors",
+                        f"give it {list(BIGBENCH_MIRROR_COLUMNS)}, or move it out of {root}",
+                    )
                     continue
                 columns = table_columns(read, list(BIGBENCH_MIRROR_COLUMNS))
                 rows += [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
             prefix, suffix = _shared_ends([row["inputs"] for row in rows if isinstance(row["inputs"], str)])
             # The shared start is no task_prefix: the mirror's prompts cannot tell the task's prefix from the input's.
-            task = {"example_input_prefix": prefix, "example_output_prefix": suffix, "append_choices_to_input": False,
-                    "examples": rows}  # fmt: skip
+            task = {
+                "example_input_prefix": prefix,
+                "example_output_prefix": suffix,
+                "append_choices_to_input": False,
+                "examples": rows,
+            }
             where = f"{root}: {'/'.join(parts)}"
             convert = functools.partial(_from_mirror, start=len(prefix), end=len(suffix))
             read_task = self._task_data(":".join(parts), task, where, convert) if rows else None
@@ -501,9 +558,17 @@ class _BigBenchReader:
             if entry.is_file() and entry.suffix.lower() in TABLE_FORMATS:
                 own.append(entry)
             elif entry.is_dir() and entry.name in _SPLIT_FOLDERS:
-                own += [entry] if is_saved_dataset(entry) else sorted(
-                    file for file in entry.rglob("*") if file.is_file() and file.suffix.lower() in TABLE_FORMATS
-                    and not _hidden(file.relative_to(entry).parts))  # fmt: skip
+                own += (
+                    [entry]
+                    if is_saved_dataset(entry)
+                    else sorted(
+                        file
+                        for file in entry.rglob("*")
+                        if file.is_file()
+                        and file.suffix.lower() in TABLE_FORMATS
+                        and not _hidden(file.relative_to(entry).parts)
+                    )
+                )
             elif entry.is_dir():
                 subtasks.append(entry)
         if own:
@@ -584,9 +649,11 @@ class _BigBenchReader:
             keywords = []
         keywords = [str(keyword) for keyword in keywords]
         if "examples" not in data:
-            return _TaskFile(keywords, "", None) if len(parts) == 2 else self._bad(
-                where, "has no 'examples'", 'add them: [{"input": ..., "target": ...}, ...]'
-            )  # fmt: skip
+            return (
+                _TaskFile(keywords, "", None)
+                if len(parts) == 2
+                else self._bad(where, "has no 'examples'", 'add them: [{"input": ..., "target": ...}, ...]')
+            )
         return self._task_data(":".join(parts[:-1]), data, where, keywords=keywords)
 
     def _task_data(
@@ -599,17 +666,31 @@ class _BigBenchReader:
     ) -> _TaskFile | None:
         """The task ``name`` whose ``task.json`` fields are ``data`` (with ``examples``; each example as ``convert``
         makes it, when given, raising :class:`_BadExample` for a bad one), or ``None`` after reporting what is wrong."""
-        texts = {key: data.get(key, default) for key, default in (
-            (TASK_PREFIX, ""), ("example_input_prefix", BIGBENCH_INPUT_PREFIX),
-            ("example_output_prefix", BIGBENCH_OUTPUT_PREFIX), ("choice_prefix", BIGBENCH_CHOICE_PREFIX),
-            (EXAMPLE_SEPARATOR, BIGBENCH_EXAMPLE_SEPARATOR), (STOP_STRING, ""), (OUTPUT_REGEX, ""))}  # fmt: skip
+        texts = {
+            key: data.get(key, default)
+            for key, default in (
+                (TASK_PREFIX, ""),
+                ("example_input_prefix", BIGBENCH_INPUT_PREFIX),
+                ("example_output_prefix", BIGBENCH_OUTPUT_PREFIX),
+                ("choice_prefix", BIGBENCH_CHOICE_PREFIX),
+                (EXAMPLE_SEPARATOR, BIGBENCH_EXAMPLE_SEPARATOR),
+                (STOP_STRING, ""),
+                (OUTPUT_REGEX, ""),
+            )
+        }
         not_text = [key for key, value in texts.items() if not isinstance(value, str)]
         if not_text or not isinstance(data["examples"], list):
             field_name = not_text[0] if not_text else "examples"
-            return self._bad(where, f"has a {field_name!r} that is not {'text' if not_text else 'a list'}",
-                             f"make {field_name!r} a {'string' if not_text else 'list of examples'}")  # fmt: skip
-        template = (literal_template_text(texts["task_prefix"] + texts["example_input_prefix"]) + "{input}"
-                    + literal_template_text(texts["example_output_prefix"]))  # fmt: skip
+            return self._bad(
+                where,
+                f"has a {field_name!r} that is not {'text' if not_text else 'a list'}",
+                f"make {field_name!r} a {'string' if not_text else 'list of examples'}",
+            )
+        template = (
+            literal_template_text(texts["task_prefix"] + texts["example_input_prefix"])
+            + "{input}"
+            + literal_template_text(texts["example_output_prefix"])
+        )
         append_choices = data.get("append_choices_to_input", True)
         examples: list[_Example] = []
         seen: set[tuple[str, tuple[str, ...] | None]] = set()
@@ -643,9 +724,7 @@ class _BigBenchReader:
         fields = {name: texts[name] for name in TASK_FIELDS if name in data}
         return _TaskFile(keywords or [], template, [examples[index] for index in kept], fields)
 
-    def _example(
-        self, example: Any, append_choices: bool, choice_prefix: str
-    ) -> _Example | None:
+    def _example(self, example: Any, append_choices: bool, choice_prefix: str) -> _Example | None:
         """(input, outputs, options, the options' scores) of one example, as BIG-bench's ``default_format_fn``
         makes them (without the prefixes); ``None`` for an example with an empty target, or an empty input and no
         options to score (BIG-bench has a few)."""
@@ -658,8 +737,10 @@ class _BigBenchReader:
             and scores
             and all(isinstance(score, int | float) and not isinstance(score, bool) for score in scores.values())
         ):
-            raise _BadExample("has a 'target_scores' that is not a map of options to numbers",
-                              'write it as {"option": 1, "other option": 0, ...}')  # fmt: skip
+            raise _BadExample(
+                "has a 'target_scores' that is not a map of options to numbers",
+                'write it as {"option": 1, "other option": 0, ...}',
+            )
         best = max(scores.values()) if scores else 0
         # The highest score marks the correct options, whatever its sign (BIG-bench's grade is the chosen
         # option's score): {"a": 0, "b": -1} makes "a" correct.
@@ -678,14 +759,19 @@ class _BigBenchReader:
             target = example["target"]
             outputs, choices, grades = target if isinstance(target, list) else [target], None, None
             if not all(isinstance(output, str) for output in outputs):
-                raise _BadExample("has a 'target' that is not text",
-                                  'make it a string or a list of strings ("target": "...")')  # fmt: skip
+                raise _BadExample(
+                    "has a 'target' that is not text", 'make it a string or a list of strings ("target": "...")'
+                )
         elif scores:
-            raise _BadExample("has a 'target_scores' with no option scored above the others (and no 'target')",
-                              "give the correct options the highest score (e.g. 1), the others less (0)")  # fmt: skip
+            raise _BadExample(
+                "has a 'target_scores' with no option scored above the others (and no 'target')",
+                "give the correct options the highest score (e.g. 1), the others less (0)",
+            )
         else:
-            raise _BadExample("has neither 'target' nor 'target_scores'",
-                              'give it "target": "..." (or a list of strings), or "target_scores"')  # fmt: skip
+            raise _BadExample(
+                "has neither 'target' nor 'target_scores'",
+                'give it "target": "..." (or a list of strings), or "target_scores"',
+            )
         outputs = [output for output in outputs if output.strip()]
         return (text, outputs, choices, grades) if outputs and (text.strip() or choices) else None
 
@@ -704,8 +790,10 @@ class _BigBenchReader:
                     return [str(name) for name in list(versions.values())[-1]]
         except (SyntaxError, ValueError, UnicodeDecodeError, AttributeError, IndexError, OSError):
             pass
-        self.rows.problem(f"{path}: cannot read the BIG-bench Lite task list in {_LITE_FILE}; the preset "
-                          f"{BIGBENCH_LITE!r} is unavailable (list test_tasks by name instead).")  # fmt: skip
+        self.rows.problem(
+            f"{path}: cannot read the BIG-bench Lite task list in {_LITE_FILE}; the preset "
+            f"{BIGBENCH_LITE!r} is unavailable (list test_tasks by name instead)."
+        )
         return None
 
 
@@ -812,8 +900,10 @@ def _shared_ends(texts: list[str]) -> tuple[str, str]:
     end = os.path.commonprefix([text[::-1] for text in texts])[::-1]
     end = end[len(re.match(r"\S*", end).group()) :]
     for prefix, suffix in ((start, end), (start, ""), ("", end)):
-        if all(len(prefix) + len(suffix) <= len(text) and text[len(prefix) : len(text) - len(suffix)].strip()
-               for text in texts):  # fmt: skip
+        if all(
+            len(prefix) + len(suffix) <= len(text) and text[len(prefix) : len(text) - len(suffix)].strip()
+            for text in texts
+        ):
             return prefix, suffix
     return "", ""
 
@@ -825,8 +915,10 @@ def _from_mirror(row: dict[str, Any], start: int, end: int) -> dict[str, Any]:
     if not isinstance(text, str):
         raise _BadExample("has no text 'inputs'", 'give every row an "inputs" string, or delete those rows')
     if not isinstance(options, list) or not isinstance(scores, list) or len(options) != len(scores):
-        raise _BadExample("has 'multiple_choice_targets' and 'multiple_choice_scores' of different lengths",
-                          "give each option its score (1 for a correct option, 0 for the others)")  # fmt: skip
+        raise _BadExample(
+            "has 'multiple_choice_targets' and 'multiple_choice_scores' of different lengths",
+            "give each option its score (1 for a correct option, 0 for the others)",
+        )
     example = {"input": text[start : len(text) - end], "target": row["targets"] or []}
     if options:
         example["target_scores"] = dict(zip(options, scores, strict=True))
@@ -899,8 +991,10 @@ def _read_ni_mirror(folder: Path, rows: _Rows, cap: int | None, seed: int, posit
     table = read_table(str(first if first == folder else folder / "**" / f"*{first.suffix}"))
     missing = [column for column in NI_MIRROR_COLUMNS if column not in table.column_names]
     if missing:
-        raise ValueError(f"{folder}: a table of it lacks the column(s) {missing} of Natural-Instructions' mirror; "
-                         f"give every table {list(NI_MIRROR_COLUMNS)}.")  # fmt: skip
+        raise ValueError(
+            f"{folder}: a table of it lacks the column(s) {missing} of Natural-Instructions' mirror; "
+            f"give every table {list(NI_MIRROR_COLUMNS)}."
+        )
     tasks: dict[str, dict[str, Any]] = {}
     instances: dict[str, dict[str, list[Any]]] = {}  # task -> input -> its outputs, in order
     columns = table_columns(table, list(NI_MIRROR_COLUMNS))
@@ -918,8 +1012,9 @@ def _read_ni_mirror(folder: Path, rows: _Rows, cap: int | None, seed: int, posit
             rows.problem(f"Skipped task {name} of {folder}: {problem}.")
 
 
-def _ni_data(name: str, data: dict[str, Any], rows: _Rows, cap: int | None, seed: int, positive_examples: int
-             ) -> str | None:  # fmt: skip
+def _ni_data(
+    name: str, data: dict[str, Any], rows: _Rows, cap: int | None, seed: int, positive_examples: int
+) -> str | None:
     """Add the task ``name`` whose fields are ``data`` (a task file's) to ``rows``; or what is wrong with it."""
     definition = data.get("Definition")
     definition = [definition] if isinstance(definition, str) else definition
@@ -932,8 +1027,11 @@ def _ni_data(name: str, data: dict[str, Any], rows: _Rows, cap: int | None, seed
     for number, example in enumerate(demonstrations[:positive_examples], 1):
         if not isinstance(example.get("input"), str) or not isinstance(example.get("output"), str):
             return f'its positive example {number} lacks a text "input" or "output". Fix it, or use positive_examples=0'
-        prompt += NI_EXAMPLE.format(number=number, input=literal_template_text(example["input"].strip()),
-                                    output=literal_template_text(example["output"].strip()))  # fmt: skip
+        prompt += NI_EXAMPLE.format(
+            number=number,
+            input=literal_template_text(example["input"].strip()),
+            output=literal_template_text(example["output"].strip()),
+        )
     template = prompt + NI_QUERY
     instances = data.get("Instances")
     if not isinstance(instances, list) or not instances:

@@ -110,87 +110,135 @@ GYM_FAMILIES: dict[str, GymFamily] = {
     family.name: family
     for family in (
         GymFamily(
-            "code_to_summary", "summarization", "stdlib functions (ast)",
+            "code_to_summary",
+            "summarization",
+            "stdlib functions (ast)",
             "Code of a function (its name kept, its docstring removed, cut at a line) -> the first paragraph of its "
-            "docstring, on one line. A task per top-level package or module.", False,
+            "docstring, on one line. A task per top-level package or module.",
+            False,
         ),
         GymFamily(
-            "code_to_name", "generation", "stdlib functions (ast)",
+            "code_to_name",
+            "generation",
+            "stdlib functions (ast)",
             "Code of a public function with its name replaced by ___ everywhere (docstring removed) -> the name. A "
-            "task per top-level package or module.", False,
+            "task per top-level package or module.",
+            False,
         ),
         GymFamily(
-            "summary_to_name", "generation", "stdlib functions (ast)",
+            "summary_to_name",
+            "generation",
+            "stdlib functions (ast)",
             "First paragraph of a public function's docstring -> the function's name (not when the name, or its "
-            "words, appear in the text). A task per top-level package or module.", False,
+            "words, appear in the text). A task per top-level package or module.",
+            False,
         ),
         GymFamily(
-            "name_to_module", "qa", "stdlib definitions (ast)",
+            "name_to_module",
+            "qa",
+            "stdlib definitions (ast)",
             "Public function, class or method name (Class.method) -> the top-level module defining it; names that "
-            "contain the module's name are left out. A task per 5 modules (its options).", False,
+            "contain the module's name are left out. A task per 5 modules (its options).",
+            False,
         ),
         GymFamily(
-            "docstring_to_module", "classification", "stdlib docstrings (ast)",
+            "docstring_to_module",
+            "classification",
+            "stdlib docstrings (ast)",
             "A docstring's first paragraph -> its top-level module; docstrings naming any of the task's modules are "
-            "left out. A task per 5 modules (its options).", False,
+            "left out. A task per 5 modules (its options).",
+            False,
         ),
         GymFamily(
-            "topic_to_title", "classification", "pydoc_data.topics",
+            "topic_to_title",
+            "classification",
+            "pydoc_data.topics",
             "A paragraph of the language reference -> the title of its topic. A task per 6 topics (its options).",
             False,
         ),
         GymFamily(
-            "word_map", "rule induction", "generated",
+            "word_map",
+            "rule induction",
+            "generated",
             "2-3 words of a fixed made-up vocabulary -> their translation, word by word, by a hidden per-task "
-            "dictionary into English words; every task has the same inputs.", False,
+            "dictionary into English words; every task has the same inputs.",
+            False,
         ),
         GymFamily(
-            "label_permutation", "rule induction", "stdlib docstrings (ast)",
+            "label_permutation",
+            "rule induction",
+            "stdlib docstrings (ast)",
             "docstring_to_module with the modules renamed by made-up labels, a different assignment per task; "
             "tasks share module sets, so the same docstring has different labels in different tasks. Its "
-            "docstrings (half of its groups', by a hash) are no training family's inputs.", False,
+            "docstrings (half of its groups', by a hash) are no training family's inputs.",
+            False,
         ),
         GymFamily(
-            "string_transform", "rule induction", "generated",
+            "string_transform",
+            "rule induction",
+            "generated",
             "3-5 English words -> the same words under a hidden per-task composition of two string operations "
-            "(reverse, sort, swap, case, shift letters, ...); every task has the same inputs.", False,
+            "(reverse, sort, swap, case, shift letters, ...); every task has the same inputs.",
+            False,
         ),
         GymFamily(
-            "gloss_to_word", "generation", "WordNet 3.0",
+            "gloss_to_word",
+            "generation",
+            "WordNet 3.0",
             "A synset's definition -> its first word, unless the definition contains it (a reverse dictionary). A "
-            "task per lexicographer file (noun.food, verb.motion, ...).", True,
+            "task per lexicographer file (noun.food, verb.motion, ...).",
+            True,
         ),
         GymFamily(
-            "word_to_gloss", "generation", "WordNet 3.0",
+            "word_to_gloss",
+            "generation",
+            "WordNet 3.0",
             "A word -> its definition; words with several senses in the task are left out. A task per lexicographer "
-            "file.", True,
+            "file.",
+            True,
         ),
         GymFamily(
-            "word_to_hypernym", "generation", "WordNet 3.0",
+            "word_to_hypernym",
+            "generation",
+            "WordNet 3.0",
             "A noun or verb -> the first word of its hypernym (instance hypernym for named entities), unless the "
-            "word contains it. A task per lexicographer file.", True,
+            "word contains it. A task per lexicographer file.",
+            True,
         ),
         GymFamily(
-            "word_to_antonym", "generation", "WordNet 3.0",
+            "word_to_antonym",
+            "generation",
+            "WordNet 3.0",
             "A word -> its antonym, unless the word contains it (unhappy -> happy). A task per lexicographer file.",
             True,
         ),
         GymFamily(
-            "word_to_supersense", "classification", "WordNet 3.0",
+            "word_to_supersense",
+            "classification",
+            "WordNet 3.0",
             "A noun or verb -> its lexicographer file; words in several of the task's files are left out. A task "
-            "per 5 files of one part of speech (its options).", True,
+            "per 5 files of one part of speech (its options).",
+            True,
         ),
     )
-}  # fmt: skip
+}
 
 DEFAULT_SPLIT: dict[str, tuple[str, ...]] = {
     "train": (
-        "code_to_summary", "code_to_name", "summary_to_name", "docstring_to_module", "word_map",
-        "gloss_to_word", "word_to_gloss", "word_to_hypernym", "word_to_antonym", "word_to_supersense",
+        "code_to_summary",
+        "code_to_name",
+        "summary_to_name",
+        "docstring_to_module",
+        "word_map",
+        "gloss_to_word",
+        "word_to_gloss",
+        "word_to_hypernym",
+        "word_to_antonym",
+        "word_to_supersense",
     ),
     "val": ("name_to_module", "label_permutation"),
     "test": ("topic_to_title", "string_transform"),
-}  # fmt: skip
+}
 
 #: Made-up words: the source vocabulary of ``word_map``.
 MADE_UP_WORDS: tuple[str, ...] = ("dax", "wug", "blicket", "fep", "zorp", "toma")
@@ -198,11 +246,57 @@ MADE_UP_WORDS: tuple[str, ...] = ("dax", "wug", "blicket", "fep", "zorp", "toma"
 MADE_UP_LABELS: tuple[str, ...] = ("kiki", "lug", "mib", "tufa", "gazzer")
 #: Common English words: the meanings of ``word_map`` and the inputs of ``string_transform``.
 ENGLISH_WORDS: tuple[str, ...] = (
-    "apple", "bird", "blue", "boat", "bread", "chair", "cloud", "cold", "dog", "door", "dream", "fast", "fire",
-    "fish", "flower", "game", "glass", "green", "happy", "horse", "house", "lamp", "light", "moon", "music",
-    "night", "ocean", "paper", "rain", "red", "river", "road", "salt", "sand", "slow", "snow", "song", "stone",
-    "storm", "sun", "table", "tall", "tree", "warm", "water", "wind", "winter", "wood", "yellow", "young",
-)  # fmt: skip
+    "apple",
+    "bird",
+    "blue",
+    "boat",
+    "bread",
+    "chair",
+    "cloud",
+    "cold",
+    "dog",
+    "door",
+    "dream",
+    "fast",
+    "fire",
+    "fish",
+    "flower",
+    "game",
+    "glass",
+    "green",
+    "happy",
+    "horse",
+    "house",
+    "lamp",
+    "light",
+    "moon",
+    "music",
+    "night",
+    "ocean",
+    "paper",
+    "rain",
+    "red",
+    "river",
+    "road",
+    "salt",
+    "sand",
+    "slow",
+    "snow",
+    "song",
+    "stone",
+    "storm",
+    "sun",
+    "table",
+    "tall",
+    "tree",
+    "warm",
+    "water",
+    "wind",
+    "winter",
+    "wood",
+    "yellow",
+    "young",
+)
 _WORD_MAP_TASKS = 12
 _LABEL_PERMUTATION_GROUPS, _LABEL_PERMUTATIONS_PER_GROUP = 3, 4
 _STRING_TRANSFORM_TASKS = 12
@@ -322,17 +416,23 @@ def _family_tasks(family: str, limits: _Limits, wordnet_folder: str | None) -> t
     if path.is_file():
         try:
             return tuple(
-                GymTask(t["name"], t["family"], t["template"], tuple(map(tuple, t["examples"])),
-                        None if t["options"] is None else tuple(t["options"]))
+                GymTask(
+                    t["name"],
+                    t["family"],
+                    t["template"],
+                    tuple(map(tuple, t["examples"])),
+                    None if t["options"] is None else tuple(t["options"]),
+                )
                 for t in json.loads(path.read_text(encoding="utf-8"))
-            )  # fmt: skip
+            )
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache file is rebuilt
     tasks = _build_family(family, limits, wordnet_folder)
     text = json.dumps([dataclasses.asdict(task) for task in tasks])
     # Atomic: concurrent processes never read half a file.
-    write_file_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"), "the task gym cache",
-                          CACHE_FULL_REMEDY)  # fmt: skip
+    write_file_atomically(
+        path, lambda partial: partial.write_text(text, encoding="utf-8"), "the task gym cache", CACHE_FULL_REMEDY
+    )
     return tasks
 
 

@@ -20,13 +20,33 @@ STDLIB_DOCSTRINGS = "stdlib-docstrings"
 #: packages in later versions. Split once, class-disjoint, 23 / 8 / 8.
 STDLIB_DOCSTRING_CLASSES: dict[str, tuple[str, ...]] = {
     "train": (
-        "ast", "bdb", "codecs", "configparser", "difflib", "doctest", "fractions", "functools", "inspect",
-        "numbers", "operator", "optparse", "pdb", "pickletools", "platform", "pydoc", "random", "smtplib",
-        "socketserver", "ssl", "subprocess", "tarfile", "turtle",
+        "ast",
+        "bdb",
+        "codecs",
+        "configparser",
+        "difflib",
+        "doctest",
+        "fractions",
+        "functools",
+        "inspect",
+        "numbers",
+        "operator",
+        "optparse",
+        "pdb",
+        "pickletools",
+        "platform",
+        "pydoc",
+        "random",
+        "smtplib",
+        "socketserver",
+        "ssl",
+        "subprocess",
+        "tarfile",
+        "turtle",
     ),
     "val": ("calendar", "contextlib", "enum", "ipaddress", "socket", "statistics", "traceback", "typing"),
     "test": ("dis", "ftplib", "imaplib", "mailbox", "os", "shutil", "symtable", "threading"),
-}  # fmt: skip
+}
 MASK = "[MASK]"
 _CACHE_VERSION = 1
 
@@ -164,6 +184,7 @@ def _cached_docstrings(modules: list[str]) -> dict[str, list[str]]:
     docstrings = {module: every[module] for module in modules if module in every}
     text = json.dumps({"modules": modules, "docstrings": docstrings})
     # Write then rename: parallel processes never read a half-written file.
-    write_file_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"), "the docstring cache",
-                          CACHE_FULL_REMEDY)  # fmt: skip
+    write_file_atomically(
+        path, lambda partial: partial.write_text(text, encoding="utf-8"), "the docstring cache", CACHE_FULL_REMEDY
+    )
     return docstrings

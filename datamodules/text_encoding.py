@@ -85,8 +85,11 @@ class TextTask:
     def select(self, rows: list[int]) -> TextTask:
         """The task with only the examples at ``rows``."""
         index = torch.tensor(rows, dtype=torch.long)
-        tensors = {item.name: getattr(self, item.name)[index] for item in fields(self)
-                   if isinstance(getattr(self, item.name), Tensor)}  # fmt: skip
+        tensors = {
+            item.name: getattr(self, item.name)[index]
+            for item in fields(self)
+            if isinstance(getattr(self, item.name), Tensor)
+        }
         return replace(self, **tensors, inputs=[self.inputs[row] for row in rows])
 
 
@@ -174,10 +177,13 @@ class TaskEncoder:
     def encode(self, name: str, task: dict[str, Any]) -> TextTask | None:
         """The task's examples as tensors; ``None`` when none fits and long examples are skipped."""
         ceiling = task.get("ceiling")
-        prompts, joints = zip(*(
-            output_joint(prefix + text + suffix)
-            for (prefix, suffix), text in zip(map(template_parts, task["templates"]), task["inputs"], strict=True)
-        ), strict=True)  # fmt: skip
+        prompts, joints = zip(
+            *(
+                output_joint(prefix + text + suffix)
+                for (prefix, suffix), text in zip(map(template_parts, task["templates"]), task["inputs"], strict=True)
+            ),
+            strict=True,
+        )
         # BIG-bench's demonstrations: the task prefix, tokenized on its own, leads every prompt (written once before
         # the demonstrations by MetaICL's evaluation); each example is also written as a demonstration.
         bigbench = self.demonstrations == "bigbench"
@@ -195,8 +201,10 @@ class TaskEncoder:
         eos = [self.tokenizer.eos_token_id]
         # Channel rows write the output, then this separator (MetaICL's code writes "\n" there), then the prompt.
         separator = self.ids(["\n"])[0] if self.channel else []
-        outputs = [[ids + eos for ids in self.ids([joint + text for text in texts])]
-                   for joint, texts in zip(joints, task["outputs"], strict=True)]  # fmt: skip
+        outputs = [
+            [ids + eos for ids in self.ids([joint + text for text in texts])]
+            for joint, texts in zip(joints, task["outputs"], strict=True)
+        ]
         # Written after each prompt and scored: the example's options, else its correct outputs when it has several.
         choices = [
             list(options) if options else texts if len(texts) > 1 else []
@@ -210,16 +218,28 @@ class TaskEncoder:
             for joint, texts, options in zip(joints, choices, task["options"], strict=True)
         ]
         # A demonstration is the prompt without the task prefix, the output and the example separator (no end token).
-        demonstration_extra = [len(answers[0]) - 1 + len(example_separator) - len(lead_ids) if bigbench else 0
-                               for answers in outputs]  # fmt: skip
+        demonstration_extra = [
+            len(answers[0]) - 1 + len(example_separator) - len(lead_ids) if bigbench else 0 for answers in outputs
+        ]
         prompt_ids = [
-            self._fit(name, row, prompt, task, max(max(len(ids) for ids in [*answers, *rows]) + len(separator), extra),
-                      lead_ids)
-            for row, (prompt, answers, rows, extra) in enumerate(zip(
-                self._prompt_ids([prompt[len(lead):] for prompt in prompts], task["inputs"], lead_ids), outputs,
-                choice_ids, demonstration_extra, strict=True,
-            ))
-        ]  # fmt: skip
+            self._fit(
+                name,
+                row,
+                prompt,
+                task,
+                max(max(len(ids) for ids in [*answers, *rows]) + len(separator), extra),
+                lead_ids,
+            )
+            for row, (prompt, answers, rows, extra) in enumerate(
+                zip(
+                    self._prompt_ids([prompt[len(lead) :] for prompt in prompts], task["inputs"], lead_ids),
+                    outputs,
+                    choice_ids,
+                    demonstration_extra,
+                    strict=True,
+                )
+            )
+        ]
         kept = [row for row, ids in enumerate(prompt_ids) if ids is not None]
         if len(kept) < len(prompt_ids):
             self.skipped[name] = len(prompt_ids) - len(kept)
@@ -238,35 +258,54 @@ class TaskEncoder:
             rule = GenerationRule(task.get(STOP_STRING) or None, task.get(OUTPUT_REGEX) or None)
         except ValueError as error:
             raise ValueError(f"Task {name!r}: {error}") from None
-        result = TextTask(name, task["family"], input_ids, attention_mask, labels, inputs=list(task["inputs"]),
-                          ceiling=ceiling, stop_string=rule.stop_string, output_regex=rule.output_regex)  # fmt: skip
+        result = TextTask(
+            name,
+            task["family"],
+            input_ids,
+            attention_mask,
+            labels,
+            inputs=list(task["inputs"]),
+            ceiling=ceiling,
+            stop_string=rule.stop_string,
+            output_regex=rule.output_regex,
+        )
         if bigbench:
-            ids, mask, _ = self._rows([prompt[len(lead_ids) :] for prompt in prompt_ids],
-                                      [answers[0][:-1] + example_separator for answers in outputs])  # fmt: skip
+            ids, mask, _ = self._rows(
+                [prompt[len(lead_ids) :] for prompt in prompt_ids],
+                [answers[0][:-1] + example_separator for answers in outputs],
+            )
             result.demonstration = torch.stack([ids, mask], 1)
             result.task_prefix_length = torch.full((len(prompt_ids),), len(lead_ids))
         if self.channel:  # the output without its end token, the separator, the prompt and the end token (labelled)
-            result.channel_sequence = torch.stack(self._rows(
-                [answers[0][:-1] + separator for answers in outputs], [prompt + eos for prompt in prompt_ids]
-            ), 1)  # fmt: skip
+            result.channel_sequence = torch.stack(
+                self._rows(
+                    [answers[0][:-1] + separator for answers in outputs], [prompt + eos for prompt in prompt_ids]
+                ),
+                1,
+            )
         width = max(map(len, choices))
         if width:  # examples list different numbers of options: the missing rows are padding (no labels)
             pairs = [
-                (prompt, ids) for prompt, rows in zip(prompt_ids, choice_ids, strict=True)
+                (prompt, ids)
+                for prompt, rows in zip(prompt_ids, choice_ids, strict=True)
                 for ids in rows + [[]] * (width - len(rows))
-            ]  # fmt: skip
+            ]
             choice = self._rows([prompt if ids else [] for prompt, ids in pairs], [ids for _, ids in pairs])
             result.choice_input_ids, result.choice_attention_mask, result.choice_labels = (
                 tensor.view(len(prompt_ids), width, self.max_length) for tensor in choice
             )
-            result.answer = torch.tensor([
-                options.index(texts[0]) if options else -1
-                for texts, options in zip(task["outputs"], task["options"], strict=True)
-            ])  # fmt: skip
-            result.correct = torch.tensor([
-                [text in texts for text in rows] + [False] * (width - len(rows))
-                for texts, rows in zip(task["outputs"], choices, strict=True)
-            ])  # fmt: skip
+            result.answer = torch.tensor(
+                [
+                    options.index(texts[0]) if options else -1
+                    for texts, options in zip(task["outputs"], task["options"], strict=True)
+                ]
+            )
+            result.correct = torch.tensor(
+                [
+                    [text in texts for text in rows] + [False] * (width - len(rows))
+                    for texts, rows in zip(task["outputs"], choices, strict=True)
+                ]
+            )
             result.credit = result.correct.double()
             for row, scores in enumerate(task.get("scores") or []):
                 if scores is not None:
@@ -281,22 +320,38 @@ class TaskEncoder:
                 # no room.
                 templates = list(dict.fromkeys(task["templates"]))
                 free_texts = ["".join(written_template_parts(text))[len(lead) :] for text in templates]
-                free = {template: lead_ids + ids
-                        for template, ids in zip(templates, self.ids(free_texts), strict=True)}  # fmt: skip
+                free = {template: lead_ids + ids for template, ids in zip(templates, self.ids(free_texts), strict=True)}
                 free_rows = [
-                    (free[template], ids) for template, rows in zip(task["templates"], choice_ids, strict=True)
+                    (free[template], ids)
+                    for template, rows in zip(task["templates"], choice_ids, strict=True)
                     for ids in rows + [[]] * (width - len(rows))
-                ]  # fmt: skip
-                result.calibration = torch.stack(self._rows(
-                    [prompt[max(0, len(prompt) + len(ids) - self.max_length) :] if ids else []
-                     for prompt, ids in free_rows],
-                    [ids for _, ids in free_rows],
-                ), 1).view(len(prompt_ids), width, 3, self.max_length).transpose(1, 2)  # fmt: skip
+                ]
+                result.calibration = (
+                    torch.stack(
+                        self._rows(
+                            [
+                                prompt[max(0, len(prompt) + len(ids) - self.max_length) :] if ids else []
+                                for prompt, ids in free_rows
+                            ],
+                            [ids for _, ids in free_rows],
+                        ),
+                        1,
+                    )
+                    .view(len(prompt_ids), width, 3, self.max_length)
+                    .transpose(1, 2)
+                )
             if self.channel:  # each option (without an end token), the separator, then the prompt (labelled)
-                result.channel = torch.stack(self._rows(
-                    [(ids[:-1] if ids[-1] == eos[0] else ids) + separator if ids else [] for _, ids in pairs],
-                    [prompt if ids else [] for prompt, ids in pairs],
-                ), 1).view(len(prompt_ids), width, 3, self.max_length).transpose(1, 2)  # fmt: skip
+                result.channel = (
+                    torch.stack(
+                        self._rows(
+                            [(ids[:-1] if ids[-1] == eos[0] else ids) + separator if ids else [] for _, ids in pairs],
+                            [prompt if ids else [] for prompt, ids in pairs],
+                        ),
+                        1,
+                    )
+                    .view(len(prompt_ids), width, 3, self.max_length)
+                    .transpose(1, 2)
+                )
         return result
 
     def _prompt_ids(self, prompts: list[str], inputs: list[str], lead: list[int]) -> list[list[int] | None]:
@@ -372,8 +427,10 @@ class TaskEncoder:
             labels.append([IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * padding)
             mask.append([1] * (len(prompt) + len(answer)) + [0] * padding)
         # Through numpy: torch.tensor on nested lists took a third of tokenizing 10,000 tasks, this a fourth of that.
-        return tuple(torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, self.max_length))
-                     for rows in (ids, mask, labels))  # fmt: skip
+        return tuple(
+            torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, self.max_length))
+            for rows in (ids, mask, labels)
+        )
 
 
 def example_rows(
@@ -424,8 +481,10 @@ def example_rows(
     pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
     for fields, stacked in groups.items():
         values = (0, 0, IGNORE_INDEX)
-        split |= {name: pad(tensor, value=value) for name, tensor, value in zip(fields, stacked[rows].unbind(1), values,
-                                                                                strict=True)}  # fmt: skip
+        split |= {
+            name: pad(tensor, value=value)
+            for name, tensor, value in zip(fields, stacked[rows].unbind(1), values, strict=True)
+        }
     return split | {
         CHOICE_INPUT_IDS: pad(task.choice_input_ids[rows]),
         CHOICE_ATTENTION_MASK: pad(task.choice_attention_mask[rows]),

@@ -199,9 +199,15 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         allow_data_change: bool = False,
     ) -> None:
         super().__init__(
-            meta_batch_size, batches_per_epoch, num_val_tasks, num_test_tasks, eval_meta_batch_size, seed, num_workers,
+            meta_batch_size,
+            batches_per_epoch,
+            num_val_tasks,
+            num_test_tasks,
+            eval_meta_batch_size,
+            seed,
+            num_workers,
             allow_data_change,
-        )  # fmt: skip
+        )
         if shots < 1 or queries < 1 or max_length < 4:
             raise ValueError(f"Need shots >= 1, queries >= 1, max_length >= 4; got {shots}, {queries}, {max_length}.")
         check_template(template)
@@ -264,9 +270,15 @@ class TextToTextTasksDataModule(EpisodicDataModule):
 
     @functools.cached_property
     def _control_encoder(self) -> TaskEncoder:
-        return TaskEncoder(load_tokenizer(self.tokenizer), self.max_length, self.truncate_inputs, memo=True,
-                        channel=self.channel, calibration=self.calibration,
-                        demonstrations=self.demonstrations)  # fmt: skip
+        return TaskEncoder(
+            load_tokenizer(self.tokenizer),
+            self.max_length,
+            self.truncate_inputs,
+            memo=True,
+            channel=self.channel,
+            calibration=self.calibration,
+            demonstrations=self.demonstrations,
+        )
 
     @functools.cached_property
     def examples(self) -> dict[str, dict[str, Any]]:
@@ -285,21 +297,42 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         """The BIG-bench or Natural-Instructions collection at ``dataset``; ``None`` for the gym and tables."""
         if self.dataset is None:
             return None
-        return read_task_collection(self.dataset, self.max_examples_per_task, self.seed, self.family_keywords,
-                                    self.positive_examples, min_examples=self.shots + self.queries)  # fmt: skip
+        return read_task_collection(
+            self.dataset,
+            self.max_examples_per_task,
+            self.seed,
+            self.family_keywords,
+            self.positive_examples,
+            min_examples=self.shots + self.queries,
+        )
 
     @functools.cached_property
     def tasks(self) -> dict[str, TextTask]:
         """Every task, tokenized (the gym's once per process and settings: several datamodules share them)."""
         if self.dataset is None:
             families = tuple(self.gym_families) if self.gym_families is not None else None
-            tasks = _tokenized_gym(self.tokenizer, families, self.max_length, self.truncate_inputs,
-                                   self.max_examples_per_task, self.skip_long_examples, self.channel,
-                                   self.calibration, self.demonstrations)  # fmt: skip
+            tasks = _tokenized_gym(
+                self.tokenizer,
+                families,
+                self.max_length,
+                self.truncate_inputs,
+                self.max_examples_per_task,
+                self.skip_long_examples,
+                self.channel,
+                self.calibration,
+                self.demonstrations,
+            )
         else:
-            tasks = encode_tasks(self.examples, self.tokenizer, self.max_length, self.truncate_inputs,
-                              self.skip_long_examples, self.channel, self.calibration,
-                              self.demonstrations)  # fmt: skip
+            tasks = encode_tasks(
+                self.examples,
+                self.tokenizer,
+                self.max_length,
+                self.truncate_inputs,
+                self.skip_long_examples,
+                self.channel,
+                self.calibration,
+                self.demonstrations,
+            )
         needed = self._examples_needed
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
         # A few names, smallest first: a user's table can have thousands of such tasks.
@@ -360,8 +393,12 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             held_out_families[split] = sorted(chosen_families)
             ceded[split] = len(members) - len(held_out[split])
         if {name for names in held_out.values() for name in names} == set(tasks):
-            given = [f"{split}_{kind}" for split in _SPLITS for kind in ("tasks", "families")
-                     if getattr(self, f"{split}_{kind}") is not None]  # fmt: skip
+            given = [
+                f"{split}_{kind}"
+                for split in _SPLITS
+                for kind in ("tasks", "families")
+                if getattr(self, f"{split}_{kind}") is not None
+            ]
             among = f"families: {', '.join(known_families)}" if known_families else "tasks"
             raise ValueError(
                 f"{' and '.join(given) or 'The held-out splits'} take every one of the {len(tasks)} tasks: no training "
@@ -390,10 +427,13 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         trained_families = {families[name] for name in train}
         described = {
             split: _describe_split(held_out[split], held_out_families.get(split), families, trained_families)
-            + (f"; {ceded[split]} more of their tasks are named by {'/'.join(sorted(set(named.values())))}_tasks"
-               if ceded.get(split) else "")
+            + (
+                f"; {ceded[split]} more of their tasks are named by {'/'.join(sorted(set(named.values())))}_tasks"
+                if ceded.get(split)
+                else ""
+            )
             for split in _SPLITS
-        }  # fmt: skip
+        }
         why = ""
         if drawn:
             have = f"{len(known_families)} families" if known_families else f"no {self.family_column!r} column"
@@ -482,10 +522,18 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         training episodes carry none (:meth:`sample_episode`)."""
         listed = int(any(task.answer is not None for task in self.tasks.values()))
         return {
-            split: max([listed, *(self.tasks[name].choice_input_ids.shape[1] for name in names
-                                  if self.tasks[name].answer is not None)])
+            split: max(
+                [
+                    listed,
+                    *(
+                        self.tasks[name].choice_input_ids.shape[1]
+                        for name in names
+                        if self.tasks[name].answer is not None
+                    ),
+                ]
+            )
             for split, names in self.split_tasks.items()
-        }  # fmt: skip
+        }
 
     def data_fingerprint(self) -> str | None:
         """Of every task's tokenized examples and the split; ``None`` for the control tasks (drawn from the
@@ -539,8 +587,9 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             "scores": self.scores_column,
             **{name: name for name in TASK_FIELDS},
         }
-        cells = table_columns(table, [column for column in dict.fromkeys([*required, *optional.values()])
-                                       if column in table.column_names])  # fmt: skip
+        cells = table_columns(
+            table, [column for column in dict.fromkeys([*required, *optional.values()]) if column in table.column_names]
+        )
         missing = {column: [row for row, value in enumerate(cells[column]) if is_missing(value)] for column in required}
         if missing[self.input_column] and self.options_column in cells:
             # A row's options can be the whole question (BIG-bench's misconceptions_russian): its input may be empty.
@@ -560,13 +609,24 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         for row, (name, text_input, text_output) in enumerate(
             zip(cells[self.task_column], cells[self.input_column], cells[self.output_column], strict=True)
         ):
-            family, template, options, ceiling, scores, *task_fields = (None if values is None else values[row]
-                                                                        for values in columns.values())  # fmt: skip
+            family, template, options, ceiling, scores, *task_fields = (
+                None if values is None else values[row] for values in columns.values()
+            )
             task = tasks.setdefault(
                 str(name),
-                {"family": None, "ceiling": None, "templates": [], "inputs": [], "outputs": [], "options": [],
-                 "scores": [], "row_of": {}, "repeated": 0, "conflicting": 0},
-            )  # fmt: skip
+                {
+                    "family": None,
+                    "ceiling": None,
+                    "templates": [],
+                    "inputs": [],
+                    "outputs": [],
+                    "options": [],
+                    "scores": [],
+                    "row_of": {},
+                    "repeated": 0,
+                    "conflicting": 0,
+                },
+            )
             if family is not None and not is_missing(family):
                 task["family"] = str(family)
             if ceiling is not None and not is_missing(ceiling):
@@ -621,8 +681,11 @@ class TextToTextTasksDataModule(EpisodicDataModule):
                 if fewest < 2 or task["ceiling"] <= 1 / fewest:
                     raise ValueError(
                         f"Task {name!r} gives the ceiling {task['ceiling']} but "
-                        + (f"an example has {fewest} options" if fewest < 2 else
-                           f"an example has only {fewest} options: chance there is {1 / fewest:.3g}")
+                        + (
+                            f"an example has {fewest} options"
+                            if fewest < 2
+                            else f"an example has only {fewest} options: chance there is {1 / fewest:.3g}"
+                        )
                         + ". A ceiling is an accuracy among options, above chance: list at least 2 options on every "
                         "row of the task and give a ceiling above 1 / options, or leave the ceiling empty."
                     )
@@ -656,8 +719,9 @@ def _tokenized_gym(
     demonstrations: str = "metaicl",
 ) -> dict[str, TextTask]:
     examples = _gym_examples(list(families) if families is not None else None, limit)
-    return encode_tasks(examples, tokenizer, max_length, truncate_inputs, skip_long_examples, channel, calibration,
-                     demonstrations)  # fmt: skip
+    return encode_tasks(
+        examples, tokenizer, max_length, truncate_inputs, skip_long_examples, channel, calibration, demonstrations
+    )
 
 
 def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, dict[str, Any]]:

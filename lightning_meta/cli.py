@@ -366,5 +366,3 @@ def _run_handled(run: Any) -> None:
             raise
         sys.stderr.write(f"lightning-meta: error: {message}\n(Set {TRACEBACK_VARIABLE}=1 to see the traceback.)\n")
         sys.exit(2)
-
-

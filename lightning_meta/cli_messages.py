@@ -25,6 +25,7 @@ _PACKAGE_ROOTS = tuple(
     )
 )
 
+
 def unknown_class_kind(message: str) -> str | None:
     """``"algorithm"`` or ``"datamodule"`` when a parser error says that option's class did not resolve."""
     if not _compat.is_unresolved_class_error(message):
@@ -56,6 +57,7 @@ def text_read_as_mapping(message: str, command_line: list[str]) -> str | None:
         f"config file: {key}: '{quoted}')."
     )
 
+
 def taken_folder_message(trainer: Any) -> str:
     """Why this run's folder already holds another run's ``config.yaml``, and what to do."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -75,6 +77,7 @@ def taken_folder_message(trainer: Any) -> str:
             f"version, or leave it out (each run then gets the next free lightning_logs/version_N), or {own_folder}."
         )
     return f"{taken}checkpoints: the {type(logger).__name__} makes no version_N folder. Please {own_folder}."
+
 
 #: The data options the first lines show (the datamodule reports its held-out splits itself).
 _DATA_OPTIONS = ("tokenizer", "ways", "shots", "queries", "meta_batch_size", "num_val_tasks", "num_test_tasks")
@@ -145,6 +148,7 @@ def argument_value(args: list[str], name: str) -> str | None:
             return arg.split("=", 1)[1]
     return None
 
+
 class UnknownNameError(ValueError):
     """An algorithm or datamodule name that matches no known class, even ignoring case."""
 
@@ -213,6 +217,7 @@ def with_class_names(args: list[str], known: dict[str, list[str]]) -> list[str]:
                 raise UnknownNameError(unknown_name_message(kind, value, known[kind]))
             named[value_at] = f"{option}={by_lower[value.lower()]}" if equals else by_lower[value.lower()]
     return named
+
 
 def own_error_message(error: BaseException) -> str | None:
     """``"Type: message"`` of the first error in ``error``'s chain that this package raised, else ``None``.

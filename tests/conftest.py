@@ -38,11 +38,26 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def tiny_language_models(layers: int, positions: int) -> dict[str, dict]:
     """A tiny GPT-2 (learned positions, LayerNorm) and a tiny Llama (RoPE, RMSNorm, grouped KV), no dropout."""
     return {
-        "gpt2": {"model_type": "gpt2", "n_layer": layers, "n_embd": 16, "n_head": 2, "n_positions": positions,
-                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-        "llama": {"model_type": "llama", "num_hidden_layers": layers, "hidden_size": 16, "intermediate_size": 32,
-                  "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": positions},
-    }  # fmt: skip
+        "gpt2": {
+            "model_type": "gpt2",
+            "n_layer": layers,
+            "n_embd": 16,
+            "n_head": 2,
+            "n_positions": positions,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
+        "llama": {
+            "model_type": "llama",
+            "num_hidden_layers": layers,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": positions,
+        },
+    }
 
 
 def load_benchmark(name: str) -> ModuleType:

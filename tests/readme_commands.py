@@ -19,14 +19,23 @@ README = ROOT / "README.md"
 #: Added to each ``lightning-meta`` subcommand so that it runs in seconds; nothing else is changed. Four evaluation
 #: tasks: two batches of two, one for each of the 2-process (DDP, FSDP) configs' processes.
 SHORT = {
-    "fit": ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.num_val_tasks=4",
-            "--data.init_args.num_test_tasks=4", "--trainer.enable_progress_bar=false"],
+    "fit": [
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--data.init_args.num_val_tasks=4",
+        "--data.init_args.num_test_tasks=4",
+        "--trainer.enable_progress_bar=false",
+    ],
     "validate": ["--data.init_args.num_val_tasks=4", "--trainer.enable_progress_bar=false"],
     "test": ["--data.init_args.num_test_tasks=4", "--trainer.enable_progress_bar=false"],
-    "pretrain": ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
-                 "--data.init_args.max_tokens_per_domain=3000"],
+    "pretrain": [
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.max_tokens_per_domain=3000",
+    ],
     "export": [],
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,9 @@ def shell_commands(block: FencedBlock) -> list[Command]:
 def readme_commands(markdown: str | None = None) -> list[Command]:
     """Every command of the README's ``bash`` blocks, in order."""
     markdown = README.read_text() if markdown is None else markdown
-    return [command for block in fenced_blocks(markdown) if block.language == "bash"
-            for command in shell_commands(block)]  # fmt: skip
+    return [
+        command for block in fenced_blocks(markdown) if block.language == "bash" for command in shell_commands(block)
+    ]
 
 
 def python_files(markdown: str | None = None) -> dict[str, str]:

@@ -57,9 +57,17 @@ def test_batches_consumed_counts_the_batches_the_fit_loop_used_over_epochs(tmp_p
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(_compat.batches_consumed(trainer))
 
-    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[Record()], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        callbacks=[Record()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(BoringModel())
     assert seen == [1, 2, 3, 4, 5, 6]  # the running batch included, not the one Lightning prefetched
     assert _compat.batches_consumed(trainer) == 6
@@ -140,7 +148,7 @@ def test_unresolved_class_wording_is_jsonargparse_s():
     assert _compat.unresolved_class_name(_jsonargparse_error(parser, ["--module=NoSuchModule"])) == "NoSuchModule"
     in_a_mapping = _jsonargparse_error(parser, ["--module={class_path: NoSuchModule}"])
     assert _compat.unresolved_class_name(in_a_mapping) == "NoSuchModule", in_a_mapping
-    assert _compat.unresolved_class_name("Parser key \"module\": invalid choice") is None
+    assert _compat.unresolved_class_name('Parser key "module": invalid choice') is None
 
 
 def test_text_given_a_mapping_wording_is_jsonargparse_s():
@@ -152,7 +160,7 @@ def test_text_given_a_mapping_wording_is_jsonargparse_s():
     parser.add_class_arguments(Templated, "data")
     message = _jsonargparse_error(parser, ["--data={template: {a: b}}"])
     assert _compat.text_option_given_mapping(message) == ("data.template", "{'a': 'b'}"), message
-    assert _compat.text_option_given_mapping('Parser key "template": Expected a <class \'int\'>') is None
+    assert _compat.text_option_given_mapping("Parser key \"template\": Expected a <class 'int'>") is None
 
 
 def test_unknown_subcommand_wording_is_argparse_s():
@@ -161,7 +169,7 @@ def test_unknown_subcommand_wording_is_argparse_s():
     subcommands.add_subcommand("fit", ArgumentParser())
     assert _compat.unknown_subcommand(_jsonargparse_error(parser, ["fitt"])) == "fitt"
     assert _compat.unknown_subcommand(_jsonargparse_error(parser, [])) == ""
-    assert _compat.unknown_subcommand("Parser key \"model\": invalid choice") is None
+    assert _compat.unknown_subcommand('Parser key "model": invalid choice') is None
 
 
 @pytest.mark.parametrize("logger_class", ["TensorBoardLogger", "CSVLogger"])
@@ -207,20 +215,28 @@ def test_lightning_pytree_deprecation_is_hidden_by_its_private_module_name():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         _compat.hide_lightning_pytree_deprecation()
-        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, pytree.__file__, 1,
-                               module=pytree.__name__)  # fmt: skip
-        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, "mine.py", 1,
-                               module="mine")  # fmt: skip
+        warnings.warn_explicit(
+            "`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, pytree.__file__, 1, module=pytree.__name__
+        )
+        warnings.warn_explicit(
+            "`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, "mine.py", 1, module="mine"
+        )
     assert [w.filename for w in seen] == ["mine.py"]
-
 
 
 def tiny_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -255,6 +271,7 @@ def test_block_checkpoint_function_is_what_each_checkpointed_block_recomputes_th
     assert calls == list(model.model.layers)  # each block, once, in the forward
     assert all(p.grad is not None for p in model.model.layers.parameters())
 
+
 #: Private framework access, as the project's checks grep for it.
 PRIVATE = re.compile(
     r"_given_hyperparameters|_hparams_initial|_parse_ckpt_path|_skip_validation|_data_parallel_size|self\._trainer\b"
@@ -270,8 +287,11 @@ def private_framework_access() -> dict[str, list[str]]:
             name = str(path.relative_to(ROOT))
             if name == "lightning_meta/_compat.py":
                 continue
-            lines = [f"{number}: {line.strip()}" for number, line in enumerate(path.read_text().splitlines(), 1)
-                     if PRIVATE.search(line)]  # fmt: skip
+            lines = [
+                f"{number}: {line.strip()}"
+                for number, line in enumerate(path.read_text().splitlines(), 1)
+                if PRIVATE.search(line)
+            ]
             if lines:
                 found[name] = lines
     return found

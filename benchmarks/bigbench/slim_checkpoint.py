@@ -23,5 +23,9 @@ slim = MetaLearningModule.load_from_checkpoint(slim_path, map_location="cpu").ev
 ids = torch.randint(0, 40_000, (2, 32), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     same = torch.equal(module.learner(input_ids=ids).logits, slim.learner(input_ids=ids).logits)
-print(json.dumps({"full_MB": os.path.getsize(full_path) / 1e6, "slim_MB": os.path.getsize(slim_path) / 1e6,
-                  "same_logits": same}, indent=1))  # fmt: skip
+print(
+    json.dumps(
+        {"full_MB": os.path.getsize(full_path) / 1e6, "slim_MB": os.path.getsize(slim_path) / 1e6, "same_logits": same},
+        indent=1,
+    )
+)

@@ -40,11 +40,16 @@ def curve_config(steps: int, every: int, words: int | None, smoke: bool) -> dict
     """The shipped recipe, stretched to ``steps`` with a checkpoint every ``every`` steps."""
     config = yaml.safe_load(CONFIG.read_text())
     config["trainer"].update(
-        max_steps=steps, val_check_interval=every, limit_val_batches=0 if smoke else None,
-        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"every_n_train_steps": every, "save_top_k": -1, "filename": "{step}",
-                                  "save_last": True}}],
-    )  # fmt: skip
+        max_steps=steps,
+        val_check_interval=every,
+        limit_val_batches=0 if smoke else None,
+        callbacks=[
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"every_n_train_steps": every, "save_top_k": -1, "filename": "{step}", "save_last": True},
+            }
+        ],
+    )
     config["model"]["lr_scheduler"]["init_args"]["total_steps"] = steps
     config["data"]["init_args"]["control"]["words"] = words
     if smoke:
@@ -81,9 +86,17 @@ def train(out: Path, config_path: Path, state: dict[str, Any]) -> None:
 def test(out: Path, config_path: Path, step: int, checkpoint: Path, held_out_words: bool, tasks: int) -> dict:
     """Tests one checkpoint in context at K = 8; returns its accuracy and control_gap with CIs."""
     folder = out / "test" / f"step{step}-{'held' if held_out_words else 'train'}"
-    run(["lightning-meta", "test", f"--config={config_path}", f"--ckpt_path={checkpoint}",
-         f"--trainer.default_root_dir={folder}", f"--data.init_args.num_test_tasks={tasks}",
-         f"--data.init_args.control.held_out_words={str(held_out_words).lower()}"])  # fmt: skip
+    run(
+        [
+            "lightning-meta",
+            "test",
+            f"--config={config_path}",
+            f"--ckpt_path={checkpoint}",
+            f"--trainer.default_root_dir={folder}",
+            f"--data.init_args.num_test_tasks={tasks}",
+            f"--data.init_args.control.held_out_words={str(held_out_words).lower()}",
+        ]
+    )
     results = json.loads(max(folder.glob("lightning_logs/version_*/results.json")).read_text())
     results = results.get("metrics") or results["figures"]  # "figures" before the vocabulary became "metrics"
     return {name: results[f"test/query_{name}_post"] for name in ("accuracy", "control_gap")}
@@ -114,8 +127,12 @@ def report(curve: dict[str, Any], cpu_s: float = 0.0, trained: int = 0) -> str:
     ]
     for step in sorted(curve["points"], key=int):
         point = curve["points"][step]
-        cells = [f"{point[name]['control_gap']['mean']:.2f} ± {point[name]['control_gap']['ci95']:.2f}"
-                 if name in point else "—" for name in TEST_SETS]  # fmt: skip
+        cells = [
+            f"{point[name]['control_gap']['mean']:.2f} ± {point[name]['control_gap']['ci95']:.2f}"
+            if name in point
+            else "—"
+            for name in TEST_SETS
+        ]
         accuracy = point.get("training words", {}).get("accuracy")
         last = f"{accuracy['mean']:.2f} ± {accuracy['ci95']:.2f}" if accuracy else "—"
         lines.append(f"| {int(step):,} | {int(step) * per_step / 60:.0f} | {' | '.join(cells)} | {last} |")
@@ -134,8 +151,14 @@ def plot(curve: dict[str, Any], path: Path) -> None:
     for name in TEST_SETS:
         shown = [step for step in steps if name in curve["points"][step]]
         gaps = [curve["points"][step][name]["control_gap"] for step in shown]
-        axis.errorbar([int(step) for step in shown], [gap["mean"] for gap in gaps],
-                      yerr=[gap["ci95"] for gap in gaps], marker="o", capsize=3, label=name)  # fmt: skip
+        axis.errorbar(
+            [int(step) for step in shown],
+            [gap["mean"] for gap in gaps],
+            yerr=[gap["ci95"] for gap in gaps],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
     axis.axhline(0.0, color="grey", linestyle=":", label="chance")
     axis.axhline(1.0, color="black", linestyle="--", label="ceiling (Bayes-optimal reader of K = 8)")
     axis.axhline(0.7, color="tab:green", linestyle="-.", linewidth=0.8, label="issue 27 target (0.7)")
@@ -162,8 +185,14 @@ def main(argv: list[str] | None = None) -> None:
         args.steps, args.every, args.test_tasks = 8, 4, 4
     args.out.mkdir(parents=True, exist_ok=True)
     curve_path = args.out / "curve.json"
-    settings = {"steps": args.steps, "every": args.every, "words": args.words, "test_tasks": args.test_tasks,
-                "smoke": args.smoke, "config": str(CONFIG.relative_to(ROOT))}  # fmt: skip
+    settings = {
+        "steps": args.steps,
+        "every": args.every,
+        "words": args.words,
+        "test_tasks": args.test_tasks,
+        "smoke": args.smoke,
+        "config": str(CONFIG.relative_to(ROOT)),
+    }
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else {"settings": settings, "points": {}}
     if curve["settings"] != settings:
         raise SystemExit(f"{curve_path} holds a curve of other settings ({curve['settings']}): use another --out.")

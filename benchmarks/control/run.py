@@ -48,10 +48,19 @@ import common  # noqa: E402
 class Settings:
     """Everything that decides the figures (saved with each arm's results)."""
 
-    model_config: dict[str, Any] = field(default_factory=lambda: {
-        "model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 128, "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False,
-    })  # fmt: skip
+    model_config: dict[str, Any] = field(
+        default_factory=lambda: {
+            "model_type": "gpt2",
+            "n_layer": 2,
+            "n_embd": 128,
+            "n_head": 4,
+            "n_positions": 128,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": False,
+        }
+    )
     families: tuple[str, ...] = ("label_mapping",)
     classes: int = 4
     words: int | None = 16  # input and label words per split (control_metaicl_tiny's setting)
@@ -69,10 +78,25 @@ class Settings:
 
 FULL = Settings()
 SMOKE = Settings(
-    model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128,
-                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False},
-    budget=1_500, eval_shots=(1, 4), test_tasks=4, eval_steps=2, primary_steps=2, primary_shots=4, warmup_steps=2,
-)  # fmt: skip
+    model_config={
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_embd": 32,
+        "n_head": 2,
+        "n_positions": 128,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": False,
+    },
+    budget=1_500,
+    eval_shots=(1, 4),
+    test_tasks=4,
+    eval_steps=2,
+    primary_steps=2,
+    primary_shots=4,
+    warmup_steps=2,
+)
 TOKENIZER = "embedded-bpe-4096"
 EVAL_SEED = 0  # the test tasks are the same whatever the training seed
 
@@ -99,19 +123,25 @@ class Method:
 def methods() -> dict[str, Method]:
     from lightning_meta.algorithms import ANIL, FOMAML, MAML, MetaICL, MetaSGD, MultiTask, Reptile
 
-    in_context = {"support_passes": 1, "query_passes": 1, "queries": 1, "meta_batch_size": 32, "meta_lr": 1e-3,
-                  "in_context": True}  # fmt: skip
+    in_context = {
+        "support_passes": 1,
+        "query_passes": 1,
+        "queries": 1,
+        "meta_batch_size": 32,
+        "meta_lr": 1e-3,
+        "in_context": True,
+    }
     return {
         "metaicl": Method("MetaICL", lambda: MetaICL(demonstration_loss=True), **in_context),
         "metaicl_channel": Method(
             "Channel MetaICL", lambda: MetaICL(demonstration_loss=True, direction="channel"), channel=True, **in_context
-        ),  # fmt: skip
+        ),
         "multitask": Method("MultiTask (SGD on the head at test)", lambda: MultiTask(inner_lr=1.0)),
         "anil": Method("ANIL (MAML on the head, 2nd order)", lambda: ANIL(inner_lr=1.0, inner_steps=1)),
         "fomaml": Method("FOMAML (head)", lambda: FOMAML(inner_lr=1.0, inner_steps=1)),
         "reptile": Method(
             "Reptile (head, 5 steps)", lambda: Reptile(inner_lr=1.0, inner_steps=5), support_passes=5, query_passes=0
-        ),  # fmt: skip
+        ),
         "metasgd": Method("Meta-SGD (head)", lambda: MetaSGD(inner_lr=1.0, inner_steps=1)),
         "maml": Method(
             "MAML (all weights, 2nd order)",
@@ -130,21 +160,40 @@ def make_learner(settings: Settings, method: Method) -> Any:
     from lightning_meta import CausalLMLearner
 
     scoring = "channel" if method.channel else "sum"
-    return CausalLMLearner(model_config=dict(settings.model_config), tokenizer=TOKENIZER, attn_implementation="eager",
-                           fast_weights=method.fast_weights, scoring=scoring)  # fmt: skip
+    return CausalLMLearner(
+        model_config=dict(settings.model_config),
+        tokenizer=TOKENIZER,
+        attn_implementation="eager",
+        fast_weights=method.fast_weights,
+        scoring=scoring,
+    )
 
 
 def make_datamodule(settings: Settings, method: Method, seed: int, shots: int, queries: int) -> Any:
     from lightning_meta.datamodules import TextToTextTasksDataModule
     from lightning_meta.datamodules.control_tasks import ControlSettings
 
-    control = ControlSettings(families=list(settings.families), classes=settings.classes, words=settings.words,
-                              held_out_words=settings.held_out_words)  # fmt: skip
+    control = ControlSettings(
+        families=list(settings.families),
+        classes=settings.classes,
+        words=settings.words,
+        held_out_words=settings.held_out_words,
+    )
     datamodule = TextToTextTasksDataModule(
-        tokenizer=TOKENIZER, dataset="control", control=control, channel=method.channel, shots=shots, queries=queries,
-        max_length=16, meta_batch_size=method.meta_batch_size, batches_per_epoch=1000, num_val_tasks=1,
-        num_test_tasks=settings.test_tasks, eval_meta_batch_size=16, seed=seed,
-    )  # fmt: skip
+        tokenizer=TOKENIZER,
+        dataset="control",
+        control=control,
+        channel=method.channel,
+        shots=shots,
+        queries=queries,
+        max_length=16,
+        meta_batch_size=method.meta_batch_size,
+        batches_per_epoch=1000,
+        num_val_tasks=1,
+        num_test_tasks=settings.test_tasks,
+        eval_meta_batch_size=16,
+        seed=seed,
+    )
     datamodule.setup("fit")
     return datamodule
 
@@ -180,14 +229,19 @@ def run_arm(settings: Settings, method_name: str, seed: int, out: Path) -> None:
     optimizer = lambda params: torch.optim.AdamW(params, lr=method.meta_lr, weight_decay=0.01)  # noqa: E731
     warmup = settings.warmup_steps if method.in_context else 0
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))  # noqa: E731
-    module = MetaLearningModule(learner, method.make_algorithm(), optimizer=optimizer, lr_scheduler=scheduler,
-                                meta_batch=method.meta_batch)  # fmt: skip
+    module = MetaLearningModule(
+        learner, method.make_algorithm(), optimizer=optimizer, lr_scheduler=scheduler, meta_batch=method.meta_batch
+    )
     trainer = common.benchmark_trainer(max_epochs=-1, callbacks=[budget], gradient_clip_val=1.0, log_every_n_steps=10)
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=make_datamodule(settings, method, seed, settings.shots, method.queries))
-    train = {"steps": trainer.global_step, "tokens": budget.tokens, "train_seconds": time.perf_counter() - start,
-             "train_cpu_seconds": time.process_time() - cpu_start,
-             "final_train_loss": float(trainer.callback_metrics.get("train/query_loss", math.nan))}  # fmt: skip
+    train = {
+        "steps": trainer.global_step,
+        "tokens": budget.tokens,
+        "train_seconds": time.perf_counter() - start,
+        "train_cpu_seconds": time.process_time() - cpu_start,
+        "final_train_loss": float(trainer.callback_metrics.get("train/query_loss", math.nan)),
+    }
     learner.eval()
     start, cpu_start = time.perf_counter(), time.process_time()
     curve = None if method.in_context else list(range(settings.eval_steps + 1))
@@ -202,18 +256,26 @@ def run_arm(settings: Settings, method_name: str, seed: int, out: Path) -> None:
             "task": common.episode_tasks(batches),
             **{name: values.tolist() for name, values in sorted(figures.items()) if curve_figure(name)},
         }
-    write_json(out / f"{arm_name(method_name, seed)}.json", {
-        "method": method_name, "seed": seed, "settings": asdict(settings), **train,
-        "eval_seconds": time.perf_counter() - start, "eval_cpu_seconds": time.process_time() - cpu_start,
-        "figures": by_shots,
-    })  # fmt: skip
+    write_json(
+        out / f"{arm_name(method_name, seed)}.json",
+        {
+            "method": method_name,
+            "seed": seed,
+            "settings": asdict(settings),
+            **train,
+            "eval_seconds": time.perf_counter() - start,
+            "eval_cpu_seconds": time.process_time() - cpu_start,
+            "figures": by_shots,
+        },
+    )
 
 
 def curve_figure(name: str) -> bool:
     """The figures an arm's results keep: accuracy and control_gap (before, in context or along the curve),
     the output loss, ceiling and chance."""
-    return name in ("ceiling", "chance") or name.startswith(("accuracy_pre", "accuracy_post", "accuracy_step",
-                                                              "control_gap", "loss_"))  # fmt: skip
+    return name in ("ceiling", "chance") or name.startswith(
+        ("accuracy_pre", "accuracy_post", "accuracy_step", "control_gap", "loss_")
+    )
 
 
 def finished(out: Path, method: str, seed: int, settings: Settings) -> bool:
@@ -229,8 +291,10 @@ def check_settings(path: Path, result: dict, settings: Settings) -> None:
     """Results of other settings are never mixed with these."""
     current = json.loads(json.dumps(asdict(settings)))  # as a results file holds them (tuples as lists)
     if result.get("settings") != current:
-        raise SystemExit(f"{path} was written with other settings ({result.get('settings')}): give another --out, "
-                         "or delete the file to run this arm again.")  # fmt: skip
+        raise SystemExit(
+            f"{path} was written with other settings ({result.get('settings')}): give another --out, "
+            "or delete the file to run this arm again."
+        )
 
 
 # ------------------------------------------------------------------------------------ report
@@ -262,26 +326,36 @@ def report(out: Path) -> str:
     if not results:
         return "No results yet."
     first = next(iter(results.values()))[0]
-    settings = Settings(**{**first["settings"], "families": tuple(first["settings"]["families"]),
-                           "eval_shots": tuple(first["settings"]["eval_shots"])})  # fmt: skip
+    settings = Settings(
+        **{
+            **first["settings"],
+            "families": tuple(first["settings"]["families"]),
+            "eval_shots": tuple(first["settings"]["eval_shots"]),
+        }
+    )
     names = methods()
     shots_all = settings.eval_shots
     k, steps = settings.primary_shots, settings.primary_steps
     tasks = {shots: first["figures"][str(shots)]["task"] for shots in shots_all}
     ceiling = {shots: sum(first["figures"][str(shots)]["ceiling"]) / len(tasks[shots]) for shots in shots_all}
     chance = sum(first["figures"][str(k)]["chance"]) / len(tasks[k])
-    lines = [f"{settings.test_tasks} fixed held-out test tasks per K (families {', '.join(settings.families)}), "
-             f"{settings.eval_queries} queries each; {settings.budget:,} real training tokens per arm. Mean over "
-             "tasks ± 95% CI with tasks and seeds as the units; [lowest, highest seed mean]. In context for MetaICL, "
-             f"after {steps} SGD steps on the support for the others. Chance {chance:.3f}; ceiling by K: "
-             + ", ".join(f"K={s}: {ceiling[s]:.3f}" for s in shots_all) + "."]  # fmt: skip
+    lines = [
+        f"{settings.test_tasks} fixed held-out test tasks per K (families {', '.join(settings.families)}), "
+        f"{settings.eval_queries} queries each; {settings.budget:,} real training tokens per arm. Mean over "
+        "tasks ± 95% CI with tasks and seeds as the units; [lowest, highest seed mean]. In context for MetaICL, "
+        f"after {steps} SGD steps on the support for the others. Chance {chance:.3f}; ceiling by K: "
+        + ", ".join(f"K={s}: {ceiling[s]:.3f}" for s in shots_all)
+        + "."
+    ]
     for figure in ("control_gap", "accuracy"):
         lines += [f"\n### {figure} against K\n"]
         rows = []
         for name, runs in results.items():
             zero = common.seed_spread(per_seed(runs, k, f"{figure}_pre"), tasks=tasks[k])  # K's queries, no support
-            cells = [common.seed_spread(per_seed(runs, s, adapted_key(runs[0], figure, steps)), tasks=tasks[s])
-                     for s in shots_all]  # fmt: skip
+            cells = [
+                common.seed_spread(per_seed(runs, s, adapted_key(runs[0], figure, steps)), tasks=tasks[s])
+                for s in shots_all
+            ]
             rows.append([names[name].label, str(len(runs)), zero, *cells])
         header = ["method", "seeds", f"zero-shot (K={k}'s tasks)", *(f"K={s}" for s in shots_all)]
         lines += common.markdown_table(header, rows)
@@ -290,25 +364,43 @@ def report(out: Path) -> str:
         step_range = range(settings.eval_steps + 1)
         lines += [f"\n### control_gap against SGD steps at K = {k} (mean ± 95% CI, tasks and seeds as units)\n"]
         rows = [
-            [names[name].label, *(common.seed_spread(per_seed(runs, k, f"control_gap_step{s}"), tasks=tasks[k])
-                                  .split(" [")[0] for s in step_range)]  # without the seeds' range: 11 columns
+            [
+                names[name].label,
+                *(
+                    common.seed_spread(per_seed(runs, k, f"control_gap_step{s}"), tasks=tasks[k]).split(" [")[0]
+                    for s in step_range
+                ),
+            ]  # without the seeds' range: 11 columns
             for name, runs in curved.items()
-        ]  # fmt: skip
+        ]
         lines += common.markdown_table(["method", *(f"{s} steps" for s in step_range)], rows)
     if "anil" in results:
         lines += ["\n### control_gap − ANIL, paired by task and seed (bold: the CI excludes 0)\n"]
         rows = []
         for name, runs in results.items():
             if name != "anil":
-                rows.append([names[name].label, *(paired(runs, results["anil"], s, steps, tasks[s])
-                                                  for s in shots_all)])  # fmt: skip
+                rows.append(
+                    [names[name].label, *(paired(runs, results["anil"], s, steps, tasks[s]) for s in shots_all)]
+                )
         lines += common.markdown_table(["method", *(f"K={s}" for s in shots_all)], rows)
     lines += ["\n### Training and evaluation\n"]
-    rows = [[names[name].label, str(r["seed"]), str(r["steps"]), f"{r['tokens']:,}", f"{r['train_cpu_seconds']:.0f}",
-             f"{r['train_seconds']:.0f}", f"{r['eval_cpu_seconds']:.0f}", f"{r['final_train_loss']:.3f}"]
-            for name, runs in results.items() for r in runs]  # fmt: skip
-    lines += common.markdown_table(["method", "seed", "steps", "tokens", "train CPU s", "train wall s", "eval CPU s",
-                                    "final train loss"], rows)  # fmt: skip
+    rows = [
+        [
+            names[name].label,
+            str(r["seed"]),
+            str(r["steps"]),
+            f"{r['tokens']:,}",
+            f"{r['train_cpu_seconds']:.0f}",
+            f"{r['train_seconds']:.0f}",
+            f"{r['eval_cpu_seconds']:.0f}",
+            f"{r['final_train_loss']:.3f}",
+        ]
+        for name, runs in results.items()
+        for r in runs
+    ]
+    lines += common.markdown_table(
+        ["method", "seed", "steps", "tokens", "train CPU s", "train wall s", "eval CPU s", "final train loss"], rows
+    )
     plot(results, settings, ceiling, chance, out / "control.png")
     return "\n".join(lines)
 
@@ -321,16 +413,19 @@ def paired(runs: list[dict], reference: list[dict], shots: int, steps: int, task
     pairs = [(r, theirs[r["seed"]]) for r in runs if r["seed"] in theirs]
     if not pairs:
         return "–"
-    differences = torch.stack([
-        per_seed([a], shots, adapted_key(a, "control_gap", steps))[0]
-        - per_seed([b], shots, adapted_key(b, "control_gap", steps))[0]
-        for a, b in pairs
-    ])  # fmt: skip
+    differences = torch.stack(
+        [
+            per_seed([a], shots, adapted_key(a, "control_gap", steps))[0]
+            - per_seed([b], shots, adapted_key(b, "control_gap", steps))[0]
+            for a, b in pairs
+        ]
+    )
     return common.seed_spread(differences, signed=True, tasks=tasks)
 
 
-def plot(results: dict[str, list[dict]], settings: Settings, ceiling: dict[int, float], chance: float,
-         path: Path) -> None:  # fmt: skip
+def plot(
+    results: dict[str, list[dict]], settings: Settings, ceiling: dict[int, float], chance: float, path: Path
+) -> None:
     """Accuracy against K (categorical axis) with ceiling and chance, and control_gap against steps at the
     primary K; 95% CI bars over tasks and seeds."""
     import matplotlib
@@ -343,8 +438,9 @@ def plot(results: dict[str, list[dict]], settings: Settings, ceiling: dict[int, 
     def point(runs: list[dict], shots: int, key: str) -> tuple[float, float]:
         values = per_seed(runs, shots, key)
         tasks = runs[0]["figures"][str(shots)]["task"]
-        mean, ci95 = mean_and_ci95(values.flatten(), groups=tasks * len(runs),
-                                   seeds=[s for s in range(len(runs)) for _ in tasks])  # fmt: skip
+        mean, ci95 = mean_and_ci95(
+            values.flatten(), groups=tasks * len(runs), seeds=[s for s in range(len(runs)) for _ in tasks]
+        )
         return float(mean), float(ci95)
 
     names = methods()
@@ -354,17 +450,28 @@ def plot(results: dict[str, list[dict]], settings: Settings, ceiling: dict[int, 
     left.plot(positions, [ceiling[s] for s in shots_all], "k--", label="ceiling (Bayes-optimal reader)")
     left.axhline(chance, color="grey", linestyle=":", label="chance")
     for color, (name, runs) in enumerate(results.items()):
-        means, errors = zip(*(point(runs, s, adapted_key(runs[0], "accuracy", settings.primary_steps))
-                              for s in shots_all), strict=True)  # fmt: skip
+        means, errors = zip(
+            *(point(runs, s, adapted_key(runs[0], "accuracy", settings.primary_steps)) for s in shots_all), strict=True
+        )
         offset = (color - len(results) / 2) * 0.03  # bars side by side, not on top of each other
-        left.errorbar([p + offset for p in positions], means, yerr=errors, marker="o", capsize=2, color=f"C{color}",
-                      linestyle="-" if names[name].in_context else "--", label=names[name].label)  # fmt: skip
+        left.errorbar(
+            [p + offset for p in positions],
+            means,
+            yerr=errors,
+            marker="o",
+            capsize=2,
+            color=f"C{color}",
+            linestyle="-" if names[name].in_context else "--",
+            label=names[name].label,
+        )
         if not names[name].in_context:
             steps = range(settings.eval_steps + 1)
-            means, errors = zip(*(point(runs, settings.primary_shots, f"control_gap_step{s}") for s in steps),
-                                strict=True)  # fmt: skip
-            right.errorbar(list(steps), means, yerr=errors, marker="o", capsize=2, color=f"C{color}",
-                           label=names[name].label)  # fmt: skip
+            means, errors = zip(
+                *(point(runs, settings.primary_shots, f"control_gap_step{s}") for s in steps), strict=True
+            )
+            right.errorbar(
+                list(steps), means, yerr=errors, marker="o", capsize=2, color=f"C{color}", label=names[name].label
+            )
         else:
             mean, error = point(runs, settings.primary_shots, "control_gap_post")
             right.axhspan(
@@ -379,8 +486,9 @@ def plot(results: dict[str, list[dict]], settings: Settings, ceiling: dict[int, 
     right.set_xlabel("SGD steps on the support")
     right.set_ylabel(f"test control_gap at K = {settings.primary_shots}")
     right.legend(fontsize=6)
-    figure.suptitle("Control tasks, held out: mean over tasks and seeds, 95% CI with tasks and seeds as units",
-                    fontsize=9)  # fmt: skip
+    figure.suptitle(
+        "Control tasks, held out: mean over tasks and seeds, 95% CI with tasks and seeds as units", fontsize=9
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -429,10 +537,12 @@ def run_all(args: argparse.Namespace, settings: Settings) -> None:
         return
     options = ["--out", str(args.out), "--budget", str(settings.budget), "--test-tasks", str(settings.test_tasks)]
     options += ["--smoke"] * args.smoke
+
     def command(method: str, seed: int) -> list[str]:
         return [sys.executable, __file__, *options, "--one", method, str(seed)]
 
     common.run_arm_processes(todo, command, args.workers, arm_name)
+
 
 if __name__ == "__main__":
     main()

@@ -26,8 +26,14 @@ def write_table(path: Path, counts: dict[str, int], seed: int = 123) -> int:
             for index in range(count):
                 task = tasks.draw(generator, split)
                 for (text, label), options in zip(task.examples, task.options, strict=True):
-                    row = {"task": f"{split}{index}", "family": split, "input": text, "output": label,
-                           "options": list(options), "ceiling": round(task.ceiling, 4)}  # fmt: skip
+                    row = {
+                        "task": f"{split}{index}",
+                        "family": split,
+                        "input": text,
+                        "output": label,
+                        "options": list(options),
+                        "ceiling": round(task.ceiling, 4),
+                    }
                     file.write(json.dumps(row) + "\n")
                     rows += 1
     return rows

@@ -62,8 +62,17 @@ import run as handoff  # noqa: E402
 
 TOKENIZER = "embedded-bpe-4096"
 # configs/control_maml_tiny.yaml's model (n_positions 64 = the pretraining block): an untied head.
-MODEL_CONFIG = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 64,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False}  # fmt: skip
+MODEL_CONFIG = {
+    "model_type": "gpt2",
+    "n_layer": 2,
+    "n_embd": 128,
+    "n_head": 4,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "tie_word_embeddings": False,
+}
 META_LR = 3e-4  # configs/control_maml_tiny.yaml: AdamW(3e-4, weight decay 0.01), gradient clipping 1.0
 INNER_LR = 1.0
 ADAPT_STEPS = (1, 2, 5)
@@ -89,10 +98,18 @@ def algorithm(name: str, inner_lr: float = INNER_LR) -> MAML | MultiTask:
 def control_data(seed: int, steps: int = 1000, test_tasks: int = CONTROL_TEST_TASKS) -> TextToTextTasksDataModule:
     """configs/control_maml_tiny.yaml's data: label mapping, 4 classes, 8 shots, 4 queries, held-out words."""
     data = TextToTextTasksDataModule(
-        tokenizer=TOKENIZER, dataset="control", shots=8, queries=4, max_length=16, meta_batch_size=16,
+        tokenizer=TOKENIZER,
+        dataset="control",
+        shots=8,
+        queries=4,
+        max_length=16,
+        meta_batch_size=16,
         control=ControlSettings(families=["label_mapping"], classes=4, held_out_words=True),
-        batches_per_epoch=steps, num_val_tasks=16, num_test_tasks=test_tasks, seed=seed,
-    )  # fmt: skip
+        batches_per_epoch=steps,
+        num_val_tasks=16,
+        num_test_tasks=test_tasks,
+        seed=seed,
+    )
     data.setup("fit")
     return data
 
@@ -109,9 +126,14 @@ def heldout_text() -> tuple[Tensor, list[str]]:
     domains = sorted(domain for domain in embedded_domains() if domain not in held_out)
     blocks, names = [], []
     for domain in domains:
-        one = PackedTextDataModule(tokenizer=TOKENIZER, domains=[domain], block_size=handoff.lm.BLOCK_SIZE,
-                                   batch_size=1, max_tokens_per_domain=handoff.PRETRAIN_TOKENS_PER_DOMAIN,
-                                   val_fraction=0.02)  # fmt: skip
+        one = PackedTextDataModule(
+            tokenizer=TOKENIZER,
+            domains=[domain],
+            block_size=handoff.lm.BLOCK_SIZE,
+            batch_size=1,
+            max_tokens_per_domain=handoff.PRETRAIN_TOKENS_PER_DOMAIN,
+            val_fraction=0.02,
+        )
         blocks.append(one.blocks["val"])
         names += [domain] * len(one.blocks["val"])
     return torch.cat(blocks), names
@@ -138,8 +160,14 @@ def evaluate(folder: Path, test_tasks: int, text_blocks: int | None, other_lrs: 
     lm = lm_losses(model.model, blocks[:text_blocks])
     result = {"lm_loss": lm}
     for inner_lr in (INNER_LR, *other_lrs):
-        curves = common.adaptation_curves(model, algorithm("maml", inner_lr), control_test_batches(test_tasks),
-                                          ADAPT_STEPS, FIGURES, meta_batch="vmap")  # fmt: skip
+        curves = common.adaptation_curves(
+            model,
+            algorithm("maml", inner_lr),
+            control_test_batches(test_tasks),
+            ADAPT_STEPS,
+            FIGURES,
+            meta_batch="vmap",
+        )
         result |= {(name if inner_lr == INNER_LR else f"{name}@{inner_lr:g}"): v for name, v in curves.items()}
     return result
 
@@ -185,11 +213,21 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
         start = time.perf_counter()
         figures = evaluate(folder, args.test_tasks, args.text_blocks, other_lrs)
         seconds[f"evaluate {stage}"] = time.perf_counter() - start
-        points.append({"stage": stage, "meta_tokens": meta_tokens, "pretrain_tokens": pretrain_steps * block_tokens,
-                       "pretrain_steps": pretrain_steps, **figures})  # fmt: skip
+        points.append(
+            {
+                "stage": stage,
+                "meta_tokens": meta_tokens,
+                "pretrain_tokens": pretrain_steps * block_tokens,
+                "pretrain_steps": pretrain_steps,
+                **figures,
+            }
+        )
         gap = figures["control_gap"]
-        print(f"seed {seed} {ARMS[arm]} {stage}: LM loss {float(figures['lm_loss'].mean()):.3f}, control_gap "
-              + ", ".join(f"{k}: {float(gap[k].mean()):.3f}" for k in (0, *ADAPT_STEPS)), flush=True)  # fmt: skip
+        print(
+            f"seed {seed} {ARMS[arm]} {stage}: LM loss {float(figures['lm_loss'].mean()):.3f}, control_gap "
+            + ", ".join(f"{k}: {float(gap[k].mean()):.3f}" for k in (0, *ADAPT_STEPS)),
+            flush=True,
+        )
 
     with tempfile.TemporaryDirectory(prefix=f"handoff-control-{seed}-{arm}-") as scratch:
         work = Path(scratch)
@@ -197,8 +235,9 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
             folder, meta_tokens = random_init(seed, work / "random"), 0
             score("random init", folder, 0, 0)
         else:
-            folder, meta_tokens, seconds["stage 1"] = stage1("maml" if arm == "b" else "multitask",
-                                                             args.meta_steps, seed, work / "stage1")  # fmt: skip
+            folder, meta_tokens, seconds["stage 1"] = stage1(
+                "maml" if arm == "b" else "multitask", args.meta_steps, seed, work / "stage1"
+            )
             score("after stage 1", folder, meta_tokens, 0)
         end_lrs = tuple(args.final_inner_lrs)
         seconds |= pretrain_and_score(
@@ -214,8 +253,12 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
     seconds["total"] = time.perf_counter() - started
     names = ("tokens", "meta_steps", "eval_points", "final_inner_lrs", "test_tasks", "text_blocks")
     settings = {key: getattr(args, key) for key in names}
-    record = {"points": points, "seconds": seconds, "settings": settings,
-                     "text_domains": heldout_text()[1][: args.text_blocks]}  # fmt: skip
+    record = {
+        "points": points,
+        "seconds": seconds,
+        "settings": settings,
+        "text_domains": heldout_text()[1][: args.text_blocks],
+    }
     save_arm(out, arm, record)
     print(f"seed {seed} {ARMS[arm]}: {seconds}", flush=True)
 
@@ -257,16 +300,22 @@ def arm_parser(description: str, *, tokens: int, eval_points: list[int], out: Pa
     parser.add_argument("--seeds", type=int, nargs="*", default=[], help="training seeds to run")
     parser.add_argument("--arms", default="abc", help="which arms to run (a, b, c)")
     parser.add_argument("--tokens", type=int, default=tokens, help="N: tokens of every arm, meta-training included")
-    parser.add_argument("--eval_points", type=int, nargs="*", default=eval_points,
-                        help="pretraining steps after the hand-off scored besides the end")  # fmt: skip
+    parser.add_argument(
+        "--eval_points",
+        type=int,
+        nargs="*",
+        default=eval_points,
+        help="pretraining steps after the hand-off scored besides the end",
+    )
     parser.add_argument("--text_blocks", type=int, default=None, help="only the first N held-out text blocks (tests)")
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--report", action="store_true", help="only print the tables of the saved results")
     return parser
 
 
-def run_and_report(args: argparse.Namespace, arms: dict[str, str], run_arm: Callable,
-                   report: Callable[[Path], None]) -> None:  # fmt: skip
+def run_and_report(
+    args: argparse.Namespace, arms: dict[str, str], run_arm: Callable, report: Callable[[Path], None]
+) -> None:
     """Run the missing arms of ``args.seeds`` (unless ``--report``), then print the report of what is saved."""
     common.quiet_benchmark_process()
     if not args.report:
@@ -309,9 +358,14 @@ def report(out: Path) -> None:
     first = runs[seeds[0]][next(iter(runs[seeds[0]]))]
     print(f"Settings: {first['settings']}")
     domains = first["text_domains"]
-    header = ["model", "stage", "tokens (meta + pretraining)", "LM loss (held-out text)",
-              *(f"control_gap {common.steps_label(k) if k else 'before adaptation'}" for k in (0, *ADAPT_STEPS)),
-              "accuracy after 5 steps"]  # fmt: skip
+    header = [
+        "model",
+        "stage",
+        "tokens (meta + pretraining)",
+        "LM loss (held-out text)",
+        *(f"control_gap {common.steps_label(k) if k else 'before adaptation'}" for k in (0, *ADAPT_STEPS)),
+        "accuracy after 5 steps",
+    ]
     rows = []
     for arm in ARMS:
         have = [s for s in seeds if arm in runs[s]]
@@ -320,9 +374,16 @@ def report(out: Path) -> None:
         for index, point in enumerate(runs[have[0]][arm]["points"]):
             at = [runs[s][arm]["points"][index] for s in have]
             tokens = f"{point['meta_tokens']:,} + {point['pretrain_tokens']:,}"
-            rows.append([ARMS[arm], point["stage"], tokens, cell([p["lm_loss"] for p in at], groups=domains),
-                         *(cell([p["control_gap"][k] for p in at]) for k in (0, *ADAPT_STEPS)),
-                         cell([p["accuracy"][max(ADAPT_STEPS)] for p in at])])  # fmt: skip
+            rows.append(
+                [
+                    ARMS[arm],
+                    point["stage"],
+                    tokens,
+                    cell([p["lm_loss"] for p in at], groups=domains),
+                    *(cell([p["control_gap"][k] for p in at]) for k in (0, *ADAPT_STEPS)),
+                    cell([p["accuracy"][max(ADAPT_STEPS)] for p in at]),
+                ]
+            )
     print(
         "\nPer arm and stage: mean ± 95% CI (LM loss: the text domains as units, each domain's blocks averaged "
         "first; control: the held-out tasks as units), seeds as units too [lowest, highest seed mean]:\n"
@@ -339,8 +400,11 @@ def report(out: Path) -> None:
                 at = [runs[s][arm]["points"][-1] for s in have]
                 rows.append([ARMS[arm], f"{inner_lr:g}", *(cell([p[name][k] for p in at]) for k in ADAPT_STEPS)])
         print("\nAt the end, control_gap with other head step sizes (exploratory):\n")
-        print("\n".join(common.markdown_table(["model", "step size",
-                                               *(common.steps_label(k) for k in ADAPT_STEPS)], rows)))  # fmt: skip
+        print(
+            "\n".join(
+                common.markdown_table(["model", "step size", *(common.steps_label(k) for k in ADAPT_STEPS)], rows)
+            )
+        )
 
     def final(s: int, arm: str) -> dict:
         return runs[s][arm]["points"][-1]
@@ -359,17 +423,31 @@ def report(out: Path) -> None:
             break
         first_end, second_end = ([final(s, arm) for s in complete] for arm in (first_arm, second_arm))
         lm = [a["lm_loss"] - b["lm_loss"] for a, b in zip(first_end, second_end, strict=True)]
-        rows.append([f"{ARMS[first_arm]} − {ARMS[second_arm]}, end",
-                     *(cell([difference(a, b, k) for a, b in zip(first_end, second_end, strict=True)], signed=True)
-                       for k in steps), cell(lm, signed=True, groups=domains)])  # fmt: skip
+        rows.append(
+            [
+                f"{ARMS[first_arm]} − {ARMS[second_arm]}, end",
+                *(
+                    cell([difference(a, b, k) for a, b in zip(first_end, second_end, strict=True)], signed=True)
+                    for k in steps
+                ),
+                cell(lm, signed=True, groups=domains),
+            ]
+        )
     for arm in "bc":
         have = [s for s in seeds if arm in runs[s]]
         if have:
             ends, starts = [final(s, arm) for s in have], [stage1_point(s, arm) for s in have]
             lm = [a["lm_loss"] - b["lm_loss"] for a, b in zip(ends, starts, strict=True)]
-            rows.append([f"{ARMS[arm]}: end − after stage 1",
-                         *(cell([difference(a, b, k) for a, b in zip(ends, starts, strict=True)], signed=True)
-                           for k in steps), cell(lm, signed=True, groups=domains)])  # fmt: skip
+            rows.append(
+                [
+                    f"{ARMS[arm]}: end − after stage 1",
+                    *(
+                        cell([difference(a, b, k) for a, b in zip(ends, starts, strict=True)], signed=True)
+                        for k in steps
+                    ),
+                    cell(lm, signed=True, groups=domains),
+                ]
+            )
     print(
         "\nPaired differences (same held-out tasks and text blocks): control_gap (step size 1.0) and LM loss; "
         "bold where the 95% CI excludes 0:\n"
@@ -383,10 +461,16 @@ def report(out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = arm_parser(__doc__.split("\n\n")[0], tokens=1_000_000, eval_points=[50, 200], out=HERE / "results_control")
     parser.add_argument("--meta_steps", type=int, default=300, help="stage-1 steps of (b) and (c)")
-    parser.add_argument("--final_inner_lrs", type=float, nargs="*", default=[0.1, 10.0],
-                        help="other head step sizes scored at the end (is a lost adaptation a step-size mismatch?)")
+    parser.add_argument(
+        "--final_inner_lrs",
+        type=float,
+        nargs="*",
+        default=[0.1, 10.0],
+        help="other head step sizes scored at the end (is a lost adaptation a step-size mismatch?)",
+    )
     parser.add_argument("--test_tasks", type=int, default=CONTROL_TEST_TASKS, help="held-out control tasks")
     run_and_report(parser.parse_args(argv), ARMS, run_arm, report)
+
 
 if __name__ == "__main__":
     main()

@@ -87,8 +87,13 @@ def learner(folder: Path | None = None) -> CausalLMLearner:
     if folder is None:
         return gym.make_learner(MODEL)
     torch.manual_seed(EVAL_LORA_SEED)
-    return CausalLMLearner(pretrained=str(folder), tokenizer=TOKENIZER, lora=LoraSettings(r=8, alpha=16),
-                           fast_weights="lora", meta_learn_base=True)  # fmt: skip
+    return CausalLMLearner(
+        pretrained=str(folder),
+        tokenizer=TOKENIZER,
+        lora=LoraSettings(r=8, alpha=16),
+        fast_weights="lora",
+        meta_learn_base=True,
+    )
 
 
 @functools.cache
@@ -104,13 +109,15 @@ def gym_figures(model: CausalLMLearner) -> dict:
     val, _ = episodes("val")
     val_loss = {}
     for lr in gym.SGD_GRID:
-        curve = common.adaptation_curves(model, FOMAML(inner_lr=lr, eval_inner_steps=max(ADAPT_STEPS)), val,
-                                         (max(ADAPT_STEPS),), ("loss",))  # fmt: skip
+        curve = common.adaptation_curves(
+            model, FOMAML(inner_lr=lr, eval_inner_steps=max(ADAPT_STEPS)), val, (max(ADAPT_STEPS),), ("loss",)
+        )
         val_loss[lr] = float(curve["loss"][max(ADAPT_STEPS)].mean())
     step_size = min(val_loss, key=val_loss.__getitem__)
     test, _ = episodes("test")
-    curves = common.adaptation_curves(model, FOMAML(inner_lr=step_size, eval_inner_steps=max(ADAPT_STEPS)), test,
-                                      ADAPT_STEPS, FIGURES)  # fmt: skip
+    curves = common.adaptation_curves(
+        model, FOMAML(inner_lr=step_size, eval_inner_steps=max(ADAPT_STEPS)), test, ADAPT_STEPS, FIGURES
+    )
     return {"step_size": step_size, "val_loss_by_step_size": val_loss, **curves}
 
 
@@ -161,12 +168,22 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
         start = time.perf_counter()
         figures = evaluate(model, args.text_blocks)
         seconds[f"evaluate {stage}"] = time.perf_counter() - start
-        points.append({"stage": stage, "meta_tokens": meta_tokens, "pretrain_tokens": pretrain_steps * block_tokens,
-                       "pretrain_steps": pretrain_steps, **figures})  # fmt: skip
+        points.append(
+            {
+                "stage": stage,
+                "meta_tokens": meta_tokens,
+                "pretrain_tokens": pretrain_steps * block_tokens,
+                "pretrain_steps": pretrain_steps,
+                **figures,
+            }
+        )
         loss = figures["loss"]
-        print(f"seed {seed} {ARMS[arm]} {stage}: LM loss {float(figures['lm_loss'].mean()):.3f}, gym loss "
-              + ", ".join(f"{k}: {float(loss[k].mean()):.3f}" for k in (0, *ADAPT_STEPS))
-              + f" (step size {figures['step_size']:g})", flush=True)  # fmt: skip
+        print(
+            f"seed {seed} {ARMS[arm]} {stage}: LM loss {float(figures['lm_loss'].mean()):.3f}, gym loss "
+            + ", ".join(f"{k}: {float(loss[k].mean()):.3f}" for k in (0, *ADAPT_STEPS))
+            + f" (step size {figures['step_size']:g})",
+            flush=True,
+        )
 
     with tempfile.TemporaryDirectory(prefix=f"handoff-gym-{seed}-{arm}-") as scratch:
         work = Path(scratch)
@@ -175,8 +192,9 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
             folder, meta_tokens = random_init(seed, work / "random"), 0
             score("random init", learner(folder), 0, 0)
         else:
-            module, folder, meta_tokens, meta_steps, seconds["stage 1"] = stage1(arm, args.meta_tokens, seed,
-                                                                                 work / "stage1")  # fmt: skip
+            module, folder, meta_tokens, meta_steps, seconds["stage 1"] = stage1(
+                arm, args.meta_tokens, seed, work / "stage1"
+            )
             module.learner.eval()
             score("after stage 1, own adapters", module.learner, meta_tokens, 0)
             del module
@@ -191,8 +209,13 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, out: Path) -> None:
         )
     seconds["total"] = time.perf_counter() - started
     settings = {key: getattr(args, key) for key in ("tokens", "meta_tokens", "eval_points", "text_blocks")}
-    record = {"points": points, "seconds": seconds, "settings": settings | {"meta_steps": meta_steps},
-              "text_domains": control.heldout_text()[1][: args.text_blocks], "tasks": episodes("test")[1]}  # fmt: skip
+    record = {
+        "points": points,
+        "seconds": seconds,
+        "settings": settings | {"meta_steps": meta_steps},
+        "text_domains": control.heldout_text()[1][: args.text_blocks],
+        "tasks": episodes("test")[1],
+    }
     control.save_arm(out, arm, record)
     print(f"seed {seed} {ARMS[arm]}: {seconds}", flush=True)
 
@@ -215,9 +238,15 @@ def report(out: Path) -> None:
         return common.seed_spread(torch.stack(values), signed=signed, tasks=groups if groups is not None else tasks)
 
     steps = (0, *ADAPT_STEPS)
-    header = ["model", "stage", "tokens (meta + pretraining)", "LM loss (held-out text)",
-              *(f"gym loss {common.steps_label(k) if k else 'before adaptation'}" for k in steps),
-              f"gym accuracy {common.steps_label(max(steps))}", "step sizes"]  # fmt: skip
+    header = [
+        "model",
+        "stage",
+        "tokens (meta + pretraining)",
+        "LM loss (held-out text)",
+        *(f"gym loss {common.steps_label(k) if k else 'before adaptation'}" for k in steps),
+        f"gym accuracy {common.steps_label(max(steps))}",
+        "step sizes",
+    ]
     rows = []
     for arm in ARMS:
         have = [s for s in seeds if arm in runs[s]]
@@ -225,39 +254,63 @@ def report(out: Path) -> None:
             continue
         for index, point in enumerate(runs[have[0]][arm]["points"]):
             at = [runs[s][arm]["points"][index] for s in have]
-            rows.append([ARMS[arm], point["stage"], f"{point['meta_tokens']:,} + {point['pretrain_tokens']:,}",
-                         cell([p["lm_loss"] for p in at], groups=domains),
-                         *(cell([p["loss"][k] for p in at]) for k in steps),
-                         cell([p["accuracy"][max(steps)] for p in at]),
-                         ", ".join(f"{p['step_size']:g}" for p in at)])  # fmt: skip
-    print("\nPer arm and stage: mean ± 95% CI (LM loss: the text domains as units; gym: the test tasks as units; "
-          "seeds as units too) [lowest, highest seed mean]. Gym figures on fresh LoRA adapters unless the stage "
-          "says own adapters:\n")  # fmt: skip
+            rows.append(
+                [
+                    ARMS[arm],
+                    point["stage"],
+                    f"{point['meta_tokens']:,} + {point['pretrain_tokens']:,}",
+                    cell([p["lm_loss"] for p in at], groups=domains),
+                    *(cell([p["loss"][k] for p in at]) for k in steps),
+                    cell([p["accuracy"][max(steps)] for p in at]),
+                    ", ".join(f"{p['step_size']:g}" for p in at),
+                ]
+            )
+    print(
+        "\nPer arm and stage: mean ± 95% CI (LM loss: the text domains as units; gym: the test tasks as units; "
+        "seeds as units too) [lowest, highest seed mean]. Gym figures on fresh LoRA adapters unless the stage "
+        "says own adapters:\n"
+    )
     print("\n".join(common.markdown_table(header, rows)))
 
     def point(s: int, arm: str, stage: str) -> dict:
         return next(p for p in runs[s][arm]["points"] if p["stage"] == stage)
 
     comparisons = [
-        ("b", "after stage 1", "c", "after stage 1"), ("b", "after stage 2", "c", "after stage 2"),
-        ("b", "after stage 2", "a", "after stage 2"), ("c", "after stage 2", "a", "after stage 2"),
+        ("b", "after stage 1", "c", "after stage 1"),
+        ("b", "after stage 2", "c", "after stage 2"),
+        ("b", "after stage 2", "a", "after stage 2"),
+        ("c", "after stage 2", "a", "after stage 2"),
         ("b", "after stage 1, own adapters", "c", "after stage 1, own adapters"),
-        ("b", "after stage 2", "b", "after stage 1"), ("c", "after stage 2", "c", "after stage 1"),
-    ]  # fmt: skip
+        ("b", "after stage 2", "b", "after stage 1"),
+        ("c", "after stage 2", "c", "after stage 1"),
+    ]
     rows = []
     for arm1, stage1_, arm2, stage2_ in comparisons:
         have = [s for s in seeds if arm1 in runs[s] and arm2 in runs[s]]
         if not have:
             continue
         pairs = [(point(s, arm1, stage1_), point(s, arm2, stage2_)) for s in have]
-        name = (f"{ARMS[arm1]}: {stage1_.removeprefix('after ')} − {stage2_.removeprefix('after ')}" if arm1 == arm2
-                else f"{ARMS[arm1]} − {ARMS[arm2]}, {stage1_.removeprefix('after ')}")  # fmt: skip
-        rows.append([name, *(cell([x["loss"][k] - y["loss"][k] for x, y in pairs], signed=True) for k in steps),
-                     cell([x["lm_loss"] - y["lm_loss"] for x, y in pairs], signed=True, groups=domains)])  # fmt: skip
-    print("\nPaired differences (same test episodes and text blocks; negative = lower loss); bold where the 95% CI "
-          "excludes 0:\n")  # fmt: skip
-    header = ["difference", *(f"gym loss {common.steps_label(k) if k else 'before adaptation'}" for k in steps),
-              "LM loss"]  # fmt: skip
+        name = (
+            f"{ARMS[arm1]}: {stage1_.removeprefix('after ')} − {stage2_.removeprefix('after ')}"
+            if arm1 == arm2
+            else f"{ARMS[arm1]} − {ARMS[arm2]}, {stage1_.removeprefix('after ')}"
+        )
+        rows.append(
+            [
+                name,
+                *(cell([x["loss"][k] - y["loss"][k] for x, y in pairs], signed=True) for k in steps),
+                cell([x["lm_loss"] - y["lm_loss"] for x, y in pairs], signed=True, groups=domains),
+            ]
+        )
+    print(
+        "\nPaired differences (same test episodes and text blocks; negative = lower loss); bold where the 95% CI "
+        "excludes 0:\n"
+    )
+    header = [
+        "difference",
+        *(f"gym loss {common.steps_label(k) if k else 'before adaptation'}" for k in steps),
+        "LM loss",
+    ]
     print("\n".join(common.markdown_table(header, rows)))
     spent = sum(run[arm]["seconds"]["total"] for run in runs.values() for arm in run)
     print(f"\nWall time of all saved arms: {spent / 60:.1f} min")
@@ -267,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = control.arm_parser(__doc__.split("\n\n")[0], tokens=600_000, eval_points=[50], out=HERE / "results_gym")
     parser.add_argument("--meta_tokens", type=int, default=300_000, help="stage-1 real tokens of (b) and (c)")
     control.run_and_report(parser.parse_args(argv), ARMS, run_arm, report)
+
 
 if __name__ == "__main__":
     main()

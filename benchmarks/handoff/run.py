@@ -69,9 +69,13 @@ def pretrain_data(seed: int, tokenizer: str = lm.TOKENIZER) -> PackedTextDataMod
     ``tokenizer``: the model's name for it (an export ships the same tokenizer under its folder's name).
     """
     return PackedTextDataModule(
-        tokenizer=tokenizer, block_size=lm.BLOCK_SIZE, batch_size=PRETRAIN_BATCH,
-        max_tokens_per_domain=PRETRAIN_TOKENS_PER_DOMAIN, val_fraction=0.02, seed=seed,
-    )  # fmt: skip
+        tokenizer=tokenizer,
+        block_size=lm.BLOCK_SIZE,
+        batch_size=PRETRAIN_BATCH,
+        max_tokens_per_domain=PRETRAIN_TOKENS_PER_DOMAIN,
+        val_fraction=0.02,
+        seed=seed,
+    )
 
 
 def trainer(max_steps: int, root: Path) -> lightning.Trainer:
@@ -137,8 +141,9 @@ def run_seed(
             checkpoint, seconds[f"{key} stage 1"] = meta_train(method, steps, seed, work / key)
             folder = exported(checkpoint, f"{key}-stage1")
             losses["before"][key] = evaluate(folder, test_batches, step_size)
-            checkpoint, seconds[f"{key} stage 2"] = pretrain({"init_from": str(folder)}, pretrain_steps, seed,
-                                                             work / f"{key}-pre")  # fmt: skip
+            checkpoint, seconds[f"{key} stage 2"] = pretrain(
+                {"init_from": str(folder)}, pretrain_steps, seed, work / f"{key}-pre"
+            )
             losses["after"][key] = evaluate(exported(checkpoint, f"{key}-stage2"), test_batches, step_size)
             print(f"seed {seed} {METHODS[key]} done at {time.perf_counter() - started:.0f} s", flush=True)
         # (c): stage 2 from the random weights stage 1 started from (same seed, same config).
@@ -158,13 +163,21 @@ def run_seed(
         losses["after"]["d"] = evaluate(exported(checkpoint, "d-export"), test_batches, step_size)
         checkpoint, seconds["e"] = pretrain(
             {"model_config": dict(lm.MODEL_CONFIG), "tokenizer": lm.TOKENIZER},
-            pretrain_steps + extra_pretrain_steps, seed, work / "e", resume=c_checkpoint,
-        )  # fmt: skip
+            pretrain_steps + extra_pretrain_steps,
+            seed,
+            work / "e",
+            resume=c_checkpoint,
+        )
         losses["after"]["e"] = evaluate(exported(checkpoint, "e-export"), test_batches, step_size)
     seconds["total"] = time.perf_counter() - started
-    settings = {"budget": budget, "pretrain_steps": pretrain_steps, "step_size": step_size,
-                "fomaml_steps": fomaml_steps, "baseline_steps": baseline_steps,
-                "extra_pretrain_steps": extra_pretrain_steps}  # fmt: skip
+    settings = {
+        "budget": budget,
+        "pretrain_steps": pretrain_steps,
+        "step_size": step_size,
+        "fomaml_steps": fomaml_steps,
+        "baseline_steps": baseline_steps,
+        "extra_pretrain_steps": extra_pretrain_steps,
+    }
     out.mkdir(parents=True, exist_ok=True)
     tasks = common.episode_tasks(test_batches)  # each episode's held-out domain: the unit of the CIs
     torch.save({"losses": losses, "seconds": seconds, "settings": settings, "tasks": tasks}, out / f"seed{seed}.pt")
@@ -198,30 +211,48 @@ def report(out: Path) -> None:
         for key in keys:
             label = "after stage 2" if stage == "after" else "after stage 1" if key != "c" else "(no stage 1)"
             lines.append(f"| {METHODS[key]} | {label} | " + " | ".join(cell(stage, key, k) for k in STEPS) + " |")
-    units = (f"{len(set(tasks))} held-out domains (the tasks: {len(tasks)} episodes, each domain's averaged first) "
-             f"and {len(seeds)} seeds")  # fmt: skip
-    print(f"Held-out query loss (nats/token): mean over the domains ± 95% CI with the {units} as units "
-          "[lowest, highest seed mean]:\n")  # fmt: skip
+    units = (
+        f"{len(set(tasks))} held-out domains (the tasks: {len(tasks)} episodes, each domain's averaged first) "
+        f"and {len(seeds)} seeds"
+    )
+    print(
+        f"Held-out query loss (nats/token): mean over the domains ± 95% CI with the {units} as units "
+        "[lowest, highest seed mean]:\n"
+    )
     print("\n".join(lines))
 
     def paired(stage: str, first: str, second: str, k: int) -> str:
         per_seed = [runs[s]["losses"][stage][first][k] - runs[s]["losses"][stage][second][k] for s in seeds]
         return common.seed_spread(torch.stack(per_seed), signed=True, tasks=tasks)
 
-    pairs = [("before", "a", "b"), ("after", "a", "b"), ("before", "a", "c"), ("after", "a", "c"),
-             ("before", "b", "c"), ("after", "b", "c"), ("after", "d", "e")]  # fmt: skip
+    pairs = [
+        ("before", "a", "b"),
+        ("after", "a", "b"),
+        ("before", "a", "c"),
+        ("after", "a", "c"),
+        ("before", "b", "c"),
+        ("after", "b", "c"),
+        ("after", "d", "e"),
+    ]
     lines = ["| difference | stage | " + " | ".join(header.split(" | ")[2:]), "|" + "---|" * (len(STEPS) + 2)]
     for stage, first, second in pairs:
         label = "after stage 2" if stage == "after" else "after stage 1"
         name = f"{METHODS[first]} − {METHODS[second]}"
         lines.append(f"| {name} | {label} | " + " | ".join(paired(stage, first, second, k) for k in STEPS) + " |")
-    print("\nPaired differences on the same episodes and seeds (negative: the first is better), mean ± 95% CI with "
-          f"the {units} as units [lowest, highest seed]; bold where the CI excludes 0:\n")  # fmt: skip
+    print(
+        "\nPaired differences on the same episodes and seeds (negative: the first is better), mean ± 95% CI with "
+        f"the {units} as units [lowest, highest seed]; bold where the CI excludes 0:\n"
+    )
     print("\n".join(lines))
     domains = sorted(set(tasks))
-    lines = ["| difference | stage | " + " | ".join(f"{domain}, {common.steps_label(k) if k else 'before'}"
-                                                  for k in (0, STEPS[-1]) for domain in domains) + " |",
-             "|" + "---|" * (2 * len(domains) + 2)]  # fmt: skip
+    lines = [
+        "| difference | stage | "
+        + " | ".join(
+            f"{domain}, {common.steps_label(k) if k else 'before'}" for k in (0, STEPS[-1]) for domain in domains
+        )
+        + " |",
+        "|" + "---|" * (2 * len(domains) + 2),
+    ]
     for stage, first, second in pairs:
         label = "after stage 2" if stage == "after" else "after stage 1"
         cells = []
@@ -242,13 +273,16 @@ def report(out: Path) -> None:
 
     rows = [(stage, key, None) for stage, keys in (("before", "abc"), ("after", "abcde")) for key in keys]
     rows += [("before", "a", "b"), ("after", "a", "b"), ("after", "a", "c"), ("after", "d", "e")]
-    lines = ["| model | stage | " + " | ".join(f"gain {common.steps_label(k)}" for k in lm.EVAL_STEPS) + " |",
-             "|" + "---|" * (len(lm.EVAL_STEPS) + 2)]  # fmt: skip
+    lines = [
+        "| model | stage | " + " | ".join(f"gain {common.steps_label(k)}" for k in lm.EVAL_STEPS) + " |",
+        "|" + "---|" * (len(lm.EVAL_STEPS) + 2),
+    ]
     for stage, first, second in rows:
         name = METHODS[first] + (f" − {METHODS[second]}" if second else "")
         label = "after stage 2" if stage == "after" else "after stage 1"
-        lines.append(f"| {name} | {label} | " + " | ".join(gain_cell(stage, first, second, k)
-                                                             for k in lm.EVAL_STEPS) + " |")  # fmt: skip
+        lines.append(
+            f"| {name} | {label} | " + " | ".join(gain_cell(stage, first, second, k) for k in lm.EVAL_STEPS) + " |"
+        )
     print(
         "\nAdaptation gain: loss before adaptation minus loss after k steps (larger: adapts more), and paired "
         f"differences of gains (positive: the first adapts more), mean ± 95% CI with the {units} as units "
@@ -276,21 +310,35 @@ def plot(runs: dict, seeds: list[int], tasks: list[str], path: Path) -> None:
         (axes[1], "after", "abcde", "After stage 2 (pretraining), and (d) vs (e)"),
     ):
         for index, key in enumerate(keys):
-            stats = [mean_and_ci95(torch.cat([runs[s]["losses"][stage][key][k] for s in seeds]),
-                                   groups=tasks * len(seeds), seeds=[s for s in seeds for _ in tasks])
-                     for k in STEPS]  # fmt: skip
+            stats = [
+                mean_and_ci95(
+                    torch.cat([runs[s]["losses"][stage][key][k] for s in seeds]),
+                    groups=tasks * len(seeds),
+                    seeds=[s for s in seeds for _ in tasks],
+                )
+                for k in STEPS
+            ]
             offset = (index - (len(keys) - 1) / 2) * 0.12
-            ax.errorbar([k + offset for k in STEPS], [m.item() for m, _ in stats], yerr=[c.item() for _, c in stats],
-                        marker="o", capsize=4, color=colors[key], label=METHODS[key],
-                        linestyle="--" if key in "de" else "-")  # fmt: skip
+            ax.errorbar(
+                [k + offset for k in STEPS],
+                [m.item() for m, _ in stats],
+                yerr=[c.item() for _, c in stats],
+                marker="o",
+                capsize=4,
+                color=colors[key],
+                label=METHODS[key],
+                linestyle="--" if key in "de" else "-",
+            )
         ax.set_xticks(STEPS)
         ax.set_xlabel("SGD adaptation steps on 4 support blocks")
         ax.set_ylabel("held-out query loss (nats/token)")
         ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
-    title = (f"Tiny GPT-2, {len(set(tasks))} held-out domains, mean over domains and seeds {seeds} ± 95% CI, "
-             "domains and seeds as units")  # fmt: skip
+    title = (
+        f"Tiny GPT-2, {len(set(tasks))} held-out domains, mean over domains and seeds {seeds} ± 95% CI, "
+        "domains and seeds as units"
+    )
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

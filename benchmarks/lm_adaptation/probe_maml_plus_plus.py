@@ -26,9 +26,10 @@ import tiny_lm  # noqa: E402  (this benchmark's data and learner)
 VARIANTS = {
     "maml2": lambda: MAML(inner_lr=0.3, inner_steps=2),
     "mpp_lslr": lambda: MAMLPlusPlus(inner_lr=0.3, inner_steps=2, learn_inner_lrs=True, multi_step_loss=False),
-    "mpp_msl": lambda: MAMLPlusPlus(inner_lr=0.3, inner_steps=2, learn_inner_lrs=False, multi_step_loss=True,
-                                    msl_anneal_steps=100),
-}  # fmt: skip
+    "mpp_msl": lambda: MAMLPlusPlus(
+        inner_lr=0.3, inner_steps=2, learn_inner_lrs=False, multi_step_loss=True, msl_anneal_steps=100
+    ),
+}
 
 
 class _Print(L.Callback):

@@ -169,9 +169,7 @@ def domain_table(results: list[Result], domains: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(
-    results: list[Result], path: Path, title: str, tasks: Sequence[str], reference: Result | None = None
-) -> None:
+def plot(results: list[Result], path: Path, title: str, tasks: Sequence[str], reference: Result | None = None) -> None:
     """Test query loss vs adaptation steps, one line per method, 95% CI error bars (domains as units).
 
     With ``reference``, a second panel shows each method's paired difference to it.

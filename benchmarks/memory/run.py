@@ -34,8 +34,14 @@ def measure(meta_batch_size: int, meta_batch: str, device: str, size: dict[str, 
     from lightning_meta.datamodules import LanguageModelingTasksDataModule
 
     torch.manual_seed(0)
-    config = {"model_type": "gpt2", "n_positions": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-              **size}  # fmt: skip
+    config = {
+        "model_type": "gpt2",
+        "n_positions": 128,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        **size,
+    }
     learner = CausalLMLearner(model_config=config, attn_implementation="eager").to(device)
     data = LanguageModelingTasksDataModule(
         tokenizer="embedded-bpe-4096", block_size=64, shots=4, queries=4, meta_batch_size=meta_batch_size
@@ -45,8 +51,10 @@ def measure(meta_batch_size: int, meta_batch: str, device: str, size: dict[str, 
 
     def step(index: int) -> None:
         batch = data.train_batch(index)
-        batch = TaskBatch(support={k: v.to(device) for k, v in batch.support.items()},
-                          query={k: v.to(device) for k, v in batch.query.items()})  # fmt: skip
+        batch = TaskBatch(
+            support={k: v.to(device) for k, v in batch.support.items()},
+            query={k: v.to(device) for k, v in batch.query.items()},
+        )
         learner.zero_grad(set_to_none=True)
         algorithm.meta_loss(learner, batch, meta_batch=meta_batch).loss.backward()
 
@@ -78,8 +86,19 @@ def main() -> None:
     peaks: dict[tuple[int, str], float] = {}
     for mode in ("task_by_task", "all_at_once"):
         for size in args.meta_batch_sizes:
-            command = [sys.executable, __file__, "--one", str(size), mode, "--n-layer", str(args.n_layer),
-                       "--n-embd", str(args.n_embd), "--n-head", str(args.n_head)] + (["--gpu"] if args.gpu else [])
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                str(size),
+                mode,
+                "--n-layer",
+                str(args.n_layer),
+                "--n-embd",
+                str(args.n_embd),
+                "--n-head",
+                str(args.n_head),
+            ] + (["--gpu"] if args.gpu else [])
             output = subprocess.run(command, capture_output=True, text=True, check=True, env=common.MALLOC_ENV).stdout
             peaks[size, mode] = json.loads(output.strip().splitlines()[-1])
     first = args.meta_batch_sizes[0]
@@ -88,8 +107,10 @@ def main() -> None:
     print(f"{'meta-batch':>10} | {'task by task (MiB)':>18} | {'ratio':>5} | {'all at once (MiB)':>17} | {'ratio':>5}")
     for size in args.meta_batch_sizes:
         flat, joint = peaks[size, "task_by_task"], peaks[size, "all_at_once"]
-        print(f"{size:>10} | {flat:>18.1f} | {flat / peaks[first, 'task_by_task']:>5.2f} | {joint:>17.1f} | "
-              f"{joint / peaks[first, 'all_at_once']:>5.2f}")  # fmt: skip
+        print(
+            f"{size:>10} | {flat:>18.1f} | {flat / peaks[first, 'task_by_task']:>5.2f} | {joint:>17.1f} | "
+            f"{joint / peaks[first, 'all_at_once']:>5.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -136,8 +136,10 @@ def report() -> str:
         elif command.text in measured_results:
             result = measured_results[command.text]
             if "failed" in result:
-                lines.append(f"| {command.line} | `{text}` | **failed** after {duration(result['cpu_s'])}: "
-                             f"{result['failed']} | |")  # fmt: skip
+                lines.append(
+                    f"| {command.line} | `{text}` | **failed** after {duration(result['cpu_s'])}: "
+                    f"{result['failed']} | |"
+                )
                 continue
             lines.append(f"| {command.line} | `{text}` | {duration(result['cpu_s'])} | {duration(result['wall_s'])} |")
         else:

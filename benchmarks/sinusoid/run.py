@@ -124,8 +124,11 @@ def plot(results: list[Result], episodes: list[Episode], path: Path) -> None:
     """MAML and the pretrained baseline on a few test tasks, as in the paper's figure 2."""
     # MAML and the pretrained baseline, as in the paper's figure; the first and last method run otherwise.
     by_name = {result.method.name.split(" ")[0]: result for result in results}
-    shown = [by_name["MAML"], by_name["Pretrained"]] if {"MAML", "Pretrained"} <= by_name.keys() else [
-        results[0], results[-1]]
+    shown = (
+        [by_name["MAML"], by_name["Pretrained"]]
+        if {"MAML", "Pretrained"} <= by_name.keys()
+        else [results[0], results[-1]]
+    )
     x = torch.linspace(-5.0, 5.0, 200).unsqueeze(-1)
     fig, axes = plt.subplots(
         len(episodes), len(shown), figsize=(6 * len(shown), 4 * len(episodes)), squeeze=False, sharex=True

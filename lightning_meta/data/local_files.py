@@ -175,9 +175,7 @@ def write_folder_atomically(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_file_atomically(
-    path: Path, write: Callable[[Path], None], what: str = "the file", remedy: str = ""
-) -> None:
+def write_file_atomically(path: Path, write: Callable[[Path], None], what: str = "the file", remedy: str = "") -> None:
     """Write ``path`` by ``write(partial)`` into a hidden file beside it, then rename that into place.
 
     A full disk or a stopped process never leaves a truncated file under ``path`` (an earlier one is

@@ -120,8 +120,11 @@ def column_names(path: Path) -> list[str]:
             import datasets
 
             loaded = datasets.load_from_disk(str(path))  # memory-mapped: no row is read
-            return list(next(iter(loaded.values())).column_names if isinstance(loaded, datasets.DatasetDict)
-                        else loaded.column_names)  # fmt: skip
+            return list(
+                next(iter(loaded.values())).column_names
+                if isinstance(loaded, datasets.DatasetDict)
+                else loaded.column_names
+            )
         builder = TABLE_FORMATS.get(path.suffix.lower())
         if builder == "parquet":
             import pyarrow.parquet

@@ -109,8 +109,9 @@ def generation_rule(metadata: Mapping[str, Any]) -> GenerationRule | None:
     where it gives none."""
     stop, regex = (metadata.get(name) for name in (STOP_STRING, OUTPUT_REGEX))
     # One episode's values are texts (a stacked batch holds lists of them: no one rule).
-    rule = GenerationRule(stop if isinstance(stop, str) and stop else None,
-                          regex if isinstance(regex, str) and regex else None)  # fmt: skip
+    rule = GenerationRule(
+        stop if isinstance(stop, str) and stop else None, regex if isinstance(regex, str) and regex else None
+    )
     return rule if rule.cuts else None
 
 
@@ -121,8 +122,10 @@ def generation_rule(metadata: Mapping[str, Any]) -> GenerationRule | None:
 TOKEN_FIELDS: dict[str, dict[str, int]] = {
     "attention_mask": {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX},
     CHOICE_ATTENTION_MASK: {CHOICE_INPUT_IDS: 0, CHOICE_ATTENTION_MASK: 0, CHOICE_LABELS: IGNORE_INDEX},
-    **{fields[1]: dict(zip(fields, (0, 0, IGNORE_INDEX), strict=True))
-       for fields in (CALIBRATION_FIELDS, CHANNEL_FIELDS, CHANNEL_SEQUENCE_FIELDS)},  # fmt: skip
+    **{
+        fields[1]: dict(zip(fields, (0, 0, IGNORE_INDEX), strict=True))
+        for fields in (CALIBRATION_FIELDS, CHANNEL_FIELDS, CHANNEL_SEQUENCE_FIELDS)
+    },
     DEMONSTRATION_FIELDS[1]: dict(zip(DEMONSTRATION_FIELDS, (0, 0), strict=True)),
 }
 #: Mask fields of a split (the keys of :data:`TOKEN_FIELDS`).
@@ -308,8 +311,9 @@ class TaskBatch:
 
     def without_padding(self) -> TaskBatch:
         """This batch with each split cut to its longest real sequence (:func:`without_padding`)."""
-        return TaskBatch(without_padding(self.support), without_padding(self.query), self.ways, self.shots,
-                         self.metadata)  # fmt: skip
+        return TaskBatch(
+            without_padding(self.support), without_padding(self.query), self.ways, self.shots, self.metadata
+        )
 
     def padding_fraction(self) -> Tensor | None:
         """The share of padded token positions in the support and query (``None`` without ``attention_mask``)."""

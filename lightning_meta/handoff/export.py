@@ -85,9 +85,12 @@ def export(
         _check_writable(folder)
     checkpoint, source = read_checkpoint(ckpt_path)
     model, provenance = model_from_checkpoint(
-        checkpoint, tokenizer=tokenizer, adapter_dir=adapter_dir, pretrained=pretrained,
+        checkpoint,
+        tokenizer=tokenizer,
+        adapter_dir=adapter_dir,
+        pretrained=pretrained,
         trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+    )
     provenance.update(source)
     write_export(model, provenance, output, overwrite=overwrite)
     rank_zero_info(f"Exported {ckpt_path} to {output} (AutoModelForCausalLM.from_pretrained('{output}')).")
@@ -188,9 +191,13 @@ def model_from_checkpoint(
                 "its model_config, whose weights the checkpoint holds). Leave --pretrained out."
             )
         # Only the caller switches a model folder's own code on, never the file.
-        hparams = saved_hyperparameters({**checkpoint, "hyper_parameters": hparams}, "The checkpoint",
-                                        pretrained=pretrained, trust_remote_code=trust_remote_code,
-                                        allow=_REMOTE_CODE_OPTIONS)[0]  # fmt: skip
+        hparams = saved_hyperparameters(
+            {**checkpoint, "hyper_parameters": hparams},
+            "The checkpoint",
+            pretrained=pretrained,
+            trust_remote_code=trust_remote_code,
+            allow=_REMOTE_CODE_OPTIONS,
+        )[0]
         model, provenance = _meta_learned_model(hparams, saved, state, tokenizer, adapter_dir)
     else:
         raise CheckpointError(
@@ -214,9 +221,12 @@ def model_from_checkpoint(
 
 
 def _meta_learned_model(
-    hparams: dict[str, Any], saved: dict[str, Any], state: Mapping[str, Tensor], tokenizer: str | None,
+    hparams: dict[str, Any],
+    saved: dict[str, Any],
+    state: Mapping[str, Tensor],
+    tokenizer: str | None,
     adapter_dir: str | None,
-) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+) -> tuple[Any, dict[str, Any]]:
     from lightning_meta.learners.language_models import CausalLMLearner
 
     learner_config = _plain(hparams["learner"])
@@ -233,8 +243,9 @@ def _meta_learned_model(
         init_args["tokenizer"] = tokenizer  # only decides the vocabulary size of a model built from a config
     _loadable_tokenizer(tokenizer or name)
     try:
-        learner = CausalLMLearner(**{key: _lora_settings(value) if key == "lora" else value
-                                     for key, value in init_args.items()})  # fmt: skip
+        learner = CausalLMLearner(
+            **{key: _lora_settings(value) if key == "lora" else value for key, value in init_args.items()}
+        )
     except FileNotFoundError as error:
         if init_args.get("pretrained") is None:
             raise
@@ -267,9 +278,12 @@ def _meta_learned_model(
 
 
 def _encoder_model(
-    learner_config: dict[str, Any], init_args: dict[str, Any], saved: dict[str, Any], state: Mapping[str, Tensor],
+    learner_config: dict[str, Any],
+    init_args: dict[str, Any],
+    saved: dict[str, Any],
+    state: Mapping[str, Tensor],
     tokenizer: str | None,
-) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+) -> tuple[Any, dict[str, Any]]:
     """The encoder of an ``EncoderLearner`` (``AutoModel.from_pretrained`` loads it); an N-way head is task-specific
     and not exported (its size is recorded)."""
     from lightning_meta.learners.encoders import EncoderLearner
@@ -388,8 +402,9 @@ def _write_atomically(output: Path, write: Any, overwrite: bool, marker: str = P
     """``write(staging)`` into a new folder beside ``output``, then rename it into place (an earlier export
     at ``output`` is replaced only when ``overwrite`` allows it, see :func:`_refuse_existing`)."""
     _refuse_existing(output, overwrite, marker=marker)
-    write_folder_atomically(output, write, replace=True, what="the export",
-                            remedy=", or give an --output_dir on another disk")  # fmt: skip
+    write_folder_atomically(
+        output, write, replace=True, what="the export", remedy=", or give an --output_dir on another disk"
+    )
 
 
 def _loadable_tokenizer(name: str) -> Any:
@@ -501,8 +516,12 @@ class ExportCallback(Callback):
         """Gather the full weights on every rank; rank 0 writes ``output``."""
         state = _full_state_dict(pl_module)
         if trainer.is_global_zero:
-            checkpoint = {"state_dict": state, "hyper_parameters": dict(pl_module.hparams),
-                          "global_step": trainer.global_step, "epoch": trainer.current_epoch}  # fmt: skip
+            checkpoint = {
+                "state_dict": state,
+                "hyper_parameters": dict(pl_module.hparams),
+                "global_step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+            }
             pl_module.on_save_checkpoint(checkpoint)  # the tokenizer and, for pretraining, the model config
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             # The run's own options, which built the learner this run trains: trusted as the run trusts them.

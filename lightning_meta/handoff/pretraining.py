@@ -87,10 +87,15 @@ class CausalLMPretraining(LightningModule):
         hparams = cli_hyperparameters()  # LightningCLI hands over the config it parsed
         if hparams is None:  # plain data, so that checkpoints load with weights_only=True (and export can read them)
             hparams = {
-                "init_from": init_from, "model_config": model_config, "tokenizer": tokenizer, "gguf_file": gguf_file,
-                "attn_implementation": attn_implementation, "gradient_checkpointing": gradient_checkpointing,
-                "dtype": dtype, "trust_remote_code": trust_remote_code,
-            }  # fmt: skip
+                "init_from": init_from,
+                "model_config": model_config,
+                "tokenizer": tokenizer,
+                "gguf_file": gguf_file,
+                "attn_implementation": attn_implementation,
+                "gradient_checkpointing": gradient_checkpointing,
+                "dtype": dtype,
+                "trust_remote_code": trust_remote_code,
+            }
             try:
                 hparams |= {"optimizer": to_config(optimizer), "lr_scheduler": to_config(lr_scheduler)}
             except NotConfigurable as error:
@@ -116,9 +121,14 @@ class CausalLMPretraining(LightningModule):
         self._last_step_time: float | None = None
 
     def _load(
-        self, init_from: str, tokenizer: str | None, gguf_file: str | None, attn_implementation: str | None,
-        dtype: torch.dtype, trust_remote_code: bool,
-    ) -> tuple[Any, str]:  # fmt: skip
+        self,
+        init_from: str,
+        tokenizer: str | None,
+        gguf_file: str | None,
+        attn_implementation: str | None,
+        dtype: torch.dtype,
+        trust_remote_code: bool,
+    ) -> tuple[Any, str]:
         if init_from.startswith("pkg:") or Path(init_from).expanduser().is_dir() or is_hub_id(init_from):
             folder = resolve_local_path(init_from)
             if gguf_file is not None:
@@ -262,9 +272,14 @@ class CausalLMPretraining(LightningModule):
         whose saved ``trust_remote_code`` is true is refused unless the caller passes ``trust_remote_code=True``:
         the file never decides that its ``init_from`` folder's own code runs."""
         option = "CausalLMPretraining.load_from_checkpoint(..., trust_remote_code=True)"
-        saved_hyperparameters(load_checkpoint_file(checkpoint_path), f"The checkpoint {checkpoint_path}", given=kwargs,
-                              allow=option)  # fmt: skip
+        saved_hyperparameters(
+            load_checkpoint_file(checkpoint_path), f"The checkpoint {checkpoint_path}", given=kwargs, allow=option
+        )
         return super().load_from_checkpoint(
-            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=True,
             **kwargs,
-        )  # fmt: skip
+        )

@@ -40,8 +40,15 @@ class DataCheck:
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # torch's batch norms by their public classes (a lazy one becomes its plain class at the first forward).
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
-                nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)  # fmt: skip
+_BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
 
 
 class DataError(ValueError):
@@ -146,9 +153,11 @@ class Learner(nn.Module, ABC):
         for split in (batch.support, batch.query):
             if self.input_key in split and not split[self.input_key].is_floating_point():
                 check_sequence_length(
-                    split[self.input_key].shape[-1], self.max_positions, "the batch's sequence length",
+                    split[self.input_key].shape[-1],
+                    self.max_positions,
+                    "the batch's sequence length",
                     "lower the datamodule's max_length (or block_size)",
-                )  # fmt: skip
+                )
         checks = [check for name in ("support", "query") for check in self.data_checks(name, getattr(batch, name))]
         checks += extra
         if not checks or bool(torch.stack([check.passed for check in checks]).all()):

@@ -54,8 +54,9 @@ def build_encoder(
         # from_pretrained returns eval mode (dropout off); a learner follows its host's mode like a built one.
         folder = resolve_local_path(encoder_path)
         trust_remote_code = bool(options.pop("trust_remote_code", False))
-        return load_pretrained(AutoModel, folder, trust_remote_code, attn_implementation=attn_implementation,
-                               **options).train()  # fmt: skip
+        return load_pretrained(
+            AutoModel, folder, trust_remote_code, attn_implementation=attn_implementation, **options
+        ).train()
     options = {**TINY_BERT, **options}
     model_type = options.pop("model_type")
     try:

@@ -105,8 +105,9 @@ class Prefix:
         after the prefix: a copy of its cache for every row (a forward appends to the cache it is given), the mask
         with the prefix's tokens in front, and positions counted on from the prefix."""
         rows = attention_mask.shape[0]
-        cache = DynamicCache([(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
-                              for keys, values, *_ in self.cache])  # fmt: skip
+        cache = DynamicCache(
+            [(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values, *_ in self.cache]
+        )
         seen = attention_mask.new_ones(attention_mask.shape[0], self.length)
         positions = self.length + (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         return {"cache": cache, "attention_mask": torch.cat([seen, attention_mask], 1), "position_ids": positions}
@@ -139,8 +140,13 @@ class CausalLMLearner(Learner):
     """
 
     task_type = "language_modeling"
-    metric_names = ("loss", "exact_match", "accuracy", *(f"accuracy_{rule}" for rule in SCORING_RULES),
-                    "correct_probability")  # fmt: skip
+    metric_names = (
+        "loss",
+        "exact_match",
+        "accuracy",
+        *(f"accuracy_{rule}" for rule in SCORING_RULES),
+        "correct_probability",
+    )
 
     def __init__(
         self,
@@ -168,8 +174,15 @@ class CausalLMLearner(Learner):
             )
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-        model = build_model(pretrained, model_config, tokenizer, gguf_file, attn_implementation, DTYPES[dtype],
-                             trust_remote_code=trust_remote_code)  # fmt: skip
+        model = build_model(
+            pretrained,
+            model_config,
+            tokenizer,
+            gguf_file,
+            attn_implementation,
+            DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+        )
         if lora is not None:
             model = _add_lora(model, lora, meta_learn_base)
         elif meta_learn_base:
@@ -219,9 +232,7 @@ class CausalLMLearner(Learner):
         """The model's ``max_position_embeddings`` (GPT-2: ``n_positions``)."""
         return getattr(self.transformer.config, "max_position_embeddings", None)
 
-    def predict(
-        self, split: Split, params: Mapping[str, Tensor] | None = None, prefix: Prefix | None = None
-    ) -> Tensor:
+    def predict(self, split: Split, params: Mapping[str, Tensor] | None = None, prefix: Prefix | None = None) -> Tensor:
         """Logits ``(sequences, tokens, vocabulary)``; with ``prefix``, of rows that continue after it."""
         return self(**self._inputs_after(split, prefix), params=params).logits
 
@@ -269,8 +280,9 @@ class CausalLMLearner(Learner):
         them (:meth:`evaluation_metrics`' ``prefixes``), without gradients (it serves scoring)."""
         ids = input_ids[None]
         with torch.no_grad():
-            cache = self(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
-                         params=params).cache  # fmt: skip
+            cache = self(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, params=params
+            ).cache
         return Prefix(cache, ids.shape[1])
 
     def data_checks(self, split_name: str, split: Split) -> list[DataCheck]:
@@ -305,8 +317,9 @@ class CausalLMLearner(Learner):
     def loss(self, split: Split, params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         read = self.read_logits(self.model_inputs(split), _labels(split)[:, 1:], params)
         weights = split.get(LABEL_WEIGHTS)
-        loss = F.cross_entropy(read.logits, read.targets, ignore_index=IGNORE_INDEX,
-                               reduction="mean" if weights is None else "none")  # fmt: skip
+        loss = F.cross_entropy(
+            read.logits, read.targets, ignore_index=IGNORE_INDEX, reduction="mean" if weights is None else "none"
+        )
         if weights is not None:  # a packed split: a label its sequences share counts once per sequence
             weights = read.at(weights[:, 1:]) * (read.targets != IGNORE_INDEX)
             loss = (loss * weights).sum() / weights.sum()
@@ -384,8 +397,10 @@ class CausalLMLearner(Learner):
                 grades, writes_correct = self._choices(split, params, parallel, prefixes)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
                 answer = split[ANSWER]
-                grades = {("correct_" if rule == "probability" else "accuracy_") + rule: grade
-                          for rule, grade in grades.items()}  # fmt: skip
+                grades = {
+                    ("correct_" if rule == "probability" else "accuracy_") + rule: grade
+                    for rule, grade in grades.items()
+                }
                 grades = {"accuracy": grades[f"accuracy_{self.scoring}"]} | grades  # _choices checks it is there
                 for name, grade in grades.items():
                     metrics[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
@@ -475,15 +490,29 @@ class CausalLMLearner(Learner):
             )
         if parallel:
             others = {rule: tuple(split[name] for name in fields) for rule, fields in rule_rows.items()}
-            return self._choice_flags(*(split[name] for name in CHOICE_FIELDS), correct_rows, credit, characters,
-                                      params, parallel, others, rule_prefixes)  # fmt: skip
+            return self._choice_flags(
+                *(split[name] for name in CHOICE_FIELDS),
+                correct_rows,
+                credit,
+                characters,
+                params,
+                parallel,
+                others,
+                rule_prefixes,
+            )
         listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
         # Without any, row 0 runs (its correct row is all false, so are its flags).
         rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
         others = {rule: tuple(split[name][rows] for name in fields) for rule, fields in rule_rows.items()}
-        grades, writes_correct = self._choice_flags(*(split[name][rows] for name in CHOICE_FIELDS),
-                                                    correct_rows[rows], credit[rows], characters[rows],
-                                                    params, others=others, prefixes=rule_prefixes)  # fmt: skip
+        grades, writes_correct = self._choice_flags(
+            *(split[name][rows] for name in CHOICE_FIELDS),
+            correct_rows[rows],
+            credit[rows],
+            characters[rows],
+            params,
+            others=others,
+            prefixes=rule_prefixes,
+        )
         # Examples not scored (no correct row) grade 0, as an unscored parallel example does.
         grades = {rule: grade.new_zeros(answer.shape).index_put((rows,), grade) for rule, grade in grades.items()}
         return grades, torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), writes_correct)
@@ -607,8 +636,13 @@ class CausalLMLearner(Learner):
             prefix_mask = seen.clone()
             prefix_mask[:, 0] = 1
             before = {} if prefix is None else prefix.continued(prefix_mask)
-            cache = self(input_ids=reference_ids[:, :shared_width], **({"attention_mask": prefix_mask} | before),
-                         use_cache=True, logits_to_keep=1, params=params).cache  # fmt: skip
+            cache = self(
+                input_ids=reference_ids[:, :shared_width],
+                **({"attention_mask": prefix_mask} | before),
+                use_cache=True,
+                logits_to_keep=1,
+                params=params,
+            ).cache
             cache.batch_repeat_interleave(options)
             mask = torch.cat([seen.repeat_interleave(options, 0), mask], 1)
             extra = {"cache": cache, "position_ids": positions.flatten(0, 1)}

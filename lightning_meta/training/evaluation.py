@@ -45,8 +45,7 @@ def along_curve(
         if stop_requested():
             raise SIGTERMException
         if step in wanted:
-            figures_at[step] = learner.evaluation_metrics(episode.query, adapted, parallel=parallel,
-                                                          generation=rule)  # fmt: skip
+            figures_at[step] = learner.evaluation_metrics(episode.query, adapted, parallel=parallel, generation=rule)
     metrics = {f"{name}_pre": value for name, value in before.items()}
     metrics |= {f"{name}_post": value for name, value in figures_at[post_steps].items()}
     return metrics | {f"{name}_step{step}": value for step in curve_steps for name, value in figures_at[step].items()}

@@ -86,8 +86,10 @@ class LearnedRates:
     def __call__(
         self, step: int, weights: FastWeights, gradients: Mapping[str, Tensor | None], *, parallel: bool = False
     ) -> FastWeights:
-        return {name: w if (g := gradients[name]) is None else w - self._log_rate(name, step).exp() * g
-                for name, w in weights.items()}  # fmt: skip
+        return {
+            name: w if (g := gradients[name]) is None else w - self._log_rate(name, step).exp() * g
+            for name, w in weights.items()
+        }
 
     def _log_rate(self, name: str, step: int) -> Tensor:
         log_rate = self.log_rates if isinstance(self.log_rates, Tensor) else self.log_rates[name]
@@ -142,8 +144,9 @@ def inner_step(
     learned α it is −g (first-order Meta-SGD). With ``parallel=True`` (inside ``torch.func.vmap``)
     the gradient is taken with ``torch.func.grad`` (zeros, not ``None``, for unreached weights).
     """
-    return _step_and_loss(learner, weights, support, update=update, step=step, create_graph=create_graph,
-                          parallel=parallel)[0]  # fmt: skip
+    return _step_and_loss(
+        learner, weights, support, update=update, step=step, create_graph=create_graph, parallel=parallel
+    )[0]
 
 
 def _step_and_loss(
@@ -185,8 +188,16 @@ def inner_steps(
     checks its loss: that would cost a host sync per step. The data are checked once per batch
     (:meth:`Learner.check_data`) and the host module checks the meta-loss once per batch.
     """
-    for weights, _ in _trajectory(learner, fast_weights, support, steps=steps, create_graph=create_graph,
-                                  update=update, inner_lr=inner_lr, parallel=parallel):  # fmt: skip
+    for weights, _ in _trajectory(
+        learner,
+        fast_weights,
+        support,
+        steps=steps,
+        create_graph=create_graph,
+        update=update,
+        inner_lr=inner_lr,
+        parallel=parallel,
+    ):
         yield weights
 
 
@@ -208,8 +219,16 @@ def inner_loop(
     to ``fast_weights`` through the gradients too (second-order MAML); otherwise the gradients
     are constants (first order).
     """
-    return inner_loop_and_start_loss(learner, fast_weights, support, steps=steps, create_graph=create_graph,
-                                     update=update, inner_lr=inner_lr, parallel=parallel)[0]  # fmt: skip
+    return inner_loop_and_start_loss(
+        learner,
+        fast_weights,
+        support,
+        steps=steps,
+        create_graph=create_graph,
+        update=update,
+        inner_lr=inner_lr,
+        parallel=parallel,
+    )[0]
 
 
 def inner_loop_and_start_loss(
@@ -226,9 +245,16 @@ def inner_loop_and_start_loss(
     """:func:`inner_loop`'s adapted weights and the support loss at ``fast_weights`` (detached): the loss its
     first step differentiates anyway, so a logged ``support_loss_pre`` costs no forward of its own."""
     weights, start_loss = dict(fast_weights), None
-    for weights, loss in _trajectory(learner, fast_weights, support, steps=steps,  # noqa: B007
-                                     create_graph=create_graph, update=update, inner_lr=inner_lr,
-                                     parallel=parallel):  # fmt: skip
+    for weights, loss in _trajectory(  # noqa: B007 (the last weights are the result)
+        learner,
+        fast_weights,
+        support,
+        steps=steps,
+        create_graph=create_graph,
+        update=update,
+        inner_lr=inner_lr,
+        parallel=parallel,
+    ):
         start_loss = loss if start_loss is None else start_loss
     if start_loss is None:  # no step ran
         start_loss = learner.loss(support, weights)[0].detach()
@@ -250,8 +276,9 @@ def _trajectory(
     update = _rule(update, inner_lr)
     weights = dict(fast_weights)
     for step in range(steps):
-        weights, loss = _step_and_loss(learner, weights, support, update=update, step=step,
-                                       create_graph=create_graph, parallel=parallel)  # fmt: skip
+        weights, loss = _step_and_loss(
+            learner, weights, support, update=update, step=step, create_graph=create_graph, parallel=parallel
+        )
         yield weights, loss
 
 
@@ -354,7 +381,8 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         for step in range(steps):
             # Grad mode is set around each step, not around the yield: the caller's own mode holds between steps.
             with torch.inference_mode(False), torch.enable_grad():
-                adapted = inner_step(learner, weights, support, update=update, step=step, create_graph=False,
-                                     parallel=parallel)  # fmt: skip
+                adapted = inner_step(
+                    learner, weights, support, update=update, step=step, create_graph=False, parallel=parallel
+                )
                 weights = detached_start(adapted, parallel=parallel)
             yield {name: weight.detach() for name, weight in weights.items()}

@@ -104,8 +104,11 @@ class MetaBatchRunner:
         if reason is None and algorithm.second_order():
             fast = set(algorithm.fast_weights(learner))
             norms = [(name, module) for name, module in learner.model.named_modules() if is_normalization(module)]
-            normalized = [f"{name}.{weight}".removeprefix(".") for name, module in norms
-                          for weight, _ in module.named_parameters(recurse=False)]  # fmt: skip
+            normalized = [
+                f"{name}.{weight}".removeprefix(".")
+                for name, module in norms
+                for weight, _ in module.named_parameters(recurse=False)
+            ]
             adapted = [name for name in normalized if name in fast]
             if adapted:
                 reason = (
@@ -126,8 +129,12 @@ class MetaBatchRunner:
             except TypeError as error:  # a task_loss written before its parallel argument
                 if "'parallel'" not in str(error):
                     raise
-                self._refuse_vmap_where_inexact(algorithm, learner, f"{type(algorithm).__name__}.task_loss takes "
-                                                "no parallel argument (the inner loop's mode under vmap)")  # fmt: skip
+                self._refuse_vmap_where_inexact(
+                    algorithm,
+                    learner,
+                    f"{type(algorithm).__name__}.task_loss takes "
+                    "no parallel argument (the inner loop's mode under vmap)",
+                )
         if self.mode == "auto":
             return self._auto(algorithm, learner, batch, parameters)
         return _loop(algorithm, learner, batch, parameters)
@@ -238,8 +245,9 @@ class MetaBatchRunner:
         share the static ones)."""
         if reason and reason not in self.verdicts.values():
             if static:  # known before trying: it holds for training and evaluation alike
-                what = ("runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation "
-                        "batch,")  # fmt: skip
+                what = (
+                    "runs the tasks of a meta-batch one by one (task_by_task), and the episodes of an evaluation batch,"
+                )
             elif evaluation:
                 what = "adapts the episodes of an evaluation batch one by one,"
             else:

@@ -241,9 +241,12 @@ class MetaLearningModule(LightningModule):
         # Lightning writes a step's logs every log_every_n_steps steps: query metrics that cost extra only then.
         every = self.trainer.log_every_n_steps
         out = self.algorithm.meta_loss(
-            self.learner, batch, meta_batch=self._runner_for(evaluation=False),
-            outer_step=self.global_step, report_query=every > 0 and (self.global_step + 1) % every == 0,
-        )  # fmt: skip
+            self.learner,
+            batch,
+            meta_batch=self._runner_for(evaluation=False),
+            outer_step=self.global_step,
+            report_query=every > 0 and (self.global_step + 1) % every == 0,
+        )
         if not torch.isfinite(out.loss):  # the step's one host sync besides the data check
             cause = diagnose_divergence(self.algorithm, self.learner, batch)
             raise FloatingPointError(
@@ -301,15 +304,24 @@ class MetaLearningModule(LightningModule):
                 # trajectory where the meta_batch mode resolves to vmap (never over sharded weights).
                 runner = self._runner_for(evaluation=True)
                 metrics = runner.evaluate(
-                    self.algorithm, self.learner, batch,
+                    self.algorithm,
+                    self.learner,
+                    batch,
                     lambda episode, parallel: along_curve(
-                        self.algorithm, self.learner, episode, self.eval_inner_steps, self._curve_steps,
-                        parallel=parallel, stop_requested=self._sigterm_received,
+                        self.algorithm,
+                        self.learner,
+                        episode,
+                        self.eval_inner_steps,
+                        self._curve_steps,
+                        parallel=parallel,
+                        stop_requested=self._sigterm_received,
                     ),
-                )  # fmt: skip
+                )
             else:  # scored episode by episode (MetaICL's options: a host sync per episode)
-                episodes = [self.algorithm.evaluate(self.learner, episode, self.eval_inner_steps)
-                            for episode in batch.episodes()]  # fmt: skip
+                episodes = [
+                    self.algorithm.evaluate(self.learner, episode, self.eval_inner_steps)
+                    for episode in batch.episodes()
+                ]
                 metrics = {key: torch.stack([episode[key] for episode in episodes]) for key in episodes[0]}
         if batch.metadata.get(PADDING_KEY):
             return  # evaluated only to join the other ranks' collectives (FSDP); its metrics are not counted
@@ -381,17 +393,22 @@ class MetaLearningModule(LightningModule):
             source = "The checkpoint"
         saved = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
         allow = "MetaLearningModule.load_from_checkpoint(..., trust_remote_code=True)"
-        hparams, _ = saved_hyperparameters(checkpoint, source, given=kwargs, trust_remote_code=trust_remote_code,
-                                           allow=allow)  # fmt: skip
+        hparams, _ = saved_hyperparameters(
+            checkpoint, source, given=kwargs, trust_remote_code=trust_remote_code, allow=allow
+        )
         if hparams != saved or not isinstance(checkpoint_path, str | Path):
             checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = hparams
             checkpoint_path = io.BytesIO()
             torch.save(checkpoint, checkpoint_path)
             checkpoint_path.seek(0)
         return super().load_from_checkpoint(
-            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=True,
             **kwargs,
-        )  # fmt: skip
+        )
 
     def on_validation_epoch_end(self) -> None:
         log_episode_statistics(self, "val")

@@ -102,4 +102,3 @@ def save_curve(figure: Figure, stage: str, folder: Path) -> Path:
     figure.savefig(path, dpi=110)
     rank_zero_info(f"Saved the {stage} adaptation curve to {path}")
     return path
-

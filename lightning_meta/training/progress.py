@@ -36,9 +36,10 @@ class MetaProgressBar(TQDMProgressBar):
         super().setup(trainer, pl_module, stage)
         logger = logging.getLogger(LOGGER)
         self._replaced = [
-            (index, handler) for index, handler in enumerate(logger.handlers)
+            (index, handler)
+            for index, handler in enumerate(logger.handlers)
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        ]  # fmt: skip
+        ]
         for index, handler in self._replaced:
             logger.handlers[index] = _ThroughTheBars(handler)
 

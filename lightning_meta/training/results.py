@@ -76,15 +76,24 @@ def write_results(module: MetaLearningModule, stage: str, metrics: dict[str, dic
         for name, points in curve_points(flat, stage).items()
     }
     steps = module.trained_steps
-    results = {"stage": stage, **run_description(module, folder), "global_step": steps, "metrics": metrics,
-               "curve": curve}  # fmt: skip
+    results = {
+        "stage": stage,
+        **run_description(module, folder),
+        "global_step": steps,
+        "metrics": metrics,
+        "curve": curve,
+    }
     if curve:
         results["curve_png"] = write_curve(module, flat, stage, folder, steps, metrics)
     path = folder / "results.json"
     text = json.dumps(results, indent=2, default=str) + "\n"
     # Atomic: a full disk leaves no empty results.json (nor replaces an earlier one), and says so.
-    write_file_atomically(path, lambda partial: partial.write_text(text), "the results file",
-                          "; the metrics printed above are what it would hold")  # fmt: skip
+    write_file_atomically(
+        path,
+        lambda partial: partial.write_text(text),
+        "the results file",
+        "; the metrics printed above are what it would hold",
+    )
     rank_zero_info(f"Saved the results to {path}")
 
 
@@ -109,8 +118,9 @@ def run_description(module: MetaLearningModule, folder: Path) -> dict[str, Any]:
     return {
         "algorithm": described(module.algorithm),
         "learner": type(module.learner).__name__,
-        "data": None if datamodule is None else {"class_path": type(datamodule).__name__,
-                                                 "init_args": dict(getattr(datamodule, "hparams", {}))},
+        "data": None
+        if datamodule is None
+        else {"class_path": type(datamodule).__name__, "init_args": dict(getattr(datamodule, "hparams", {}))},
         "config": str(config) if config.is_file() else None,
         "seed": None if seed is None else int(seed),
         "checkpoint": None if module.trainer.ckpt_path is None else str(module.trainer.ckpt_path),
@@ -119,9 +129,14 @@ def run_description(module: MetaLearningModule, folder: Path) -> dict[str, Any]:
             "training_seconds": round(module.timings["fit_seconds"], 1) if "fit_seconds" in module.timings else None,
             "evaluation_seconds": round(now - module.timings["test"], 1) if "test" in module.timings else None,
         },
-        "versions": {"lightning_meta": VERSION, "torch": torch.__version__, "lightning": lightning.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-    }  # fmt: skip
+        "versions": {
+            "lightning_meta": VERSION,
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 def write_curve(
@@ -142,9 +157,16 @@ def write_curve(
     datamodule = getattr(module.trainer, "datamodule", None)
     shots = dict(getattr(datamodule, "hparams", {})).get("shots")
     episodes = max(int(values["episodes"]) for values in metrics.values())
-    title = ", ".join(part for part in (
-        type(module.algorithm).__name__, None if shots is None else f"K = {shots} shots",
-        f"{steps} steps trained", f"{episodes} {stage} episodes") if part)  # fmt: skip
+    title = ", ".join(
+        part
+        for part in (
+            type(module.algorithm).__name__,
+            None if shots is None else f"K = {shots} shots",
+            f"{steps} steps trained",
+            f"{episodes} {stage} episodes",
+        )
+        if part
+    )
     module.curve_figure = curve_figure(flat, stage, title=title)
     module.curve_path = save_curve(module.curve_figure, stage, folder)
     return module.curve_path.name

@@ -25,8 +25,9 @@ _FRAMEWORK_LINES = (
 def _drop_framework_lines(record: logging.LogRecord) -> bool:
     source = Path(record.pathname).as_posix()
     message = record.getMessage()
-    return not any(source.endswith(f"lightning/pytorch/{path}") and pattern.match(message)
-                   for path, pattern in _FRAMEWORK_LINES)  # fmt: skip
+    return not any(
+        source.endswith(f"lightning/pytorch/{path}") and pattern.match(message) for path, pattern in _FRAMEWORK_LINES
+    )
 
 
 def quiet_framework_noise() -> None:

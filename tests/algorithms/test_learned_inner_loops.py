@@ -107,8 +107,9 @@ def test_maml_plus_plus_with_its_additions_off_is_maml():
     torch.autograd.backward(MAML(inner_lr=0.05, inner_steps=3).meta_loss(reference, batch).loss)
     for learn_inner_lrs in (False, True):  # learned rates start at inner_lr: the same weight gradient
         learner = _learner()
-        algorithm = MAMLPlusPlus(inner_lr=0.05, inner_steps=3, learn_inner_lrs=learn_inner_lrs,
-                                 multi_step_loss=False).double()  # fmt: skip
+        algorithm = MAMLPlusPlus(
+            inner_lr=0.05, inner_steps=3, learn_inner_lrs=learn_inner_lrs, multi_step_loss=False
+        ).double()
         algorithm.bind(learner)
         loss = algorithm.meta_loss(learner, batch).loss
         loss.backward()
@@ -137,8 +138,9 @@ def test_multi_step_loss_is_the_weighted_sum_of_every_steps_query_loss():
     algorithm.outer_step = 4
     batch = regression_batch()
     episode = batch.episode(0)
-    trajectory = list(inner_steps(learner, learner.fast_parameters(), episode.support, inner_lr=0.05, steps=3,
-                                  create_graph=True))  # fmt: skip
+    trajectory = list(
+        inner_steps(learner, learner.fast_parameters(), episode.support, inner_lr=0.05, steps=3, create_graph=True)
+    )
     expected = sum(
         w * learner.loss(episode.query, weights)[0]
         for w, weights in zip(algorithm.msl_weights(), trajectory, strict=True)
@@ -159,8 +161,9 @@ def test_derivative_order_annealing_switches_at_the_stated_step():
 
     first = gradient(MAML(inner_lr=0.05, inner_steps=2, first_order=True))
     second = gradient(MAML(inner_lr=0.05, inner_steps=2))
-    annealed = MAMLPlusPlus(inner_lr=0.05, inner_steps=2, learn_inner_lrs=False, multi_step_loss=False,
-                            first_order_steps=10)  # fmt: skip
+    annealed = MAMLPlusPlus(
+        inner_lr=0.05, inner_steps=2, learn_inner_lrs=False, multi_step_loss=False, first_order_steps=10
+    )
     for step, expected in ((0, first), (9, first), (10, second), (500, second)):
         annealed.outer_step = step
         torch.testing.assert_close(gradient(annealed), expected, rtol=1e-12, atol=1e-14, msg=f"outer step {step}")
@@ -184,8 +187,9 @@ def test_the_trajectory_is_the_inner_loop_and_adapt_is_its_end():
     trajectory = list(algorithm.adapt_steps(learner, support))
     assert len(trajectory) == 4
     for steps in (1, 4):
-        expected = inner_loop(learner, learner.fast_parameters(), support, update=SGD(0.1), steps=steps,
-                              create_graph=False)  # fmt: skip
+        expected = inner_loop(
+            learner, learner.fast_parameters(), support, update=SGD(0.1), steps=steps, create_graph=False
+        )
         for name, weight in trajectory[steps - 1].items():
             torch.testing.assert_close(weight, expected[name].detach())
     assert all(not w.requires_grad for step in trajectory for w in step.values())
@@ -201,14 +205,28 @@ def test_learned_rates_round_trip_through_checkpoints_and_resume_exactly(tmp_pat
 
     def fit(steps: int, ckpt_path=None, save_at=None) -> tuple[MetaLearningModule, L.Trainer]:
         torch.manual_seed(0)
-        module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), make_algorithm(), algorithm_lr=0.01,
-                                    optimizer=functools.partial(torch.optim.Adam, lr=1e-3))  # fmt: skip
+        module = MetaLearningModule(
+            RegressionLearner(MLP(1, [8], 1)),
+            make_algorithm(),
+            algorithm_lr=0.01,
+            optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        )
         callbacks = [ModelCheckpoint(tmp_path, "step{step}", every_n_train_steps=save_at, save_top_k=-1)]
         callbacks = callbacks if save_at else []
-        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-        trainer.fit(module, SinusoidDataModule(meta_batch_size=2, batches_per_epoch=10, num_val_tasks=2,
-                                               num_test_tasks=2), ckpt_path=ckpt_path)  # fmt: skip
+        trainer = L.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=bool(callbacks),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(
+            module,
+            SinusoidDataModule(meta_batch_size=2, batches_per_epoch=10, num_val_tasks=2, num_test_tasks=2),
+            ckpt_path=ckpt_path,
+        )
         return module, trainer
 
     straight, trainer = fit(6, save_at=3)
@@ -228,11 +246,24 @@ def test_learned_rates_round_trip_through_checkpoints_and_resume_exactly(tmp_pat
 def test_meta_sgd_learns_rates_for_lora_adapters():
     from lightning_meta import CausalLMLearner, LoraSettings, TaskBatch
 
-    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
-              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    config = {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_embd": 16,
+        "n_head": 2,
+        "n_positions": 32,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     torch.manual_seed(0)
-    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
-                              attn_implementation="eager", dtype="float64")  # fmt: skip
+    learner = CausalLMLearner(
+        model_config=config,
+        tokenizer="embedded-bpe-512",
+        lora=LoraSettings(r=2, alpha=4),
+        attn_implementation="eager",
+        dtype="float64",
+    )
     algorithm = MetaSGD(inner_lr=0.5, per_tensor=True).double()
     algorithm.bind(learner)
     assert sorted(algorithm.learning_rates()) == sorted(learner.fast_parameters())  # one rate per adapter tensor
@@ -257,8 +288,9 @@ def test_the_outer_step_is_an_argument_of_the_meta_loss():
 
     first = gradient(MAML(inner_lr=0.05, inner_steps=2, first_order=True))
     second = gradient(MAML(inner_lr=0.05, inner_steps=2))
-    annealed = MAMLPlusPlus(inner_lr=0.05, inner_steps=2, learn_inner_lrs=False, multi_step_loss=False,
-                            first_order_steps=10)  # fmt: skip
+    annealed = MAMLPlusPlus(
+        inner_lr=0.05, inner_steps=2, learn_inner_lrs=False, multi_step_loss=False, first_order_steps=10
+    )
     torch.testing.assert_close(gradient(annealed, outer_step=9), first, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(gradient(annealed, outer_step=10), second, rtol=1e-12, atol=1e-14)
     assert annealed.outer_step == 10

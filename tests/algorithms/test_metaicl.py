@@ -17,8 +17,16 @@ from lightning_meta.data.tasks import (
 )
 
 TOKENIZER = "embedded-bpe-512"
-TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 1,
+    "n_embd": 16,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
 WIDTH = 10  # tokens per padded example
 
 
@@ -38,8 +46,10 @@ def split(examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor
     mask = torch.zeros(len(examples), WIDTH, dtype=torch.long)
     for row, (tokens, targets) in enumerate(examples):
         ids[row, : len(tokens)], labels[row, : len(tokens)], mask[row, : len(tokens)] = (
-            torch.tensor(tokens), torch.tensor(targets), 1,
-        )  # fmt: skip
+            torch.tensor(tokens),
+            torch.tensor(targets),
+            1,
+        )
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -76,8 +86,9 @@ def test_sequence_layout_equals_the_hand_built_one():
 def test_demonstration_loss_labels_every_kept_demonstrations_output_in_training_only():
     demonstrated = [(tokens, targets) for tokens, targets in SUPPORT]
     expected = hand_built(SUPPORT, QUERY, width=BUILT)
-    expected["labels"] = torch.tensor([[t for _, targets in demonstrated for t in targets] + row[13:].tolist()
-                                       for row in expected["labels"]])  # fmt: skip
+    expected["labels"] = torch.tensor(
+        [[t for _, targets in demonstrated for t in targets] + row[13:].tolist() for row in expected["labels"]]
+    )
     built, _ = MetaICL().conditioned(learner(), split(SUPPORT), split(QUERY), demonstration_labels=True)
     assert torch.equal(built["labels"], expected["labels"])
     # The demonstration a short context drops carries no label; evaluation's query figures are unchanged.
@@ -114,8 +125,9 @@ def test_gradient_is_the_hand_built_sequence_loss_gradient(packed):
     episodes = [Episode(split(SUPPORT), split(QUERY)), Episode(split(other_support), split(QUERY[::-1]))]
     out = MetaICL(encode_demonstrations_once=packed).meta_loss(model, TaskBatch.stack(episodes))
     gradient = torch.autograd.grad(out.loss, list(model.parameters()))
-    expected_loss = sum(model.loss(hand_built(s, q, 4 * WIDTH))[0] for s, q in
-                        [(SUPPORT, QUERY), (other_support, QUERY[::-1])]) / 2  # fmt: skip
+    expected_loss = (
+        sum(model.loss(hand_built(s, q, 4 * WIDTH))[0] for s, q in [(SUPPORT, QUERY), (other_support, QUERY[::-1])]) / 2
+    )
     expected = torch.autograd.grad(expected_loss, list(model.parameters()))
     torch.testing.assert_close(out.loss, expected_loss)
     for got, want in zip(gradient, expected, strict=True):
@@ -227,8 +239,9 @@ def test_channel_metaicl_loss_is_the_query_inputs_cross_entropy_after_channel_de
     for tokens, targets in CHANNEL_QUERY:
         ids = torch.tensor([demo + tokens])
         with torch.no_grad():
-            log_probs = torch.log_softmax(model.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0],
-                                          -1)  # fmt: skip
+            log_probs = torch.log_softmax(
+                model.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0], -1
+            )
         terms += [-log_probs[len(demo) + i - 1, t] for i, t in enumerate(targets) if t != IGNORE_INDEX]
     torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), rtol=1e-12, atol=1e-12)
     direct = MetaICL().meta_loss(model, TaskBatch.stack([episode])).loss
@@ -251,12 +264,17 @@ def test_calibration_rows_get_the_options_demonstrations_and_channel_rows_the_ch
         CALIBRATION_FIELDS[0]: split([example(free, option) for option in options]),
         CHANNEL_FIELDS[0]: split([example(option + [9], prompt) for option in options]),
     }
-    fields = {CHOICE_INPUT_IDS: (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS),
-              CALIBRATION_FIELDS[0]: CALIBRATION_FIELDS, CHANNEL_FIELDS[0]: CHANNEL_FIELDS}  # fmt: skip
+    fields = {
+        CHOICE_INPUT_IDS: (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS),
+        CALIBRATION_FIELDS[0]: CALIBRATION_FIELDS,
+        CHANNEL_FIELDS[0]: CHANNEL_FIELDS,
+    }
     query = channel_split(QUERY[:1], CHANNEL_QUERY[:1]) | {ANSWER: torch.tensor([0])}
     for first, names in fields.items():
-        query |= {name: rows[first][key][None] for name, key in
-                  zip(names, ("input_ids", "attention_mask", "labels"), strict=True)}  # fmt: skip
+        query |= {
+            name: rows[first][key][None]
+            for name, key in zip(names, ("input_ids", "attention_mask", "labels"), strict=True)
+        }
     # Context 14: beside the longest option (6 tokens) the last two demonstrations fit (5 + 3); beside a calibration
     # row alone (3 tokens) all three would.
     built, _ = MetaICL(max_length=14).conditioned(learner(), channel_split(SUPPORT, CHANNEL_SUPPORT), query)
@@ -275,11 +293,21 @@ def test_calibration_rows_get_the_options_demonstrations_and_channel_rows_the_ch
 
 
 # Encoding the demonstrations once (issue 28): packed training rows and evaluation from their cached keys and values.
-TINY_LLAMA = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}  # fmt: skip
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+}
 OTHER_SUPPORT = [example([17, 18], [25, 2]), example([19], [26, 27, 2]), example([20, 21, 22], [28, 2])]
-OTHER_CHANNEL_SUPPORT = [example([25, 9], [17, 18, 2]), example([26, 27, 9], [19, 2]),
-                         example([28, 9], [20, 21, 22, 2])]
+OTHER_CHANNEL_SUPPORT = [
+    example([25, 9], [17, 18, 2]),
+    example([26, 27, 9], [19, 2]),
+    example([28, 9], [20, 21, 22, 2]),
+]
 # A third query whose first token carries the loss (an empty prompt): the last demonstration token predicts it.
 QUERIES = QUERY + [example([], [44, 45, 2])]
 CHANNEL_QUERIES = CHANNEL_QUERY + [example([], [36, 2])]
@@ -300,11 +328,14 @@ def tiny(kind: str) -> CausalLMLearner:
 
 
 def two_episodes() -> TaskBatch:
-    return TaskBatch.stack([
-        Episode(channel_split(SUPPORT, CHANNEL_SUPPORT), channel_split(QUERIES, CHANNEL_QUERIES)),
-        Episode(channel_split(OTHER_SUPPORT, OTHER_CHANNEL_SUPPORT),
-                channel_split(QUERIES[::-1], CHANNEL_QUERIES[::-1])),
-    ])  # fmt: skip
+    return TaskBatch.stack(
+        [
+            Episode(channel_split(SUPPORT, CHANNEL_SUPPORT), channel_split(QUERIES, CHANNEL_QUERIES)),
+            Episode(
+                channel_split(OTHER_SUPPORT, OTHER_CHANNEL_SUPPORT), channel_split(QUERIES[::-1], CHANNEL_QUERIES[::-1])
+            ),
+        ]
+    )
 
 
 @pytest.mark.parametrize("kind", ["gpt2-eager", "gpt2-sdpa", "llama-eager", "llama-sdpa"])
@@ -337,11 +368,21 @@ def test_packing_falls_back_where_a_query_would_drop_a_demonstration_or_the_mode
     separate = MetaICL(max_length=14, encode_demonstrations_once=False)
     torch.testing.assert_close(short.meta_loss(model, batch).loss, separate.meta_loss(model, batch).loss)
     torch.manual_seed(0)
-    neox = CausalLMLearner(model_config={"model_type": "gpt_neox", "hidden_size": 16, "intermediate_size": 32,
-                                         "num_hidden_layers": 1, "num_attention_heads": 2,
-                                         "max_position_embeddings": 64}, tokenizer=TOKENIZER)  # fmt: skip
-    assert MetaICL().packing_refusal(neox) == "'gpt_neox' models are not tested with a block (4D) attention mask " \
+    neox = CausalLMLearner(
+        model_config={
+            "model_type": "gpt_neox",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+        },
+        tokenizer=TOKENIZER,
+    )
+    assert (
+        MetaICL().packing_refusal(neox) == "'gpt_neox' models are not tested with a block (4D) attention mask "
         "(tested: gpt2, llama)"
+    )
     assert MetaICL().packed_queries(neox, batch.support, batch.query) is None
 
 
@@ -358,8 +399,10 @@ def scored_query() -> dict[str, torch.Tensor]:
     query = channel_split(QUERY, CHANNEL_QUERY) | {ANSWER: torch.tensor([0, 2])}
     for names, row in kinds.items():
         rows = [split([row(prompt, option) for option in options]) for prompt in prompts]
-        query |= {name: torch.stack([r[key] for r in rows])
-                  for name, key in zip(names, ("input_ids", "attention_mask", "labels"), strict=True)}  # fmt: skip
+        query |= {
+            name: torch.stack([r[key] for r in rows])
+            for name, key in zip(names, ("input_ids", "attention_mask", "labels"), strict=True)
+        }
     return query
 
 
@@ -383,8 +426,9 @@ def test_evaluation_from_the_demonstrations_keys_and_values_equals_the_sequences
         with torch.no_grad():
             expected, expected_greedy = model.option_scores(*(written[name] for name in fields))
             for parallel in (False, True):
-                scores, greedy = model.option_scores(*(built[name] for name in fields), parallel=parallel,
-                                                     prefix=prefixes[fields[1]])  # fmt: skip
+                scores, greedy = model.option_scores(
+                    *(built[name] for name in fields), parallel=parallel, prefix=prefixes[fields[1]]
+                )
                 torch.testing.assert_close(scores, expected, **tolerance(kind))
                 assert torch.equal(greedy, expected_greedy)
     # A demonstration the context cannot hold beside some row: the sequences are written out, as before.
@@ -407,34 +451,56 @@ def test_bigbench_demonstrations_are_written_in_bigbench_k_shot_layout(tmp_path,
     words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
     layouts = {  # task.json fields: one task with its own prefixes (the output prefix ends in a newline), one with
         # BIG-bench's defaults ("\nQ: ", "\nA: ", "\n" between shots) and a task prefix
-        "own": {"task_prefix": "Decide.\n", "example_input_prefix": "Question: ", "example_output_prefix": "\nAns:\n",
-                "few_shot_example_separator": "\n\n"},
+        "own": {
+            "task_prefix": "Decide.\n",
+            "example_input_prefix": "Question: ",
+            "example_output_prefix": "\nAns:\n",
+            "few_shot_example_separator": "\n\n",
+        },
         "plain": {"task_prefix": "Pick one."},
         "tested": {},  # the test split's
-    }  # fmt: skip
+    }
     for name, fields in layouts.items():
-        examples = [{"input": f"is {words[i % 8]} {i} odd", "target_scores": {"no": 1 - i % 2, "yes": i % 2}}
-                    for i in range(8)]  # fmt: skip
+        examples = [
+            {"input": f"is {words[i % 8]} {i} odd", "target_scores": {"no": 1 - i % 2, "yes": i % 2}} for i in range(8)
+        ]
         folder = tmp_path / "bigbench" / name
         folder.mkdir(parents=True)
-        (folder / "task.json").write_text(json.dumps({"keywords": ["logical reasoning"], "examples": examples,
-                                                      "append_choices_to_input": False, **fields}))  # fmt: skip
+        (folder / "task.json").write_text(
+            json.dumps(
+                {"keywords": ["logical reasoning"], "examples": examples, "append_choices_to_input": False, **fields}
+            )
+        )
     (tmp_path / "bigbench" / "train").mkdir()  # a training task, which the split needs
-    (tmp_path / "bigbench" / "train" / "task.json").write_text(json.dumps({"examples": [
-        {"input": f"copy {word}", "target": word} for word in words]}))  # fmt: skip
-    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(tmp_path / "bigbench"), shots=2, queries=2,
-                                       max_length=48, val_tasks=["own", "plain"], test_tasks=["tested"],
-                                       num_val_tasks=4, demonstrations="bigbench")  # fmt: skip
+    (tmp_path / "bigbench" / "train" / "task.json").write_text(
+        json.dumps({"examples": [{"input": f"copy {word}", "target": word} for word in words]})
+    )
+    module = TextToTextTasksDataModule(
+        tokenizer=TOKENIZER,
+        dataset=str(tmp_path / "bigbench"),
+        shots=2,
+        queries=2,
+        max_length=48,
+        val_tasks=["own", "plain"],
+        test_tasks=["tested"],
+        num_val_tasks=4,
+        demonstrations="bigbench",
+    )
     module.setup("fit")
-    model = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
-                                          "n_positions": 256}, tokenizer=TOKENIZER)  # fmt: skip
+    model = CausalLMLearner(
+        model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 256},
+        tokenizer=TOKENIZER,
+    )
     decode = load_tokenizer(TOKENIZER).decode
     checked = set()
     for batch in module.eval_batches("val"):
         for episode in batch.episodes():
             name = episode.metadata["task"]
-            task, fields = module.examples[name], {"example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
-                                                   "few_shot_example_separator": "\n"} | layouts[name]  # fmt: skip
+            task, fields = (
+                module.examples[name],
+                {"example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ", "few_shot_example_separator": "\n"}
+                | layouts[name],
+            )
 
             def formatted(text: str, fields=fields) -> str:  # json_task.py's default_format_fn
                 return fields["example_input_prefix"] + text + fields["example_output_prefix"]
@@ -445,17 +511,23 @@ def test_bigbench_demonstrations_are_written_in_bigbench_k_shot_layout(tmp_path,
             built, _ = MetaICL(encode_demonstrations_once=False).conditioned(model, episode.support, episode.query)
             for position, row in enumerate(rows[2:]):
                 for option, text in enumerate(task["options"][row]):
-                    ids, mask = (tensor[position, option] for tensor in (built[CHOICE_INPUT_IDS],
-                                                                         built[CHOICE_ATTENTION_MASK]))  # fmt: skip
+                    ids, mask = (
+                        tensor[position, option] for tensor in (built[CHOICE_INPUT_IDS], built[CHOICE_ATTENTION_MASK])
+                    )
                     k_shot = context + fields["few_shot_example_separator"] + formatted(task["inputs"][row]) + text
                     assert decode(ids[mask.bool()].tolist()) == k_shot
-                    zero = (episode.query[CHOICE_INPUT_IDS][position, option],
-                            episode.query[CHOICE_ATTENTION_MASK][position, option])
-                    assert decode(zero[0][zero[1].bool()].tolist()) == fields["task_prefix"] + formatted(
-                        task["inputs"][row]) + text
+                    zero = (
+                        episode.query[CHOICE_INPUT_IDS][position, option],
+                        episode.query[CHOICE_ATTENTION_MASK][position, option],
+                    )
+                    assert (
+                        decode(zero[0][zero[1].bool()].tolist())
+                        == fields["task_prefix"] + formatted(task["inputs"][row]) + text
+                    )
                     ids, mask = (built[field][position, option] for field in CALIBRATION_FIELDS[:2])
-                    assert decode(ids[mask.bool()].tolist()) == (context + fields["few_shot_example_separator"]
-                                                                 + formatted("") + text)  # fmt: skip
+                    assert decode(ids[mask.bool()].tolist()) == (
+                        context + fields["few_shot_example_separator"] + formatted("") + text
+                    )
                 checked.add(name)
     assert checked == {"own", "plain"}
     # One written out by hand: examples 0 and 1 of "plain" as the shots, example 2 as the query, its option "no".

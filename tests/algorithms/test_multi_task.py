@@ -61,12 +61,17 @@ def _text_split(lengths: list[list[int]], outputs: int, generator: torch.Generat
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(~labelled, IGNORE_INDEX)}
 
 
-@pytest.mark.parametrize(("model_type", "meta_batch"), [("gpt2", "task_by_task"), ("gpt2", "vmap"),
-                                                        ("llama", "task_by_task")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model_type", "meta_batch"), [("gpt2", "task_by_task"), ("gpt2", "vmap"), ("llama", "task_by_task")]
+)
 def test_a_language_model_s_loss_is_the_token_mean_over_support_and_query_whatever_their_widths(model_type, meta_batch):
     torch.manual_seed(0)
-    learner = CausalLMLearner(model_config=LANGUAGE_MODELS[model_type], tokenizer="embedded-bpe-512",
-                              dtype="float64", attn_implementation="eager")  # fmt: skip
+    learner = CausalLMLearner(
+        model_config=LANGUAGE_MODELS[model_type],
+        tokenizer="embedded-bpe-512",
+        dtype="float64",
+        attn_implementation="eager",
+    )
     generator = torch.Generator().manual_seed(0)
     # Cut per split as the datamodules collate: the support 8 positions wide, the query 24; outputs of 1 to 6 tokens.
     support, query = _text_split([[4, 6, 5], [7, 3, 6]], 2, generator), _text_split([[20, 9], [11, 17]], 6, generator)
@@ -133,8 +138,16 @@ def test_channel_multitask_trains_and_adapts_on_the_channel_sequences():
     from lightning_meta.data.tasks import CHANNEL_SEQUENCE_FIELDS, Episode
 
     torch.manual_seed(0)
-    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, "resid_pdrop": 0.0,
-              "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    config = {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_embd": 16,
+        "n_head": 2,
+        "n_positions": 32,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     model = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", dtype="float64")
 
     def rows(tokens: list[list[int]], starts: list[int]) -> dict[str, torch.Tensor]:
@@ -146,9 +159,14 @@ def test_channel_multitask_trains_and_adapts_on_the_channel_sequences():
 
     direct = [rows([[11, 12, 21, 2], [13, 22, 23, 2]], [2, 1]), rows([[14, 15, 16, 24, 2]], [3])]
     channel = [rows([[21, 9, 11, 12, 2], [22, 23, 9, 13, 2]], [2, 3]), rows([[24, 9, 14, 15, 16, 2]], [2])]
-    support, query = (split | {name: rows_[key] for name, key in
-                               zip(CHANNEL_SEQUENCE_FIELDS, ("input_ids", "attention_mask", "labels"), strict=True)}
-                      for split, rows_ in zip(direct, channel, strict=True))  # fmt: skip
+    support, query = (
+        split
+        | {
+            name: rows_[key]
+            for name, key in zip(CHANNEL_SEQUENCE_FIELDS, ("input_ids", "attention_mask", "labels"), strict=True)
+        }
+        for split, rows_ in zip(direct, channel, strict=True)
+    )
     episode = Episode(support, query)
     loss = MultiTask(direction="channel").meta_loss(model, TaskBatch.stack([episode])).loss
     torch.testing.assert_close(loss, joint_loss(model, *channel), rtol=1e-12, atol=1e-12)
@@ -157,6 +175,9 @@ def test_channel_multitask_trains_and_adapts_on_the_channel_sequences():
     expected = list(MultiTask(inner_lr=0.5).adapt_steps(model, channel[0], 1))[0]
     for name, weight in adapted.items():
         torch.testing.assert_close(weight, expected[name])
-    with pytest.raises(ValueError, match=r"MultiTask\(direction='channel'\) needs the channel sequences .* "
-                                         r"--data.init_args.channel=true"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"MultiTask\(direction='channel'\) needs the channel sequences .* "
+        r"--data.init_args.channel=true",
+    ):
         MultiTask(direction="channel").meta_loss(model, TaskBatch.stack([Episode(*direct)]))

@@ -10,11 +10,27 @@ from lightning_meta.algorithms import available
 from lightning_meta.data.tasks import IGNORE_INDEX, padded
 
 TOKENIZER = "embedded-bpe-512"
-GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
-BERT = {"model_type": "bert", "vocab_size": 512, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 32, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0}  # fmt: skip
+GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 1,
+    "n_embd": 16,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+BERT = {
+    "model_type": "bert",
+    "vocab_size": 512,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 # Real lengths (episodes, examples): the support is collated 16 positions wide, the query 24 (as batches are
 # cut per split), and both hold a few output tokens at the end of each example.
 SUPPORT_LENGTHS, QUERY_LENGTHS = [[5, 9, 6], [3, 12, 8]], [[7, 20], [10, 4]]
@@ -41,8 +57,11 @@ def _learner_and_batch(algorithm) -> tuple[torch.nn.Module, TaskBatch]:
         classes = False
     except ValueError:
         learner, classes = EncoderLearner(encoder_config=BERT).double(), True
-    batch = TaskBatch(_split(SUPPORT_LENGTHS, generator, classes), _split(QUERY_LENGTHS, generator, classes),
-                      ways=2 if classes else None)  # fmt: skip
+    batch = TaskBatch(
+        _split(SUPPORT_LENGTHS, generator, classes),
+        _split(QUERY_LENGTHS, generator, classes),
+        ways=2 if classes else None,
+    )
     return learner, batch
 
 
@@ -61,10 +80,12 @@ def test_padding_columns_change_neither_the_loss_nor_the_meta_gradient(name, ext
     learner, batch = _learner_and_batch(algorithm)
     algorithm.bind(learner)
     widened = TaskBatch(
-        *(padded(split, {"attention_mask": split["attention_mask"].shape[-1] + more})
-          for split, more in zip((batch.support, batch.query), extra, strict=True)),
+        *(
+            padded(split, {"attention_mask": split["attention_mask"].shape[-1] + more})
+            for split, more in zip((batch.support, batch.query), extra, strict=True)
+        ),
         ways=batch.ways,
-    )  # fmt: skip
+    )
     widths = [split["input_ids"].shape[-1] for split in (widened.support, widened.query)]
     assert widths == [16 + extra[0], 24 + extra[1]]
     assert torch.equal(widened.without_padding().query["input_ids"], batch.query["input_ids"])

@@ -67,8 +67,11 @@ def test_bad_support_labels_are_refused_once_per_batch_naming_the_episode(classi
     missing[1] = torch.where(missing[1] == 2, 0, missing[1])  # episode 1: class 2 has no shot
     for labels, episode in [(missing, 1), (batch.support["y"].clone().index_fill_(0, torch.tensor([2]), 3), 2)]:
         bad = TaskBatch(support={**batch.support, "y": labels}, query=batch.query, ways=3, shots=batch.shots)
-        with pytest.raises(DataError, match=rf"Episode {episode} of the batch \(1 of 3 episodes\): ProtoNet needs "
-                           r"support labels 0\.\.2 with every class present\. Fix: remap labels per episode"):
+        with pytest.raises(
+            DataError,
+            match=rf"Episode {episode} of the batch \(1 of 3 episodes\): ProtoNet needs "
+            r"support labels 0\.\.2 with every class present\. Fix: remap labels per episode",
+        ):
             ProtoNet().meta_loss(classifier, bad)
     # Without the batch's ways, every class up to the episode's largest label must be present.
     labels = batch.support["y"].clone()

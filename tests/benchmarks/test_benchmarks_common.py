@@ -69,9 +69,16 @@ def test_episode_tasks_reads_each_episodes_task() -> None:
     from lightning_meta.datamodules import LanguageModelingTasksDataModule
 
     datamodule = LanguageModelingTasksDataModule(
-        tokenizer="embedded-bpe-4096", block_size=16, shots=1, queries=1, num_val_tasks=2, num_test_tasks=6,
-        eval_meta_batch_size=4, max_tokens_per_domain=2_000, seed=0,
-    )  # fmt: skip
+        tokenizer="embedded-bpe-4096",
+        block_size=16,
+        shots=1,
+        queries=1,
+        num_val_tasks=2,
+        num_test_tasks=6,
+        eval_meta_batch_size=4,
+        max_tokens_per_domain=2_000,
+        seed=0,
+    )
     datamodule.setup("test")
     batches = datamodule.eval_batches("test")
     assert common.episode_tasks(batches) == [d for batch in batches for d in batch.metadata["domain"]]
@@ -141,7 +148,11 @@ def test_arms_run_as_processes_a_worker_count_at_a_time_and_a_failure_names_its_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-0", "a-1", "b-0"]
     assert {path.read_text() for path in tmp_path.iterdir()} == {"1"}  # one torch thread per arm
     assert [line.split("] ")[1] for line in capsys.readouterr().out.splitlines()] == [
-        "start a seed 0", "start b seed 0", "start a seed 1"]  # fmt: skip
+        "start a seed 0",
+        "start b seed 0",
+        "start a seed 1",
+    ]
     with pytest.raises(SystemExit, match=r"An arm failed: .*exit\(3\)"):
-        common.run_arm_processes([("x", 0)], lambda method, seed: [sys.executable, "-c", "exit(3)"], workers=1,
-                                 poll_seconds=0.05)  # fmt: skip
+        common.run_arm_processes(
+            [("x", 0)], lambda method, seed: [sys.executable, "-c", "exit(3)"], workers=1, poll_seconds=0.05
+        )

@@ -76,11 +76,28 @@ def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
     accuracy = {"base": {0: [0.5, 0.6, 0.1, 0.3]}, "multitask": {0: [0.4, 0.5, 0.2, 0.2], 1: [0.3, 0.5, 0.0, 0.2]}}
     for method, seeds in accuracy.items():
         for seed, values in seeds.items():
-            tasks = {task: {"kind": "multiple choice", "chance": 0.25, "rows": {"in context K=0": {
-                "accuracy": values[2 * i: 2 * i + 2], "exact_match": [0.0, 0.0], "loss": [1.0, 2.0]}}}
-                for i, task in enumerate(["task_a", "task_b"])}  # fmt: skip
-            result = {"method": method, "seed": seed, "complete": True, "tasks": tasks, "eval_seconds": 1.0,
-                      "left_out": {}}  # fmt: skip
+            tasks = {
+                task: {
+                    "kind": "multiple choice",
+                    "chance": 0.25,
+                    "rows": {
+                        "in context K=0": {
+                            "accuracy": values[2 * i : 2 * i + 2],
+                            "exact_match": [0.0, 0.0],
+                            "loss": [1.0, 2.0],
+                        }
+                    },
+                }
+                for i, task in enumerate(["task_a", "task_b"])
+            }
+            result = {
+                "method": method,
+                "seed": seed,
+                "complete": True,
+                "tasks": tasks,
+                "eval_seconds": 1.0,
+                "left_out": {},
+            }
             (tmp_path / f"eval-{method}-seed{seed}.json").write_text(json.dumps(result))
     report = run.report(tmp_path)
     groups = ["task_a", "task_a", "task_b", "task_b"]

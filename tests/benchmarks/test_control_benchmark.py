@@ -40,8 +40,10 @@ def test_smoke_run_writes_every_arm_against_the_ceiling_and_a_rerun_skips_them(t
             assert figures["chance"] == [0.25] * settings.test_tasks
             steps = range(settings.eval_steps + 1)
             for point in ["post"] if run.methods()[name].in_context else [f"step{s}" for s in steps]:
-                accuracy, ceiling, gap = (torch.tensor(figures[key], dtype=torch.float64)
-                                          for key in (f"accuracy_{point}", "ceiling", f"control_gap_{point}"))
+                accuracy, ceiling, gap = (
+                    torch.tensor(figures[key], dtype=torch.float64)
+                    for key in (f"accuracy_{point}", "ceiling", f"control_gap_{point}")
+                )
                 assert torch.allclose(gap, (accuracy - 0.25) / (ceiling - 0.25)), (name, point)
     assert "### control_gap against K" in first and "control_gap − ANIL" in first
     assert (out / "control.png").exists()
@@ -76,9 +78,18 @@ def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
             }
             if name == "anil":
                 figures |= {"accuracy_step0": [0.25] * 3, "control_gap_step0": [0.0] * 3}
-            result = {"method": name, "seed": seed, "settings": json.loads(json.dumps(run.asdict(settings))),
-                      "steps": 1, "tokens": 1, "train_seconds": 1.0, "train_cpu_seconds": 1.0, "eval_cpu_seconds": 1.0,
-                      "final_train_loss": 1.0, "figures": {"4": figures}}  # fmt: skip
+            result = {
+                "method": name,
+                "seed": seed,
+                "settings": json.loads(json.dumps(run.asdict(settings))),
+                "steps": 1,
+                "tokens": 1,
+                "train_seconds": 1.0,
+                "train_cpu_seconds": 1.0,
+                "eval_cpu_seconds": 1.0,
+                "final_train_loss": 1.0,
+                "figures": {"4": figures},
+            }
             (tmp_path / f"{name}-seed{seed}.json").write_text(json.dumps(result))
     report = run.report(tmp_path)
     anil = torch.tensor(gaps["anil"], dtype=torch.float64)
@@ -108,9 +119,20 @@ def test_the_user_table_script_writes_a_table_the_recipe_reads_with_its_ceiling(
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     words = {split: {row["input"] for row in rows if row["family"] == split} for split in ("train", "test")}
     assert words["train"] and words["test"] and not words["train"] & words["test"]
-    data = TextToTextTasksDataModule("embedded-bpe-4096", str(path), template="{input}", replacement=True,
-                                     val_families=["val"], test_families=["test"], shots=8, queries=4,
-                                     max_length=64, meta_batch_size=2, num_val_tasks=2, num_test_tasks=2)  # fmt: skip
+    data = TextToTextTasksDataModule(
+        "embedded-bpe-4096",
+        str(path),
+        template="{input}",
+        replacement=True,
+        val_families=["val"],
+        test_families=["test"],
+        shots=8,
+        queries=4,
+        max_length=64,
+        meta_batch_size=2,
+        num_val_tasks=2,
+        num_test_tasks=2,
+    )
     data.setup("fit")
     episode = data.sample_episode(torch.Generator().manual_seed(0), "train")
     assert float(episode.metadata[CEILING]) == pytest.approx(label_mapping_ceiling(4, 8), abs=1e-4)

@@ -54,8 +54,23 @@ def test_control_handoff_arms_run_count_tokens_and_are_skipped_once_saved(tmp_pa
     run = load_control_run()
     monkeypatch.setattr(run.handoff, "PRETRAIN_TOKENS_PER_DOMAIN", 10_000)  # 3 held-out blocks a domain
     monkeypatch.setattr(run.handoff, "PRETRAIN_BATCH", 2)
-    argv = ["--seeds", "0", "--tokens", "1500", "--meta_steps", "1", "--eval_points", "--final_inner_lrs", "10",
-            "--test_tasks", "4", "--text_blocks", "8", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "--seeds",
+        "0",
+        "--tokens",
+        "1500",
+        "--meta_steps",
+        "1",
+        "--eval_points",
+        "--final_inner_lrs",
+        "10",
+        "--test_tasks",
+        "4",
+        "--text_blocks",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     run.main(argv)
     saved = {arm: torch.load(tmp_path / "seed0" / f"{arm}.pt") for arm in "abc"}
     for arm, record in saved.items():
@@ -100,8 +115,19 @@ def test_gym_handoff_arms_run_count_tokens_and_are_skipped_once_saved(tmp_path, 
     monkeypatch.setattr(run.gym, "SGD_GRID", (0.3, 1.0))
     full = run.episodes
     monkeypatch.setattr(run, "episodes", lambda split: tuple(part[:2] for part in full(split)))
-    argv = ["--seeds", "0", "--tokens", "3000", "--meta_tokens", "1000", "--eval_points", "--text_blocks", "8",
-            "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "--seeds",
+        "0",
+        "--tokens",
+        "3000",
+        "--meta_tokens",
+        "1000",
+        "--eval_points",
+        "--text_blocks",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     run.main(argv)
     saved = {arm: torch.load(tmp_path / "seed0" / f"{arm}.pt") for arm in "abc"}
     for arm, record in saved.items():

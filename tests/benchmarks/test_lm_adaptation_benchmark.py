@@ -14,10 +14,17 @@ def test_tables_and_plot_have_the_domains_as_the_units(tmp_path):
     domains = ["email", "email", "email", "html", "html", "tomllib"]
     generator = torch.Generator().manual_seed(0)
     results = [
-        run.Result(run.METHODS[name], 1, 0.0, 0.0, 0.1, {},
-                   {k: 6 + torch.rand(6, generator=generator, dtype=torch.float64) for k in (0, *run.EVAL_STEPS)})
+        run.Result(
+            run.METHODS[name],
+            1,
+            0.0,
+            0.0,
+            0.1,
+            {},
+            {k: 6 + torch.rand(6, generator=generator, dtype=torch.float64) for k in (0, *run.EVAL_STEPS)},
+        )
         for name in ("fomaml", "baseline")
-    ]  # fmt: skip
+    ]
     table = run.results_table(results, domains)
     assert common.format_ci(results[0].test_loss[0], tasks=domains) in table
     assert common.format_ci(results[0].test_loss[0]) not in table  # not over the episodes

@@ -18,12 +18,21 @@ def test_report_has_tasks_and_seeds_as_the_units(tmp_path):
     losses = {}
     for method, seeds in (("base", [0]), ("multitask", [0, 1])):
         for seed in seeds:
-            rows = {row: {name: (6 + torch.rand(4, generator=generator)).tolist() for name in run.FIGURES}
-                    for row in ("zero-shot", "in context K=4", "SGD K=4")}  # fmt: skip
+            rows = {
+                row: {name: (6 + torch.rand(4, generator=generator)).tolist() for name in run.FIGURES}
+                for row in ("zero-shot", "in context K=4", "SGD K=4")
+            }
             losses[method, seed] = rows["SGD K=4"]["loss"]
             figures = rows | {"family": {"K=4": ["rule", "rule", "title", "title"]}, "task": {"K=4": tasks}}
-            result = {"seed": seed, "steps": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "sgd_step_size": 0.1,
-                      "final_train_loss": 0.0, "figures": figures}  # fmt: skip
+            result = {
+                "seed": seed,
+                "steps": 0,
+                "train_seconds": 0.0,
+                "eval_seconds": 0.0,
+                "sgd_step_size": 0.1,
+                "final_train_loss": 0.0,
+                "figures": figures,
+            }
             (tmp_path / f"{method}-seed{seed}.json").write_text(json.dumps(result))
     report = run.report(tmp_path, ["base", "multitask"])
     multitask = torch.tensor([losses["multitask", 0], losses["multitask", 1]], dtype=torch.float64)

@@ -174,7 +174,11 @@ def test_algorithm_and_datamodule_names_in_any_case_become_class_names():
     known = {"algorithm": cli_messages.known_algorithms(), "datamodule": cli_messages.known_datamodules()}
     given = ["fit", "--model.algorithm=reptile", "--data", "sinusoiddatamodule", "--data.init_args.ways=5"]
     assert cli_messages.with_class_names(given, known) == [
-        "fit", "--model.algorithm=Reptile", "--data", "SinusoidDataModule", "--data.init_args.ways=5"
+        "fit",
+        "--model.algorithm=Reptile",
+        "--data",
+        "SinusoidDataModule",
+        "--data.init_args.ways=5",
     ]
     dotted = ["fit", "--model.algorithm=my_pkg.algos.MyAlgo", "--data={class_path: x}"]
     assert cli_messages.with_class_names(dotted, known) == dotted  # left to the parser
@@ -223,8 +227,11 @@ def _config_case(config: Path):
 
 
 # A 135M-parameter model on 2 CPU cores: shorter sequences, fewer steps, one evaluation batch (CI time).
-ONE_EVALUATION_BATCH = ["--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=1",
-                        "--trainer.limit_test_batches=1"]  # fmt: skip
+ONE_EVALUATION_BATCH = [
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+]
 EXTRA = {
     "lm_fomaml_lora_smollm2.yaml": [
         *ONE_EVALUATION_BATCH,
@@ -238,11 +245,22 @@ EXTRA = {
         f"gym_{method}_{model}.yaml": [
             # Three gym families (train, val, test by the default split) tokenize in a few seconds.
             "--data.init_args.gym_families=[word_map,label_permutation,string_transform]",
-            *([*ONE_EVALUATION_BATCH, "--data.init_args.max_length=48", "--trainer.max_steps=2",
-               "--data.init_args.num_val_tasks=2", "--data.init_args.num_test_tasks=2"]
-              if model == "smollm2" else []),  # fmt: skip
-            *(["--model.algorithm.init_args.eval_inner_steps=1"]  # not 5 adaptation steps of 135M parameters
-              if (method, model) == ("fomaml_lora", "smollm2") else []),  # fmt: skip
+            *(
+                [
+                    *ONE_EVALUATION_BATCH,
+                    "--data.init_args.max_length=48",
+                    "--trainer.max_steps=2",
+                    "--data.init_args.num_val_tasks=2",
+                    "--data.init_args.num_test_tasks=2",
+                ]
+                if model == "smollm2"
+                else []
+            ),
+            *(
+                ["--model.algorithm.init_args.eval_inner_steps=1"]  # not 5 adaptation steps of 135M parameters
+                if (method, model) == ("fomaml_lora", "smollm2")
+                else []
+            ),
         ]
         for method, model in [(m, "tiny") for m in ("metaicl", "channel_metaicl", "fomaml_lora", "multitask")]
         + [(m, "smollm2") for m in ("metaicl", "fomaml_lora")]
@@ -276,8 +294,17 @@ def test_every_config_runs(tmp_path, config):
         prepare_litdata_corpus(corpus, max_tokens_per_domain=2000, start_method="fork")
         quick = [option for option in quick if "max_tokens_per_domain" not in option]  # read when prepared
     # Clipping on: the divergence message advises it, and under FSDP it meets sharded and replicated gradients.
-    run(subcommand, "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *quick, *extra,
-        "--trainer.gradient_clip_val=1.0", cwd=tmp_path, timeout=900)  # fmt: skip
+    run(
+        subcommand,
+        "--config",
+        str(config),
+        f"--trainer.default_root_dir={tmp_path}",
+        *quick,
+        *extra,
+        "--trainer.gradient_clip_val=1.0",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
 
 
@@ -289,8 +316,15 @@ def test_torch_is_the_pinned_cpu_build():
 def sinusoid_run(tmp_path_factory) -> Path:
     """One short sinusoid fit (MAML, inner_lr=0.02); its folder holds last.ckpt."""
     root = tmp_path_factory.mktemp("sinusoid-run")
-    run("fit", *SINUSOID, "--model.algorithm.inner_lr=0.02", "--test_after_fit=false",
-        f"--trainer.default_root_dir={root}", *QUICK, cwd=root)  # fmt: skip
+    run(
+        "fit",
+        *SINUSOID,
+        "--model.algorithm.inner_lr=0.02",
+        "--test_after_fit=false",
+        f"--trainer.default_root_dir={root}",
+        *QUICK,
+        cwd=root,
+    )
     return root
 
 
@@ -314,8 +348,18 @@ def test_options_typed_with_ckpt_path_win_over_the_checkpoint(sinusoid_run, tmp_
         assert config["data"]["init_args"]["num_test_tasks"] == 3 and config["data"]["init_args"]["shots"] == 10
     # Resuming fit with a new inner_lr trains with it, and the next checkpoint says so.
     root = tmp_path / "resumed"
-    run("fit", *SINUSOID, "--ckpt_path", checkpoint, "--model.algorithm.inner_lr=0.05", "--test_after_fit=false",
-        f"--trainer.default_root_dir={root}", *QUICK[1:], "--trainer.max_steps=6", cwd=tmp_path)  # fmt: skip
+    run(
+        "fit",
+        *SINUSOID,
+        "--ckpt_path",
+        checkpoint,
+        "--model.algorithm.inner_lr=0.05",
+        "--test_after_fit=false",
+        f"--trainer.default_root_dir={root}",
+        *QUICK[1:],
+        "--trainer.max_steps=6",
+        cwd=tmp_path,
+    )
     assert saved_config(root)["model"]["algorithm"]["init_args"]["inner_lr"] == 0.05
     (resumed,) = root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
     assert MetaLearningModule.load_from_checkpoint(resumed).algorithm.inner_lr == 0.05
@@ -324,8 +368,9 @@ def test_options_typed_with_ckpt_path_win_over_the_checkpoint(sinusoid_run, tmp_
 @pytest.mark.xdist_group("test_cli.sinusoid_run")
 def test_checkpoint_of_another_learner_is_refused_by_name(sinusoid_run, tmp_path):
     checkpoint = str(sinusoid_run / "lightning_logs/version_0/checkpoints/last.ckpt")
-    result = run("test", "--config", str(ROOT / "configs/quickstart.yaml"), "--ckpt_path", checkpoint,
-                 cwd=tmp_path, check=False)  # fmt: skip
+    result = run(
+        "test", "--config", str(ROOT / "configs/quickstart.yaml"), "--ckpt_path", checkpoint, cwd=tmp_path, check=False
+    )
     assert result.returncode == 2
     assert (
         "holds a learner of class lightning_meta.RegressionLearner, but the config asks for "
@@ -386,8 +431,12 @@ def test_runs_started_together_in_one_folder_get_a_version_each(tmp_path, monkey
     assert [config.parent.name for config in configs] == ["version_0", "version_1"]
     chosen = [yaml.safe_load(config.read_text())["model"]["algorithm"]["init_args"]["inner_lr"] for config in configs]
     assert chosen == [0.02, 0.03]
-    given = [*options, "--trainer.logger=TensorBoardLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
-             "--trainer.logger.init_args.version=0"]  # fmt: skip
+    given = [
+        *options,
+        "--trainer.logger=TensorBoardLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.logger.init_args.version=0",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(given)
     assert exit_info.value.code == 2
@@ -405,8 +454,10 @@ def test_a_mistyped_or_missing_subcommand_lists_every_subcommand(args, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     problem = "'fitt' is not a subcommand" if args else "no subcommand given"
-    assert error == (f"lightning-meta: error: {problem}; the subcommands are fit, validate, test, predict, export, "
-                     "pretrain, lm-eval (lightning-meta --help).")  # fmt: skip
+    assert error == (
+        f"lightning-meta: error: {problem}; the subcommands are fit, validate, test, predict, export, "
+        "pretrain, lm-eval (lightning-meta --help)."
+    )
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
@@ -421,8 +472,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
                     os.kill(os.getpid(), signal.SIGTERM)
     """)
     )
-    result = run("fit", *SINUSOID, *QUICK, "--trainer.max_steps=6", "--trainer.callbacks+=killer.SigtermAt",
-                 cwd=tmp_path, extra_path=tmp_path, check=False)  # fmt: skip
+    result = run(
+        "fit",
+        *SINUSOID,
+        *QUICK,
+        "--trainer.max_steps=6",
+        "--trainer.callbacks+=killer.SigtermAt",
+        cwd=tmp_path,
+        extra_path=tmp_path,
+        check=False,
+    )
     assert result.returncode == 143  # a scheduler must not read preemption as success
     (saved,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last-preempted.ckpt")
     assert f"SIGTERM at step 3: saved a resumable checkpoint to {saved}" in result.stdout + result.stderr
@@ -447,8 +506,17 @@ def test_sigterm_during_test_exits_143(tmp_path):
     assert "test/query_loss_post" not in fitted.stdout
     # lightning-meta test:
     (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
-    tested = run("test", *SINUSOID, *QUICK, *killer, "--ckpt_path", str(checkpoint), cwd=tmp_path,
-                 extra_path=tmp_path, check=False)  # fmt: skip
+    tested = run(
+        "test",
+        *SINUSOID,
+        *QUICK,
+        *killer,
+        "--ckpt_path",
+        str(checkpoint),
+        cwd=tmp_path,
+        extra_path=tmp_path,
+        check=False,
+    )
     assert tested.returncode == 143, tested.stderr[-2000:]
     assert "test/query_loss_post" not in tested.stdout
 
@@ -510,9 +578,18 @@ def test_plugin_algorithm_with_its_own_meta_parameters_trains_by_dotted_path(tmp
                 return LearnedRates(self.log_lr)
     """)
     )
-    run("fit", *SINUSOID, "--model.algorithm=step_algos.LearnedStepMAML", "--model.algorithm.inner_lr=0.02",
-        "--model.algorithm_lr=0.05", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}", *QUICK,
-        cwd=tmp_path, extra_path=tmp_path)  # fmt: skip
+    run(
+        "fit",
+        *SINUSOID,
+        "--model.algorithm=step_algos.LearnedStepMAML",
+        "--model.algorithm.inner_lr=0.02",
+        "--model.algorithm_lr=0.05",
+        "--test_after_fit=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUICK,
+        cwd=tmp_path,
+        extra_path=tmp_path,
+    )
     (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]["algorithm.log_lr"]
     assert saved != pytest.approx(math.log(0.02))  # optimized by the host, in its own parameter group
@@ -536,10 +613,22 @@ def _run_with_thread_variables(tmp_path: Path, **variables: str) -> str:
     env = {key: value for key, value in os.environ.items() if key not in cli.THREAD_VARIABLES}
     env.update(variables, PYTHONPATH=f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}")
     result = subprocess.run(
-        ["lightning-meta", "fit", *SINUSOID, *QUICK, "--trainer.max_steps=2", "--test_after_fit=false",
-         f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=thread_count.Print"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            "lightning-meta",
+            "fit",
+            *SINUSOID,
+            *QUICK,
+            "--trainer.max_steps=2",
+            "--test_after_fit=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=thread_count.Print",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -574,9 +663,15 @@ def _parsed(*args: str) -> cli.MetaCLI:
     """The command's classes for ``args``, built but not run."""
     from lightning import LightningDataModule
 
-    return cli.MetaCLI(MetaLearningModule, LightningDataModule, subclass_mode_data=True, run=False,
-                       parser_class=cli.MetaArgumentParser, auto_configure_optimizers=False,
-                       args=[*args, "--trainer.logger=false"])  # fmt: skip
+    return cli.MetaCLI(
+        MetaLearningModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        run=False,
+        parser_class=cli.MetaArgumentParser,
+        auto_configure_optimizers=False,
+        args=[*args, "--trainer.logger=false"],
+    )
 
 
 def test_data_tokenizer_follows_the_learner_unless_set(monkeypatch):
@@ -618,8 +713,13 @@ def test_bad_trainer_option_is_one_line(capsys, monkeypatch):
 
 def test_text_option_read_as_a_mapping_says_how_to_quote_it(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    line = _one_line_error(capsys, "fit", "--config", str(ROOT / "configs/gym_metaicl_tiny.yaml"),
-                           "--data.init_args.template=Question: {input}")  # fmt: skip
+    line = _one_line_error(
+        capsys,
+        "fit",
+        "--config",
+        str(ROOT / "configs/gym_metaicl_tiny.yaml"),
+        "--data.init_args.template=Question: {input}",
+    )
     assert line == (
         "lightning-meta: error: --data.init_args.template got the mapping {'Question': {'input': None}}: the command "
         "line reads this option as YAML, where ': ' and braces make a mapping. Give the text quoted inside its "
@@ -627,21 +727,31 @@ def test_text_option_read_as_a_mapping_says_how_to_quote_it(capsys, monkeypatch,
         "'Question: {input}')."
     )
     # The advice works (the shell removes the double quotes).
-    advised = _parsed("--config", str(ROOT / "configs/gym_metaicl_tiny.yaml"),
-                      "--data.init_args={template: 'Question: {input}'}")  # fmt: skip
+    advised = _parsed(
+        "--config", str(ROOT / "configs/gym_metaicl_tiny.yaml"), "--data.init_args={template: 'Question: {input}'}"
+    )
     assert advised.datamodule.template == "Question: {input}"
     assert advised.datamodule.shots == 4  # the config's other data options stay
 
 
 def test_held_out_families_taking_every_task_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    rows = [{"task": f"t{task}", "family": f"f{task % 2}", "input": f"x {example}", "output": f"y {example}"}
-            for task in range(4) for example in range(12)]  # fmt: skip
+    rows = [
+        {"task": f"t{task}", "family": f"f{task % 2}", "input": f"x {example}", "output": f"y {example}"}
+        for task in range(4)
+        for example in range(12)
+    ]
     table = tmp_path / "tasks.jsonl"
     table.write_text("\n".join(json.dumps(row) for row in rows))
-    line = _one_line_error(capsys, "fit", "--config", str(ROOT / "configs/gym_metaicl_tiny.yaml"),
-                           f"--data.init_args.dataset={table}", "--data.init_args.test_families=[f0, f1]",
-                           f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    line = _one_line_error(
+        capsys,
+        "fit",
+        "--config",
+        str(ROOT / "configs/gym_metaicl_tiny.yaml"),
+        f"--data.init_args.dataset={table}",
+        "--data.init_args.test_families=[f0, f1]",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
     assert line == (
         "lightning-meta: error: ValueError: test_families take every one of the 4 tasks: no training task is left. "
         "Hold out fewer (families: f0, f1), or add tasks."
@@ -664,7 +774,8 @@ def test_a_slim_lora_run_resumes_and_tests_with_its_own_config(tmp_path):
     tiny = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64}
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny, vocab_size=512)).save_pretrained(tmp_path / "base")
     config = tmp_path / "lora.yaml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         trainer: {{max_steps: 2, limit_val_batches: 0, limit_test_batches: 1, enable_progress_bar: false,
                    enable_model_summary: false, default_root_dir: {tmp_path / "runs"}}}
         model:
@@ -676,13 +787,24 @@ def test_a_slim_lora_run_resumes_and_tests_with_its_own_config(tmp_path):
           class_path: LanguageModelingTasksDataModule
           init_args: {{block_size: 16, shots: 1, queries: 1, meta_batch_size: 1, num_val_tasks: 1, num_test_tasks: 1,
                       max_tokens_per_domain: 2000}}
-    """))
+    """)
+    )
     cli.main(["fit", "--config", str(config), "--test_after_fit=false"])
     (checkpoint,) = (tmp_path / "runs").rglob("*.ckpt")
     cli.main(["test", "--config", str(config), "--ckpt_path", str(checkpoint)])
     # The base moved: the fingerprint error's remedy, with the run's own config, resumes.
     (tmp_path / "base").rename(tmp_path / "moved")
-    cli.main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.max_steps=3",
-              f"--model.learner.init_args.pretrained={tmp_path / 'moved'}", "--test_after_fit=false"])  # fmt: skip
+    cli.main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(checkpoint),
+            "--trainer.max_steps=3",
+            f"--model.learner.init_args.pretrained={tmp_path / 'moved'}",
+            "--test_after_fit=false",
+        ]
+    )
     resumed = torch.load(max((tmp_path / "runs").rglob("*step=3.ckpt")), weights_only=True)
     assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["learner"]["init_args"]["lora"]["r"] == 2

@@ -61,4 +61,3 @@ def test_a_short_fit_prints_only_the_expected_lines(tmp_path):
 def test_version(tmp_path):
     result = subprocess.run(["lightning-meta", "--version"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == f"lightning-meta {lightning_meta.__version__}\n"
-

@@ -8,11 +8,18 @@ from readme_commands import README, ROOT, Command, fenced_blocks, run_shortened,
 
 def handoff_commands() -> tuple[list[Command], list[Command]]:
     """The hand-off section's first block (fit, export, pretrain) and its other commands naming ``init_from``."""
-    blocks = [shell_commands(block) for block in fenced_blocks(README.read_text())
-              if block.language == "bash" and block.section.startswith("Hand-off")]  # fmt: skip
+    blocks = [
+        shell_commands(block)
+        for block in fenced_blocks(README.read_text())
+        if block.language == "bash" and block.section.startswith("Hand-off")
+    ]
     pipeline = blocks[0]
-    with_init_from = [command for block in blocks[1:] for command in block
-                      if any(arg.startswith("--model.init_from") for arg in command.argv)]  # fmt: skip
+    with_init_from = [
+        command
+        for block in blocks[1:]
+        for command in block
+        if any(arg.startswith("--model.init_from") for arg in command.argv)
+    ]
     return pipeline, with_init_from
 
 

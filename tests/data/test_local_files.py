@@ -28,8 +28,14 @@ def data_package(tmp_path, monkeypatch):
     gpt2 = AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(tokenizer))
     AutoModelForCausalLM.from_config(gpt2).save_pretrained(package / "models" / "lm")
     tokenizer.save_pretrained(package / "models" / "lm")
-    bert = AutoConfig.for_model("bert", vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    bert = AutoConfig.for_model(
+        "bert",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     AutoModel.from_config(bert).save_pretrained(package / "encoder")
     tokenizer.save_pretrained(package / "encoder")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -76,8 +82,14 @@ def hub_cache(tmp_path, monkeypatch):
     tokenizer = load_tokenizer("embedded-wordpiece-512")
     torch.manual_seed(0)
     gpt2 = AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(tokenizer))
-    bert = AutoConfig.for_model("bert", vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    bert = AutoConfig.for_model(
+        "bert",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     snapshots = {}
     models = {"tiny-gpt2": AutoModelForCausalLM.from_config(gpt2), "tiny-bert": AutoModel.from_config(bert)}
     for name, model in models.items():
@@ -202,9 +214,18 @@ def test_a_dataset_name_at_the_file_name_limit_gets_a_cache_entry(tmp_path, monk
     for name in ("task_a", "task_b"):
         examples = [{"input": f"{name} {i}", "target": str(i)} for i in range(6)]
         (dataset / name).mkdir(parents=True)
-        (dataset / name / "task.json").write_text(json.dumps(
-            {"name": name, "description": "made up", "keywords": ["arithmetic"], "metrics": ["exact_str_match"],
-             "preferred_score": "exact_str_match", "examples": examples}))  # fmt: skip
+        (dataset / name / "task.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "description": "made up",
+                    "keywords": ["arithmetic"],
+                    "metrics": ["exact_str_match"],
+                    "preferred_score": "exact_str_match",
+                    "examples": examples,
+                }
+            )
+        )
     for _ in range(2):  # written, then read from the cache
         collection = read_task_collection(str(dataset))
         assert sorted(set(collection.table["task"])) == ["task_a", "task_b"]
@@ -231,10 +252,14 @@ def test_a_full_disk_while_writing_a_folder_says_so_and_keeps_the_earlier_one(tm
     write_folder_atomically(folder, lambda staging: (staging / "a.txt").write_text("good"))
     for replace in (True, False):
         target = folder if replace else tmp_path / "new"
-        with pytest.raises(OSError, match=rf"The disk is full: the folder {target} was not saved .* Free space on the "
-                                          rf"disk of {tmp_path}, or move"):  # fmt: skip
-            write_folder_atomically(target, lambda staging: full_disk_after(b"")(staging / "a.txt"), replace=replace,
-                                    remedy=", or move")  # fmt: skip
+        with pytest.raises(
+            OSError,
+            match=rf"The disk is full: the folder {target} was not saved .* Free space on the "
+            rf"disk of {tmp_path}, or move",
+        ):
+            write_folder_atomically(
+                target, lambda staging: full_disk_after(b"")(staging / "a.txt"), replace=replace, remedy=", or move"
+            )
     assert (folder / "a.txt").read_text() == "good"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
@@ -244,8 +269,11 @@ def test_a_full_disk_while_writing_a_file_leaves_the_earlier_file_whole(tmp_path
 
     path = tmp_path / "results.json"
     write_file_atomically(path, lambda partial: partial.write_text('{"good": 1}'))
-    with pytest.raises(OSError, match=rf"^\[Errno 28\] The disk is full: the results {path} was not saved \(no partial "
-                                      r"file is left; an earlier one of that name is kept\)"):  # fmt: skip
+    with pytest.raises(
+        OSError,
+        match=rf"^\[Errno 28\] The disk is full: the results {path} was not saved \(no partial "
+        r"file is left; an earlier one of that name is kept\)",
+    ):
         write_file_atomically(path, full_disk_after(b""), "the results")
     assert path.read_text() == '{"good": 1}' and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 

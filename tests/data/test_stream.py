@@ -72,14 +72,31 @@ def test_resuming_fit_on_changed_data_is_refused_or_with_the_option_warned(tmp_p
 
     def run(max_steps: int, ckpt_path=None, test=False, **options) -> L.Trainer:
         torch.manual_seed(0)
-        learner = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
-                                                "n_positions": 32}, tokenizer=TOKENIZER)  # fmt: skip
-        data = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(corpus), block_size=16, shots=1,
-                                               queries=1, meta_batch_size=1, num_val_tasks=1, num_test_tasks=1,
-                                               **options)  # fmt: skip
-        trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, limit_test_batches=1, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                            default_root_dir=tmp_path)  # fmt: skip
+        learner = CausalLMLearner(
+            model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32},
+            tokenizer=TOKENIZER,
+        )
+        data = LanguageModelingTasksDataModule(
+            tokenizer=TOKENIZER,
+            corpus=str(corpus),
+            block_size=16,
+            shots=1,
+            queries=1,
+            meta_batch_size=1,
+            num_val_tasks=1,
+            num_test_tasks=1,
+            **options,
+        )
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            limit_val_batches=0,
+            limit_test_batches=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )
         module = MetaLearningModule(learner, FOMAML(inner_lr=0.1))
         if test:
             trainer.test(module, data, ckpt_path=ckpt_path)
@@ -92,8 +109,10 @@ def test_resuming_fit_on_changed_data_is_refused_or_with_the_option_warned(tmp_p
     assert len(saved["data_fingerprint"]) == 16 and "allow_data_change" not in str(saved)
     assert run(3, tmp_path / "two.ckpt").global_step == 3  # the same data: resumes
     (corpus / "json.py").write_text("# an edit after training started\n" + (corpus / "json.py").read_text())
-    message = (r"^LanguageModelingTasksDataModule: the checkpoint was trained on other data than this run reads \(data "
-               r"fingerprint \w{16}, saved \w{16}\).* --data.init_args.allow_data_change=true\.$")  # fmt: skip
+    message = (
+        r"^LanguageModelingTasksDataModule: the checkpoint was trained on other data than this run reads \(data "
+        r"fingerprint \w{16}, saved \w{16}\).* --data.init_args.allow_data_change=true\.$"
+    )
     with pytest.raises(ValueError, match=message):
         run(3, tmp_path / "two.ckpt")
     with pytest.warns(UserWarning, match="Continuing on this data, as allow_data_change=true asks"):
@@ -114,20 +133,31 @@ def test_each_datamodule_fingerprints_the_data_it_read(tmp_path):
 
     corpus = write_corpus(tmp_path / "corpus")
     table = tmp_path / "rows.jsonl"
-    rows = [{"task": f"t{task}", "input": f"question {task} {n}", "output": f"answer {n % 3}", "text": f"text {n}",
-             "label": f"class {n}"} for task in range(4) for n in range(8)]  # fmt: skip
+    rows = [
+        {
+            "task": f"t{task}",
+            "input": f"question {task} {n}",
+            "output": f"answer {n % 3}",
+            "text": f"text {n}",
+            "label": f"class {n}",
+        }
+        for task in range(4)
+        for n in range(8)
+    ]
     table.write_text("\n".join(json.dumps(row) for row in rows))
     makers = {
-        "language modeling": lambda: LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(corpus),
-                                                                     block_size=16, shots=1, queries=1),
-        "text to text": lambda: TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(table), shots=1, queries=1,
-                                                          val_tasks=["t0"], test_tasks=["t1"]),
-        "text classification": lambda: TextClassificationDataModule(dataset=str(table), ways=2, shots=1, queries=1,
-                                                                    class_split=(0.5, 0.25, 0.25)),
+        "language modeling": lambda: LanguageModelingTasksDataModule(
+            tokenizer=TOKENIZER, corpus=str(corpus), block_size=16, shots=1, queries=1
+        ),
+        "text to text": lambda: TextToTextTasksDataModule(
+            tokenizer=TOKENIZER, dataset=str(table), shots=1, queries=1, val_tasks=["t0"], test_tasks=["t1"]
+        ),
+        "text classification": lambda: TextClassificationDataModule(
+            dataset=str(table), ways=2, shots=1, queries=1, class_split=(0.5, 0.25, 0.25)
+        ),
         "packed text": lambda: PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(corpus), block_size=16),
-        "packed text, streaming": lambda: PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(table),
-                                                               streaming=True),
-    }  # fmt: skip
+        "packed text, streaming": lambda: PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(table), streaming=True),
+    }
 
     def fingerprints() -> dict[str, str]:
         found = {}

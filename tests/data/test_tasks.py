@@ -61,8 +61,12 @@ def test_non_finite_data_names_split_and_episode(mlp_learner, algorithm, split):
 def test_splits_join_at_one_width_and_refuse_other_shape_differences():
     from lightning_meta.data.tasks import IGNORE_INDEX, joined
 
-    narrow = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long),
-              "labels": torch.ones(2, 8, dtype=torch.long), "x": torch.zeros(2, 3)}  # fmt: skip
+    narrow = {
+        "input_ids": torch.ones(2, 8, dtype=torch.long),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        "labels": torch.ones(2, 8, dtype=torch.long),
+        "x": torch.zeros(2, 3),
+    }
     wide = {name: torch.cat([tensor, tensor], -1) for name, tensor in narrow.items() if name != "x"}
     both = joined(narrow, wide)  # a field only one split has ("x") is left out
     assert {name: tuple(tensor.shape) for name, tensor in both.items()} == {name: (4, 16) for name in wide}

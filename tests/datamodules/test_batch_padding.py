@@ -45,9 +45,14 @@ def test_without_padding_cuts_each_mask_group_to_its_longest_row_rounded_up_to_8
     }
     trimmed = without_padding(split)
     assert {name: tuple(tensor.shape) for name, tensor in trimmed.items()} == {
-        "input_ids": (2, 2, 16), "attention_mask": (2, 2, 16), "labels": (2, 2, 16), "class": (2, 2),
-        CHOICE_INPUT_IDS: (2, 1, 3, 24), CHOICE_ATTENTION_MASK: (2, 1, 3, 24), CHOICE_LABELS: (2, 1, 3, 24),
-    }  # fmt: skip
+        "input_ids": (2, 2, 16),
+        "attention_mask": (2, 2, 16),
+        "labels": (2, 2, 16),
+        "class": (2, 2),
+        CHOICE_INPUT_IDS: (2, 1, 3, 24),
+        CHOICE_ATTENTION_MASK: (2, 1, 3, 24),
+        CHOICE_LABELS: (2, 1, 3, 24),
+    }
     for name, tensor in trimmed.items():
         assert torch.equal(tensor, split[name][..., : tensor.shape[-1]]), name
     # Never longer than the input, and at least one position.
@@ -62,10 +67,16 @@ def test_without_padding_cuts_the_token_fields_by_name_not_by_shape():
     choice_mask = right_padded([5] * 16, 16).view(1, 1, 16, 16).expand(1, 2, 16, 16)
     correct = torch.zeros(1, 2, 16, dtype=torch.bool)
     correct[0, :, 12] = True  # the right option is past the cut
-    split = {"input_ids": mask * 7, "attention_mask": mask, "labels": mask.masked_fill(mask == 0, IGNORE_INDEX),
-             CHOICE_INPUT_IDS: choice_mask * 7, CHOICE_ATTENTION_MASK: choice_mask,
-             CHOICE_LABELS: (choice_mask * 7).masked_fill(choice_mask == 0, IGNORE_INDEX), CORRECT: correct,
-             ANSWER: torch.tensor([[12, 12]])}  # fmt: skip
+    split = {
+        "input_ids": mask * 7,
+        "attention_mask": mask,
+        "labels": mask.masked_fill(mask == 0, IGNORE_INDEX),
+        CHOICE_INPUT_IDS: choice_mask * 7,
+        CHOICE_ATTENTION_MASK: choice_mask,
+        CHOICE_LABELS: (choice_mask * 7).masked_fill(choice_mask == 0, IGNORE_INDEX),
+        CORRECT: correct,
+        ANSWER: torch.tensor([[12, 12]]),
+    }
     trimmed = without_padding(split)
     assert trimmed["attention_mask"].shape == trimmed["labels"].shape == (1, 2, 8)
     assert trimmed[CHOICE_LABELS].shape == (1, 2, 16, 8)
@@ -91,8 +102,15 @@ def write_tasks(folder: Path) -> Path:
             words = " ".join(["word"] * (1 + (example * 5 + task) % 12))
             output = ("yes" if example % 2 else "no") if task % 2 == 0 else f"out {example}"
             options = ["no", "yes"] if task % 2 == 0 else None
-            rows.append({"task": f"t{task}", "family": f"f{task % 2}", "input": f"{words} {example}",
-                         "output": output, "options": options})  # fmt: skip
+            rows.append(
+                {
+                    "task": f"t{task}",
+                    "family": f"f{task % 2}",
+                    "input": f"{words} {example}",
+                    "output": output,
+                    "options": options,
+                }
+            )
     path = folder / "tasks.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
     return path
@@ -100,9 +118,17 @@ def write_tasks(folder: Path) -> Path:
 
 def datamodule(path: Path) -> TextToTextTasksDataModule:
     module = TextToTextTasksDataModule(
-        tokenizer=TOKENIZER, dataset=str(path), shots=3, queries=2, max_length=MAX_LENGTH, meta_batch_size=3,
-        val_tasks=["t0"], test_tasks=["t1"], num_val_tasks=4, num_test_tasks=4,
-    )  # fmt: skip
+        tokenizer=TOKENIZER,
+        dataset=str(path),
+        shots=3,
+        queries=2,
+        max_length=MAX_LENGTH,
+        meta_batch_size=3,
+        val_tasks=["t0"],
+        test_tasks=["t1"],
+        num_val_tasks=4,
+        num_test_tasks=4,
+    )
     module.setup("fit")
     return module
 

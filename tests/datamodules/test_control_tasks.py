@@ -34,8 +34,11 @@ def control(families: list[str], **options) -> TextToTextTasksDataModule:
 def test_every_control_word_is_one_token_at_the_start_and_after_a_space():
     tokenizer = load_tokenizer(TOKENIZER)
     assert len(set(CONTROL_WORDS)) == len(CONTROL_WORDS) == 559
-    lengths = {len(tokenizer(text, add_special_tokens=False)["input_ids"])
-               for word in CONTROL_WORDS for text in (word, " " + word)}  # fmt: skip
+    lengths = {
+        len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        for word in CONTROL_WORDS
+        for text in (word, " " + word)
+    }
     assert lengths == {1}
     pools = [set(pool) for split in ("train", "test") for pool in (word_pools(split).inputs, word_pools(split).labels)]
     assert all(not a & b for a, b in itertools.combinations(pools, 2))  # held-out words are no training word
@@ -64,8 +67,9 @@ def bayes_reader(support, query) -> list[float]:
         labelled = labels != IGNORE_INDEX
         label_of[tuple(ids[~labelled & mask.bool()].tolist())] = int(labels[labelled][0])
     chances = []
-    for ids, labels, mask, choices, answer in zip(query["input_ids"], query["labels"], query["attention_mask"],
-                                                  query[CHOICE_LABELS], query[ANSWER], strict=True):  # fmt: skip
+    for ids, labels, mask, choices, answer in zip(
+        query["input_ids"], query["labels"], query["attention_mask"], query[CHOICE_LABELS], query[ANSWER], strict=True
+    ):
         labelled = labels != IGNORE_INDEX
         options = [int(row[row != IGNORE_INDEX][0]) for row in choices if (row != IGNORE_INDEX).any()]
         key = tuple(ids[~labelled & mask.bool()].tolist())
@@ -122,8 +126,10 @@ def test_control_tasks_are_fresh_deterministic_and_evaluation_uses_held_out_word
     one, two = control(["label_mapping", "arithmetic", "selection"]), control(["label_mapping", "selection"])
     again = control(["label_mapping", "arithmetic", "selection"])
     assert torch.equal(one.train_batch(3).support["input_ids"], again.train_batch(3).support["input_ids"])
-    assert all(torch.equal(a.query["input_ids"], b.query["input_ids"])
-               for a, b in zip(one.eval_batches("test"), again.eval_batches("test"), strict=True))  # fmt: skip
+    assert all(
+        torch.equal(a.query["input_ids"], b.query["input_ids"])
+        for a, b in zip(one.eval_batches("test"), again.eval_batches("test"), strict=True)
+    )
     names = [name for index in range(10) for name in one.train_batch(index).metadata["task"]]
     assert len(set(names)) == len(names)  # a fresh task per episode
     assert {name.split("/")[0] for name in names} == {"label_mapping", "arithmetic", "selection"}
@@ -131,8 +137,13 @@ def test_control_tasks_are_fresh_deterministic_and_evaluation_uses_held_out_word
     train_words, held_out = (set(word_pools(split).inputs + word_pools(split).labels) for split in ("train", "test"))
     for split, words in (("train", train_words), ("test", held_out)):
         batch = two.train_batch(0) if split == "train" else two.eval_batches("test")[0]
-        used = {word for episode in batch.episodes() for pair in _texts(tokenizer, episode.support)
-                for text in pair for word in text.split()}  # fmt: skip
+        used = {
+            word
+            for episode in batch.episodes()
+            for pair in _texts(tokenizer, episode.support)
+            for text in pair
+            for word in text.split()
+        }
         assert used and used <= words
 
 
@@ -150,21 +161,39 @@ def test_control_settings_reach_the_checkpoint_as_plain_data(tmp_path):
 
 
 def test_a_tables_ceiling_column_is_reported_with_chance_and_tasks_may_be_drawn_with_replacement(tmp_path):
-    rows = [{"task": f"t{task}", "family": f"f{task % 3}", "input": word, "output": label, "options": labels,
-             "ceiling": 0.9}
-            for task in range(6)
-            for labels in [["kiki", "bouba"] if task % 2 else ["lug", "mib"]]
-            for word, label in zip(["red", "blue"], labels, strict=True)]  # fmt: skip
+    rows = [
+        {
+            "task": f"t{task}",
+            "family": f"f{task % 3}",
+            "input": word,
+            "output": label,
+            "options": labels,
+            "ceiling": 0.9,
+        }
+        for task in range(6)
+        for labels in [["kiki", "bouba"] if task % 2 else ["lug", "mib"]]
+        for word, label in zip(["red", "blue"], labels, strict=True)
+    ]
     path = tmp_path / "control.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
-    module = TextToTextTasksDataModule(TOKENIZER, str(path), shots=4, queries=3, max_length=16, replacement=True,
-                                       val_families=["f1"], test_families=["f2"])  # fmt: skip
+    module = TextToTextTasksDataModule(
+        TOKENIZER,
+        str(path),
+        shots=4,
+        queries=3,
+        max_length=16,
+        replacement=True,
+        val_families=["f1"],
+        test_families=["f2"],
+    )
     module.setup("fit")  # 2 examples per task are enough: drawn with replacement
     episode = module.sample_episode(torch.Generator().manual_seed(0), "train")
     assert float(episode.metadata[CEILING]) == pytest.approx(0.9) and float(episode.metadata[CHANCE]) == 0.5
     assert len(episode.metadata["example_ids"]) == 7 and set(episode.metadata["example_ids"].tolist()) <= {0, 1}
-    for change, message in [(0.5, "an example has only 2 options: chance there is 0.5"),
-                            ("high", "is not an accuracy in")]:  # fmt: skip
+    for change, message in [
+        (0.5, "an example has only 2 options: chance there is 0.5"),
+        ("high", "is not an accuracy in"),
+    ]:
         path.write_text("\n".join(json.dumps(row | {"ceiling": change}) for row in rows))
         bad = TextToTextTasksDataModule(TOKENIZER, str(path), shots=4, queries=3, max_length=16, replacement=True)
         with pytest.raises(ValueError, match=message):
@@ -172,8 +201,12 @@ def test_a_tables_ceiling_column_is_reported_with_chance_and_tasks_may_be_drawn_
 
 
 def test_control_metrics_put_chance_at_zero_and_the_ceiling_at_one():
-    figures = {"accuracy_pre": torch.tensor([0.25, 0.25]), "accuracy_post": torch.tensor([1.0, 0.625]),
-               "accuracy_per_token_post": torch.tensor([1.0, 1.0]), "loss_post": torch.tensor([1.0, 2.0])}  # fmt: skip
+    figures = {
+        "accuracy_pre": torch.tensor([0.25, 0.25]),
+        "accuracy_post": torch.tensor([1.0, 0.625]),
+        "accuracy_per_token_post": torch.tensor([1.0, 1.0]),
+        "loss_post": torch.tensor([1.0, 2.0]),
+    }
     metadata = {CEILING: torch.tensor([1.0, 1.0]), CHANCE: torch.tensor([0.25, 0.25])}
     result = control_metrics(figures, metadata)
     assert set(result) == {"ceiling", "chance", "control_gap_pre", "control_gap_post"}

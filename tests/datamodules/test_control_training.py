@@ -24,15 +24,25 @@ STEPS = 40  # one-step accuracy 0.53 -> 0.77 on these 64 tasks, about 50 CPU s i
 
 
 def _built(*overrides: str) -> cli.MetaCLI:
-    return cli.MetaCLI(MetaLearningModule, LightningDataModule, subclass_mode_data=True, run=False,
-                       parser_class=cli.MetaArgumentParser, auto_configure_optimizers=False,
-                       args=["--config", str(CONFIG), *overrides, "--trainer.logger=false"])  # fmt: skip
+    return cli.MetaCLI(
+        MetaLearningModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        run=False,
+        parser_class=cli.MetaArgumentParser,
+        auto_configure_optimizers=False,
+        args=["--config", str(CONFIG), *overrides, "--trainer.logger=false"],
+    )
 
 
 def test_the_control_recipe_meta_learns_held_out_tasks(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    built = _built("--model.eval_curve=[0, 1]", "--model.algorithm.init_args.eval_inner_steps=1",
-                   "--data.init_args.num_test_tasks=64", "--data.init_args.num_val_tasks=4")  # fmt: skip
+    built = _built(
+        "--model.eval_curve=[0, 1]",
+        "--model.algorithm.init_args.eval_inner_steps=1",
+        "--data.init_args.num_test_tasks=64",
+        "--data.init_args.num_val_tasks=4",
+    )
     module, data = built.model, built.datamodule
     options = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     (before,) = L.Trainer(**options).test(module, data, verbose=False)

@@ -21,12 +21,31 @@ from lightning_meta.data.tasks import TaskBatch
 from lightning_meta.datamodules import EpisodicClassificationDataModule, episodic_classification
 
 WORDS = [
-    "apple", "river", "stone", "cloud", "piano", "tiger", "lemon", "candle",
-    "forest", "window", "rocket", "garden", "silver", "bridge", "planet",
-]  # fmt: skip
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "piano",
+    "tiger",
+    "lemon",
+    "candle",
+    "forest",
+    "window",
+    "rocket",
+    "garden",
+    "silver",
+    "bridge",
+    "planet",
+]
 #: A 1-layer width-32 BERT without dropout: fast, and deterministic in training mode.
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 
 
 def word_dataset(classes: int = 15, per_class: int = 6) -> Dataset:
@@ -210,7 +229,7 @@ def test_bad_inputs_name_the_problem_and_the_fix():
         {
             "text": [f"{w} x {i}" for w in WORDS[:9] for i in range(6 if w != "cloud" else 2)],
             "label": [w for w in WORDS[:9] for i in range(6 if w != "cloud" else 2)],
-        }  # fmt: skip
+        }
     )
     with pytest.raises(ValueError, match=r"shots \+ queries = 5 examples; these have fewer: 'cloud' \(2\).*drop_small"):
         datamodule(small, ways=2, queries=3).prepare()
@@ -267,7 +286,8 @@ def test_class_label_minus_one_is_a_missing_label():
     features = Features({"text": Value("string"), "label": ClassLabel(names=WORDS[:6])})
     labels = [c for c in range(6) for _ in range(5)]
     labels[4] = -1
-    dataset = Dataset.from_dict({"text": [f"{WORDS[c]} example {i}" for c in range(6) for i in range(5)],
-                                 "label": labels}, features=features)  # fmt: skip
+    dataset = Dataset.from_dict(
+        {"text": [f"{WORDS[c]} example {i}" for c in range(6) for i in range(5)], "label": labels}, features=features
+    )
     with pytest.raises(ValueError, match=r"column 'label' has no value \(None, NaN or empty\) in 1 of 30 rows: 4\."):
         datamodule(dataset, ways=2, shots=1, queries=1, class_split=(1, 1, 1)).prepare()

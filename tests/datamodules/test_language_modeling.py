@@ -18,9 +18,16 @@ TOKENIZER = "embedded-bpe-512"
 
 @pytest.fixture(scope="module")
 def embedded() -> LanguageModelingTasksDataModule:
-    return LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=32, shots=3, queries=2,
-                                           meta_batch_size=8, num_val_tasks=6, num_test_tasks=10,
-                                           max_tokens_per_domain=4000)  # fmt: skip
+    return LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER,
+        block_size=32,
+        shots=3,
+        queries=2,
+        meta_batch_size=8,
+        num_val_tasks=6,
+        num_test_tasks=10,
+        max_tokens_per_domain=4000,
+    )
 
 
 @pytest.mark.xdist_group("test_language_modeling.embedded")
@@ -52,9 +59,16 @@ def test_held_out_domains_never_appear_in_training(embedded):
 
 @pytest.mark.xdist_group("test_language_modeling.embedded")
 def test_evaluation_tasks_are_fixed(embedded):
-    again = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=32, shots=3, queries=2,
-                                            meta_batch_size=8, num_val_tasks=6, num_test_tasks=10,
-                                            max_tokens_per_domain=4000)  # fmt: skip
+    again = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER,
+        block_size=32,
+        shots=3,
+        queries=2,
+        meta_batch_size=8,
+        num_val_tasks=6,
+        num_test_tasks=10,
+        max_tokens_per_domain=4000,
+    )
     for a, b in zip(embedded.eval_batches("test"), again.eval_batches("test"), strict=True):
         assert torch.equal(a.query["input_ids"], b.query["input_ids"])
 
@@ -71,8 +85,9 @@ def test_folder_corpus_one_domain_per_file_or_subfolder(tmp_path):
         (tmp_path / f"{name}.txt").write_text(f"The {name} domain speaks of {name} things. " * 200)
     (tmp_path / "epsilon").mkdir()
     (tmp_path / "epsilon" / "a.md").write_text("epsilon words here. " * 200)
-    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(tmp_path), block_size=16,
-                                                 test_domains=["beta"], val_domains=["epsilon"])  # fmt: skip
+    datamodule = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER, corpus=str(tmp_path), block_size=16, test_domains=["beta"], val_domains=["epsilon"]
+    )
     assert datamodule.split_domains == {"train": ["alpha", "delta", "gamma"], "val": ["epsilon"], "test": ["beta"]}
     assert datamodule.eval_batches("test")[0].metadata["domain"][0] == "beta"
 
@@ -81,12 +96,17 @@ def test_jsonl_corpus_with_a_domain_column_and_seeded_split(tmp_path):
     rows = [{"text": f"Document {i} about topic {t}. " * 30, "topic": t} for t in "abcdefghij" for i in range(3)]
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
-    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(path), domain_column="topic",
-                                                 block_size=16)  # fmt: skip
+    datamodule = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER, corpus=str(path), domain_column="topic", block_size=16
+    )
     splits = datamodule.split_domains
     assert len(splits["val"]) == 1 and len(splits["test"]) == 1 and len(splits["train"]) == 8
-    assert splits == LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(path), domain_column="topic",
-                                                     block_size=16).split_domains  # fmt: skip
+    assert (
+        splits
+        == LanguageModelingTasksDataModule(
+            tokenizer=TOKENIZER, corpus=str(path), domain_column="topic", block_size=16
+        ).split_domains
+    )
 
 
 def test_clear_errors(tmp_path):
@@ -97,14 +117,16 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"fewer than shots \+ queries = 8 blocks of 16 tokens: \{'small': 0\}"):
         small.setup("fit")
     (tmp_path / "small.txt").unlink()
-    unknown = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(tmp_path), block_size=16,
-                                              val_domains=["bigg"], test_domains=["other"])  # fmt: skip
+    unknown = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER, corpus=str(tmp_path), block_size=16, val_domains=["bigg"], test_domains=["other"]
+    )
     with pytest.raises(ValueError, match=r"Unknown domains \['bigg'\].*domains: \['big', 'other'\]"):
         unknown.setup("fit")
     (tmp_path / "table.csv").write_text("body,topic\nhello,a\n")
     with pytest.raises(ValueError, match="needs text_column='text' and domain_column='topic'"):
-        LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(tmp_path / "table.csv"),
-                                        domain_column="topic").setup("fit")  # fmt: skip
+        LanguageModelingTasksDataModule(
+            tokenizer=TOKENIZER, corpus=str(tmp_path / "table.csv"), domain_column="topic"
+        ).setup("fit")
     with pytest.raises(FileNotFoundError, match="neither an embedded tokenizer"):
         LanguageModelingTasksDataModule(tokenizer="gpt2").setup("fit")
 

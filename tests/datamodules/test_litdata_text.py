@@ -36,8 +36,15 @@ def prepared(tmp_path_factory) -> tuple[Path, Path]:
     """A text folder and its LitData corpus (blocks of 16 tokens, chunks of 4 blocks)."""
     root = tmp_path_factory.mktemp("litdata")
     text = write_corpus(root / "text")
-    return text, prepare_litdata_corpus(str(root / "corpus"), TOKENIZER, str(text), block_size=16, blocks_per_chunk=4,
-                                        val_fraction=0.1, start_method="fork")  # fmt: skip
+    return text, prepare_litdata_corpus(
+        str(root / "corpus"),
+        TOKENIZER,
+        str(text),
+        block_size=16,
+        blocks_per_chunk=4,
+        val_fraction=0.1,
+        start_method="fork",
+    )
 
 
 def streamed(data: LitDataTextDataModule, split: str = "train") -> torch.Tensor:
@@ -56,8 +63,9 @@ def test_the_prepared_blocks_stream_back_unchanged(prepared):
     assert train.dtype == torch.long and torch.equal(train, packed.blocks["train"][:whole])
     assert torch.equal(streamed(data, "val"), packed.blocks["val"][: len(packed.blocks["val"]) // 2 * 2])
     # Blocks of 8 read the same tokens (8 divides the chunks of 64), cut in two.
-    halves = LitDataTextDataModule(str(corpus / "train"), tokenizer=TOKENIZER, block_size=8, batch_size=2,
-                                   shuffle=False)  # fmt: skip
+    halves = LitDataTextDataModule(
+        str(corpus / "train"), tokenizer=TOKENIZER, block_size=8, batch_size=2, shuffle=False
+    )
     assert torch.equal(streamed(halves).reshape(-1)[: whole * 16], packed.blocks["train"][:whole].reshape(-1))
     shuffled = streamed(LitDataTextDataModule(str(corpus), tokenizer=TOKENIZER, block_size=16, batch_size=2))
     every_block = set(map(tuple, packed.blocks["train"].tolist()))
@@ -103,13 +111,15 @@ def test_a_mid_epoch_resume_continues_the_uninterrupted_batches(prepared, tmp_pa
         data = LitDataTextDataModule(str(corpus), tokenizer=TOKENIZER, block_size=16, batch_size=16, seed=3)
         record = RecordBatches()
         every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
-        trainer = quiet_trainer(root, max_steps=steps, callbacks=[record, every], enable_checkpointing=True,
-                                limit_val_batches=0)  # fmt: skip
+        trainer = quiet_trainer(
+            root, max_steps=steps, callbacks=[record, every], enable_checkpointing=True, limit_val_batches=0
+        )
         trainer.fit(module, data, ckpt_path=ckpt_path)
         return record
 
-    per_epoch = len(LitDataTextDataModule(str(corpus), tokenizer=TOKENIZER, block_size=16, batch_size=16)
-                    .train_dataloader())  # fmt: skip
+    per_epoch = len(
+        LitDataTextDataModule(str(corpus), tokenizer=TOKENIZER, block_size=16, batch_size=16).train_dataloader()
+    )
     steps = per_epoch + 6  # the run crosses into a second (reshuffled) epoch
     full = run(tmp_path / "full")
     assert 5 < per_epoch and len(full.batches) == steps

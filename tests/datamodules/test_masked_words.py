@@ -15,8 +15,11 @@ from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import MaskedWordTasksDataModule
 from lightning_meta.datamodules.masked_words import PLACEHOLDER, mask_word
 
-WORDS = [f"{stem}{suffix}" for stem in ("alpha", "bravo", "delta", "omega", "sigma", "kappa", "theta", "gamma")
-         for suffix in ("", "x", "ine", "ora")]  # fmt: skip
+WORDS = [
+    f"{stem}{suffix}"
+    for stem in ("alpha", "bravo", "delta", "omega", "sigma", "kappa", "theta", "gamma")
+    for suffix in ("", "x", "ine", "ora")
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +34,18 @@ def corpus(tmp_path_factory):
 
 
 def datamodule(corpus, **options) -> MaskedWordTasksDataModule:
-    defaults = dict(corpus=corpus, tokenizer="embedded-wordpiece-512", ways=3, shots=2, queries=3, max_length=24,
-                    max_word_frequency=1.0, num_val_tasks=8, num_test_tasks=8,
-                    class_split=(0.5, 0.25, 0.25))  # fmt: skip
+    defaults = dict(
+        corpus=corpus,
+        tokenizer="embedded-wordpiece-512",
+        ways=3,
+        shots=2,
+        queries=3,
+        max_length=24,
+        max_word_frequency=1.0,
+        num_val_tasks=8,
+        num_test_tasks=8,
+        class_split=(0.5, 0.25, 0.25),
+    )
     module = MaskedWordTasksDataModule(**(defaults | options))
     module.setup("fit")
     return module
@@ -81,8 +93,9 @@ def test_word_sampling_power_follows_frequency(corpus):
     def frequent_share(power: float) -> float:
         dm = datamodule(corpus, word_sampling_power=power, meta_batch_size=16)
         frequent = {w for i, w in enumerate(WORDS) if i % 4 == 0}
-        drawn = collections.Counter(dm.class_names[c] for i in range(20)
-                                    for c in dm.train_batch(i).metadata["classes"].flatten().tolist())  # fmt: skip
+        drawn = collections.Counter(
+            dm.class_names[c] for i in range(20) for c in dm.train_batch(i).metadata["classes"].flatten().tolist()
+        )
         return sum(n for w, n in drawn.items() if w in frequent) / sum(drawn.values())
 
     assert frequent_share(1.0) > frequent_share(0.0) + 0.15
@@ -96,8 +109,14 @@ def test_causal_lm_tokenizer_and_prototype_head(corpus):
     torch.manual_seed(0)
     gpt2 = {"model_type": "gpt2", "vocab_size": 512, "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
     module = MetaLearningModule(EncoderLearner(encoder_config=gpt2, pooling="mean"), ProtoNet())
-    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, dm)
     (results,) = trainer.test(module, dm, verbose=False)
     assert 0 <= results["test/query_accuracy_post"] <= 1

@@ -102,8 +102,14 @@ def stream_batches(data, start, count, rank=0, world=1):
 
 
 def test_streaming_resumes_exactly_from_a_saved_position(tmp_path):
-    data = PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(table(tmp_path / "docs.jsonl")), streaming=True,
-                                block_size=8, batch_size=2, val_fraction=0.0)  # fmt: skip
+    data = PackedTextDataModule(
+        tokenizer=TOKENIZER,
+        corpus=str(table(tmp_path / "docs.jsonl")),
+        streaming=True,
+        block_size=8,
+        batch_size=2,
+        val_fraction=0.0,
+    )
     uninterrupted, stream = stream_batches(data, None, 30)  # several passes over the 40 documents
     for consumed in (1, 7, 19):
         position = stream.position_before(consumed)
@@ -114,8 +120,14 @@ def test_streaming_resumes_exactly_from_a_saved_position(tmp_path):
 
 
 def test_streaming_ranks_read_different_documents(tmp_path):
-    data = PackedTextDataModule(tokenizer=TOKENIZER, corpus=str(table(tmp_path / "docs.jsonl")), streaming=True,
-                                block_size=8, batch_size=2, val_fraction=0.0)  # fmt: skip
+    data = PackedTextDataModule(
+        tokenizer=TOKENIZER,
+        corpus=str(table(tmp_path / "docs.jsonl")),
+        streaming=True,
+        block_size=8,
+        batch_size=2,
+        val_fraction=0.0,
+    )
     first, _ = stream_batches(data, None, 3, rank=0, world=2)
     second, _ = stream_batches(data, None, 3, rank=1, world=2)
     assert not torch.equal(torch.stack(first), torch.stack(second))

@@ -25,11 +25,20 @@ JSON_LINES = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
 def datamodules(path: str) -> list[LanguageModelingTasksDataModule | TextClassificationDataModule]:
     """An LM datamodule (a domain per label) and a text-classification one over the same table."""
     return [
-        LanguageModelingTasksDataModule(tokenizer="embedded-bpe-512", corpus=path, domain_column="label",
-                                        block_size=8, shots=1, queries=1, num_val_tasks=1, num_test_tasks=1),
-        TextClassificationDataModule(path, tokenizer="embedded-wordpiece-512", ways=2, shots=1, queries=1,
-                                     max_length=16, num_eval_episodes=2),
-    ]  # fmt: skip
+        LanguageModelingTasksDataModule(
+            tokenizer="embedded-bpe-512",
+            corpus=path,
+            domain_column="label",
+            block_size=8,
+            shots=1,
+            queries=1,
+            num_val_tasks=1,
+            num_test_tasks=1,
+        ),
+        TextClassificationDataModule(
+            path, tokenizer="embedded-wordpiece-512", ways=2, shots=1, queries=1, max_length=16, num_eval_episodes=2
+        ),
+    ]
 
 
 def load(datamodule: LanguageModelingTasksDataModule | TextClassificationDataModule) -> list[str]:

@@ -63,11 +63,17 @@ def write_bigbench(root: Path) -> Path:
     subtasks (and a helper folder), programmatic tasks, and BIG-bench Lite's list."""
     tasks = root / "bigbench" / "benchmark_tasks"
     files = {
-        "gen_task/task.json": task_json(["zero-shot", "arithmetic"], generative(10), task_prefix="Name the next.\n",
-                                        example_input_prefix="In: ", example_output_prefix=" Out: "),
+        "gen_task/task.json": task_json(
+            ["zero-shot", "arithmetic"],
+            generative(10),
+            task_prefix="Name the next.\n",
+            example_input_prefix="In: ",
+            example_output_prefix=" Out: ",
+        ),
         "mc_task/task.json": task_json(["multiple choice", "common sense"], multiple_choice(10)),
-        "list_task/task.json": task_json(["logical reasoning"], [
-            {"input": f"say {w}", "target": [w, w.upper()]} for w in WORDS[:8]]),
+        "list_task/task.json": task_json(
+            ["logical reasoning"], [{"input": f"say {w}", "target": [w, w.upper()]} for w in WORDS[:8]]
+        ),
         "parent/task.json": task_json(["translation", "common sense"], None),
         "parent/sub_a/task.json": task_json(["zero-shot"], generative(8)),
         "parent/sub_b/task.json": task_json(["zero-shot"], generative(8, offset=50), append_choices_to_input=False),
@@ -75,14 +81,16 @@ def write_bigbench(root: Path) -> Path:
         "parent/scripts/make_tasks.py": "# a helper, not a task\n",
         "prog_task/task.py": "# a programmatic task\n",
         "__init__.py": "",
-    }  # fmt: skip
+    }
     for name, text in files.items():
         (tasks / name).parent.mkdir(parents=True, exist_ok=True)
         (tasks / name).write_text(text)
     lite = root / "bigbench" / "bbseqio" / "bigbench_lite.py"
     lite.parent.mkdir(parents=True)
-    lite.write_text('"""Names."""\n\nBIGBENCH_LITE_TASK_NAMES = {\n  "v1": ["old"],\n  "v2": ["mc_task", "parent", '
-                    '"absent_task"],\n}\n')  # fmt: skip
+    lite.write_text(
+        '"""Names."""\n\nBIGBENCH_LITE_TASK_NAMES = {\n  "v1": ["old"],\n  "v2": ["mc_task", "parent", '
+        '"absent_task"],\n}\n'
+    )
     return root
 
 
@@ -105,11 +113,19 @@ def test_bigbench_rows_follow_bigbench_json_task_format(tmp_path):
     # Generative: the task's own prefixes, as given (the output follows the output prefix's space), and the task
     # fields it gives (BIG-bench's defaults for the others are the datamodule's).
     first = by_task["gen_task"][0]
-    assert first | {"family": None} == {"task": "gen_task", "family": None, "input": "red 0", "output": ["blue"],
-                                        "options": None, "template": "Name the next.\nIn: {input} Out: ",
-                                        "scores": None, "task_prefix": "Name the next.\n",
-                                        "few_shot_example_separator": None, "stop_string": None,
-                                        "output_regex": None}  # fmt: skip
+    assert first | {"family": None} == {
+        "task": "gen_task",
+        "family": None,
+        "input": "red 0",
+        "output": ["blue"],
+        "options": None,
+        "template": "Name the next.\nIn: {input} Out: ",
+        "scores": None,
+        "task_prefix": "Name the next.\n",
+        "few_shot_example_separator": None,
+        "stop_string": None,
+        "output_regex": None,
+    }
     assert {row["family"] for row in by_task["gen_task"]} == {"arithmetic"}  # the first family keyword present
     # A list target: every target is correct, the first trains.
     assert by_task["list_task"][0]["output"] == ["red", "RED"]
@@ -134,8 +150,13 @@ def test_family_keywords_are_configurable_first_listed_wins(tmp_path):
     source = str(write_bigbench(tmp_path / "src"))
     collection = read_task_collection(source, family_keywords=["common sense", "arithmetic"])
     families = {row["task"]: row["family"] for row in rows(collection)}
-    assert families == {"gen_task": "arithmetic", "mc_task": "common sense", "list_task": "other",
-                        "parent:sub_a": "common sense", "parent:sub_b": "common sense"}  # fmt: skip
+    assert families == {
+        "gen_task": "arithmetic",
+        "mc_task": "common sense",
+        "list_task": "other",
+        "parent:sub_a": "common sense",
+        "parent:sub_b": "common sense",
+    }
 
 
 def test_the_archive_reads_like_the_folder_and_the_second_read_comes_from_the_cache(tmp_path, monkeypatch, logged):
@@ -174,14 +195,20 @@ def write_natural_instructions(folder: Path) -> Path:
     tasks.mkdir(parents=True)
     for number, category in [(1, "Sentiment Analysis"), (2, "Question Answering"), (3, "Sentiment Analysis")]:
         data = {
-            "Contributors": ["made up"], "Categories": [category], "Domains": ["Fiction"],
+            "Contributors": ["made up"],
+            "Categories": [category],
+            "Domains": ["Fiction"],
             "Definition": [f"Answer task {number}.", "Be brief."],
-            "Positive Examples": [{"input": "a cat", "output": "cat", "explanation": "x"},
-                                  {"input": "a dog", "output": "dog", "explanation": "y"}],
+            "Positive Examples": [
+                {"input": "a cat", "output": "cat", "explanation": "x"},
+                {"input": "a dog", "output": "dog", "explanation": "y"},
+            ],
             "Negative Examples": [],
-            "Instances": [{"id": f"task{number:03}-{i}", "input": f"{WORDS[i]} {i}", "output": [WORDS[i], "any"]}
-                          for i in range(9)],
-        }  # fmt: skip
+            "Instances": [
+                {"id": f"task{number:03}-{i}", "input": f"{WORDS[i]} {i}", "output": [WORDS[i], "any"]}
+                for i in range(9)
+            ],
+        }
         (tasks / f"task{number:03}_made_up.json").write_text(json.dumps(data))
     return folder
 
@@ -190,11 +217,16 @@ def test_natural_instructions_definition_and_positive_examples_form_the_prompt(t
     collection = read_task_collection(str(write_natural_instructions(tmp_path / "ni")), positive_examples=1)
     first = rows(collection)[0]
     assert first == {
-        "task": "task001_made_up", "family": "Sentiment Analysis", "input": "red 0", "output": ["red", "any"],
-        "options": None, "scores": None, **dict.fromkeys(task_collections.TASK_FIELDS),
+        "task": "task001_made_up",
+        "family": "Sentiment Analysis",
+        "input": "red 0",
+        "output": ["red", "any"],
+        "options": None,
+        "scores": None,
+        **dict.fromkeys(task_collections.TASK_FIELDS),
         "template": "Definition: Answer task 1. Be brief.\n\nPositive Example 1 -\nInput: a cat\nOutput: cat\n\n"
-                    "Now complete the following example -\nInput: {input}\nOutput:",
-    }  # fmt: skip
+        "Now complete the following example -\nInput: {input}\nOutput:",
+    }
     assert len(rows(collection)) == 27
 
 
@@ -220,13 +252,21 @@ def bad_bigbench(tree: Path, case: str) -> Path:
     "case, message, tasks",
     [
         ("invalid json", r"gen_task/task\.json: it is not valid JSON .*To use it, fix the file", 4),
-        ("no input", r"gen_task/task\.json: skipped 1 of its 10 examples: example 2 has no text 'input'\. To use "
-                     r"it, give every example an \"input\" string", 5),
-        ("no positive score", r"mc_task/task\.json: skipped 1 of its 10 examples: example 3 has a 'target_scores' "
-                              r"with no option scored above the others.*give the correct options the highest score", 5),
+        (
+            "no input",
+            r"gen_task/task\.json: skipped 1 of its 10 examples: example 2 has no text 'input'\. To use "
+            r"it, give every example an \"input\" string",
+            5,
+        ),
+        (
+            "no positive score",
+            r"mc_task/task\.json: skipped 1 of its 10 examples: example 3 has a 'target_scores' "
+            r"with no option scored above the others.*give the correct options the highest score",
+            5,
+        ),
         ("subtask without task.json", r"parent/sub_c has no task\.json.*Add its task\.json, or move the folder", 5),
     ],
-)  # fmt: skip
+)
 def test_bad_bigbench_data_is_named_with_the_fix_and_the_rest_loads(tmp_path, case, message, tasks, logged):
     tree = bad_bigbench(write_bigbench(tmp_path / "src"), case)
     with pytest.warns(UserWarning, match=message):
@@ -258,8 +298,14 @@ def test_an_unreadable_archive_names_the_fix(tmp_path):
 
 
 def datamodule(dataset: Path, **options) -> TextToTextTasksDataModule:
-    options = {"tokenizer": "embedded-bpe-512", "dataset": str(dataset), "shots": 2, "queries": 2,
-               "max_length": 48, "truncate_inputs": True} | options  # fmt: skip
+    options = {
+        "tokenizer": "embedded-bpe-512",
+        "dataset": str(dataset),
+        "shots": 2,
+        "queries": 2,
+        "max_length": 48,
+        "truncate_inputs": True,
+    } | options
     module = TextToTextTasksDataModule(**options)
     module.setup("fit")
     return module
@@ -269,24 +315,32 @@ def test_bigbench_lite_preset_holds_out_its_tasks_and_their_subtasks(tmp_path, l
     archive = write_archive(write_bigbench(tmp_path / "src"), tmp_path / "bigbench-1.0.0.tar.gz")
     module = datamodule(archive, test_tasks="bigbench_lite", val_tasks=["list_task"])
     assert module.split_tasks == {
-        "train": ["gen_task"], "val": ["list_task"], "test": ["mc_task", "parent:sub_a", "parent:sub_b"],
-    }  # fmt: skip
+        "train": ["gen_task"],
+        "val": ["list_task"],
+        "test": ["mc_task", "parent:sub_a", "parent:sub_b"],
+    }
     assert "1 of its tasks are not in the data: ['absent_task']" in "\n".join(logged)
     episode = next(module.eval_batches("test")[0].episodes())
     assert episode.metadata["task"] in module.split_tasks["test"]
 
 
 def test_unknown_preset_names_the_presets(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown preset 'bigbench_full' in test_tasks; presets of this data: "
-                                         r"\['bigbench_lite'\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown preset 'bigbench_full' in test_tasks; presets of this data: "
+        r"\['bigbench_lite'\]",
+    ):
         datamodule(write_bigbench(tmp_path / "src"), test_tasks="bigbench_full", val_tasks=["list_task"])
 
 
 def test_natural_instructions_hold_out_by_family(tmp_path):
-    module = datamodule(write_natural_instructions(tmp_path / "ni"), max_length=192, val_tasks=["task003_made_up"],
-                        test_families=["Question Answering"])  # fmt: skip
-    assert module.split_tasks == {"train": ["task001_made_up"], "val": ["task003_made_up"],
-                                  "test": ["task002_made_up"]}  # fmt: skip
+    module = datamodule(
+        write_natural_instructions(tmp_path / "ni"),
+        max_length=192,
+        val_tasks=["task003_made_up"],
+        test_families=["Question Answering"],
+    )
+    assert module.split_tasks == {"train": ["task001_made_up"], "val": ["task003_made_up"], "test": ["task002_made_up"]}
 
 
 # The two BIG-bench configs, on the tiny archive, with a tiny GPT-2 in place of SmolLM2 (the data and
@@ -305,14 +359,30 @@ TINY_MODEL = [
 @pytest.mark.parametrize("config", ["bigbench_metaicl_smollm2.yaml", "bigbench_fomaml_lora_smollm2.yaml"])
 def test_bigbench_config_runs_on_a_tiny_archive(tmp_path, config):
     write_archive(write_bigbench(tmp_path / "src"), tmp_path / "bigbench-1.0.0.tar.gz")  # the config's path
-    quick = ["--trainer.max_steps=2", "--trainer.val_check_interval=1", "--trainer.enable_progress_bar=false",
-             "--data.init_args.num_val_tasks=2", "--data.init_args.num_test_tasks=2"]  # fmt: skip
+    quick = [
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.num_val_tasks=2",
+        "--data.init_args.num_test_tasks=2",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        ["lightning-meta", "fit", "--config", str(ROOT / "configs" / config), f"--trainer.default_root_dir={tmp_path}",
-         *quick, *TINY_MODEL],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            "lightning-meta",
+            "fit",
+            "--config",
+            str(ROOT / "configs" / config),
+            f"--trainer.default_root_dir={tmp_path}",
+            *quick,
+            *TINY_MODEL,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held out by task (mc_task, parent:sub_a, parent:sub_b)" in result.stderr + result.stdout
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
@@ -340,14 +410,22 @@ def test_a_parent_with_examples_has_no_subtasks_and_holding_a_task_out_holds_out
     tree = write_bigbench(tmp_path / "src")
     parent = tree / "bigbench" / "benchmark_tasks" / "parent" / "task.json"
     parent.write_text(task_json(["translation"], generative(8, offset=20)))
-    with pytest.warns(UserWarning, match=r"parent/task\.json has 'examples', so its subtask folders \['sub_a', "
-                                         r"'sub_b'\] are left out, as BIG-bench leaves them"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"parent/task\.json has 'examples', so its subtask folders \['sub_a', "
+        r"'sub_b'\] are left out, as BIG-bench leaves them",
+    ):
         collection = read_task_collection(str(tree))
     assert task_names(collection) == ["gen_task", "list_task", "mc_task", "parent"]
     # A table that lists a task and its subtasks: naming the task holds out all of them (BIG-bench's NAME:*).
     table = tmp_path / "tasks.jsonl"
-    table.write_text("\n".join(json.dumps({"task": task, "input": f"{task} {i}", "output": WORDS[i % 12]})
-                               for task in ("p", "p:s", "q", "r") for i in range(6)))  # fmt: skip
+    table.write_text(
+        "\n".join(
+            json.dumps({"task": task, "input": f"{task} {i}", "output": WORDS[i % 12]})
+            for task in ("p", "p:s", "q", "r")
+            for i in range(6)
+        )
+    )
     module = datamodule(table, test_tasks=["p"], val_tasks=["q"])
     assert module.split_tasks == {"train": ["r"], "val": ["q"], "test": ["p", "p:s"]}
 
@@ -356,8 +434,10 @@ def misconception_tasks(tree: Path) -> Path:
     """A BIG-bench tree with a task and its made-up translation, as misconceptions and misconceptions_russian."""
     tasks = tree / "bigbench" / "benchmark_tasks"
     for name, word in (("misconceptions", "true"), ("misconceptions_russian", "pravda")):
-        examples = [{"input": "", "target_scores": {f"{WORDS[i]} {i} is {word}": 1, f"{WORDS[i]} {i} is not": 0}}
-                    for i in range(8)]  # fmt: skip
+        examples = [
+            {"input": "", "target_scores": {f"{WORDS[i]} {i} is {word}": 1, f"{WORDS[i]} {i} is not": 0}}
+            for i in range(8)
+        ]
         (tasks / name).mkdir()
         (tasks / name / "task.json").write_text(task_json(["truthfulness"], examples, append_choices_to_input=False))
     return tree
@@ -384,14 +464,20 @@ def test_training_inputs_that_a_held_out_task_has_are_counted_and_can_be_dropped
     monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
     table = tmp_path / "tasks.jsonl"
     held = [f"What is {WORDS[i]} number {i}?" for i in range(8)]
-    copies = {"near": [text.upper().replace("?", " ?!") for text in held[:6]] + [f"other {i}" for i in range(4)],
-              "few": held[:4] + ["few 1", "few 2"], "clean": [f"clean {i}" for i in range(8)]}  # fmt: skip
+    copies = {
+        "near": [text.upper().replace("?", " ?!") for text in held[:6]] + [f"other {i}" for i in range(4)],
+        "few": held[:4] + ["few 1", "few 2"],
+        "clean": [f"clean {i}" for i in range(8)],
+    }
     lines = [{"task": "held", "input": text, "output": "x"} for text in held]
     lines += [{"task": task, "input": text, "output": "y"} for task, texts in copies.items() for text in texts]
     lines += [{"task": "val", "input": f"val {i}", "output": "z"} for i in range(6)]
     table.write_text("\n".join(map(json.dumps, lines)))
-    with pytest.warns(UserWarning, match=r"10 examples of 2 training tasks \(near, few\) have the input of a "
-                                         r"validation or test example .*Set drop_held_out_overlap=true"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"10 examples of 2 training tasks \(near, few\) have the input of a "
+        r"validation or test example .*Set drop_held_out_overlap=true",
+    ):
         module = datamodule(table, test_tasks=["held"], val_tasks=["val"])
     assert module.split_tasks["train"] == ["clean", "few", "near"]
     module = datamodule(table, test_tasks=["held"], val_tasks=["val"], drop_held_out_overlap=True)
@@ -430,8 +516,11 @@ def test_keywords_written_as_one_string_give_the_family(tmp_path, keywords, fami
 def test_keywords_that_are_not_a_list_are_named(tmp_path):
     tree = write_bigbench(tmp_path / "src")
     (tree / "bigbench" / "benchmark_tasks" / "gen_task" / "task.json").write_text(task_json(7, generative(10)))
-    with pytest.warns(UserWarning, match=r"gen_task/task\.json: its 'keywords' \(7\) is not a list, so its family is "
-                                         r"'other'\. To give it one, write \"keywords\": \["):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"gen_task/task\.json: its 'keywords' \(7\) is not a list, so its family is "
+        r"'other'\. To give it one, write \"keywords\": \[",
+    ):
         collection = read_task_collection(str(tree))
     assert {row["family"] for row in rows(collection) if row["task"] == "gen_task"} == {"other"}
 
@@ -444,8 +533,10 @@ def test_negative_positive_examples_is_refused(tmp_path):
 def test_examples_bigbench_scores_are_kept(tmp_path):
     """Empty inputs whose options are the question (misconceptions_russian), and scores whose highest is 0."""
     tree = misconception_tasks(write_bigbench(tmp_path / "src"))
-    examples = [{"input": f"pick {WORDS[i]} {i}", "target_scores": {WORDS[i]: 0, WORDS[i + 1]: -1, WORDS[i + 2]: -1}}
-                for i in range(8)]  # fmt: skip
+    examples = [
+        {"input": f"pick {WORDS[i]} {i}", "target_scores": {WORDS[i]: 0, WORDS[i + 1]: -1, WORDS[i + 2]: -1}}
+        for i in range(8)
+    ]
     (tree / "bigbench" / "benchmark_tasks" / "zero_best").mkdir()
     (tree / "bigbench" / "benchmark_tasks" / "zero_best" / "task.json").write_text(
         task_json(["common sense"], examples)
@@ -486,8 +577,10 @@ def test_braces_in_task_text_are_text(tmp_path):
     from lightning_meta.datamodules.templates import template_parts
 
     prefix, suffix = template_parts(rows(collection)[0]["template"])
-    assert prefix == ("Definition: Replace {name} in the {input}.\n\nPositive Example 1 -\nInput: a {cat}\n"
-                      "Output: {cat}\n\nNow complete the following example -\nInput: ")  # fmt: skip
+    assert prefix == (
+        "Definition: Replace {name} in the {input}.\n\nPositive Example 1 -\nInput: a {cat}\n"
+        "Output: {cat}\n\nNow complete the following example -\nInput: "
+    )
     assert suffix == "\nOutput:"
 
 
@@ -519,8 +612,11 @@ def test_a_truncated_archive_names_the_fix(tmp_path):
     archive = write_archive(write_bigbench(tmp_path / "src"), tmp_path / "bigbench-1.0.0.tar.gz")
     data = archive.read_bytes()
     archive.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(ValueError, match=r"Cannot read \S+bigbench-1\.0\.0\.tar\.gz as a \.tar\.gz archive \(.*a "
-                                         r"download cut short\?\)\. Download it again"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot read \S+bigbench-1\.0\.0\.tar\.gz as a \.tar\.gz archive \(.*a "
+        r"download cut short\?\)\. Download it again",
+    ):
         read_task_collection(str(archive))
 
 
@@ -529,14 +625,20 @@ def test_an_archive_without_benchmark_tasks_says_what_it_is(tmp_path):
     archive = tmp_path / "natural-instructions.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(natural_instructions, arcname="natural-instructions-2.8")
-    with pytest.raises(ValueError, match=r"holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive "
-                                         r"\(it holds Natural-Instructions task files: extract it"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive "
+        r"\(it holds Natural-Instructions task files: extract it",
+    ):
         read_task_collection(str(archive))
     other = tmp_path / "other.tar.gz"
     with tarfile.open(other, "w:gz") as tar:
         tar.add(write_tasks_readme(tmp_path / "x"), arcname="x/README.md")
-    with pytest.raises(ValueError, match=r"holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive\. "
-                                         r"Give a BIG-bench source archive"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"holds no benchmark_tasks/ folder, so it is not BIG-bench's source archive\. "
+        r"Give a BIG-bench source archive",
+    ):
         read_task_collection(str(other))
 
 
@@ -562,15 +664,25 @@ def test_graded_target_scores_give_bigbench_partial_credit(tmp_path):
     collection = read_task_collection(str(tasks))
     row = next(row for row in rows(collection) if row["task"] == "graded")
     assert dict(zip(row["options"], row["scores"], strict=True)) == grades and row["output"] == ["right"]
-    module = TextToTextTasksDataModule(tokenizer="embedded-bpe-512", dataset=str(tasks), shots=2, queries=6,
-                                       max_length=96, val_tasks=["graded"], test_tasks=["graded_too"])  # fmt: skip
+    module = TextToTextTasksDataModule(
+        tokenizer="embedded-bpe-512",
+        dataset=str(tasks),
+        shots=2,
+        queries=6,
+        max_length=96,
+        val_tasks=["graded"],
+        test_tasks=["graded_too"],
+    )
     module.setup("fit")
     query = module.eval_batches("val")[0].episode(0).query
     assert query[CREDIT].shape == query[CORRECT].shape
     assert torch.equal(query[CREDIT] == 1, query[CORRECT])  # the correct option is the one scored highest
     torch.manual_seed(0)
-    learner = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
-                              tokenizer="embedded-bpe-512", dtype="float64").eval()  # fmt: skip
+    learner = CausalLMLearner(
+        model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
+        tokenizer="embedded-bpe-512",
+        dtype="float64",
+    ).eval()
     with torch.no_grad():
         scores, _ = learner.option_scores(*(query[name] for name in CHOICE_FIELDS))
         figures = learner.evaluation_metrics(query)
@@ -594,8 +706,15 @@ def mirror_rows(examples: list[dict], task_prefix: str = "") -> list[dict]:
         choices = "".join(f"\n  choice: {option}" for option in scores)
         prompt = f"{task_prefix}\nQ: {example['input']}{choices}\nA:".strip()
         target = example.get("target", [option for option, score in scores.items() if score == max(scores.values())])
-        rows.append({"idx": index, "inputs": prompt, "targets": target if isinstance(target, list) else [target],
-                     "multiple_choice_targets": list(scores), "multiple_choice_scores": list(scores.values())})
+        rows.append(
+            {
+                "idx": index,
+                "inputs": prompt,
+                "targets": target if isinstance(target, list) else [target],
+                "multiple_choice_targets": list(scores),
+                "multiple_choice_scores": list(scores.values()),
+            }
+        )
     return rows
 
 
@@ -623,8 +742,11 @@ def write_bigbench_mirror(root: Path, layout: str = "hub files") -> Path:
     save_splits(root / "parent" / "sub_a", mirror_rows(generative(8, offset=20)), layout)
     save_splits(root / "parent" / "sub_b", mirror_rows(generative(8, offset=50)), layout)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "list_task.jsonl").write_text("\n".join(json.dumps(row) for row in mirror_rows(
-        [{"input": f"say {w}", "target": [w, w.upper()]} for w in WORDS[:8]])))  # fmt: skip
+    (root / "list_task.jsonl").write_text(
+        "\n".join(
+            json.dumps(row) for row in mirror_rows([{"input": f"say {w}", "target": [w, w.upper()]} for w in WORDS[:8]])
+        )
+    )
     (root / "README.md").write_text("made up")
     (root / ".gitattributes").write_text("*.parquet filter=lfs")
     return root
@@ -665,8 +787,11 @@ def test_a_bigbench_mirror_trains_held_out_by_task_and_knows_bigbench_lite(tmp_p
     assert module.split_tasks["test"] == ["emoji_movie"]
     assert "bigbench_lite: 23 of its tasks are not in the data" in "\n".join(logged)
     module = datamodule(mirror, val_tasks=["list_task"], test_tasks=["parent"])
-    assert module.split_tasks == {"train": ["emoji_movie", "gen_task", "mc_task"], "val": ["list_task"],
-                                  "test": ["parent:sub_a", "parent:sub_b"]}  # fmt: skip
+    assert module.split_tasks == {
+        "train": ["emoji_movie", "gen_task", "mc_task"],
+        "val": ["list_task"],
+        "test": ["parent:sub_a", "parent:sub_b"],
+    }
     batch = next(iter(module.train_dataloader()))
     assert batch.support["input_ids"].shape[0] == module.meta_batch_size
 
@@ -683,8 +808,11 @@ def test_bad_mirror_rows_and_tables_are_named_with_the_fix_and_the_rest_loads(tm
     with pytest.warns(UserWarning) as warned:
         collection = read_task_collection(str(mirror))
     messages = "\n".join(str(warning.message) for warning in warned)
-    assert re.search(r"mc_task: skipped 1 of its 10 examples: example 3 has 'multiple_choice_targets' and "
-                     r"'multiple_choice_scores' of different lengths\. To use it, give each option its score", messages)
+    assert re.search(
+        r"mc_task: skipped 1 of its 10 examples: example 3 has 'multiple_choice_targets' and "
+        r"'multiple_choice_scores' of different lengths\. To use it, give each option its score",
+        messages,
+    )
     assert re.search(r"notes\.jsonl: it lacks the column\(s\) \['inputs', .*To use it, give it", messages)
     assert re.search(r"parent holds tables of its own, so its folders \['sub_a', 'sub_b'\] are left out", messages)
     assert task_names(collection) == ["gen_task", "list_task", "mc_task", "parent"]
@@ -693,8 +821,11 @@ def test_bad_mirror_rows_and_tables_are_named_with_the_fix_and_the_rest_loads(tm
 
 def test_one_saved_bigbench_task_is_refused_with_the_layout(tmp_path):
     save_splits(tmp_path / "emoji_task", mirror_rows(generative(10)), "save_to_disk")
-    with pytest.raises(ValueError, match=r"emoji_task is one BIG-bench task as its mirrors ship it; give the folder "
-                                         r"that holds one folder or file per task"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"emoji_task is one BIG-bench task as its mirrors ship it; give the folder "
+        r"that holds one folder or file per task",
+    ):
         read_task_collection(str(tmp_path / "emoji_task"))
 
 
@@ -704,9 +835,16 @@ def ni_mirror_rows() -> list[dict]:
     for number in (1, 2, 3):
         for i in range(6):
             outputs = [WORDS[i], "any"] if number == 2 and i == 0 else [WORDS[i]]
-            found += [{"task_name": f"task{number:03}_made_up", "id": f"task{number:03}-{i}",
-                       "definition": f"Answer task {number} {{briefly}}.", "inputs": f"{WORDS[i]} {number}{i}",
-                       "targets": output} for output in outputs]  # fmt: skip
+            found += [
+                {
+                    "task_name": f"task{number:03}_made_up",
+                    "id": f"task{number:03}-{i}",
+                    "definition": f"Answer task {number} {{briefly}}.",
+                    "inputs": f"{WORDS[i]} {number}{i}",
+                    "targets": output,
+                }
+                for output in outputs
+            ]
     return found
 
 
@@ -721,20 +859,27 @@ def test_natural_instructions_mirror_gives_the_definition_prompt_and_every_outpu
             (mirror / split).mkdir(parents=True)
             for task in tasks:
                 (mirror / split / f"{task}_{split}.jsonl").write_text(
-                    "\n".join(json.dumps(row) for row in found if row["task_name"] == task))
+                    "\n".join(json.dumps(row) for row in found if row["task_name"] == task)
+                )
         (mirror / "get_ni.py").write_text("# made up\n")
     else:  # load_dataset("Muennighoff/natural-instructions").save_to_disk(FOLDER)
         DatasetDict({"train": Dataset.from_list(found[:12]), "test": Dataset.from_list(found[12:])}).save_to_disk(
-            str(mirror))
+            str(mirror)
+        )
     collection = read_task_collection(str(mirror), positive_examples=2)
     assert collection.kind == "natural_instructions"
     assert task_names(collection) == ["task001_made_up", "task002_made_up", "task003_made_up"]
     first = [row for row in rows(collection) if row["task"] == "task002_made_up"][0]
     assert {column: first[column] for column in task_collections.COLUMNS[:7]} == {
-        "task": "task002_made_up", "family": "other", "input": "red 20", "output": ["red", "any"], "options": None,
-        "scores": None, "template": "Definition: Answer task 2 {{briefly}}.\n\nNow complete the following example -\n"
-                                    "Input: {input}\nOutput:",
-    }  # fmt: skip
+        "task": "task002_made_up",
+        "family": "other",
+        "input": "red 20",
+        "output": ["red", "any"],
+        "options": None,
+        "scores": None,
+        "template": "Definition: Answer task 2 {{briefly}}.\n\nNow complete the following example -\n"
+        "Input: {input}\nOutput:",
+    }
     assert len(rows(collection)) == 18
     module = datamodule(mirror, max_length=96, val_tasks=["task002_made_up"], test_tasks=["task003_made_up"])
     assert module.split_tasks["train"] == ["task001_made_up"]

@@ -109,20 +109,21 @@ def test_csv_with_empty_cells_names_the_rows_or_drops_them(tmp_path, intents):
     assert dropped.class_names == [str(i) for i in range(9)]  # not '0.0': a column with an empty cell reads as floats
 
 
-
 def test_integer_labels_read_from_csv_as_text_keep_numeric_order(tmp_path):
     """CSV cells are text, so labels 0..11 arrive as '0'..'11': the classes still sort 2 before 10 (the seeded
     class split depends on this order), and labels that are not all integers sort as text."""
     rows = [f"utterance {label} {i},{label}" for label in range(12) for i in range(3)]
     (tmp_path / "numbers.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
-    module = TextClassificationDataModule(str(tmp_path / "numbers.csv"), ways=2, shots=1, queries=1,
-                                          num_eval_episodes=2)  # fmt: skip
+    module = TextClassificationDataModule(
+        str(tmp_path / "numbers.csv"), ways=2, shots=1, queries=1, num_eval_episodes=2
+    )
     module.prepare()
     assert module.class_names == [str(label) for label in range(12)]
     from lightning_meta.datamodules.episodic_classification import _class_names
 
     assert _class_names(["10", "2", "-1", 3]) == ["-1", "2", "3", "10"]
     assert _class_names(["10", "2", "b"]) == ["10", "2", "b"]
+
 
 def test_own_data_file_through_the_cli_then_test_prints_accuracy_with_ci(tmp_path, intents):
     intents.to_json(tmp_path / "intents.jsonl")

@@ -25,11 +25,15 @@ def write_tasks(folder: Path, tasks: int = 6, examples: int = 12, **changes) -> 
             words = [WORDS[(task + example * k) % len(WORDS)] for k in (1, 2, 3)]
             text = " ".join(words) + f" {example}"
             classify = task % 2 == 0
-            rows.append({
-                "task": f"t{task}", "family": f"f{task % 3}", "input": text,
-                "output": ("yes" if example % 2 else "no") if classify else words[0],
-                "options": ["no", "yes"] if classify else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "task": f"t{task}",
+                    "family": f"f{task % 3}",
+                    "input": text,
+                    "output": ("yes" if example % 2 else "no") if classify else words[0],
+                    "options": ["no", "yes"] if classify else None,
+                }
+            )
     for row, change in changes.items():
         rows[int(row.removeprefix("row"))].update(change)
     path = folder / "tasks.jsonl"
@@ -232,8 +236,10 @@ def test_the_log_says_which_split_was_made_and_why(tmp_path, monkeypatch):
     logged: list[str] = []
     monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
     path = write_tasks(tmp_path, tasks=12)
-    rows = [json.loads(line) | {"family": f"fam{int(json.loads(line)['task'][1:]) % 2}"}
-            for line in path.read_text().splitlines()]  # fmt: skip
+    rows = [
+        json.loads(line) | {"family": f"fam{int(json.loads(line)['task'][1:]) % 2}"}
+        for line in path.read_text().splitlines()
+    ]
     path.write_text("\n".join(json.dumps(row) for row in rows))
     module = datamodule(path)
     message = logged[-1]
@@ -294,8 +300,9 @@ def test_a_list_of_outputs_trains_on_the_first_and_exact_match_accepts_any(tmp_p
     assert task.correct[0].tolist() == [True, True] and int(task.answer[0]) == -1
     assert tokenizer.decode(task.choice_labels[0, 1][task.choice_labels[0, 1] != IGNORE_INDEX][:-1]) == " azure"
     # A model whose greedy decoding writes "azure": an exact match, though the training target is "blue".
-    learner = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
-                              tokenizer=TOKENIZER)  # fmt: skip
+    learner = CausalLMLearner(
+        model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}, tokenizer=TOKENIZER
+    )
     azure = task.choice_input_ids[0, 1]
     vocabulary = learner.transformer.config.vocab_size
 
@@ -310,8 +317,13 @@ def test_a_list_of_outputs_trains_on_the_first_and_exact_match_accepts_any(tmp_p
         torch.tensor([[False, True]]),
     )
     split = {name: getattr(task, name)[:1] for name in ("input_ids", "attention_mask", "labels")}
-    split |= {CHOICE_INPUT_IDS: task.choice_input_ids[:1], "choice_attention_mask": task.choice_attention_mask[:1],
-              CHOICE_LABELS: task.choice_labels[:1], ANSWER: task.answer[:1], CORRECT: task.correct[:1]}  # fmt: skip
+    split |= {
+        CHOICE_INPUT_IDS: task.choice_input_ids[:1],
+        "choice_attention_mask": task.choice_attention_mask[:1],
+        CHOICE_LABELS: task.choice_labels[:1],
+        ANSWER: task.answer[:1],
+        CORRECT: task.correct[:1],
+    }
     figures = learner.evaluation_metrics(split)
     assert float(figures["exact_match"]) == 1.0 and float(figures["accuracy"]) == 1.0
     split[CORRECT] = torch.tensor([[True, False]])  # only "blue" correct: greedy "azure" is wrong
@@ -421,16 +433,19 @@ def test_a_scores_column_grades_each_option_and_a_wrong_count_is_refused(tmp_pat
 
 
 def test_many_tasks_with_too_few_examples_are_counted_with_a_few_names_and_the_fix(tmp_path):
-    rows = [{"task": f"small{task:04d}", "input": f"q {task} {i}", "output": "a"}
-            for task in range(1500) for i in (0, 1)]  # fmt: skip
+    rows = [
+        {"task": f"small{task:04d}", "input": f"q {task} {i}", "output": "a"} for task in range(1500) for i in (0, 1)
+    ]
     rows += [{"task": "big", "input": f"q {i}", "output": "a"} for i in range(8)]
     (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     with pytest.raises(ValueError) as error:
         datamodule(tmp_path / "tasks.jsonl")
     message = str(error.value)
-    assert message.startswith("1500 of 1501 tasks have fewer than shots + queries = 5 distinct examples (examples in "
-                              "brackets): small0000 (2), small0001 (2), small0002 (2), small0003 (2), small0004 (2), "
-                              "...")  # fmt: skip
+    assert message.startswith(
+        "1500 of 1501 tasks have fewer than shots + queries = 5 distinct examples (examples in "
+        "brackets): small0000 (2), small0001 (2), small0002 (2), small0003 (2), small0004 (2), "
+        "..."
+    )
     assert "--data.init_args.skip_long_examples=true" in message and len(message) < 400
 
 
@@ -451,16 +466,29 @@ def table_rows() -> list[dict]:
 def test_a_table_gives_the_same_examples_as_the_row_by_row_reader(tmp_path):
     """The columns are read in one pass each now; the examples are those the row-by-row reader gave."""
     (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(row) for row in table_rows()))
-    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(tmp_path / "tasks.jsonl"),
-                                       template="In: {input}", max_examples_per_task=2)  # fmt: skip
-    examples = {name: {key: task[key] for key in ("family", "templates", "inputs", "outputs", "options")}
-                for name, task in module.examples.items()}  # fmt: skip
+    module = TextToTextTasksDataModule(
+        tokenizer=TOKENIZER, dataset=str(tmp_path / "tasks.jsonl"), template="In: {input}", max_examples_per_task=2
+    )
+    examples = {
+        name: {key: task[key] for key in ("family", "templates", "inputs", "outputs", "options")}
+        for name, task in module.examples.items()
+    }
     assert examples == {
-        "t1": {"family": "f1", "templates": ["In: {input}", "Q: {input}"], "inputs": ["x", "y"],
-               "outputs": [["yes", "no"], ["no"]], "options": [("no", "yes"), ("no", "yes")]},
-        "t2": {"family": "f2", "templates": ["In: {input}", "N: {input}"], "inputs": ["z", "7"],
-               "outputs": [["b", "c"], ["8"]], "options": [None, None]},
-    }  # fmt: skip
+        "t1": {
+            "family": "f1",
+            "templates": ["In: {input}", "Q: {input}"],
+            "inputs": ["x", "y"],
+            "outputs": [["yes", "no"], ["no"]],
+            "options": [("no", "yes"), ("no", "yes")],
+        },
+        "t2": {
+            "family": "f2",
+            "templates": ["In: {input}", "N: {input}"],
+            "inputs": ["z", "7"],
+            "outputs": [["b", "c"], ["8"]],
+            "options": [None, None],
+        },
+    }
 
 
 def test_a_table_is_read_a_column_at_a_time_not_a_row_at_a_time(tmp_path, monkeypatch):
@@ -483,8 +511,9 @@ def test_a_very_long_input_is_cut_as_before_without_tokenizing_it_whole(tmp_path
     path = write_tasks(tmp_path, row1={"input": long_input})
     tokenized = []
     ids = text_encoding.TaskEncoder.ids
-    monkeypatch.setattr(text_encoding.TaskEncoder, "ids",
-                        lambda self, texts: tokenized.extend(map(len, texts)) or ids(self, texts))  # fmt: skip
+    monkeypatch.setattr(
+        text_encoding.TaskEncoder, "ids", lambda self, texts: tokenized.extend(map(len, texts)) or ids(self, texts)
+    )
     module = datamodule(path, truncate_inputs=True, max_length=64)
     assert len(long_input) > 200_000 and max(tokenized) < 10_000
     tokenizer = load_tokenizer(TOKENIZER)
@@ -527,8 +556,10 @@ def test_calibration_and_channel_rows_are_written_as_the_rules_define_them(tmp_p
             for option, name in enumerate(task["options"][row] or []):
                 calibration = text(*(query[field][position, option] for field in CALIBRATION_FIELDS))
                 assert calibration == (f"Input: \nOutput: {name}", f" {name}")
-                assert text(*(query[field][position, option] for field in CHANNEL_FIELDS)) == (f" {name}\n{prompt}",
-                                                                                              prompt)  # fmt: skip
+                assert text(*(query[field][position, option] for field in CHANNEL_FIELDS)) == (
+                    f" {name}\n{prompt}",
+                    prompt,
+                )
                 checked += 1
     assert checked
 
@@ -548,14 +579,18 @@ def test_calibration_false_leaves_out_the_calibration_rows_and_their_figure(tmp_
     for name in without:
         assert torch.equal(with_rows[name], without[name]), name  # everything else is as before
     torch.manual_seed(0)
-    model = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
-                            tokenizer=TOKENIZER).eval()  # fmt: skip
+    model = CausalLMLearner(
+        model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}, tokenizer=TOKENIZER
+    ).eval()
     episode = next(datamodule(path, calibration=False, **splits).eval_batches("val")[0].episodes())
     figures = model.evaluation_metrics(episode.query)
     assert "accuracy_calibrated" not in figures and "accuracy_per_char" in figures
     with pytest.raises(ValueError, match=r"--data.init_args.calibration=true"):
-        CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
-                        tokenizer=TOKENIZER, scoring="calibrated").evaluation_metrics(episode.query)  # fmt: skip
+        CausalLMLearner(
+            model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2},
+            tokenizer=TOKENIZER,
+            scoring="calibrated",
+        ).evaluation_metrics(episode.query)
 
 
 def test_generated_outputs_are_cut_by_the_tasks_output_regex_before_exact_match(tmp_path):
@@ -568,8 +603,10 @@ def test_generated_outputs_are_cut_by_the_tasks_output_regex_before_exact_match(
     from lightning_meta.data.tasks import GenerationRule, generation_rule
 
     torch.manual_seed(0)
-    model = CausalLMLearner(model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
-                                          "n_positions": 128}, tokenizer=TOKENIZER).eval()  # fmt: skip
+    model = CausalLMLearner(
+        model_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 128},
+        tokenizer=TOKENIZER,
+    ).eval()
     tokenizer = load_tokenizer(TOKENIZER)
     regex = r"\S{1,6}"
     rows = []
@@ -581,8 +618,9 @@ def test_generated_outputs_are_cut_by_the_tasks_output_regex_before_exact_match(
             written = tokenizer.decode(model.generate(prompt, None, 24))
             output = GenerationRule(None, regex).apply(written.removeprefix(" "))
             assert output, written
-            rows.append({"task": f"t{task}", "family": f"f{task}", "input": text, "output": output,
-                         "output_regex": regex})  # fmt: skip
+            rows.append(
+                {"task": f"t{task}", "family": f"f{task}", "input": text, "output": output, "output_regex": regex}
+            )
     path = tmp_path / "tasks.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
     module = datamodule(path, val_tasks=["t0"], test_tasks=["t1"], shots=2, queries=3, max_length=48)

@@ -28,14 +28,31 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "datamodules"))
 from test_batch_padding import write_tasks  # noqa: E402
 from test_packed_text import write_corpus  # noqa: E402
 
-TINY = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+TINY = {
+    "model_type": "gpt2",
+    "n_layer": 1,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
 
 
 def quiet_trainer(root: Path, **options) -> L.Trainer:
-    settings = dict(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
-                    devices=1, default_root_dir=root)  # fmt: skip
+    settings = dict(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+    )
     return L.Trainer(**(settings | options))
 
 
@@ -58,9 +75,16 @@ def fomaml_module(learner: CausalLMLearner) -> MetaLearningModule:
 def lm_tasks(folder: Path) -> LanguageModelingTasksDataModule:
     return LanguageModelingTasksDataModule(
         tokenizer="embedded-bpe-4096",
-        corpus=str(write_corpus(folder / "corpus")), val_domains=["json"], test_domains=["html"], block_size=16,
-        shots=1, queries=1, meta_batch_size=1, num_val_tasks=1, num_test_tasks=1,
-    )  # fmt: skip
+        corpus=str(write_corpus(folder / "corpus")),
+        val_domains=["json"],
+        test_domains=["html"],
+        block_size=16,
+        shots=1,
+        queries=1,
+        meta_batch_size=1,
+        num_val_tasks=1,
+        num_test_tasks=1,
+    )
 
 
 def tokens(count: int = 2, length: int = 24) -> torch.Tensor:
@@ -151,8 +175,10 @@ def test_a_pretrained_lora_base_is_left_out_of_checkpoints_rebuilt_and_checked(t
     # Another model at `pretrained` is refused by fingerprint, never silently combined with the adapters.
     L.seed_everything(2, verbose=False)
     CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(base)
-    message = (r"frozen weights are rebuilt from .*base, but what it holds now is not what the run was trained on "
-               r"\(fingerprint .*its files changed since.*pretrained=FOLDER")  # fmt: skip
+    message = (
+        r"frozen weights are rebuilt from .*base, but what it holds now is not what the run was trained on "
+        r"\(fingerprint .*its files changed since.*pretrained=FOLDER"
+    )
     with pytest.raises(CheckpointError, match=message):
         MetaLearningModule.load_from_checkpoint(checkpoint)
     with pytest.raises(CheckpointError, match=message):
@@ -187,8 +213,11 @@ def test_a_slim_checkpoint_finds_its_base_from_another_folder_or_where_it_is_giv
     assert torch.equal(logits_of(loaded, tokens()), expected)
     assert (export(str(checkpoint), str(tmp_path / "from-record")) / "model.safetensors").is_file()
     shutil.move(run / "exports" / "b2", tmp_path / "moved")  # now nowhere it was: the message says where to give it
-    with pytest.raises(FileNotFoundError, match=rf"'exports/b2' is neither a local path \(nothing at {elsewhere}/"
-                       r"exports/b2\).* give its folder on this machine with --pretrained FOLDER"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"'exports/b2' is neither a local path \(nothing at {elsewhere}/"
+        r"exports/b2\).* give its folder on this machine with --pretrained FOLDER",
+    ):
         export(str(checkpoint), str(tmp_path / "lost"))
     output = export(str(checkpoint), str(tmp_path / "given"), pretrained=str(tmp_path / "moved"))
     with torch.no_grad():  # merged W + BA: equal to rounding
@@ -202,9 +231,17 @@ def test_a_slim_checkpoint_finds_its_base_from_another_folder_or_where_it_is_giv
 
 def text_tasks(folder: Path) -> TextToTextTasksDataModule:
     return TextToTextTasksDataModule(
-        tokenizer="embedded-bpe-4096", dataset=str(write_tasks(folder)), shots=2, queries=1, max_length=32,
-        meta_batch_size=1, val_tasks=["t0"], test_tasks=["t1"], num_val_tasks=1, num_test_tasks=1,
-    )  # fmt: skip
+        tokenizer="embedded-bpe-4096",
+        dataset=str(write_tasks(folder)),
+        shots=2,
+        queries=1,
+        max_length=32,
+        meta_batch_size=1,
+        val_tasks=["t0"],
+        test_tasks=["t1"],
+        num_val_tasks=1,
+        num_test_tasks=1,
+    )
 
 
 @pytest.mark.parametrize("precision, algorithm", [("64-true", FOMAML), ("bf16-true", MetaICL)])
@@ -369,12 +406,18 @@ def test_encoder_learner_exports_its_encoder_for_automodel(tmp_path):
     from lightning_meta.datamodules import TextClassificationDataModule
 
     L.seed_everything(0, verbose=False)
-    config = {"vocab_size": 4096, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "intermediate_size": 64}  # fmt: skip
+    config = {
+        "vocab_size": 4096,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
     learner = EncoderLearner(encoder_config=config, ways=3, fast_weights="head")
     module = MetaLearningModule(learner, FOMAML(inner_lr=0.5), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
-    data = TextClassificationDataModule(ways=3, shots=1, queries=2, meta_batch_size=1, max_length=16,
-                                        num_eval_episodes=2)  # fmt: skip
+    data = TextClassificationDataModule(
+        ways=3, shots=1, queries=2, meta_batch_size=1, max_length=16, num_eval_episodes=2
+    )
     trainer = quiet_trainer(tmp_path)
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "encoder.ckpt")

@@ -59,9 +59,13 @@ def write_task(folder: Path) -> Path:
 def evaluate(tasks: Path, model: str, **model_args) -> tuple[dict[str, float], list]:
     """``acc``/``acc_norm`` and every option's log-likelihood (by example), as ``lm_eval run`` computes them."""
     results = lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=[TASK], device="cpu", log_samples=True,
+        model=model,
+        model_args=model_args,
+        tasks=[TASK],
+        device="cpu",
+        log_samples=True,
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-    )  # fmt: skip
+    )
     figures = {name: results["results"][TASK][f"{name},none"] for name in ("acc", "acc_norm")}
     samples = sorted(results["samples"][TASK], key=lambda sample: sample["doc_id"])
     return figures, [[score for score, _ in sample["filtered_resps"]] for sample in samples]
@@ -92,13 +96,23 @@ def test_this_projects_evaluator_scores_the_same_examples_as_lm_eval(trained, tm
     checkpoint, _, _, (_, loglikelihoods) = trained
     table = tmp_path / "tasks.jsonl"
     rows = [{"task": TASK, "input": q, "output": o[a], "options": o} for q, o, a in ROWS]
-    rows += [{"task": name, "input": f"Is {n} even?", "output": ["no", "yes"][n % 2 == 0], "options": ["no", "yes"]}
-             for name in ("train", "val") for n in range(len(ROWS))]  # fmt: skip
+    rows += [
+        {"task": name, "input": f"Is {n} even?", "output": ["no", "yes"][n % 2 == 0], "options": ["no", "yes"]}
+        for name in ("train", "val")
+        for n in range(len(ROWS))
+    ]
     table.write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = TextToTextTasksDataModule(
-        tokenizer="embedded-bpe-4096", dataset=str(table), template="Question: {input}\nAnswer:", val_tasks=["val"],
-        test_tasks=[TASK], shots=1, queries=len(ROWS) - 1, num_val_tasks=1, num_test_tasks=1,
-    )  # fmt: skip
+        tokenizer="embedded-bpe-4096",
+        dataset=str(table),
+        template="Question: {input}\nAnswer:",
+        val_tasks=["val"],
+        test_tasks=[TASK],
+        shots=1,
+        queries=len(ROWS) - 1,
+        num_val_tasks=1,
+        num_test_tasks=1,
+    )
     data.setup("test")
     batch = data.eval_batches("test")[0]
     query = {name: values[0] for name, values in batch.query.items()}
@@ -138,9 +152,25 @@ def test_a_lora_adapter_and_a_slim_checkpoint_over_their_pretrained_base(tmp_pat
 def test_the_lm_eval_command_writes_the_harness_results_files(trained, tmp_path):
     checkpoint, _, tasks, (figures, loglikelihoods) = trained
     output = tmp_path / "results"
-    command = [sys.executable, "-m", "lightning_meta", "lm-eval", "--model_args", f"checkpoint={checkpoint}",
-               "--tasks", TASK, "--include_path", str(tasks), "--limit", "4", "--device", "cpu",
-               "--output_path", str(output), "--log_samples"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_meta",
+        "lm-eval",
+        "--model_args",
+        f"checkpoint={checkpoint}",
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(tasks),
+        "--limit",
+        "4",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(output),
+        "--log_samples",
+    ]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -161,8 +191,15 @@ def test_the_command_puts_in_run_and_this_model_unless_given(monkeypatch, tmp_pa
     monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: seen.append(sys.argv[1:]))
     config = tmp_path / "config.yaml"
     config.write_text("model: hf\n")
-    for args in (["--tasks", "x"], ["run", "--tasks", "x"], ["--model", "hf"], ["-M=hf"], ["ls", "tasks"],
-                 ["--config", str(config)], ["--help"]):  # fmt: skip
+    for args in (
+        ["--tasks", "x"],
+        ["run", "--tasks", "x"],
+        ["--model", "hf"],
+        ["-M=hf"],
+        ["ls", "tasks"],
+        ["--config", str(config)],
+        ["--help"],
+    ):
         harness.run_command(args)
     assert seen == [
         ["run", "--model", "lightning-meta", "--tasks", "x"],

@@ -56,12 +56,12 @@ def handoff(tmp_path_factory):
 def pretrain(corpus: Path, root: Path, max_steps: int, ckpt_path=None, callbacks=(), **module_options):
     L.seed_everything(0, verbose=False)
     module = CausalLMPretraining(optimizer=functools.partial(torch.optim.AdamW, lr=0.01), **module_options)
-    data = PackedTextDataModule(corpus=str(corpus), block_size=16, batch_size=16, seed=1,
-                                tokenizer=module.tokenizer)  # fmt: skip
+    data = PackedTextDataModule(corpus=str(corpus), block_size=16, batch_size=16, seed=1, tokenizer=module.tokenizer)
     record = RecordLosses()
     checkpointing = any(isinstance(callback, ModelCheckpoint) for callback in callbacks)
-    trainer = quiet_trainer(root, max_steps=max_steps, callbacks=[record, *callbacks],
-                            enable_checkpointing=checkpointing)  # fmt: skip
+    trainer = quiet_trainer(
+        root, max_steps=max_steps, callbacks=[record, *callbacks], enable_checkpointing=checkpointing
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return record, module, trainer
 
@@ -83,10 +83,12 @@ def test_a_slim_lora_checkpoint_pretrains_every_weight_as_its_export_does(tmp_pa
     CausalLMLearner(model_config=dict(TINY)).model.save_pretrained(tmp_path / "base")
     checkpoint, _ = meta_checkpoint(tmp_path, pretrained=str(tmp_path / "base"), lora=LoraSettings(r=2, alpha=4))
     folder = export(str(checkpoint), str(tmp_path / "export"))
-    from_checkpoint, module, _ = pretrain(tmp_path / "corpus", tmp_path / "a", 2, init_from=str(checkpoint),
-                                          tokenizer="embedded-bpe-4096")  # fmt: skip
-    from_export, _, _ = pretrain(tmp_path / "corpus", tmp_path / "b", 2, init_from=str(folder),
-                                 tokenizer="embedded-bpe-4096")  # fmt: skip
+    from_checkpoint, module, _ = pretrain(
+        tmp_path / "corpus", tmp_path / "a", 2, init_from=str(checkpoint), tokenizer="embedded-bpe-4096"
+    )
+    from_export, _, _ = pretrain(
+        tmp_path / "corpus", tmp_path / "b", 2, init_from=str(folder), tokenizer="embedded-bpe-4096"
+    )
     assert all(weight.requires_grad for weight in module.parameters())
     assert len(from_checkpoint.losses) == 2
     for step, loss in from_export.losses.items():  # merged W + BA: equal to rounding
@@ -101,8 +103,9 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_losses(tmp_path):
     per_epoch = trainer.datamodule.batches_per_epoch()
     assert 10 < per_epoch < 30, per_epoch  # step 10 inside epoch 0, step 30 inside epoch 1
     for step in (10, 30):
-        resumed, resumed_module, _ = pretrain(corpus, tmp_path / f"from{step}", 40,
-                                              ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt", **options)  # fmt: skip
+        resumed, resumed_module, _ = pretrain(
+            corpus, tmp_path / f"from{step}", 40, ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt", **options
+        )
         assert resumed.losses == {k: v for k, v in full.losses.items() if k > step}
         for name, weight in module.state_dict().items():
             assert torch.equal(weight, resumed_module.state_dict()[name]), name
@@ -132,8 +135,14 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as exit_info:
-            pretrain(corpus, tmp_path / "run", 5, callbacks=[SigtermAtStep2(), ModelCheckpoint(tmp_path / "ckpt")],
-                     model_config=dict(TINY), tokenizer="embedded-bpe-4096")  # fmt: skip
+            pretrain(
+                corpus,
+                tmp_path / "run",
+                5,
+                callbacks=[SigtermAtStep2(), ModelCheckpoint(tmp_path / "ckpt")],
+                model_config=dict(TINY),
+                tokenizer="embedded-bpe-4096",
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert exit_info.value.code == 143
@@ -181,30 +190,54 @@ def test_blocks_longer_than_the_model_reads_are_refused(handoff, tmp_path):
 def run_cli(config: dict, root: Path, timeout: int = 300) -> None:
     path = root / "pretrain.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{Path(__file__).parent}{os.pathsep}"
-               f"{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
-    result = subprocess.run(["lightning-meta", "pretrain", "--config", str(path)], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    result = subprocess.run(
+        ["lightning-meta", "pretrain", "--config", str(path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
 def distributed_config(root: Path, corpus: Path, strategy, callbacks: list) -> dict:
     return {
-        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": strategy, "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-                    "default_root_dir": str(root / "run"), "callbacks": callbacks},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": strategy,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(root / "run"),
+            "callbacks": callbacks,
+        },
         "model": {"model_config": dict(TINY), "tokenizer": "embedded-bpe-4096"},
-        "data": {"class_path": "PackedTextDataModule",
-                 "init_args": {"corpus": str(corpus), "block_size": 16, "batch_size": 8}},
-    }  # fmt: skip
+        "data": {
+            "class_path": "PackedTextDataModule",
+            "init_args": {"corpus": str(corpus), "block_size": 16, "batch_size": 8},
+        },
+    }
 
 
 @pytest.mark.slow
 def test_ddp_ranks_read_different_blocks_that_cover_the_data(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    config = distributed_config(tmp_path, corpus, "ddp", [
-        {"class_path": "test_pretraining.RecordLosses", "init_args": {"folder": str(tmp_path)}},
-    ])  # fmt: skip
+    config = distributed_config(
+        tmp_path,
+        corpus,
+        "ddp",
+        [
+            {"class_path": "test_pretraining.RecordLosses", "init_args": {"folder": str(tmp_path)}},
+        ],
+    )
     config["trainer"] |= {"max_epochs": 1, "enable_checkpointing": False, "limit_val_batches": 0}
     run_cli(config, tmp_path)
     first, second = (set(json.loads((tmp_path / f"rank{rank}.json").read_text())) for rank in (0, 1))
@@ -219,15 +252,25 @@ def test_ddp_ranks_read_different_blocks_that_cover_the_data(tmp_path):
 @pytest.mark.slow
 def test_fsdp_sharded_checkpoint_exports_what_the_run_exported(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}  # fmt: skip
-    config = distributed_config(tmp_path, corpus, strategy, [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}},
-        {
-            "class_path": "lightning_meta.handoff.export.ExportCallback",
-            "init_args": {"output_dir": str(tmp_path / "in-run")},
-        },
-    ])  # fmt: skip
+    strategy = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+    }
+    config = distributed_config(
+        tmp_path,
+        corpus,
+        strategy,
+        [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(tmp_path / "ckpt")},
+            },
+            {
+                "class_path": "lightning_meta.handoff.export.ExportCallback",
+                "init_args": {"output_dir": str(tmp_path / "in-run")},
+            },
+        ],
+    )
     config["trainer"] |= {"max_steps": 3, "val_check_interval": 3}
     run_cli(config, tmp_path)
     (sharded,) = (tmp_path / "ckpt").iterdir()
@@ -253,8 +296,14 @@ def test_streaming_resume_reproduces_the_uninterrupted_losses(tmp_path):
     def run(root, ckpt_path=None):
         L.seed_everything(0, verbose=False)
         module = CausalLMPretraining(model_config=dict(TINY), optimizer=functools.partial(torch.optim.AdamW, lr=0.01))
-        data = PackedTextDataModule(tokenizer="embedded-bpe-4096", corpus=str(corpus), streaming=True,
-                                    block_size=16, batch_size=4, val_fraction=0)
+        data = PackedTextDataModule(
+            tokenizer="embedded-bpe-4096",
+            corpus=str(corpus),
+            streaming=True,
+            block_size=16,
+            batch_size=4,
+            val_fraction=0,
+        )
         record = RecordLosses()
         every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=9, save_top_k=-1, filename="{step}")
         trainer = quiet_trainer(root, max_steps=24, callbacks=[record, every], enable_checkpointing=True)
@@ -339,11 +388,20 @@ def test_one_tokenizer_under_two_names_names_the_fix(tmp_path, capsys):
     # name, the data's by an export folder holding the same tokenizer.
     load_tokenizer("embedded-bpe-4096").save_pretrained(tmp_path / "export")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["pretrain", f"--model.model_config={json.dumps(TINY)}", "--model.tokenizer=embedded-bpe-4096",
-                  "--data=PackedTextDataModule", f"--data.init_args.tokenizer={tmp_path / 'export'}",
-                  f"--data.init_args.corpus={write_corpus(tmp_path / 'corpus')}", "--data.init_args.block_size=16",
-                  "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}",
-                  "--trainer.enable_progress_bar=false"])  # fmt: skip
+        cli.main(
+            [
+                "pretrain",
+                f"--model.model_config={json.dumps(TINY)}",
+                "--model.tokenizer=embedded-bpe-4096",
+                "--data=PackedTextDataModule",
+                f"--data.init_args.tokenizer={tmp_path / 'export'}",
+                f"--data.init_args.corpus={write_corpus(tmp_path / 'corpus')}",
+                "--data.init_args.block_size=16",
+                "--trainer.max_steps=1",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "the same token ids under two names" in error and "--data.init_args.tokenizer=embedded-bpe-4096" in error

@@ -25,9 +25,14 @@ ALGORITHMS = {
 
 def _lora_learner(family: str, meta_learn_base: bool = False, dropout: float = 0.0) -> CausalLMLearner:
     torch.manual_seed(0)
-    learner = CausalLMLearner(model_config=CONFIGS[family], tokenizer="embedded-bpe-512", dtype="float64",
-                              lora=LoraSettings(r=2, alpha=4, dropout=dropout), meta_learn_base=meta_learn_base,
-                              attn_implementation="eager")  # fmt: skip
+    learner = CausalLMLearner(
+        model_config=CONFIGS[family],
+        tokenizer="embedded-bpe-512",
+        dtype="float64",
+        lora=LoraSettings(r=2, alpha=4, dropout=dropout),
+        meta_learn_base=meta_learn_base,
+        attn_implementation="eager",
+    )
     with torch.no_grad():  # peft starts B at zero: make the adapters act, so their gradients are not trivial
         for name, parameter in learner.named_parameters():
             if "lora_B" in name:

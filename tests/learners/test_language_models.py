@@ -14,8 +14,16 @@ from lightning_meta.algorithms import FOMAML, MAML, inner_loop
 from lightning_meta.learners.base import DataError, adapter_parameter_names, resolve_fast_weights
 
 TOKENIZER = "embedded-bpe-512"
-TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 1,
+    "n_embd": 16,
+    "n_head": 2,
+    "n_positions": 32,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
 
 
 def tiny_learner(**options) -> CausalLMLearner:
@@ -60,8 +68,12 @@ def test_second_order_gradient_matches_finite_differences_and_switches_to_eager(
     batch = lm_batch()
     maml.meta_loss(learner, batch).loss.backward()  # would fail in SDPA's double backward
     assert learner.transformer.config._attn_implementation == "eager"
-    names = ["model.transformer.wte.weight", "model.transformer.h.0.attn.c_attn.weight",
-             "model.transformer.h.0.ln_1.weight", "model.transformer.ln_f.bias"]  # fmt: skip
+    names = [
+        "model.transformer.wte.weight",
+        "model.transformer.h.0.attn.c_attn.weight",
+        "model.transformer.h.0.ln_1.weight",
+        "model.transformer.ln_f.bias",
+    ]
     picked = coordinates(learner, names)
     parameters = dict(learner.named_parameters())
     analytic = torch.tensor([parameters[n].grad.view(-1)[i].item() for n, i in picked], dtype=torch.float64)
@@ -208,14 +220,28 @@ def test_module_with_lora_learner_round_trips_through_a_checkpoint(tmp_path):
     from lightning_meta import MetaLearningModule
     from lightning_meta.datamodules import LanguageModelingTasksDataModule
 
-    learner = CausalLMLearner(model_config=TINY_GPT2, tokenizer=TOKENIZER, lora=LoraSettings(r=2, alpha=4),
-                              meta_learn_base=True)  # fmt: skip
+    learner = CausalLMLearner(
+        model_config=TINY_GPT2, tokenizer=TOKENIZER, lora=LoraSettings(r=2, alpha=4), meta_learn_base=True
+    )
     module = MetaLearningModule(learner, FOMAML(inner_lr=0.5, eval_inner_steps=2))
-    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=16, shots=2, queries=2,
-                                                 meta_batch_size=2, num_val_tasks=2, num_test_tasks=2,
-                                                 max_tokens_per_domain=2000)  # fmt: skip
-    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    datamodule = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER,
+        block_size=16,
+        shots=2,
+        queries=2,
+        meta_batch_size=2,
+        num_val_tasks=2,
+        num_test_tasks=2,
+        max_tokens_per_domain=2000,
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule)
     trainer.save_checkpoint(tmp_path / "lm.ckpt")
     loaded = MetaLearningModule.load_from_checkpoint(tmp_path / "lm.ckpt")
@@ -233,14 +259,16 @@ def test_gradient_checkpointing_with_every_fast_weight_choice(fast_weights, monk
     import lightning_meta.learners.language_models as language_models
 
     checkpointed = []
-    monkeypatch.setattr(language_models, "checkpoint",
-                        lambda *args, **kwargs: checkpointed.append(1) or checkpoint(*args, **kwargs))  # fmt: skip
+    monkeypatch.setattr(
+        language_models, "checkpoint", lambda *args, **kwargs: checkpointed.append(1) or checkpoint(*args, **kwargs)
+    )
     lora = {"lora": LoraSettings(r=2, alpha=4), "meta_learn_base": True} if fast_weights == "lora" else {}
     batch = lm_batch()
     gradients = []
     for checkpointing in (False, True):
-        learner = tiny_learner(gradient_checkpointing=checkpointing, attn_implementation="eager",
-                               fast_weights=fast_weights, **lora)  # fmt: skip
+        learner = tiny_learner(
+            gradient_checkpointing=checkpointing, attn_implementation="eager", fast_weights=fast_weights, **lora
+        )
         MAML(inner_lr=0.5, inner_steps=2).meta_loss(learner, batch).loss.backward()
         gradients.append({n: p.grad for n, p in learner.named_parameters() if p.grad is not None})
     assert checkpointed  # the blocks did run checkpointed
@@ -249,8 +277,15 @@ def test_gradient_checkpointing_with_every_fast_weight_choice(fast_weights, monk
         torch.testing.assert_close(gradients[1][name], gradient, msg=name)
 
 
-TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32}  # fmt: skip
+TINY_LLAMA = {
+    "model_type": "llama",
+    "num_hidden_layers": 1,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 32,
+}
 
 
 @pytest.mark.parametrize("config, lora", [(TINY_GPT2, None), (TINY_LLAMA, LoraSettings(r=2))])
@@ -295,9 +330,12 @@ def test_generate_is_greedy_decoding_as_transformers_generates_it():
     learner = CausalLMLearner(model_config=TINY_GPT2 | {"n_positions": 64}, tokenizer=TOKENIZER, dtype="float64").eval()
     for prompt in ([5, 17, 3], [40, 2, 9, 11, 30]):
         expected = learner.transformer.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=12,
-            do_sample=False, pad_token_id=learner.transformer.config.eos_token_id,
-        )[0, len(prompt) :].tolist()  # fmt: skip
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=learner.transformer.config.eos_token_id,
+        )[0, len(prompt) :].tolist()
         eos = learner.transformer.config.eos_token_id
         expected = expected[: expected.index(eos)] if eos in expected else expected
         assert learner.generate(torch.tensor(prompt), None, 12) == expected

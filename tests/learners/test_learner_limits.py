@@ -13,8 +13,14 @@ from lightning_meta.learners.encoders import build_encoder
 
 TOKENIZER = "embedded-bpe-512"
 GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32}
-BERT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-        "max_position_embeddings": 32, "hidden_dropout_prob": 0.5}  # fmt: skip
+BERT = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+    "hidden_dropout_prob": 0.5,
+}
 
 
 def token_batch(length: int, vocab: int = 500, labels: bool = False) -> TaskBatch:
@@ -58,17 +64,30 @@ def test_sequences_longer_than_the_model_reads_are_refused_by_name(make):
     learner = make()
     assert learner.max_positions == 32
     FOMAML(inner_lr=0.1).meta_loss(learner, token_batch(32, labels=isinstance(learner, EncoderLearner)))
-    with pytest.raises(ValueError, match=r"sequence length=40 is longer than the model's 32 positions: lower the "
-                                         r"datamodule's max_length \(or block_size\) to 32 or less"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"sequence length=40 is longer than the model's 32 positions: lower the "
+        r"datamodule's max_length \(or block_size\) to 32 or less",
+    ):
         FOMAML(inner_lr=0.1).meta_loss(learner, token_batch(40, labels=isinstance(learner, EncoderLearner)))
 
 
 def test_the_host_refuses_a_datamodule_length_beyond_the_model_before_any_step(tmp_path):
     module = MetaLearningModule(CausalLMLearner(model_config=GPT2, tokenizer=TOKENIZER), FOMAML(inner_lr=0.1))
-    data = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=48, shots=1, queries=1, meta_batch_size=1,
-                                           max_tokens_per_domain=2000)  # fmt: skip
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-    with pytest.raises(ValueError, match=r"block_size=48 is longer than the model's 32 positions: lower "
-                                         r"--data.init_args.block_size to 32 or less"):  # fmt: skip
+    data = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER, block_size=48, shots=1, queries=1, meta_batch_size=1, max_tokens_per_domain=2000
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"block_size=48 is longer than the model's 32 positions: lower "
+        r"--data.init_args.block_size to 32 or less",
+    ):
         trainer.fit(module, data)

@@ -59,8 +59,13 @@ def _causal_lm() -> Learner:
 
 
 def _encoder() -> Learner:
-    config = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2,
-              "intermediate_size": 32}  # fmt: skip
+    config = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    }
     return EncoderLearner(encoder_config=config, ways=3)
 
 
@@ -107,8 +112,9 @@ def test_inner_loop_and_losses_make_no_host_sync(kind):
         learner.loss(support, adapted)
     assert syncs == []
     with host_syncs_from_the_package() as syncs:  # the once-per-batch check: exactly one sync
-        learner.check_data(TaskBatch(support={k: v[None] for k, v in support.items()},
-                                     query={k: v[None] for k, v in support.items()}))  # fmt: skip
+        learner.check_data(
+            TaskBatch(support={k: v[None] for k, v in support.items()}, query={k: v[None] for k, v in support.items()})
+        )
     assert len(syncs) == 1, syncs
 
 

@@ -22,8 +22,11 @@ WIDTH = 16
 def choices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(examples, options, tokens): each option after its prompt, right-padded; [] is a padding option."""
     shape = (len(PROMPTS), 3, WIDTH)
-    ids, mask, labels = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), torch.full(
-        shape, IGNORE_INDEX)  # fmt: skip
+    ids, mask, labels = (
+        torch.zeros(shape, dtype=torch.long),
+        torch.zeros(shape, dtype=torch.long),
+        torch.full(shape, IGNORE_INDEX),
+    )
     for row, (prompt, options) in enumerate(zip(PROMPTS, OPTIONS, strict=True)):
         for column, option in enumerate(options):
             if option:
@@ -56,8 +59,9 @@ def test_cached_prompt_scores_equal_one_full_forward_per_option(model_type, vari
     model.eval()
     params = None
     if variant != "plain":  # fast weights different from the module's own, passed functionally
-        params = {name: weight.detach() + 0.05 * torch.randn_like(weight) for name, weight in
-                  model.fast_parameters().items()}  # fmt: skip
+        params = {
+            name: weight.detach() + 0.05 * torch.randn_like(weight) for name, weight in model.fast_parameters().items()
+        }
     expected = one_forward_per_option(model, params)
     with torch.no_grad():
         scores, greedy = model.option_scores(*choices(), params)
@@ -87,11 +91,19 @@ def test_left_padded_options_score_as_the_unpadded_sequences():
 def test_options_score_under_vmap_as_in_the_loop(model_type):
     """``parallel=True`` (episodes evaluated together under vmap): a forward per option, no host sync, same figures."""
     torch.manual_seed(0)
-    model = CausalLMLearner(model_config=MODELS[model_type], tokenizer=TOKENIZER, dtype="float64",
-                            attn_implementation="eager").eval()  # fmt: skip
+    model = CausalLMLearner(
+        model_config=MODELS[model_type], tokenizer=TOKENIZER, dtype="float64", attn_implementation="eager"
+    ).eval()
     ids, mask, labels = choices()
-    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
-             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: torch.tensor([1, -1, 0])}  # fmt: skip
+    split = {
+        "input_ids": ids[:, 0],
+        "attention_mask": mask[:, 0],
+        "labels": labels[:, 0],
+        CHOICE_INPUT_IDS: ids,
+        CHOICE_ATTENTION_MASK: mask,
+        CHOICE_LABELS: labels,
+        ANSWER: torch.tensor([1, -1, 0]),
+    }
     episodes = {name: torch.stack([tensor, tensor.flip(0)]) for name, tensor in split.items()}  # two episodes
     expected = one_forward_per_option(model)
     with torch.no_grad():
@@ -99,8 +111,9 @@ def test_options_score_under_vmap_as_in_the_loop(model_type):
             *(episodes[name] for name in (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS))
         )
         figures = torch.func.vmap(lambda episode: model.evaluation_metrics(episode, parallel=True))(episodes)
-        looped = [model.evaluation_metrics({name: tensor[index] for name, tensor in episodes.items()})
-                  for index in range(2)]  # fmt: skip
+        looped = [
+            model.evaluation_metrics({name: tensor[index] for name, tensor in episodes.items()}) for index in range(2)
+        ]
         cached_greedy = model.option_scores(ids, mask, labels)[1]
     # transformers runs Llama's rotary embedding in float32, whose vectorised cos rounds by the width (~1e-9 here).
     tolerance = 1e-12 if model_type == "gpt2" else 1e-8
@@ -129,13 +142,21 @@ def test_accuracy_sums_log_probabilities_and_accuracy_per_token_divides_by_the_o
     torch.manual_seed(seed)
     model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64").eval()
     summed = one_forward_per_option(model)  # independent: one forward per option
-    lengths = torch.tensor([[max(len(option), 1) for option in options + [[]] * (3 - len(options))]
-                            for options in OPTIONS], dtype=torch.float64)  # fmt: skip
+    lengths = torch.tensor(
+        [[max(len(option), 1) for option in options + [[]] * (3 - len(options))] for options in OPTIONS],
+        dtype=torch.float64,
+    )
     by_sum, by_token = summed.argmax(1), (summed / lengths).argmax(1)
     assert (by_sum != by_token).any()  # the two rules disagree somewhere: the test tells them apart
     ids, mask, labels = choices()
-    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
-             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels}  # fmt: skip
+    split = {
+        "input_ids": ids[:, 0],
+        "attention_mask": mask[:, 0],
+        "labels": labels[:, 0],
+        CHOICE_INPUT_IDS: ids,
+        CHOICE_ATTENTION_MASK: mask,
+        CHOICE_LABELS: labels,
+    }
     for answer in (by_sum, by_token):
         figures = model.evaluation_metrics(split | {ANSWER: answer})
         assert float(figures["accuracy"]) == pytest.approx(float((by_sum == answer).double().mean()))
@@ -152,11 +173,14 @@ def test_an_option_scores_its_own_tokens_given_the_prompt_without_the_end_token(
     from lightning_meta.datamodules import TextToTextTasksDataModule
 
     options = ["no", "yes", "maybe not"]
-    rows = [{"task": "t", "input": f"question {index}", "output": options[index % 3], "options": options}
-            for index in range(8)]  # fmt: skip
+    rows = [
+        {"task": "t", "input": f"question {index}", "output": options[index % 3], "options": options}
+        for index in range(8)
+    ]
     (tmp_path / "t.jsonl").write_text("\n".join(map(json.dumps, rows)))
-    module = TextToTextTasksDataModule(tokenizer=TOKENIZER, dataset=str(tmp_path / "t.jsonl"),
-                                       template="Q: {input}\nA:", max_length=32)  # fmt: skip
+    module = TextToTextTasksDataModule(
+        tokenizer=TOKENIZER, dataset=str(tmp_path / "t.jsonl"), template="Q: {input}\nA:", max_length=32
+    )
     task = module.tasks["t"]
     torch.manual_seed(0)
     model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64").eval()
@@ -183,17 +207,32 @@ def test_every_scoring_rule_and_the_correct_probability_match_an_independent_com
     from lightning_meta.data.tasks import CHOICE_CHARACTERS, CORRECT
 
     torch.manual_seed(3)
-    model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64",
-                            attn_implementation="eager", scoring="per_char").eval()  # fmt: skip
+    model = CausalLMLearner(
+        model_config=MODELS["gpt2"],
+        tokenizer=TOKENIZER,
+        dtype="float64",
+        attn_implementation="eager",
+        scoring="per_char",
+    ).eval()
     summed = one_forward_per_option(model)
-    tokens = torch.tensor([[max(len(option), 1) for option in options + [[]] * (3 - len(options))]
-                           for options in OPTIONS], dtype=torch.float64)  # fmt: skip
+    tokens = torch.tensor(
+        [[max(len(option), 1) for option in options + [[]] * (3 - len(options))] for options in OPTIONS],
+        dtype=torch.float64,
+    )
     characters = torch.tensor([[3.0, 17.0, 4.0], [9.0, 2.0, 0.0], [30.0, 1.0, 0.0]])
     correct = torch.tensor([[False, True, False], [True, False, False], [False, False, True]])
     ids, mask, labels = choices()
-    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
-             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: correct.float().argmax(1),
-             CORRECT: correct, CHOICE_CHARACTERS: characters}  # fmt: skip
+    split = {
+        "input_ids": ids[:, 0],
+        "attention_mask": mask[:, 0],
+        "labels": labels[:, 0],
+        CHOICE_INPUT_IDS: ids,
+        CHOICE_ATTENTION_MASK: mask,
+        CHOICE_LABELS: labels,
+        ANSWER: correct.float().argmax(1),
+        CORRECT: correct,
+        CHOICE_CHARACTERS: characters,
+    }
     with torch.no_grad():
         if parallel:
             episodes = {name: tensor[None] for name, tensor in split.items()}
@@ -217,8 +256,11 @@ def test_every_scoring_rule_and_the_correct_probability_match_an_independent_com
 
 
 def test_an_unknown_scoring_rule_is_refused():
-    with pytest.raises(ValueError, match=r"scoring='acc' is not a scoring rule: use one of sum, per_token, per_char, "
-                                         r"calibrated, channel"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"scoring='acc' is not a scoring rule: use one of sum, per_token, per_char, "
+        r"calibrated, channel",
+    ):
         CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, scoring="acc")
 
 
@@ -233,8 +275,11 @@ def log_likelihood(model: CausalLMLearner, context: list[int], target: list[int]
 def rows_of(pairs: list[list[tuple[list[int], list[int]] | None]]) -> tuple[torch.Tensor, ...]:
     """(examples, 3, WIDTH) ids, mask and labels of (context, target) rows, labels on the target; None: padding."""
     shape = (len(pairs), 3, WIDTH)
-    ids, mask, labels = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), torch.full(
-        shape, IGNORE_INDEX)  # fmt: skip
+    ids, mask, labels = (
+        torch.zeros(shape, dtype=torch.long),
+        torch.zeros(shape, dtype=torch.long),
+        torch.full(shape, IGNORE_INDEX),
+    )
     for row, columns in enumerate(pairs):
         for column, pair in enumerate(columns):
             if pair is not None:
@@ -254,20 +299,38 @@ def test_calibrated_and_channel_rules_match_an_independent_computation(parallel)
 
     free = [[11, 15], [16], [17]]  # each example's template with an empty input
     padded_options = [options + [[]] * (3 - len(options)) for options in OPTIONS]
-    calibration = rows_of([[(free[row], option) if option else None for option in options]
-                           for row, options in enumerate(padded_options)])  # fmt: skip
-    channel = rows_of([[(option[:-1], PROMPTS[row]) if option else None for option in options]
-                       for row, options in enumerate(padded_options)])  # fmt: skip
+    calibration = rows_of(
+        [[(free[row], option) if option else None for option in options] for row, options in enumerate(padded_options)]
+    )
+    channel = rows_of(
+        [
+            [(option[:-1], PROMPTS[row]) if option else None for option in options]
+            for row, options in enumerate(padded_options)
+        ]
+    )
     correct = torch.tensor([[False, True, False], [True, False, False], [False, False, True]])
     ids, mask, labels = choices()
-    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
-             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: correct.float().argmax(1), CORRECT: correct,
-             **dict(zip(CALIBRATION_FIELDS, calibration, strict=True)),
-             **dict(zip(CHANNEL_FIELDS, channel, strict=True))}  # fmt: skip
+    split = {
+        "input_ids": ids[:, 0],
+        "attention_mask": mask[:, 0],
+        "labels": labels[:, 0],
+        CHOICE_INPUT_IDS: ids,
+        CHOICE_ATTENTION_MASK: mask,
+        CHOICE_LABELS: labels,
+        ANSWER: correct.float().argmax(1),
+        CORRECT: correct,
+        **dict(zip(CALIBRATION_FIELDS, calibration, strict=True)),
+        **dict(zip(CHANNEL_FIELDS, channel, strict=True)),
+    }
     for scoring in ("calibrated", "channel"):
         torch.manual_seed(5)
-        model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, dtype="float64",
-                                attn_implementation="eager", scoring=scoring).eval()  # fmt: skip
+        model = CausalLMLearner(
+            model_config=MODELS["gpt2"],
+            tokenizer=TOKENIZER,
+            dtype="float64",
+            attn_implementation="eager",
+            scoring=scoring,
+        ).eval()
         with torch.no_grad():
             if parallel:
                 episodes = {name: tensor[None] for name, tensor in split.items()}
@@ -277,14 +340,24 @@ def test_calibrated_and_channel_rules_match_an_independent_computation(parallel)
                 figures = model.evaluation_metrics(split)
         minus_inf = torch.tensor(-torch.inf, dtype=torch.float64)
         expected = {
-            "accuracy_sum": [[log_likelihood(model, PROMPTS[row], option) if option else minus_inf
-                              for option in options] for row, options in enumerate(padded_options)],
-            "accuracy_calibrated": [[log_likelihood(model, PROMPTS[row], option)
-                                     - log_likelihood(model, free[row], option) if option else minus_inf
-                                     for option in options] for row, options in enumerate(padded_options)],
-            "accuracy_channel": [[log_likelihood(model, option[:-1], PROMPTS[row]) if option else minus_inf
-                                  for option in options] for row, options in enumerate(padded_options)],
-        }  # fmt: skip
+            "accuracy_sum": [
+                [log_likelihood(model, PROMPTS[row], option) if option else minus_inf for option in options]
+                for row, options in enumerate(padded_options)
+            ],
+            "accuracy_calibrated": [
+                [
+                    log_likelihood(model, PROMPTS[row], option) - log_likelihood(model, free[row], option)
+                    if option
+                    else minus_inf
+                    for option in options
+                ]
+                for row, options in enumerate(padded_options)
+            ],
+            "accuracy_channel": [
+                [log_likelihood(model, option[:-1], PROMPTS[row]) if option else minus_inf for option in options]
+                for row, options in enumerate(padded_options)
+            ],
+        }
         made = {}
         for name, values in expected.items():
             values = torch.stack([torch.stack(list(row)) for row in values])
@@ -298,8 +371,18 @@ def test_calibrated_and_channel_rules_match_an_independent_computation(parallel)
 def test_a_rule_without_its_rows_is_refused_in_one_line():
     model = CausalLMLearner(model_config=MODELS["gpt2"], tokenizer=TOKENIZER, scoring="channel").eval()
     ids, mask, labels = choices()
-    split = {"input_ids": ids[:, 0], "attention_mask": mask[:, 0], "labels": labels[:, 0], CHOICE_INPUT_IDS: ids,
-             CHOICE_ATTENTION_MASK: mask, CHOICE_LABELS: labels, ANSWER: torch.tensor([1, 0, 2])}  # fmt: skip
-    with pytest.raises(ValueError, match=r"scoring='channel' needs the split's channel_input_ids rows.*"
-                                         r"--data.init_args.channel=true"):  # fmt: skip
+    split = {
+        "input_ids": ids[:, 0],
+        "attention_mask": mask[:, 0],
+        "labels": labels[:, 0],
+        CHOICE_INPUT_IDS: ids,
+        CHOICE_ATTENTION_MASK: mask,
+        CHOICE_LABELS: labels,
+        ANSWER: torch.tensor([1, 0, 2]),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"scoring='channel' needs the split's channel_input_ids rows.*"
+        r"--data.init_args.channel=true",
+    ):
         model.evaluation_metrics(split)

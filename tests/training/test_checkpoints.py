@@ -30,8 +30,14 @@ def sinusoid() -> SinusoidDataModule:
 def fitted_checkpoint(tmp_path, steps: int = 2) -> str:
     torch.manual_seed(0)
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
-    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, sinusoid())
     path = str(tmp_path / "good.ckpt")
     trainer.save_checkpoint(path)
@@ -64,11 +70,24 @@ def test_unreadable_checkpoints_are_refused_by_name(tmp_path):
 def test_tokenizer_fingerprint_is_saved_and_a_mismatch_refused(tmp_path):
     learner = CausalLMLearner(model_config=TINY_GPT2, tokenizer=TOKENIZER)
     module = MetaLearningModule(learner, FOMAML(inner_lr=0.1))
-    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=16, shots=2, queries=2,
-                                                 meta_batch_size=2, num_val_tasks=2, num_test_tasks=2,
-                                                 max_tokens_per_domain=2000)  # fmt: skip
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    datamodule = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER,
+        block_size=16,
+        shots=2,
+        queries=2,
+        meta_batch_size=2,
+        num_val_tasks=2,
+        num_test_tasks=2,
+        max_tokens_per_domain=2000,
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule)
     path = tmp_path / "lm.ckpt"
     trainer.save_checkpoint(path)
@@ -99,8 +118,15 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path):
     def run(folder, max_steps, callbacks=(), ckpt_path=None) -> MetaLearningModule:
         torch.manual_seed(0)
         module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
-        trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, default_root_dir=folder, callbacks=list(callbacks))  # fmt: skip
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=folder,
+            callbacks=list(callbacks),
+        )
         trainer.fit(module, sinusoid(), ckpt_path=ckpt_path)
         return module
 
@@ -124,11 +150,18 @@ def test_resuming_from_a_checkpoint_saved_after_fit_continues_the_stream(tmp_pat
     def run(folder, max_steps, ckpt_path=None) -> L.Trainer:
         torch.manual_seed(0)
         module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
-        data = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=batches_per_epoch, num_val_tasks=2,
-                                  num_test_tasks=2)  # fmt: skip
-        trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=False,
-                            default_root_dir=folder)  # fmt: skip
+        data = SinusoidDataModule(
+            meta_batch_size=2, batches_per_epoch=batches_per_epoch, num_val_tasks=2, num_test_tasks=2
+        )
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=folder,
+        )
         trainer.fit(module, data, ckpt_path=ckpt_path)
         return trainer
 
@@ -136,8 +169,9 @@ def test_resuming_from_a_checkpoint_saved_after_fit_continues_the_stream(tmp_pat
     resumed = run(tmp_path / "resumed", 4, ckpt_path=tmp_path / "end.ckpt")
     whole = run(tmp_path / "whole", 4)
     assert resumed.datamodule.state_dict()["next_train_batch"] == whole.datamodule.state_dict()["next_train_batch"] == 4
-    for (name, a), b in zip(resumed.lightning_module.state_dict().items(),
-                            whole.lightning_module.state_dict().values(), strict=True):  # fmt: skip
+    for (name, a), b in zip(
+        resumed.lightning_module.state_dict().items(), whole.lightning_module.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -157,9 +191,18 @@ def test_disk_full_while_saving_leaves_no_truncated_checkpoint_and_says_so(tmp_p
     monkeypatch.setattr(torch_io, "_atomic_save", disk_fills_up)
     config = Path(__file__).resolve().parents[2] / "configs" / "sinusoid.yaml"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.val_check_interval=1",
-                  "--trainer.enable_progress_bar=false", "--data.init_args.num_val_tasks=2",
-                  f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+        cli.main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.max_steps=2",
+                "--trainer.val_check_interval=1",
+                "--trainer.enable_progress_bar=false",
+                "--data.init_args.num_val_tasks=2",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "The disk is full: the checkpoint" in error and "Traceback" not in error
@@ -176,7 +219,8 @@ def remote_code_model(folder: Path, marker: Path) -> Path:
     auto_map = {"AutoConfig": "marker.MarkerConfig", "AutoModelForCausalLM": "marker.MarkerModel"}
     config |= {"model_type": "marker_gpt2", "architectures": ["MarkerModel"], "auto_map": auto_map}
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "marker.py").write_text(textwrap.dedent(f"""
+    (folder / "marker.py").write_text(
+        textwrap.dedent(f"""
         from pathlib import Path
 
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -188,7 +232,8 @@ def remote_code_model(folder: Path, marker: Path) -> Path:
 
         class MarkerModel(GPT2LMHeadModel):
             config_class = MarkerConfig
-    """))
+    """)
+    )
     return folder
 
 
@@ -204,17 +249,33 @@ def test_a_checkpoint_never_switches_on_a_model_folders_own_code(tmp_path, monke
     marker = tmp_path / "code-ran"
     folder = remote_code_model(tmp_path / "remote", marker)
     learner = CausalLMLearner(model_config=TINY_GPT2, tokenizer=TOKENIZER)
-    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=16, shots=1, queries=1,
-                                                 meta_batch_size=1, num_val_tasks=1, num_test_tasks=1,
-                                                 max_tokens_per_domain=2000)  # fmt: skip
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    datamodule = LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER,
+        block_size=16,
+        shots=1,
+        queries=1,
+        meta_batch_size=1,
+        num_val_tasks=1,
+        num_test_tasks=1,
+        max_tokens_per_domain=2000,
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(MetaLearningModule(learner, FOMAML(inner_lr=0.1)), datamodule)
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     # A shared checkpoint whose saved options point the learner at that folder and switch its code on.
     checkpoint = torch.load(tmp_path / "plain.ckpt", weights_only=True)
     checkpoint["hyper_parameters"]["learner"]["init_args"] |= {
-        "pretrained": str(folder), "model_config": None, "trust_remote_code": True
+        "pretrained": str(folder),
+        "model_config": None,
+        "trust_remote_code": True,
     }
     del checkpoint["datamodule_hyper_parameters"]  # no class_path outside the CLI: the command line gives the data
     path = tmp_path / "asks-for-code.ckpt"
@@ -228,18 +289,36 @@ def test_a_checkpoint_never_switches_on_a_model_folders_own_code(tmp_path, monke
     with pytest.raises(CheckpointError, match=refusal + r".*pretrain: --model.trust_remote_code=true"):
         CausalLMPretraining(init_from=str(path))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["test", "--ckpt_path", str(path), "--data=LanguageModelingTasksDataModule",
-                  f"--data.init_args.tokenizer={TOKENIZER}", f"--trainer.default_root_dir={tmp_path / 'test'}"])
+        cli.main(
+            [
+                "test",
+                "--ckpt_path",
+                str(path),
+                "--data=LanguageModelingTasksDataModule",
+                f"--data.init_args.tokenizer={TOKENIZER}",
+                f"--trainer.default_root_dir={tmp_path / 'test'}",
+            ]
+        )
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in error
-    assert re.search(r"model.learner.init_args.trust_remote_code: true\).*"
-                     r"allow it yourself: --model.learner.init_args.trust_remote_code=true\.", error)  # fmt: skip
+    assert re.search(
+        r"model.learner.init_args.trust_remote_code: true\).*"
+        r"allow it yourself: --model.learner.init_args.trust_remote_code=true\.",
+        error,
+    )
 
     # A pretraining checkpoint's own option, likewise.
     pretraining = CausalLMPretraining(model_config=TINY_GPT2, tokenizer=TOKENIZER)
     packed = PackedTextDataModule(tokenizer=TOKENIZER, block_size=16, batch_size=2, max_tokens_per_domain=500)
-    L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, default_root_dir=tmp_path).fit(pretraining, packed)  # fmt: skip
+    L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(pretraining, packed)
     pretraining.trainer.save_checkpoint(tmp_path / "pretraining.ckpt")
     saved = torch.load(tmp_path / "pretraining.ckpt", weights_only=True)
     saved["hyper_parameters"] |= {"init_from": str(folder), "model_config": None, "trust_remote_code": True}
@@ -254,8 +333,9 @@ def test_a_checkpoint_never_switches_on_a_model_folders_own_code(tmp_path, monke
     for name, weight in loaded.learner.state_dict().items():
         assert torch.equal(weight, checkpoint["state_dict"][f"learner.{name}"]), name
     assert (export(str(path), str(tmp_path / "export"), trust_remote_code=True) / "model.safetensors").is_file()
-    pretrained = CausalLMPretraining.load_from_checkpoint(tmp_path / "pretraining-asks-for-code.ckpt",
-                                                          trust_remote_code=True)  # fmt: skip
+    pretrained = CausalLMPretraining.load_from_checkpoint(
+        tmp_path / "pretraining-asks-for-code.ckpt", trust_remote_code=True
+    )
     assert type(pretrained.model).__name__ == "MarkerModel"
 
 
@@ -270,8 +350,14 @@ def test_resuming_removes_the_partial_file_a_killed_save_left_beside_the_checkpo
     kill_while_saving(tmp_path / "epoch=0-step=3.ckpt")  # SIGKILL during a save: its partial file stays
     assert len([path for path in tmp_path.iterdir() if ".partial-" in path.name]) == 1
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
-    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path / "resumed")  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path / "resumed",
+    )
     trainer.fit(module, sinusoid(), ckpt_path=good)  # saves into resumed/: the start itself removed it
     assert not [path for path in tmp_path.iterdir() if ".partial-" in path.name]
 
@@ -285,8 +371,9 @@ def checkpoint_callbacks(config: Path) -> list[dict]:
     import yaml
 
     callbacks = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("callbacks") or []
-    return [callback.get("init_args") or {} for callback in callbacks
-            if callback["class_path"].endswith("ModelCheckpoint")]  # fmt: skip
+    return [
+        callback.get("init_args") or {} for callback in callbacks if callback["class_path"].endswith("ModelCheckpoint")
+    ]
 
 
 @pytest.mark.parametrize("config", [config for config in CONFIGS if config.name not in SHARDED], ids=lambda c: c.name)
@@ -303,8 +390,15 @@ def test_last_is_a_link_to_the_newest_file_and_loads(tmp_path):
 
     (best, newest) = checkpoint_callbacks(CONFIGS[[config.name for config in CONFIGS].index("sinusoid.yaml")])
     callbacks = [ModelCheckpoint(**best), ModelCheckpoint(**newest | {"every_n_train_steps": 2})]
-    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, default_root_dir=tmp_path,
-                        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=4,
+        val_check_interval=2,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
     trainer.fit(module, sinusoid())
     folder = tmp_path / "lightning_logs/version_0/checkpoints"

@@ -32,8 +32,13 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 def distributed_run(request, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(request.param)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(Path(worker.__file__)), request.param, str(out)], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(Path(worker.__file__)), request.param, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return request.param, out
 
@@ -49,8 +54,9 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float], Met
         optimizer.zero_grad()
         algorithm.meta_loss(module.learner, TaskBatch.stack(episodes), meta_batch="all_at_once").loss.backward()
         optimizer.step()
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.validate(module, datamodule, verbose=False)
     figures = {name: value.item() for name, value in trainer.callback_metrics.items()}
     return module.learner.state_dict(), figures, module.algorithm
@@ -88,8 +94,13 @@ def test_weights_and_evaluation_equal_one_process(distributed_run, case):
 @pytest.mark.slow
 def test_fsdp_sharded_checkpoint_resumes_exactly_and_consolidates(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(Path(worker.__file__)), "fsdp-resume", str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(Path(worker.__file__)), "fsdp-resume", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     runs = torch.load(tmp_path / "resume.pt", weights_only=True)
     assert (tmp_path / "step2.ckpt").is_dir()  # sharded: one folder of distributed-checkpoint files

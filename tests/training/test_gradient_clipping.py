@@ -25,8 +25,13 @@ import distributed_worker as worker  # noqa: E402
 
 def launch(strategy: str, out: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, clipping_worker.__file__, strategy, str(out)], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, clipping_worker.__file__, strategy, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 

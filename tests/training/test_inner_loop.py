@@ -139,8 +139,9 @@ class NoModeMAML(MAML):
     """An algorithm written before task_loss took ``parallel``: its inner loop cannot run under vmap."""
 
     def task_loss(self, learner: Learner, episode):  # noqa: ANN001, ANN201
-        adapted = inner_loop(learner, self.fast_weights(learner), episode.support, inner_lr=self.inner_lr,
-                             steps=1, create_graph=True)  # fmt: skip
+        adapted = inner_loop(
+            learner, self.fast_weights(learner), episode.support, inner_lr=self.inner_lr, steps=1, create_graph=True
+        )
         loss, _ = learner.loss(episode.query, adapted)
         return loss, {"query_loss": loss.detach()}
 
@@ -171,13 +172,23 @@ def test_a_custom_algorithm_without_an_inner_loop_subclasses_the_contract_alone(
     "check, name, value, default, message",
     [
         (check_step_size, "inner_lr", 0.0, None, "inner_lr must be a finite number > 0, got 0.0"),
-        (check_step_size, "eval_inner_lr", float("nan"), "inner_lr",
-         r"eval_inner_lr must be a finite number > 0 or None \(= inner_lr\), got nan"),
-        (check_step_count, "eval_inner_steps", 2.5, "the algorithm's",
-         r"eval_inner_steps must be an integer >= 1 or None \(= the algorithm's\), got 2.5"),
+        (
+            check_step_size,
+            "eval_inner_lr",
+            float("nan"),
+            "inner_lr",
+            r"eval_inner_lr must be a finite number > 0 or None \(= inner_lr\), got nan",
+        ),
+        (
+            check_step_count,
+            "eval_inner_steps",
+            2.5,
+            "the algorithm's",
+            r"eval_inner_steps must be an integer >= 1 or None \(= the algorithm's\), got 2.5",
+        ),
         (check_step_count, "inner_steps", True, None, "inner_steps must be an integer >= 1, got True"),
     ],
-)  # fmt: skip
+)
 def test_each_inner_loop_option_has_one_check(check, name, value, default, message):
     with pytest.raises(ValueError, match=message):
         check(name, value, default)

@@ -160,12 +160,18 @@ def test_auto_decides_in_float32_under_bf16_autocast_and_runs_the_step_in_bf16(m
     "make, algorithm, match",
     [
         (lambda: ClassificationLearner(nn.Linear(4, 3)).double(), ProtoNet(), "counts each episode.s classes"),
-        (lambda: RegressionLearner(nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.1), nn.Linear(4, 1))), FOMAML(),
-         "Dropout, p=0.1"),
-        (lambda: RegressionLearner(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))), FOMAML(),
-         "running statistics"),
+        (
+            lambda: RegressionLearner(nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.1), nn.Linear(4, 1))),
+            FOMAML(),
+            "Dropout, p=0.1",
+        ),
+        (
+            lambda: RegressionLearner(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))),
+            FOMAML(),
+            "running statistics",
+        ),
     ],
-)  # fmt: skip
+)
 def test_forcing_vmap_where_it_is_not_exact_raises_naming_why(make, algorithm, match):
     learner = make()
     batch = classification_batch() if isinstance(algorithm, ProtoNet) else regression_batch(dtype=torch.float32)
@@ -194,11 +200,20 @@ def test_reptile_skips_the_query_when_not_reporting_it(mlp_learner):
 
 
 def _tiny_gpt2(attn_implementation: str) -> CausalLMLearner:
-    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16,
-              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    config = {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_embd": 16,
+        "n_head": 2,
+        "n_positions": 16,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     torch.manual_seed(0)
-    return CausalLMLearner(model_config=config, tokenizer="embedded-bpe-4096", attn_implementation=attn_implementation,
-                           dtype="float64")  # fmt: skip
+    return CausalLMLearner(
+        model_config=config, tokenizer="embedded-bpe-4096", attn_implementation=attn_implementation, dtype="float64"
+    )
 
 
 def _token_batch() -> TaskBatch:
@@ -224,8 +239,9 @@ def test_the_host_passes_meta_batch_and_reports_reptile_query_only_on_logging_st
     def spy(learner, batch, **step):
         out = meta_loss(learner, batch, **step)
         runner = step["meta_batch"]  # the host's own runner, which keeps its verdicts
-        calls.append((runner is module.runner and runner.mode, step["outer_step"], step["report_query"],
-                      sorted(out.metrics)))  # fmt: skip
+        calls.append(
+            (runner is module.runner and runner.mode, step["outer_step"], step["report_query"], sorted(out.metrics))
+        )
         return out
 
     monkeypatch.setattr(algorithm, "meta_loss", spy)
@@ -233,8 +249,12 @@ def test_the_host_passes_meta_batch_and_reports_reptile_query_only_on_logging_st
     options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = L.Trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=0, **options)
     trainer.fit(module, SinusoidDataModule(meta_batch_size=4, batches_per_epoch=5))
-    assert calls == [("vmap", 0, False, []), ("vmap", 1, True, ["query_loss"]),
-                     ("vmap", 2, False, []), ("vmap", 3, True, ["query_loss"])]  # fmt: skip
+    assert calls == [
+        ("vmap", 0, False, []),
+        ("vmap", 1, True, ["query_loss"]),
+        ("vmap", 2, False, []),
+        ("vmap", 3, True, ["query_loss"]),
+    ]
 
 
 def test_the_speed_benchmark_runs_and_its_gradient_check_passes(monkeypatch, capsys):

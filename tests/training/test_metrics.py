@@ -175,7 +175,17 @@ def test_control_gaps_are_taken_of_the_primary_accuracy_only():
     from lightning_meta.data.tasks import CEILING, CHANCE
     from lightning_meta.training.metrics import control_metrics
 
-    figures = {name: torch.tensor([0.5]) for name in ("accuracy_pre", "accuracy_post", "accuracy_step2",
-               "accuracy_sum_post", "accuracy_per_char_pre", "accuracy_per_token_step2", "correct_probability_post")}
+    figures = {
+        name: torch.tensor([0.5])
+        for name in (
+            "accuracy_pre",
+            "accuracy_post",
+            "accuracy_step2",
+            "accuracy_sum_post",
+            "accuracy_per_char_pre",
+            "accuracy_per_token_step2",
+            "correct_probability_post",
+        )
+    }
     result = control_metrics(figures, {CEILING: torch.tensor([1.0]), CHANCE: torch.tensor([0.0])})
     assert set(result) == {"ceiling", "chance", "control_gap_pre", "control_gap_post", "control_gap_step2"}

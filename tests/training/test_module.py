@@ -270,8 +270,11 @@ def test_users_own_trainer_fits_the_module_and_it_learns():
 
 def test_bf16_mixed_precision_meta_training_runs_and_learns():
     torch.manual_seed(0)
-    module = MetaLearningModule(RegressionLearner(MLP(1, [40, 40], 1)), MAML(inner_lr=0.01, eval_inner_steps=5),
-                                optimizer=functools.partial(torch.optim.Adam, lr=3e-3))  # fmt: skip
+    module = MetaLearningModule(
+        RegressionLearner(MLP(1, [40, 40], 1)),
+        MAML(inner_lr=0.01, eval_inner_steps=5),
+        optimizer=functools.partial(torch.optim.Adam, lr=3e-3),
+    )
     datamodule = sinusoid(meta_batch_size=10, num_test_tasks=40, eval_meta_batch_size=20)
     (before,) = trainer().test(module, datamodule, verbose=False)
     trainer(max_steps=100, limit_val_batches=0, precision="bf16-mixed").fit(module, datamodule)

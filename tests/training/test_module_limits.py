@@ -23,8 +23,9 @@ def sinusoid_module(**options) -> MetaLearningModule:
 
 
 def trainer(tmp_path, **options) -> L.Trainer:
-    return L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                     **options)  # fmt: skip
+    return L.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **options
+    )
 
 
 def test_an_adaptation_curve_beyond_the_stated_maximum_is_refused():
@@ -55,8 +56,9 @@ class SigtermAtFirstBatch(L.Callback):
 @pytest.mark.parametrize("eval_curve", [None, [0, 1, 500]])
 def test_sigterm_stops_evaluation_between_inner_steps(tmp_path, eval_curve):
     torch.manual_seed(0)
-    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), CountingMAML(inner_lr=0.01), eval_inner_steps=500,
-                                eval_curve=eval_curve)  # fmt: skip
+    module = MetaLearningModule(
+        RegressionLearner(MLP(1, [8], 1)), CountingMAML(inner_lr=0.01), eval_inner_steps=500, eval_curve=eval_curve
+    )
     data = SinusoidDataModule(meta_batch_size=2, num_val_tasks=4, eval_meta_batch_size=2)
     CountingSGD.steps = []
     with pytest.raises(SIGTERMException):

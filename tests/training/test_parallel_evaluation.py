@@ -39,10 +39,14 @@ def _head_classifier():
 @pytest.mark.parametrize("make", [_sinusoid, _head_classifier], ids=["sinusoid_mlp", "head_fast_weights"])
 @pytest.mark.parametrize(
     "make_algorithm",
-    [lambda: MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=4), lambda: FOMAML(inner_lr=0.2, eval_inner_lr=0.1),
-     lambda: MetaSGD(inner_lr=0.2), lambda: MultiTask(inner_lr=0.2, eval_inner_steps=3)],
+    [
+        lambda: MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=4),
+        lambda: FOMAML(inner_lr=0.2, eval_inner_lr=0.1),
+        lambda: MetaSGD(inner_lr=0.2),
+        lambda: MultiTask(inner_lr=0.2, eval_inner_steps=3),
+    ],
     ids=["maml", "fomaml_eval_lr", "meta_sgd", "multitask"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("eval_curve", [None, [0, 1, 3, 6]])
 def test_parallel_evaluation_gives_the_loop_s_figures(make, make_algorithm, eval_curve, monkeypatch):
     learner, batch = make()
@@ -102,22 +106,44 @@ def test_text_to_text_episodes_with_options_evaluate_under_vmap_as_in_the_loop(t
     from lightning_meta import CausalLMLearner
     from lightning_meta.datamodules import TextToTextTasksDataModule
 
-    rows = [{"task": f"t{task}", "input": f"{' '.join(['word'] * (1 + example % 5))} {task} {example}",
-             "output": "yes" if example % 2 else "no", "options": ["no", "yes", "maybe"][: 2 + task % 2]}
-            for task in range(4) for example in range(8)]  # fmt: skip
+    rows = [
+        {
+            "task": f"t{task}",
+            "input": f"{' '.join(['word'] * (1 + example % 5))} {task} {example}",
+            "output": "yes" if example % 2 else "no",
+            "options": ["no", "yes", "maybe"][: 2 + task % 2],
+        }
+        for task in range(4)
+        for example in range(8)
+    ]
     (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     datamodule = TextToTextTasksDataModule(
-        tokenizer="embedded-bpe-512", dataset=str(tmp_path / "tasks.jsonl"), shots=2, queries=2, max_length=48,
-        val_tasks=["t0", "t1"], test_tasks=["t2"], num_val_tasks=3,
-    )  # fmt: skip
+        tokenizer="embedded-bpe-512",
+        dataset=str(tmp_path / "tasks.jsonl"),
+        shots=2,
+        queries=2,
+        max_length=48,
+        val_tasks=["t0", "t1"],
+        test_tasks=["t2"],
+        num_val_tasks=3,
+    )
     datamodule.setup("fit")
     batch = datamodule.eval_batches("val")[0]
     assert "choice_input_ids" in batch.query
     torch.manual_seed(0)
-    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64,
-              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
-    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", dtype="float64",
-                              attn_implementation="eager").eval()  # fmt: skip
+    config = {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_embd": 16,
+        "n_head": 2,
+        "n_positions": 64,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
+    learner = CausalLMLearner(
+        model_config=config, tokenizer="embedded-bpe-512", dtype="float64", attn_implementation="eager"
+    ).eval()
     figures, modules = {}, {}
     for meta_batch in ("task_by_task", "vmap", "auto"):
         algorithm = FOMAML(inner_lr=0.1, inner_steps=2)

@@ -56,8 +56,9 @@ def test_a_full_disk_leaves_the_earlier_results_json_whole_and_says_so(tmp_path,
     def test_once():
         torch.manual_seed(0)
         module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
-        trainer = L.Trainer(logger=TensorBoardLogger(tmp_path, version=0), enable_progress_bar=False,
-                            enable_model_summary=False)  # fmt: skip
+        trainer = L.Trainer(
+            logger=TensorBoardLogger(tmp_path, version=0), enable_progress_bar=False, enable_model_summary=False
+        )
         trainer.test(module, SinusoidDataModule(meta_batch_size=2, num_test_tasks=2), verbose=False)
 
     test_once()

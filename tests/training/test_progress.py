@@ -17,8 +17,11 @@ from lightning_meta.algorithms import FOMAML, MAML
 from lightning_meta.datamodules import SinusoidDataModule
 from lightning_meta.training.progress import LOGGER, MetaProgressBar
 
-CASES = [(300, mock.Mock(spec=[]), "Meta-training"), (-1, mock.Mock(spec=[]), "Epoch 0"),
-         (300, mock.Mock(progress_label="Pretraining"), "Pretraining")]  # fmt: skip
+CASES = [
+    (300, mock.Mock(spec=[]), "Meta-training"),
+    (-1, mock.Mock(spec=[]), "Epoch 0"),
+    (300, mock.Mock(progress_label="Pretraining"), "Pretraining"),
+]
 
 
 @pytest.mark.parametrize("steps, module, expected", CASES)
@@ -48,8 +51,10 @@ def test_support_loss_before_and_after_the_inner_loop_on_logging_steps(algorithm
     figures = algorithm.meta_loss(learner, batch, meta_batch="task_by_task").metrics
     assert len(forwards) == 3 * 4  # support_loss_pre is the inner loop's first step; support_loss_post one forward
     before = [learner.loss(episode.support)[0] for episode in batch.episodes()]
-    after = [learner.loss(episode.support, algorithm.adapt(learner, episode.support, steps=2))[0]
-             for episode in batch.episodes()]  # fmt: skip
+    after = [
+        learner.loss(episode.support, algorithm.adapt(learner, episode.support, steps=2))[0]
+        for episode in batch.episodes()
+    ]
     assert figures["support_loss_pre"] == pytest.approx(torch.stack(before).mean().item(), rel=1e-5)
     assert figures["support_loss_post"] == pytest.approx(torch.stack(after).mean().item(), rel=1e-5)
     vmapped = algorithm.meta_loss(learner, batch, meta_batch="vmap").metrics  # the first step's loss under vmap too
@@ -94,8 +99,14 @@ def test_lines_logged_while_the_bar_is_open_are_not_glued_to_it(capsys, monkeypa
     monkeypatch.setattr(logger, "level", logging.INFO)
     logger.addHandler(handler)
     try:
-        trainer = Trainer(max_steps=3, callbacks=[MetaProgressBar()], logger=False, enable_checkpointing=False,
-                          enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        trainer = Trainer(
+            max_steps=3,
+            callbacks=[MetaProgressBar()],
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(_Noting())
     finally:
         logger.removeHandler(handler)

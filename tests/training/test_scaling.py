@@ -57,11 +57,25 @@ def test_task_by_task_gives_the_all_at_once_gradient(case):
 
 
 def test_task_by_task_on_a_causal_lm_with_lora_second_order():
-    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32,
-              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    config = {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_embd": 16,
+        "n_head": 2,
+        "n_positions": 32,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     torch.manual_seed(0)
-    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
-                              meta_learn_base=True, attn_implementation="eager", dtype="float64")  # fmt: skip
+    learner = CausalLMLearner(
+        model_config=config,
+        tokenizer="embedded-bpe-512",
+        lora=LoraSettings(r=2, alpha=4),
+        meta_learn_base=True,
+        attn_implementation="eager",
+        dtype="float64",
+    )
     ids = torch.randint(0, 500, (3, 4, 12), generator=torch.Generator().manual_seed(0))
     split = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     from lightning_meta import TaskBatch
@@ -92,11 +106,19 @@ def test_bf16_mixed_keeps_fast_weights_and_updates_in_float32(make_algorithm):
 @pytest.mark.parametrize("meta_batch", ["task_by_task", "vmap"])
 @pytest.mark.parametrize("make_algorithm", [lambda: MAML(inner_lr=0.01), FOMAML, Reptile])
 def test_bf16_mixed_keeps_lora_fast_weights_inner_gradients_and_updates_in_float32(make_algorithm, meta_batch):
-    config = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 32}  # fmt: skip
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "hidden_size": 16,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 32,
+        "max_position_embeddings": 32,
+    }
     torch.manual_seed(0)
-    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
-                              attn_implementation="eager")  # fmt: skip
+    learner = CausalLMLearner(
+        model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4), attn_implementation="eager"
+    )
     algorithm = make_algorithm()
     rule, seen = algorithm.inner_update(), []
 
@@ -132,9 +154,16 @@ def test_bf16_mixed_trains_every_algorithm(make_algorithm):
         datamodule = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=5, num_val_tasks=2, num_test_tasks=2)
     module = MetaLearningModule(learner, algorithm, optimizer=functools.partial(torch.optim.SGD, lr=0.01))
     before = {name: p.detach().clone() for name, p in learner.named_parameters()}
-    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule)
     assert any(not torch.equal(before[name], p) for name, p in learner.named_parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in learner.parameters())
@@ -174,16 +203,29 @@ def test_protonet_trains_in_bf16_true():
     torch.manual_seed(0)
     learner = ClassificationLearner(Blocks(blocks=2))
     module = MetaLearningModule(learner, ProtoNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-    trainer = L.Trainer(max_steps=2, precision="bf16-true", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        precision="bf16-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, _clusters())
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in learner.parameters())
 
 
 def test_bf16_true_is_refused_at_setup_before_any_step():
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
-    trainer = L.Trainer(max_steps=1, precision="bf16-true", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        precision="bf16-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(UnsupportedSetupError, match="bf16-true"):
         trainer.fit(module, SinusoidDataModule(meta_batch_size=2, num_val_tasks=2, num_test_tasks=2))
     assert trainer.global_step == 0
@@ -214,11 +256,23 @@ def test_strategies_that_would_shard_fast_weights_are_refused():
 
 
 def _lora_llama(**options) -> CausalLMLearner:
-    config = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 32}  # fmt: skip
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "hidden_size": 16,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 32,
+        "max_position_embeddings": 32,
+    }
     torch.manual_seed(0)
-    return CausalLMLearner(model_config=config, tokenizer="embedded-bpe-512", lora=LoraSettings(r=2, alpha=4),
-                           attn_implementation="eager", **options)  # fmt: skip
+    return CausalLMLearner(
+        model_config=config,
+        tokenizer="embedded-bpe-512",
+        lora=LoraSettings(r=2, alpha=4),
+        attn_implementation="eager",
+        **options,
+    )
 
 
 def _token_task_batch():
@@ -247,8 +301,13 @@ def test_a_frozen_base_kept_in_bf16_gives_the_adapters_the_float32_bases_gradien
     former = keep_frozen_linear_weights_in(learner, torch.bfloat16)
     found = adapters_gradients()
 
-    frozen_linear = {name for name, module in learner.named_modules() if isinstance(module, nn.Linear)
-                     for weight, p in module.named_parameters(recurse=False) if not p.requires_grad}  # fmt: skip
+    frozen_linear = {
+        name
+        for name, module in learner.named_modules()
+        if isinstance(module, nn.Linear)
+        for weight, p in module.named_parameters(recurse=False)
+        if not p.requires_grad
+    }
     assert frozen_linear and set(former) == {f"{name}.weight" for name in frozen_linear}  # no float32 copy left
     weights = dict(learner.named_parameters())
     assert all(weights[name].dtype == torch.bfloat16 for name in former)
@@ -270,9 +329,16 @@ def test_the_host_keeps_a_frozen_base_in_bf16_under_bf16_mixed_and_saves_it_in_i
             seen.append({p.dtype for p in pl_module.learner.parameters() if not p.requires_grad})
 
     batch = _token_task_batch()
-    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Spy()],
-                        limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        precision="bf16-mixed",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[Spy()],
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch, batch], batch_size=None))
     assert seen and all(torch.bfloat16 in dtypes for dtypes in seen)  # the linear layers' frozen weights
     assert all(p.dtype == torch.float32 for p in learner.parameters())  # given back when fit ends
@@ -288,9 +354,16 @@ def test_bf16_on_a_cpu_without_native_bfloat16_warns_with_the_fix_once_at_setup(
     assert scaling.slow_bf16_message("32-true", "cpu") is None
     assert scaling.slow_bf16_message("bf16-mixed", "cuda") is None
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01))
-    trainer = L.Trainer(max_steps=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, SinusoidDataModule(meta_batch_size=2, batches_per_epoch=2))

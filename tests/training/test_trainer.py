@@ -18,8 +18,9 @@ def test_trainer_has_the_commands_bar_no_summary_and_hides_framework_lines():
     assert isinstance(trainer.progress_bar_callback, MetaProgressBar)  # not Lightning's "Epoch 2/-2"
     assert not any(isinstance(callback, ModelSummary) for callback in trainer.callbacks)  # "Total FLOPs: 0"
     assert _drop_framework_lines in logging.getLogger("lightning.pytorch.utilities.rank_zero").filters
-    gpu_line = logging.LogRecord("x", logging.INFO, "/x/lightning/pytorch/trainer/setup.py", 1,
-                                 "GPU available: False (cuda)", None, None)  # fmt: skip
+    gpu_line = logging.LogRecord(
+        "x", logging.INFO, "/x/lightning/pytorch/trainer/setup.py", 1, "GPU available: False (cuda)", None, None
+    )
     assert not _drop_framework_lines(gpu_line)
 
 

@@ -43,10 +43,19 @@ def run(strategy_name: str, out: Path) -> None:
             strategy, clip = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), CLIP
         else:
             (module, datamodule), strategy, clip = ddp_module(), "ddp", None
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=worker.STEPS,
-                            gradient_clip_val=clip, num_sanity_val_steps=0, limit_val_batches=0, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False)  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=worker.STEPS,
+            gradient_clip_val=clip,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule)
         weights = get_model_state_dict(module.learner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if trainer.global_rank == 0:

@@ -47,8 +47,9 @@ class Clusters(EpisodicDataModule):
     """3-way 2-shot episodes of Gaussian clusters with random centres."""
 
     def __init__(self, ways: int = 3, shots: int = 2, queries: int = 2, features: int = 8) -> None:
-        super().__init__(meta_batch_size=2, batches_per_epoch=20, num_val_tasks=6, num_test_tasks=6,
-                         eval_meta_batch_size=2)  # fmt: skip
+        super().__init__(
+            meta_batch_size=2, batches_per_epoch=20, num_val_tasks=6, num_test_tasks=6, eval_meta_batch_size=2
+        )
         self.ways, self.shots, self.queries, self.features = ways, shots, queries, features
 
     def sample_episode(self, generator: torch.Generator, split: str) -> Episode:
@@ -65,35 +66,68 @@ class Clusters(EpisodicDataModule):
 
 
 def lm_data() -> LanguageModelingTasksDataModule:
-    return LanguageModelingTasksDataModule(tokenizer=TOKENIZER, block_size=16, shots=2, queries=2, meta_batch_size=2,
-                                           num_val_tasks=4, num_test_tasks=2, eval_meta_batch_size=2,
-                                           max_tokens_per_domain=2000)  # fmt: skip
+    return LanguageModelingTasksDataModule(
+        tokenizer=TOKENIZER,
+        block_size=16,
+        shots=2,
+        queries=2,
+        meta_batch_size=2,
+        num_val_tasks=4,
+        num_test_tasks=2,
+        eval_meta_batch_size=2,
+        max_tokens_per_domain=2000,
+    )
 
 
 def lm_learner() -> CausalLMLearner:
-    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32, "resid_pdrop": 0.0,
-              "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
-    return CausalLMLearner(model_config=config, tokenizer=TOKENIZER, lora=LoraSettings(r=2, alpha=4),
-                           meta_learn_base=True, attn_implementation="eager")  # fmt: skip
+    config = {
+        "model_type": "gpt2",
+        "n_layer": 2,
+        "n_embd": 16,
+        "n_head": 2,
+        "n_positions": 32,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
+    return CausalLMLearner(
+        model_config=config,
+        tokenizer=TOKENIZER,
+        lora=LoraSettings(r=2, alpha=4),
+        meta_learn_base=True,
+        attn_implementation="eager",
+    )
 
 
 #: name -> (learner factory, algorithm factory, datamodule factory)
 CASES = {
     "maml_all": (lambda: ClassificationLearner(Blocks()), lambda: MAML(inner_lr=0.5, inner_steps=2), Clusters),
     "maml_head": (lambda: ClassificationLearner(Blocks(), "head"), lambda: MAML(inner_lr=0.5, inner_steps=2), Clusters),
-    "maml_last_block": (lambda: ClassificationLearner(Blocks(), "last_blocks:1"),
-                        lambda: MAML(inner_lr=0.5, inner_steps=2), Clusters),
-    "fomaml_head": (lambda: ClassificationLearner(Blocks(), "head"), lambda: FOMAML(inner_lr=0.5, inner_steps=2),
-                    Clusters),
-    "reptile_last_block": (lambda: ClassificationLearner(Blocks(), ["blocks.1.*", "head"]),
-                           lambda: Reptile(inner_lr=0.5, inner_steps=2), Clusters),
+    "maml_last_block": (
+        lambda: ClassificationLearner(Blocks(), "last_blocks:1"),
+        lambda: MAML(inner_lr=0.5, inner_steps=2),
+        Clusters,
+    ),
+    "fomaml_head": (
+        lambda: ClassificationLearner(Blocks(), "head"),
+        lambda: FOMAML(inner_lr=0.5, inner_steps=2),
+        Clusters,
+    ),
+    "reptile_last_block": (
+        lambda: ClassificationLearner(Blocks(), ["blocks.1.*", "head"]),
+        lambda: Reptile(inner_lr=0.5, inner_steps=2),
+        Clusters,
+    ),
     "fomaml_all": (lambda: ClassificationLearner(Blocks()), lambda: FOMAML(inner_lr=0.5, inner_steps=2), Clusters),
     "reptile_all": (lambda: ClassificationLearner(Blocks()), lambda: Reptile(inner_lr=0.5, inner_steps=2), Clusters),
     "protonet": (lambda: ClassificationLearner(Blocks()), ProtoNet, Clusters),
-    "metasgd_head": (lambda: ClassificationLearner(Blocks(), "head"), lambda: MetaSGD(inner_lr=0.3, inner_steps=2),
-                     Clusters),
+    "metasgd_head": (
+        lambda: ClassificationLearner(Blocks(), "head"),
+        lambda: MetaSGD(inner_lr=0.3, inner_steps=2),
+        Clusters,
+    ),
     "maml_lora": (lm_learner, lambda: MAML(inner_lr=0.5, inner_steps=1), lm_data),
-}  # fmt: skip
+}
 #: Cases FSDP refuses at setup: every weight is a fast weight (see lightning_meta.training.scaling).
 DDP_ONLY = {"maml_all", "fomaml_all", "reptile_all"}
 
@@ -119,9 +153,17 @@ def run(strategy_name: str, out: Path) -> None:
         strategy = (
             ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "fsdp" else "ddp"
         )
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, num_sanity_val_steps=0,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False)  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=STEPS,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule)
         trainer.validate(module, datamodule, verbose=False)
         figures = {name: value.item() for name, value in trainer.callback_metrics.items()}
@@ -142,13 +184,23 @@ def resume(out: Path) -> None:
     for name, steps, ckpt_path in (("straight", 4, None), ("first", 2, None), ("resumed", 4, out / "step2.ckpt")):
         module, datamodule, _ = build("fomaml_head")
         checkpoint = ModelCheckpoint(dirpath=out, filename="step2", every_n_train_steps=2, save_top_k=1)
-        trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=steps, num_sanity_val_steps=0, logger=False,
-                            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                            callbacks=[checkpoint] if name == "first" else [], enable_checkpointing=name == "first",
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            max_steps=steps,
+            num_sanity_val_steps=0,
+            logger=False,
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            callbacks=[checkpoint] if name == "first" else [],
+            enable_checkpointing=name == "first",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(module, datamodule, ckpt_path=ckpt_path)
-        results[name] = get_model_state_dict(module.learner, options=StateDictOptions(full_state_dict=True,
-                                                                                     cpu_offload=True))  # fmt: skip
+        results[name] = get_model_state_dict(
+            module.learner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     if trainer.global_rank == 0:
         torch.save(results, out / "resume.pt")
 

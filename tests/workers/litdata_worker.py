@@ -40,10 +40,18 @@ def run(corpus: str, out: Path, name: str, ckpt_path: Path | None = None) -> Non
     data = LitDataTextDataModule(corpus, tokenizer="embedded-bpe-4096", block_size=16, batch_size=4, seed=3)
     every = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=out,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=6,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
         callbacks=[RecordBatches(out / name), every],
-    )  # fmt: skip
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
 
 

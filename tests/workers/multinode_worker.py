@@ -23,16 +23,32 @@ def run(out: Path) -> None:
     torch.set_num_threads(1)
     for case in CASES:
         module, datamodule, _ = build(case)
-        trainer = L.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", max_steps=STEPS,
-                            num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            num_nodes=2,
+            strategy="ddp",
+            max_steps=STEPS,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule)
         trainer.validate(module, datamodule, verbose=False)
         figures = {name: value.item() for name, value in trainer.callback_metrics.items()}
         if trainer.global_rank == 0:
             weights = {name: value.detach().clone() for name, value in module.learner.state_dict().items()}
-            torch.save({"weights": weights, "figures": figures, "num_nodes": trainer.num_nodes,
-                        "world_size": trainer.world_size}, out / f"{case}.pt")  # fmt: skip
+            torch.save(
+                {
+                    "weights": weights,
+                    "figures": figures,
+                    "num_nodes": trainer.num_nodes,
+                    "world_size": trainer.world_size,
+                },
+                out / f"{case}.pt",
+            )
 
 
 if __name__ == "__main__":
