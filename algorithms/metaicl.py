@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -10,19 +11,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_meta.data.tasks import (
-    ANSWER,
     CALIBRATION_FIELDS,
     CHANNEL_FIELDS,
-    CHOICE_CHARACTERS,
     CHOICE_FIELDS,
-    CORRECT,
-    CREDIT,
     DEMONSTRATION_FIELDS,
     IGNORE_INDEX,
     LABEL_WEIGHTS,
     POSITION_IDS,
     SEGMENT_IDS,
     TASK_PREFIX_LENGTH,
+    Choices,
     Episode,
     Split,
     TaskBatch,
@@ -327,13 +325,14 @@ class MetaICL(MetaAlgorithm):
         )
         built = dict(zip(("input_ids", "attention_mask", "labels"), conditioned, strict=True))
         built[DROPPED] = dropped
-        if options and CHOICE_FIELDS[0] in query:
-            ids, mask, labels = (query[name] for name in CHOICE_FIELDS)
+        query_choices = Choices.read(query) if options else None
+        if query_choices is not None:
+            ids, mask, labels = query_choices.input_ids, query_choices.attention_mask, query_choices.labels
             examples, count, _ = ids.shape
             longest = mask.sum(-1).amax(-1, keepdim=True).expand(examples, count).flatten()
             choice_length = self.sequence_length(learner, demonstrations, query, options=True)
             choice_lead = None if lead is None else lead[:, None].expand(examples, count).flatten()
-            choices, _ = with_demonstrations(
+            rows, _ = with_demonstrations(
                 demonstrations,
                 ids.flatten(0, 1),
                 mask.flatten(0, 1),
@@ -343,10 +342,9 @@ class MetaICL(MetaAlgorithm):
                 longest,
                 lead_lengths=choice_lead,
             )
-            built |= {
-                name: tensor.view(examples, count, -1) for name, tensor in zip(CHOICE_FIELDS, choices, strict=True)
-            }
-            built |= {name: query[name] for name in (ANSWER, CORRECT, CREDIT, CHOICE_CHARACTERS) if name in query}
+            ids, mask, labels = (tensor.view(examples, count, -1) for tensor in rows)
+            in_context = dataclasses.replace(query_choices, input_ids=ids, attention_mask=mask, labels=labels)
+            built |= in_context.fields()
             if CALIBRATION_FIELDS[0] in query:
                 built |= _option_rows(demonstrations, query, CALIBRATION_FIELDS, CHOICE_FIELDS, context, lead)
             if CHANNEL_FIELDS[0] in query:

@@ -21,21 +21,15 @@ from lightning_meta.data.tables import (
     is_missing,
 )
 from lightning_meta.data.tasks import (
-    ANSWER,
     CALIBRATION_FIELDS,
     CHANNEL_FIELDS,
     CHANNEL_SEQUENCE_FIELDS,
-    CHOICE_ATTENTION_MASK,
-    CHOICE_CHARACTERS,
-    CHOICE_INPUT_IDS,
-    CHOICE_LABELS,
-    CORRECT,
-    CREDIT,
     DEMONSTRATION_FIELDS,
     IGNORE_INDEX,
     OUTPUT_REGEX,
     STOP_STRING,
     TASK_PREFIX_LENGTH,
+    Choices,
     GenerationRule,
 )
 from lightning_meta.data.tokenization import load_tokenizer
@@ -63,7 +57,9 @@ class TextTask:
     choice_input_ids: Tensor | None = None  # (examples, options, max_length): each option after the prompt
     choice_attention_mask: Tensor | None = None
     choice_labels: Tensor | None = None  # on the option's own tokens (no end token); on an output's and its end token
-    answer: Tensor | None = None  # (examples,): index of the option that is the first output; -1 without options
+    # (examples,): index of the option that is the first output; -1 without options (a split carries only whether
+    # it is >= 0, Choices.multiple_choice, beside correct: the right answers once)
+    answer: Tensor | None = None
     correct: Tensor | None = None  # (examples, options): which choice rows are correct outputs
     credit: Tensor | None = None  # (examples, options): the grade for choosing each row (BIG-bench's target_scores)
     characters: Tensor | None = None  # (examples, options): each row's text length (lm-eval's acc_norm)
@@ -468,15 +464,17 @@ def example_rows(
         ids = torch.zeros((len(rows), options, task.input_ids.shape[1]), dtype=torch.long)
         for fields in groups:
             split |= dict(zip(fields, (ids, torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX)), strict=True))
-        return split | {
-            CHOICE_INPUT_IDS: ids,
-            CHOICE_ATTENTION_MASK: torch.zeros_like(ids),
-            CHOICE_LABELS: torch.full_like(ids, IGNORE_INDEX),
-            ANSWER: torch.full((len(rows),), -1, dtype=torch.long),
-            CORRECT: torch.zeros((len(rows), options), dtype=torch.bool),
-            CREDIT: torch.zeros((len(rows), options)),
-            CHOICE_CHARACTERS: torch.zeros((len(rows), options)),
-        }
+        no_options = torch.zeros((len(rows), options))
+        choices = Choices(
+            ids,
+            torch.zeros_like(ids),
+            torch.full_like(ids, IGNORE_INDEX),
+            correct=no_options.bool(),
+            multiple_choice=torch.zeros(len(rows), dtype=torch.bool),
+            credit=no_options,
+            characters=no_options,
+        )
+        return split | choices.fields()
     padding = options - task.choice_input_ids.shape[1]
     pad = functools.partial(torch.nn.functional.pad, pad=(0, 0, 0, padding))
     for fields, stacked in groups.items():
@@ -485,15 +483,16 @@ def example_rows(
             name: pad(tensor, value=value)
             for name, tensor, value in zip(fields, stacked[rows].unbind(1), values, strict=True)
         }
-    return split | {
-        CHOICE_INPUT_IDS: pad(task.choice_input_ids[rows]),
-        CHOICE_ATTENTION_MASK: pad(task.choice_attention_mask[rows]),
-        CHOICE_LABELS: pad(task.choice_labels[rows], value=IGNORE_INDEX),
-        ANSWER: task.answer[rows],
-        CORRECT: torch.nn.functional.pad(task.correct[rows], (0, padding)),
-        CREDIT: torch.nn.functional.pad(task.credit[rows], (0, padding)),
-        CHOICE_CHARACTERS: torch.nn.functional.pad(task.characters[rows], (0, padding)),
-    }
+    choices = Choices(
+        pad(task.choice_input_ids[rows]),
+        pad(task.choice_attention_mask[rows]),
+        pad(task.choice_labels[rows], value=IGNORE_INDEX),
+        correct=torch.nn.functional.pad(task.correct[rows], (0, padding)),
+        multiple_choice=task.answer[rows] >= 0,
+        credit=torch.nn.functional.pad(task.credit[rows], (0, padding)),
+        characters=torch.nn.functional.pad(task.characters[rows], (0, padding)),
+    )
+    return split | choices.fields()
 
 
 def parse_options(options: Any) -> tuple[str, ...] | None:

@@ -247,14 +247,14 @@ def hash_text(text: str) -> int:
 
 def chance(episode: Any) -> float:
     """Expected accuracy of a uniform guess over each query example's options (0 for generative examples)."""
-    from lightning_meta.data.tasks import ANSWER, CHOICE_ATTENTION_MASK, CORRECT
+    from lightning_meta.data.tasks import Choices
 
-    query = episode.query
-    if ANSWER not in query:
+    choices = Choices.read(episode.query)
+    if choices is None:
         return 0.0
-    options = query[CHOICE_ATTENTION_MASK].any(-1).sum(-1).clamp_min(1)
-    guess = query[CORRECT].sum(-1) / options
-    return float((guess * (query[ANSWER] >= 0)).mean())
+    options = choices.attention_mask.any(-1).sum(-1).clamp_min(1)
+    guess = choices.correct.sum(-1) / options
+    return float((guess * choices.multiple_choice).mean())
 
 
 # ------------------------------------------------------------------------------------ one arm

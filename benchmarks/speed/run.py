@@ -73,7 +73,7 @@ from torch.func import functional_call
 
 from lightning_meta import MLP, CausalLMLearner, ClassificationLearner, Episode, RegressionLearner, TaskBatch
 from lightning_meta.algorithms import FOMAML, MAML, MetaAlgorithm, MetaICL, MultiTask, ProtoNet, Reptile
-from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CORRECT, IGNORE_INDEX, MASK_FIELDS
+from lightning_meta.data.tasks import IGNORE_INDEX, MASK_FIELDS, Choices
 from lightning_meta.datamodules import TextToTextTasksDataModule
 from lightning_meta.learners.base import Learner
 from lightning_meta.learners.language_models import LoraSettings, ReadLogits
@@ -474,17 +474,18 @@ def w3_data(count: int, queries: int = 4) -> tuple[list[TaskBatch], Episode]:
 
 def with_options(episode: Episode, count: int) -> Episode:
     """``episode`` with ``count`` options per query example: its answer and the first others, in their order."""
-    query, answers = dict(episode.query), episode.query[ANSWER].tolist()
+    query = dict(episode.query)
+    choices = Choices.read(query)
+    answers = choices.correct.float().argmax(-1).tolist()  # each example's first correct option
     kept = [
-        sorted({answer} | set(sorted(set(range(query[CHOICE_INPUT_IDS].shape[1])) - {answer})[: count - 1]))
+        sorted({answer} | set(sorted(set(range(choices.correct.shape[1])) - {answer})[: count - 1]))
         for answer in answers
     ]
     rows = torch.tensor(kept)
-    for name in (*CHOICE_FIELDS, CORRECT):
-        if name in query:
-            index = rows.view(*rows.shape, *([1] * (query[name].dim() - 2))).expand(-1, -1, *query[name].shape[2:])
-            query[name] = query[name].gather(1, index)
-    query[ANSWER] = torch.tensor([row.index(answer) for row, answer in zip(kept, answers, strict=True)])
+    for name, tensor in choices.fields().items():
+        if tensor.dim() >= 2:  # the per-option fields
+            index = rows.view(*rows.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+            query[name] = tensor.gather(1, index)
     return Episode(episode.support, query, episode.ways, episode.shots, episode.metadata)
 
 
@@ -665,7 +666,7 @@ def w3(warmup: int, steps: int) -> None:
         f"W3: SmolLM2-135M, LoRA r 8 ({sum(p.numel() for p in learner.parameters() if p.requires_grad):,} adapter "
         f"weights), 2 tasks x (4 + 4) gym examples, mean real length {lengths.mean():.1f} tokens "
         f"(max_length {W3_MAX_LENGTH}); {tokens['step']:.0f} real tokens per meta-batch, MetaICL sequences "
-        f"{tokens['metaicl']:.0f}; evaluation: one MetaICL episode, {episode.query[CHOICE_INPUT_IDS].shape[0]} "
+        f"{tokens['metaicl']:.0f}; evaluation: one MetaICL episode, {episode.query['input_ids'].shape[0]} "
         f"queries x {W3_OPTIONS} options",
         flush=True,
     )
@@ -748,7 +749,7 @@ def w3_metaicl(warmup: int, steps: int) -> None:
     print(
         f"W3 MetaICL (bf16-mixed): {len(batches[0])} episodes x (4 demonstrations + 4 queries) per meta-batch, "
         f"{tokens['separate']:.0f} real tokens in one sequence per query, {tokens['packed']:.0f} packed; "
-        f"evaluation: {episode.query[CHOICE_INPUT_IDS].shape[0]} queries x {W3_OPTIONS} options",
+        f"evaluation: {episode.query['input_ids'].shape[0]} queries x {W3_OPTIONS} options",
         flush=True,
     )
     t = alternate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,16 +19,22 @@ PADDING_KEY = "evaluation_padding"
 IGNORE_INDEX = -100
 #: Fields of a split that lists each example's options (text-to-text classification), each shaped
 #: ``(examples, options, tokens)``: every option written after the example's prompt, its ``labels``
-#: on the option's tokens only (all ``IGNORE_INDEX`` for padding options). ``ANSWER`` ``(examples,)``
-#: is the index of the right option, -1 where the example's task lists none.
+#: on the option's tokens only (all ``IGNORE_INDEX`` for padding options). Read them, and the fields below that
+#: describe them, through :class:`Choices`.
 CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS = "choice_input_ids", "choice_attention_mask", "choice_labels"
 CHOICE_FIELDS = (CHOICE_INPUT_IDS, CHOICE_ATTENTION_MASK, CHOICE_LABELS)
+#: ``(examples,)`` bool: whether the example is answered by choosing one of its options (graded by :data:`CREDIT`);
+#: where false, its choice rows are its correct outputs, any of which greedy decoding may write (exact match).
+MULTIPLE_CHOICE = "multiple_choice"
+#: An earlier version's ``(examples,)`` index of the right option (-1 where the example lists no options), which
+#: repeated :data:`CORRECT`. Splits built by the datamodules no longer carry it; :meth:`Choices.read` still reads
+#: a split that has it instead of :data:`MULTIPLE_CHOICE` (and without :data:`CORRECT`, the one option it names).
 ANSWER = "answer"
 #: Episode metadata of a control task (:mod:`lightning_meta.datamodules.control_tasks`, or a table's ``ceiling``
 #: column): the best accuracy a reader of the support can reach, and a uniform guess's, as 0-dim tensors.
 CEILING, CHANCE = "ceiling", "chance"
 #: ``(examples, options)`` bool: which choice rows are correct outputs. An example without options but with
-#: several correct outputs lists those outputs as its choice rows (``ANSWER`` -1), so that exact match
+#: several correct outputs lists those outputs as its choice rows (:data:`MULTIPLE_CHOICE` false), so that exact match
 #: accepts any of them; a multiple-choice example may mark several options correct.
 CORRECT = "correct"
 #: ``(examples, options)`` float: the grade an example earns when its option is chosen: BIG-bench's
@@ -63,6 +70,83 @@ TASK_PREFIX_LENGTH = "task_prefix_length"
 #: Episode metadata of an evaluation episode (text): its task's stop string and output regular expression, ``""``
 #: where the task gives none (BIG-bench's ``stop_string`` and ``output_regex``; :func:`generation_rule` reads them).
 STOP_STRING, OUTPUT_REGEX = "stop_string", "output_regex"
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A split's options, typed: the rows each example's options are scored on and what grades them, the right
+    answers encoded once (:attr:`correct`).
+
+    A split carries them as flat fields (:data:`CHOICE_FIELDS`, :data:`MULTIPLE_CHOICE`, :data:`CORRECT`,
+    :data:`CREDIT`, :data:`CHOICE_CHARACTERS`): the form that stacking episodes, padding, device moves and
+    ``torch.func.vmap`` walk by key. :meth:`read` and :meth:`fields` are the one reader and the one writer of that
+    form: the datamodules write a split's options with ``split | Choices(...).fields()``, and the learner and
+    MetaICL read them with ``Choices.read(split)``. The tensors' leading dimensions are the split's (``(examples,
+    ...)`` for one episode; a stacked batch has an episode dimension first).
+    """
+
+    input_ids: Tensor  #: ``(examples, options, tokens)``: each option written after the example's prompt
+    attention_mask: Tensor
+    labels: Tensor  #: on the option's own tokens; all ``IGNORE_INDEX`` for a padding option
+    correct: Tensor  #: ``(examples, options)`` bool: which rows are right (several may be)
+    multiple_choice: Tensor  #: ``(examples,)`` bool: see :data:`MULTIPLE_CHOICE`
+    credit: Tensor  #: ``(examples, options)`` float: the grade for choosing each row
+    characters: Tensor  #: ``(examples, options)`` float: each option's length in characters
+
+    @classmethod
+    def read(cls, split: Mapping[str, Tensor]) -> Choices | None:
+        """The options ``split`` lists, or ``None`` where it lists none. Defaults, for splits written by hand: the
+        credit of a correct row is 1 and of the others 0; an option's characters are its labelled tokens (so
+        ``per_char`` reads as ``per_token``). A split of an earlier version (:data:`ANSWER` instead of
+        :data:`MULTIPLE_CHOICE`) reads as the same choices."""
+        if CHOICE_INPUT_IDS not in split:
+            return None
+        input_ids, attention_mask, labels = (split[name] for name in CHOICE_FIELDS)
+        answer, multiple_choice, correct = split.get(ANSWER), split.get(MULTIPLE_CHOICE), split.get(CORRECT)
+        if answer is None and (multiple_choice is None or correct is None):
+            given = ", ".join(name for name in (MULTIPLE_CHOICE, CORRECT) if name in split) or "neither"
+            raise ValueError(
+                f"The split lists options ({CHOICE_INPUT_IDS}) but not which are right: it has {given} of "
+                f"{MULTIPLE_CHOICE!r} and {CORRECT!r}. Write the options with lightning_meta.data.tasks.Choices"
+                "(...).fields(), which writes both."
+            )
+        if multiple_choice is None:
+            multiple_choice = answer >= 0
+        if correct is None:
+            options = input_ids.shape[-2]
+            correct = torch.nn.functional.one_hot(answer.clamp_min(0), options).bool() & multiple_choice[..., None]
+        credit = split.get(CREDIT)
+        characters = split.get(CHOICE_CHARACTERS)
+        return cls(
+            input_ids,
+            attention_mask,
+            labels,
+            correct.bool(),
+            multiple_choice.bool(),
+            correct.float() if credit is None else credit.float(),
+            (labels != IGNORE_INDEX).sum(-1).float() if characters is None else characters,
+        )
+
+    def fields(self) -> dict[str, Tensor]:
+        """The split fields that carry these choices (what :meth:`read` reads back)."""
+        return {
+            CHOICE_INPUT_IDS: self.input_ids,
+            CHOICE_ATTENTION_MASK: self.attention_mask,
+            CHOICE_LABELS: self.labels,
+            MULTIPLE_CHOICE: self.multiple_choice,
+            CORRECT: self.correct,
+            CREDIT: self.credit,
+            CHOICE_CHARACTERS: self.characters,
+        }
+
+    def rows(self, index: Tensor) -> Choices:
+        """The choices of the examples ``index`` selects (along the first dimension)."""
+        return Choices(*(getattr(self, name.name)[index] for name in dataclasses.fields(self)))
+
+    @property
+    def scored(self) -> Tensor:
+        """``(examples,)`` bool: examples with at least one correct row (only they are scored)."""
+        return self.correct.any(-1)
 
 
 @dataclass(frozen=True)

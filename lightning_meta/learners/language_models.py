@@ -31,20 +31,16 @@ from lightning_meta._compat import (
 )
 from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
 from lightning_meta.data.tasks import (
-    ANSWER,
     CALIBRATION_FIELDS,
     CHANNEL_FIELDS,
     CHOICE_ATTENTION_MASK,
-    CHOICE_CHARACTERS,
-    CHOICE_FIELDS,
     CHOICE_INPUT_IDS,
     CHOICE_LABELS,
-    CORRECT,
-    CREDIT,
     IGNORE_INDEX,
     LABEL_WEIGHTS,
     POSITION_IDS,
     SEGMENT_IDS,
+    Choices,
     GenerationRule,
     Split,
 )
@@ -358,20 +354,21 @@ class CausalLMLearner(Learner):
 
         ``exact_match``: the share of sequences whose every labelled token is the model's most
         likely next token, i.e. greedy decoding reproduces the output (and its end token).
-        ``accuracy``: where the split lists options (:data:`CHOICE_FIELDS`), the mean grade of the
-        option the ``scoring`` rule chooses (its :data:`CREDIT`, BIG-bench's ``multiple_choice_grade``;
-        without it 1 when the option is among the :data:`CORRECT` rows, else 0); for examples without
-        options (``answer`` = -1) their exact match. Every rule is reported as ``accuracy_<rule>``:
+        ``accuracy``: where the split lists options (:class:`Choices`), the mean grade of the
+        option the ``scoring`` rule chooses (its :attr:`Choices.credit`, BIG-bench's ``multiple_choice_grade``;
+        without it 1 when the option is among the :attr:`Choices.correct` rows, else 0); for examples without
+        options (:attr:`Choices.multiple_choice` false) their exact match. Every rule is reported as
+        ``accuracy_<rule>``:
         ``accuracy_sum`` (the option's summed log-probability of its own tokens, no end token:
         BIG-bench's rank classification, lm-eval's ``acc``), ``accuracy_per_token`` (divided by its token
         count: the sum favours short options), ``accuracy_per_char`` (divided by its length in
-        characters, :data:`CHOICE_CHARACTERS`: lm-eval's ``acc_norm``); where the split carries their rows,
+        characters, :attr:`Choices.characters`: lm-eval's ``acc_norm``); where the split carries their rows,
         ``accuracy_calibrated`` (the sum minus the option's summed log-probability after the content-free prompt,
         :data:`CALIBRATION_FIELDS`: one more prompt) and ``accuracy_channel`` (the summed log-probability of the
         prompt written after the option, :data:`CHANNEL_FIELDS`). ``correct_probability``: the
         probability mass on the correct options, normalised over the example's options (a softmax of
         the sums): it moves before argmax accuracy does. An example with several correct outputs
-        (choice rows marked :data:`CORRECT`) is an exact match when greedy decoding writes any of them
+        (choice rows marked :attr:`Choices.correct`) is an exact match when greedy decoding writes any of them
         (and its end token); a multiple-choice example, when greedy decoding writes a correct option's tokens.
         ``parallel``: under ``torch.func.vmap`` the options are scored without host syncs
         (:meth:`option_scores`). ``prefixes``: the rows of a mask field (``attention_mask``, or an option field's
@@ -393,17 +390,17 @@ class CausalLMLearner(Learner):
             exact = read.greedy(len(labels))
             if generation is not None and generation.cuts and not parallel and not prefixes:
                 exact = self._generated_matches(split, params, generation, exact)
-            if CHOICE_INPUT_IDS in split:
-                grades, writes_correct = self._choices(split, params, parallel, prefixes)
+            choices = Choices.read(split)
+            if choices is not None:
+                grades, writes_correct = self._choices(split, choices, params, parallel, prefixes)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
-                answer = split[ANSWER]
                 grades = {
                     ("correct_" if rule == "probability" else "accuracy_") + rule: grade
                     for rule, grade in grades.items()
                 }
                 grades = {"accuracy": grades[f"accuracy_{self.scoring}"]} | grades  # _choices checks it is there
                 for name, grade in grades.items():
-                    metrics[name] = torch.where(answer >= 0, grade, exact.to(grade.dtype)).mean()
+                    metrics[name] = torch.where(choices.multiple_choice, grade, exact.to(grade.dtype)).mean()
             metrics["exact_match"] = exact.float().mean()
             return metrics
 
@@ -426,24 +423,25 @@ class CausalLMLearner(Learner):
     def _generated_matches(
         self, split: Split, params: Mapping[str, Tensor] | None, rule: GenerationRule, exact: Tensor
     ) -> Tensor:
-        """``exact`` with each example without options (``answer`` -1, or every example of a split without them)
+        """``exact`` with each example without options (:attr:`Choices.multiple_choice` false, or every example of a
+        split without choices)
         judged by its generated output, cut by ``rule``, against its correct outputs (its ``labels``' output and, with
-        several, its :data:`CORRECT` choice rows), as BIG-bench's ``exact_str_match`` compares them. The text between
+        several, its correct choice rows), as BIG-bench's ``exact_str_match`` compares them. The text between
         prompt and output (a space, or none after a prompt ending in whitespace) is not part of either. Decodes up to
         :data:`GENERATED_TOKENS_PAST_TARGET` tokens past the longest correct output."""
         tokenizer = load_tokenizer(self.tokenizer)
         labels = split["labels"]
-        answer = split.get(ANSWER)
-        rows = range(len(labels)) if answer is None else torch.nonzero(answer < 0).flatten().tolist()
+        choices = Choices.read(split)
+        rows = range(len(labels)) if choices is None else torch.nonzero(~choices.multiple_choice).flatten().tolist()
         matches = exact.clone()
         for row in rows:
             labelled = torch.nonzero(labels[row] != IGNORE_INDEX).flatten()
             if not len(labelled):
                 continue
             targets = [labels[row, labelled].tolist()]
-            if CORRECT in split:
-                for option in torch.nonzero(split[CORRECT][row]).flatten().tolist():
-                    row_labels = split[CHOICE_LABELS][row, option]
+            if choices is not None:
+                for option in torch.nonzero(choices.correct[row]).flatten().tolist():
+                    row_labels = choices.labels[row, option]
                     targets.append(row_labels[row_labels != IGNORE_INDEX].tolist())
             eos = self.transformer.config.eos_token_id
             texts = [tokenizer.decode(target[:-1] if target and target[-1] == eos else target) for target in targets]
@@ -456,29 +454,23 @@ class CausalLMLearner(Learner):
         return matches
 
     def _choices(
-        self, split: Split, params: Mapping[str, Tensor] | None, parallel: bool, prefixes: Mapping[str, Prefix]
+        self,
+        split: Split,
+        choices: Choices,
+        params: Mapping[str, Tensor] | None,
+        parallel: bool,
+        prefixes: Mapping[str, Prefix],
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Per example: the grade of the option each scoring rule chooses (``sum``: the highest summed
         log-probability; ``per_token``: the highest per token), and whether greedy decoding writes a
-        correct choice row (:data:`CORRECT`; without it, the answer's row). A chosen option's grade is
-        its :data:`CREDIT` (BIG-bench's ``multiple_choice_grade``: partial credit), without it 1 when
-        it is correct and 0 otherwise.
+        correct choice row (:attr:`Choices.correct`). A chosen option's grade is its :attr:`Choices.credit`
+        (BIG-bench's ``multiple_choice_grade``: partial credit).
 
         Only examples with a correct row are scored (one host sync, at evaluation only); at least
         one row always runs, so that every rank of a sharded model runs the same forwards. With
         ``parallel`` (under ``torch.func.vmap``, where shapes cannot depend on the data) every example
         is scored; one without a correct row comes out false all the same.
         """
-        answer = split[ANSWER]
-        correct_rows = split.get(CORRECT)
-        if correct_rows is None:
-            options = split[CHOICE_INPUT_IDS].shape[1]
-            correct_rows = F.one_hot(answer.clamp_min(0), options).bool() & (answer >= 0)[:, None]
-        credit = split.get(CREDIT)
-        credit = correct_rows.float() if credit is None else credit.float()
-        characters = split.get(CHOICE_CHARACTERS)
-        if characters is None:  # a split built without the lengths: per character reads as per token
-            characters = (split[CHOICE_LABELS] != IGNORE_INDEX).sum(-1).float()
         rule_rows = {rule: fields for rule, (fields, _) in _RULE_ROWS.items() if fields[0] in split}
         rule_prefixes = {rule: prefixes.get(fields[1]) for rule, fields in rule_rows.items()}
         rule_prefixes["sum"] = prefixes.get(CHOICE_ATTENTION_MASK)
@@ -490,62 +482,44 @@ class CausalLMLearner(Learner):
             )
         if parallel:
             others = {rule: tuple(split[name] for name in fields) for rule, fields in rule_rows.items()}
-            return self._choice_flags(
-                *(split[name] for name in CHOICE_FIELDS),
-                correct_rows,
-                credit,
-                characters,
-                params,
-                parallel,
-                others,
-                rule_prefixes,
-            )
-        listed_rows = torch.nonzero(correct_rows.any(1)).flatten()
+            return self._choice_flags(choices, params, parallel, others, rule_prefixes)
+        listed_rows = torch.nonzero(choices.scored).flatten()
         # Without any, row 0 runs (its correct row is all false, so are its flags).
-        rows = listed_rows if len(listed_rows) else answer.new_zeros(1)
+        rows = listed_rows if len(listed_rows) else listed_rows.new_zeros(1)
         others = {rule: tuple(split[name][rows] for name in fields) for rule, fields in rule_rows.items()}
-        grades, writes_correct = self._choice_flags(
-            *(split[name][rows] for name in CHOICE_FIELDS),
-            correct_rows[rows],
-            credit[rows],
-            characters[rows],
-            params,
-            others=others,
-            prefixes=rule_prefixes,
-        )
+        grades, writes_correct = self._choice_flags(choices.rows(rows), params, others=others, prefixes=rule_prefixes)
         # Examples not scored (no correct row) grade 0, as an unscored parallel example does.
-        grades = {rule: grade.new_zeros(answer.shape).index_put((rows,), grade) for rule, grade in grades.items()}
-        return grades, torch.zeros_like(answer, dtype=torch.bool).index_put((rows,), writes_correct)
+        examples = choices.multiple_choice.shape
+        grades = {rule: grade.new_zeros(examples).index_put((rows,), grade) for rule, grade in grades.items()}
+        return grades, torch.zeros(examples, dtype=torch.bool, device=rows.device).index_put((rows,), writes_correct)
 
     def _choice_flags(
         self,
-        ids: Tensor,
-        mask: Tensor,
-        labels: Tensor,
-        correct: Tensor,
-        credit: Tensor,
-        characters: Tensor,
+        choices: Choices,
         params: Mapping[str, Tensor] | None,
         parallel: bool = False,
         others: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None,
         prefixes: Mapping[str, Prefix | None] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """:meth:`_choices`' grades (and ``probability``) and greedy flags for the examples of ``ids``, ``mask``,
-        ``labels``, ``correct``, ``credit`` and ``characters``; ``others``: the rows of the ``calibrated`` and
-        ``channel`` rules, by rule (ids, mask and labels shaped like ``ids``), where the split has them;
+        """:meth:`_choices`' grades (and ``probability``) and greedy flags for the examples of ``choices``;
+        ``others``: the rows of the ``calibrated`` and ``channel`` rules, by rule (ids, mask and labels shaped like
+        the options'), where the split has them;
         ``prefixes``: the :class:`Prefix` each rule's rows continue after (``sum``: the options'), by rule."""
         prefixes = prefixes or {}
+        ids, mask, labels, correct = choices.input_ids, choices.attention_mask, choices.labels, choices.correct
         scores, greedy = self.option_scores(ids, mask, labels, params, parallel=parallel, prefix=prefixes.get("sum"))
         rules = {  # padding options stay -inf under every rule
             "sum": scores,
             "per_token": scores / (labels != IGNORE_INDEX).sum(-1).clamp_min(1),
-            "per_char": scores / characters.clamp_min(1),
+            "per_char": scores / choices.characters.clamp_min(1),
         }
         for rule, rows in (others or {}).items():
             other, _ = self.option_scores(*rows, params, parallel=parallel, prefix=prefixes.get(rule))
             # calibrated: log p(option | prompt) - log p(option | content-free prompt); channel: log p(prompt | option)
             rules[rule] = torch.where(scores.isfinite(), scores - other, scores) if rule == "calibrated" else other
-        grades = {rule: credit.gather(1, values.argmax(1, keepdim=True))[:, 0] for rule, values in rules.items()}
+        grades = {
+            rule: choices.credit.gather(1, values.argmax(1, keepdim=True))[:, 0] for rule, values in rules.items()
+        }
         # The probability mass on the correct options among the example's options (a softmax of the sums): it moves
         # before the argmax does.
         grades["probability"] = (torch.softmax(scores, 1) * correct).sum(1)

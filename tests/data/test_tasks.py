@@ -1,4 +1,4 @@
-"""Task batches: shape checks, empty splits, episodes, and non-finite inner losses."""
+"""Task batches: shape checks, empty splits, episodes, non-finite inner losses, and a split's typed options."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_meta.algorithms import MAML, Reptile
-from lightning_meta.data.tasks import TaskBatch
+from lightning_meta.data.tasks import Choices, TaskBatch
 from lightning_meta.learners.base import DataError
 
 from conftest import regression_batch
@@ -103,3 +103,63 @@ def test_a_generation_rule_is_read_from_episode_metadata_and_refuses_a_regex_of_
         GenerationRule(None, "(a)(b)")
     with pytest.raises(ValueError, match=r"output_regex '\(' is not a regular expression"):
         GenerationRule(None, "(")
+
+
+def _choices(examples: int = 3, options: int = 4, tokens: int = 5) -> Choices:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (examples, options, tokens), generator=generator)
+    correct = torch.zeros(examples, options, dtype=torch.bool)
+    correct[0, 2] = correct[1, 0] = correct[1, 3] = correct[2, 1] = True
+    return Choices(
+        ids,
+        torch.ones_like(ids),
+        ids.clone(),
+        correct=correct,
+        multiple_choice=torch.tensor([True, True, False]),
+        credit=torch.rand(examples, options, generator=generator),
+        characters=torch.randint(1, 9, (examples, options), generator=generator).float(),
+    )
+
+
+def test_choices_read_back_what_they_write_and_select_rows():
+    from lightning_meta.data.tasks import CORRECT, MULTIPLE_CHOICE
+
+    choices = _choices()
+    split = {"input_ids": torch.zeros(3, 5, dtype=torch.long)} | choices.fields()
+    assert {MULTIPLE_CHOICE, CORRECT} <= set(split) and "answer" not in split  # the right answers, once
+    read = Choices.read(split)
+    for field in ("input_ids", "attention_mask", "labels", "correct", "multiple_choice", "credit", "characters"):
+        assert torch.equal(getattr(read, field), getattr(choices, field)), field
+    rows = read.rows(torch.tensor([2, 0]))
+    assert torch.equal(rows.correct, choices.correct[[2, 0]]) and rows.multiple_choice.tolist() == [False, True]
+    assert read.scored.tolist() == [True, True, True]
+    assert Choices.read({"input_ids": torch.zeros(3, 5)}) is None  # a split without options
+
+
+def test_an_earlier_versions_answer_index_reads_as_the_same_choices():
+    """Splits of earlier versions (and hand-written ones) name the right option by index, -1 for none; without
+    credit or characters, a correct option earns 1 and per character reads per token."""
+    from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, IGNORE_INDEX
+
+    ids = torch.arange(3 * 4 * 5).view(3, 4, 5)
+    labels = ids.masked_fill(torch.arange(5) < 2, IGNORE_INDEX)  # 3 labelled tokens per option
+    read = Choices.read(
+        dict(zip(CHOICE_FIELDS, (ids, torch.ones_like(ids), labels), strict=True)) | {ANSWER: torch.tensor([2, -1, 0])}
+    )
+    assert read.multiple_choice.tolist() == [True, False, True]
+    assert read.correct.tolist() == [[False, False, True, False], [False] * 4, [True, False, False, False]]
+    assert torch.equal(read.credit, read.correct.float())
+    assert torch.equal(read.characters, torch.full((3, 4), 3.0))
+
+
+def test_options_without_their_right_answers_are_refused_with_the_fix():
+    from lightning_meta.data.tasks import CHOICE_FIELDS, CORRECT
+
+    choices = _choices()
+    split = {name: tensor for name, tensor in choices.fields().items() if name in (*CHOICE_FIELDS, CORRECT)}
+    with pytest.raises(
+        ValueError,
+        match=r"not which are right: it has correct of 'multiple_choice' and 'correct'.*"
+        r"Choices\(\.\.\.\)\.fields\(\)",
+    ):
+        Choices.read(split)

@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lightning_meta.data.tasks import ANSWER, CEILING, CHANCE, CHOICE_LABELS, IGNORE_INDEX
+from lightning_meta.data.tasks import CEILING, CHANCE, CHOICE_LABELS, IGNORE_INDEX, Choices
 from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import TextToTextTasksDataModule
 from lightning_meta.datamodules.control_tasks import (
@@ -59,6 +59,13 @@ def test_label_mapping_ceiling_is_exact(classes, shots):
     assert label_mapping_ceiling(classes, shots) == pytest.approx(float(exact_ceiling(classes, shots)), abs=1e-12)
 
 
+def right_options(query) -> list[int]:
+    """Each query example's one right option (a control task marks exactly one)."""
+    choices = Choices.read(query)
+    assert choices.multiple_choice.all() and (choices.correct.sum(-1) == 1).all()
+    return choices.correct.float().argmax(-1).tolist()
+
+
 def bayes_reader(support, query) -> list[float]:
     """Each query's probability of being right for the Bayes-optimal reader of the support (token level): the
     label the support gives a seen input, else a uniform guess among the options no support example shows."""
@@ -68,7 +75,12 @@ def bayes_reader(support, query) -> list[float]:
         label_of[tuple(ids[~labelled & mask.bool()].tolist())] = int(labels[labelled][0])
     chances = []
     for ids, labels, mask, choices, answer in zip(
-        query["input_ids"], query["labels"], query["attention_mask"], query[CHOICE_LABELS], query[ANSWER], strict=True
+        query["input_ids"],
+        query["labels"],
+        query["attention_mask"],
+        query[CHOICE_LABELS],
+        right_options(query),
+        strict=True,
     ):
         labelled = labels != IGNORE_INDEX
         options = [int(row[row != IGNORE_INDEX][0]) for row in choices if (row != IGNORE_INDEX).any()]

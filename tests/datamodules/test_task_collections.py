@@ -653,7 +653,7 @@ def test_graded_target_scores_give_bigbench_partial_credit(tmp_path):
     import torch
 
     from lightning_meta import CausalLMLearner
-    from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CORRECT, CREDIT
+    from lightning_meta.data.tasks import CHOICE_FIELDS, CORRECT, CREDIT, Choices
 
     grades = {"right": 1, "nearly": 0.5, "wrong": 0, "far off": -0.25}
     graded = [{"input": f"how close is {WORDS[i % 12]} {i}?", "target_scores": grades} for i in range(8)]
@@ -689,7 +689,7 @@ def test_graded_target_scores_give_bigbench_partial_credit(tmp_path):
     options = module.examples["graded"]["options"]
     rows_asked = module.eval_batches("val")[0].episode(0).metadata["example_ids"][2:].tolist()
     expected = [grades[options[row][int(option)]] for row, option in zip(rows_asked, scores.argmax(1), strict=True)]
-    assert (query[ANSWER] >= 0).all()
+    assert Choices.read(query).multiple_choice.all()
     assert float(figures["accuracy"]) == pytest.approx(sum(expected) / len(expected))
     assert len(set(expected)) > 1 or expected[0] not in (0, 1)  # partial credit is exercised, not only 0 and 1
 

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_meta.data.tasks import ANSWER, CHOICE_FIELDS, CHOICE_INPUT_IDS, CHOICE_LABELS, CORRECT, IGNORE_INDEX
+from lightning_meta.data.tasks import (
+    ANSWER,
+    CHOICE_FIELDS,
+    CHOICE_INPUT_IDS,
+    CHOICE_LABELS,
+    CORRECT,
+    IGNORE_INDEX,
+    MULTIPLE_CHOICE,
+    Choices,
+)
 from lightning_meta.data.tokenization import load_tokenizer
 from lightning_meta.datamodules import TextToTextTasksDataModule, templates, text_encoding, text_to_text
 
@@ -82,13 +91,16 @@ def test_options_are_written_after_the_prompt_and_the_answer_points_at_the_outpu
     for episode in batch.episodes():
         task = module.examples[episode.metadata["task"]]
         query = episode.query
+        choices = Choices.read(query)
         for position, row in enumerate(episode.metadata["example_ids"][3:].tolist()):
-            answer = int(query[ANSWER][position])
             options = task["options"][row]
             if options is None:
-                assert answer == -1 and (query[CHOICE_LABELS][position] == IGNORE_INDEX).all()
+                assert not choices.multiple_choice[position] and (query[CHOICE_LABELS][position] == IGNORE_INDEX).all()
                 continue
-            assert options[answer] == task["outputs"][row][0]
+            assert choices.multiple_choice[position]
+            correct = torch.nonzero(choices.correct[position]).flatten().tolist()
+            assert [options[option] for option in correct] == [o for o in options if o in task["outputs"][row]]
+            assert task["outputs"][row][0] in [options[option] for option in correct]
             for option, (ids, labels) in enumerate(
                 zip(query[CHOICE_INPUT_IDS][position], query[CHOICE_LABELS][position], strict=True)
             ):
@@ -199,8 +211,8 @@ def test_the_gym_is_the_default_and_its_held_out_families_stay_out_of_training()
     batch = module.train_batch(0)
     assert set(batch.metadata["family"]) == {"word_map"}
     # label_permutation lists options: every episode carries them, padded for tasks without.
-    assert module.eval_batches("val")[0].query[ANSWER].min() >= 0
-    assert (module.eval_batches("test")[0].query[ANSWER] == -1).all()
+    assert Choices.read(module.eval_batches("val")[0].query).multiple_choice.all()
+    assert not Choices.read(module.eval_batches("test")[0].query).multiple_choice.any()
 
 
 def test_a_task_file_in_two_formats_is_refused_naming_both(tmp_path):
@@ -405,7 +417,7 @@ def test_tasks_keep_their_own_option_count_and_episodes_are_padded_to_their_spli
 def test_training_batches_carry_no_options_and_evaluation_batches_keep_them(tmp_path):
     """Training never reads options: a BIG-bench batch would carry and data-check ~100 rows per example each step."""
     module = datamodule(write_tasks(tmp_path), val_families=["f1"], test_families=["f2"], meta_batch_size=4)
-    option_fields = {*CHOICE_FIELDS, ANSWER, CORRECT}
+    option_fields = {*CHOICE_FIELDS, MULTIPLE_CHOICE, CORRECT}
     batches = [module.train_batch(index) for index in range(4)]
     assert "t0" in {task for batch in batches for task in batch.metadata["task"]}  # a training task with options
     for batch in batches:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from lightning_meta import CausalLMLearner, LoraSettings
-from lightning_meta.data.tasks import ANSWER, CHOICE_ATTENTION_MASK, CHOICE_INPUT_IDS, CHOICE_LABELS, IGNORE_INDEX
+from lightning_meta.data.tasks import (
+    ANSWER,
+    CHOICE_ATTENTION_MASK,
+    CHOICE_INPUT_IDS,
+    CHOICE_LABELS,
+    IGNORE_INDEX,
+    Choices,
+)
 
 from conftest import tiny_language_models
 
@@ -199,11 +206,13 @@ def test_an_option_scores_its_own_tokens_given_the_prompt_without_the_end_token(
             torch.testing.assert_close(scores[example, column], expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("encoding", ["choices", "answer index"])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_every_scoring_rule_and_the_correct_probability_match_an_independent_computation(parallel):
+def test_every_scoring_rule_and_the_correct_probability_match_an_independent_computation(parallel, encoding):
     """``accuracy_sum``, ``accuracy_per_token``, ``accuracy_per_char`` (lm-eval's acc_norm: divided by the option's
     characters) and ``correct_probability`` (softmax of the sums over the example's options) from one forward per
-    option (float64); ``scoring`` picks which is ``accuracy``; under vmap (``parallel``) the same."""
+    option (float64); ``scoring`` picks which is ``accuracy``; under vmap (``parallel``) the same; a split written
+    by ``Choices.fields`` (the datamodules') and one of an earlier version (the right option's index) alike."""
     from lightning_meta.data.tasks import CHOICE_CHARACTERS, CORRECT
 
     torch.manual_seed(3)
@@ -233,6 +242,9 @@ def test_every_scoring_rule_and_the_correct_probability_match_an_independent_com
         CORRECT: correct,
         CHOICE_CHARACTERS: characters,
     }
+    if encoding == "choices":
+        split = {name: tensor for name, tensor in split.items() if name != ANSWER} | Choices.read(split).fields()
+        assert ANSWER not in split
     with torch.no_grad():
         if parallel:
             episodes = {name: tensor[None] for name, tensor in split.items()}
