@@ -28,12 +28,9 @@ from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint
 from lightning_meta.learners.base import check_sequence_length
 from lightning_meta.learners.language_models import DTYPES, build_model
 from lightning_meta.training.checkpoint_loading import saved_hyperparameters
-from lightning_meta.training.checkpoints import (
-    PreemptionCheckpoint,
-    check_local_checkpoint_path,
-    load_checkpoint_file,
-)
+from lightning_meta.training.checkpoints import check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.training.config import NotConfigurable, to_config
+from lightning_meta.training.preemption import PreemptionCheckpoint
 from lightning_meta.training.scaling import slow_bf16_message
 
 

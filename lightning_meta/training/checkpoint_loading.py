@@ -10,12 +10,20 @@ folder's own code on (``trust_remote_code``): only the caller may.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_meta.training.checkpoints import rebuilt_base, refuse_remote_code, take_out_remote_code
+from lightning_meta.training.checkpoints import (
+    load_checkpoint_file,
+    rebuilt_base,
+    refuse_remote_code,
+    take_out_remote_code,
+)
 
 #: Hyper-parameters of earlier versions, by their name today: ``task_by_task: bool`` became ``meta_batch``.
 _RENAMED = {"task_by_task": ("meta_batch", {True: "task_by_task", False: "all_at_once"})}
@@ -119,3 +127,35 @@ def saved_hyperparameters(
     if allow is not None:
         refuse_remote_code(asked, source, allow)
     return hparams | cleaned, asked
+
+
+def loadable_checkpoint(
+    checkpoint_path: str | Path | IO,
+    *,
+    given: Iterable[str] = (),
+    trust_remote_code: bool = False,
+    allow: str | None = None,
+) -> str | Path | IO:
+    """``checkpoint_path`` as Lightning's ``load_from_checkpoint`` should read it, its saved hyper-parameters read
+    by :func:`saved_hyperparameters` (``given``, ``trust_remote_code``, ``allow``: as there): the local file itself
+    where they are unchanged, else an in-memory copy holding them. A local file is checked without reading its
+    weights (:func:`~lightning_meta.training.checkpoints.load_checkpoint_file`: URLs, truncated files and files
+    that are not checkpoints are refused, naming the file); a file object is read here, so that it is checked
+    like a file."""
+    if isinstance(checkpoint_path, str | Path):
+        checkpoint = load_checkpoint_file(checkpoint_path)  # memory-mapped: checks without reading the weights
+        source = f"The checkpoint {checkpoint_path}"
+    else:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        source = "The checkpoint"
+    saved = checkpoint.get("hyper_parameters") or {}
+    hparams, _ = saved_hyperparameters(
+        checkpoint, source, given=given, trust_remote_code=trust_remote_code, allow=allow
+    )
+    if hparams == saved and isinstance(checkpoint_path, str | Path):
+        return checkpoint_path
+    checkpoint["hyper_parameters"] = hparams
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer

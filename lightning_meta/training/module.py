@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -16,19 +15,11 @@ from torch import Tensor, nn
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
 from lightning_meta.data.tasks import PADDING_KEY, TaskBatch
-from lightning_meta.data.tokenization import check_tokenizer_record, tokenizer_record
 from lightning_meta.learners.base import Learner, check_sequence_length
 from lightning_meta.training import scaling
 from lightning_meta.training.algorithm import MetaAlgorithm
-from lightning_meta.training.checkpoint_loading import saved_hyperparameters
-from lightning_meta.training.checkpoints import (
-    LEARNER_PREFIX,
-    PreemptionCheckpoint,
-    fingerprint_rebuilt_weights,
-    leave_out_rebuilt_weights,
-    load_checkpoint_file,
-    restore_rebuilt_weights,
-)
+from lightning_meta.training.checkpoint_loading import loadable_checkpoint
+from lightning_meta.training.checkpoints import fingerprint_rebuilt_weights, read_module_state, write_module_state
 from lightning_meta.training.config import NotConfigurable, to_config
 from lightning_meta.training.evaluation import (
     along_curve,
@@ -39,6 +30,7 @@ from lightning_meta.training.evaluation import (
 from lightning_meta.training.inner_loop import check_step_count
 from lightning_meta.training.meta_batch import MetaBatchMode, MetaBatchRunner
 from lightning_meta.training.metrics import TASK_KEY, control_metrics, task_ids
+from lightning_meta.training.preemption import PreemptionCheckpoint
 from lightning_meta.training.results import episode_statistics, log_episode_statistics
 
 _EVAL_STAGES = ("val", "test")
@@ -347,25 +339,12 @@ class MetaLearningModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the tokenizer, and leave out the frozen weights the learner rebuilds from its pretrained model
-        (not under FSDP2, whose strategy loads the state itself, before :meth:`on_load_checkpoint`)."""
-        tokenizer = getattr(self.learner, "tokenizer", None)
-        if isinstance(tokenizer, str):
-            checkpoint["lightning_meta"] = tokenizer_record(tokenizer)
-        state = checkpoint.get("state_dict", {})
-        for name, dtype in self._frozen_dtypes.items():  # a frozen base kept in bf16: saved in its own dtype
-            if LEARNER_PREFIX + name in state:
-                state[LEARNER_PREFIX + name] = state[LEARNER_PREFIX + name].to(dtype)
-        if self.device_mesh is None:
-            leave_out_rebuilt_weights(checkpoint, self.learner, LEARNER_PREFIX)
+        (:func:`~lightning_meta.training.checkpoints.write_module_state`)."""
+        write_module_state(checkpoint, self.learner, self._frozen_dtypes, sharded=self.device_mesh is not None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = checkpoint.get("global_step")
-        saved = checkpoint.get("lightning_meta", {})
-        tokenizer = getattr(self.learner, "tokenizer", None)
-        if isinstance(tokenizer, str):
-            check_tokenizer_record(saved, tokenizer, "The checkpoint's learner")
-        if "state_dict" in checkpoint:  # a sharded checkpoint's weights were loaded by the strategy (never left out)
-            restore_rebuilt_weights(checkpoint["state_dict"], saved, self.learner, LEARNER_PREFIX)
+        read_module_state(checkpoint, self.learner)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -385,24 +364,10 @@ class MetaLearningModule(LightningModule):
         caller sets ``trust_remote_code=True``: the file never decides that. A slim checkpoint's
         pretrained model named by a relative path is looked up where it was found at training.
         """
-        if isinstance(checkpoint_path, str | Path):
-            checkpoint = load_checkpoint_file(checkpoint_path)  # memory-mapped: checks without reading the weights
-            source = f"The checkpoint {checkpoint_path}"
-        else:  # a file object: read here, so that its hyper-parameters are checked like a file's
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            source = "The checkpoint"
-        saved = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
         allow = "MetaLearningModule.load_from_checkpoint(..., trust_remote_code=True)"
-        hparams, _ = saved_hyperparameters(
-            checkpoint, source, given=kwargs, trust_remote_code=trust_remote_code, allow=allow
-        )
-        if hparams != saved or not isinstance(checkpoint_path, str | Path):
-            checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = hparams
-            checkpoint_path = io.BytesIO()
-            torch.save(checkpoint, checkpoint_path)
-            checkpoint_path.seek(0)
+        loadable = loadable_checkpoint(checkpoint_path, given=kwargs, trust_remote_code=trust_remote_code, allow=allow)
         return super().load_from_checkpoint(
-            checkpoint_path,
+            loadable,
             map_location=map_location,
             hparams_file=hparams_file,
             strict=strict,

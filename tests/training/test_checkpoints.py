@@ -407,3 +407,11 @@ def test_last_is_a_link_to_the_newest_file_and_loads(tmp_path):
     assert sorted(path.name for path in folder.iterdir() if not path.is_symlink())[-1] == "latest-step4.ckpt"
     assert MetaLearningModule.load_from_checkpoint(last).algorithm.inner_lr == 0.01
     assert load_checkpoint_file(last)["global_step"] == 4
+
+
+def test_the_checkpoint_writers_keep_their_earlier_import_path():
+    """Configs and scripts of earlier versions name ``lightning_meta.training.checkpoints.PreemptionCheckpoint``."""
+    from lightning_meta.training import checkpoints, preemption
+
+    for name in ("PreemptionCheckpoint", "AtomicCheckpointIO", "SIGTERM_EXIT_CODE"):
+        assert getattr(checkpoints, name) is getattr(preemption, name)
