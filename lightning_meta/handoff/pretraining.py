@@ -26,7 +26,7 @@ from lightning_meta.data.local_files import dequantized_gguf, is_hub_id, resolve
 from lightning_meta.data.tokenization import check_tokenizer, check_tokenizer_record, fingerprint_of, tokenizer_record
 from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
 from lightning_meta.learners.base import check_sequence_length
-from lightning_meta.learners.language_models import DTYPES, build_model
+from lightning_meta.learners.transformer_models import DTYPES, build_model
 from lightning_meta.training.checkpoint_loading import saved_hyperparameters
 from lightning_meta.training.checkpoints import check_local_checkpoint_path, load_checkpoint_file
 from lightning_meta.training.config import NotConfigurable, to_config

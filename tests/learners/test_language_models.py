@@ -256,11 +256,11 @@ def test_module_with_lora_learner_round_trips_through_a_checkpoint(tmp_path):
 )
 def test_gradient_checkpointing_with_every_fast_weight_choice(fast_weights, monkeypatch):
     """Checkpointed blocks recompute with the adapted weights, LoRA's included (peft renames the layers)."""
-    import lightning_meta.learners.language_models as language_models
+    import lightning_meta.learners.transformer_models as transformer_models
 
     checkpointed = []
     monkeypatch.setattr(
-        language_models, "checkpoint", lambda *args, **kwargs: checkpointed.append(1) or checkpoint(*args, **kwargs)
+        transformer_models, "checkpoint", lambda *args, **kwargs: checkpointed.append(1) or checkpoint(*args, **kwargs)
     )
     lora = {"lora": LoraSettings(r=2, alpha=4), "meta_learn_base": True} if fast_weights == "lora" else {}
     batch = lm_batch()
