@@ -33,11 +33,8 @@ from lightning_meta.data.tasks import (
     GenerationRule,
 )
 from lightning_meta.data.tokenization import load_tokenizer
-from lightning_meta.datamodules.task_collections import (
-    BIGBENCH_EXAMPLE_SEPARATOR,
-    EXAMPLE_SEPARATOR,
-    TASK_PREFIX,
-)
+from lightning_meta.datamodules.bigbench import BIGBENCH_EXAMPLE_SEPARATOR
+from lightning_meta.datamodules.collection_rows import EXAMPLE_SEPARATOR, TASK_PREFIX
 from lightning_meta.datamodules.templates import (
     output_joint,
     template_parts,

@@ -29,9 +29,9 @@ from lightning_meta.data.tasks import (
     Episode,
 )
 from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
+from lightning_meta.datamodules.collection_rows import TASK_FIELDS
 from lightning_meta.datamodules.control_tasks import CONTROL, ControlSettings, ControlTasks
 from lightning_meta.datamodules.task_collections import (
-    TASK_FIELDS,
     TaskCollection,
     near_duplicates,
     read_task_collection,
@@ -139,7 +139,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         max_examples_per_task: use at most this many examples of each task (the first ones; of a
             task collection, a sample drawn with ``seed``).
         family_keywords: BIG-bench keywords that give a task's family, first match wins (default
-            :data:`~lightning_meta.datamodules.task_collections.FAMILY_KEYWORDS`).
+            :data:`~lightning_meta.datamodules.bigbench.FAMILY_KEYWORDS`).
         positive_examples: a Natural-Instructions task's positive examples in each prompt.
         drop_held_out_overlap: leave out of training the examples whose input is also a validation or test
             example's (compared lowercased, without punctuation and extra spaces), and the training tasks left with

@@ -170,7 +170,7 @@ def test_the_archive_reads_like_the_folder_and_the_second_read_comes_from_the_ca
     def no_second_read(*args):
         raise AssertionError("read again")
 
-    monkeypatch.setattr(task_collections._BigBenchReader, "read", no_second_read)
+    monkeypatch.setattr(task_collections.BigBenchReader, "read", no_second_read)
     assert rows(read_task_collection(str(archive), max_examples_per_task=5, seed=3)) == rows(from_archive)
     with pytest.raises(AssertionError, match="read again"):  # another cap is another read
         read_task_collection(str(archive), max_examples_per_task=4, seed=3)
