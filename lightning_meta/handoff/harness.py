@@ -45,7 +45,8 @@ except ModuleNotFoundError as error:
 
 from lightning_meta.data.local_files import load_pretrained, resolve_local_path
 from lightning_meta.data.tokenization import check_tokenizer, load_tokenizer
-from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
+from lightning_meta.handoff.checkpoint_models import model_from_checkpoint, read_checkpoint
+from lightning_meta.handoff.export_folder import read_provenance
 
 #: The name ``lm_eval`` knows the model by (``--model lightning-meta``).
 MODEL_NAME = "lightning-meta"

@@ -24,7 +24,8 @@ from torchmetrics import MeanMetric
 from lightning_meta._compat import attached_trainer, cli_hyperparameters, enable_activation_checkpointing
 from lightning_meta.data.local_files import dequantized_gguf, is_hub_id, resolve_local_path
 from lightning_meta.data.tokenization import check_tokenizer, check_tokenizer_record, fingerprint_of, tokenizer_record
-from lightning_meta.handoff.export import model_from_checkpoint, read_checkpoint, read_provenance
+from lightning_meta.handoff.checkpoint_models import model_from_checkpoint, read_checkpoint
+from lightning_meta.handoff.export_folder import read_provenance
 from lightning_meta.learners.base import check_sequence_length
 from lightning_meta.learners.transformer_models import DTYPES, build_model
 from lightning_meta.training.checkpoint_loading import saved_hyperparameters
