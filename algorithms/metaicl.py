@@ -30,7 +30,8 @@ from lightning_meta.data.tasks import (
     padding_fraction,
 )
 from lightning_meta.learners.base import FastWeights, Learner
-from lightning_meta.learners.language_models import CausalLMLearner, Prefix
+from lightning_meta.learners.language_models import CausalLMLearner
+from lightning_meta.learners.lm_evaluation import Prefix
 from lightning_meta.training.algorithm import MetaAlgorithm, MetaBatchMode, MetaBatchRunner, MetaLoss
 
 #: Field of a query split whose sequences already carry their demonstrations: how many each query dropped.
