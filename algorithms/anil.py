@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from lightning_meta.algorithms.maml import MAML
-from lightning_meta.learners.base import FastWeights, Learner, resolve_fast_weights
+from lightning_meta.learners.base import FastWeights, Learner
+from lightning_meta.learners.fast_weights import resolve_fast_weights
 
 
 class ANIL(MAML):

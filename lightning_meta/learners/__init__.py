@@ -11,10 +11,9 @@ from lightning_meta.learners.base import (
     RegressionLearner,
     check_sequence_length,
     classification_loss,
-    is_normalization,
-    resolve_fast_weights,
 )
 from lightning_meta.learners.encoders import EncoderLearner
+from lightning_meta.learners.fast_weights import is_normalization, resolve_fast_weights
 from lightning_meta.learners.language_models import CausalLMLearner, LoraSettings
 from lightning_meta.learners.models import MLP
 

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from lightning_meta._compat import enable_activation_checkpointing, reparametrized, set_block_checkpoint_function
 from lightning_meta.data.local_files import dequantized_gguf, load_pretrained, resolve_local_path
 from lightning_meta.data.tokenization import load_tokenizer
-from lightning_meta.learners.base import adapter_parameter_names
+from lightning_meta.learners.fast_weights import adapter_parameter_names
 
 #: The parameter dtypes a model may be built in, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}

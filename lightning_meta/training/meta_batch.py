@@ -23,7 +23,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch import Tensor, nn
 
 from lightning_meta.data.tasks import Episode, Split, TaskBatch, generation_rule
-from lightning_meta.learners.base import FastWeights, Learner, is_normalization
+from lightning_meta.learners.base import FastWeights, Learner
+from lightning_meta.learners.fast_weights import is_normalization
 
 MetaBatchMode = Literal["auto", "vmap", "task_by_task", "all_at_once"]
 """How a :class:`MetaBatchRunner` runs the tasks of a meta-batch (all give the same meta-gradient)."""

@@ -23,7 +23,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_meta._compat import cpu_has_native_bf16, set_data_parallel_degree
-from lightning_meta.learners.base import Learner, blocks_of
+from lightning_meta.learners.base import Learner
+from lightning_meta.learners.fast_weights import blocks_of
 from lightning_meta.training.algorithm import MetaAlgorithm
 from lightning_meta.training.meta_batch import MetaBatchMode
 
@@ -233,7 +234,7 @@ def clip_gradients(parameters: Iterable[nn.Parameter], max_value: float, by_valu
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP units by default: the model's blocks (:func:`~lightning_meta.learners.base.blocks_of`)."""
+    """The FSDP units by default: the model's blocks (:func:`~lightning_meta.learners.fast_weights.blocks_of`)."""
     return list(blocks_of(model))
 
 
