@@ -8,7 +8,6 @@ sampling episodes) and by the task collections' readers (templates).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -17,9 +16,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_meta.data.tables import (
-    is_missing,
-)
 from lightning_meta.data.tasks import (
     CALIBRATION_FIELDS,
     CHANNEL_FIELDS,
@@ -492,44 +488,6 @@ def example_rows(
     return split | choices.fields()
 
 
-def parse_options(options: Any) -> tuple[str, ...] | None:
-    """A row's options: a list, or one string of options separated by ``|``; ``None`` when it lists none."""
-    if options is None or (not isinstance(options, str) and len(options) == 0) or is_missing(options):
-        return None
-    return tuple(str(option) for option in (options.split("|") if isinstance(options, str) else options))
-
-
-def parse_scores(value: Any, options: tuple[str, ...] | None, where: str) -> tuple[float, ...] | None:
-    """A row's option scores (the grade for choosing each option), one number per option; ``None`` when it lists
-    none."""
-    if is_missing(value) or (isinstance(value, list | tuple) and not value):
-        return None
-    try:
-        scores = tuple(float(score) for score in value)
-    except (TypeError, ValueError):
-        scores = ()
-    if options is None or len(scores) != len(options) or not all(map(math.isfinite, scores)):
-        raise ValueError(
-            f"{where}: the scores {value!r} do not give one number per option of {list(options or [])}. List one "
-            "score per option, in the options' order (e.g. [1, 0.5, 0]), or leave the scores empty."
-        )
-    return scores
-
-
-def parse_ceiling(value: Any, where: str) -> float:
-    """A task's ceiling from its table: an accuracy in (0, 1]."""
-    try:
-        ceiling = float(value)
-    except (TypeError, ValueError):
-        ceiling = math.nan
-    if not 0 < ceiling <= 1:
-        raise ValueError(
-            f"{where}: the ceiling {value!r} is not an accuracy in (0, 1]. Give each task's best reachable accuracy "
-            "with shots support examples (e.g. 0.94), or leave the ceiling empty."
-        )
-    return ceiling
-
-
 def task_chance(task: TextTask, rows: Tensor) -> Tensor:
     """The accuracy of a uniform guess among the options of the examples at ``rows``, averaged (0 without options:
     a guess writes no free-form output)."""
@@ -537,15 +495,3 @@ def task_chance(task: TextTask, rows: Tensor) -> Tensor:
         return torch.zeros((), dtype=torch.float64)
     options = (task.choice_labels[rows] != IGNORE_INDEX).any(-1).sum(-1).double()
     return torch.where(options > 0, 1 / options.clamp_min(1), 0.0).mean()
-
-
-def parse_outputs(value: Any, where: str) -> list[str]:
-    """A row's correct outputs: one text, or a list of texts (the first one trains; any one is an exact match)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list | tuple):
-        outputs = list(dict.fromkeys(str(output) for output in value if not is_missing(output)))
-        if not outputs:
-            raise ValueError(f"{where}: the output is an empty list: give at least one correct output.")
-        return outputs
-    return [str(value)]

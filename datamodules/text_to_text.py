@@ -14,12 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_meta.data.episodic import EpisodicDataModule
 from lightning_meta.data.stream import data_fingerprint
 from lightning_meta.data.tables import (
-    claim_name,
-    describe_missing,
-    is_missing,
     is_saved_dataset,
     read_table,
-    table_columns,
 )
 from lightning_meta.data.tasks import (
     CEILING,
@@ -29,7 +25,6 @@ from lightning_meta.data.tasks import (
     Episode,
 )
 from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
-from lightning_meta.datamodules.collection_rows import TASK_FIELDS
 from lightning_meta.datamodules.control_tasks import CONTROL, ControlSettings, ControlTasks
 from lightning_meta.datamodules.task_collections import (
     TaskCollection,
@@ -45,15 +40,12 @@ from lightning_meta.datamodules.text_encoding import (
     TextTask,
     encode_tasks,
     example_rows,
-    parse_ceiling,
-    parse_options,
-    parse_outputs,
-    parse_scores,
     task_chance,
 )
+from lightning_meta.datamodules.text_tables import TableColumns, tasks_from_folder, tasks_from_table
 
 if TYPE_CHECKING:
-    from datasets import Dataset
+    pass
 
 _SPLITS = ("val", "test")
 #: How evaluation episodes write in-context demonstrations (``TextToTextTasksDataModule(demonstrations=...)``).
@@ -280,17 +272,34 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             demonstrations=self.demonstrations,
         )
 
+    @property
+    def _columns(self) -> TableColumns:
+        return TableColumns(
+            self.task_column,
+            self.input_column,
+            self.output_column,
+            self.family_column,
+            self.template_column,
+            self.options_column,
+            self.ceiling_column,
+            self.scores_column,
+        )
+
     @functools.cached_property
     def examples(self) -> dict[str, dict[str, Any]]:
         """Each task's ``family``, ``templates``, ``inputs``, ``outputs`` and ``options`` (text, before tokenizing)."""
         if self.dataset is None:
             return _gym_examples(self.gym_families, self.max_examples_per_task)
         if self.collection is not None:
-            return self._tasks_from_table(self.collection.table, self.dataset)
+            return tasks_from_table(
+                self.collection.table, self.dataset, self._columns, self.template, self.max_examples_per_task
+            )
         path = Path(self.dataset).expanduser()
         if path.is_dir() and not is_saved_dataset(path):
-            return self._tasks_from_folder(path)
-        return self._tasks_from_table(read_table(self.dataset), self.dataset)
+            return tasks_from_folder(path, self._columns, self.template, self.max_examples_per_task)
+        return tasks_from_table(
+            read_table(self.dataset), self.dataset, self._columns, self.template, self.max_examples_per_task
+        )
 
     @functools.cached_property
     def collection(self) -> TaskCollection | None:
@@ -570,140 +579,6 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             ceiling = torch.tensor(task.ceiling, dtype=torch.float64)
             metadata |= {CEILING: ceiling, CHANCE: task_chance(task, chosen[self.shots :])}
         return Episode(support=support, query=query, shots=self.shots, metadata=metadata)
-
-    def _tasks_from_table(self, table: Dataset, source: str) -> dict[str, dict[str, Any]]:
-        required = [self.task_column, self.input_column, self.output_column]
-        absent = [column for column in required if column not in table.column_names]
-        if absent:
-            raise ValueError(
-                f"{source} has no column {absent}; its columns are {table.column_names}. Name the columns with "
-                "--data.init_args.task_column / input_column / output_column."
-            )
-        optional = {
-            "family": self.family_column,
-            "template": self.template_column,
-            "options": self.options_column,
-            "ceiling": self.ceiling_column,
-            "scores": self.scores_column,
-            **{name: name for name in TASK_FIELDS},
-        }
-        cells = table_columns(
-            table, [column for column in dict.fromkeys([*required, *optional.values()]) if column in table.column_names]
-        )
-        missing = {column: [row for row, value in enumerate(cells[column]) if is_missing(value)] for column in required}
-        if missing[self.input_column] and self.options_column in cells:
-            # A row's options can be the whole question (BIG-bench's misconceptions_russian): its input may be empty.
-            inputs, listed = cells[self.input_column], cells[self.options_column]
-            missing[self.input_column] = [
-                row
-                for row in missing[self.input_column]
-                if not isinstance(inputs[row], str) or parse_options(listed[row]) is None
-            ]
-        if any(missing.values()):
-            raise ValueError(
-                f"Missing values in {source} (rows counted from 0): {describe_missing(missing, len(table))}. Every "
-                "row needs a task, an input (or options) and an output: filter those rows out first."
-            )
-        columns = {key: cells.get(column) for key, column in optional.items()}
-        tasks: dict[str, dict[str, Any]] = {}
-        for row, (name, text_input, text_output) in enumerate(
-            zip(cells[self.task_column], cells[self.input_column], cells[self.output_column], strict=True)
-        ):
-            family, template, options, ceiling, scores, *task_fields = (
-                None if values is None else values[row] for values in columns.values()
-            )
-            task = tasks.setdefault(
-                str(name),
-                {
-                    "family": None,
-                    "ceiling": None,
-                    "templates": [],
-                    "inputs": [],
-                    "outputs": [],
-                    "options": [],
-                    "scores": [],
-                    "row_of": {},
-                    "repeated": 0,
-                    "conflicting": 0,
-                },
-            )
-            if family is not None and not is_missing(family):
-                task["family"] = str(family)
-            if ceiling is not None and not is_missing(ceiling):
-                task["ceiling"] = parse_ceiling(ceiling, f"{source}, row {row}")
-            for key, value in zip(TASK_FIELDS, task_fields, strict=True):
-                # A task's: its first row's. Whitespace is a value here (a separator "\n\n"), only None is none.
-                if isinstance(value, str) and key not in task:
-                    task[key] = value
-            outputs = parse_outputs(text_output, f"{source}, row {row}")
-            text_input, options = str(text_input), parse_options(options)
-            # A repeated example could land in both the support and the query; one input with other options is
-            # another example (BIG-bench's questions that are their options, after an empty input).
-            key = (text_input, tuple(sorted(options)) if options else None)
-            if key in task["row_of"]:
-                known = task["outputs"][task["row_of"][key]]
-                added = [output for output in outputs if output not in known]
-                task["conflicting" if added else "repeated"] += 1
-                known += added
-                continue
-            task["row_of"][key] = len(task["inputs"])
-            task["templates"].append(
-                check_template(str(template), f"{source}, row {row}")
-                if template is not None and not is_missing(template)
-                else self.template
-            )
-            task["inputs"].append(text_input)
-            task["outputs"].append(outputs)
-            task["options"].append(options)
-            task["scores"].append(parse_scores(scores, options, f"{source}, row {row}"))
-        for name, task in tasks.items():
-            del task["row_of"]
-            repeated, conflicting = task.pop("repeated"), task.pop("conflicting")
-            if conflicting:
-                rank_zero_info(
-                    f"Task {name!r}: {conflicting} rows repeat an earlier input with another output; each input is "
-                    "kept once, with every output given for it as a correct output (the first one trains)."
-                    + (f" {repeated} more rows repeat an input and its output: dropped." if repeated else "")
-                )
-            if self.max_examples_per_task is not None:
-                for key in ("templates", "inputs", "outputs", "options", "scores"):
-                    task[key] = task[key][: self.max_examples_per_task]
-            for index, (outputs, options) in enumerate(zip(task["outputs"], task["options"], strict=True)):
-                unlisted = [output for output in outputs if options is not None and output not in options]
-                if unlisted:
-                    raise ValueError(
-                        f"Task {name!r}, example {index} ({task['inputs'][index][:40]!r}) lists options "
-                        f"{list(options)}, but its outputs {unlisted[:5]} are not among them. List every correct "
-                        "output in that row's options, or leave its options empty."
-                    )
-            if task["ceiling"] is not None:
-                fewest = min(len(options) if options else 0 for options in task["options"])
-                if fewest < 2 or task["ceiling"] <= 1 / fewest:
-                    raise ValueError(
-                        f"Task {name!r} gives the ceiling {task['ceiling']} but "
-                        + (
-                            f"an example has {fewest} options"
-                            if fewest < 2
-                            else f"an example has only {fewest} options: chance there is {1 / fewest:.3g}"
-                        )
-                        + ". A ceiling is an accuracy among options, above chance: list at least 2 options on every "
-                        "row of the task and give a ceiling above 1 / options, or leave the ceiling empty."
-                    )
-        return tasks
-
-    def _tasks_from_folder(self, folder: Path) -> dict[str, dict[str, Any]]:
-        files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
-        if not files:
-            raise ValueError(f"No task tables in folder {folder}: put one .jsonl/.csv/.parquet file per task there.")
-        tasks: dict[str, dict[str, Any]] = {}
-        sources: dict[str, Path] = {}
-        for file in files:
-            claim_name(sources, file.stem, file, "task", "merge them into one file")
-            table = read_table(str(file))
-            table = table.remove_columns([c for c in table.column_names if c == self.task_column])
-            table = table.add_column(self.task_column, [file.stem] * len(table))
-            tasks |= self._tasks_from_table(table, str(file))
-        return tasks
 
 
 @functools.lru_cache(maxsize=4)

@@ -359,8 +359,10 @@ def test_options_are_taken_per_row(tmp_path):
 
 
 def test_repeated_inputs_with_other_outputs_are_kept_as_several_correct_outputs_and_counted(tmp_path, monkeypatch):
+    from lightning_meta.datamodules import text_tables
+
     logged: list[str] = []
-    monkeypatch.setattr(text_to_text, "rank_zero_info", logged.append)
+    monkeypatch.setattr(text_tables, "rank_zero_info", logged.append)
     rows = [
         {"input": "q", "output": "yes", "options": ["no", "yes"]},
         {"input": "q", "output": "no", "options": ["no", "yes"]},
