@@ -75,6 +75,10 @@ def why_skipped(command: Command) -> str | None:
     if command.subcommand is None:
         return f"{command.argv[0]}: {OTHER_PROGRAMS.get(command.argv[0], 'not lightning-meta')}"
     if command.section.startswith("Hand-off"):
+        # The pipeline writes runs/ and exports/; anything else a command reads is the user's own.
+        own = [path for path in paths_read(command) if not path.startswith(("configs/", "runs/", "exports/"))]
+        if own:
+            return f"reads data a test does not have: your own files ({', '.join(own)})"
         return "run in order, as one pipeline, by tests/cli/test_readme_handoff.py"
     if command.subcommand == "lm-eval":
         return "the harness downloads the task's data or reads your own task folder (tests/handoff test lm-eval)"
