@@ -114,9 +114,9 @@ class CausalLMEvaluation:
             if "labels" not in split:
                 return metrics
             exact = read.greedy(len(labels))
-            if generation is not None and generation.cuts and not parallel and not prefixes:
-                exact = self._generated_matches(split, params, generation, exact)
             choices = Choices.read(split)
+            if generation is not None and generation.cuts and not parallel and not prefixes:
+                exact = self._generated_matches(split, choices, params, generation, exact)
             if choices is not None:
                 grades, writes_correct = self._choices(split, choices, params, parallel, prefixes)
                 exact = exact | writes_correct  # several correct outputs: greedy decoding may write any of them
@@ -147,17 +147,20 @@ class CausalLMEvaluation:
         return generated
 
     def _generated_matches(
-        self, split: Split, params: Mapping[str, Tensor] | None, rule: GenerationRule, exact: Tensor
+        self,
+        split: Split,
+        choices: Choices | None,
+        params: Mapping[str, Tensor] | None,
+        rule: GenerationRule,
+        exact: Tensor,
     ) -> Tensor:
         """``exact`` with each example without options (:attr:`Choices.multiple_choice` false, or every example of a
-        split without choices)
-        judged by its generated output, cut by ``rule``, against its correct outputs (its ``labels``' output and, with
-        several, its correct choice rows), as BIG-bench's ``exact_str_match`` compares them. The text between
-        prompt and output (a space, or none after a prompt ending in whitespace) is not part of either. Decodes up to
-        :data:`GENERATED_TOKENS_PAST_TARGET` tokens past the longest correct output."""
+        split without ``choices``) judged by its generated output, cut by ``rule``, against its correct outputs (its
+        ``labels``' output and, with several, its correct choice rows), as BIG-bench's ``exact_str_match`` compares
+        them. The text between prompt and output (a space, or none after a prompt ending in whitespace) is not part
+        of either. Decodes up to :data:`GENERATED_TOKENS_PAST_TARGET` tokens past the longest correct output."""
         tokenizer = load_tokenizer(self.tokenizer)
         labels = split["labels"]
-        choices = Choices.read(split)
         rows = range(len(labels)) if choices is None else torch.nonzero(~choices.multiple_choice).flatten().tolist()
         matches = exact.clone()
         for row in rows:
