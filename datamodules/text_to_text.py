@@ -6,7 +6,7 @@ import functools
 import unicodedata
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -32,6 +32,7 @@ from lightning_meta.datamodules.task_collections import (
     read_task_collection,
     resolve_task_names,
 )
+from lightning_meta.datamodules.task_splits import HELD_OUT_SPLITS, few, hold_out, seeded_families
 from lightning_meta.datamodules.templates import (
     check_template,
 )
@@ -44,10 +45,6 @@ from lightning_meta.datamodules.text_encoding import (
 )
 from lightning_meta.datamodules.text_tables import TableColumns, tasks_from_folder, tasks_from_table
 
-if TYPE_CHECKING:
-    pass
-
-_SPLITS = ("val", "test")
 #: How evaluation episodes write in-context demonstrations (``TextToTextTasksDataModule(demonstrations=...)``).
 DEMONSTRATION_LAYOUTS = ("metaicl", "bigbench")
 
@@ -345,7 +342,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         needed = self._examples_needed
         small = {name: len(task) for name, task in tasks.items() if len(task) < needed}
         # A few names, smallest first: a user's table can have thousands of such tasks.
-        shown = _few([f"{name} ({small[name]})" for name in sorted(small, key=lambda name: (small[name], name))])
+        shown = few([f"{name} ({small[name]})" for name in sorted(small, key=lambda name: (small[name], name))])
         if small and self.skip_long_examples:
             rank_zero_info(
                 f"Text-to-text tasks: left out {len(small)} of {len(tasks)} tasks with fewer than shots + queries = "
@@ -367,94 +364,21 @@ class TextToTextTasksDataModule(EpisodicDataModule):
 
     @functools.cached_property
     def split_tasks(self) -> dict[str, list[str]]:
-        """Task names of each split; the three are disjoint, and held-out families have no training task."""
-        tasks = self.tasks
-        families = {name: task.family for name, task in tasks.items()}
-        known_families = sorted({family for family in families.values() if family is not None})
-        held_out: dict[str, list[str]] = {}
-        held_out_families: dict[str, list[str]] = {}  # every task of these families stays out of training
-        named: dict[str, str] = {}  # task -> the split that names it: a family split holds out only the others
-        ceded: dict[str, int] = {}  # per family split: how many of its families' tasks another split names
-        for split in sorted(_SPLITS, key=lambda split: getattr(self, f"{split}_tasks") is None):  # named first
-            names, chosen_families = getattr(self, f"{split}_tasks"), getattr(self, f"{split}_families")
-            if names is not None:
-                names = resolve_task_names(names, tasks, self.collection, split)
-                unknown = sorted(set(names) - set(tasks))
-                if unknown:
-                    raise ValueError(f"Unknown tasks {unknown} in {split}_tasks; tasks: {sorted(tasks)}.")
-                held_out[split] = sorted(names)
-                named |= dict.fromkeys(names, split)
-                continue
-            if chosen_families is None:
-                available = sorted({families[name] for name in tasks if name not in named} - {None})
-                chosen_families = self._default_families(split, known_families, available)
-            if chosen_families is None:
-                continue
-            unknown = sorted(set(chosen_families) - set(known_families))
-            if unknown:
-                raise ValueError(
-                    f"Unknown families {unknown} in {split}_families; families: {known_families}"
-                    + ("" if known_families else f" (the data has no {self.family_column!r} column)")
-                    + "."
-                )
-            members = [name for name, family in families.items() if family in set(chosen_families)]
-            held_out[split] = sorted(name for name in members if name not in named)
-            held_out_families[split] = sorted(chosen_families)
-            ceded[split] = len(members) - len(held_out[split])
-        if {name for names in held_out.values() for name in names} == set(tasks):
-            given = [
-                f"{split}_{kind}"
-                for split in _SPLITS
-                for kind in ("tasks", "families")
-                if getattr(self, f"{split}_{kind}") is not None
-            ]
-            among = f"families: {', '.join(known_families)}" if known_families else "tasks"
-            raise ValueError(
-                f"{' and '.join(given) or 'The held-out splits'} take every one of the {len(tasks)} tasks: no training "
-                f"task is left. Hold out fewer ({among}), or add tasks."
-            )
-        drawn = [split for split in _SPLITS if split not in held_out]
-        if drawn:  # too few families: a seeded draw of tasks
-            shuffled = _shuffled(sorted(tasks), self.seed)
-            count = max(1, len(tasks) // 10)
-            taken = {name for names in held_out.values() for name in names}
-            for split in drawn:
-                held_out[split] = sorted([name for name in shuffled if name not in taken][:count])
-                taken |= set(held_out[split])
-        overlap = sorted(set(held_out["val"]) & set(held_out["test"]))
-        if overlap:
-            raise ValueError(f"Tasks {overlap} are in both the validation and the test split.")
-        excluded = set(held_out["val"]) | set(held_out["test"])
-        excluded_families = {family for chosen in held_out_families.values() for family in chosen}
-        train = [name for name in sorted(tasks) if name not in excluded and families[name] not in excluded_families]
-        for split in _SPLITS:
-            if not held_out[split]:
-                raise ValueError(f"The {split} split has no task: name some with {split}_tasks or {split}_families.")
-        train = self._without_held_out_copies(train, sorted(excluded))
+        """Task names of each split; the three are disjoint, and held-out families have no training task
+        (:func:`~lightning_meta.datamodules.task_splits.hold_out`)."""
+        families = {name: task.family for name, task in self.tasks.items()}
+        named = {
+            split: None if names is None else resolve_task_names(names, self.tasks, self.collection, split)
+            for split in HELD_OUT_SPLITS
+            for names in [getattr(self, f"{split}_tasks")]
+        }
+        chosen = {split: getattr(self, f"{split}_families") for split in HELD_OUT_SPLITS}
+        held_out = hold_out(families, named, chosen, self._default_families, self.seed, self.family_column)
+        train = self._without_held_out_copies(held_out.training_tasks(families), held_out.excluded)
         if not train:
             raise ValueError("Every task is held out: leave at least one task for training.")
-        trained_families = {families[name] for name in train}
-        described = {
-            split: _describe_split(held_out[split], held_out_families.get(split), families, trained_families)
-            + (
-                f"; {ceded[split]} more of their tasks are named by {'/'.join(sorted(set(named.values())))}_tasks"
-                if ceded.get(split)
-                else ""
-            )
-            for split in _SPLITS
-        }
-        why = ""
-        if drawn:
-            have = f"{len(known_families)} families" if known_families else f"no {self.family_column!r} column"
-            why = (
-                f" Held out by task, not by family, for {' and '.join(drawn)}: the data has {have} (whole families "
-                f"are held out by default from 3 families on); name them with {drawn[0]}_families or {drawn[0]}_tasks."
-            )
-        rank_zero_info(
-            f"Text-to-text tasks: {len(train)} training tasks; validation {described['val']}; test "
-            f"{described['test']}.{why}"
-        )
-        return {"train": train, "val": held_out["val"], "test": held_out["test"]}
+        rank_zero_info(held_out.describe(train, families, self.family_column))
+        return {"train": train, **held_out.tasks}
 
     def _without_held_out_copies(self, train: list[str], held_out: list[str]) -> list[str]:
         """The training tasks without those a task collection lists as made from a held-out one
@@ -480,7 +404,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
             return train
         count = sum(map(len, overlap.values()))
         shown = sorted(overlap, key=lambda name: (-len(overlap[name]), name))
-        where = f"{count} examples of {len(overlap)} training tasks ({_few(shown)})"
+        where = f"{count} examples of {len(overlap)} training tasks ({few(shown)})"
         if not self.drop_held_out_overlap:
             rank_zero_warn(
                 f"Text-to-text tasks: {where} have the input of a validation or test example (compared lowercased, "
@@ -494,24 +418,19 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         needed = self._examples_needed
         small = sorted(name for name in overlap if len(tasks[name]) < needed)
         self.tasks = {name: task for name, task in tasks.items() if name not in small}
-        also = f", and {len(small)} tasks left with fewer than {needed} examples: {_few(small)}" if small else ""
+        also = f", and {len(small)} tasks left with fewer than {needed} examples: {few(small)}" if small else ""
         rank_zero_info(
             f"Text-to-text tasks: left out of training {where}, whose input a validation or test example has{also}."
         )
         return [name for name in train if name not in small]
 
     def _default_families(self, split: str, known_families: list[str], available: list[str]) -> list[str] | None:
-        """The gym's held-out families; for a table with 3 families or more a seeded 10%, drawn among the
-        ``available`` families (those with a task that no split names); else ``None``."""
+        """The gym's held-out families; for a table, :func:`~lightning_meta.datamodules.task_splits.seeded_families`."""
         if self.dataset is None:
             from lightning_meta.datamodules.task_gym import DEFAULT_SPLIT
 
             return [family for family in DEFAULT_SPLIT[split] if family in known_families]
-        if len(known_families) < 3 or not available:
-            return None
-        count = max(1, len(known_families) // 10)
-        shuffled = _shuffled(available, self.seed)
-        return shuffled[:count] if split == "val" else shuffled[count : 2 * count]
+        return seeded_families(known_families, available, split, self.seed)
 
     @functools.cached_property
     def _families_of_split(self) -> dict[str, list[list[str]]]:
@@ -614,11 +533,6 @@ def _gym_examples(families: list[str] | None, limit: int | None) -> dict[str, di
     }
 
 
-def _few(names: list[str], shown: int = 5) -> str:
-    """The first ``shown`` of ``names``, and ``...`` when there are more."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-
-
 def _normalised(text: str) -> str:
     """``text`` lowercased, without punctuation, with one space for each run of whitespace: near-copies match."""
     return " ".join(text.lower().translate(_punctuation()).split())
@@ -628,23 +542,3 @@ def _normalised(text: str) -> str:
 def _punctuation() -> dict[int, None]:
     """A translation table deleting Unicode punctuation (categories P*). Symbols stay: "2+2" and "22" differ."""
     return {code: None for code in range(0x10000) if unicodedata.category(chr(code)).startswith("P")}
-
-
-def _shuffled(names: list[str], seed: int) -> list[str]:
-    generator = torch.Generator().manual_seed(seed)
-    return [names[i] for i in torch.randperm(len(names), generator=generator)]
-
-
-def _describe_split(
-    names: list[str], held_families: list[str] | None, families: dict[str, str | None], trained: set[str | None]
-) -> str:
-    """``2 tasks held out by family (families f1)`` or ``1 task held out by task (t4; its family f1 also trains)``."""
-    count = f"{len(names)} task{'s' * (len(names) != 1)}"
-    if held_families is not None:
-        return f"{count} held out by family (families {', '.join(held_families)})"
-    shown = _few(names)
-    shared = sorted({families[name] for name in names if families[name] is not None} & trained)
-    if not shared:
-        return f"{count} held out by task ({shown})"
-    which = f"its family {shared[0]} trains" if len(shared) == 1 else f"their families {', '.join(shared)} train"
-    return f"{count} held out by task ({shown}; {which} too)"
