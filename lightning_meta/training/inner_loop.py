@@ -219,7 +219,8 @@ def inner_loop(
     to ``fast_weights`` through the gradients too (second-order MAML); otherwise the gradients
     are constants (first order).
     """
-    return inner_loop_and_start_loss(
+    weights = dict(fast_weights)
+    for weights in inner_steps(  # noqa: B007 (the last weights are the result)
         learner,
         fast_weights,
         support,
@@ -228,7 +229,9 @@ def inner_loop(
         update=update,
         inner_lr=inner_lr,
         parallel=parallel,
-    )[0]
+    ):
+        pass
+    return weights
 
 
 def inner_loop_and_start_loss(

@@ -193,3 +193,17 @@ def test_each_inner_loop_option_has_one_check(check, name, value, default, messa
     with pytest.raises(ValueError, match=message):
         check(name, value, default)
     check(name, None, "x") if default else check(name, 1)
+
+
+def test_the_inner_loop_runs_one_forward_per_step_and_none_for_zero_steps():
+    torch.manual_seed(0)
+    learner = RegressionLearner(MLP(1, [8], 1)).double()
+    support = {key: value[0] for key, value in regression_batch(meta_batch_size=1).support.items()}
+    calls = []
+    original = learner.loss
+    learner.loss = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    weights = learner.fast_parameters()
+    assert inner_loop(learner, weights, support, steps=0, create_graph=False, inner_lr=0.1) == weights
+    assert calls == []
+    adapted = inner_loop(learner, weights, support, steps=2, create_graph=False, inner_lr=0.1)
+    assert len(calls) == 2 and all(not torch.equal(adapted[name], weights[name]) for name in weights)
