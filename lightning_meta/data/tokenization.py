@@ -77,6 +77,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         gguf_files = sorted(path.glob("*.gguf"))
         if not (path / "tokenizer_config.json").exists() and gguf_files:
             path = dequantized_gguf(path, gguf_files[0].name)
+        _check_tokenizer_files(path, name_or_path)
         return load_pretrained(AutoTokenizer, path)
     kind, vocab_size = match.group(1), int(match.group(2))
     # The stdlib text, hence the vocabulary, depends on the Python version: part of the cache key.
@@ -86,6 +87,30 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if not (folder / "tokenizer.json").exists():
         _train_embedded(kind, vocab_size, folder)
     return load_pretrained(AutoTokenizer, folder)
+
+
+#: Files one of which a tokenizer folder holds (transformers' fast file, its config, or a slow tokenizer's vocabulary).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _check_tokenizer_files(folder: Path, name: str) -> None:
+    """Refuses a folder without tokenizer files. ``AutoTokenizer`` would build a one-token tokenizer that encodes
+    every text as nothing from a folder holding only a model's ``config.json``, or fail with a message about
+    sentencepiece from an empty one."""
+    if folder.is_dir() and not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"Tokenizer {name!r}: the folder {folder} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)}). "
+            "Point tokenizer= at the folder that has them (the model's original folder or hub id; an export by "
+            "lightning-meta writes them beside the weights), or use an embedded one (embedded-bpe-4096)."
+        )
 
 
 def required_tokenizer(tokenizer: str | None, owner: str) -> str:

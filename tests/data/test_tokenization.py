@@ -134,3 +134,19 @@ def test_check_tokenizer_names_both_fingerprints(tmp_path: Path) -> None:
 def test_too_small_vocabulary_is_refused() -> None:
     with pytest.raises(ValueError, match="embedded-bpe-100: vocabulary size must be >= 300"):
         load_tokenizer("embedded-bpe-100")
+
+
+@pytest.mark.parametrize("files", [{}, {"config.json": '{"model_type": "gpt2"}'}], ids=["empty", "config_only"])
+def test_a_folder_without_tokenizer_files_is_refused_naming_the_fix(tmp_path: Path, files: dict[str, str]) -> None:
+    # A model's config alone made AutoTokenizer build a one-token GPT2Tokenizer that encodes every text as [].
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer files .*Point tokenizer= at the folder"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_a_folder_with_tokenizer_files_still_loads(tmp_path: Path) -> None:
+    shutil.copytree(SHIPPED_DIR / "embedded-bpe-4096", tmp_path, dirs_exist_ok=True)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # as in an exported model's folder
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer_fingerprint(tokenizer) == fingerprint_of("embedded-bpe-4096")
