@@ -158,6 +158,12 @@ def collection_kind(path: Path) -> str | None:
     return "natural_instructions" if ni_files(path) else _mirror_kind(path)
 
 
+def check_max_examples_per_task(value: int | None) -> None:
+    """Refuses a cap on each task's examples below 1 (a slice would read -1 as "all but the last", 0 as none)."""
+    if value is not None and value < 1:
+        raise ValueError(f"max_examples_per_task must be at least 1 or null (every example); got {value}.")
+
+
 def read_task_collection(
     dataset: str,
     max_examples_per_task: int | None = None,
@@ -173,12 +179,11 @@ def read_task_collection(
     Natural-Instructions task's positive examples go into its prompt. Tasks with fewer than
     ``min_examples`` distinct examples (an episode's ``shots + queries``) are left out and logged.
     """
+    check_max_examples_per_task(max_examples_per_task)
     path = Path(dataset).expanduser()
     kind = collection_kind(path)
     if kind is None:
         return None
-    if max_examples_per_task is not None and max_examples_per_task < 1:
-        raise ValueError(f"max_examples_per_task must be at least 1 or null; got {max_examples_per_task}.")
     if positive_examples < 0:  # a slice would read -1 as "all but the last"
         raise ValueError(
             f"positive_examples must be 0 or more (a task's positive examples in each prompt); got {positive_examples}."

@@ -9,9 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_meta.data.tables import claim_name, describe_missing, is_missing, read_table, table_columns
+from lightning_meta.data.tables import (
+    TABLE_FORMATS,
+    claim_name,
+    describe_missing,
+    is_missing,
+    read_table,
+    table_columns,
+)
 from lightning_meta.datamodules.collection_rows import TASK_FIELDS
 from lightning_meta.datamodules.templates import check_template
 
@@ -76,6 +83,7 @@ def tasks_from_table(
         )
     values_of = {key: cells.get(column) for key, column in optional.items()}
     tasks: dict[str, dict[str, Any]] = {}
+    family_rows: dict[str, int] = {}  # task -> the row that gave its family
     for row, (name, text_input, text_output) in enumerate(
         zip(cells[columns.task], cells[columns.input], cells[columns.output], strict=True)
     ):
@@ -98,7 +106,15 @@ def tasks_from_table(
             },
         )
         if family is not None and not is_missing(family):
-            task["family"] = str(family)
+            family = str(family)
+            if task["family"] is not None and family != task["family"]:
+                raise ValueError(
+                    f"{source}: task {str(name)!r} is in family {task['family']!r} (row {family_rows[str(name)]}) "
+                    f"and {family!r} (row {row}); a task has one family. Rename one of the two tasks (as when two "
+                    "sources are merged: prefix the source), or give every row of the task the same family."
+                )
+            task["family"] = family
+            family_rows.setdefault(str(name), row)
         if ceiling is not None and not is_missing(ceiling):
             task["ceiling"] = parse_ceiling(ceiling, f"{source}, row {row}")
         for key, value in zip(TASK_FIELDS, task_fields, strict=True):
@@ -107,9 +123,15 @@ def tasks_from_table(
                 task[key] = value
         outputs = parse_outputs(text_output, f"{source}, row {row}")
         text_input, options = str(text_input), parse_options(options)
-        # A repeated example could land in both the support and the query; one input with other options is
-        # another example (BIG-bench's questions that are their options, after an empty input).
-        key = (text_input, tuple(sorted(options)) if options else None)
+        template = (
+            check_template(str(template), f"{source}, row {row}")
+            if template is not None and not is_missing(template)
+            else default_template
+        )
+        # A repeated example could land in both the support and the query; one input with other options, or
+        # under another template, is another example (BIG-bench's questions that are their options, after an
+        # empty input; one word asked in French and in German).
+        key = (template, text_input, tuple(sorted(options)) if options else None)
         if key in task["row_of"]:
             known = task["outputs"][task["row_of"][key]]
             added = [output for output in outputs if output not in known]
@@ -117,11 +139,7 @@ def tasks_from_table(
             known += added
             continue
         task["row_of"][key] = len(task["inputs"])
-        task["templates"].append(
-            check_template(str(template), f"{source}, row {row}")
-            if template is not None and not is_missing(template)
-            else default_template
-        )
+        task["templates"].append(template)
         task["inputs"].append(text_input)
         task["outputs"].append(outputs)
         task["options"].append(options)
@@ -131,20 +149,34 @@ def tasks_from_table(
         repeated, conflicting = task.pop("repeated"), task.pop("conflicting")
         if conflicting:
             rank_zero_info(
-                f"Task {name!r}: {conflicting} rows repeat an earlier input with another output; each input is "
-                "kept once, with every output given for it as a correct output (the first one trains)."
+                f"Task {name!r}: {conflicting} rows repeat an earlier input (with the same template and options) with "
+                "another output; each input is kept once, with every output given for it as a correct output (the "
+                "first one trains)."
                 + (f" {repeated} more rows repeat an input and its output: dropped." if repeated else "")
             )
         if max_examples is not None:
             for key in ("templates", "inputs", "outputs", "options", "scores"):
                 task[key] = task[key][:max_examples]
-        for index, (outputs, options) in enumerate(zip(task["outputs"], task["options"], strict=True)):
+        for index, (outputs, options, scores) in enumerate(
+            zip(task["outputs"], task["options"], task["scores"], strict=True)
+        ):
+            example = f"Task {name!r}, example {index} ({task['inputs'][index][:40]!r})"
             unlisted = [output for output in outputs if options is not None and output not in options]
             if unlisted:
                 raise ValueError(
-                    f"Task {name!r}, example {index} ({task['inputs'][index][:40]!r}) lists options "
-                    f"{list(options)}, but its outputs {unlisted[:5]} are not among them. List every correct "
-                    "output in that row's options, or leave its options empty."
+                    f"{example} lists options {list(options)}, but its outputs {unlisted[:5]} are not among them. "
+                    "List every correct output in that row's options, or leave its options empty."
+                )
+            if scores is None:
+                continue
+            best = [option for option, score in zip(options, scores, strict=True) if score == max(scores)]
+            if set(best) != set(outputs):
+                # Accuracy grades by the scores, the correct-option probability by the outputs: they must agree.
+                raise ValueError(
+                    f"{example} has the outputs {outputs[:5]}, but its scores {list(scores)} rank highest "
+                    f"{best[:5]} among its options {list(options)}. The correct outputs are the options scored "
+                    "highest (e.g. [1, 0.5, 0] for the first option, with partial credit for the second): make the "
+                    "scores agree with the outputs, or leave the scores empty."
                 )
         if task["ceiling"] is not None:
             fewest = min(len(options) if options else 0 for options in task["options"])
@@ -166,7 +198,14 @@ def tasks_from_folder(
     folder: Path, columns: TableColumns, default_template: str, max_examples: int | None = None
 ) -> dict[str, dict[str, Any]]:
     """:func:`tasks_from_table` of each table file in ``folder``: one task per file, named by the file."""
-    files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    found = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    files = [path for path in found if path.suffix.lower() in TABLE_FORMATS]
+    if len(files) < len(found):
+        others = [path.name for path in found if path not in files]
+        rank_zero_warn(
+            f"Task folder {folder}: skipped {len(others)} files that are not tables ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}); each task is a {', '.join(TABLE_FORMATS)} file."
+        )
     if not files:
         raise ValueError(f"No task tables in folder {folder}: put one .jsonl/.csv/.parquet file per task there.")
     tasks: dict[str, dict[str, Any]] = {}
@@ -192,6 +231,9 @@ def parse_scores(value: Any, options: tuple[str, ...] | None, where: str) -> tup
     none."""
     if is_missing(value) or (isinstance(value, list | tuple) and not value):
         return None
+    if isinstance(value, str):  # a CSV cell: "1|0.5|0", as options are written, or "[1, 0.5, 0]"
+        text = value.strip()
+        value = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else text.split("|")
     try:
         scores = tuple(float(score) for score in value)
     except (TypeError, ValueError):
@@ -199,7 +241,8 @@ def parse_scores(value: Any, options: tuple[str, ...] | None, where: str) -> tup
     if options is None or len(scores) != len(options) or not all(map(math.isfinite, scores)):
         raise ValueError(
             f"{where}: the scores {value!r} do not give one number per option of {list(options or [])}. List one "
-            "score per option, in the options' order (e.g. [1, 0.5, 0]), or leave the scores empty."
+            "score per option, in the options' order (e.g. [1, 0.5, 0]; in a CSV cell 1|0.5|0), or leave the scores "
+            "empty."
         )
     return scores
 

@@ -28,6 +28,7 @@ from lightning_meta.data.tokenization import load_tokenizer, required_tokenizer
 from lightning_meta.datamodules.control_tasks import CONTROL, ControlSettings, ControlTasks
 from lightning_meta.datamodules.task_collections import (
     TaskCollection,
+    check_max_examples_per_task,
     near_duplicates,
     read_task_collection,
     resolve_task_names,
@@ -228,6 +229,7 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         self.max_length = max_length
         self.truncate_inputs = truncate_inputs
         self.skip_long_examples = skip_long_examples
+        check_max_examples_per_task(max_examples_per_task)  # tables and the gym slice by it too
         self.max_examples_per_task = max_examples_per_task
         self.family_keywords = family_keywords
         self.positive_examples = positive_examples

@@ -62,6 +62,8 @@ def read_table(path: str) -> Dataset:
     for file in files:
         if file.stat().st_size == 0:
             raise ValueError(f"{file} is empty (0 bytes): write its rows, or remove it (or leave it out of the glob).")
+    if builders[0] != "json":  # a header or schema gives a file's columns; a JSON file's first row may not
+        _check_same_columns(path, files)
     try:
         table = datasets.load_dataset(
             builders[0], data_files=[str(file) for file in files], split="train", **_reader_options(builders[0], files)
@@ -76,7 +78,30 @@ def read_table(path: str) -> Dataset:
             problem = _diagnose(file, builders[0])
             if problem is not None:
                 raise ValueError(problem) from error
+        _check_same_columns(path, files)
         raise ValueError(f"Cannot read {path!r} as {builders[0]}: {_root_cause(error)}") from error
+
+
+def _check_same_columns(path: str, files: list[Path]) -> None:
+    """Refuses files of one table with different columns (a JSON file's: its first row's keys): ``datasets`` reads
+    them by the first file's columns, dropping the others' extra ones without a word (CSV) or failing with a cast
+    error that names no file (JSON)."""
+    columns = {file: column_names(file) for file in files}
+    first = files[0]
+    for file in files[1:]:
+        if columns[file] and columns[first] and set(columns[file]) != set(columns[first]):
+            only_first = sorted(set(columns[first]) - set(columns[file]))
+            only_other = sorted(set(columns[file]) - set(columns[first]))
+            differ = "; ".join(
+                f"only {where} has {names}"
+                for where, names in ((first.name, only_first), (file.name, only_other))
+                if names
+            )
+            raise ValueError(
+                f"The files that {path!r} matches have different columns: {first} has {columns[first]}, {file} has "
+                f"{columns[file]} ({differ}). Give every file the same columns (an empty cell, or null, where a row "
+                "has no value), or read them as separate tables."
+            )
 
 
 def _reader_options(builder: str, files: list[Path]) -> dict[str, object]:
@@ -86,7 +111,7 @@ def _reader_options(builder: str, files: list[Path]) -> dict[str, object]:
         return {}
     from datasets import Features, Value
 
-    with files[0].open(encoding="utf-8", errors="replace", newline="") as handle:
+    with files[0].open(encoding="utf-8-sig", errors="replace", newline="") as handle:  # as pandas: no BOM
         header = next((row for row in csv.reader(handle) if row), [])
     return {
         "features": Features({column: Value("string") for column in header}),
@@ -130,7 +155,7 @@ def column_names(path: Path) -> list[str]:
             import pyarrow.parquet
 
             return list(pyarrow.parquet.read_schema(path).names)
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:  # a byte-order mark is not a column's
             if builder == "csv":
                 return next((row for row in csv.reader(handle) if row), [])
             first = next((line for line in handle if line.strip()), "")
@@ -237,7 +262,7 @@ def _parses(line: str) -> bool:
 
 
 def _diagnose_csv(file: Path) -> str | None:
-    with file.open(encoding="utf-8", newline="") as handle:
+    with file.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
         rows = (row for row in reader if row)  # blank lines, which pandas skips too
         header = next(rows, None)

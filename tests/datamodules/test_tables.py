@@ -156,3 +156,21 @@ def test_csv_cells_keep_their_exact_text(tmp_path):
     table = read_table(str(path))
     assert table["input"] == ["007", "None", "NA", "x, y"]
     assert table["output"] == ["3", "1e3", "null", None]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet"])
+def test_files_of_one_glob_with_different_columns_are_refused_naming_both(tmp_path, suffix):
+    # CSV read every file by the first one's header: the second file's options were dropped without a word.
+    first, second = [{"task": "t", "input": "a", "output": "b"}], [{"task": "t", "input": "a", "output": "b"}]
+    second[0]["options"] = "b|c"
+    for name, rows in (("a", first), ("b", second)):
+        table = Dataset.from_list(rows)
+        {"csv": table.to_csv, "jsonl": table.to_json, "parquet": table.to_parquet}[suffix](tmp_path / f"{name}.{suffix}")
+    with pytest.raises(ValueError, match=r"have different columns: .*a\.\w+ has .*b\.\w+ has .* \(only b\.\w+ has "):
+        read_table(str(tmp_path / f"*.{suffix}"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    (tmp_path / "excel.csv").write_text("task,input,output\nt,a,b\n", encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    table = read_table(str(tmp_path / "excel.csv"))
+    assert table.column_names == ["task", "input", "output"] and table["task"] == ["t"]
