@@ -233,9 +233,11 @@ def parse_scores(value: Any, options: tuple[str, ...] | None, where: str) -> tup
         return None
     if isinstance(value, str):  # a CSV cell: "1|0.5|0", as options are written, or "[1, 0.5, 0]"
         text = value.strip()
-        value = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else text.split("|")
+        listed = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else text.split("|")
+    else:
+        listed = value
     try:
-        scores = tuple(float(score) for score in value)
+        scores = tuple(float(score) for score in listed)
     except (TypeError, ValueError):
         scores = ()
     if options is None or len(scores) != len(options) or not all(map(math.isfinite, scores)):

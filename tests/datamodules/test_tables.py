@@ -165,7 +165,9 @@ def test_files_of_one_glob_with_different_columns_are_refused_naming_both(tmp_pa
     second[0]["options"] = "b|c"
     for name, rows in (("a", first), ("b", second)):
         table = Dataset.from_list(rows)
-        {"csv": table.to_csv, "jsonl": table.to_json, "parquet": table.to_parquet}[suffix](tmp_path / f"{name}.{suffix}")
+        {"csv": table.to_csv, "jsonl": table.to_json, "parquet": table.to_parquet}[suffix](
+            tmp_path / f"{name}.{suffix}"
+        )
     with pytest.raises(ValueError, match=r"have different columns: .*a\.\w+ has .*b\.\w+ has .* \(only b\.\w+ has "):
         read_table(str(tmp_path / f"*.{suffix}"))
 
