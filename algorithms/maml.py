@@ -68,15 +68,17 @@ class MAML(InnerLoopAlgorithm):
         # First order: the inner gradients are constants, so θ' = θ − α Σ g has the identity as its
         # derivative in θ (FOMAML: ∇L_query(θ')), while a learned α still gets −Σ g.
         fast_weights = self.fast_weights(learner)
-        adapted, support_loss_pre = inner_loop_and_start_loss(
-            learner,
-            fast_weights,
-            episode.support,
-            update=self.inner_update(),
-            steps=self.inner_steps,
-            create_graph=self.second_order() and torch.is_grad_enabled(),
-            parallel=parallel,
-        )
+        create_graph = self.second_order() and torch.is_grad_enabled()
+        with torch.enable_grad():  # the inner gradients, also under torch.no_grad (an evaluation's meta-loss)
+            adapted, support_loss_pre = inner_loop_and_start_loss(
+                learner,
+                fast_weights,
+                episode.support,
+                update=self.inner_update(),
+                steps=self.inner_steps,
+                create_graph=create_graph,
+                parallel=parallel,
+            )
         loss, query = learner.loss(episode.query, adapted)
         metrics = {f"query_{name}": value for name, value in query.items()}
         if self.report_query:  # on the steps the host logs: did the inner loop fit the support? One more forward.

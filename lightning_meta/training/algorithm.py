@@ -145,7 +145,8 @@ class MetaAlgorithm(nn.Module, ABC):
           its graph freed before the next task starts, so memory stays flat in the meta-batch size.
         - ``"all_at_once"``: every task's graph is kept until the caller's ``backward``: needed
           where ``autograd.grad`` cannot reach the parameters (FSDP-sharded ones, float16 loss
-          scaling). Also what runs without autograd (``torch.no_grad``).
+          scaling). Also what runs without autograd (``torch.no_grad``, and ``torch.inference_mode``, where
+          the batch is copied out of inference mode first, as Lightning's validation and test steps need).
         - ``"auto"`` (default): ``"vmap"`` when :meth:`MetaBatchRunner.refusal` has no objection, the
           model has at most :data:`~lightning_meta.training.meta_batch.VMAP_MAX_PARAMETERS` trainable
           parameters, and, on the first batch of each (learner, fast weights, derivative order,
@@ -161,6 +162,12 @@ class MetaAlgorithm(nn.Module, ABC):
 
         Checks the batch's data first (:meth:`check_data`: one host sync for the batch).
         """
+        if torch.is_inference_mode_enabled():  # a LightningModule's validation step: inner loops need autograd
+            with torch.inference_mode(False), torch.no_grad():
+                batch = batch.detached_clone()
+                return self.meta_loss(
+                    learner, batch, meta_batch=meta_batch, outer_step=outer_step, report_query=report_query
+                )
         if isinstance(meta_batch, str):
             check_mode(meta_batch)
             meta_batch = self._runners.setdefault(meta_batch, MetaBatchRunner(meta_batch))
