@@ -169,6 +169,21 @@ def tokenizer_record(tokenizer: str) -> dict[str, str]:
     return {"tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint_of(tokenizer)}
 
 
+def check_data_tokenizer(model_tokenizer: str, data_tokenizer: str) -> None:
+    """Raise unless the data's tokenizer gives the model's token ids (compared by fingerprint when the names
+    differ): ids of another vocabulary that happen to fall inside the model's would train on garbled text."""
+    if data_tokenizer == model_tokenizer:
+        return
+    model, data = fingerprint_of(model_tokenizer), fingerprint_of(data_tokenizer)
+    if model != data:
+        raise ValueError(
+            f"The model reads the token ids of tokenizer {model_tokenizer!r} (fingerprint {model}), but the data is "
+            f"tokenized with {data_tokenizer!r} (fingerprint {data}): the model would read garbled text. Give the "
+            f"data the model's tokenizer (--data.init_args.tokenizer={model_tokenizer}; the lightning-meta command "
+            "gives it the model's when the config leaves it out)."
+        )
+
+
 def check_tokenizer_record(record: Mapping[str, Any], tokenizer: str, who: str) -> None:
     """:func:`check_tokenizer` against a checkpoint's :func:`tokenizer_record` (nothing to check without one)."""
     if "tokenizer_fingerprint" in record:

@@ -23,7 +23,12 @@ from torchmetrics import MeanMetric
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters, enable_activation_checkpointing
 from lightning_meta.data.local_files import dequantized_gguf, is_hub_id, resolve_local_path
-from lightning_meta.data.tokenization import check_tokenizer, check_tokenizer_record, fingerprint_of, tokenizer_record
+from lightning_meta.data.tokenization import (
+    check_data_tokenizer,
+    check_tokenizer,
+    check_tokenizer_record,
+    tokenizer_record,
+)
 from lightning_meta.handoff.checkpoint_models import model_from_checkpoint, read_checkpoint
 from lightning_meta.handoff.export_folder import read_provenance
 from lightning_meta.learners.base import check_sequence_length
@@ -171,7 +176,7 @@ class CausalLMPretraining(LightningModule):
             check_sequence_length(block_size, positions, "block_size", "lower --data.init_args.block_size")
         data_tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if isinstance(data_tokenizer, str) and data_tokenizer != self.tokenizer:
-            check_tokenizer(self.tokenizer, fingerprint_of(self.tokenizer), data_tokenizer, "The model")
+            check_data_tokenizer(self.tokenizer, data_tokenizer)
             # Same token ids under two names: Lightning's hparams merge would stop the run with a traceback.
             raise ValueError(
                 f"The model's tokenizer is {self.tokenizer!r} and the data's {data_tokenizer!r}: the same token ids "

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_meta._compat import attached_trainer, cli_hyperparameters
 from lightning_meta.data.tasks import PADDING_KEY, TaskBatch
+from lightning_meta.data.tokenization import check_data_tokenizer
 from lightning_meta.learners.base import Learner, check_sequence_length
 from lightning_meta.training import scaling
 from lightning_meta.training.algorithm import MetaAlgorithm
@@ -163,6 +164,12 @@ class MetaLearningModule(LightningModule):
             rank_zero_warn(message)
         scaling.check_strategy(self.trainer.strategy, self.learner, self.algorithm)
         datamodule = getattr(self.trainer, "datamodule", None)
+        model_tokenizer, data_tokenizer = (
+            getattr(self.learner, "tokenizer", None),
+            getattr(datamodule, "tokenizer", None),
+        )
+        if isinstance(model_tokenizer, str) and isinstance(data_tokenizer, str):
+            check_data_tokenizer(model_tokenizer, data_tokenizer)
         for setting in ("max_length", "block_size"):
             length = getattr(datamodule, setting, None)
             if isinstance(length, int):

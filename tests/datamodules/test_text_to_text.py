@@ -372,7 +372,8 @@ def test_repeated_inputs_with_other_outputs_are_kept_as_several_correct_outputs_
     assert module.examples["t"]["inputs"].count("q") == 1
     assert module.examples["t"]["outputs"][0] == ["yes", "no"]
     assert any(
-        "Task 't': 1 rows repeat an earlier input with another output" in line and "1 more rows repeat" in line
+        "Task 't': 1 rows repeat an earlier input (with the same template and options) with" in line
+        and "1 more rows repeat" in line
         for line in logged
     )
     task = module.tasks["t"]

@@ -361,3 +361,37 @@ def test_ranks_get_equal_evaluation_batch_counts_and_padding_is_not_counted():
     assert all(statistic.update_count == 0 for statistic in module.episode_stats.values())
     module._evaluate(batches[0], "val")
     assert module.episode_stats["val_loss_post"].update_count == 2
+
+
+def test_a_data_tokenizer_other_than_the_models_is_refused_before_training(tmp_path):
+    # Another tokenizer's ids that fall inside the model's vocabulary: nothing else would notice.
+    from lightning_meta import CausalLMLearner
+    from lightning_meta.data.tokenization import load_tokenizer
+    from lightning_meta.datamodules import LanguageModelingTasksDataModule
+
+    other = load_tokenizer("embedded-bpe-4096")
+    other.add_tokens(["<my-token>"])
+    other.save_pretrained(tmp_path / "other")
+
+    config = dict(model_type="gpt2", n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=4096)
+    learner = CausalLMLearner(model_config=config, tokenizer="embedded-bpe-4096")
+    data = LanguageModelingTasksDataModule(
+        tokenizer=str(tmp_path / "other"),
+        block_size=32,
+        shots=2,
+        queries=2,
+        meta_batch_size=2,
+        num_val_tasks=2,
+        num_test_tasks=2,
+        max_tokens_per_domain=3000,
+    )
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"reads the token ids of tokenizer 'embedded-bpe-4096' .*tokenized with "):
+        trainer.fit(MetaLearningModule(learner, FOMAML(inner_lr=0.1)), data)
+
+
+def test_the_same_token_ids_under_another_name_pass():
+    from lightning_meta.data import tokenization
+
+    folder = tokenization._SHIPPED_DIR / "embedded-bpe-4096"
+    tokenization.check_data_tokenizer("embedded-bpe-4096", str(folder))  # no error: one vocabulary, two names
