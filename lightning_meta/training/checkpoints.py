@@ -49,8 +49,17 @@ def check_local_checkpoint_path(path: str | Path) -> Path:
             "can run code): copy the file to this machine and give its path."
         )
     local = Path(text).expanduser()
+    if not local.exists() and text in ("last", "best"):  # a name the trainer resolves, given to a path reader
+        raise CheckpointError(
+            f"{text!r} names the trainer's own {text} checkpoint (Trainer.fit/test(ckpt_path={text!r}), "
+            f"--ckpt_path {text}); here give the path of a .ckpt file, e.g. "
+            "lightning_logs/version_0/checkpoints/last.ckpt."
+        )
     if not local.exists():
-        raise CheckpointError(f"ckpt_path={text!r} does not exist. Give the path of a .ckpt file (or 'last').")
+        raise CheckpointError(
+            f"ckpt_path={text!r} does not exist. Give the path of a .ckpt file (to the trainer and the "
+            "lightning-meta command, also 'last': the run's newest)."
+        )
     return local
 
 

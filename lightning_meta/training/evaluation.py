@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -51,8 +52,10 @@ def along_curve(
     return metrics | {f"{name}_step{step}": value for step in curve_steps for name, value in figures_at[step].items()}
 
 
-def describe_bad_evaluation(metrics: dict[str, Tensor], stage: str, curve_steps: list[int]) -> str:
-    """Which evaluation figure is not finite, on which episode, and what to change."""
+def describe_bad_evaluation(
+    metrics: dict[str, Tensor], stage: str, curve_steps: list[int], algorithm: MetaAlgorithm | None = None
+) -> str:
+    """Which evaluation figure is not finite, on which episode, and what to change (``algorithm``'s options)."""
     before = torch.isfinite(metrics["loss_pre"]) if "loss_pre" in metrics else torch.ones((), dtype=torch.bool)
     if not bool(before.all()):
         episode = int(torch.nonzero(~before)[0])
@@ -67,10 +70,17 @@ def describe_bad_evaluation(metrics: dict[str, Tensor], stage: str, curve_steps:
     episode = int(torch.nonzero(~finite[diverged])[0]) if diverged else 0
     step = int(diverged.removeprefix("loss_step")) if diverged and diverged.startswith("loss_step") else None
     when = "after" if step is None else f"after {step} step{'s' * (step != 1)}"
+    options = set(inspect.signature(type(algorithm)).parameters) if algorithm is not None else {"eval_inner_lr"}
+    if "eval_inner_lr" in options:
+        fix = "the evaluation step size (--model.algorithm.init_args.eval_inner_lr) or"
+    elif "inner_lr" in options:  # learned step sizes (MetaSGD, MAML++): they start at inner_lr
+        fix = f"the learned step sizes' start (--model.algorithm.init_args.inner_lr; {type(algorithm).__name__} "
+        fix += "adapts with its learned ones) or"
+    else:
+        fix = ""
     return (
         f"{stage}: adaptation diverged on episode {episode} of the batch (the query loss is finite before "
-        f"adaptation, not {when}). Lower the evaluation step size (--model.algorithm.init_args.eval_inner_lr) "
-        "or the evaluation steps (--model.eval_inner_steps)."
+        f"adaptation, not {when}). Lower {fix} the evaluation steps (--model.eval_inner_steps)."
     )
 
 

@@ -326,7 +326,7 @@ class MetaLearningModule(LightningModule):
             return  # evaluated only to join the other ranks' collectives (FSDP); its metrics are not counted
         metrics |= control_metrics(metrics, batch.metadata)
         if not bool(torch.stack([torch.isfinite(values).all() for values in metrics.values()]).all()):
-            raise FloatingPointError(describe_bad_evaluation(metrics, stage, self._curve_steps))
+            raise FloatingPointError(describe_bad_evaluation(metrics, stage, self._curve_steps, self.algorithm))
         tasks = task_ids(batch.metadata[TASK_KEY]) if TASK_KEY in batch.metadata else None
         for key, values in metrics.items():
             for episode, value in enumerate(values):

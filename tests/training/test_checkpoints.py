@@ -53,6 +53,7 @@ def test_unreadable_checkpoints_are_refused_by_name(tmp_path):
     cases = [
         ("https://example.com/model.ckpt", r"is not a local path\. Checkpoints are never downloaded"),
         (str(tmp_path / "missing.ckpt"), r"missing\.ckpt' does not exist"),
+        ("last", r"'last' names the trainer's own last checkpoint .*here give the path of a \.ckpt file"),
         (str(truncated), r"truncated\.ckpt' is not a readable checkpoint \(3000 bytes\): it is truncated"),
         (str(random_bytes), r"random\.ckpt' cannot be loaded safely"),
     ]

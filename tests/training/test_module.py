@@ -204,6 +204,13 @@ def test_diverged_evaluation_adaptation_is_an_error_not_a_nan_average():
         trainer(max_steps=1).validate(module, sinusoid())
 
 
+def test_diverged_adaptation_with_learned_step_sizes_names_their_start_not_an_option_they_lack():
+    module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1)), MetaSGD(inner_lr=1e30, eval_inner_steps=3))
+    with pytest.raises(FloatingPointError, match=r"Lower the learned step sizes' start .*inner_lr; MetaSGD") as error:
+        trainer(max_steps=1).validate(module, sinusoid())
+    assert "eval_inner_lr" not in str(error.value)
+
+
 def test_diverged_adaptation_curve_names_the_first_step_that_diverged():
     module = MetaLearningModule(
         RegressionLearner(MLP(1, [8], 1)), MAML(inner_lr=0.01, eval_inner_lr=1e30), eval_curve=[0, 1, 4]
