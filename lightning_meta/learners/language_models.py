@@ -38,6 +38,7 @@ from lightning_meta.learners.transformer_models import (
     add_lora,
     build_model,
     enable_functional_checkpointing,
+    lora_settings,
 )
 
 #: Model types tested to run a packed split's block mask exactly (transformers takes a 4D mask as it is; a model
@@ -58,7 +59,7 @@ class CausalLMLearner(CausalLMEvaluation, Learner):
         tokenizer: the tokenizer the data uses (``embedded-bpe-4096`` or a local folder).
         gguf_file: a GGUF file inside ``pretrained``; dequantized once and cached as safetensors.
         fast_weights: see :class:`Learner`; default ``"lora"`` with ``lora``, else ``"all"``.
-        lora: add LoRA adapters (``LoraSettings``).
+        lora: add LoRA adapters (``LoraSettings``, or a dict of its fields: ``{"r": 8, "alpha": 16}``).
         meta_learn_base: with ``lora``, also meta-learn the base weights in the outer loop
             (the inner loop still adapts only the adapters).
         attn_implementation: ``"eager"``, ``"sdpa"``, ...; second-order MAML switches to eager.
@@ -115,6 +116,7 @@ class CausalLMLearner(CausalLMEvaluation, Learner):
             DTYPES[dtype],
             trust_remote_code=trust_remote_code,
         )
+        lora = lora_settings(lora)
         if lora is not None:
             model = add_lora(model, lora, meta_learn_base)
         elif meta_learn_base:

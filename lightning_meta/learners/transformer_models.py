@@ -4,7 +4,9 @@ checkpointing that respects fast weights. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,17 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
+
+
+def lora_settings(lora: LoraSettings | Mapping[str, Any] | None) -> LoraSettings | None:
+    """``lora`` as :class:`LoraSettings` (a dict of its fields, as a config or a Python caller writes it)."""
+    if not isinstance(lora, Mapping):
+        return lora
+    fields = [field.name for field in dataclasses.fields(LoraSettings)]
+    unknown = sorted(set(lora) - set(fields))
+    if unknown:
+        raise ValueError(f"lora: unknown settings {unknown}; LoraSettings has {fields}.")
+    return LoraSettings(**lora)
 
 
 def enable_functional_checkpointing(model: PreTrainedModel) -> None:

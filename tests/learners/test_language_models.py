@@ -98,6 +98,14 @@ def test_lora_inner_loop_adapts_only_adapters():
             assert not parameter.requires_grad
 
 
+def test_lora_settings_as_a_dict_from_python_as_a_config_writes_them():
+    learner = tiny_learner(lora={"r": 2, "alpha": 4})
+    assert learner.lora == LoraSettings(r=2, alpha=4)
+    assert learner.fast_weight_names == tiny_learner(lora=LoraSettings(r=2, alpha=4)).fast_weight_names
+    with pytest.raises(ValueError, match=r"lora: unknown settings \['rank'\]; LoraSettings has \['r', 'alpha'"):
+        tiny_learner(lora={"rank": 2})
+
+
 def test_lora_fast_weights_are_the_adapters_peft_declares_not_names_containing_lora():
     learner = tiny_learner(lora=LoraSettings(r=2, alpha=4))
     declared = adapter_parameter_names(learner.model)
