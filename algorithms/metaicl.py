@@ -123,6 +123,11 @@ class MetaICL(MetaAlgorithm):
                 f"{learner.task_type} learner. Use CausalLMLearner with TextToTextTasksDataModule."
             )
 
+    def check_data(self, learner: Learner, batch: TaskBatch) -> None:
+        """Examples with their output marked (``labels``), then the learner's checks."""
+        _check_output_labels(batch)
+        super().check_data(learner, batch)
+
     def context_length(self, learner: Learner) -> int:
         """Tokens a sequence may hold: ``max_length``, at most the model's context (``learner.max_positions``)."""
         limits = [limit for limit in (self.max_length, learner.max_positions) if limit is not None]
@@ -151,6 +156,7 @@ class MetaICL(MetaAlgorithm):
         one host sync per batch, besides the data check's.
         """
         self.check_learner(learner)
+        _check_output_labels(batch)
         step = {"meta_batch": meta_batch, "outer_step": outer_step, "report_query": report_query}
         support, query = self.loss_rows(batch.support), self.loss_rows(batch.query)
         packed = self.packed_queries(learner, support, query) if self.encode_demonstrations_once else None
@@ -460,6 +466,18 @@ class MetaICL(MetaAlgorithm):
         query, _ = self.conditioned(learner, episode.support, episode.query, options=False)
         with torch.no_grad():
             return learner.predict(query)
+
+
+def _check_output_labels(batch: TaskBatch) -> None:
+    """Refuses splits without ``labels``: MetaICL reads (input, output) examples."""
+    for name, split in (("support", batch.support), ("query", batch.query)):
+        if "labels" not in split:
+            raise ValueError(
+                f"MetaICL reads (input, output) examples, but the batch's {name} has no 'labels' (which tokens "
+                f"are the output; its fields: {sorted(split)}): blocks of running text, as "
+                "LanguageModelingTasksDataModule gives, have none. Use TextToTextTasksDataModule, or FOMAML or "
+                "Reptile on text blocks."
+            )
 
 
 def _option_rows(

@@ -156,6 +156,14 @@ def test_refuses_a_learner_that_is_not_a_language_model(mlp_learner):
         MetaICL().check_learner(mlp_learner)
 
 
+def test_running_text_without_output_labels_is_refused_naming_the_datamodule():
+    # LanguageModelingTasksDataModule's blocks: ids and mask only (a KeyError: 'labels' deep inside before).
+    blocks = {key: value.unsqueeze(0) for key, value in split(SUPPORT).items() if key != "labels"}
+    batch = TaskBatch(support=blocks, query=blocks, shots=3)
+    with pytest.raises(ValueError, match=r"the batch's support has no 'labels' .*Use TextToTextTasksDataModule"):
+        MetaICL().meta_loss(learner(), batch)
+
+
 def greedy_exact(model: CausalLMLearner, prompt: list[int], output: list[int]) -> bool:
     """Greedy decoding, one token at a time: does it write ``output``?"""
     tokens = list(prompt)
