@@ -27,7 +27,9 @@ def init_args(component: object) -> dict[str, Any]:
     signature = inspect.signature(type(component).__init__)
     values = {}
     for name, parameter in list(signature.parameters.items())[1:]:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        if parameter.kind == parameter.VAR_POSITIONAL:  # nn.Sequential(*modules): nothing names them
+            raise NotConfigurable(f"{type(component).__qualname__} takes unnamed arguments (*{name})")
+        if parameter.kind == parameter.VAR_KEYWORD:
             continue
         if not hasattr(component, name):
             raise NotConfigurable(f"{type(component).__qualname__} does not keep its argument {name!r}")
@@ -49,6 +51,11 @@ def to_config(value: Any) -> Any:
         return {"class_path": _path(value.func), "init_args": to_config(dict(value.keywords))}
     if isinstance(value, type):
         return {"class_path": _path(value)}
+    if inspect.isroutine(value):  # a lambda or function: "builtins.function" would not load
+        raise NotConfigurable(
+            f"the function {getattr(value, '__qualname__', value)!r} is not a class (give a class, or "
+            "functools.partial(a class, keyword=...))"
+        )
     if isinstance(value, nn.Module) or hasattr(value, "__dict__"):
         return {"class_path": _path(type(value)), "init_args": to_config(init_args(value))}
     raise NotConfigurable(f"cannot describe {value!r} as a config")

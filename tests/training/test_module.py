@@ -182,6 +182,20 @@ def test_model_without_recoverable_arguments_warns_and_loads_with_learner(tmp_pa
     assert torch.equal(loaded.learner.model.out.weight, module.learner.model.out.weight)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"learner": RegressionLearner(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)))},  # *modules
+        {"learner": RegressionLearner(MLP(1, [8], 1)), "optimizer": lambda params: torch.optim.SGD(params, lr=0.1)},
+    ],
+    ids=["sequential", "lambda_optimizer"],
+)
+def test_components_a_config_cannot_rebuild_warn_instead_of_saving_a_config_that_fails_to_load(options):
+    # Saved as {"class_path": "torch.nn...Sequential", "init_args": {}} (an empty model) or "builtins.function".
+    with pytest.warns(UserWarning, match="Hyper-parameters not saved in full .*pass learner=.*load_from_checkpoint"):
+        MetaLearningModule(**options)
+
+
 def test_non_finite_meta_loss_stops_with_advice(tmp_path):
     module = MetaLearningModule(RegressionLearner(MLP(1, [8], 1), fast_weights="head"), Reptile(inner_lr=1e30))
     with pytest.raises(FloatingPointError, match=r"before adaptation, so the inner loop diverged: lower inner_lr"):
