@@ -102,7 +102,9 @@ def diagnose_divergence(algorithm: MetaAlgorithm, learner: Learner, batch: TaskB
         return f"the model is finite before adaptation, so {type(algorithm).__name__}'s loss diverged."
     return (
         f"the model is finite before adaptation, so the inner loop diverged: lower inner_lr (now {inner_lr}) "
-        "or inner_steps (--model.algorithm.init_args.inner_lr=...)."
+        "or inner_steps (--model.algorithm.init_args.inner_lr=...). If earlier steps' losses were growing, the "
+        "meta-parameters grew too large for that step size: lower the meta learning rate "
+        "(--model.optimizer.init_args.lr) or clip gradients (--trainer.gradient_clip_val=1.0)."
     )
 
 
