@@ -241,6 +241,13 @@ def _domains_from_table(
             f"Missing values in corpus {corpus!r} (rows counted from 0): {describe_missing(missing, len(texts))}. "
             "Every row needs a text and a domain: filter those rows out of the table first."
         )
+    not_text = [row for row, text in enumerate(texts) if not isinstance(text, str)]
+    if not_text:
+        shown = ", ".join(f"{row} ({texts[row]!r:.30})" for row in not_text[:5])
+        raise ValueError(
+            f"Corpus {corpus!r}: column {text_column!r} holds values that are not text in {len(not_text)} of "
+            f"{len(texts)} rows (counted from 0): {shown}. Write every text as a string, or filter those rows out."
+        )
     if domains is None:
         return {"all": texts}
     by_domain: dict[str, list[str]] = {}

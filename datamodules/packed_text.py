@@ -395,7 +395,14 @@ class _PackedStream(IterableDataset):
             rows = 0
             for row in dataset:
                 rows += 1
-                ids = tokenizer(row[column] or "", add_special_tokens=False)["input_ids"] + [eos]
+                text = row[column]
+                if not isinstance(text, str):  # checked here, where it is read: a stream is never read whole
+                    raise ValueError(
+                        f"The corpus {self.datamodule.corpus!r} has a row whose {column!r} is {text!r:.40}, not "
+                        "text. Write every text as a string (an empty string is an empty document), or filter "
+                        "those rows out."
+                    )
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
                 yield {"epoch": epoch, "state": before, "offset": offset}, ids[offset:]
                 offset = 0
                 before = dataset.state_dict()

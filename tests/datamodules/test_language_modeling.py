@@ -171,6 +171,16 @@ def test_two_files_of_one_domain_name_are_refused(tmp_path):
         read_corpus(str(tmp_path))
 
 
+def test_table_corpus_values_that_are_not_text_are_refused_by_row(tmp_path):
+    rows = [{"text": f"Document {i}. " * 5, "topic": t} for t in "abc" for i in range(3)]
+    rows[2]["text"] = 2024  # a raw TypeError inside tokenization before
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    datamodule = LanguageModelingTasksDataModule(tokenizer=TOKENIZER, corpus=str(path), domain_column="topic")
+    with pytest.raises(ValueError, match=r"column 'text' holds values that are not text in 1 of 9 rows .*: 2 \(2024\)"):
+        datamodule.setup("fit")
+
+
 def test_table_corpus_rows_without_a_domain_or_text_are_an_error(tmp_path):
     rows = [{"text": f"Document {i} about topic {t}. " * 5, "topic": t} for t in "abc" for i in range(3)]
     rows[1]["topic"], rows[4]["topic"], rows[6]["text"] = None, "", None

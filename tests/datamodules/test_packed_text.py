@@ -148,3 +148,16 @@ def test_resuming_with_another_block_size_is_refused():
     PackedTextDataModule(tokenizer=TOKENIZER, block_size=16).load_state_dict(saved)
     with pytest.raises(ValueError, match=r"blocks of 16 tokens, this run cuts blocks of 32.*block_size=16"):
         PackedTextDataModule(tokenizer=TOKENIZER, block_size=32).load_state_dict(saved)
+
+
+def test_a_streamed_row_whose_text_is_not_text_is_refused_where_it_is_read(tmp_path):
+    # It trained as an empty document (None) or failed inside the tokenizer (a number).
+    rows = [{"text": f"Document {i}. " * 4} for i in range(6)]
+    rows[3]["text"] = None
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = PackedTextDataModule(
+        tokenizer=TOKENIZER, corpus=str(path), streaming=True, block_size=8, batch_size=2, val_fraction=0.0
+    )
+    with pytest.raises(ValueError, match=r"has a row whose 'text' is None, not text\. Write every text as a string"):
+        stream_batches(data, None, 10)
