@@ -243,6 +243,7 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
         # An integer column with an empty cell is read as floats (CSV): class 3.0 is class 3 again.
         if all(isinstance(label, float) and label.is_integer() for label in labels):
             labels = [int(label) for label in labels]
+        _check_labels(labels, self.label_column)
         return texts, labels, _class_names(labels)
 
     def _drop_missing(self, dataset: Dataset) -> tuple[list[Any], list[Any]]:
@@ -324,6 +325,28 @@ class EpisodicClassificationDataModule(EpisodicDataModule):
                     f"Lower ways, give the {split} split more classes ({split}_classes=[...] or class_split), or "
                     "use a dataset with more classes."
                 )
+
+
+def _check_labels(labels: list[Any], column: str) -> None:
+    """Refuses labels that are not one class each (a list would become a class named ``"['a', 'b']"``) and
+    labels that differ only by spaces at their ends (``"intent_0"`` and ``"intent_0 "``: two classes)."""
+    several = [row for row, label in enumerate(labels) if isinstance(label, list | tuple | dict)]
+    if several:
+        raise ValueError(
+            f"Column {column!r} holds {type(labels[several[0]]).__name__}s, not one class per row (row "
+            f"{several[0]}: {labels[several[0]]!r:.60}). Give each row one label (a string or an integer); for "
+            "several labels per text, write one row per label."
+        )
+    by_stripped: dict[str, set[str]] = {}
+    for label in {label for label in labels if isinstance(label, str)}:
+        by_stripped.setdefault(label.strip(), set()).add(label)
+    spaced = sorted(sorted(variants) for variants in by_stripped.values() if len(variants) > 1)
+    if spaced:
+        raise ValueError(
+            f"Column {column!r} has labels that differ only by spaces at their ends, which would be separate "
+            f"classes: {', '.join(' and '.join(map(repr, pair)) for pair in spaced[:3])}. Strip the labels "
+            "(dataset.map), or fix those rows."
+        )
 
 
 def _class_names(labels: list[Any]) -> list[str]:

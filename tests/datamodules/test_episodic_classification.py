@@ -255,6 +255,21 @@ def test_bad_inputs_name_the_problem_and_the_fix():
         datamodule(shots=0)
 
 
+def test_labels_that_are_not_one_class_or_differ_only_by_spaces_are_refused():
+    texts = [f"{WORDS[c]} example {i}" for c in range(9) for i in range(6)]
+    labels = [WORDS[c] for c in range(9) for _ in range(6)]
+    spaced = Dataset.from_dict(
+        {"text": texts, "label": [f"{label} " if i % 2 else label for i, label in enumerate(labels)]}
+    )
+    with pytest.raises(
+        ValueError, match=r"differ only by spaces at their ends, .*: 'apple' and 'apple ', .*Strip the labels"
+    ):
+        datamodule(spaced).prepare()
+    listed = Dataset.from_dict({"text": texts, "label": [[label, "other"] for label in labels]})
+    with pytest.raises(ValueError, match=r"holds lists, not one class per row \(row 0: \["):
+        datamodule(listed).prepare()
+
+
 def test_missing_labels_and_texts_are_an_error_or_dropped_by_option(monkeypatch):
     """NaN labels used to become classes named 'nan' (and drop_small_classes a class of unrelated rows)."""
     texts = [f"{WORDS[c]} example number {i}" for c in range(9) for i in range(5)]
