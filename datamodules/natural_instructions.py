@@ -141,7 +141,7 @@ def _ni_data(
     if not isinstance(instances, list) or not instances:
         return 'it has no "Instances". Add them: [{"id": ..., "input": ..., "output": [...]}, ...]'
     examples: list[Example] = []
-    seen: set[str] = set()
+    seen: dict[str, list[str]] = {}  # input -> its outputs: a repeated input adds its outputs, as in a task table
     for instance in instances:
         text = instance.get("input") if isinstance(instance, dict) else None
         outputs = instance.get("output") if isinstance(instance, dict) else None
@@ -149,9 +149,11 @@ def _ni_data(
         outputs = [output for output in outputs if isinstance(output, str) and output.strip()]
         if not isinstance(text, str) or not text.strip() or not outputs:
             rows.dropped += 1
-        elif text not in seen:
-            seen.add(text)
-            examples.append((text, outputs, None, None))
+        elif text in seen:
+            seen[text] += [output for output in outputs if output not in seen[text]]
+        else:
+            seen[text] = list(dict.fromkeys(outputs))
+            examples.append((text, seen[text], None, None))
     if not examples:
         return 'none of its "Instances" has a text "input" and "output". Fix them: {"input": "...", "output": ["..."]}'
     categories = data.get("Categories")

@@ -134,7 +134,7 @@ __all__ = [
 ]
 
 #: Part of the cache key: raise it when the rows a reader makes change.
-_CACHE_VERSION = 4  # 3: the scores column; 4: BIG-bench's task fields (TASK_FIELDS)
+_CACHE_VERSION = 5  # 3: the scores column; 4: BIG-bench's task fields (TASK_FIELDS); 5: NI repeated inputs merged
 
 
 @dataclass(frozen=True)

@@ -597,6 +597,19 @@ def test_bad_natural_instructions_instances_are_dropped_and_counted(tmp_path, lo
     assert "2 instances without a text input and output" in "\n".join(logged)
 
 
+def test_a_repeated_natural_instructions_input_adds_its_outputs_as_in_a_task_table(tmp_path):
+    folder = write_natural_instructions(tmp_path / "ni")
+    file = folder / "tasks" / "task002_made_up.json"
+    data = json.loads(file.read_text())
+    repeated = dict(data["Instances"][0], output=["another answer"])
+    data["Instances"].append(repeated)  # it was dropped without a word
+    file.write_text(json.dumps(data))
+    collection = read_task_collection(str(folder))
+    first = [row for row in rows(collection) if row["task"] == "task002_made_up"][0]
+    assert first["output"] == [*data["Instances"][0]["output"], "another answer"]
+    assert sum(row["task"] == "task002_made_up" for row in rows(collection)) == len(data["Instances"]) - 1
+
+
 def test_natural_instructions_are_recognised_with_the_definition_late_in_the_file(tmp_path):
     folder = write_natural_instructions(tmp_path / "ni")
     file = folder / "tasks" / "task001_made_up.json"
