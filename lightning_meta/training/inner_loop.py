@@ -377,6 +377,8 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         ``torch.func.vmap`` (see :func:`inner_step`).
         """
         steps = self.evaluation_steps() if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:  # range(-1) would run none
+            raise ValueError(f"steps must be an integer >= 0 (0: the meta-parameters as they are), got {steps!r}.")
         update = as_inner_update(self.inner_update(training=False))
         with torch.inference_mode(False):
             support = {name: tensor.clone() if tensor.is_inference() else tensor for name, tensor in support.items()}

@@ -207,3 +207,11 @@ def test_the_inner_loop_runs_one_forward_per_step_and_none_for_zero_steps():
     assert calls == []
     adapted = inner_loop(learner, weights, support, steps=2, create_graph=False, inner_lr=0.1)
     assert len(calls) == 2 and all(not torch.equal(adapted[name], weights[name]) for name in weights)
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True])
+def test_adaptation_steps_that_are_not_a_count_are_refused(steps):
+    learner = RegressionLearner(MLP(1, [8], 1)).double()
+    support = {key: value[0] for key, value in regression_batch(meta_batch_size=1).support.items()}
+    with pytest.raises(ValueError, match=rf"steps must be an integer >= 0 .*got {steps!r}"):
+        MAML(inner_lr=0.1).adapt(learner, support, steps)
