@@ -95,6 +95,7 @@ class MetaLearningModule(LightningModule):
             from lightning_meta.algorithms import MAML
 
             algorithm = MAML()
+        _check_components(learner, algorithm)
         check_step_count("eval_inner_steps", eval_inner_steps, default="the algorithm's")
         #: Runs the meta-batches and evaluation batches as ``meta_batch`` says, keeping the ``"auto"`` verdicts.
         self.runner = MetaBatchRunner(meta_batch)
@@ -408,3 +409,23 @@ def _is_sharded(learner: Learner) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(learner.model, FSDPModule)
+
+
+def _check_components(learner: object, algorithm: object) -> None:
+    """Refuses a learner or an algorithm of the wrong kind by name, with the call that makes one."""
+    if not isinstance(learner, Learner):
+        fix = (
+            "wrap the model in a learner: RegressionLearner(model), ClassificationLearner(model), "
+            "EncoderLearner(...) or CausalLMLearner(...)"
+            if isinstance(learner, nn.Module)
+            else "give a Learner (RegressionLearner(model), CausalLMLearner(...), ...)"
+        )
+        raise TypeError(f"MetaLearningModule's learner is a {type(learner).__name__}, not a Learner: {fix}.")
+    if not isinstance(algorithm, MetaAlgorithm):
+        if isinstance(algorithm, str):
+            fix = f"lightning_meta.algorithms.get({algorithm!r}, inner_lr=...) builds one by name"
+        elif isinstance(algorithm, type):
+            fix = f"call the class with its options: {algorithm.__name__}(...)"
+        else:
+            fix = "give one such as MAML(inner_lr=0.01)"
+        raise TypeError(f"MetaLearningModule's algorithm is {algorithm!r}, not a MetaAlgorithm instance: {fix}.")

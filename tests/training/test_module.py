@@ -416,3 +416,20 @@ def test_the_same_token_ids_under_another_name_pass():
 
     folder = tokenization._SHIPPED_DIR / "embedded-bpe-4096"
     tokenization.check_data_tokenizer("embedded-bpe-4096", str(folder))  # no error: one vocabulary, two names
+
+
+@pytest.mark.parametrize(
+    ("learner", "algorithm", "message"),
+    [
+        (
+            nn.Linear(1, 1),
+            MAML(),
+            r"learner is a Linear, not a Learner: wrap the model in a learner: RegressionLearner",
+        ),
+        (None, "MAML", r"algorithm is 'MAML', not a MetaAlgorithm instance: .*algorithms\.get\('MAML', inner_lr=\.\.\.\) builds one"),
+        (None, MAML, r"not a MetaAlgorithm instance: call the class with its options: MAML\(\.\.\.\)"),
+    ],
+)
+def test_components_of_the_wrong_kind_are_refused_with_the_call_that_makes_one(learner, algorithm, message):
+    with pytest.raises(TypeError, match=message):
+        MetaLearningModule(learner if learner is not None else RegressionLearner(MLP(1, [8], 1)), algorithm)
