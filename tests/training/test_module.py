@@ -426,7 +426,7 @@ def test_the_same_token_ids_under_another_name_pass():
             MAML(),
             r"learner is a Linear, not a Learner: wrap the model in a learner: RegressionLearner",
         ),
-        (None, "MAML", r"algorithm is 'MAML', not a MetaAlgorithm instance: .*algorithms\.get\('MAML', inner_lr=\.\.\.\) builds one"),
+        (None, "MAML", r"algorithm is 'MAML', not a MetaAlgorithm instance: .*get\('MAML', inner_lr=\.\.\.\)"),
         (None, MAML, r"not a MetaAlgorithm instance: call the class with its options: MAML\(\.\.\.\)"),
     ],
 )
