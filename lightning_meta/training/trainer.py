@@ -14,10 +14,11 @@ from lightning_meta import _compat
 from lightning_meta.training.progress import MetaProgressBar
 
 #: Framework messages a user of this package cannot act on, each matched by logger, source file and
-#: wording (Lightning 2.6): the cloud-logger advertisement, and the accelerator lines that the
+#: wording (Lightning 2.6): the cloud-logger and cloud-checkpoint advertisements, and the accelerator lines that the
 #: command's device line replaces. Nothing else from Lightning is hidden.
 _FRAMEWORK_LINES = (
     ("trainer/connectors/logger_connector/logger_connector.py", re.compile(r"💡 Tip: For seamless cloud logging")),
+    ("trainer/connectors/callback_connector.py", re.compile(r"💡 Tip: For seamless cloud uploads")),
     ("trainer/setup.py", re.compile(r"(GPU|TPU|HPU) available: ")),
 )
 

@@ -22,6 +22,11 @@ def test_trainer_has_the_commands_bar_no_summary_and_hides_framework_lines():
         "x", logging.INFO, "/x/lightning/pytorch/trainer/setup.py", 1, "GPU available: False (cuda)", None, None
     )
     assert not _drop_framework_lines(gpu_line)
+    tip = "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)"
+    checkpoint_tip = logging.LogRecord(
+        "x", logging.INFO, "/x/lightning/pytorch/trainer/connectors/callback_connector.py", 1, tip, None, None
+    )
+    assert not _drop_framework_lines(checkpoint_tip)
 
 
 def test_trainer_keeps_the_users_choices():
