@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import resource
 import shutil
@@ -56,6 +57,24 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def adopt_orphans() -> None:
+    """Become the reaper of this process's descendants (Linux): a DDP rank that outlives the process that
+    started it is reparented here, not to init, so that its CPU time reaches :func:`cpu_seconds` once reaped."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def reap_orphans() -> None:
+    """Wait for every descendant left running or unreaped (its CPU time is counted when it is reaped)."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 def measure(command: Command, folder: Path) -> dict:
     """Runs ``command`` as written in ``folder``: its CPU and wall seconds."""
     if FIT_CHECKPOINT in paths_read(command) and not (folder / FIT_CHECKPOINT).exists():
@@ -69,6 +88,7 @@ def measure(command: Command, folder: Path) -> dict:
     except AssertionError as error:  # the command failed as written: a finding, kept with its last error line
         lines = [line for line in str(error).splitlines() if line.startswith("lightning-meta: error:")]
         failure = lines[-1] if lines else str(error).splitlines()[0]
+    reap_orphans()  # the other ranks of a multi-process command
     cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
     result = {"command": command.text, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
     return result if failure is None else result | {"failed": failure}
@@ -99,6 +119,7 @@ def measured(command: Command) -> bool:
 
 def run(only: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
+    adopt_orphans()
     commands = [c for c in readme_commands() if c.subcommand and reason_not_timed(c) is None]
     commands = [c for c in commands if not only or any(text in c.text for text in only)]
     with tempfile.TemporaryDirectory() as scratch:
