@@ -19,6 +19,8 @@ class HeldOut:
     """Each held-out split's tasks, and how they were chosen."""
 
     tasks: dict[str, list[str]]  #: split -> its task names, sorted
+    task_families: dict[str, str | None]  #: every task -> its family (what the split was made from)
+    family_column: str = "family"  #: the table's column of families, named in the report
     families: dict[str, list[str]] = field(default_factory=dict)  #: split -> the families it holds out whole
     ceded: dict[str, int] = field(default_factory=dict)  #: family split -> its families' tasks another split names
     naming: list[str] = field(default_factory=list)  #: the splits given by task name
@@ -30,14 +32,16 @@ class HeldOut:
         """Every held-out task, sorted."""
         return sorted({name for names in self.tasks.values() for name in names})
 
-    def training_tasks(self, families: dict[str, str | None]) -> list[str]:
+    def training_tasks(self) -> list[str]:
         """The tasks neither held out nor of a held-out family, sorted."""
         excluded = set(self.excluded)
         excluded_families = {family for chosen in self.families.values() for family in chosen}
+        families = self.task_families
         return [name for name in sorted(families) if name not in excluded and families[name] not in excluded_families]
 
-    def describe(self, train: list[str], families: dict[str, str | None], family_column: str) -> str:
-        """The one-line report of the split: each split's size, and how it was held out."""
+    def describe(self, train: list[str]) -> str:
+        """The one-line report of the split with ``train`` training: each split's size, and how it was held out."""
+        families, family_column = self.task_families, self.family_column
         trained_families = {families[name] for name in train}
         described = {
             split: _describe_split(self.tasks[split], self.families.get(split), families, trained_families)
@@ -80,7 +84,7 @@ def hold_out(
     tasks = sorted(families)
     known_families = sorted({family for family in families.values() if family is not None})
     held: dict[str, list[str]] = {}
-    result = HeldOut(tasks=held, known_families=known_families)
+    result = HeldOut(tasks=held, task_families=families, family_column=family_column, known_families=known_families)
     named: set[str] = set()  # tasks a split names: a family split holds out only the others
     for split in sorted(HELD_OUT_SPLITS, key=lambda split: named_tasks[split] is None):  # named first
         names, chosen = named_tasks[split], named_families[split]

@@ -169,7 +169,8 @@ def tasks_from_table(
                 )
             if scores is None:
                 continue
-            best = [option for option, score in zip(options, scores, strict=True) if score == max(scores)]
+            top = max(scores)
+            best = [option for option, score in zip(options, scores, strict=True) if score == top]
             if set(best) != set(outputs):
                 # Accuracy grades by the scores, the correct-option probability by the outputs: they must agree.
                 raise ValueError(

@@ -376,10 +376,10 @@ class TextToTextTasksDataModule(EpisodicDataModule):
         }
         chosen = {split: getattr(self, f"{split}_families") for split in HELD_OUT_SPLITS}
         held_out = hold_out(families, named, chosen, self._default_families, self.seed, self.family_column)
-        train = self._without_held_out_copies(held_out.training_tasks(families), held_out.excluded)
+        train = self._without_held_out_copies(held_out.training_tasks(), held_out.excluded)
         if not train:
             raise ValueError("Every task is held out: leave at least one task for training.")
-        rank_zero_info(held_out.describe(train, families, self.family_column))
+        rank_zero_info(held_out.describe(train))
         return {"train": train, **held_out.tasks}
 
     def _without_held_out_copies(self, train: list[str], held_out: list[str]) -> list[str]:

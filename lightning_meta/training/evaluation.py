@@ -53,7 +53,7 @@ def along_curve(
 
 
 def describe_bad_evaluation(
-    metrics: dict[str, Tensor], stage: str, curve_steps: list[int], algorithm: MetaAlgorithm | None = None
+    metrics: dict[str, Tensor], stage: str, curve_steps: list[int], algorithm: MetaAlgorithm
 ) -> str:
     """Which evaluation figure is not finite, on which episode, and what to change (``algorithm``'s options)."""
     before = torch.isfinite(metrics["loss_pre"]) if "loss_pre" in metrics else torch.ones((), dtype=torch.bool)
@@ -70,7 +70,7 @@ def describe_bad_evaluation(
     episode = int(torch.nonzero(~finite[diverged])[0]) if diverged else 0
     step = int(diverged.removeprefix("loss_step")) if diverged and diverged.startswith("loss_step") else None
     when = "after" if step is None else f"after {step} step{'s' * (step != 1)}"
-    options = set(inspect.signature(type(algorithm)).parameters) if algorithm is not None else {"eval_inner_lr"}
+    options = inspect.signature(type(algorithm)).parameters
     if "eval_inner_lr" in options:
         fix = "the evaluation step size (--model.algorithm.init_args.eval_inner_lr) or"
     elif "inner_lr" in options:  # learned step sizes (MetaSGD, MAML++): they start at inner_lr

@@ -17,8 +17,8 @@ def test_named_tasks_then_a_family_that_cedes_them():
     held = hold_out(FAMILIES, {"val": ["t1"], "test": None}, {"val": None, "test": ["f1"]}, no_default, seed=0)
     assert held.tasks == {"val": ["t1"], "test": ["t4", "t7"]}  # t1 is f1's too, but val names it
     assert held.ceded == {"test": 1} and held.naming == ["val"] and held.drawn == []
-    assert held.training_tasks(FAMILIES) == ["t0", "t2", "t3", "t5", "t6", "t8"]  # no f1 task trains
-    line = held.describe(held.training_tasks(FAMILIES), FAMILIES, "family")
+    assert held.training_tasks() == ["t0", "t2", "t3", "t5", "t6", "t8"]  # no f1 task trains
+    line = held.describe(held.training_tasks())
     assert line == (
         "Text-to-text tasks: 6 training tasks; validation 1 task held out by task (t1); test 2 tasks held out by "
         "family (families f1); 1 more of their tasks are named by val_tasks."
@@ -31,9 +31,9 @@ def test_without_families_the_splits_are_a_seeded_draw_of_a_tenth():
     order = shuffled_names(sorted(flat), 3)
     assert held.tasks == {"val": sorted(order[:2]), "test": sorted(order[2:4])}
     assert held.drawn == ["val", "test"]
-    assert len(held.training_tasks(flat)) == 16
+    assert len(held.training_tasks()) == 16
     assert "Held out by task, not by family, for val and test: the data has no 'family' column" in held.describe(
-        held.training_tasks(flat), flat, "family"
+        held.training_tasks()
     )
 
 
